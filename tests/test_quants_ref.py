@@ -1,7 +1,5 @@
 """quants.ref against gguf.quants (an independent dequantizer) and plain numpy."""
-import os
 import types
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -191,20 +189,9 @@ def test_data_of_wrong_size_is_rejected():
 
 # --------------------------------------------------------------------------- real model
 
-@pytest.fixture
-def smollm2_gguf(request) -> Path:
-    try:
-        return Path(request.getfixturevalue("smollm2_gguf_path"))
-    except pytest.FixtureLookupError:
-        path = os.environ.get("LOCALLLM_TEST_SMOLLM2")
-        if not path or not Path(path).exists():
-            pytest.skip("SmolLM2 GGUF not available (set LOCALLLM_TEST_SMOLLM2)")
-        return Path(path)
-
-
 @pytest.mark.real_model
-def test_smollm2_tensors_match_gguf(smollm2_gguf):
-    reader = gguf.GGUFReader(smollm2_gguf)
+def test_smollm2_tensors_match_gguf(smollm2_gguf_path):
+    reader = gguf.GGUFReader(smollm2_gguf_path)
     tensors = {t.name: t for t in reader.tensors}
     for name, n_rows in [("blk.0.ffn_down.weight", None), ("token_embd.weight", 64)]:
         tensor = tensors[name]
