@@ -1,0 +1,1 @@
+"""Model file formats: GGUF (``formats.gguf``) and Hugging Face folders (``formats.safetensors``)."""

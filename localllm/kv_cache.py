@@ -1,0 +1,65 @@
+"""KV cache: preallocated keys and values for a pool of sequence slots.
+
+Layout per layer: ``(n_slots, n_kv_heads, n_ctx, head_dim)`` float32, so one
+sequence's keys for one head are contiguous (what attention reads). The
+arrays come from ``np.zeros``, whose pages the OS maps lazily: an unused slot
+or the unused tail of a context costs no resident memory.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class ContextLengthExceeded(ValueError):
+    """A sequence would grow past the context window."""
+
+    def __init__(self, needed: int, n_ctx: int, what: str = "prompt"):
+        super().__init__(f"{what} needs {needed} tokens but the context window is {n_ctx} tokens")
+        self.needed = needed
+        self.n_ctx = n_ctx
+
+
+class NoFreeSlot(RuntimeError):
+    """Every sequence slot of the cache is in use."""
+
+
+class KVCache:
+    def __init__(self, n_layers: int, n_slots: int, n_ctx: int, n_kv_heads: int, head_dim: int):
+        self.n_layers, self.n_slots, self.n_ctx = n_layers, n_slots, n_ctx
+        shape = (n_layers, n_slots, n_kv_heads, n_ctx, head_dim)
+        self.k = np.zeros(shape, dtype=np.float32)
+        self.v = np.zeros(shape, dtype=np.float32)
+        self.lengths = np.zeros(n_slots, dtype=np.int64)   # tokens held per slot
+        self.tokens: list[list[int]] = [[] for _ in range(n_slots)]  # ids held per slot (prefix reuse)
+        self._free = list(range(n_slots))
+
+    @property
+    def nbytes_per_token(self) -> int:
+        return int(2 * self.k.shape[0] * self.k.shape[2] * self.k.shape[4] * 4)
+
+    def write(self, layer: int, slots: np.ndarray, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """Store k, v (n, n_kv_heads, head_dim) of tokens at (slots[i], positions[i])."""
+        if positions.size and int(positions.max()) >= self.n_ctx:
+            raise ContextLengthExceeded(int(positions.max()) + 1, self.n_ctx, "sequence")
+        self.k[layer, slots, :, positions] = k
+        self.v[layer, slots, :, positions] = v
+
+    def allocate(self) -> int:
+        """Take a free slot (its length reset to 0)."""
+        if not self._free:
+            raise NoFreeSlot(f"all {self.n_slots} sequence slots are in use")
+        slot = self._free.pop(0)
+        self.lengths[slot] = 0
+        self.tokens[slot] = []
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot not in self._free:
+            self._free.append(slot)
+
+    def copy_prefix(self, source: int, destination: int, length: int) -> None:
+        """Share the first ``length`` positions of ``source`` with ``destination`` (n > 1 choices)."""
+        self.k[:, destination, :, :length] = self.k[:, source, :, :length]
+        self.v[:, destination, :, :length] = self.v[:, source, :, :length]
+        self.lengths[destination] = length
+        self.tokens[destination] = list(self.tokens[source][:length])

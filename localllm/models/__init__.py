@@ -1,0 +1,1 @@
+"""One module per model dataflow (llama.py, bert.py, ...); shared pieces in base.py."""

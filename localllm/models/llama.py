@@ -1,0 +1,153 @@
+"""Llama dataflow (Llama 2/3, SmolLM2, Mistral, ...): RMSNorm, RoPE, grouped-query
+attention over a KV cache, SwiGLU feed-forward, optionally tied output embedding.
+
+The forward pass works on a flat batch of tokens, each with its position and
+the KV-cache slot of the sequence it belongs to: prefill of one prompt,
+decode of one sequence and decode of many sequences are the same call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..formats.gguf import GGUFError, GGUFFile
+from ..kv_cache import KVCache
+from ..ops import get_backend
+from ..quants import QTensor
+from .base import ModelConfig, UnsupportedArchitecture
+
+ARCHITECTURES = ("llama",)
+
+
+def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
+    """ModelConfig from the ``llama.*`` GGUF metadata keys."""
+    arch = gguf.architecture
+    if arch not in ARCHITECTURES:
+        raise UnsupportedArchitecture(arch, gguf.path.name)
+
+    def key(name, default=None):
+        value = gguf.arch_key(name, default)
+        if value is None:
+            raise GGUFError(f"{gguf.path.name}: missing GGUF metadata key '{arch}.{name}'")
+        return value
+
+    dim = int(key("embedding_length"))
+    n_heads = int(key("attention.head_count"))
+    n_kv_heads = int(key("attention.head_count_kv", n_heads))
+    head_dim = int(gguf.arch_key("attention.key_length", dim // n_heads))
+    vocab_size = int(gguf.arch_key("vocab_size", 0) or len(gguf.metadata.get("tokenizer.ggml.tokens", [])))
+    if not vocab_size:
+        vocab_size = gguf.tensors["token_embd.weight"].shape[0]
+    return ModelConfig(
+        architecture=arch,
+        dim=dim,
+        hidden_dim=int(key("feed_forward_length")),
+        n_layers=int(key("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab_size,
+        n_ctx_train=int(key("context_length")),
+        rope_theta=float(gguf.arch_key("rope.freq_base", 10000.0)),
+        rope_dim=int(gguf.arch_key("rope.dimension_count", head_dim)),
+        rope_style="norm",
+        norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in gguf.tensors,
+    )
+
+
+@dataclass
+class LlamaLayer:
+    attn_norm: np.ndarray   # (dim,)
+    wq: QTensor             # (q_dim, dim)
+    wk: QTensor             # (kv_dim, dim)
+    wv: QTensor             # (kv_dim, dim)
+    wo: QTensor             # (dim, q_dim)
+    ffn_norm: np.ndarray    # (dim,)
+    w_gate: QTensor         # (hidden_dim, dim)
+    w_up: QTensor           # (hidden_dim, dim)
+    w_down: QTensor         # (dim, hidden_dim)
+
+
+def _norm_weight(tensors: dict[str, QTensor], name: str) -> np.ndarray:
+    from ..quants.ref import dequantize
+    return np.ascontiguousarray(dequantize(_tensor(tensors, name)), dtype=np.float32)
+
+
+def _tensor(tensors: dict[str, QTensor], name: str) -> QTensor:
+    if name not in tensors:
+        raise GGUFError(f"model file has no tensor '{name}'")
+    return tensors[name]
+
+
+class LlamaModel:
+    """Weights (memory-mapped QTensors) + the forward pass. Stateless apart from the cache it is given."""
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, QTensor], backend: str = "auto"):
+        self.config = config
+        self.backend = get_backend(backend)
+        self.token_embd = _tensor(tensors, "token_embd.weight")                  # (vocab_size, dim)
+        self.output_norm = _norm_weight(tensors, "output_norm.weight")           # (dim,)
+        self.output = tensors.get("output.weight", self.token_embd)              # (vocab_size, dim)
+        self.layers = [
+            LlamaLayer(
+                attn_norm=_norm_weight(tensors, f"blk.{i}.attn_norm.weight"),
+                wq=_tensor(tensors, f"blk.{i}.attn_q.weight"),
+                wk=_tensor(tensors, f"blk.{i}.attn_k.weight"),
+                wv=_tensor(tensors, f"blk.{i}.attn_v.weight"),
+                wo=_tensor(tensors, f"blk.{i}.attn_output.weight"),
+                ffn_norm=_norm_weight(tensors, f"blk.{i}.ffn_norm.weight"),
+                w_gate=_tensor(tensors, f"blk.{i}.ffn_gate.weight"),
+                w_up=_tensor(tensors, f"blk.{i}.ffn_up.weight"),
+                w_down=_tensor(tensors, f"blk.{i}.ffn_down.weight"),
+            )
+            for i in range(config.n_layers)
+        ]
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile, backend: str = "auto") -> "LlamaModel":
+        return cls(config_from_gguf(gguf), gguf.tensors, backend)
+
+    def new_cache(self, n_slots: int, n_ctx: int) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layers, n_slots, n_ctx, c.n_kv_heads, c.head_dim)
+
+    def forward(self, tokens, positions, slots, cache: KVCache, logits_for=None) -> np.ndarray:
+        """Run a flat batch of tokens through the model, writing their K/V into ``cache``.
+
+        tokens, positions, slots: (n,) ints. Every token's earlier positions in
+        its slot must already be in the cache (or in this batch, before it).
+        logits_for: indices into the batch whose logits to return (None: all).
+        Returns logits (len(logits_for), vocab_size) float32.
+        """
+        c, ops = self.config, self.backend
+        tokens = np.asarray(tokens, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
+        slots = np.asarray(slots, dtype=np.int64)
+        n = tokens.shape[0]
+        if tokens.min(initial=0) < 0 or tokens.max(initial=0) >= c.vocab_size:
+            raise ValueError(f"token ids must be in [0, {c.vocab_size})")
+
+        x = ops.embedding_rows(self.token_embd, tokens)                         # (n, dim)
+        for layer_index, layer in enumerate(self.layers):
+            # attention block
+            h = ops.rms_norm(x, layer.attn_norm, c.norm_eps)                     # (n, dim)
+            q = ops.matmul(layer.wq, h).reshape(n, c.n_heads, c.head_dim)        # (n, n_heads, head_dim)
+            k = ops.matmul(layer.wk, h).reshape(n, c.n_kv_heads, c.head_dim)     # (n, n_kv_heads, head_dim)
+            v = ops.matmul(layer.wv, h).reshape(n, c.n_kv_heads, c.head_dim)     # (n, n_kv_heads, head_dim)
+            q = ops.rope(q, positions, c.rope_theta, c.n_rot, c.rope_style)
+            k = ops.rope(k, positions, c.rope_theta, c.n_rot, c.rope_style)
+            cache.write(layer_index, slots, positions, k, v)
+            attended = ops.attention(q, cache.k[layer_index], cache.v[layer_index], slots, positions)
+            x = x + ops.matmul(layer.wo, attended.reshape(n, c.q_dim))           # (n, dim)
+            # feed-forward block
+            h = ops.rms_norm(x, layer.ffn_norm, c.norm_eps)                      # (n, dim)
+            gate = ops.matmul(layer.w_gate, h)                                   # (n, hidden_dim)
+            up = ops.matmul(layer.w_up, h)                                       # (n, hidden_dim)
+            x = x + ops.matmul(layer.w_down, ops.swiglu(gate, up))               # (n, dim)
+
+        if logits_for is not None:
+            x = x[np.asarray(logits_for, dtype=np.int64)]
+        x = ops.rms_norm(x, self.output_norm, c.norm_eps)                        # (m, dim)
+        return ops.matmul(self.output, x)                                        # (m, vocab_size)

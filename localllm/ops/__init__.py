@@ -1,0 +1,54 @@
+"""Compute backends: the numpy reference and the numba fast path, same function names.
+
+``get_backend("ref")`` is readable numpy (``quants.ref`` + ``ops.ref``);
+``get_backend("fast")`` takes every function that ``quants.kernels`` /
+``ops.kernels`` define and the reference for the rest; ``"auto"`` is
+``fast`` unless ``LOCALLLM_BACKEND=ref``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import SimpleNamespace
+
+from . import ref as ops_ref
+from ..quants import ref as quants_ref
+
+OP_NAMES = ("rms_norm", "layer_norm", "rope", "attention", "swiglu", "softmax")
+QUANT_NAMES = ("matmul", "embedding_rows")
+
+_backends: dict[str, SimpleNamespace] = {}
+
+
+def _collect(modules_by_kind: dict[str, object]) -> SimpleNamespace:
+    functions = {}
+    for name in QUANT_NAMES:
+        functions[name] = getattr(modules_by_kind["quants"], name, None) or getattr(quants_ref, name)
+    for name in OP_NAMES:
+        functions[name] = getattr(modules_by_kind["ops"], name, None) or getattr(ops_ref, name)
+    return SimpleNamespace(**functions)
+
+
+def _optional(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def get_backend(name: str = "auto") -> SimpleNamespace:
+    """The namespace of compute functions for ``name`` in {"auto", "fast", "ref"}."""
+    if name == "auto":
+        name = os.environ.get("LOCALLLM_BACKEND", "fast")
+    if name not in ("fast", "ref"):
+        raise ValueError(f"unknown backend '{name}' (expected 'fast', 'ref' or 'auto')")
+    if name not in _backends:
+        if name == "ref":
+            _backends[name] = _collect({"quants": quants_ref, "ops": ops_ref})
+        else:
+            _backends[name] = _collect({
+                "quants": _optional("localllm.quants.kernels") or quants_ref,
+                "ops": _optional("localllm.ops.kernels") or ops_ref,
+            })
+        _backends[name].name = name
+    return _backends[name]

@@ -1,0 +1,66 @@
+"""Shared fixtures: golden data, the real models (pulled once into the store), tiny random models."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = Path(os.environ.get("LOCALLLM_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+
+
+def _real_model_path(name: str, env_var: str) -> Path:
+    """A real model: from an explicit env override, else the project's own store (pulled once if missing)."""
+    override = os.environ.get(env_var)
+    if override:
+        return Path(override)
+    from localllm.store import ModelStore
+
+    return ModelStore().ensure(name).path
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not GOLDEN_DIR.is_dir():
+        pytest.fail(f"golden data not found at {GOLDEN_DIR} (set LOCALLLM_GOLDEN_DIR)")
+    return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def golden_smollm2(golden_dir) -> list[dict]:
+    return json.loads((golden_dir / "smollm2_q4_1.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def golden_minilm(golden_dir) -> dict:
+    return json.loads((golden_dir / "all_minilm_l6_v2.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF file."""
+    return _real_model_path("smollm2:135m", "LOCALLLM_TEST_SMOLLM2")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 Hugging Face folder."""
+    return _real_model_path("all-minilm", "LOCALLLM_TEST_MINILM")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(smollm2_gguf_path):
+    """The parsed GGUF file (metadata + memory-mapped tensors), shared by the session."""
+    from localllm.formats.gguf import read_gguf
+
+    return read_gguf(smollm2_gguf_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory) -> Path:
+    """A tiny random llama GGUF (F32 weights) with a byte-level vocabulary."""
+    from tests.tiny_models import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf")
