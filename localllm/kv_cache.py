@@ -44,6 +44,10 @@ class KVCache:
         self.k[layer, slots, :, positions] = k
         self.v[layer, slots, :, positions] = v
 
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
     def allocate(self) -> int:
         """Take a free slot (its length reset to 0)."""
         if not self._free:
@@ -52,6 +56,24 @@ class KVCache:
         self.lengths[slot] = 0
         self.tokens[slot] = []
         return slot
+
+    def allocate_best(self, prompt: list[int]) -> int:
+        """Take the free slot whose held tokens share the longest prefix with ``prompt`` (prefix reuse)."""
+        if not self._free:
+            raise NoFreeSlot(f"all {self.n_slots} sequence slots are in use")
+
+        def shared(slot: int) -> int:
+            held = self.tokens[slot]
+            n = 0
+            for a, b in zip(held, prompt):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        best = max(self._free, key=shared)
+        self._free.remove(best)
+        return best
 
     def release(self, slot: int) -> None:
         if slot not in self._free:

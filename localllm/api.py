@@ -1,0 +1,219 @@
+"""The public library API: ``load`` a model by name or path and use its handle.
+
+>>> import localllm
+>>> model = localllm.load("smollm2:135m")
+>>> model.chat([{"role": "user", "content": "Why is the sky blue?"}], max_tokens=64)
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .chat_template import ChatTemplate
+from .formats.gguf import read_gguf
+from .generate import GenerationEvent, GenerationParams, GenerationResult, generate, stream_generate
+from .models.base import UnsupportedArchitecture
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+DEFAULT_NUM_CTX = 4096
+SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))
+GENERATION_KEYS = ("max_tokens", "stop", "stop_token_ids", "logprobs", "top_logprobs", "echo", "n")
+# Ollama option names that map onto the keys above
+OPTION_ALIASES = {"num_predict": "max_tokens"}
+
+
+def _model_classes():
+    from .models import llama
+    return {arch: llama.LlamaModel for arch in llama.ARCHITECTURES}
+
+
+def resolve(name_or_path, store=None):
+    """(path, store entry or None) for a model name, a store entry, or a path to a .gguf file / HF folder."""
+    from .store import ModelEntry, ModelStore
+
+    if isinstance(name_or_path, ModelEntry):
+        return name_or_path.path, name_or_path
+    candidate = Path(str(name_or_path)).expanduser()
+    if str(name_or_path).endswith(".gguf") or candidate.is_dir() or candidate.is_file():
+        if not candidate.exists():
+            raise FileNotFoundError(f"no model file at {candidate}")
+        return candidate, None
+    entry = (store or ModelStore()).get(str(name_or_path))
+    return entry.path, entry
+
+
+def load(name_or_path, *, num_ctx: int | None = None, backend: str = "auto", n_slots: int = 1, store=None):
+    """Load a model by store name (``"smollm2:135m"``), store entry, ``.gguf`` path or HF folder.
+
+    Returns a :class:`Model` for text generation, or an
+    :class:`~localllm.embeddings.EmbeddingModel` for encoders (BERT family).
+    """
+    path, entry = resolve(name_or_path, store)
+    name = entry.name if entry else str(name_or_path)
+    if path.is_dir():
+        from .embeddings import load_embedding_model
+        return load_embedding_model(path)
+    gguf_file = read_gguf(path)
+    classes = _model_classes()
+    if gguf_file.architecture not in classes:
+        from . import embeddings
+        if gguf_file.architecture in getattr(embeddings, "ENCODER_ARCHITECTURES", ("bert",)):
+            return embeddings.load_embedding_model(path)
+        raise UnsupportedArchitecture(gguf_file.architecture, path.name)
+    network = classes[gguf_file.architecture].from_gguf(gguf_file, backend=backend)
+    return Model(name, path, gguf_file.metadata, network, entry=entry, num_ctx=num_ctx, n_slots=n_slots)
+
+
+class Model:
+    """A loaded text-generation model: tokenizer, chat template, weights, KV cache and defaults.
+
+    Generation methods take the request's settings as keyword arguments
+    (``max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+    repeat_last_n, frequency_penalty, presence_penalty, logit_bias, seed, stop,
+    stop_token_ids, logprobs, top_logprobs, n, echo, num_ctx``; Ollama's
+    ``num_predict`` is accepted for ``max_tokens``). Unset ones come from the
+    model's defaults (its Modelfile ``PARAMETER`` lines), then the library's.
+    """
+
+    capabilities = ("completion",)
+
+    def __init__(self, name: str, path: Path, metadata: dict, network, entry=None,
+                 num_ctx: int | None = None, n_slots: int = 1):
+        self.name = name
+        self.path = Path(path)
+        self.metadata = metadata
+        self.network = network
+        self.config = network.config
+        self.entry = entry
+        self.tokenizer = Tokenizer.from_gguf_metadata(metadata)
+        template = (entry.template if entry and entry.template else None) or metadata.get("tokenizer.chat_template")
+        self.template = ChatTemplate(template, self.tokenizer.bos_token, self.tokenizer.eos_token)
+        self.system = entry.system if entry else None
+        self.defaults: dict[str, Any] = dict(entry.parameters) if entry and entry.parameters else {}
+        self.n_slots = n_slots
+        self._lock = threading.RLock()
+        self.n_ctx = 0
+        self.cache = None
+        self.set_context(num_ctx or self.defaults.get("num_ctx") or min(self.config.n_ctx_train, DEFAULT_NUM_CTX))
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, n_ctx={self.n_ctx}, architecture={self.config.architecture!r})"
+
+    # -- context -----------------------------------------------------------------------------------------
+    def set_context(self, num_ctx: int) -> None:
+        """Resize the context window (reallocates the KV cache; cached prefixes are dropped)."""
+        if not isinstance(num_ctx, int) or num_ctx < 1:
+            raise ValueError("num_ctx must be a positive integer")
+        if num_ctx > self.config.n_ctx_train:
+            raise ValueError(f"num_ctx {num_ctx} is larger than the model's training context "
+                             f"{self.config.n_ctx_train}")
+        with self._lock:
+            if num_ctx != self.n_ctx or self.cache is None:
+                self.cache = self.network.new_cache(self.n_slots, num_ctx)
+                self.n_ctx = num_ctx
+
+    # -- text <-> tokens ---------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text`` (BOS only if the model asks for it, special tokens parsed)."""
+        return self.tokenizer.encode(text, add_bos=add_bos, parse_special=parse_special)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools=None, **extra) -> str:
+        """The prompt text the model's chat template makes of ``messages``."""
+        if self.system and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system}] + list(messages)
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **extra)
+
+    # -- settings ----------------------------------------------------------------------------------------
+    def make_params(self, **settings) -> tuple[GenerationParams, int]:
+        """GenerationParams from keyword settings over the model's defaults; also the context size to use."""
+        merged = {OPTION_ALIASES.get(k, k): v for k, v in self.defaults.items()}
+        for key, value in settings.items():
+            if value is not None:
+                merged[OPTION_ALIASES.get(key, key)] = value
+        num_ctx = merged.pop("num_ctx", None) or self.n_ctx
+        unknown = set(merged) - set(SAMPLING_KEYS) - set(GENERATION_KEYS)
+        if unknown:
+            raise ValueError(f"unknown generation setting(s): {', '.join(sorted(unknown))}")
+        sampling = SamplingParams(**{k: merged[k] for k in SAMPLING_KEYS if k in merged})
+        sampling.validate(self.config.vocab_size)
+        stop = merged.get("stop") or []
+        if isinstance(stop, str):
+            stop = [stop]
+        max_tokens = merged.get("max_tokens")
+        if max_tokens is not None and max_tokens < 0:      # Ollama: num_predict -1 = unlimited
+            max_tokens = None
+        params = GenerationParams(
+            sampling=sampling, max_tokens=max_tokens, stop=list(stop),
+            stop_token_ids=list(merged.get("stop_token_ids") or []),
+            logprobs=bool(merged.get("logprobs", False)), top_logprobs=int(merged.get("top_logprobs") or 0),
+            echo=bool(merged.get("echo", False)), n=int(merged.get("n", 1)))
+        params.validate()
+        return params, int(num_ctx)
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt)
+        ids = [int(t) for t in prompt]
+        if any(t < 0 or t >= self.config.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        return ids
+
+    # -- generation --------------------------------------------------------------------------------------
+    def stream(self, prompt, details: bool = False, **settings) -> Iterator[str] | Iterator[GenerationEvent]:
+        """Yield the completion of ``prompt`` (text or token ids) as it is generated.
+
+        Plain text pieces by default; :class:`~localllm.generate.GenerationEvent`
+        objects (text, token ids, logprobs, finish_reason, usage) with ``details=True``.
+        """
+        params, num_ctx = self.make_params(**settings)
+        ids = self._prompt_ids(prompt)
+        return self._stream(ids, params, num_ctx, details)
+
+    def _stream(self, ids, params, num_ctx, details):
+        with self._lock:
+            if num_ctx != self.n_ctx:
+                self.set_context(num_ctx)
+            for event in stream_generate(self.network, self.cache, self.tokenizer, ids, params, self.n_ctx):
+                if details:
+                    yield event
+                elif event.text:
+                    yield event.text
+
+    def generate(self, prompt, details: bool = False, **settings) -> str | GenerationResult:
+        """The completion of ``prompt`` (text or token ids): a string, or a GenerationResult with ``details=True``."""
+        params, num_ctx = self.make_params(**settings)
+        ids = self._prompt_ids(prompt)
+        with self._lock:
+            if num_ctx != self.n_ctx:
+                self.set_context(num_ctx)
+            result = generate(self.network, self.cache, self.tokenizer, ids, params, self.n_ctx)
+        return result if details else result.text
+
+    def chat(self, messages: list[dict], stream: bool = False, details: bool = False, tools=None, **settings):
+        """Reply to a conversation (rendered with the model's chat template).
+
+        Returns the reply text (or a GenerationResult with ``details=True``), or
+        with ``stream=True`` an iterator of text pieces (or events).
+        """
+        prompt = self.render_chat(messages, add_generation_prompt=True, tools=tools)
+        if stream:
+            return self.stream(prompt, details=details, **settings)
+        return self.generate(prompt, details=details, **settings)
+
+    def logits(self, ids) -> np.ndarray:
+        """Raw next-token logits at every position of ``ids`` (vocab_size columns); uses a scratch cache."""
+        ids = self._prompt_ids(ids)
+        cache = self.network.new_cache(1, len(ids))
+        return self.network.forward(np.array(ids), np.arange(len(ids)), np.zeros(len(ids), dtype=np.int64), cache)
+
+    def embed(self, texts, **_):
+        raise TypeError(f"model '{self.name}' is a text-generation model and cannot embed; "
+                        "load an embedding model such as 'all-minilm'")

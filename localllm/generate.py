@@ -1,0 +1,386 @@
+"""Generation: sequences, one batched step, and the single-request drivers.
+
+``Sequence`` holds everything one completion needs (its KV slot, token
+history, sampler, detokenizer, stop matcher, logprobs). ``step`` advances a
+list of live sequences by one forward call over a flat batch: prompts are
+prefilled in chunks, sequences that are decoding contribute one token each.
+``stream_generate`` drives ``step`` for one request (n choices) in the
+caller's thread; ``engine.Engine`` drives the same ``step`` from a worker
+thread over every live request, which is continuous batching.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator, Sequence as Seq
+
+import numpy as np
+
+from .kv_cache import ContextLengthExceeded, KVCache
+from .sampling import SampledToken, SamplingParams, TokenSampler, top_logprobs as best_logprobs
+from .stopping import StopStringMatcher
+
+PREFILL_CHUNK = 512
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class GenerationParams:
+    """What a request says about how text is generated (sampling is its own dataclass)."""
+
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None          # None: until a stop or the context window is full
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0                  # 0..20 alternatives per token
+    echo: bool = False                     # include the prompt (text and, with logprobs, its logprobs)
+    n: int = 1                             # independent choices sharing the prompt's KV prefix
+
+    def validate(self) -> None:
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            raise ValueError("max_tokens must be a non-negative integer")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError("n must be a positive integer")
+        if any(not isinstance(s, str) for s in self.stop):
+            raise ValueError("stop must be a string or a list of strings")
+
+
+@dataclass
+class TokenLogprob:
+    """One token with its log-probability and the best alternatives (see sampling.SampledToken)."""
+
+    token_id: int
+    text: str
+    bytes: bytes
+    logprob: float | None                  # None for the first prompt token (nothing predicts it)
+    top: list["TokenLogprob"] = field(default_factory=list)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class GenerationEvent:
+    """A piece of one choice's output: new text, the tokens behind it, and, at the end, why it stopped."""
+
+    index: int                                   # choice index (0 .. n-1)
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None             # "stop" | "length" | None (more to come)
+    usage: Usage | None = None                   # on the final event of a choice
+    timings: dict | None = None                  # on the final event: prompt/decode seconds and counts
+
+
+@dataclass
+class Choice:
+    """A finished completion."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class GenerationResult:
+    choices: list[Choice]
+    usage: Usage
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.choices[0].token_ids
+
+
+class Sequence:
+    """One completion in flight: its slot in the KV cache and all per-sequence state."""
+
+    def __init__(self, index: int, prompt: list[int], params: GenerationParams, tokenizer, slot: int,
+                 max_new_tokens: int, sampler: TokenSampler, extra_stop_ids: Seq[int] = (),
+                 prefill_from: "Sequence | None" = None, cached_prefix: int = 0, want_prompt_logprobs=False):
+        self.index = index
+        self.params = params
+        self.tokenizer = tokenizer
+        self.slot = slot
+        self.prompt = list(prompt)
+        self.tokens = list(prompt)             # prompt + generated
+        self.n_prompt = len(prompt)
+        self.n_computed = cached_prefix        # tokens whose K/V are in the cache
+        self.max_new_tokens = max_new_tokens
+        self.sampler = sampler
+        self.stop_ids = frozenset(tokenizer.eog_ids) | frozenset(params.stop_token_ids) | frozenset(extra_stop_ids)
+        self.detokenizer = tokenizer.detokenizer()
+        self.stop_matcher = StopStringMatcher(params.stop)
+        self.prefill_from = prefill_from       # n > 1: wait for the leader's prefill, then copy its KV prefix
+        self.want_prompt_logprobs = want_prompt_logprobs
+        self.prompt_logprobs: list[TokenLogprob] = []
+        self.generated: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.last_logits: np.ndarray | None = None   # logits that predict the next token
+        self.prompt_last_logits: np.ndarray | None = None
+        self.logprob_records: list[TokenLogprob] = []
+        self.started = time.perf_counter()
+        self.prompt_seconds = 0.0
+        self.cancelled = False
+        self.echo_sent = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_computed < self.n_prompt
+
+    def describe_token(self, token_id: int, logprob: float | None) -> TokenLogprob:
+        return TokenLogprob(token_id, self.tokenizer.token_text(token_id), self.tokenizer.token_bytes(token_id),
+                            logprob)
+
+    def logprob_record(self, sampled: SampledToken) -> TokenLogprob:
+        record = self.describe_token(sampled.token_id, float(sampled.logprob))
+        if self.params.top_logprobs:
+            record.top = [self.describe_token(i, lp) for i, lp in
+                          best_logprobs(sampled.logprobs, self.params.top_logprobs)]
+        return record
+
+    def echo_event(self) -> GenerationEvent:
+        """The prompt itself, as the first output of an ``echo`` request (with its logprobs if asked)."""
+        self.echo_sent = True
+        records = None
+        if self.params.logprobs:
+            records = [self.describe_token(self.prompt[0], None)] + list(self.prompt_logprobs)
+        text = self.tokenizer.decode(self.prompt)
+        self.text += text
+        return GenerationEvent(self.index, text, list(self.prompt), records)
+
+    def accept(self, sampled: SampledToken) -> GenerationEvent:
+        """Take one sampled token: detokenize, check stops, and say what to emit."""
+        token = sampled.token_id
+        record = self.logprob_record(sampled) if self.params.logprobs else None
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            tail = self.stop_matcher.push(self.detokenizer.flush())[0] + self.stop_matcher.flush()
+            self.text += tail
+            return GenerationEvent(self.index, tail, [], None, "stop")
+        self.tokens.append(token)
+        self.generated.append(token)
+        piece = self.detokenizer.push(token)
+        safe, stopped = self.stop_matcher.push(piece)
+        if record is not None:
+            self.logprob_records.append(record)
+        if stopped:
+            self.finish_reason = "stop"
+        elif len(self.generated) >= self.max_new_tokens:
+            self.finish_reason = "length"
+            safe += self.stop_matcher.push(self.detokenizer.flush())[0] + self.stop_matcher.flush()
+        self.text += safe
+        return GenerationEvent(self.index, safe, [token], [record] if record else None, self.finish_reason)
+
+    def finish_event(self, event: GenerationEvent) -> GenerationEvent:
+        now = time.perf_counter()
+        event.usage = Usage(self.n_prompt, len(self.generated))
+        event.timings = {"prompt_seconds": self.prompt_seconds,
+                         "decode_seconds": max(0.0, now - self.started - self.prompt_seconds),
+                         "prompt_tokens": self.n_prompt, "completion_tokens": len(self.generated)}
+        return event
+
+
+def plan_context(n_prompt: int, max_tokens: int | None, n_ctx: int) -> int:
+    """How many tokens may be generated; raises ContextLengthExceeded before any work if it cannot fit."""
+    if n_prompt == 0:
+        raise ValueError("the prompt is empty: nothing to condition on")
+    if max_tokens is None:
+        if n_prompt >= n_ctx:
+            raise ContextLengthExceeded(n_prompt, n_ctx, "prompt")
+        return n_ctx - n_prompt
+    if n_prompt + max_tokens > n_ctx:
+        raise ContextLengthExceeded(n_prompt + max_tokens, n_ctx,
+                                    f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens})")
+    return max_tokens
+
+
+def step(model, cache: KVCache, sequences: list[Sequence],
+         prefill_chunk: int = PREFILL_CHUNK) -> list[tuple[Sequence, GenerationEvent]]:
+    """One forward call over every live sequence; returns (sequence, event) for the events it produced.
+
+    Decoding sequences contribute their last sampled token; prefilling ones up
+    to ``prefill_chunk`` prompt tokens (the budget is shared). Followers of an
+    n > 1 group copy their leader's KV prefix once the leader's prefill is done.
+    """
+    events: list[tuple[Sequence, GenerationEvent]] = []
+    tokens, positions, slots, logit_rows, owners = [], [], [], [], []
+    budget = prefill_chunk
+    for seq in sequences:
+        if seq.finished:
+            continue
+        if seq.prefill_from is not None:
+            leader = seq.prefill_from
+            if leader.prefilling:
+                continue
+            cache.copy_prefix(leader.slot, seq.slot, leader.n_prompt)
+            seq.n_computed = seq.n_prompt
+            seq.last_logits = leader.prompt_last_logits
+            seq.prompt_seconds = leader.prompt_seconds
+            seq.prompt_logprobs = leader.prompt_logprobs
+            seq.prefill_from = None
+            continue
+        if seq.prefilling:
+            take = min(budget, seq.n_prompt - seq.n_computed) if budget > 0 else 0
+            if take == 0:
+                continue
+            budget -= take
+            start = seq.n_computed
+            wanted = range(start, start + take) if seq.want_prompt_logprobs else [start + take - 1]
+            for pos in range(start, start + take):
+                tokens.append(seq.tokens[pos]); positions.append(pos); slots.append(seq.slot)
+            base = len(tokens) - take
+            for pos in wanted:
+                logit_rows.append(base + pos - start); owners.append((seq, pos))
+        elif seq.last_logits is None:
+            pos = len(seq.tokens) - 1
+            tokens.append(seq.tokens[pos]); positions.append(pos); slots.append(seq.slot)
+            logit_rows.append(len(tokens) - 1); owners.append((seq, pos))
+
+    if tokens:
+        logits = model.forward(np.array(tokens), np.array(positions), np.array(slots), cache,
+                               logits_for=np.array(logit_rows))
+        for row, (seq, pos) in enumerate(owners):
+            seq.n_computed = max(seq.n_computed, pos + 1)
+            if pos + 1 < seq.n_prompt:          # a prompt position: only its logprob of the next prompt token
+                seq.prompt_logprobs.append(_prompt_logprob(seq, logits[row], pos + 1))
+                continue
+            seq.last_logits = logits[row]
+            if pos + 1 == seq.n_prompt:
+                seq.prompt_last_logits = logits[row]
+                seq.prompt_seconds = time.perf_counter() - seq.started
+        for seq in sequences:
+            cache.lengths[seq.slot] = seq.n_computed
+            cache.tokens[seq.slot] = seq.tokens[:seq.n_computed]
+
+    for seq in sequences:
+        if seq.finished or seq.last_logits is None or seq.prefilling or seq.cancelled:
+            continue
+        if seq.params.echo and not seq.echo_sent:
+            events.append((seq, seq.echo_event()))
+        if seq.max_new_tokens == 0:                 # max_tokens=0: only the prompt (echo / scoring)
+            seq.finish_reason = "length"
+            events.append((seq, seq.finish_event(GenerationEvent(seq.index, finish_reason="length"))))
+            continue
+        sampled = seq.sampler(seq.last_logits, seq.tokens, seq.n_prompt)
+        seq.last_logits = None
+        event = seq.accept(sampled)
+        if seq.finished:
+            event = seq.finish_event(event)
+        if event.text or event.finish_reason or event.logprobs:
+            events.append((seq, event))
+    return events
+
+
+def _prompt_logprob(seq: Sequence, logits: np.ndarray, target_pos: int) -> TokenLogprob:
+    from .sampling import log_softmax
+    logprobs = log_softmax(logits.astype(np.float64))
+    token = seq.tokens[target_pos]
+    record = seq.describe_token(token, float(logprobs[token]))
+    if seq.params.top_logprobs:
+        record.top = [seq.describe_token(i, lp) for i, lp in best_logprobs(logprobs, seq.params.top_logprobs)]
+    return record
+
+
+def make_sequences(prompt: list[int], params: GenerationParams, tokenizer, cache: KVCache, n_ctx: int,
+                   extra_processors_factory: Callable[[], Seq] | None = None,
+                   reuse_prefix: bool = True) -> list[Sequence]:
+    """Allocate slots and build the n sequences of one request (raises before any work if it cannot fit)."""
+    params.validate()
+    max_new = plan_context(len(prompt), params.max_tokens, n_ctx)
+    want_prompt_logprobs = params.echo and params.logprobs
+    sequences: list[Sequence] = []
+    leader = None
+    try:
+        for index in range(params.n):
+            slot, cached = _take_slot(cache, prompt, reuse_prefix and not want_prompt_logprobs)
+            sampling = params.sampling
+            if params.n > 1 and sampling.seed is not None:
+                sampling = replace(sampling, seed=sampling.seed + index)   # distinct, reproducible choices
+            extra = extra_processors_factory() if extra_processors_factory else ()
+            seq = Sequence(index, prompt, params, tokenizer, slot, max_new, TokenSampler(sampling, extra),
+                           prefill_from=leader, cached_prefix=cached if leader is None else 0,
+                           want_prompt_logprobs=want_prompt_logprobs and leader is None)
+            leader = leader or seq
+            sequences.append(seq)
+    except BaseException:
+        release(cache, sequences)
+        raise
+    return sequences
+
+
+def _take_slot(cache: KVCache, prompt: list[int], reuse: bool) -> tuple[int, int]:
+    """A free slot, preferring the one whose cached tokens share the longest prefix with the prompt."""
+    slot = cache.allocate_best(prompt) if reuse else cache.allocate()
+    cached = 0
+    if reuse:
+        held = cache.tokens[slot]
+        limit = min(len(held), len(prompt) - 1)     # always recompute the last prompt token (its logits)
+        while cached < limit and held[cached] == prompt[cached]:
+            cached += 1
+    return slot, cached
+
+
+def release(cache: KVCache, sequences: list[Sequence]) -> None:
+    for seq in sequences:
+        cache.release(seq.slot)
+
+
+def stream_generate(model, cache: KVCache, tokenizer, prompt: list[int], params: GenerationParams,
+                    n_ctx: int, extra_processors_factory=None) -> Iterator[GenerationEvent]:
+    """Generate for one request in the caller's thread, yielding events as they come."""
+    sequences = make_sequences(prompt, params, tokenizer, cache, n_ctx, extra_processors_factory)
+    try:
+        while not all(seq.finished for seq in sequences):
+            for _, event in step(model, cache, sequences):
+                yield event
+    finally:
+        release(cache, sequences)
+
+
+def generate(model, cache: KVCache, tokenizer, prompt: list[int], params: GenerationParams, n_ctx: int,
+             extra_processors_factory=None) -> GenerationResult:
+    """Run one request to the end and collect its choices."""
+    texts = {i: [] for i in range(params.n)}
+    tokens = {i: [] for i in range(params.n)}
+    records: dict[int, list] = {i: [] for i in range(params.n)}
+    finish: dict[int, str] = {}
+    timings: dict = {}
+    completion_tokens = 0
+    for event in stream_generate(model, cache, tokenizer, prompt, params, n_ctx, extra_processors_factory):
+        texts[event.index].append(event.text)
+        tokens[event.index].extend(event.token_ids)
+        if event.logprobs:
+            records[event.index].extend(event.logprobs)
+        if event.finish_reason:
+            finish[event.index] = event.finish_reason
+            completion_tokens += event.usage.completion_tokens
+            timings = event.timings
+    choices = [Choice(i, "".join(texts[i]), tokens[i], finish[i], records[i] if params.logprobs else None)
+               for i in range(params.n)]
+    return GenerationResult(choices, Usage(len(prompt), completion_tokens), timings)

@@ -1,0 +1,91 @@
+"""Error types and the two wire shapes: the OpenAI envelope (/v1, and by default) and Ollama's (/api).
+
+Resources raise :class:`APIError` (or let library exceptions through); the
+handlers registered in ``app.create_app`` turn them into responses. No
+resource builds an error body itself.
+"""
+from __future__ import annotations
+
+import json
+
+import falcon
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+               503: "api_error", 500: "api_error"}
+
+
+class APIError(Exception):
+    """An error with an HTTP status, a message, and (OpenAI) the parameter and code it concerns."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 error_type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.error_type = error_type or ERROR_TYPES.get(status, "invalid_request_error")
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def openai_body(error: APIError) -> dict:
+    return {"error": {"message": error.message, "type": error.error_type, "param": error.param, "code": error.code}}
+
+
+def ollama_body(error: APIError) -> dict:
+    return {"error": error.message}
+
+
+def body_for(path: str, error: APIError) -> dict:
+    """The error body shape the route family expects."""
+    return ollama_body(error) if path.startswith("/api/") else openai_body(error)
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """Map library exceptions to HTTP errors (one place)."""
+    from localllm.kv_cache import ContextLengthExceeded
+    from localllm.engine import ServerBusy
+    from localllm.store import InvalidModelName, ModelNotFound
+
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ModelNotFound):
+        return APIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, ContextLengthExceeded):
+        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, ServerBusy):
+        return APIError(503, str(exc), code="server_busy")
+    if isinstance(exc, InvalidModelName):
+        return APIError(400, str(exc), param="model", code="invalid_model_name")
+    if isinstance(exc, (ValueError, TypeError)):
+        return APIError(400, str(exc))
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def handle_exception(req: falcon.Request, resp: falcon.Response, exc: BaseException, params) -> None:
+    """Falcon error handler for every exception that is not a falcon.HTTPError."""
+    if isinstance(exc, falcon.HTTPError):
+        handle_http_error(req, resp, exc, params)
+        return
+    error = to_api_error(exc)
+    resp.status = error.status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.text = json.dumps(body_for(req.path, error))
+
+
+def handle_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError, params) -> None:
+    """Falcon's own errors (404 route, 405, 413 ...) in our shapes."""
+    status = exc.status_code
+    message = exc.description or exc.title or "error"
+    if status == 404 and not exc.description:
+        message = f"route {req.method} {req.path} not found"
+    error = APIError(status, message)
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.text = json.dumps(body_for(req.path, error))
+    for name, value in (exc.headers or {}).items():
+        resp.set_header(name, value)
