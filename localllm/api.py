@@ -22,7 +22,7 @@ from .tokenizer import Tokenizer
 
 DEFAULT_NUM_CTX = 4096
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))
-GENERATION_KEYS = ("max_tokens", "stop", "stop_token_ids", "logprobs", "top_logprobs", "echo", "n")
+GENERATION_KEYS = ("max_tokens", "stop", "stop_token_ids", "logprobs", "top_logprobs", "echo", "n", "constraint")
 # Ollama option names that map onto the keys above
 OPTION_ALIASES = {"num_predict": "max_tokens"}
 
@@ -105,17 +105,23 @@ class Model:
         return f"Model({self.name!r}, n_ctx={self.n_ctx}, architecture={self.config.architecture!r})"
 
     # -- context -----------------------------------------------------------------------------------------
-    def set_context(self, num_ctx: int) -> None:
-        """Resize the context window (reallocates the KV cache; cached prefixes are dropped)."""
+    def set_context(self, num_ctx: int, n_slots: int | None = None) -> None:
+        """Resize the context window and/or the number of sequence slots (reallocates the KV cache)."""
         if not isinstance(num_ctx, int) or num_ctx < 1:
             raise ValueError("num_ctx must be a positive integer")
         if num_ctx > self.config.n_ctx_train:
             raise ValueError(f"num_ctx {num_ctx} is larger than the model's training context "
                              f"{self.config.n_ctx_train}")
         with self._lock:
-            if num_ctx != self.n_ctx or self.cache is None:
-                self.cache = self.network.new_cache(self.n_slots, num_ctx)
-                self.n_ctx = num_ctx
+            n_slots = n_slots or self.n_slots
+            if num_ctx != self.n_ctx or n_slots != self.n_slots or self.cache is None:
+                self.cache = self.network.new_cache(n_slots, num_ctx)
+                self.n_ctx, self.n_slots = num_ctx, n_slots
+
+    def _fit(self, params: GenerationParams, num_ctx: int) -> None:
+        """Library calls: make the cache fit this request (context size, n choices)."""
+        if num_ctx != self.n_ctx or params.n > self.n_slots:
+            self.set_context(num_ctx, max(self.n_slots, params.n))
 
     # -- text <-> tokens ---------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
@@ -154,7 +160,7 @@ class Model:
             sampling=sampling, max_tokens=max_tokens, stop=list(stop),
             stop_token_ids=list(merged.get("stop_token_ids") or []),
             logprobs=bool(merged.get("logprobs", False)), top_logprobs=int(merged.get("top_logprobs") or 0),
-            echo=bool(merged.get("echo", False)), n=int(merged.get("n", 1)))
+            echo=bool(merged.get("echo", False)), n=int(merged.get("n", 1)), constraint=merged.get("constraint"))
         params.validate()
         return params, int(num_ctx)
 
@@ -179,8 +185,7 @@ class Model:
 
     def _stream(self, ids, params, num_ctx, details):
         with self._lock:
-            if num_ctx != self.n_ctx:
-                self.set_context(num_ctx)
+            self._fit(params, num_ctx)
             for event in stream_generate(self.network, self.cache, self.tokenizer, ids, params, self.n_ctx):
                 if details:
                     yield event
@@ -192,8 +197,7 @@ class Model:
         params, num_ctx = self.make_params(**settings)
         ids = self._prompt_ids(prompt)
         with self._lock:
-            if num_ctx != self.n_ctx:
-                self.set_context(num_ctx)
+            self._fit(params, num_ctx)
             result = generate(self.network, self.cache, self.tokenizer, ids, params, self.n_ctx)
         return result if details else result.text
 

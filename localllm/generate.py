@@ -36,6 +36,7 @@ class GenerationParams:
     top_logprobs: int = 0                  # 0..20 alternatives per token
     echo: bool = False                     # include the prompt (text and, with logprobs, its logprobs)
     n: int = 1                             # independent choices sharing the prompt's KV prefix
+    constraint: object | None = None       # constrain.Constraint: grammar masks (JSON mode, schema, tool calls)
 
     def validate(self) -> None:
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
@@ -292,7 +293,7 @@ def step(model, cache: KVCache, sequences: list[Sequence],
         event = seq.accept(sampled)
         if seq.finished:
             event = seq.finish_event(event)
-        if event.text or event.finish_reason or event.logprobs:
+        if event.text or event.finish_reason or event.token_ids or event.logprobs:
             events.append((seq, event))
     return events
 
@@ -322,7 +323,9 @@ def make_sequences(prompt: list[int], params: GenerationParams, tokenizer, cache
             sampling = params.sampling
             if params.n > 1 and sampling.seed is not None:
                 sampling = replace(sampling, seed=sampling.seed + index)   # distinct, reproducible choices
-            extra = extra_processors_factory() if extra_processors_factory else ()
+            extra = list(extra_processors_factory()) if extra_processors_factory else []
+            if params.constraint is not None:       # a fresh grammar state per choice
+                extra.append(params.constraint.make_processor(tokenizer))
             seq = Sequence(index, prompt, params, tokenizer, slot, max_new, TokenSampler(sampling, extra),
                            prefill_from=leader, cached_prefix=cached if leader is None else 0,
                            want_prompt_logprobs=want_prompt_logprobs and leader is None)

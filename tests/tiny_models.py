@@ -75,7 +75,7 @@ def write_tiny_llama(path: str | Path, *, dim: int = 64, hidden_dim: int = 96, n
         scale = scale if scale is not None else 1.0 / np.sqrt(cols)
         return rng.standard_normal((rows, cols)).astype(np.float32) * scale
 
-    _store(writer, "token_embd.weight", matrix(vocab_size, dim, 1.0), weight_type)
+    _store(writer, "token_embd.weight", matrix(vocab_size, dim, 0.25), weight_type)
     if not tie_embeddings:
         _store(writer, "output.weight", matrix(vocab_size, dim), weight_type)
     writer.add_tensor("output_norm.weight", (1.0 + 0.1 * rng.standard_normal(dim)).astype(np.float32))
