@@ -148,7 +148,7 @@ class Model:
         unknown = set(merged) - set(SAMPLING_KEYS) - set(GENERATION_KEYS)
         if unknown:
             raise ValueError(f"unknown generation setting(s): {', '.join(sorted(unknown))}")
-        sampling = SamplingParams(**{k: merged[k] for k in SAMPLING_KEYS if k in merged})
+        sampling = SamplingParams.from_options(**{k: merged[k] for k in SAMPLING_KEYS if k in merged})
         sampling.validate(self.config.vocab_size)
         stop = merged.get("stop") or []
         if isinstance(stop, str):

@@ -322,7 +322,7 @@ def make_sequences(prompt: list[int], params: GenerationParams, tokenizer, cache
             slot, cached = _take_slot(cache, prompt, reuse_prefix and not want_prompt_logprobs)
             sampling = params.sampling
             if params.n > 1 and sampling.seed is not None:
-                sampling = replace(sampling, seed=sampling.seed + index)   # distinct, reproducible choices
+                sampling = replace(sampling, seed=(sampling.seed + index) % 2**64)   # distinct, reproducible choices
             extra = list(extra_processors_factory()) if extra_processors_factory else []
             if params.constraint is not None:       # a fresh grammar state per choice
                 extra.append(params.constraint.make_processor(tokenizer))
