@@ -1,0 +1,175 @@
+"""Validate a model file or folder and describe it: Ollama ``details`` and ``model_info``.
+
+Used by the store when a model enters it (pull, ``add_local``): a GGUF must open with
+``gguf.GGUFReader`` and hold every tensor inside the file; an HF folder needs a
+``config.json`` and readable ``*.safetensors`` whose tensors lie inside their files.
+Only headers are read; weights are never loaded.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+MAX_INFO_ARRAY = 64  # longer GGUF arrays (vocabularies, merges) are left out of model_info
+
+
+class InvalidModelFile(ValueError):
+    """A file or folder that cannot be a model: corrupt, truncated, or missing its parts."""
+
+
+def describe(path: Path, format: str) -> tuple[dict, dict]:
+    """(details, model_info) of a ``gguf`` file or a ``safetensors`` HF folder; raises InvalidModelFile."""
+    if format == "gguf":
+        return describe_gguf(path)
+    if format == "safetensors":
+        return describe_hf_folder(path)
+    raise InvalidModelFile(f"unknown model format {format!r} (expected 'gguf' or 'safetensors')")
+
+
+def human_count(n: int) -> str:
+    """Parameter counts as model cards write them: 134515008 -> '135M', 22713216 -> '22.7M'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def describe_gguf(path: Path) -> tuple[dict, dict]:
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as exc:  # the reader fails with ValueError/IndexError/struct.error on corrupt input
+        raise InvalidModelFile(f"{path.name} is not a valid GGUF file: {exc}") from exc
+    file_size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > file_size:
+            raise InvalidModelFile(f"{path.name} is truncated: tensor '{tensor.name}' ends past the end of the file")
+    if not reader.tensors:
+        raise InvalidModelFile(f"{path.name} holds no tensors")
+
+    model_info: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or (field.types[0] == gguf.GGUFValueType.ARRAY and len(field.data) > MAX_INFO_ARRAY):
+            continue
+        model_info[key] = _plain(field.contents())
+    n_params = sum(int(t.n_elements) for t in reader.tensors)
+    model_info["general.parameter_count"] = n_params
+
+    family = str(model_info.get("general.architecture", "")) or "unknown"
+    elements_by_type = Counter()
+    for tensor in reader.tensors:
+        if len(tensor.shape) >= 2:
+            elements_by_type[tensor.tensor_type.name] += int(tensor.n_elements)
+    details = {
+        "format": "gguf",
+        "family": family,
+        "families": [family],
+        "parameter_size": human_count(n_params),
+        "quantization_level": _gguf_file_type(model_info.get("general.file_type"))
+        or (elements_by_type.most_common(1)[0][0] if elements_by_type else "unknown"),
+    }
+    return details, model_info
+
+
+def _gguf_file_type(file_type: Any) -> str | None:
+    """``general.file_type`` as Ollama shows it: 3 -> 'Q4_1', 0 -> 'F32', 15 -> 'Q4_K_M'."""
+    import gguf
+
+    try:
+        name = gguf.LlamaFileType(int(file_type)).name
+    except (TypeError, ValueError):
+        return None
+    if name == "GUESSED":
+        return None
+    return name.replace("ALL_", "").replace("MOSTLY_", "")
+
+
+def _plain(value: Any) -> Any:
+    """GGUF field contents as JSON-ready Python values."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensor table of a ``.safetensors`` file (``__metadata__`` dropped), checked against the file size."""
+    path = Path(path)
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise InvalidModelFile(f"{path.name} is not a safetensors file: shorter than its 8-byte header length")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > file_size - 8:
+            raise InvalidModelFile(f"{path.name} is truncated: its header claims {header_len} bytes")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidModelFile(f"{path.name} has an unreadable safetensors header: {exc}") from exc
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            info["shape"], info["dtype"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidModelFile(f"{path.name}: tensor '{name}' has a malformed header entry") from exc
+        if not 0 <= begin <= end or 8 + header_len + end > file_size:
+            raise InvalidModelFile(f"{path.name} is truncated: tensor '{name}' ends past the end of the file")
+    return header
+
+
+def describe_hf_folder(folder: Path) -> tuple[dict, dict]:
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise InvalidModelFile(f"{folder} is not a model folder: no config.json")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidModelFile(f"{config_path} is not valid JSON: {exc}") from exc
+    weight_files = sorted(folder.glob("*.safetensors"))
+    if not weight_files:
+        raise InvalidModelFile(f"{folder} has no *.safetensors weights")
+
+    n_params = 0
+    elements_by_dtype = Counter()
+    for weight_file in weight_files:
+        for info in read_safetensors_header(weight_file).values():
+            n_elements = 1
+            for dim in info["shape"]:
+                n_elements *= int(dim)
+            n_params += n_elements
+            elements_by_dtype[info["dtype"]] += n_elements
+
+    family = str(config.get("model_type") or "unknown")
+    model_info = {
+        "general.architecture": family,
+        "general.parameter_count": n_params,
+        f"{family}.context_length": config.get("max_position_embeddings"),
+        f"{family}.embedding_length": config.get("hidden_size"),
+        f"{family}.block_count": config.get("num_hidden_layers"),
+        f"{family}.attention.head_count": config.get("num_attention_heads"),
+    }
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        try:
+            model_info["tokenizer.chat_template"] = json.loads(tokenizer_config.read_text(encoding="utf-8")).get(
+                "chat_template")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidModelFile(f"{tokenizer_config} is not valid JSON: {exc}") from exc
+    model_info = {key: value for key, value in model_info.items() if value is not None}
+    details = {
+        "format": "safetensors",
+        "family": family,
+        "families": [family],
+        "parameter_size": human_count(n_params),
+        "quantization_level": elements_by_dtype.most_common(1)[0][0] if elements_by_dtype else "unknown",
+    }
+    return details, model_info

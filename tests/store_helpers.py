@@ -1,0 +1,54 @@
+"""Test helpers for the store: offline pip (find-links), fake wheels, tiny HF folders."""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+REAL_WHEELS = Path(os.environ.get("LOCALLLM_TEST_WHEELS", "/tmp/wheels"))
+
+
+def offline_pip(monkeypatch, *find_links: Path) -> None:
+    """Make ``pip download`` in subprocesses look only in ``find_links`` (no index, no network)."""
+    monkeypatch.setenv("PIP_FIND_LINKS", " ".join(str(p) for p in find_links))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+
+
+def make_wheel(directory: Path, distribution: str, version: str, members: dict[str, bytes]) -> Path:
+    """A minimal valid wheel ``<distribution>-<version>-py3-none-any.whl`` holding ``members``."""
+    project = distribution.replace("-", "_")
+    dist_info = f"{project}-{version}.dist-info"
+    files = dict(members)
+    files[f"{dist_info}/METADATA"] = f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n".encode()
+    files[f"{dist_info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: localllm-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    files[f"{dist_info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{dist_info}/RECORD"]).encode()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{project}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return path
+
+
+def write_tiny_bert_folder(folder: Path, hidden_size: int = 8, n_layers: int = 1) -> tuple[Path, int]:
+    """A tiny HF BERT-like folder (config.json, model.safetensors, tokenizer.json, 1_Pooling/config.json).
+
+    Returns (folder, parameter count)."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "bert", "hidden_size": hidden_size, "num_hidden_layers": n_layers,
+              "num_attention_heads": 2, "max_position_embeddings": 32}
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = {"embeddings.word_embeddings.weight": np.zeros((20, hidden_size), np.float32),
+               "encoder.layer.0.attention.self.query.weight": np.ones((hidden_size, hidden_size), np.float32),
+               "encoder.layer.0.attention.self.query.bias": np.ones(hidden_size, np.float32)}
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    return folder, sum(t.size for t in tensors.values())
