@@ -125,7 +125,14 @@ class Model:
 
     # -- text <-> tokens ---------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
-        """Token ids of ``text`` (BOS only if the model asks for it, special tokens parsed)."""
+        """Token ids of ``text`` (BOS only if the model asks for it, special tokens parsed).
+
+        A text that already starts with the BOS token (a chat template wrote it)
+        gets no second one.
+        """
+        bos = self.tokenizer.bos_token
+        if add_bos is None and bos and parse_special and text.startswith(bos):
+            add_bos = False
         return self.tokenizer.encode(text, add_bos=add_bos, parse_special=parse_special)
 
     def detokenize(self, ids) -> str:
