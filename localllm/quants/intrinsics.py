@@ -1,0 +1,300 @@
+"""SIMD values for numba: 256-bit vector types and the few instructions the kernels need.
+
+numba has no vector type, and LLVM does not find ``vpmaddubsw`` in plain loops
+over 32-element blocks. This module gives numba four value types that live in
+one AVX register each::
+
+    I8x32   32 x int8   (quantized weights as unsigned bytes, activations as signed)
+    I16x16  16 x int16  (per-16 sub-block scales)
+    I32x8    8 x int32  (integer dot products)
+    F32x8    8 x float32 (accumulators)
+
+and ``numba.extending.intrinsic`` functions over them that emit LLVM IR: loads
+at a byte offset of an array, nibble and bit unpacking, the AVX2 integer dot
+products (``llvm.x86.avx2.pmadd.ub.sw`` = ``vpmaddubsw``, ``pmadd.wd`` =
+``vpmaddwd``) and a fused multiply-add into float accumulators.
+
+Only ``dot_*`` use x86 instructions; everything else is generic LLVM IR that any
+target compiles (the portable kernels use ``load_u8`` and ``float32_from_bits``).
+Importing this module is safe anywhere: intrinsics are compiled only when a
+kernel that calls them is, and ``quants.kernels`` compiles the ``dot_*`` users
+only on CPUs with AVX2.
+
+Byte offsets are flat: ``offset`` counts bytes from the start of the array's
+data, so arrays passed here must be C-contiguous (the callers make sure).
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+_i8, _i16, _i32, _i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_f32 = ir.FloatType()
+
+
+class _VectorType(types.Type):
+    """A numba type whose LLVM representation is one vector register."""
+
+    llvm_type: ir.VectorType
+
+    def __init__(self):
+        super().__init__(name=self.__class__.__name__)
+
+
+class I8x32(_VectorType):
+    llvm_type = ir.VectorType(_i8, 32)
+
+
+class I16x16(_VectorType):
+    llvm_type = ir.VectorType(_i16, 16)
+
+
+class I32x8(_VectorType):
+    llvm_type = ir.VectorType(_i32, 8)
+
+
+class F32x8(_VectorType):
+    llvm_type = ir.VectorType(_f32, 8)
+
+
+i8x32, i16x16, i32x8, f32x8 = I8x32(), I16x16(), I32x8(), F32x8()
+
+
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, fe_type.llvm_type)
+
+
+for _cls in (I8x32, I16x16, I32x8, F32x8):
+    register_model(_cls)(_VectorModel)
+
+
+# --------------------------------------------------------------------------- IR helpers
+
+def _byte_pointer(context, builder, array_type, array, offset):
+    """``(uint8*) array.data + offset``."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.gep(builder.bitcast(data, _i8.as_pointer()), [offset])
+
+
+def _load(builder, pointer, llvm_type):
+    return builder.load(builder.bitcast(pointer, llvm_type.as_pointer()), align=1)
+
+
+def _call(builder, name, return_type, args):
+    function_type = ir.FunctionType(return_type, [a.type for a in args])
+    function = cgutils.get_or_insert_function(builder.module, function_type, name)
+    return builder.call(function, args)
+
+
+def _splat(builder, value, vector_type):
+    """A vector with every lane = ``value`` (already of the lane type)."""
+    undef = ir.Constant(vector_type, ir.Undefined)
+    one = builder.insert_element(undef, value, ir.Constant(_i32, 0))
+    mask = ir.Constant(ir.VectorType(_i32, vector_type.count), [0] * vector_type.count)
+    return builder.shuffle_vector(one, undef, mask)
+
+
+def _as_lane(builder, value, lane_type):
+    """Truncate or extend an integer argument to the lane width."""
+    if value.type.width > lane_type.width:
+        return builder.trunc(value, lane_type)
+    if value.type.width < lane_type.width:
+        return builder.sext(value, lane_type)
+    return value
+
+
+def _const_vector(llvm_type, value):
+    return ir.Constant(llvm_type, [value] * llvm_type.count)
+
+
+# --------------------------------------------------------------------------- loads
+
+@intrinsic
+def load_i8x32(typingctx, array, offset):
+    """32 bytes of ``array`` starting at byte ``offset``."""
+    def codegen(context, builder, sig, args):
+        return _load(builder, _byte_pointer(context, builder, sig.args[0], *args), I8x32.llvm_type)
+    return i8x32(array, offset), codegen
+
+
+@intrinsic
+def load_nibbles(typingctx, array, offset):
+    """16 bytes at ``offset`` -> 32 values: the 16 low nibbles, then the 16 high nibbles."""
+    def codegen(context, builder, sig, args):
+        v16 = ir.VectorType(_i8, 16)
+        packed = _load(builder, _byte_pointer(context, builder, sig.args[0], *args), v16)
+        low = builder.and_(packed, _const_vector(v16, 0x0F))
+        high = builder.lshr(packed, _const_vector(v16, 4))
+        return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_i32, 32), list(range(32))))
+    return i8x32(array, offset), codegen
+
+
+@intrinsic
+def load_f16(typingctx, array, offset):
+    """The IEEE half at byte ``offset`` as float32."""
+    def codegen(context, builder, sig, args):
+        half = _load(builder, _byte_pointer(context, builder, sig.args[0], *args), _i16)
+        return builder.fpext(builder.bitcast(half, ir.HalfType()), _f32)
+    return types.float32(array, offset), codegen
+
+
+@intrinsic
+def load_bits(typingctx, array, offset, value):
+    """The little-endian 32-bit mask at ``offset`` -> 32 bytes: byte j = ``value`` if bit j is set, else 0."""
+    def codegen(context, builder, sig, args):
+        v4 = ir.VectorType(_i8, 4)
+        v32 = I8x32.llvm_type
+        mask_bytes = _load(builder, _byte_pointer(context, builder, sig.args[0], args[0], args[1]), v4)
+        spread = builder.shuffle_vector(mask_bytes, ir.Constant(v4, ir.Undefined),
+                                        ir.Constant(ir.VectorType(_i32, 32), [j // 8 for j in range(32)]))
+        bit = builder.and_(spread, ir.Constant(v32, [1 << (j % 8) for j in range(32)]))
+        is_set = builder.icmp_unsigned("!=", bit, ir.Constant(v32, [0] * 32))
+        lane = _splat(builder, _as_lane(builder, args[2], _i8), v32)
+        return builder.select(is_set, lane, ir.Constant(v32, [0] * 32))
+    return i8x32(array, offset, value), codegen
+
+
+# --------------------------------------------------------------------------- byte arithmetic
+
+@intrinsic
+def shift_right_and(typingctx, v, shift, mask):
+    """``(v >> shift) & mask`` on unsigned bytes."""
+    def codegen(context, builder, sig, args):
+        v32 = I8x32.llvm_type
+        shift_v = _splat(builder, _as_lane(builder, args[1], _i8), v32)
+        mask_v = _splat(builder, _as_lane(builder, args[2], _i8), v32)
+        return builder.and_(builder.lshr(args[0], shift_v), mask_v)
+    return i8x32(v, shift, mask), codegen
+
+
+@intrinsic
+def or_shifted(typingctx, low, high, shift):
+    """``low | (high << shift)`` on bytes."""
+    def codegen(context, builder, sig, args):
+        v32 = I8x32.llvm_type
+        shift_v = _splat(builder, _as_lane(builder, args[2], _i8), v32)
+        return builder.or_(args[0], builder.shl(args[1], shift_v))
+    return i8x32(low, high, shift), codegen
+
+
+@intrinsic
+def scales_16(typingctx, low, high):
+    """An int16 scale vector: 8 lanes of ``low`` then 8 lanes of ``high``.
+
+    ``vpmaddwd`` with it weights the first 16 elements of a 32-block by ``low``
+    and the last 16 by ``high``.
+    """
+    def codegen(context, builder, sig, args):
+        v8 = ir.VectorType(_i16, 8)
+        lo = _splat(builder, _as_lane(builder, args[0], _i16), v8)
+        hi = _splat(builder, _as_lane(builder, args[1], _i16), v8)
+        return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, 16), list(range(16))))
+    return i16x16(low, high), codegen
+
+
+@intrinsic
+def ones_16(typingctx):
+    """int16 ones: ``vpmaddwd`` with it sums adjacent pairs."""
+    def codegen(context, builder, sig, args):
+        return _const_vector(I16x16.llvm_type, 1)
+    return i16x16(), codegen
+
+
+# --------------------------------------------------------------------------- dot products (x86)
+
+@intrinsic
+def dot_unsigned(typingctx, weights, activations, scales):
+    """Scaled integer dot: unsigned weight bytes x signed activation bytes.
+
+    ``vpmaddubsw`` multiplies byte pairs and adds adjacent products into int16
+    (exact while weights < 128), ``vpmaddwd`` multiplies those by ``scales``
+    and adds pairs into int32: lane i holds sum_{k<4} w[4i+k] * x[4i+k] * scale.
+    """
+    def codegen(context, builder, sig, args):
+        pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", I16x16.llvm_type, [args[0], args[1]])
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type, [pairs, args[2]])
+    return i32x8(weights, activations, scales), codegen
+
+
+@intrinsic
+def dot_signed(typingctx, weights, activations):
+    """Integer dot of signed weight bytes x signed activation bytes (|x| <= 127).
+
+    ``vpmaddubsw`` needs one unsigned operand: multiply |w| by x carrying w's
+    sign (``vpsignb``), as ggml does.
+    """
+    def codegen(context, builder, sig, args):
+        v32 = I8x32.llvm_type
+        magnitude = _call(builder, "llvm.abs.v32i8", v32, [args[0], ir.Constant(ir.IntType(1), 0)])
+        signed_x = _call(builder, "llvm.x86.avx2.psign.b", v32, [args[1], args[0]])
+        pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", I16x16.llvm_type, [magnitude, signed_x])
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type,
+                     [pairs, _const_vector(I16x16.llvm_type, 1)])
+    return i32x8(weights, activations), codegen
+
+
+# --------------------------------------------------------------------------- float accumulators
+
+@intrinsic
+def zeros_f32x8(typingctx):
+    def codegen(context, builder, sig, args):
+        return _const_vector(F32x8.llvm_type, 0.0)
+    return f32x8(), codegen
+
+
+@intrinsic
+def fma_int(typingctx, products, scale, accumulator):
+    """``accumulator + float(products) * scale`` lane-wise (scale a float32 scalar)."""
+    def codegen(context, builder, sig, args):
+        as_float = builder.sitofp(args[0], F32x8.llvm_type)
+        scale_v = _splat(builder, args[1], F32x8.llvm_type)
+        return _call(builder, "llvm.fma.v8f32", F32x8.llvm_type, [as_float, scale_v, args[2]])
+    return f32x8(products, types.float32, accumulator), codegen
+
+
+@intrinsic
+def horizontal_sum(typingctx, v):
+    """Sum of the 8 lanes (pairwise) as float32."""
+    def codegen(context, builder, sig, args):
+        value = args[0]
+        for width in (4, 2, 1):
+            low = builder.shuffle_vector(value, value, ir.Constant(ir.VectorType(_i32, width), list(range(width))))
+            high = builder.shuffle_vector(value, value,
+                                          ir.Constant(ir.VectorType(_i32, width), list(range(width, 2 * width))))
+            value = builder.fadd(low, high)
+        return builder.extract_element(value, ir.Constant(_i32, 0))
+    return types.float32(v), codegen
+
+
+# --------------------------------------------------------------------------- scalars (generic IR)
+
+@intrinsic
+def load_u8(typingctx, array, offset):
+    """The unsigned byte at ``offset``, as int64."""
+    def codegen(context, builder, sig, args):
+        byte = builder.load(_byte_pointer(context, builder, sig.args[0], *args))
+        return builder.zext(byte, _i64)
+    return types.int64(array, offset), codegen
+
+
+@intrinsic
+def load_i8(typingctx, array, offset):
+    """The signed byte at ``offset``, as int64."""
+    def codegen(context, builder, sig, args):
+        byte = builder.load(_byte_pointer(context, builder, sig.args[0], *args))
+        return builder.sext(byte, _i64)
+    return types.int64(array, offset), codegen
+
+
+@intrinsic
+def float32_from_bits(typingctx, bits):
+    """Reinterpret the low 32 bits of an integer as a float32."""
+    def codegen(context, builder, sig, args):
+        bits = args[0]
+        bits = builder.trunc(bits, _i32) if bits.type.width > 32 else builder.zext(bits, _i32) \
+            if bits.type.width < 32 else bits
+        return builder.bitcast(bits, _f32)
+    return types.float32(bits), codegen

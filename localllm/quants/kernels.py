@@ -1,0 +1,193 @@
+"""Fast path for quantized tensors: numba kernels, same names and results as ``quants.ref``.
+
+``matmul(w, x)`` multiplies by a weight matrix in its file format: activations
+are quantized to int8 per 32 values (one float scale each, as llama.cpp does
+with Q8_0/Q8_1), dotted with the weights in integers and scaled once per
+block. The ``(n, cols)`` activations are handled inside one kernel, so each
+weight block is read once for the whole batch (prefill, batched decode).
+
+Two implementations, chosen at import:
+
+* ``avx2``: ``quants.kernels_avx2`` (``vpmaddubsw``/``vpmaddwd`` through
+  ``quants.intrinsics``), on x86-64 CPUs with AVX2, FMA and F16C;
+* ``portable``: ``quants.portable``, plain numba, for every other CPU (ARM).
+
+``LOCALLLM_KERNELS=avx2|portable|auto`` overrides the choice (tests run both);
+``KERNELS`` says which one is in use. Threads: the numba ``omp`` threading
+layer is preferred (about 2 us a parallel launch against about 40 us for
+``workqueue``) unless ``NUMBA_THREADING_LAYER`` is set; ``NUMBA_NUM_THREADS``
+sets the thread count. ``threading_layer()`` reports the layer in use.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Sequence
+
+import numpy as np
+import numba
+from numba import njit, prange
+
+from . import GGML_BLOCK_SIZES, QTensor, UnsupportedTensorType
+from . import portable
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+
+
+def cpu_has_avx2() -> bool:
+    """True on x86-64 CPUs with AVX2, FMA and F16C (what ``kernels_avx2`` needs)."""
+    import llvmlite.binding as llvm
+    features = llvm.get_host_cpu_features()
+    return all(features.get(name, False) for name in ("avx2", "fma", "f16c"))
+
+
+def _choose_kernels() -> str:
+    choice = os.environ.get("LOCALLLM_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in ("auto", "avx2", "portable"):
+        raise ValueError(f"LOCALLLM_KERNELS must be 'auto', 'avx2' or 'portable', got {choice!r}")
+    if choice == "auto":
+        return "avx2" if cpu_has_avx2() else "portable"
+    if choice == "avx2" and not cpu_has_avx2():
+        raise RuntimeError("LOCALLLM_KERNELS=avx2 but this CPU lacks AVX2, FMA or F16C")
+    return choice
+
+
+KERNELS = _choose_kernels()
+
+# implementation name -> {ggml type -> parallel kernel (ws, x, outs)}
+_MATMULS = {"portable": {**portable.MATMULS, **portable.FLOAT_MATMULS}}
+if KERNELS == "avx2" or cpu_has_avx2():
+    from . import kernels_avx2
+    _MATMULS["avx2"] = {**kernels_avx2.MATMULS, **portable.FLOAT_MATMULS}
+AVAILABLE_KERNELS = tuple(_MATMULS)
+
+
+@njit(parallel=True, cache=True)
+def _touch_threads(values):
+    total = 0.0
+    for i in prange(values.shape[0]):
+        total += values[i]
+    return total
+
+
+def threading_layer() -> str:
+    """The numba threading layer that runs the parallel kernels ('omp', 'tbb' or 'workqueue')."""
+    _touch_threads(np.ones(4))
+    return numba.threading_layer()
+
+
+# --------------------------------------------------------------------------- weights as the kernels take them
+
+_kernel_views: "weakref.WeakKeyDictionary[QTensor, np.ndarray]" = weakref.WeakKeyDictionary()
+
+
+def _kernel_view(w: QTensor) -> np.ndarray:
+    """``w.data`` as a read-only C-contiguous 2-D array: uint8 (rows, row_bytes) for quantized
+    types, float32 (rows, cols) for F32, uint16 bits (rows, cols) for F16 and BF16."""
+    view = _kernel_views.get(w)
+    if view is not None:
+        return view
+    if w.ggml_type not in GGML_BLOCK_SIZES:
+        raise UnsupportedTensorType(w.ggml_type, w.name)
+    block_elems, block_bytes = GGML_BLOCK_SIZES[w.ggml_type]
+    rows, cols = w.rows, w.cols
+    dtype = {"F32": np.float32, "F16": np.float16}.get(w.ggml_type, np.uint8)
+    items = cols if w.ggml_type in ("F32", "F16") else cols // block_elems * block_bytes
+    data = np.asarray(w.data)
+    if data.dtype != dtype or data.size != rows * items:
+        raise ValueError(
+            f"tensor '{w.name}': {w.ggml_type} data of shape {w.shape} must be {np.dtype(dtype).name} "
+            f"with {rows}x{items} items, got {data.dtype} {data.shape}")
+    view = np.ascontiguousarray(data.view(np.ndarray)).reshape(rows, items)
+    if w.ggml_type in ("F16", "BF16"):
+        view = view.view(np.uint16)
+    view = view.view()
+    view.flags.writeable = False
+    _kernel_views[w] = view
+    return view
+
+
+def _activations(x, cols: int, what: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != cols:
+        raise ValueError(f"matmul with {what}: x must be (n, {cols}), got {x.shape}")
+    if not (x.flags.c_contiguous and x.flags.writeable):
+        x = np.array(x, dtype=np.float32, order="C")
+    return x
+
+
+def _kernel_for(w: QTensor, kernels: str | None):
+    table = _MATMULS.get(kernels or KERNELS)
+    if table is None:
+        raise ValueError(f"kernels must be one of {AVAILABLE_KERNELS} on this CPU, got {kernels!r}")
+    kernel = table.get(w.ggml_type)
+    if kernel is None:
+        raise UnsupportedTensorType(w.ggml_type, w.name)
+    return kernel
+
+
+# --------------------------------------------------------------------------- public API
+
+def matmul(w: QTensor, x: np.ndarray, *, kernels: str | None = None) -> np.ndarray:
+    """``x @ dequantize(w).T``: x float32 ``(n, cols)`` -> ``(n, rows)`` (x ``(cols,)`` -> ``(rows,)``).
+
+    Quantized types use int8 activations (one scale per 32 values): results
+    differ from ``quants.ref.matmul`` by that rounding, at most
+    ``sum_k |W[r, k]| * scale_k / 2``, about 0.5% of a typical output.
+    F32, F16 and BF16 keep float activations. ``kernels`` picks an
+    implementation from ``AVAILABLE_KERNELS`` (default ``KERNELS``).
+    """
+    if np.ndim(x) == 1:
+        return matmul(w, np.asarray(x)[None, :], kernels=kernels)[0]
+    if len(w.shape) != 2:
+        raise ValueError(f"matmul needs a 2-D weight, '{w.name}' has shape {w.shape}")
+    x = _activations(x, w.cols, f"'{w.name}' {w.shape}")
+    out = np.empty((x.shape[0], w.rows), dtype=np.float32)  # (n, rows)
+    _kernel_for(w, kernels)((_kernel_view(w),), x, (out,))
+    return out
+
+
+def matmul_many(ws: Sequence[QTensor], x: np.ndarray, *, kernels: str | None = None) -> list[np.ndarray]:
+    """``[matmul(w, x) for w in ws]`` in one parallel launch (e.g. Q/K/V, or gate/up).
+
+    All ``ws`` must share their ggml type and their number of columns.
+    """
+    ws = list(ws)
+    if not ws:
+        raise ValueError("matmul_many needs at least one weight")
+    first = ws[0]
+    for w in ws:
+        if len(w.shape) != 2:
+            raise ValueError(f"matmul needs a 2-D weight, '{w.name}' has shape {w.shape}")
+        if w.ggml_type != first.ggml_type or w.cols != first.cols:
+            raise ValueError(f"matmul_many: '{w.name}' ({w.ggml_type}, {w.cols} columns) does not match "
+                             f"'{first.name}' ({first.ggml_type}, {first.cols} columns)")
+    squeeze = np.ndim(x) == 1
+    x = _activations(np.asarray(x)[None, :] if squeeze else x, first.cols, f"'{first.name}' {first.shape}")
+    outs = tuple(np.empty((x.shape[0], w.rows), dtype=np.float32) for w in ws)
+    _kernel_for(first, kernels)(tuple(_kernel_view(w) for w in ws), x, outs)
+    return [out[0] for out in outs] if squeeze else list(outs)
+
+
+def embedding_rows(w: QTensor, token_ids) -> np.ndarray:
+    """Embedding lookup: rows ``token_ids`` of ``w`` as float32 ``(*token_ids.shape, cols)``."""
+    view = _kernel_view(w)
+    ids = np.asarray(token_ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"token_ids for '{w.name}' must be integers, got {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= w.rows):
+        raise IndexError(f"token_ids for '{w.name}' must lie in 0:{w.rows}, got {ids.min()}..{ids.max()}")
+    flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+    out = np.empty((flat.shape[0], w.cols), dtype=np.float32)
+    code = portable.TYPE_CODES[w.ggml_type]
+    if w.ggml_type in portable.FLOAT_MATMULS:
+        portable.embedding_float(code, view, flat, out)
+    else:
+        portable.embedding_quantized(code, view, flat, out)
+    return out.reshape(*ids.shape, w.cols)
+
+
+def dequantize(t: QTensor) -> np.ndarray:
+    """The whole tensor as float32 of shape ``t.shape``."""
+    return embedding_rows(t, np.arange(t.rows)).reshape(t.shape)

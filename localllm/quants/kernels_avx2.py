@@ -1,0 +1,294 @@
+"""AVX2 matmul kernels for the quantized ggml types (x86-64 with AVX2, F16C and FMA).
+
+Same form as ``quants.portable`` (read its docstring): a decoder turns the
+32-element block ``b`` of a weight row into 32 small integers and
+``(d, scale_0, scale_1, offset_0, offset_1)``, here as one ``I8x32`` register
+plus an ``I16x16`` register of the two per-16 scales. The dot product with the
+int8 activations is ``vpmaddubsw`` + ``vpmaddwd`` (``intrinsics.dot_unsigned``;
+Q8_0 weights are signed and use ``dot_signed``), scaled once per block into
+eight float lanes with one FMA.
+
+The row kernel takes four activation rows at a time, so every weight block is
+read and unpacked once for four tokens (prefill and batched decode), and the
+remaining rows one by one.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .intrinsics import (dot_signed, dot_unsigned, fma_int, horizontal_sum, load_bits, load_f16, load_i8,
+                         load_i8x32, load_nibbles, load_u8, ones_16, or_shifted, scales_16, shift_right_and,
+                         zeros_f32x8)
+from .portable import BLOCK, quantize_activations, row_tasks
+
+ROWS_PER_TASK = 4
+
+_ZERO = np.float32(0.0)
+
+
+# --------------------------------------------------------------------------- decoders (32-element blocks)
+# decode(w, row, b) with ``row`` the flat byte offset of the weight row.
+
+@njit(cache=True)
+def decode_Q4_0(w, row, b):
+    o = row + b * 18
+    d = load_f16(w, o)
+    return load_nibbles(w, o + 2), ones_16(), d, np.float32(-8.0) * d, np.float32(-8.0) * d
+
+
+@njit(cache=True)
+def decode_Q4_1(w, row, b):
+    o = row + b * 20
+    m = load_f16(w, o + 2)
+    return load_nibbles(w, o + 4), ones_16(), load_f16(w, o), m, m
+
+
+@njit(cache=True)
+def decode_Q5_0(w, row, b):
+    o = row + b * 22
+    d = load_f16(w, o)
+    q = or_shifted(load_nibbles(w, o + 6), load_bits(w, o + 2, 16), 0)
+    return q, ones_16(), d, np.float32(-16.0) * d, np.float32(-16.0) * d
+
+
+@njit(cache=True)
+def decode_Q5_1(w, row, b):
+    o = row + b * 24
+    m = load_f16(w, o + 2)
+    q = or_shifted(load_nibbles(w, o + 8), load_bits(w, o + 4, 16), 0)
+    return q, ones_16(), load_f16(w, o), m, m
+
+
+@njit(cache=True)
+def decode_Q8_0(w, row, b):
+    o = row + b * 34
+    return load_i8x32(w, o + 2), ones_16(), load_f16(w, o), _ZERO, _ZERO
+
+
+# --------------------------------------------------------------------------- decoders (K super-blocks)
+# The 32-block b lies in super-block b // 8 (at byte o) as its sub-block s = b % 8.
+
+@njit(cache=True)
+def decode_Q2_K(w, row, b):
+    o, s = row + (b >> 3) * 84, b & 7
+    q = shift_right_and(load_i8x32(w, o + 16 + 32 * (s >> 2)), 2 * (s & 3), 3)
+    packed0, packed1 = load_u8(w, o + 2 * s), load_u8(w, o + 2 * s + 1)
+    dmin = load_f16(w, o + 82)
+    return (q, scales_16(packed0 & 0x0F, packed1 & 0x0F), load_f16(w, o + 80),
+            -dmin * np.float32(packed0 >> 4), -dmin * np.float32(packed1 >> 4))
+
+
+@njit(cache=True, inline="always")
+def _q3_k_scale(w, o, i):
+    """Six-bit scale of 16-sub-block i of the Q3_K block at o, bias removed (-32..31)."""
+    low = (load_u8(w, o + 96 + i) & 0x0F) if i < 8 else (load_u8(w, o + 88 + i) >> 4)
+    high = (load_u8(w, o + 104 + (i & 3)) >> (2 * (i >> 2))) & 3
+    return (low | (high << 4)) - 32
+
+
+@njit(cache=True)
+def decode_Q3_K(w, row, b):
+    o, s = row + (b >> 3) * 110, b & 7
+    low = shift_right_and(load_i8x32(w, o + 32 + 32 * (s >> 2)), 2 * (s & 3), 3)
+    high = shift_right_and(load_i8x32(w, o), s, 1)
+    scale0, scale1 = _q3_k_scale(w, o, 2 * s), _q3_k_scale(w, o, 2 * s + 1)
+    d = load_f16(w, o + 108)
+    return (or_shifted(low, high, 2), scales_16(scale0, scale1), d,
+            np.float32(-4 * scale0) * d, np.float32(-4 * scale1) * d)
+
+
+@njit(cache=True, inline="always")
+def _k4_scale_min(w, o, s):
+    """Q4_K / Q5_K: six-bit scale and min of sub-block s from the 12 bytes at o + 4."""
+    p = o + 4
+    if s < 4:
+        return load_u8(w, p + s) & 63, load_u8(w, p + s + 4) & 63
+    scale = (load_u8(w, p + s + 4) & 0x0F) | ((load_u8(w, p + s - 4) >> 6) << 4)
+    minimum = (load_u8(w, p + s + 4) >> 4) | ((load_u8(w, p + s) >> 6) << 4)
+    return scale, minimum
+
+
+@njit(cache=True)
+def decode_Q4_K(w, row, b):
+    o, s = row + (b >> 3) * 144, b & 7
+    q = shift_right_and(load_i8x32(w, o + 16 + 32 * (s >> 1)), 4 * (s & 1), 0x0F)
+    scale, minimum = _k4_scale_min(w, o, s)
+    m = -load_f16(w, o + 2) * np.float32(minimum)
+    return q, ones_16(), load_f16(w, o) * np.float32(scale), m, m
+
+
+@njit(cache=True)
+def decode_Q5_K(w, row, b):
+    o, s = row + (b >> 3) * 176, b & 7
+    low = shift_right_and(load_i8x32(w, o + 48 + 32 * (s >> 1)), 4 * (s & 1), 0x0F)
+    high = shift_right_and(load_i8x32(w, o + 16), s, 1)
+    scale, minimum = _k4_scale_min(w, o, s)
+    m = -load_f16(w, o + 2) * np.float32(minimum)
+    return or_shifted(low, high, 4), ones_16(), load_f16(w, o) * np.float32(scale), m, m
+
+
+@njit(cache=True)
+def decode_Q6_K(w, row, b):
+    o, s = row + (b >> 3) * 210, b & 7
+    half, k = s >> 2, s & 3
+    low = shift_right_and(load_i8x32(w, o + 64 * half + 32 * (k & 1)), 4 * (k >> 1), 0x0F)
+    high = shift_right_and(load_i8x32(w, o + 128 + 32 * half), 2 * k, 3)
+    scale0, scale1 = load_i8(w, o + 192 + 2 * s), load_i8(w, o + 193 + 2 * s)
+    d = load_f16(w, o + 208)
+    return (or_shifted(low, high, 4), scales_16(scale0, scale1), d,
+            np.float32(-32 * scale0) * d, np.float32(-32 * scale1) * d)
+
+
+@njit(cache=True, inline="always")
+def _dot_Q8_0(q, x, scales):
+    return dot_signed(q, x)
+
+
+# --------------------------------------------------------------------------- row kernels
+
+def make_rows_task(decode, dot):
+    """``rows_task(w, r_start, xq, xd, xds16, out)``: ``out[:, r] = x @ W[r]`` for
+    ROWS_PER_TASK weight rows from ``r_start``; four activation rows at a time."""
+
+    @njit(fastmath=True)
+    def rows_task(w, r_start, xq, xd, xds16, out):
+        n, cols = xq.shape
+        n_blocks = cols // BLOCK
+        for r in range(r_start, min(r_start + ROWS_PER_TASK, w.shape[0])):
+            row = r * w.shape[1]
+            j = 0
+            while j + 4 <= n:
+                acc0, acc1, acc2, acc3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
+                sum0, sum1, sum2, sum3 = _ZERO, _ZERO, _ZERO, _ZERO
+                x0 = j * cols
+                for b in range(n_blocks):
+                    q, scales, d, offset0, offset1 = decode(w, row, b)
+                    xo = x0 + b * BLOCK
+                    acc0 = fma_int(dot(q, load_i8x32(xq, xo), scales), d * xd[j, b], acc0)
+                    acc1 = fma_int(dot(q, load_i8x32(xq, xo + cols), scales), d * xd[j + 1, b], acc1)
+                    acc2 = fma_int(dot(q, load_i8x32(xq, xo + 2 * cols), scales), d * xd[j + 2, b], acc2)
+                    acc3 = fma_int(dot(q, load_i8x32(xq, xo + 3 * cols), scales), d * xd[j + 3, b], acc3)
+                    sum0 += offset0 * xds16[j, 2 * b] + offset1 * xds16[j, 2 * b + 1]
+                    sum1 += offset0 * xds16[j + 1, 2 * b] + offset1 * xds16[j + 1, 2 * b + 1]
+                    sum2 += offset0 * xds16[j + 2, 2 * b] + offset1 * xds16[j + 2, 2 * b + 1]
+                    sum3 += offset0 * xds16[j + 3, 2 * b] + offset1 * xds16[j + 3, 2 * b + 1]
+                out[j, r] = horizontal_sum(acc0) + sum0
+                out[j + 1, r] = horizontal_sum(acc1) + sum1
+                out[j + 2, r] = horizontal_sum(acc2) + sum2
+                out[j + 3, r] = horizontal_sum(acc3) + sum3
+                j += 4
+            while j < n:
+                acc = zeros_f32x8()
+                total = _ZERO
+                x0 = j * cols
+                for b in range(n_blocks):
+                    q, scales, d, offset0, offset1 = decode(w, row, b)
+                    acc = fma_int(dot(q, load_i8x32(xq, x0 + b * BLOCK), scales), d * xd[j, b], acc)
+                    total += offset0 * xds16[j, 2 * b] + offset1 * xds16[j, 2 * b + 1]
+                out[j, r] = horizontal_sum(acc) + total
+                j += 1
+
+    return rows_task
+
+
+_rows_Q4_0 = make_rows_task(decode_Q4_0, dot_unsigned)
+_rows_Q4_1 = make_rows_task(decode_Q4_1, dot_unsigned)
+_rows_Q5_0 = make_rows_task(decode_Q5_0, dot_unsigned)
+_rows_Q5_1 = make_rows_task(decode_Q5_1, dot_unsigned)
+_rows_Q8_0 = make_rows_task(decode_Q8_0, _dot_Q8_0)
+_rows_Q2_K = make_rows_task(decode_Q2_K, dot_unsigned)
+_rows_Q3_K = make_rows_task(decode_Q3_K, dot_unsigned)
+_rows_Q4_K = make_rows_task(decode_Q4_K, dot_unsigned)
+_rows_Q5_K = make_rows_task(decode_Q5_K, dot_unsigned)
+_rows_Q6_K = make_rows_task(decode_Q6_K, dot_unsigned)
+
+# One parallel entry per type (module-level, so that each has its own cache entry):
+# ws a tuple of uint8 (rows_m, row_bytes) matrices, x float32 (n, cols), outs float32 (n, rows_m).
+
+
+@njit(parallel=True, cache=True)
+def matmul_Q4_0(ws, x, outs):
+    xq, xd, xds16 = quantize_activations(x)
+    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
+    for t in prange(task_row.shape[0]):
+        _rows_Q4_0(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+
+
+@njit(parallel=True, cache=True)
+def matmul_Q4_1(ws, x, outs):
+    xq, xd, xds16 = quantize_activations(x)
+    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
+    for t in prange(task_row.shape[0]):
+        _rows_Q4_1(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+
+
+@njit(parallel=True, cache=True)
+def matmul_Q5_0(ws, x, outs):
+    xq, xd, xds16 = quantize_activations(x)
+    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
+    for t in prange(task_row.shape[0]):
+        _rows_Q5_0(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+
+
+@njit(parallel=True, cache=True)
+def matmul_Q5_1(ws, x, outs):
+    xq, xd, xds16 = quantize_activations(x)
+    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
+    for t in prange(task_row.shape[0]):
+        _rows_Q5_1(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+
+
+@njit(parallel=True, cache=True)
+def matmul_Q8_0(ws, x, outs):
+    xq, xd, xds16 = quantize_activations(x)
+    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
+    for t in prange(task_row.shape[0]):
+        _rows_Q8_0(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+
+
+@njit(parallel=True, cache=True)
+def matmul_Q2_K(ws, x, outs):
+    xq, xd, xds16 = quantize_activations(x)
+    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
+    for t in prange(task_row.shape[0]):
+        _rows_Q2_K(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+
+
+@njit(parallel=True, cache=True)
+def matmul_Q3_K(ws, x, outs):
+    xq, xd, xds16 = quantize_activations(x)
+    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
+    for t in prange(task_row.shape[0]):
+        _rows_Q3_K(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+
+
+@njit(parallel=True, cache=True)
+def matmul_Q4_K(ws, x, outs):
+    xq, xd, xds16 = quantize_activations(x)
+    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
+    for t in prange(task_row.shape[0]):
+        _rows_Q4_K(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+
+
+@njit(parallel=True, cache=True)
+def matmul_Q5_K(ws, x, outs):
+    xq, xd, xds16 = quantize_activations(x)
+    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
+    for t in prange(task_row.shape[0]):
+        _rows_Q5_K(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+
+
+@njit(parallel=True, cache=True)
+def matmul_Q6_K(ws, x, outs):
+    xq, xd, xds16 = quantize_activations(x)
+    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
+    for t in prange(task_row.shape[0]):
+        _rows_Q6_K(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+
+
+MATMULS = {
+    "Q4_0": matmul_Q4_0, "Q4_1": matmul_Q4_1, "Q5_0": matmul_Q5_0, "Q5_1": matmul_Q5_1,
+    "Q8_0": matmul_Q8_0, "Q2_K": matmul_Q2_K, "Q3_K": matmul_Q3_K, "Q4_K": matmul_Q4_K,
+    "Q5_K": matmul_Q5_K, "Q6_K": matmul_Q6_K,
+}
