@@ -1,0 +1,442 @@
+"""The ``localllm`` command: ``serve | run | pull | list | show | cp | rm | create | ps | stop``.
+
+Mirrors the ``ollama`` CLI. Errors print one line (``Error: ...``) to stderr and exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+from .download import TqdmPullProgress
+from .model_info import InvalidModelFile
+from .modelfile import (LIST_PARAMETERS, ModelfileError, create_model, format_parameters, parse_modelfile,
+                        parse_parameter, render_modelfile)
+from .store import InvalidModelName, ModelNotFound, ModelStore, PullError
+
+CHAT_HELP = """Available commands:
+  /set parameter NAME VALUE   set a generation option (temperature, top_k, top_p, min_p, num_ctx,
+                              seed, num_predict, repeat_penalty, repeat_last_n, stop WORD...)
+  /set system TEXT            set the system message
+  /show parameters            show the options set in this session
+  /clear                      forget the conversation so far
+  /bye                        exit
+  /?, /help                   this help
+Use \"\"\" to begin and end a multi-line message."""
+
+
+class CLIError(Exception):
+    """A failure to report as one line, exit status 1."""
+
+
+CLEAN_ERRORS = (CLIError, ModelNotFound, InvalidModelName, InvalidModelFile, PullError, ModelfileError,
+                FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.handler(args) or 0
+    except CLEAN_ERRORS as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="localllm", description="Run language models locally.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, handler, help: str, aliases=()):
+        sub = commands.add_parser(name, help=help, description=help, aliases=list(aliases))
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("serve", cmd_serve,
+            "start the OpenAI- and Ollama-compatible server (LOCALLLM_HOST, default 127.0.0.1:11434)")
+    run = command("run", cmd_run, "chat with a model (pulled first when missing)")
+    run.add_argument("model")
+    run.add_argument("prompt", nargs="*", help="a one-shot prompt; without it, an interactive chat")
+    pull = command("pull", cmd_pull, "fetch a model into the store")
+    pull.add_argument("model")
+    command("list", cmd_list, "list stored models", aliases=["ls"])
+    show = command("show", cmd_show, "show a model's details")
+    show.add_argument("model")
+    for flag in ("modelfile", "parameters", "template", "system", "license"):
+        show.add_argument(f"--{flag}", action="store_true", help=f"print only the {flag}")
+    cp = command("cp", cmd_cp, "copy a model under another name (an alias sharing its files)")
+    cp.add_argument("source")
+    cp.add_argument("destination")
+    rm = command("rm", cmd_rm, "remove models")
+    rm.add_argument("models", nargs="+")
+    create = command("create", cmd_create, "create a model from a Modelfile")
+    create.add_argument("model")
+    create.add_argument("-f", "--file", default="Modelfile", help="the Modelfile (default: ./Modelfile)")
+    command("ps", cmd_ps, "list models loaded by the running server")
+    stop = command("stop", cmd_stop, "unload a model from the running server")
+    stop.add_argument("model")
+    return parser
+
+
+# ---- store commands ----------------------------------------------------------------------------------
+
+def cmd_pull(args) -> int:
+    progress = TqdmPullProgress(file=sys.stderr)
+    try:
+        ModelStore().pull(args.model, progress=progress)
+    finally:
+        progress.close()
+    return 0
+
+
+def cmd_list(args) -> int:
+    rows = [(e.name, short_id(e.digest), human_bytes(e.size), human_time(e.modified_at)) for e in ModelStore().list()]
+    print(format_table(("NAME", "ID", "SIZE", "MODIFIED"), rows))
+    return 0
+
+
+def cmd_show(args) -> int:
+    entry = ModelStore().get(args.model)
+    if args.modelfile:
+        print(render_modelfile(entry), end="")
+    elif args.parameters:
+        print(format_parameters(entry.parameters))
+    elif args.template:
+        print(entry.chat_template or "")
+    elif args.system:
+        print(entry.system or "")
+    elif args.license:
+        print(entry.license or "")
+    else:
+        print(describe_entry(entry))
+    return 0
+
+
+def cmd_cp(args) -> int:
+    ModelStore().copy(args.source, args.destination)
+    print(f"copied '{args.source}' to '{args.destination}'")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    store, status = ModelStore(), 0
+    for name in args.models:
+        try:
+            store.delete(name)
+            print(f"deleted '{name}'")
+        except (ModelNotFound, InvalidModelName) as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def cmd_create(args) -> int:
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CLIError(f"cannot read Modelfile {path}: {exc.strerror}") from None
+    print("parsing modelfile", file=sys.stderr)
+    modelfile = parse_modelfile(text)
+    progress = TqdmPullProgress(file=sys.stderr)
+    try:
+        create_model(ModelStore(), args.model, modelfile, base_dir=path.parent, progress=progress)
+    finally:
+        progress.close()
+    return 0
+
+
+# ---- run: one-shot and interactive chat ----------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    progress = TqdmPullProgress(file=sys.stderr)
+    try:
+        entry = ModelStore().ensure(args.model, progress=progress)
+    finally:
+        progress.close()
+    import localllm
+
+    model = localllm.load(entry)
+    if not hasattr(model, "chat"):
+        raise CLIError(f"model '{entry.name}' is an embedding model and does not support chat")
+    prompt = " ".join(args.prompt)
+    if not prompt and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if prompt:
+        try:
+            stream_reply(model, [{"role": "user", "content": prompt}], {}, sys.stdout)
+        except ValueError as exc:  # the library's precise messages (context exceeded, bad option)
+            raise CLIError(str(exc)) from None
+        return 0
+    ChatSession(model).loop()
+    return 0
+
+
+def stream_reply(model, messages: list[dict], options: dict, out) -> str:
+    """Print the model's reply as it streams; returns the whole reply."""
+    pieces = []
+    for piece in model.chat(messages, stream=True, **options):
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return "".join(pieces)
+
+
+class ChatSession:
+    """An interactive chat that keeps the conversation; ``/?`` lists the commands."""
+
+    def __init__(self, model, input_fn=input, out=None, err=None):
+        self.model = model
+        self.input = input_fn
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.messages: list[dict] = []
+        self.options: dict = {}
+        self.system: str | None = None
+
+    def loop(self) -> None:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        while True:
+            try:
+                line = self.read_message()
+            except EOFError:
+                self.out.write("\n")
+                return
+            except KeyboardInterrupt:
+                self.out.write("\nUse Ctrl + d or /bye to exit.\n")
+                continue
+            if line is None:
+                return
+            if line.strip():
+                self.handle(line)
+
+    def read_message(self) -> str | None:
+        """The next message (multi-line between triple quotes), or None after ``/bye``."""
+        line = self.input(">>> ")
+        if line.strip() == "/bye":
+            return None
+        if line.lstrip().startswith('"""'):
+            text = line.lstrip()[3:]
+            while not text.rstrip().endswith('"""'):
+                text += "\n" + self.input("... ")
+            return text.rstrip()[:-3]
+        return line
+
+    def handle(self, line: str) -> None:
+        """One user line: a slash command, or a message to answer."""
+        if line.startswith("/"):
+            self.command(line)
+            return
+        history = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        history.append({"role": "user", "content": line})
+        try:
+            reply = stream_reply(self.model, history, self.options, self.out)
+        except KeyboardInterrupt:
+            self.out.write("\n")
+            return
+        except ValueError as exc:
+            print(f"Error: {exc}", file=self.err)
+            return
+        self.messages += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
+        self.out.write("\n")
+
+    def command(self, line: str) -> None:
+        words = line.split()
+        if words[0] in ("/?", "/help"):
+            print(CHAT_HELP, file=self.out)
+        elif words[0] == "/clear":
+            self.messages = []
+            print("Cleared session context", file=self.out)
+        elif words[:2] == ["/set", "parameter"] and len(words) >= 4:
+            self.set_parameter(words[2], words[3:])
+        elif words[:2] == ["/set", "system"] and len(words) >= 3:
+            self.system = line.split(None, 2)[2]
+            print("Set system message.", file=self.out)
+        elif words[:2] == ["/show", "parameters"]:
+            print(format_parameters(self.options) or "No parameters set.", file=self.out)
+        else:
+            print(f"Unknown command '{line}'. Type /? for help", file=self.out)
+
+    def set_parameter(self, name: str, values: list[str]) -> None:
+        try:
+            if name in LIST_PARAMETERS:
+                value = [parse_parameter(name, v) for v in values]
+            else:
+                value = parse_parameter(name, " ".join(values))
+        except ModelfileError as exc:
+            print(f"Error: {exc}", file=self.err)
+            return
+        self.options[name] = value
+        print(f"Set parameter '{name}' to '{', '.join(map(str, value)) if isinstance(value, list) else value}'",
+              file=self.out)
+
+
+# ---- server commands ---------------------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    if not module_exists("localllm_server.app"):
+        return not_available("serve")
+    import waitress
+    from localllm.engine import Engine
+    from localllm_server.app import Settings, create_app
+
+    settings = Settings.from_env()
+    engine = Engine()
+    print(f"localllm listening on http://{settings.host}:{settings.port}", file=sys.stderr)
+    try:
+        waitress.serve(create_app(engine, settings), host=settings.host, port=settings.port, threads=settings.threads)
+    finally:
+        engine.close()
+    return 0
+
+
+def cmd_ps(args) -> int:
+    if not module_exists("localllm_server.app"):
+        return not_available("ps")
+    rows = []
+    for model in server_request("GET", "/api/ps").get("models") or []:
+        until = model.get("expires_at")
+        rows.append((model["name"], short_id(model.get("digest", "")), human_bytes(model.get("size", 0)),
+                     human_until(datetime.fromisoformat(until)) if until else ""))
+    print(format_table(("NAME", "ID", "SIZE", "UNTIL"), rows))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    if not module_exists("localllm_server.app"):
+        return not_available("stop")
+    server_request("POST", "/api/generate", {"model": args.model, "keep_alive": 0})
+    return 0
+
+
+def module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def not_available(command: str) -> int:
+    print(f"localllm {command}: not available yet", file=sys.stderr)
+    return 2
+
+
+def server_url() -> str:
+    from localllm_server.app import parse_host
+
+    host, port = parse_host(os.environ.get("LOCALLLM_HOST", ""))
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def server_request(method: str, path: str, body: dict | None = None) -> dict:
+    """JSON from the running server; a CLIError naming the address when it is not reachable."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(server_url() + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    api_key = os.environ.get("LOCALLLM_API_KEY")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            text = response.read().decode("utf-8").strip().splitlines()
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error")
+        except ValueError:
+            message = None
+        raise CLIError(message if isinstance(message, str) else f"HTTP {exc.code} from {server_url()}") from None
+    except urllib.error.URLError as exc:
+        raise CLIError(f"could not connect to localllm at {server_url()} ({exc.reason}); "
+                       f"is `localllm serve` running?") from None
+    return json.loads(text[-1]) if text else {}
+
+
+# ---- formatting --------------------------------------------------------------------------------------
+
+def short_id(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12]
+
+
+def human_bytes(size: int) -> str:
+    """Sizes as ollama prints them: 98362432 -> '98 MB', 1500 -> '1.5 KB'."""
+    for unit, scale in (("GB", 1000 ** 3), ("MB", 1000 ** 2), ("KB", 1000)):
+        if size >= scale:
+            value = size / scale
+            return f"{int(value)} {unit}" if value >= 10 or value == int(value) else f"{value:.1f} {unit}"
+    return f"{size} B"
+
+
+def human_time(when: datetime, now: datetime | None = None) -> str:
+    """'Less than a second ago', 'About a minute ago', '3 hours ago', '2 weeks ago'..."""
+    seconds = int(((now or datetime.now(when.tzinfo)) - when).total_seconds())
+    return _human_duration(seconds) + " ago" if seconds >= 1 else "Less than a second ago"
+
+
+def human_until(when: datetime, now: datetime | None = None) -> str:
+    seconds = int((when - (now or datetime.now(when.tzinfo))).total_seconds())
+    return "Stopping..." if seconds < 1 else _human_duration(seconds) + " from now"
+
+
+def _human_duration(seconds: int) -> str:
+    minutes, hours, days = seconds // 60, seconds // 3600, seconds // 86400
+    if seconds < 60:
+        return f"{seconds} second{'s' * (seconds != 1)}"
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if days < 14:
+        return f"{days} days"
+    if days < 60:
+        return f"{days // 7} weeks"
+    if days < 730:
+        return f"{days // 30} months"
+    return f"{days // 365} years"
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("   ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in [header, *rows])
+
+
+def describe_entry(entry) -> str:
+    """``localllm show NAME``: the model's architecture, size and defaults, in ollama's layout."""
+    info, family = entry.model_info, entry.details.get("family", "")
+    model_rows = [("architecture", family), ("parameters", entry.details.get("parameter_size")),
+                  ("context length", info.get(f"{family}.context_length")),
+                  ("embedding length", info.get(f"{family}.embedding_length")),
+                  ("quantization", entry.details.get("quantization_level")), ("format", entry.format)]
+    sections = [("Model", [f"{key.ljust(20)}{value}" for key, value in model_rows if value is not None])]
+    if entry.parameters:
+        sections.append(("Parameters", format_parameters(entry.parameters).splitlines()))
+    if entry.system:
+        sections.append(("System", entry.system.splitlines()))
+    if entry.license:
+        sections.append(("License", entry.license.splitlines()[:2]))
+    return "\n\n".join(f"  {title}\n" + "\n".join(f"    {line}" for line in lines) for title, lines in sections)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
