@@ -1,13 +1,15 @@
 """Validate a model file or folder and describe it: Ollama ``details`` and ``model_info``.
 
 Used by the store when a model enters it (pull, ``add_local``): a GGUF must open with
-``gguf.GGUFReader`` and hold every tensor inside the file; an HF folder needs a
-``config.json`` and readable ``*.safetensors`` whose tensors lie inside their files.
+:func:`localllm.formats.gguf.read_gguf` (every tensor inside the file, of a type localllm
+runs); an HF folder needs a ``config.json`` and readable ``*.safetensors`` whose tensors
+lie inside their files.
 Only headers are read; weights are never loaded.
 """
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections import Counter
 from pathlib import Path
@@ -38,33 +40,31 @@ def human_count(n: int) -> str:
 
 
 def describe_gguf(path: Path) -> tuple[dict, dict]:
-    import gguf
+    from .formats.gguf import GGUFError, read_gguf
+    from .quants import UnsupportedTensorType
 
     path = Path(path)
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as exc:  # the reader fails with ValueError/IndexError/struct.error on corrupt input
-        raise InvalidModelFile(f"{path.name} is not a valid GGUF file: {exc}") from exc
-    file_size = path.stat().st_size
-    for tensor in reader.tensors:
-        if tensor.data_offset + tensor.n_bytes > file_size:
-            raise InvalidModelFile(f"{path.name} is truncated: tensor '{tensor.name}' ends past the end of the file")
-    if not reader.tensors:
+        gguf_file = read_gguf(path)  # checks the header and that every tensor lies inside the file
+    except GGUFError as exc:  # its message names the file and what is wrong with it
+        raise InvalidModelFile(str(exc)) from exc
+    except UnsupportedTensorType as exc:
+        raise InvalidModelFile(f"{path.name}: {exc}") from exc
+    if not gguf_file.tensors:
         raise InvalidModelFile(f"{path.name} holds no tensors")
 
-    model_info: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or (field.types[0] == gguf.GGUFValueType.ARRAY and len(field.data) > MAX_INFO_ARRAY):
-            continue
-        model_info[key] = _plain(field.contents())
-    n_params = sum(int(t.n_elements) for t in reader.tensors)
+    model_info: dict[str, Any] = {key: value for key, value in gguf_file.metadata.items()
+                                  if not (isinstance(value, list) and len(value) > MAX_INFO_ARRAY)}
+    n_params = 0
+    elements_by_type = Counter()
+    for tensor in gguf_file.tensors.values():
+        n_elements = math.prod(tensor.shape)
+        n_params += n_elements
+        if len(tensor.shape) >= 2:
+            elements_by_type[tensor.ggml_type] += n_elements
     model_info["general.parameter_count"] = n_params
 
-    family = str(model_info.get("general.architecture", "")) or "unknown"
-    elements_by_type = Counter()
-    for tensor in reader.tensors:
-        if len(tensor.shape) >= 2:
-            elements_by_type[tensor.tensor_type.name] += int(tensor.n_elements)
+    family = gguf_file.architecture or "unknown"
     details = {
         "format": "gguf",
         "family": family,
@@ -87,15 +87,6 @@ def _gguf_file_type(file_type: Any) -> str | None:
     if name == "GUESSED":
         return None
     return name.replace("ALL_", "").replace("MOSTLY_", "")
-
-
-def _plain(value: Any) -> Any:
-    """GGUF field contents as JSON-ready Python values."""
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item"):
-        return value.item()
-    return value
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:

@@ -198,8 +198,11 @@ class ModelStore:
                     raise PullError(f"size mismatch for {relative} of {canonical}: expected {source.size} bytes, "
                                     f"got {got.size}")
             emit({"status": "writing manifest"})
-            entry = self._commit(canonical, known.format, staged, work, parameters=dict(known.parameters),
-                                 system=known.system, license=known.license)
+            try:
+                entry = self._commit(canonical, known.format, staged, work, parameters=dict(known.parameters),
+                                     system=known.system, license=known.license)
+            except InvalidModelFile as exc:
+                raise PullError(f"{canonical}: {exc}") from exc
         for source in known.files.values():
             if isinstance(source, registry.URLSource):
                 self._download_path(source).unlink(missing_ok=True)
