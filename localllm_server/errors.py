@@ -2,17 +2,31 @@
 
 Resources raise :class:`APIError` (or let library exceptions through); the
 handlers registered in ``app.create_app`` turn them into responses. No
-resource builds an error body itself.
+resource builds an error body itself. ``to_api_error`` is the one map from
+library exceptions to HTTP statuses.
 """
 from __future__ import annotations
 
 import json
+import re
 
 import falcon
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
-               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-               503: "api_error", 500: "api_error"}
+               405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+               429: "rate_limit_error", 503: "api_error", 500: "api_error"}
+
+# Library ValueErrors start with the parameter they concern ("top_logprobs must be between 0 and 20").
+_LEADING_PARAM = re.compile(r"^`?([a-z_]+(?:\[[^\]]*\])?)`? (?:must|is|are|needs|values|keys|token)\b")
+KNOWN_PARAMS = frozenset({
+    "model", "messages", "prompt", "suffix", "input", "max_tokens", "max_completion_tokens", "temperature",
+    "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "frequency_penalty", "presence_penalty",
+    "logit_bias", "seed", "stop", "stop_token_ids", "logprobs", "top_logprobs", "n", "echo", "num_ctx",
+    "dimensions", "encoding_format", "tokens", "response_format", "tools", "tool_choice", "options"})
+
+# Library ValueErrors that always concern one request field (matched by name: no heavy imports here).
+PARAM_OF_ERROR = {"UnsupportedSchema": "response_format", "ChatTemplateError": "messages",
+                  "InputTooLong": "input"}
 
 
 class APIError(Exception):
@@ -25,7 +39,8 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
-        self.error_type = error_type or ERROR_TYPES.get(status, "invalid_request_error")
+        self.error_type = error_type or ERROR_TYPES.get(status, "api_error" if status >= 500
+                                                        else "invalid_request_error")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -45,10 +60,23 @@ def body_for(path: str, error: APIError) -> dict:
     return ollama_body(error) if path.startswith("/api/") else openai_body(error)
 
 
-def to_api_error(exc: BaseException) -> APIError:
-    """Map library exceptions to HTTP errors (one place)."""
-    from localllm.kv_cache import ContextLengthExceeded
+def param_of(message: str) -> str | None:
+    """The request parameter a library error message starts with, if it names one."""
+    match = _LEADING_PARAM.match(message)
+    if not match:
+        return None
+    name = match.group(1)
+    return name if name.split("[")[0] in KNOWN_PARAMS else None
+
+
+def to_api_error(exc: BaseException, prompt_param: str = "messages") -> APIError:
+    """Map library exceptions to HTTP errors (one place).
+
+    ``prompt_param`` names the request field a too-long prompt came from
+    (``messages`` for chat, ``prompt`` for completions).
+    """
     from localllm.engine import ServerBusy
+    from localllm.kv_cache import ContextLengthExceeded
     from localllm.store import InvalidModelName, ModelNotFound
 
     if isinstance(exc, APIError):
@@ -56,13 +84,17 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, ModelNotFound):
         return APIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, ContextLengthExceeded):
-        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+        return APIError(400, str(exc), param=prompt_param, code="context_length_exceeded")
     if isinstance(exc, ServerBusy):
         return APIError(503, str(exc), code="server_busy")
     if isinstance(exc, InvalidModelName):
         return APIError(400, str(exc), param="model", code="invalid_model_name")
+    if isinstance(exc, ValueError) and type(exc).__name__ in PARAM_OF_ERROR:
+        return APIError(400, str(exc), param=PARAM_OF_ERROR[type(exc).__name__])
     if isinstance(exc, (ValueError, TypeError)):
-        return APIError(400, str(exc))
+        return APIError(400, str(exc), param=param_of(str(exc)))
+    if isinstance(exc, FileNotFoundError):
+        return APIError(404, str(exc), param="model", code="model_not_found")
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
@@ -71,7 +103,10 @@ def handle_exception(req: falcon.Request, resp: falcon.Response, exc: BaseExcept
     if isinstance(exc, falcon.HTTPError):
         handle_http_error(req, resp, exc, params)
         return
-    error = to_api_error(exc)
+    prompt_param = "prompt" if req.path.rstrip("/").endswith(("/v1/completions", "/api/generate")) else "messages"
+    error = to_api_error(exc, prompt_param)
+    if error.status >= 500:
+        req.context.error = exc                   # middleware logs it
     resp.status = error.status
     resp.content_type = falcon.MEDIA_JSON
     resp.text = json.dumps(body_for(req.path, error))
@@ -83,6 +118,8 @@ def handle_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HT
     message = exc.description or exc.title or "error"
     if status == 404 and not exc.description:
         message = f"route {req.method} {req.path} not found"
+    elif status == 405 and not exc.description:
+        message = f"method {req.method} is not allowed on {req.path}"
     error = APIError(status, message)
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON

@@ -1,8 +1,19 @@
-"""Framing for streamed responses: Server-Sent Events (OpenAI) and NDJSON (Ollama)."""
+"""Framing for streamed responses: Server-Sent Events (OpenAI) and NDJSON (Ollama).
+
+A streamed response body is a WSGI iterator: ``ClosingStream`` runs a
+callback when the server closes it, which is how a client that went away
+cancels its generation (waitress closes the body iterator when a write to a
+closed connection fails). ``prime`` pulls the first item before the response
+starts, so that errors raised before any output (queue full, context too
+long, unknown model) still get their HTTP status instead of an in-band error.
+"""
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Iterable, Iterator
+
+SSE_DONE = b"data: [DONE]\n\n"
 
 
 def sse_event(payload: dict | str) -> bytes:
@@ -11,11 +22,33 @@ def sse_event(payload: dict | str) -> bytes:
     return f"data: {data}\n\n".encode("utf-8")
 
 
-SSE_DONE = b"data: [DONE]\n\n"
+def sse_body(chunks: Iterable[dict]) -> Iterator[bytes]:
+    """Frame ``chunks`` as SSE events, then ``data: [DONE]``.
+
+    An error raised after the first event (the 200 status is already sent)
+    becomes an in-band ``data: {"error": {...}}`` event, followed by
+    ``data: [DONE]`` as OpenAI clients expect.
+    """
+    from .errors import openai_body, to_api_error
+
+    try:
+        for chunk in chunks:
+            yield sse_event(chunk)
+    except Exception as exc:                  # the status line is gone: report the error in the stream
+        yield sse_event(openai_body(to_api_error(exc)))
+    yield SSE_DONE
 
 
 def ndjson_line(payload: dict) -> bytes:
     return (json.dumps(payload, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def prime(iterable: Iterable) -> Iterator:
+    """Start ``iterable`` now: its first item is fetched (errors raise here); all items are yielded later."""
+    iterator = iter(iterable)
+    for first in iterator:
+        return itertools.chain([first], iterator)
+    return iter(())
 
 
 class ClosingStream:

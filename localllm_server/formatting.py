@@ -1,0 +1,228 @@
+"""Engine events -> OpenAI response objects and stream chunks (pure functions, no I/O).
+
+The shapes follow ../shared/API.md: ``chatcmpl-``/``cmpl-`` ids, ``created``
+in unix seconds, the model name as requested, ``system_fingerprint``, usage.
+Events are ``localllm.generate.GenerationEvent`` objects (or anything with the
+same attributes), paired with the choice index they belong to.
+"""
+from __future__ import annotations
+
+import base64
+import sys
+import time
+import uuid
+from array import array
+from dataclasses import dataclass, field
+
+SYSTEM_FINGERPRINT = "fp_localllm"
+
+
+def new_id(prefix: str) -> str:
+    """A unique response id: ``chatcmpl-<32 hex>``, ``cmpl-<32 hex>``."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True)
+class ResponseHeader:
+    """What every object and chunk of one response repeats."""
+
+    id: str
+    created: int
+    model: str
+
+    @classmethod
+    def new(cls, prefix: str, model: str) -> "ResponseHeader":
+        return cls(new_id(prefix), int(time.time()), model)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+# --------------------------------------------------------------------------- collecting events
+
+@dataclass
+class ChoiceState:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class Collector:
+    """Accumulates (index, event) pairs into finished choices and the completion token count."""
+
+    def __init__(self, n_choices: int):
+        self.choices = [ChoiceState() for _ in range(n_choices)]
+        self.completion_tokens = 0
+
+    def add(self, index: int, event) -> None:
+        choice = self.choices[index]
+        choice.text.append(event.text)
+        choice.token_ids.extend(event.token_ids)
+        if event.logprobs:
+            choice.logprobs.extend(event.logprobs)
+        if event.finish_reason:
+            choice.finish_reason = event.finish_reason
+            self.completion_tokens += final_completion_tokens(event)
+
+
+def final_completion_tokens(event) -> int:
+    """Generated tokens of the choice a final event closes."""
+    return event.usage.completion_tokens if event.usage is not None else 0
+
+
+# --------------------------------------------------------------------------- logprobs
+
+def _token_logprob(record) -> dict:
+    return {"token": record.text, "logprob": record.logprob, "bytes": list(record.bytes)}
+
+
+def chat_logprob_content(records) -> list[dict]:
+    """OpenAI chat ``logprobs.content`` entries: token, logprob, bytes, top_logprobs."""
+    return [{**_token_logprob(r), "top_logprobs": [_token_logprob(t) for t in r.top]} for r in records]
+
+
+def completion_logprobs(records, text_offset: int = 0) -> dict:
+    """Legacy completions ``logprobs``: tokens, token_logprobs, top_logprobs (dicts), text_offset.
+
+    ``top_logprobs[i]`` holds the requested alternatives plus the chosen token
+    itself (OpenAI: "up to logprobs+1 elements"); the first prompt token of an
+    echo has no logprob (null). ``text_offset`` is each token's character
+    offset in the choice's text, starting at ``text_offset``.
+    """
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for record in records:
+        tokens.append(record.text)
+        token_logprobs.append(record.logprob)
+        if record.logprob is None:
+            tops.append(None)
+        else:
+            top = {t.text: t.logprob for t in record.top}
+            top.setdefault(record.text, record.logprob)
+            tops.append(top)
+        offsets.append(text_offset)
+        text_offset += len(record.text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+# --------------------------------------------------------------------------- chat
+
+def chat_completion(header: ResponseHeader, collector: Collector, prompt_tokens: int, want_logprobs: bool) -> dict:
+    """The non-streamed ``chat.completion`` object."""
+    choices = []
+    for index, choice in enumerate(collector.choices):
+        choices.append({
+            "index": index,
+            "message": {"role": "assistant", "content": "".join(choice.text)},
+            "logprobs": {"content": chat_logprob_content(choice.logprobs)} if want_logprobs else None,
+            "finish_reason": choice.finish_reason,
+        })
+    return {"id": header.id, "object": "chat.completion", "created": header.created, "model": header.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
+            "usage": usage(prompt_tokens, collector.completion_tokens)}
+
+
+def chat_chunk(header: ResponseHeader, choices: list[dict], include_usage: bool, usage_value=None) -> dict:
+    """One ``chat.completion.chunk``; ``usage`` is present (null until the last chunk) only when asked for."""
+    chunk = {"id": header.id, "object": "chat.completion.chunk", "created": header.created, "model": header.model,
+             "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
+    if include_usage:
+        chunk["usage"] = usage_value
+    return chunk
+
+
+def chat_delta(index: int, delta: dict, finish_reason: str | None = None, logprobs: list | None = None) -> dict:
+    return {"index": index, "delta": delta,
+            "logprobs": {"content": chat_logprob_content(logprobs)} if logprobs else None,
+            "finish_reason": finish_reason}
+
+
+def chat_stream(header: ResponseHeader, events, n_choices: int, prompt_tokens: int, include_usage: bool):
+    """The chunk sequence of a streamed chat completion (dicts; framing is streaming.py's job).
+
+    Per choice: a first chunk with ``role``, content deltas, a final chunk with
+    an empty delta and ``finish_reason``. Then, with ``include_usage``, one
+    chunk with ``choices: []`` and the usage.
+    """
+    for index in range(n_choices):
+        yield chat_chunk(header, [chat_delta(index, {"role": "assistant", "content": ""})], include_usage)
+    completion_tokens = 0
+    for index, event in events:
+        if event.text or event.logprobs:
+            yield chat_chunk(header, [chat_delta(index, {"content": event.text}, logprobs=event.logprobs)],
+                             include_usage)
+        if event.finish_reason:
+            completion_tokens += final_completion_tokens(event)
+            yield chat_chunk(header, [chat_delta(index, {}, event.finish_reason)], include_usage)
+    if include_usage:
+        yield chat_chunk(header, [], True, usage(prompt_tokens, completion_tokens))
+
+
+# --------------------------------------------------------------------------- completions
+
+def text_completion(header: ResponseHeader, collector: Collector, prompt_tokens: int, want_logprobs: bool) -> dict:
+    """The non-streamed ``text_completion`` object."""
+    choices = [{"index": index, "text": "".join(choice.text),
+                "logprobs": completion_logprobs(choice.logprobs) if want_logprobs else None,
+                "finish_reason": choice.finish_reason}
+               for index, choice in enumerate(collector.choices)]
+    return {"id": header.id, "object": "text_completion", "created": header.created, "model": header.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
+            "usage": usage(prompt_tokens, collector.completion_tokens)}
+
+
+def completion_chunk(header: ResponseHeader, choices: list[dict], include_usage: bool, usage_value=None) -> dict:
+    chunk = {"id": header.id, "object": "text_completion", "created": header.created, "model": header.model,
+             "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
+    if include_usage:
+        chunk["usage"] = usage_value
+    return chunk
+
+
+def completion_stream(header: ResponseHeader, events, n_choices: int, prompt_tokens: int, include_usage: bool,
+                      want_logprobs: bool):
+    """The chunk sequence of a streamed text completion: text pieces, a final chunk per choice, usage."""
+    offsets = [0] * n_choices
+    completion_tokens = 0
+    for index, event in events:
+        if event.text or event.logprobs:
+            logprobs = completion_logprobs(event.logprobs or [], offsets[index]) if want_logprobs else None
+            offsets[index] += sum(len(r.text) for r in event.logprobs or [])
+            yield completion_chunk(header, [{"index": index, "text": event.text, "logprobs": logprobs,
+                                             "finish_reason": None}], include_usage)
+        if event.finish_reason:
+            completion_tokens += final_completion_tokens(event)
+            yield completion_chunk(header, [{"index": index, "text": "", "logprobs": None,
+                                             "finish_reason": event.finish_reason}], include_usage)
+    if include_usage:
+        yield completion_chunk(header, [], True, usage(prompt_tokens, completion_tokens))
+
+
+# --------------------------------------------------------------------------- embeddings and models
+
+def float32_base64(vector) -> str:
+    """Base64 of the little-endian float32 bytes of ``vector`` (OpenAI's ``encoding_format: base64``)."""
+    packed = array("f", vector)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+def embeddings_response(model: str, vectors: list[list[float]], encoding_format: str, prompt_tokens: int) -> dict:
+    encode = float32_base64 if encoding_format == "base64" else list
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+
+def model_object(entry) -> dict:
+    """A store entry as an OpenAI model object (``owned_by``: the namespace, else ``library``)."""
+    base = entry.name.rsplit(":", 1)[0]
+    return {"id": entry.name, "object": "model", "created": int(entry.modified_at.timestamp()),
+            "owned_by": base.split("/")[0] if "/" in base else "library"}
+
+
+def models_list(entries) -> dict:
+    return {"object": "list", "data": [model_object(e) for e in entries]}

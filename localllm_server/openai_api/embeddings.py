@@ -1,0 +1,30 @@
+"""POST /v1/embeddings."""
+from __future__ import annotations
+
+import falcon
+
+from .. import formatting, schemas
+from ..errors import APIError
+
+
+class Embeddings:
+    def __init__(self, engine, settings):
+        self.engine = engine
+        self.settings = settings
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        request = schemas.parse_embeddings(schemas.read_json(req, self.settings.max_body_bytes))
+        model = self.engine.load(request.model)
+        if not hasattr(model, "count_tokens"):
+            raise APIError(400, f"model '{request.model}' does not support embeddings", param="model",
+                           code="model_not_supported")
+        vectors = self.engine.embed(request.model, request.input, dimensions=request.dimensions,
+                                    truncate=request.truncate)
+        counts = model.count_tokens(request.input)
+        if request.truncate:
+            counts = [min(c, model.max_seq_length) for c in counts]
+        metrics = getattr(req.context, "metrics", None)
+        if metrics is not None:
+            metrics.add_tokens("embeddings", sum(counts), 0)
+        resp.media = formatting.embeddings_response(request.model, vectors.tolist(), request.encoding_format,
+                                                    sum(counts))

@@ -1,0 +1,567 @@
+"""Request validation, in one place: JSON bodies -> typed request objects, or a 400 naming the parameter.
+
+Each route's body is described by a list of :class:`Field` s. A field has a
+JSON schema (``openapi.py`` publishes it) and a parser that returns the typed
+value or raises :class:`~localllm_server.errors.APIError` naming the field.
+Unknown fields are ignored, as OpenAI does; ``null`` means "not given", and a
+sampling parameter that is not given stays ``None`` so that the model's own
+defaults (Modelfile ``PARAMETER`` lines) apply.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import APIError, bad_request
+
+MAX_STOP = 16
+MAX_N = 128
+MAX_TOP_LOGPROBS = 20
+MAX_PROMPTS = 128
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One body field: its JSON schema and its parser ``parse(value, param) -> typed value``."""
+
+    name: str
+    schema: dict
+    parse: Callable[[Any, str], Any]
+    description: str = ""
+    required: bool = False
+
+
+# --------------------------------------------------------------------------- scalar parsers
+
+def _fmt(x) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _range_message(param: str, low, high) -> str:
+    if low is not None and high is not None:
+        return f"{param} must be between {_fmt(low)} and {_fmt(high)}"
+    return f"{param} must be >= {_fmt(low)}" if low is not None else f"{param} must be <= {_fmt(high)}"
+
+
+def number(description: str, low: float | None = None, high: float | None = None, **schema) -> tuple:
+    def parse(value, param):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad_request(f"{param} must be a number", param)
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise bad_request(_range_message(param, low, high), param)
+        return float(value)
+    bounds = {k: v for k, v in (("minimum", low), ("maximum", high)) if v is not None}
+    return {"type": "number", **bounds, **schema}, parse, description
+
+
+def integer(description: str, low: int | None = None, high: int | None = None, **schema) -> tuple:
+    def parse(value, param):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad_request(f"{param} must be an integer", param)
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise bad_request(_range_message(param, low, high), param)
+        return value
+    bounds = {k: v for k, v in (("minimum", low), ("maximum", high)) if v is not None}
+    return {"type": "integer", **bounds, **schema}, parse, description
+
+
+def boolean(description: str) -> tuple:
+    def parse(value, param):
+        if not isinstance(value, bool):
+            raise bad_request(f"{param} must be a boolean", param)
+        return value
+    return {"type": "boolean"}, parse, description
+
+
+def string(description: str, non_empty: bool = False) -> tuple:
+    def parse(value, param):
+        if not isinstance(value, str):
+            raise bad_request(f"{param} must be a string", param)
+        if non_empty and not value:
+            raise bad_request(f"{param} must not be empty", param)
+        return value
+    return {"type": "string"}, parse, description
+
+
+def choice(description: str, values: tuple[str, ...]) -> tuple:
+    def parse(value, param):
+        if value not in values:
+            raise bad_request(f"{param} must be one of {', '.join(repr(v) for v in values)}", param)
+        return value
+    return {"type": "string", "enum": list(values)}, parse, description
+
+
+def make_field(name: str, spec: tuple, required: bool = False) -> Field:
+    schema, parse, description = spec
+    return Field(name, schema, parse, description, required)
+
+
+def parse_fields(body: dict, fields: list[Field], prefix: str = "") -> dict:
+    """Typed values of ``fields`` from ``body`` (absent or null -> None; required ones must be there)."""
+    values = {}
+    for f in fields:
+        value = body.get(f.name)
+        param = prefix + f.name
+        if value is None:
+            if f.required:
+                raise bad_request(f"{param} is required", param)
+            values[f.name] = None
+            continue
+        values[f.name] = f.parse(value, param)
+    return values
+
+
+def read_json(req, max_bytes: int) -> dict:
+    """The request body as a JSON object; 413 past ``max_bytes``, 400 if it is not a JSON object."""
+    raw = req.bounded_stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise APIError(413, f"request body is larger than the limit of {max_bytes} bytes")
+    if not raw.strip():
+        raise bad_request("request body must be a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"invalid JSON in request body: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    return body
+
+
+# --------------------------------------------------------------------------- structured parsers
+
+def _parse_model(value, param):
+    if not isinstance(value, str) or not value.strip():
+        raise bad_request(f"{param} must be a non-empty string", param)
+    return value.strip()
+
+
+MODEL = make_field("model", ({"type": "string"}, _parse_model, "model name, e.g. smollm2:135m"), required=True)
+
+
+def _parse_stop(value, param):
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad_request(f"{param} must be a string or a list of strings", param)
+    if len(stops) > MAX_STOP:
+        raise bad_request(f"{param} may hold at most {MAX_STOP} strings", param)
+    if any(not s for s in stops):
+        raise bad_request(f"{param} strings must not be empty", param)
+    return stops
+
+
+def _parse_logit_bias(value, param):
+    if not isinstance(value, dict):
+        raise bad_request(f"{param} must be an object mapping token ids to biases", param)
+    bias = {}
+    for key, amount in value.items():
+        text = str(key).strip()
+        if not (text.isdigit() or (text.startswith("-") and text[1:].isdigit())):
+            raise bad_request(f"{param} keys must be token ids (integers), got {key!r}", param)
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount):
+            raise bad_request(f"{param} values must be numbers, got {amount!r} for token {text}", param)
+        if not -100 <= amount <= 100:
+            raise bad_request(f"{param} values must be between -100 and 100, got {_fmt(amount)} for token {text}",
+                              param)
+        bias[int(text)] = float(amount)
+    return bias
+
+
+def _parse_token_ids(value, param):
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise bad_request(f"{param} must be a list of integer token ids", param)
+    if any(t < 0 for t in value):
+        raise bad_request(f"{param} token ids must be non-negative", param)
+    return value
+
+
+def _parse_stream_options(value, param):
+    if not isinstance(value, dict):
+        raise bad_request(f"{param} must be an object", param)
+    include = value.get("include_usage")
+    if include is not None and not isinstance(include, bool):
+        raise bad_request(f"{param}.include_usage must be a boolean", f"{param}.include_usage")
+    return {"include_usage": bool(include)}
+
+
+def _parse_response_format(value, param):
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad_request(f"{param}.type must be one of 'text', 'json_object', 'json_schema'", param)
+    if value["type"] == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise bad_request(f"{param}.json_schema must be an object with a `schema` object", param)
+    return dict(value)
+
+
+def _parse_tools(value, param):
+    if not isinstance(value, list):
+        raise bad_request(f"{param} must be a list of tools", param)
+    for index, tool in enumerate(value):
+        if (not isinstance(tool, dict) or tool.get("type", "function") != "function"
+                or not isinstance(tool.get("function"), dict) or not isinstance(tool["function"].get("name"), str)):
+            raise bad_request(f"{param}[{index}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                              param)
+    return value
+
+
+def _parse_tool_choice(value, param):
+    if value in ("none", "auto", "required"):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("function"), dict) \
+            and isinstance(value["function"].get("name"), str):
+        return value
+    raise bad_request(f"{param} must be 'none', 'auto', 'required' or "
+                      "{\"type\": \"function\", \"function\": {\"name\": ...}}", param)
+
+
+# Ollama-style `options` (an extension of the /v1 routes); names as Ollama spells them.
+OPTION_FIELDS = [
+    make_field("num_ctx", integer("context window (tokens) for this request", 1)),
+    make_field("num_predict", integer("maximum tokens to generate (-1: until the context is full)", -1)),
+    make_field("temperature", number("sampling temperature", 0)),
+    make_field("top_k", integer("keep the k most likely tokens (0: off)", 0)),
+    make_field("top_p", number("nucleus sampling mass", 0, 1)),
+    make_field("min_p", number("minimum probability relative to the best token", 0, 1)),
+    make_field("repeat_penalty", number("llama.cpp repetition penalty (1: off)", 0, exclusiveMinimum=0)),
+    make_field("repeat_last_n", integer("tokens the repeat penalty looks back (-1: whole context)", -1)),
+    make_field("frequency_penalty", number("OpenAI frequency penalty", -2, 2)),
+    make_field("presence_penalty", number("OpenAI presence penalty", -2, 2)),
+    make_field("seed", integer("random seed (-1: random)")),
+    make_field("stop", ({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+                        _parse_stop, "stop sequences")),
+]
+
+
+def _parse_options(value, param):
+    if not isinstance(value, dict):
+        raise bad_request(f"{param} must be an object", param)
+    for name in ("repeat_penalty",):
+        if value.get(name) is not None and isinstance(value[name], (int, float)) and value[name] <= 0:
+            raise bad_request(f"{param}.{name} must be > 0", f"{param}.{name}")
+    parsed = parse_fields(value, OPTION_FIELDS, prefix=f"{param}.")
+    if parsed.get("seed") == -1:
+        parsed["seed"] = None
+    parsed["max_tokens"] = parsed.pop("num_predict")
+    if parsed["max_tokens"] is not None and parsed["max_tokens"] < 0:
+        parsed["max_tokens"] = None
+    return {k: v for k, v in parsed.items() if v is not None}
+
+
+OPTIONS = make_field("options", ({"type": "object", "properties": {f.name: f.schema for f in OPTION_FIELDS}},
+                                 _parse_options, "Ollama-style options (extension): num_ctx, top_k, min_p, "
+                                                 "repeat_penalty, repeat_last_n, ..."))
+
+STOP = make_field("stop", ({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
+                                                           "maxItems": MAX_STOP}]},
+                           _parse_stop, "stop sequences (not included in the output)"))
+
+SAMPLING_FIELDS = [
+    make_field("temperature", number("sampling temperature (0: greedy); default: the model's", 0, 2)),
+    make_field("top_p", number("nucleus sampling mass; default: the model's", 0, 1)),
+    make_field("frequency_penalty", number("penalty per earlier occurrence in the output", -2, 2)),
+    make_field("presence_penalty", number("penalty for any earlier occurrence in the output", -2, 2)),
+    make_field("seed", integer("random seed for reproducible sampling")),
+    make_field("n", integer("number of choices", 1, MAX_N)),
+    make_field("logit_bias", ({"type": "object", "additionalProperties": {"type": "number", "minimum": -100,
+                                                                          "maximum": 100}},
+                              _parse_logit_bias, "token id (as a string) -> bias in -100..100")),
+    STOP,
+    make_field("stream", boolean("stream the answer as server-sent events")),
+    make_field("stream_options", ({"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+                                  _parse_stream_options, "include_usage: send a last chunk with the usage")),
+    make_field("user", string("end-user id (accepted, not used)")),
+    make_field("top_k", integer("extension: keep the k most likely tokens", 0)),
+    make_field("min_p", number("extension: minimum probability relative to the best token", 0, 1)),
+    make_field("repeat_penalty", number("extension: llama.cpp repetition penalty", 0, exclusiveMinimum=0)),
+    OPTIONS,
+]
+
+SETTING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
+                "frequency_penalty", "presence_penalty", "logit_bias", "seed", "stop", "logprobs", "top_logprobs",
+                "n", "num_ctx")
+
+
+def _settings(values: dict) -> dict:
+    """Keyword settings for ``Model.make_params``: options first, top-level fields over them; None = default."""
+    settings = {key: None for key in SETTING_KEYS}
+    settings.update(values.get("options") or {})
+    for key in SETTING_KEYS:
+        if values.get(key) is not None:
+            settings[key] = values[key]
+    if settings.get("repeat_penalty") is not None and settings["repeat_penalty"] <= 0:
+        raise bad_request("repeat_penalty must be > 0", "repeat_penalty")
+    return settings
+
+
+# --------------------------------------------------------------------------- chat
+
+def _parse_content_part(part, param) -> tuple[dict, int]:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise bad_request(f"{param}.text must be a string", param)
+        return {"type": "text", "text": part["text"]}, 0
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str) or not url:
+            raise bad_request(f"{param}.image_url.url must be a string (a data: URL)", param)
+        return {"type": "image_url", "image_url": {"url": url}}, 1
+    raise bad_request(f"{param}.type must be 'text' or 'image_url', got {kind!r}", param)
+
+
+def _parse_message(message, param) -> tuple[dict, int]:
+    if not isinstance(message, dict):
+        raise bad_request(f"{param} must be an object with `role` and `content`", param)
+    role = message.get("role")
+    if role not in MESSAGE_ROLES:
+        raise bad_request(f"{param}.role must be one of {', '.join(MESSAGE_ROLES)}, got {role!r}", f"{param}.role")
+    content = message.get("content")
+    n_images = 0
+    if isinstance(content, list):
+        parts = [_parse_content_part(p, f"{param}.content[{i}]") for i, p in enumerate(content)]
+        content = [p for p, _ in parts]
+        n_images = sum(n for _, n in parts)
+    elif content is None:
+        if role != "assistant":
+            raise bad_request(f"{param}.content is required for role {role!r}", f"{param}.content")
+        content = ""
+    elif not isinstance(content, str):
+        raise bad_request(f"{param}.content must be a string or a list of content parts", f"{param}.content")
+    parsed = {"role": "system" if role == "developer" else role, "content": content}
+    for key in ("name", "tool_call_id"):
+        if message.get(key) is not None:
+            if not isinstance(message[key], str):
+                raise bad_request(f"{param}.{key} must be a string", f"{param}.{key}")
+            parsed[key] = message[key]
+    if message.get("tool_calls") is not None:
+        if not isinstance(message["tool_calls"], list):
+            raise bad_request(f"{param}.tool_calls must be a list", f"{param}.tool_calls")
+        parsed["tool_calls"] = message["tool_calls"]
+    return parsed, n_images
+
+
+def _parse_messages(value, param):
+    if not isinstance(value, list):
+        raise bad_request(f"`{param}` must be a list of messages", param)
+    if not value:
+        raise bad_request(f"`{param}` must not be empty", param)
+    return [_parse_message(m, f"{param}[{i}]") for i, m in enumerate(value)]
+
+
+MESSAGES = make_field("messages", ({"type": "array", "minItems": 1, "items": {"type": "object", "properties": {
+    "role": {"type": "string", "enum": list(MESSAGE_ROLES)},
+    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}}}},
+    _parse_messages, "the conversation"), required=True)
+
+CHAT_FIELDS = [
+    MODEL, MESSAGES,
+    make_field("max_tokens", integer("maximum tokens to generate (default: until the context is full)", 1)),
+    make_field("max_completion_tokens", integer("same as max_tokens (takes precedence)", 1)),
+    *SAMPLING_FIELDS,
+    make_field("logprobs", boolean("return the log-probability of each output token")),
+    make_field("top_logprobs", integer("alternatives per token (needs logprobs)", 0, MAX_TOP_LOGPROBS)),
+    make_field("response_format", ({"type": "object", "properties": {"type": {
+        "type": "string", "enum": ["text", "json_object", "json_schema"]}}},
+        _parse_response_format, "output format")),
+    make_field("tools", ({"type": "array", "items": {"type": "object"}}, _parse_tools, "functions the model may call")),
+    make_field("tool_choice", ({"oneOf": [{"type": "string", "enum": ["none", "auto", "required"]},
+                                          {"type": "object"}]}, _parse_tool_choice, "whether/which tool to call")),
+]
+
+
+@dataclass
+class ChatRequest:
+    model: str
+    messages: list[dict]
+    n_images: int
+    stream: bool
+    include_usage: bool
+    settings: dict = field(default_factory=dict)   # keyword settings for Model.make_params (None = default)
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: Any = None
+
+
+def parse_chat(body: dict) -> ChatRequest:
+    """POST /v1/chat/completions body -> ChatRequest."""
+    values = parse_fields(body, CHAT_FIELDS)
+    if values["max_completion_tokens"] is not None:
+        values["max_tokens"] = values["max_completion_tokens"]
+    if values["top_logprobs"] and not values["logprobs"]:
+        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    values["logprobs"] = bool(values["logprobs"])
+    settings = _settings(values)
+    messages = [m for m, _ in values["messages"]]
+    return ChatRequest(model=values["model"], messages=messages, n_images=sum(n for _, n in values["messages"]),
+                       stream=bool(values["stream"]),
+                       include_usage=bool((values["stream_options"] or {}).get("include_usage")),
+                       settings=settings, response_format=values["response_format"], tools=values["tools"],
+                       tool_choice=values["tool_choice"])
+
+
+# --------------------------------------------------------------------------- completions
+
+def _parse_prompt(value, param):
+    """string | [string] | [int] | [[int]] -> a list of prompts, each a string or a list of token ids."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise bad_request(f"{param} must be a string, a list of strings, or token id arrays", param)
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in value):
+        return [_parse_token_ids(value, param)]
+    if all(isinstance(p, str) for p in value):
+        prompts = list(value)
+    elif all(isinstance(p, list) for p in value):
+        prompts = [_parse_token_ids(p, f"{param}[{i}]") for i, p in enumerate(value)]
+    else:
+        raise bad_request(f"{param} must be a string, a list of strings, or token id arrays (not a mix)", param)
+    if len(prompts) > MAX_PROMPTS:
+        raise bad_request(f"{param} may hold at most {MAX_PROMPTS} prompts", param)
+    return prompts
+
+
+PROMPT_SCHEMA = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                           {"type": "array", "items": {"type": "integer"}},
+                           {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}]}
+
+COMPLETION_FIELDS = [
+    MODEL,
+    make_field("prompt", (PROMPT_SCHEMA, _parse_prompt, "prompt text(s) or token id array(s)"), required=True),
+    make_field("suffix", string("text after the completion (fill-in-the-middle; models with FIM tokens)")),
+    make_field("echo", boolean("prepend the prompt to the output")),
+    make_field("max_tokens", integer("maximum tokens to generate (default: until the context is full)", 0)),
+    *SAMPLING_FIELDS,
+    make_field("logprobs", integer("return this many alternatives per token (and the token's own)",
+                                   0, MAX_TOP_LOGPROBS)),
+    make_field("best_of", integer("accepted for compatibility; must equal n if given", 1, MAX_N)),
+]
+
+
+@dataclass
+class CompletionRequest:
+    model: str
+    prompts: list                      # each a string or a list of token ids
+    suffix: str | None
+    echo: bool
+    stream: bool
+    include_usage: bool
+    settings: dict = field(default_factory=dict)
+
+
+def parse_completion(body: dict) -> CompletionRequest:
+    """POST /v1/completions body -> CompletionRequest."""
+    values = parse_fields(body, COMPLETION_FIELDS)
+    if values["best_of"] is not None and values["best_of"] != (values["n"] or 1):
+        raise bad_request("best_of is not supported (it must equal n)", "best_of")
+    top = values["logprobs"]
+    values["logprobs"], values["top_logprobs"] = top is not None, top
+    settings = _settings(values)
+    settings["echo"] = bool(values["echo"])
+    return CompletionRequest(model=values["model"], prompts=values["prompt"], suffix=values["suffix"] or None,
+                             echo=bool(values["echo"]), stream=bool(values["stream"]),
+                             include_usage=bool((values["stream_options"] or {}).get("include_usage")),
+                             settings=settings)
+
+
+# --------------------------------------------------------------------------- embeddings
+
+def _parse_input(value, param):
+    """string | [string] | [int] | [[int]] -> str | list[str] | list[list[int]]."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not value:
+        raise bad_request(f"{param} must be a non-empty string list, a string, or token id arrays", param)
+    if all(isinstance(p, str) for p in value):
+        return list(value)
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in value):
+        return [_parse_token_ids(value, param)]
+    if all(isinstance(p, list) for p in value):
+        return [_parse_token_ids(p, f"{param}[{i}]") for i, p in enumerate(value)]
+    raise bad_request(f"{param} must be a string, a list of strings, or token id arrays (not a mix)", param)
+
+
+EMBEDDING_FIELDS = [
+    MODEL,
+    make_field("input", (PROMPT_SCHEMA, _parse_input, "text(s) or token id array(s) to embed"), required=True),
+    make_field("encoding_format", choice("float list, or base64 of little-endian float32", ("float", "base64"))),
+    make_field("dimensions", integer("keep the first n components, then renormalize", 1)),
+    make_field("truncate", boolean("extension: cut inputs longer than the model's limit (default true)")),
+    make_field("user", string("end-user id (accepted, not used)")),
+]
+
+
+@dataclass
+class EmbeddingsRequest:
+    model: str
+    input: Any
+    encoding_format: str
+    dimensions: int | None
+    truncate: bool
+
+
+def parse_embeddings(body: dict) -> EmbeddingsRequest:
+    """POST /v1/embeddings body -> EmbeddingsRequest."""
+    values = parse_fields(body, EMBEDDING_FIELDS)
+    return EmbeddingsRequest(values["model"], values["input"], values["encoding_format"] or "float",
+                             values["dimensions"], True if values["truncate"] is None else values["truncate"])
+
+
+# --------------------------------------------------------------------------- tokenize / detokenize
+
+TOKENIZE_FIELDS = [
+    MODEL,
+    make_field("prompt", string("text to tokenize")),
+    make_field("messages", ({"type": "array", "items": {"type": "object"}}, _parse_messages,
+                            "a conversation, rendered with the model's chat template first")),
+    make_field("add_special_tokens", boolean("add the model's BOS/CLS tokens (prompt only; default true)")),
+    make_field("add_generation_prompt", boolean("messages only: end with the assistant header (default true)")),
+]
+
+DETOKENIZE_FIELDS = [
+    MODEL,
+    make_field("tokens", ({"type": "array", "items": {"type": "integer"}}, _parse_token_ids, "token ids"),
+               required=True),
+]
+
+
+@dataclass
+class TokenizeRequest:
+    model: str
+    prompt: str | None
+    messages: list[dict] | None
+    add_special_tokens: bool
+    add_generation_prompt: bool
+
+
+def parse_tokenize(body: dict) -> TokenizeRequest:
+    """POST /tokenize body: ``model`` and ``prompt`` (text) or ``messages`` (a conversation)."""
+    values = parse_fields(body, TOKENIZE_FIELDS)
+    if (values["prompt"] is None) == (values["messages"] is None):
+        raise bad_request("give exactly one of `prompt` and `messages`", "prompt")
+    messages = [m for m, _ in values["messages"]] if values["messages"] is not None else None
+    return TokenizeRequest(values["model"], values["prompt"], messages,
+                           True if values["add_special_tokens"] is None else values["add_special_tokens"],
+                           True if values["add_generation_prompt"] is None else values["add_generation_prompt"])
+
+
+def parse_detokenize(body: dict) -> tuple[str, list[int]]:
+    """POST /detokenize body -> (model, token ids)."""
+    values = parse_fields(body, DETOKENIZE_FIELDS)
+    return values["model"], values["tokens"]
+
+
+def request_schema(fields: list[Field]) -> dict:
+    """The JSON schema of a body described by ``fields`` (for /openapi.json)."""
+    properties = {f.name: {**f.schema, "description": f.description} if f.description else f.schema
+                  for f in fields}
+    schema = {"type": "object", "properties": properties}
+    required = [f.name for f in fields if f.required]
+    if required:
+        schema["required"] = required
+    return schema

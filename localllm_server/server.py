@@ -1,0 +1,54 @@
+"""``serve()``: run the app on waitress (what ``localllm serve`` calls)."""
+from __future__ import annotations
+
+import signal
+import sys
+
+from .app import Settings, create_app
+
+
+def make_server(settings: Settings | None = None, engine=None):
+    """A waitress server for the app, bound but not yet running; returns (server, engine)."""
+    from waitress.server import create_server
+
+    settings = settings or Settings.from_env()
+    if engine is None:
+        from localllm.engine import Engine
+        engine = Engine()
+    app = create_app(engine, settings)
+    # channel_request_lookahead keeps reading the socket during a request, so that a client
+    # that goes away is noticed (environ["waitress.client_disconnected"]) and its generation stops.
+    server = create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
+                           channel_request_lookahead=1, ident="localllm", clear_untrusted_proxy_headers=True)
+    return server, engine
+
+
+def serve(settings: Settings | None = None, engine=None) -> None:
+    """Serve the OpenAI- and Ollama-compatible API until Ctrl-C (or SIGTERM), then shut down cleanly.
+
+    Binds ``settings.host:settings.port`` (default 127.0.0.1:11434; ``LOCALLLM_HOST=host:port``).
+    """
+    settings = settings or Settings.from_env()
+    own_engine = engine is None
+    server, engine = make_server(settings, engine)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    print(f"localllm listening on http://{host}:{getattr(server, 'effective_port', settings.port)}", flush=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        print("localllm shutting down", file=sys.stderr, flush=True)
+    finally:
+        server.close()
+        if own_engine:
+            engine.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
