@@ -7,20 +7,23 @@ import sys
 from .app import Settings, create_app
 
 
-def make_server(settings: Settings | None = None, engine=None):
-    """A waitress server for the app, bound but not yet running; returns (server, engine)."""
+def waitress_server(app, settings: Settings):
+    """A waitress server for ``app``, bound to ``settings.host:settings.port`` (port 0: any free one)."""
     from waitress.server import create_server
 
+    # channel_request_lookahead keeps reading the socket during a request, so that a client
+    # that goes away is noticed (environ["waitress.client_disconnected"]) and its generation stops.
+    return create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
+                         channel_request_lookahead=1, ident="localllm", clear_untrusted_proxy_headers=True)
+
+
+def make_server(settings: Settings | None = None, engine=None):
+    """A waitress server for the app, bound but not yet running; returns (server, engine)."""
     settings = settings or Settings.from_env()
     if engine is None:
         from localllm.engine import Engine
         engine = Engine()
-    app = create_app(engine, settings)
-    # channel_request_lookahead keeps reading the socket during a request, so that a client
-    # that goes away is noticed (environ["waitress.client_disconnected"]) and its generation stops.
-    server = create_server(app, host=settings.host, port=settings.port, threads=settings.threads,
-                           channel_request_lookahead=1, ident="localllm", clear_untrusted_proxy_headers=True)
-    return server, engine
+    return waitress_server(create_app(engine, settings), settings), engine
 
 
 def serve(settings: Settings | None = None, engine=None) -> None:
