@@ -109,11 +109,11 @@ def _kernel_view(w: QTensor) -> np.ndarray:
 
 
 def _activations(x, cols: int, what: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
+    """x as the kernels take it: writeable C-contiguous float32 (n, cols)."""
+    if not (type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable):
+        x = np.array(x, dtype=np.float32, order="C")
     if x.ndim != 2 or x.shape[1] != cols:
         raise ValueError(f"matmul with {what}: x must be (n, {cols}), got {x.shape}")
-    if not (x.flags.c_contiguous and x.flags.writeable):
-        x = np.array(x, dtype=np.float32, order="C")
     return x
 
 
@@ -142,9 +142,12 @@ def matmul(w: QTensor, x: np.ndarray, *, kernels: str | None = None) -> np.ndarr
         return matmul(w, np.asarray(x)[None, :], kernels=kernels)[0]
     if len(w.shape) != 2:
         raise ValueError(f"matmul needs a 2-D weight, '{w.name}' has shape {w.shape}")
-    x = _activations(x, w.cols, f"'{w.name}' {w.shape}")
-    out = np.empty((x.shape[0], w.rows), dtype=np.float32)  # (n, rows)
-    _kernel_for(w, kernels)((_kernel_view(w),), x, (out,))
+    view = _kernel_views.get(w)
+    if view is None:
+        view = _kernel_view(w)
+    x = _activations(x, w.shape[1], f"'{w.name}' {w.shape}")
+    out = np.empty((x.shape[0], view.shape[0]), dtype=np.float32)  # (n, rows)
+    _kernel_for(w, kernels)((view,), x, (out,))
     return out
 
 
@@ -165,8 +168,9 @@ def matmul_many(ws: Sequence[QTensor], x: np.ndarray, *, kernels: str | None = N
                              f"'{first.name}' ({first.ggml_type}, {first.cols} columns)")
     squeeze = np.ndim(x) == 1
     x = _activations(np.asarray(x)[None, :] if squeeze else x, first.cols, f"'{first.name}' {first.shape}")
-    outs = tuple(np.empty((x.shape[0], w.rows), dtype=np.float32) for w in ws)
-    _kernel_for(first, kernels)(tuple(_kernel_view(w) for w in ws), x, outs)
+    views = tuple(_kernel_view(w) for w in ws)
+    outs = tuple(np.empty((x.shape[0], view.shape[0]), dtype=np.float32) for view in views)
+    _kernel_for(first, kernels)(views, x, outs)
     return [out[0] for out in outs] if squeeze else list(outs)
 
 

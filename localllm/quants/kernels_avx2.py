@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .intrinsics import (dot_signed, dot_unsigned, fma_int, horizontal_sum, load_bits, load_f16, load_i8,
+from .intrinsics import (add_f32x8, dot_signed, dot_unsigned, fma_int, horizontal_sum, load_bits, load_f16, load_i8,
                          load_i8x32, load_nibbles, load_u8, ones_16, or_shifted, scales_16, shift_right_and,
                          zeros_f32x8)
-from .portable import BLOCK, quantize_activations, row_tasks
+from .portable import BLOCK, count_tasks, quantize_activations, task_location
 
 ROWS_PER_TASK = 4
 
@@ -178,15 +178,24 @@ def make_rows_task(decode, dot):
                 out[j + 2, r] = horizontal_sum(acc2) + sum2
                 out[j + 3, r] = horizontal_sum(acc3) + sum3
                 j += 4
-            while j < n:
-                acc = zeros_f32x8()
-                total = _ZERO
+            while j < n:  # two accumulators over even / odd blocks, for instruction-level parallelism
+                acc_even, acc_odd = zeros_f32x8(), zeros_f32x8()
+                sum_even, sum_odd = _ZERO, _ZERO
                 x0 = j * cols
-                for b in range(n_blocks):
+                for b in range(0, n_blocks - 1, 2):
                     q, scales, d, offset0, offset1 = decode(w, row, b)
-                    acc = fma_int(dot(q, load_i8x32(xq, x0 + b * BLOCK), scales), d * xd[j, b], acc)
-                    total += offset0 * xds16[j, 2 * b] + offset1 * xds16[j, 2 * b + 1]
-                out[j, r] = horizontal_sum(acc) + total
+                    acc_even = fma_int(dot(q, load_i8x32(xq, x0 + b * BLOCK), scales), d * xd[j, b], acc_even)
+                    sum_even += offset0 * xds16[j, 2 * b] + offset1 * xds16[j, 2 * b + 1]
+                    q, scales, d, offset0, offset1 = decode(w, row, b + 1)
+                    acc_odd = fma_int(dot(q, load_i8x32(xq, x0 + b * BLOCK + BLOCK), scales), d * xd[j, b + 1],
+                                      acc_odd)
+                    sum_odd += offset0 * xds16[j, 2 * b + 2] + offset1 * xds16[j, 2 * b + 3]
+                if n_blocks % 2:
+                    b = n_blocks - 1
+                    q, scales, d, offset0, offset1 = decode(w, row, b)
+                    acc_even = fma_int(dot(q, load_i8x32(xq, x0 + b * BLOCK), scales), d * xd[j, b], acc_even)
+                    sum_even += offset0 * xds16[j, 2 * b] + offset1 * xds16[j, 2 * b + 1]
+                out[j, r] = horizontal_sum(add_f32x8(acc_even, acc_odd)) + sum_even + sum_odd
                 j += 1
 
     return rows_task
@@ -210,81 +219,81 @@ _rows_Q6_K = make_rows_task(decode_Q6_K, dot_unsigned)
 @njit(parallel=True, cache=True)
 def matmul_Q4_0(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q4_0(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q4_0(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q4_1(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q4_1(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q4_1(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_0(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q5_0(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q5_0(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_1(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q5_1(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q5_1(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q8_0(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q8_0(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q8_0(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q2_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q2_K(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q2_K(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q3_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q3_K(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q3_K(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q4_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q4_K(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q4_K(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q5_K(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q5_K(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q6_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q6_K(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q6_K(ws[m], r, xq, xd, xds16, outs[m])
 
 
 MATMULS = {

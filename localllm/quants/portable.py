@@ -90,24 +90,6 @@ def quantize_activations(x):
     return xq, xd, xds16
 
 
-@njit(cache=True, inline="always")
-def row_starts(ws):
-    """Cumulative row counts of a tuple of matrices: (len(ws) + 1,)."""
-    starts = np.zeros(len(ws) + 1, dtype=np.int64)
-    for m in range(len(ws)):
-        starts[m + 1] = starts[m] + ws[m].shape[0]
-    return starts
-
-
-@njit(cache=True, inline="always")
-def which_matrix(starts, g):
-    """The matrix holding global row g."""
-    m = 0
-    while g >= starts[m + 1]:
-        m += 1
-    return m
-
-
 # --------------------------------------------------------------------------- decoders (32-element blocks)
 
 @njit(cache=True, inline="always")
@@ -260,21 +242,25 @@ def decode_Q6_K(w, row, b, q):
 
 # --------------------------------------------------------------------------- quantized matmul
 
+@njit(cache=True, inline="always")
+def count_tasks(ws, rows_per_task):
+    """Number of tasks of ``rows_per_task`` rows over all matrices of the tuple ws."""
+    total = 0
+    for m in range(len(ws)):
+        total += (ws[m].shape[0] + rows_per_task - 1) // rows_per_task
+    return total
+
+
 @njit(cache=True)
-def row_tasks(ws, rows_per_task):
-    """Split the rows of every matrix in ws into tasks: (matrix index, first row) each."""
-    n_tasks = 0
+def task_location(ws, t, rows_per_task):
+    """Task t -> (matrix index, first row): matrices in order, each cut into tasks of rows_per_task rows."""
+    remaining = t
     for m in range(len(ws)):
-        n_tasks += (ws[m].shape[0] + rows_per_task - 1) // rows_per_task
-    task_matrix = np.empty(n_tasks, dtype=np.int64)
-    task_row = np.empty(n_tasks, dtype=np.int64)
-    t = 0
-    for m in range(len(ws)):
-        for r in range(0, ws[m].shape[0], rows_per_task):
-            task_matrix[t] = m
-            task_row[t] = r
-            t += 1
-    return task_matrix, task_row
+        count = (ws[m].shape[0] + rows_per_task - 1) // rows_per_task
+        if remaining < count:
+            return m, remaining * rows_per_task
+        remaining -= count
+    return 0, 0
 
 
 def make_rows_task(decode):
@@ -323,81 +309,81 @@ _rows_Q6_K = make_rows_task(decode_Q6_K)
 @njit(parallel=True, cache=True)
 def matmul_Q4_0(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q4_0(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q4_0(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q4_1(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q4_1(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q4_1(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_0(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q5_0(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q5_0(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_1(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q5_1(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q5_1(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q8_0(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q8_0(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q8_0(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q2_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q2_K(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q2_K(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q3_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q3_K(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q3_K(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q4_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q4_K(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q4_K(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q5_K(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q5_K(ws[m], r, xq, xd, xds16, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q6_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_Q6_K(ws[task_matrix[t]], task_row[t], xq, xd, xds16, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_Q6_K(ws[m], r, xq, xd, xds16, outs[m])
 
 
 MATMULS = {
@@ -458,23 +444,23 @@ _rows_BF16 = make_float_rows_task(_row_BF16)
 
 @njit(parallel=True, cache=True)
 def matmul_F32(ws, x, outs):
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_F32(ws[task_matrix[t]], task_row[t], x, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_F32(ws[m], r, x, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_F16(ws, x, outs):
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_F16(ws[task_matrix[t]], task_row[t], x, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_F16(ws[m], r, x, outs[m])
 
 
 @njit(parallel=True, cache=True)
 def matmul_BF16(ws, x, outs):
-    task_matrix, task_row = row_tasks(ws, ROWS_PER_TASK)
-    for t in prange(task_row.shape[0]):
-        _rows_BF16(ws[task_matrix[t]], task_row[t], x, outs[task_matrix[t]])
+    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+        m, r = task_location(ws, t, ROWS_PER_TASK)
+        _rows_BF16(ws[m], r, x, outs[m])
 
 
 FLOAT_MATMULS = {"F32": matmul_F32, "F16": matmul_F16, "BF16": matmul_BF16}

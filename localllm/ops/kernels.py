@@ -1,0 +1,256 @@
+"""numba twins of ``ops.ref``: RMSNorm, RoPE, SwiGLU and attention over the KV cache.
+
+Same names, signatures and shapes as ``ops.ref`` (read it first: it is the
+readable version). Differences are float32 rounding only, plus ``fast_exp``:
+a vectorizable exp (Cephes polynomial, about 2 ulp) used by the softmax and by
+SiLU, since LLVM calls libm's scalar ``expf`` once per element otherwise.
+
+Parallel loops run only when there is enough work (prefill, large batches);
+decode-sized calls stay on the calling thread to avoid a launch.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..quants.intrinsics import float32_from_bits
+from . import ref
+
+PARALLEL_MIN_ROWS = 16  # rows (tokens) from which rms_norm / rope / swiglu use threads
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HIGH = np.float32(0.693359375)
+_LN2_LOW = np.float32(-2.12194440e-4)
+_EXP_MIN = np.float32(-87.3)
+_EXP_MAX = np.float32(88.0)
+_HALF = np.float32(0.5)
+_ONE = np.float32(1.0)
+_P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
+_P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def fast_exp(x):
+    """exp(x) for float32 x: 2^k * e^f with |f| <= ln2/2, e^f by a degree-7 polynomial (Cephes expf).
+
+    Inputs are clamped to [-87.3, 88.0] (results stay finite and normal).
+    """
+    x = min(max(x, _EXP_MIN), _EXP_MAX)
+    k = np.floor(x * _LOG2E + _HALF)
+    f = x - k * _LN2_HIGH - k * _LN2_LOW
+    p = ((((_P0 * f + _P1) * f + _P2) * f + _P3) * f + _P4) * f + _P5
+    p = p * (f * f) + f + _ONE
+    return p * float32_from_bits((np.int64(k) + 127) << 23)
+
+
+# --------------------------------------------------------------------------- rms_norm
+
+@njit(cache=True, fastmath=True, inline="always")
+def _rms_norm_row(x, weight, eps, out, i):
+    dim = x.shape[1]
+    total = np.float32(0.0)
+    for k in range(dim):
+        total += x[i, k] * x[i, k]
+    scale = _ONE / np.sqrt(total / np.float32(dim) + eps)
+    for k in range(dim):
+        out[i, k] = x[i, k] * scale * weight[k]
+
+
+@njit(cache=True, fastmath=True)
+def _rms_norm_serial(x, weight, eps, out):
+    for i in range(x.shape[0]):
+        _rms_norm_row(x, weight, eps, out, i)
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _rms_norm_parallel(x, weight, eps, out):
+    for i in prange(x.shape[0]):
+        _rms_norm_row(x, weight, eps, out, i)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x (n, dim) -> x / rms(x) * weight."""
+    x = _as_float32(x)
+    weight = _as_float32(weight)
+    if x.ndim != 2 or weight.shape != (x.shape[1],):
+        raise ValueError(f"rms_norm: x must be (n, dim) and weight (dim,), got {x.shape} and {weight.shape}")
+    out = np.empty_like(x)
+    kernel = _rms_norm_parallel if x.shape[0] >= PARALLEL_MIN_ROWS else _rms_norm_serial
+    kernel(x, weight, np.float32(eps), out)
+    return out
+
+
+# --------------------------------------------------------------------------- swiglu
+
+@njit(cache=True, fastmath=True, inline="always")
+def _swiglu_row(gate, up, out, i):
+    for k in range(gate.shape[1]):
+        g = gate[i, k]
+        out[i, k] = g / (_ONE + fast_exp(-g)) * up[i, k]
+
+
+@njit(cache=True, fastmath=True)
+def _swiglu_serial(gate, up, out):
+    for i in range(gate.shape[0]):
+        _swiglu_row(gate, up, out, i)
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _swiglu_parallel(gate, up, out):
+    for i in prange(gate.shape[0]):
+        _swiglu_row(gate, up, out, i)
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up, both (n, hidden_dim)."""
+    gate, up = _as_float32(gate), _as_float32(up)
+    if gate.ndim != 2 or gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate and up must be the same (n, hidden_dim), got {gate.shape} and {up.shape}")
+    out = np.empty_like(gate)
+    kernel = _swiglu_parallel if gate.shape[0] >= PARALLEL_MIN_ROWS else _swiglu_serial
+    kernel(gate, up, out)
+    return out
+
+
+# --------------------------------------------------------------------------- rope
+
+@njit(cache=True, inline="always")
+def _rope_row(x, cos, sin, neox, out, i):
+    n_heads, head_dim = x.shape[1], x.shape[2]
+    half = cos.shape[1]
+    rope_dim = 2 * half
+    for h in range(n_heads):
+        for k in range(half):
+            a_at, b_at = (k, k + half) if neox else (2 * k, 2 * k + 1)
+            a, b = x[i, h, a_at], x[i, h, b_at]
+            out[i, h, a_at] = a * cos[i, k] - b * sin[i, k]
+            out[i, h, b_at] = a * sin[i, k] + b * cos[i, k]
+        for k in range(rope_dim, head_dim):
+            out[i, h, k] = x[i, h, k]
+
+
+@njit(cache=True)
+def _rope_serial(x, cos, sin, neox, out):
+    for i in range(x.shape[0]):
+        _rope_row(x, cos, sin, neox, out, i)
+
+
+@njit(cache=True, parallel=True)
+def _rope_parallel(x, cos, sin, neox, out):
+    for i in prange(x.shape[0]):
+        _rope_row(x, cos, sin, neox, out, i)
+
+
+_angle_cache: dict = {}
+
+
+def _rope_table(positions: np.ndarray, theta: float, rope_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """``ref.rope_angles`` for these positions, remembered: every layer of a forward pass asks again."""
+    key = (float(theta), int(rope_dim), positions.tobytes())
+    table = _angle_cache.get(key)
+    if table is None:
+        if len(_angle_cache) >= 8:
+            _angle_cache.clear()
+        table = _angle_cache[key] = ref.rope_angles(positions, theta, rope_dim)
+    return table
+
+
+def rope(x: np.ndarray, positions: np.ndarray, theta: float, rope_dim: int, style: str = "norm") -> np.ndarray:
+    """Rotary position embedding on the first ``rope_dim`` dims of each head; x (n, n_heads, head_dim).
+
+    ``norm`` rotates adjacent pairs (x[2i], x[2i+1]), ``neox`` rotates (x[i], x[i + rope_dim/2]).
+    """
+    if style not in ("norm", "neox"):
+        raise ValueError(f"unknown rope style '{style}'")
+    x = _as_float32(x)
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    if x.ndim != 3 or positions.shape != (x.shape[0],):
+        raise ValueError(f"rope: x must be (n, n_heads, head_dim) with positions (n,), got {x.shape}, {positions.shape}")
+    if rope_dim % 2 or not 0 < rope_dim <= x.shape[2]:
+        raise ValueError(f"rope: rope_dim must be even and in 1..{x.shape[2]}, got {rope_dim}")
+    cos, sin = _rope_table(positions, theta, rope_dim)
+    out = np.empty_like(x)
+    kernel = _rope_parallel if x.shape[0] >= PARALLEL_MIN_ROWS else _rope_serial
+    kernel(x, cos, sin, style == "neox", out)
+    return out
+
+
+# --------------------------------------------------------------------------- attention
+
+ATTENTION_CHUNKS = 64  # parallel chunks; chunk c takes tasks c, c + 64, ... (balances causal prefill)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _attend(q, keys, values, length, scale, scores, mixed, out, i, h):
+    """out[i, h] = softmax(q[i, h] . keys[:length] * scale) @ values[:length]."""
+    head_dim = q.shape[2]
+    best = -np.inf
+    for l in range(length):
+        s = np.float32(0.0)
+        for d in range(head_dim):
+            s += q[i, h, d] * keys[l, d]
+        s *= scale
+        scores[l] = s
+        best = max(best, s)
+    total = np.float32(0.0)
+    for l in range(length):
+        e = fast_exp(scores[l] - best)
+        scores[l] = e
+        total += e
+    mixed[:] = 0.0
+    for l in range(length):
+        p = scores[l]
+        for d in range(head_dim):
+            mixed[d] += p * values[l, d]
+    inverse = _ONE / total
+    for d in range(head_dim):
+        out[i, h, d] = mixed[d] * inverse
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _attention(q, k_cache, v_cache, slots, positions, out):
+    n, n_heads, head_dim = q.shape
+    group = n_heads // k_cache.shape[1]
+    scale = _ONE / np.sqrt(np.float32(head_dim))
+    max_length = 0
+    for i in range(n):
+        max_length = max(max_length, positions[i] + 1)
+    n_tasks = n * n_heads
+    n_chunks = min(n_tasks, ATTENTION_CHUNKS)
+    for c in prange(n_chunks):
+        scores = np.empty(max_length, dtype=np.float32)
+        mixed = np.empty(head_dim, dtype=np.float32)
+        for task in range(c, n_tasks, n_chunks):
+            i, h = task // n_heads, task % n_heads
+            _attend(q, k_cache[slots[i], h // group], v_cache[slots[i], h // group], positions[i] + 1,
+                    scale, scores, mixed, out, i, h)
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+              slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Causal grouped-query attention over the KV cache.
+
+    q (n, n_heads, head_dim); k_cache, v_cache (n_slots, n_kv_heads, n_ctx, head_dim).
+    Token i attends to cache[slots[i], :, :positions[i] + 1] (its own K/V must
+    already be written). Returns (n, n_heads, head_dim).
+    """
+    q = _as_float32(q)
+    slots = np.ascontiguousarray(slots, dtype=np.int64)
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    n, n_heads, head_dim = q.shape
+    n_slots, n_kv_heads, n_ctx, cache_head_dim = k_cache.shape
+    if v_cache.shape != k_cache.shape or cache_head_dim != head_dim or n_heads % n_kv_heads:
+        raise ValueError(f"attention: q {q.shape} does not fit caches {k_cache.shape} / {v_cache.shape}")
+    if slots.shape != (n,) or positions.shape != (n,):
+        raise ValueError(f"attention: slots and positions must be ({n},), got {slots.shape}, {positions.shape}")
+    if n and (slots.min() < 0 or slots.max() >= n_slots or positions.min() < 0 or positions.max() >= n_ctx):
+        raise IndexError(f"attention: slots must lie in 0:{n_slots} and positions in 0:{n_ctx}")
+    out = np.empty_like(q)
+    if n:
+        _attention(q, _as_float32(k_cache), _as_float32(v_cache), slots, positions, out)
+    return out
+
+
+def _as_float32(a) -> np.ndarray:
+    """a as a C-contiguous float32 array (no copy when it already is one)."""
+    return np.ascontiguousarray(a, dtype=np.float32)
