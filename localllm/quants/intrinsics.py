@@ -256,13 +256,6 @@ def fma_int(typingctx, products, scale, accumulator):
 
 
 @intrinsic
-def add_f32x8(typingctx, a, b):
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], args[1])
-    return f32x8(a, b), codegen
-
-
-@intrinsic
 def horizontal_sum(typingctx, v):
     """Sum of the 8 lanes (pairwise) as float32."""
     def codegen(context, builder, sig, args):

@@ -152,26 +152,24 @@ def matmul(w: QTensor, x: np.ndarray, *, kernels: str | None = None) -> np.ndarr
 
 
 def matmul_many(ws: Sequence[QTensor], x: np.ndarray, *, kernels: str | None = None) -> list[np.ndarray]:
-    """``[matmul(w, x) for w in ws]`` in one parallel launch (e.g. Q/K/V, or gate/up).
-
-    All ``ws`` must share their ggml type and their number of columns.
-    """
+    """``[matmul(w, x) for w in ws]`` with one parallel launch per ggml type among ``ws``
+    (e.g. Q/K/V, or gate/up: the activations are quantized once). All ``ws`` take ``cols`` inputs."""
     ws = list(ws)
     if not ws:
         raise ValueError("matmul_many needs at least one weight")
-    first = ws[0]
+    cols = ws[0].shape[-1]
     for w in ws:
-        if len(w.shape) != 2:
-            raise ValueError(f"matmul needs a 2-D weight, '{w.name}' has shape {w.shape}")
-        if w.ggml_type != first.ggml_type or w.cols != first.cols:
-            raise ValueError(f"matmul_many: '{w.name}' ({w.ggml_type}, {w.cols} columns) does not match "
-                             f"'{first.name}' ({first.ggml_type}, {first.cols} columns)")
+        if len(w.shape) != 2 or w.shape[1] != cols:
+            raise ValueError(f"matmul_many: '{w.name}' {w.shape} does not match '{ws[0].name}' {ws[0].shape}: "
+                             f"every weight must be 2-D with {cols} columns")
     squeeze = np.ndim(x) == 1
-    x = _activations(np.asarray(x)[None, :] if squeeze else x, first.cols, f"'{first.name}' {first.shape}")
-    views = tuple(_kernel_view(w) for w in ws)
-    outs = tuple(np.empty((x.shape[0], view.shape[0]), dtype=np.float32) for view in views)
-    _kernel_for(first, kernels)(views, x, outs)
-    return [out[0] for out in outs] if squeeze else list(outs)
+    x = _activations(np.asarray(x)[None, :] if squeeze else x, cols, f"'{ws[0].name}' {ws[0].shape}")
+    views = [_kernel_view(w) for w in ws]
+    outs = [np.empty((x.shape[0], view.shape[0]), dtype=np.float32) for view in views]
+    for ggml_type in dict.fromkeys(w.ggml_type for w in ws):
+        group = [i for i, w in enumerate(ws) if w.ggml_type == ggml_type]
+        _kernel_for(ws[group[0]], kernels)(tuple(views[i] for i in group), x, tuple(outs[i] for i in group))
+    return [out[0] for out in outs] if squeeze else outs
 
 
 def embedding_rows(w: QTensor, token_ids) -> np.ndarray:

@@ -10,14 +10,16 @@ eight float lanes with one FMA.
 
 The row kernel takes four activation rows at a time, so every weight block is
 read and unpacked once for four tokens (prefill and batched decode), and the
-remaining rows one by one.
+remaining rows one by one with the very same arithmetic: a token's result does
+not depend on the batch it came in (chunked prefill equals one-shot prefill
+bit for bit).
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from .intrinsics import (add_f32x8, dot_signed, dot_unsigned, fma_int, horizontal_sum, load_bits, load_f16, load_i8,
+from .intrinsics import (dot_signed, dot_unsigned, fma_int, horizontal_sum, load_bits, load_f16, load_i8,
                          load_i8x32, load_nibbles, load_u8, ones_16, or_shifted, scales_16, shift_right_and,
                          zeros_f32x8)
 from .portable import BLOCK, count_tasks, quantize_activations, task_location
@@ -151,7 +153,7 @@ def make_rows_task(decode, dot):
     """``rows_task(w, r_start, xq, xd, xds16, out)``: ``out[:, r] = x @ W[r]`` for
     ROWS_PER_TASK weight rows from ``r_start``; four activation rows at a time."""
 
-    @njit(fastmath=True)
+    @njit  # no fastmath: a row's result must not depend on whether it ran in a tile (batch-invariant)
     def rows_task(w, r_start, xq, xd, xds16, out):
         n, cols = xq.shape
         n_blocks = cols // BLOCK
@@ -178,24 +180,15 @@ def make_rows_task(decode, dot):
                 out[j + 2, r] = horizontal_sum(acc2) + sum2
                 out[j + 3, r] = horizontal_sum(acc3) + sum3
                 j += 4
-            while j < n:  # two accumulators over even / odd blocks, for instruction-level parallelism
-                acc_even, acc_odd = zeros_f32x8(), zeros_f32x8()
-                sum_even, sum_odd = _ZERO, _ZERO
+            while j < n:  # the same arithmetic, in the same order, as one row of the tile above
+                acc = zeros_f32x8()
+                total = _ZERO
                 x0 = j * cols
-                for b in range(0, n_blocks - 1, 2):
+                for b in range(n_blocks):
                     q, scales, d, offset0, offset1 = decode(w, row, b)
-                    acc_even = fma_int(dot(q, load_i8x32(xq, x0 + b * BLOCK), scales), d * xd[j, b], acc_even)
-                    sum_even += offset0 * xds16[j, 2 * b] + offset1 * xds16[j, 2 * b + 1]
-                    q, scales, d, offset0, offset1 = decode(w, row, b + 1)
-                    acc_odd = fma_int(dot(q, load_i8x32(xq, x0 + b * BLOCK + BLOCK), scales), d * xd[j, b + 1],
-                                      acc_odd)
-                    sum_odd += offset0 * xds16[j, 2 * b + 2] + offset1 * xds16[j, 2 * b + 3]
-                if n_blocks % 2:
-                    b = n_blocks - 1
-                    q, scales, d, offset0, offset1 = decode(w, row, b)
-                    acc_even = fma_int(dot(q, load_i8x32(xq, x0 + b * BLOCK), scales), d * xd[j, b], acc_even)
-                    sum_even += offset0 * xds16[j, 2 * b] + offset1 * xds16[j, 2 * b + 1]
-                out[j, r] = horizontal_sum(add_f32x8(acc_even, acc_odd)) + sum_even + sum_odd
+                    acc = fma_int(dot(q, load_i8x32(xq, x0 + b * BLOCK), scales), d * xd[j, b], acc)
+                    total += offset0 * xds16[j, 2 * b] + offset1 * xds16[j, 2 * b + 1]
+                out[j, r] = horizontal_sum(acc) + total
                 j += 1
 
     return rows_task

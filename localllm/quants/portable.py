@@ -267,7 +267,7 @@ def make_rows_task(decode):
     """``rows_task(w, r_start, xq, xd, xds16, out)``: ``out[:, r] = x @ W[r]`` for
     ROWS_PER_TASK rows from ``r_start``, each weight block decoded once for all n."""
 
-    @njit(fastmath=True)
+    @njit  # no fastmath: each row's sum in a fixed order, whatever the batch
     def rows_task(w, r_start, xq, xd, xds16, out):
         n = xq.shape[0]
         q = np.empty(BLOCK, dtype=np.int32)
