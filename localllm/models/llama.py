@@ -133,9 +133,10 @@ class LlamaModel:
         for layer_index, layer in enumerate(self.layers):
             # attention block
             h = ops.rms_norm(x, layer.attn_norm, c.norm_eps)                     # (n, dim)
-            q = ops.matmul(layer.wq, h).reshape(n, c.n_heads, c.head_dim)        # (n, n_heads, head_dim)
-            k = ops.matmul(layer.wk, h).reshape(n, c.n_kv_heads, c.head_dim)     # (n, n_kv_heads, head_dim)
-            v = ops.matmul(layer.wv, h).reshape(n, c.n_kv_heads, c.head_dim)     # (n, n_kv_heads, head_dim)
+            q, k, v = ops.matmul_many((layer.wq, layer.wk, layer.wv), h)         # one launch for Q, K, V
+            q = q.reshape(n, c.n_heads, c.head_dim)                              # (n, n_heads, head_dim)
+            k = k.reshape(n, c.n_kv_heads, c.head_dim)                           # (n, n_kv_heads, head_dim)
+            v = v.reshape(n, c.n_kv_heads, c.head_dim)                           # (n, n_kv_heads, head_dim)
             q = ops.rope(q, positions, c.rope_theta, c.n_rot, c.rope_style)
             k = ops.rope(k, positions, c.rope_theta, c.n_rot, c.rope_style)
             cache.write(layer_index, slots, positions, k, v)
@@ -143,8 +144,7 @@ class LlamaModel:
             x = x + ops.matmul(layer.wo, attended.reshape(n, c.q_dim))           # (n, dim)
             # feed-forward block
             h = ops.rms_norm(x, layer.ffn_norm, c.norm_eps)                      # (n, dim)
-            gate = ops.matmul(layer.w_gate, h)                                   # (n, hidden_dim)
-            up = ops.matmul(layer.w_up, h)                                       # (n, hidden_dim)
+            gate, up = ops.matmul_many((layer.w_gate, layer.w_up), h)            # (n, hidden_dim) each
             x = x + ops.matmul(layer.w_down, ops.swiglu(gate, up))               # (n, dim)
 
         if logits_for is not None:

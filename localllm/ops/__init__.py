@@ -15,15 +15,24 @@ from . import ref as ops_ref
 from ..quants import ref as quants_ref
 
 OP_NAMES = ("rms_norm", "layer_norm", "rope", "attention", "swiglu", "softmax")
-QUANT_NAMES = ("matmul", "embedding_rows")
+QUANT_NAMES = ("matmul", "matmul_many", "embedding_rows")
 
 _backends: dict[str, SimpleNamespace] = {}
+
+
+def _matmul_many_of(matmul):
+    def matmul_many(ws, x):
+        """``[matmul(w, x) for w in ws]`` (the fast path does it in one launch)."""
+        return [matmul(w, x) for w in ws]
+    return matmul_many
 
 
 def _collect(modules_by_kind: dict[str, object]) -> SimpleNamespace:
     functions = {}
     for name in QUANT_NAMES:
-        functions[name] = getattr(modules_by_kind["quants"], name, None) or getattr(quants_ref, name)
+        functions[name] = getattr(modules_by_kind["quants"], name, None) or getattr(quants_ref, name, None)
+    if functions["matmul_many"] is None:
+        functions["matmul_many"] = _matmul_many_of(functions["matmul"])
     for name in OP_NAMES:
         functions[name] = getattr(modules_by_kind["ops"], name, None) or getattr(ops_ref, name)
     return SimpleNamespace(**functions)
