@@ -410,7 +410,7 @@ def create_model(store, name: str, modelfile: Modelfile, *, base_dir: str | os.P
     if is_path_reference(checked.from_, base_dir):
         path = _resolve_path(checked.from_, base_dir)
         if not path.exists():
-            raise FileNotFoundError(f"FROM {checked.from_}: no such file or folder")
+            raise ModelfileError(f"FROM {checked.from_}: no such file or folder")
         emit({"status": f"copying model file {path.name}"})
         entry = store.add_local(canonical, path, parameters=checked.parameters, template=checked.template,
                                 system=checked.system, messages=checked.messages, license=checked.license)

@@ -221,7 +221,7 @@ def test_create_refuses_corrupt_gguf_and_leaves_nothing(store, tiny_llama_path, 
 
 
 def test_create_errors(store, tiny_llama_path, tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ModelfileError, match="no such file"):
         create_model(store, "x", parse_modelfile(f"FROM {tmp_path}/nothing.gguf\n"))
     with pytest.raises(ModelfileError, match="ADAPTER"):
         create_model(store, "x", parse_modelfile(f"FROM {tiny_llama_path}\nADAPTER ./lora.gguf\n"))

@@ -1,0 +1,31 @@
+"""Ollama's native API under /api: chat, generate, embeddings, and model management.
+
+Request bodies and answers follow Ollama (see ../shared/API.md): NDJSON streams
+(``application/x-ndjson``, streaming on unless ``"stream": false``), durations in
+nanoseconds, errors as ``{"error": "..."}``. Model names are store names only
+(``name[:tag]``); paths are refused. ``register`` adds the routes to a Falcon app.
+"""
+from __future__ import annotations
+
+from .chat import ChatResource
+from .embed import EmbeddingsResource, EmbedResource
+from .generate import GenerateResource
+from .models import (CopyResource, CreateResource, DeleteResource, PsResource, PullResource, ShowResource,
+                     TagsResource)
+from .version import VersionResource
+
+
+def register(app, engine, settings) -> None:
+    """Add the /api routes serving ``engine`` to ``app``."""
+    app.add_route("/api/chat", ChatResource(engine))
+    app.add_route("/api/generate", GenerateResource(engine))
+    app.add_route("/api/embed", EmbedResource(engine))
+    app.add_route("/api/embeddings", EmbeddingsResource(engine))
+    app.add_route("/api/tags", TagsResource(engine))
+    app.add_route("/api/show", ShowResource(engine))
+    app.add_route("/api/ps", PsResource(engine))
+    app.add_route("/api/copy", CopyResource(engine))
+    app.add_route("/api/delete", DeleteResource(engine))
+    app.add_route("/api/pull", PullResource(engine))
+    app.add_route("/api/create", CreateResource(engine))
+    app.add_route("/api/version", VersionResource())

@@ -1,0 +1,111 @@
+"""POST /api/generate: a completion of ``prompt`` (through the chat template unless ``raw``).
+
+``template`` is a jinja2 template for this request only; it sees what chat templates
+see (``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``) plus
+``prompt``, ``system`` and ``suffix``. ``context`` (the ids of an earlier answer's
+final line) is put before the new prompt, and the final line's ``context`` is
+prompt ids + generated ids, so passing it back continues the conversation.
+``suffix`` asks for fill-in-the-middle and needs a model with FIM tokens.
+"""
+from __future__ import annotations
+
+from ..errors import APIError
+from . import parsing
+from .runner import Run, expire, load_only, require_text_model, respond
+
+# GGUF keys of the fill-in-the-middle tokens, and token texts to look for when they are missing
+FIM_KEYS = ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.fim_mid_token_id")
+FIM_TEXTS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"), ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+             ("<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"))
+
+
+class GenerateResource:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def on_post(self, req, resp):
+        body = parsing.read_body(req)
+        name = parsing.model_name(body)
+        stream = parsing.flag(body, "stream", True)
+        raw = parsing.flag(body, "raw", False)
+        keep_alive = parsing.keep_alive(body)
+        settings = parsing.options(body)
+        parsing.format_unsupported(body)
+        prompt = parsing.optional_string(body, "prompt") or ""
+        suffix = parsing.optional_string(body, "suffix")
+        system = parsing.optional_string(body, "system")
+        template = parsing.optional_string(body, "template")
+        context = parsing.token_ids(body, "context")
+        parsing.images_absent(body.get("images"), "images", name)
+        entry = self.engine.store.get(name)
+        require_text_model(entry, name, "generate")
+
+        if not prompt:
+            if keep_alive == 0:
+                expire(self.engine, entry)
+                return load_only(resp, name, "unload", {"response": ""})
+            Run(self.engine, entry, keep_alive, name)
+            return load_only(resp, name, "load", {"response": ""})
+
+        run = Run(self.engine, entry, keep_alive, name)
+        model = run.model
+        params, num_ctx = model.make_params(**settings)
+        prompt_ids = list(context or [])
+        if any(not 0 <= t < model.config.vocab_size for t in prompt_ids):
+            raise APIError(400, f"context token ids must be in [0, {model.config.vocab_size})", param="context")
+        if suffix:
+            prompt_ids += fill_in_the_middle(model, name, prompt, suffix, add_bos=not prompt_ids)
+        else:
+            text = prompt if raw else render(model, entry, prompt, system, template, suffix, with_history=not context)
+            prompt_ids += model.tokenize(text, add_bos=False if prompt_ids else None)
+        events = run.submit(prompt_ids, params, num_ctx)
+
+        def piece(text):
+            return {"response": text}
+
+        def final(text, event, token_ids):
+            return {"response": text, "done_reason": event.finish_reason if event else "stop",
+                    "context": prompt_ids + token_ids, **run.metrics(event)}
+
+        respond(resp, run, events, stream, piece, final)
+
+
+def render(model, entry, prompt: str, system: str | None, template: str | None, suffix: str | None,
+           with_history: bool) -> str:
+    """The prompt text: system + the Modelfile's MESSAGEs + the prompt as a user turn, through a chat template."""
+    from localllm.chat_template import ChatTemplate
+
+    system = system if system is not None else model.system
+    messages = [{"role": "system", "content": system}] if system else []
+    if with_history:
+        messages += [dict(m) for m in entry.messages or []]
+    messages.append({"role": "user", "content": prompt})
+    if template is None:
+        return model.render_chat(messages, add_generation_prompt=True)
+    tokenizer = model.tokenizer
+    return ChatTemplate(template, tokenizer.bos_token, tokenizer.eos_token).render(
+        messages, add_generation_prompt=True, prompt=prompt, system=system or "", suffix=suffix or "")
+
+
+def fill_in_the_middle(model, name: str, prompt: str, suffix: str, add_bos: bool) -> list[int]:
+    """``<prefix> prompt <suffix> suffix <middle>`` token ids (PSM order), or 400 for models without FIM tokens."""
+    ids = fim_token_ids(model)
+    if ids is None:
+        raise APIError(400, f"model '{name}' does not support insert (suffix): it has no fill-in-the-middle tokens",
+                       param="suffix")
+    prefix_id, suffix_id, middle_id = ids
+    bos = [model.tokenizer.bos_id] if add_bos and model.tokenizer.add_bos and model.tokenizer.bos_id is not None else []
+    return (bos + [prefix_id] + model.tokenize(prompt, add_bos=False, parse_special=False) + [suffix_id]
+            + model.tokenize(suffix, add_bos=False, parse_special=False) + [middle_id])
+
+
+def fim_token_ids(model) -> tuple[int, int, int] | None:
+    metadata = model.metadata or {}
+    if all(metadata.get(key) is not None for key in FIM_KEYS):
+        return tuple(int(metadata[key]) for key in FIM_KEYS)
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    index = {text: i for i, text in enumerate(tokens) if text.startswith("<")}
+    for texts in FIM_TEXTS:
+        if all(text in index for text in texts):
+            return tuple(index[text] for text in texts)
+    return None

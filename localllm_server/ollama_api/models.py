@@ -1,0 +1,187 @@
+"""Model management: /api/tags, /api/show, /api/ps, /api/copy, DELETE /api/delete, /api/pull, /api/create."""
+from __future__ import annotations
+
+import queue
+import threading
+
+import falcon
+
+from ..errors import APIError, to_api_error
+from ..streaming import ClosingStream, ndjson_line
+from . import parsing, responses
+from .runner import NDJSON
+
+_END = object()
+
+
+class TagsResource:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def on_get(self, req, resp):
+        resp.media = {"models": [responses.tag(entry) for entry in self.engine.store.list()]}
+
+
+class ShowResource:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def on_post(self, req, resp):
+        body = parsing.read_body(req)
+        resp.media = responses.show(self.engine.store.get(parsing.model_name(body)))
+
+
+class PsResource:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def on_get(self, req, resp):
+        models = []
+        for row in sorted(self.engine.loaded(), key=lambda r: r["expires_at"], reverse=True):
+            try:
+                entry = self.engine.store.get(row["name"])
+            except (LookupError, ValueError):      # deleted or not a store name: nothing to describe it by
+                continue
+            model = row["model"]
+            context = getattr(model, "n_ctx", None) or getattr(model, "max_seq_length", None)
+            models.append(responses.process(entry, row, context))
+        resp.media = {"models": models}
+
+
+class CopyResource:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def on_post(self, req, resp):
+        body = parsing.read_body(req)
+        source = parsing.model_name(body, "source")
+        destination = parsing.model_name(body, "destination")
+        self.engine.store.get(source)
+        unload_quietly(self.engine, destination)       # a loaded model of that name has the old defaults
+        self.engine.store.copy(source, destination)
+        resp.status = falcon.HTTP_200
+
+
+class DeleteResource:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def on_delete(self, req, resp):
+        body = parsing.read_body(req)
+        name = parsing.model_name(body)
+        self.engine.store.get(name)
+        unload_quietly(self.engine, name)
+        self.engine.store.delete(name)
+        resp.status = falcon.HTTP_200
+
+
+class PullResource:
+    """Pull a registry model; progress lines as Ollama writes them (``pulling <digest12>`` with completed/total)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def on_post(self, req, resp):
+        from localllm.store import canonical_name
+
+        body = parsing.read_body(req)
+        name = parsing.model_name(body)
+        stream = parsing.flag(body, "stream", True)
+        canonical_name(name)
+        store = self.engine.store
+        if not stream:
+            pull_or_fail(store, name, None)
+            unload_quietly(self.engine, name)
+            resp.media = {"status": "success"}
+            return
+        events = run_in_thread(lambda progress: pull_or_fail(store, name, progress))
+        first = next(events)                    # an unknown name is a 404 before the stream starts
+        resp.content_type = NDJSON
+        resp.stream = ClosingStream(ndjson_lines(first, events, lambda: unload_quietly(self.engine, name)))
+
+
+class CreateResource:
+    """Create a model from ``from`` (a store name or a .gguf/HF folder path) and Modelfile fields, or a ``modelfile``."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def on_post(self, req, resp):
+        from localllm.modelfile import create_model, modelfile_from_request
+        from localllm.store import canonical_name
+
+        body = parsing.read_body(req)
+        name = parsing.model_name(body)
+        stream = parsing.flag(body, "stream", True)
+        canonical_name(name)
+        for field, why in (("quantize", "quantizing is not supported; create from a quantized .gguf"),
+                           ("files", "uploaded files (blobs) are not supported; give `from` a model name or a "
+                                     "path to a .gguf file or Hugging Face folder on the server")):
+            if body.get(field):
+                raise APIError(400, f"{field}: {why}", param=field)
+        modelfile = modelfile_from_request(body)
+        events: list[dict] = []
+        if body.get("modelfile") is not None:
+            events.append({"status": "parsing modelfile"})
+        create_model(self.engine.store, name, modelfile, progress=events.append)
+        unload_quietly(self.engine, name)
+        if not stream:
+            resp.media = events[-1]
+            return
+        resp.content_type = NDJSON
+        resp.text = b"".join(ndjson_line(event) for event in events).decode("utf-8")
+
+
+def unload_quietly(engine, name: str) -> None:
+    """Unload ``name`` if it is loaded (its files or defaults changed)."""
+    from localllm.store import canonical_name
+
+    canonical = canonical_name(name)
+    if any(row["name"] == canonical for row in engine.loaded()):
+        engine.unload(engine.store.get(canonical))
+
+
+def pull_or_fail(store, name: str, progress) -> None:
+    from localllm.store import PullError
+
+    try:
+        store.pull(name, progress=progress)
+    except PullError as exc:
+        raise APIError(500, str(exc)) from exc
+
+
+def run_in_thread(work):
+    """Run ``work(progress)`` in a thread; yield its progress events, then raise its exception if it failed."""
+    items: queue.Queue = queue.Queue()
+
+    def target():
+        try:
+            work(items.put)
+        except BaseException as exc:            # handed to the request thread
+            items.put(exc)
+        finally:
+            items.put(_END)
+
+    threading.Thread(target=target, name="localllm-pull", daemon=True).start()
+
+    def events():
+        while True:
+            item = items.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    return events()
+
+
+def ndjson_lines(first: dict, events, on_success):
+    yield ndjson_line(first)
+    try:
+        for event in events:
+            if event.get("status") == "success":
+                on_success()
+            yield ndjson_line(event)
+    except Exception as exc:                    # the stream has begun: report in-band
+        yield ndjson_line({"error": to_api_error(exc).message})

@@ -1,0 +1,210 @@
+"""Ollama request bodies -> checked Python values, or a 400 naming the bad field.
+
+Ollama's conventions: ``stream`` defaults to true; ``keep_alive`` is a number of
+seconds or a Go duration string (``"5m"``, ``"1h30m"``, ``"0"``), negative meaning
+"keep loaded forever"; ``options`` holds the sampling settings under Ollama's names.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from ..errors import APIError
+
+# Options we apply (Ollama names; ``num_predict`` is max_tokens)
+GENERATION_OPTIONS = ("num_ctx", "num_predict", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+                      "repeat_last_n", "seed", "stop", "frequency_penalty", "presence_penalty")
+# Ollama runtime options with no meaning here (threads, GPU layers, memory mapping...): accepted and ignored
+IGNORED_OPTIONS = frozenset({"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all",
+                             "vocab_only", "use_mmap", "use_mlock", "embedding_only", "num_thread", "num_keep",
+                             "penalize_newline"})
+# Ollama samplers localllm does not have: accepted only at the value that switches them off
+NEUTRAL_OPTIONS = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0}
+MIROSTAT_TUNING = frozenset({"mirostat_tau", "mirostat_eta"})
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+FOREVER = math.inf
+
+
+def read_body(req) -> dict:
+    """The JSON object in the request body (400 when it is missing, not JSON, or not an object)."""
+    raw = req.bounded_stream.read()
+    if not raw or not raw.strip():
+        raise APIError(400, "missing request body")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"invalid JSON in the request body: {exc}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def model_name(body: dict, field: str = "model") -> str:
+    """The model name of a request (``name`` is accepted for older clients); not yet validated."""
+    name = body.get(field)
+    if name is None and field == "model":
+        name = body.get("name")
+    if name is None or name == "":
+        raise APIError(400, f"{field} is required", param=field)
+    if not isinstance(name, str):
+        raise APIError(400, f"{field} must be a string", param=field)
+    return name
+
+
+def flag(body: dict, field: str, default: bool) -> bool:
+    value = body.get(field)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise APIError(400, f"{field} must be true or false", param=field)
+    return value
+
+
+def optional_string(body: dict, field: str) -> str | None:
+    value = body.get(field)
+    if value is not None and not isinstance(value, str):
+        raise APIError(400, f"{field} must be a string", param=field)
+    return value
+
+
+def keep_alive(body: dict) -> float | None:
+    """Seconds to keep the model loaded after this request: None (server default), 0, a number, or inf."""
+    value = body.get("keep_alive")
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise APIError(400, "keep_alive must be a duration such as \"5m\" or a number of seconds", param="keep_alive")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = parse_duration(value)
+    else:
+        raise APIError(400, "keep_alive must be a duration such as \"5m\" or a number of seconds", param="keep_alive")
+    return FOREVER if seconds < 0 else seconds
+
+
+def parse_duration(text: str) -> float:
+    """A Go duration (``"1h30m"``, ``"300ms"``, ``"-1m"``) or a plain number of seconds (``"10"``), in seconds."""
+    value = text.strip()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    sign = -1.0 if value.startswith("-") else 1.0
+    rest = value.lstrip("+-")
+    total, pos = 0.0, 0
+    while pos < len(rest):
+        match = _DURATION_PART.match(rest, pos)
+        if not match:
+            raise APIError(400, f"keep_alive: invalid duration {text!r} (examples: \"5m\", \"1h30m\", \"0\", \"-1\")",
+                           param="keep_alive")
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if not rest:
+        raise APIError(400, f"keep_alive: invalid duration {text!r}", param="keep_alive")
+    return sign * total
+
+
+def options(body: dict) -> dict[str, Any]:
+    """The generation settings in ``options`` as keyword arguments for ``Model.make_params``."""
+    from localllm.modelfile import ModelfileError, normalize_parameters
+
+    raw = body.get("options")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise APIError(400, "options must be an object", param="options")
+    settings: dict[str, Any] = {}
+    for key, value in raw.items():
+        if value is None or key in IGNORED_OPTIONS or key in MIROSTAT_TUNING:
+            continue
+        if key in NEUTRAL_OPTIONS:
+            if value != NEUTRAL_OPTIONS[key]:
+                raise APIError(400, f"options.{key} is not supported (only {NEUTRAL_OPTIONS[key]}, which turns it off)",
+                               param=f"options.{key}")
+            continue
+        if key not in GENERATION_OPTIONS:
+            raise APIError(400, f"unknown option {key!r} (supported: {', '.join(GENERATION_OPTIONS)})",
+                           param=f"options.{key}")
+        settings[key] = value
+    try:
+        return normalize_parameters(settings)
+    except ModelfileError as exc:
+        raise APIError(400, f"invalid options: {exc}", param="options") from None
+
+
+def images_absent(images, where: str, model: str) -> None:
+    """Refuse images: no model here has a vision encoder."""
+    if images is None or images == []:
+        return
+    if not isinstance(images, list):
+        raise APIError(400, f"{where} must be a list of base64-encoded images", param=where)
+    raise APIError(400, f"model '{model}' does not support images: it has no vision encoder", param=where)
+
+
+def format_unsupported(body: dict) -> None:
+    """``format`` ("json" or a JSON schema): structured output needs localllm.constrain, not available yet."""
+    value = body.get("format")
+    if value is None or value == "":
+        return
+    if value != "json" and not isinstance(value, dict):
+        raise APIError(400, "format must be \"json\" or a JSON schema object", param="format")
+    raise APIError(400, "format (structured output) is not supported yet", param="format")
+
+
+def messages(body: dict, model: str) -> list[dict]:
+    """Chat messages, checked: role, content (string), images (refused), tool_calls, tool_name, thinking."""
+    raw = body.get("messages")
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise APIError(400, "messages must be a list", param="messages")
+    checked = []
+    for index, message in enumerate(raw):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise APIError(400, f"{where} must be an object", param=where)
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise APIError(400, f"{where}.role must be a non-empty string", param=f"{where}.role")
+        content = message.get("content")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise APIError(400, f"{where}.content must be a string", param=f"{where}.content")
+        images_absent(message.get("images"), f"{where}.images", model)
+        item = {"role": role, "content": content}
+        if message.get("tool_calls") is not None:
+            calls = message["tool_calls"]
+            if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                raise APIError(400, f"{where}.tool_calls must be a list of objects", param=f"{where}.tool_calls")
+            item["tool_calls"] = calls
+        if message.get("tool_name") is not None:
+            item["tool_name"] = message["tool_name"]
+            item.setdefault("name", message["tool_name"])
+        if message.get("thinking"):
+            item["thinking"] = message["thinking"]
+        checked.append(item)
+    return checked
+
+
+def tools(body: dict) -> list[dict] | None:
+    value = body.get("tools")
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise APIError(400, "tools must be a list of objects", param="tools")
+    return value
+
+
+def token_ids(body: dict, field: str) -> list[int] | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in value):
+        raise APIError(400, f"{field} must be a list of token ids (integers)", param=field)
+    return value

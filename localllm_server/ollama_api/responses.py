@@ -1,0 +1,122 @@
+"""Ollama response objects (pure functions): timestamps, durations, model listings, /api/show.
+
+Timestamps are RFC 3339 with nanoseconds as Go writes them (``time.RFC3339Nano``:
+trailing zeros of the fraction dropped): ``created_at`` in UTC (``...Z``), model times
+(``modified_at``, ``expires_at``) in local time with the offset. Durations are integer
+nanoseconds.
+"""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+FOREVER_SECONDS = 292 * 365.25 * 86400        # Go's longest duration, what Ollama shows for keep_alive < 0
+EMBEDDING_FAMILIES = ("bert", "nomic-bert", "jina-bert-v2", "xlm-roberta", "roberta", "distilbert", "mpnet",
+                      "new", "gte")
+
+
+def rfc3339(moment: datetime, nanoseconds: int | None = None) -> str:
+    """``2024-06-04T14:38:31.83753-07:00`` (``Z`` for UTC); ``nanoseconds`` replaces the microseconds."""
+    fraction = nanoseconds if nanoseconds is not None else moment.microsecond * 1000
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if fraction:
+        text += "." + f"{fraction:09d}".rstrip("0")
+    offset = moment.utcoffset()
+    if offset is None or offset.total_seconds() == 0:
+        return text + "Z"
+    minutes = int(offset.total_seconds() // 60)
+    sign = "+" if minutes >= 0 else "-"
+    return f"{text}{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+def created_at() -> str:
+    """Now, in UTC, with nanoseconds (the ``created_at`` of every response line)."""
+    now_ns = time.time_ns()
+    moment = datetime.fromtimestamp(now_ns // 1_000_000_000, tz=timezone.utc)
+    return rfc3339(moment, now_ns % 1_000_000_000)
+
+
+def local_time(unix_seconds: float) -> str:
+    """A unix time as local RFC 3339 (``expires_at``); infinity -> Go's farthest future, as Ollama shows it."""
+    if unix_seconds == float("inf"):
+        unix_seconds = time.time() + FOREVER_SECONDS
+    return rfc3339(datetime.fromtimestamp(unix_seconds).astimezone())
+
+
+def ns(seconds: float | None) -> int:
+    return int(round((seconds or 0.0) * 1e9))
+
+
+def metrics(total_seconds: float, load_seconds: float, usage, timings: dict | None) -> dict:
+    """The duration and count fields of a final line (``usage`` and ``timings`` from the final engine event)."""
+    timings = timings or {}
+    return {"total_duration": ns(total_seconds), "load_duration": ns(load_seconds),
+            "prompt_eval_count": usage.prompt_tokens if usage else 0,
+            "prompt_eval_duration": ns(timings.get("prompt_seconds")),
+            "eval_count": usage.completion_tokens if usage else 0,
+            "eval_duration": ns(timings.get("decode_seconds"))}
+
+
+# ---- models --------------------------------------------------------------------------------------------
+
+def digest_hex(entry) -> str:
+    return entry.digest.split(":", 1)[-1]
+
+
+def details(entry) -> dict:
+    info = entry.details or {}
+    return {"parent_model": "", "format": info.get("format", entry.format), "family": info.get("family", ""),
+            "families": info.get("families") or [], "parameter_size": info.get("parameter_size", ""),
+            "quantization_level": info.get("quantization_level", "")}
+
+
+def architecture(entry) -> str:
+    return str((entry.model_info or {}).get("general.architecture") or (entry.details or {}).get("family") or "")
+
+
+def capabilities(entry) -> list[str]:
+    """``["embedding"]`` for encoders, else ``["completion"]`` (plus ``"tools"`` when the template uses tools)."""
+    if architecture(entry) in EMBEDDING_FAMILIES:
+        return ["embedding"]
+    found = ["completion"]
+    if "tools" in (entry.chat_template or ""):
+        found.append("tools")
+    return found
+
+
+def tag(entry) -> dict:
+    """One model of ``/api/tags``."""
+    return {"name": entry.name, "model": entry.name, "modified_at": rfc3339(entry.modified_at),
+            "size": entry.size, "digest": digest_hex(entry), "details": details(entry)}
+
+
+def process(entry, row: dict, context_length: int | None) -> dict:
+    """One loaded model of ``/api/ps`` (``row`` from ``Engine.loaded()``)."""
+    return {"name": entry.name, "model": entry.name, "size": entry.size, "digest": digest_hex(entry),
+            "details": details(entry), "expires_at": local_time(row["expires_at"]), "size_vram": 0,
+            "context_length": context_length}
+
+
+def model_info(entry) -> dict:
+    """``general.*``, architecture keys and scalar tokenizer keys (long arrays and the template left out)."""
+    arch = architecture(entry)
+    info = {}
+    for key, value in (entry.model_info or {}).items():
+        if key == "tokenizer.chat_template":
+            continue
+        if key.startswith("general.") or (arch and key.startswith(arch + ".")) or key.startswith("tokenizer."):
+            info[key] = value
+    return info
+
+
+def show(entry) -> dict:
+    """The ``/api/show`` object; empty text fields are left out, as Ollama does."""
+    from localllm.modelfile import format_parameters, render_modelfile
+
+    body = {"modelfile": render_modelfile(entry), "parameters": format_parameters(entry.parameters or {}),
+            "license": entry.license or "", "system": entry.system or "", "template": entry.chat_template or "",
+            "details": details(entry), "model_info": model_info(entry), "capabilities": capabilities(entry),
+            "modified_at": rfc3339(entry.modified_at)}
+    if entry.messages:
+        body["messages"] = [dict(m) for m in entry.messages]
+    return {key: value for key, value in body.items() if value != ""}

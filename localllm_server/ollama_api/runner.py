@@ -1,0 +1,120 @@
+"""One generation request of /api/chat or /api/generate against the engine: load, submit, stream or collect.
+
+The first engine event is awaited before the response starts, so errors found while
+the prompt is admitted still get their own status code. Streams cancel the engine
+request when the client goes away (``ClosingStream``). ``keep_alive: 0`` asks for
+the model to be unloaded once it is idle after this request.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator
+
+import falcon
+
+from ..errors import APIError, to_api_error
+from ..streaming import ClosingStream, ndjson_line
+from . import responses
+
+NDJSON = "application/x-ndjson"
+
+
+class Run:
+    """A model loaded for one request (``load_seconds`` measured), then one generation submitted to the engine."""
+
+    def __init__(self, engine, entry, keep_alive: float | None, name: str):
+        self.started = time.perf_counter()
+        self.name = name                      # as requested: Ollama echoes it in every line
+        self.engine = engine
+        self.entry = entry
+        self.expire_after = keep_alive == 0
+        self.keep_alive = None if self.expire_after else keep_alive
+        self.model = engine.load(entry, keep_alive=self.keep_alive)
+        self.load_seconds = time.perf_counter() - self.started
+        self.handle = None
+
+    def submit(self, prompt_ids: list[int], params, num_ctx: int) -> Iterator:
+        self.handle = self.engine.submit(self.entry, prompt_ids, params, num_ctx=num_ctx, keep_alive=self.keep_alive)
+        return iter(self.handle)
+
+    def metrics(self, final_event) -> dict:
+        return responses.metrics(time.perf_counter() - self.started, self.load_seconds,
+                                 final_event.usage if final_event else None,
+                                 final_event.timings if final_event else None)
+
+    def finish(self) -> None:
+        """Cancel the engine request if it still runs; unload the model when idle if keep_alive was 0."""
+        if self.handle is not None:
+            self.handle.cancel()
+        if self.expire_after:
+            expire(self.engine, self.entry)
+
+
+def expire(engine, entry) -> None:
+    """Let ``entry``'s loaded model go as soon as no request uses it (keep_alive 0), without loading it."""
+    if any(row["name"] == entry.name for row in engine.loaded()):
+        engine.load(entry, keep_alive=0)
+
+
+def respond(resp, run: Run, events: Iterator, stream: bool, piece: Callable[[str], dict],
+            final: Callable[[str, object, list[int]], dict]) -> None:
+    """Answer with NDJSON lines (``stream``) or one JSON object.
+
+    ``piece(text)`` makes the fields of a line carrying new text; ``final(text, event,
+    token_ids)`` those of the last line (``text`` is the whole output when not streaming,
+    ``token_ids`` every generated id). Both get ``model``/``created_at``/``done`` added.
+    """
+    model = run.name
+    try:
+        first = next(events, None)            # waits for admission: errors here keep their status code
+    except BaseException:
+        run.finish()
+        raise
+
+    def all_events():
+        if first is not None:
+            yield first
+        yield from events
+
+    if not stream:
+        try:
+            texts, token_ids, last = [], [], None
+            for event in all_events():
+                texts.append(event.text)
+                token_ids.extend(event.token_ids)
+                last = event if event.finish_reason else last
+        finally:
+            run.finish()
+        resp.content_type = falcon.MEDIA_JSON
+        resp.media = line(model, final("".join(texts), last, token_ids), done=True)
+        return
+
+    def lines():
+        token_ids = []
+        try:
+            for event in all_events():
+                token_ids.extend(event.token_ids)
+                if event.text:
+                    yield ndjson_line(line(model, piece(event.text), done=False))
+                if event.finish_reason:
+                    yield ndjson_line(line(model, final("", event, token_ids), done=True))
+        except Exception as exc:              # the response has begun: report in-band, as Ollama does
+            yield ndjson_line({"error": to_api_error(exc).message})
+
+    resp.content_type = NDJSON
+    resp.stream = ClosingStream(lines(), on_close=run.finish)
+
+
+def line(model: str, fields: dict, done: bool) -> dict:
+    return {"model": model, "created_at": responses.created_at(), **fields, "done": done}
+
+
+def load_only(resp, model: str, done_reason: str, fields: dict) -> None:
+    """The answer to a request with nothing to generate: the model was loaded (or unloaded)."""
+    resp.content_type = falcon.MEDIA_JSON
+    resp.media = {**line(model, fields, done=True), "done_reason": done_reason}
+
+
+def require_text_model(entry, name: str, action: str) -> None:
+    if "completion" not in responses.capabilities(entry):
+        raise APIError(400, f"model '{name}' does not support {action}", param="model")

@@ -1,0 +1,9 @@
+"""GET /api/version."""
+from __future__ import annotations
+
+
+class VersionResource:
+    def on_get(self, req, resp):
+        import localllm
+
+        resp.media = {"version": localllm.__version__}
