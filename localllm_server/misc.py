@@ -5,6 +5,7 @@ import falcon
 
 from . import openapi, schemas
 from .errors import APIError
+from .openai_api.common import load_model
 
 
 class Root:
@@ -29,7 +30,7 @@ class Tokenize:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = schemas.parse_tokenize(schemas.read_json(req, self.settings.max_body_bytes))
-        model = self.engine.load(request.model)
+        _, model = load_model(self.engine, request.model)
         if hasattr(model, "render_chat"):
             if request.messages is not None:
                 text = model.render_chat(request.messages, add_generation_prompt=request.add_generation_prompt)
@@ -57,7 +58,7 @@ class Detokenize:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         name, tokens = schemas.parse_detokenize(schemas.read_json(req, self.settings.max_body_bytes))
-        model = self.engine.load(name)
+        _, model = load_model(self.engine, name)
         vocab_size = model.tokenizer.vocab_size
         if any(t >= vocab_size for t in tokens):
             raise APIError(400, f"tokens must be below the vocabulary size {vocab_size}", param="tokens")

@@ -33,12 +33,12 @@ class ChatCompletions:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = schemas.parse_chat(schemas.read_json(req, self.settings.max_body_bytes))
-        model = common.text_model(self.engine, request.model)
+        entry, model = common.text_model(self.engine, request.model)
         check_supported(request, model)
         params, num_ctx = model.make_params(**request.settings,
                                             constraint=response_constraint(request.response_format))
         prompt_ids = model.tokenize(model.render_chat(request.messages, add_generation_prompt=True))
-        submission = common.Submission(self.engine, request.model, [prompt_ids], params, num_ctx, params.n,
+        submission = common.Submission(self.engine, entry, [prompt_ids], params, num_ctx, params.n,
                                        on_finish=common.metrics_hook(req, "chat"))
         header = formatting.ResponseHeader.new("chatcmpl", request.model)
         events = submission.events(common.client_disconnected(req))

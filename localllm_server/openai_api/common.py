@@ -9,13 +9,23 @@ from .. import streaming
 from ..errors import APIError
 
 
+def load_model(engine, name: str):
+    """(store entry, loaded model) for ``name``.
+
+    Only store names are served: the engine is given the store entry, so a
+    request naming a path (``../x.gguf``, a folder) never reaches the disk.
+    """
+    entry = engine.store.get(name)              # InvalidModelName (400), ModelNotFound (404)
+    return entry, engine.load(entry)
+
+
 def text_model(engine, name: str):
-    """The loaded text-generation model ``name`` (404 if unknown, 400 if it only embeds)."""
-    model = engine.load(name)
+    """(store entry, loaded text-generation model) for ``name`` (404 if unknown, 400 if it only embeds)."""
+    entry, model = load_model(engine, name)
     if not hasattr(model, "make_params"):
         raise APIError(400, f"model '{name}' is an embedding model and cannot generate text", param="model",
                        code="model_not_supported")
-    return model
+    return entry, model
 
 
 def client_disconnected(req: falcon.Request) -> Callable[[], bool] | None:
@@ -39,7 +49,7 @@ class Submission:
     client goes away; ``on_finish(prompt_tokens, completion_tokens)`` runs once at the end.
     """
 
-    def __init__(self, engine, name: str, prompts: list[list[int]], params, num_ctx: int, n: int,
+    def __init__(self, engine, entry, prompts: list[list[int]], params, num_ctx: int, n: int,
                  on_finish: Callable[[int, int], None] | None = None):
         self.n = n
         self.prompt_tokens = sum(len(ids) for ids in prompts)
@@ -48,7 +58,7 @@ class Submission:
         self._on_finish = on_finish
         try:
             for ids in prompts:
-                self.handles.append(engine.submit(name, ids, params, num_ctx))
+                self.handles.append(engine.submit(entry, ids, params, num_ctx))
         except BaseException:
             self.cancel()
             raise

@@ -51,9 +51,10 @@ def prompt_ids(model, prompt, suffix: str | None, param: str = "prompt") -> list
     ``[BOS] <fim_pre> prefix <fim_suf> suffix <fim_mid>``."""
     vocab_size = model.config.vocab_size
     if suffix is None:
-        if isinstance(prompt, str):
-            return model.tokenize(prompt)
-        return common.check_token_ids(prompt, vocab_size, param)
+        ids = model.tokenize(prompt) if isinstance(prompt, str) else common.check_token_ids(prompt, vocab_size, param)
+        if not ids:
+            raise APIError(400, f"{param} is empty: there is nothing to continue", param=param)
+        return ids
     fim = fim_token_ids(model)
     if fim is None:
         raise APIError(400, f"model '{model.name}' has no fill-in-the-middle tokens: `suffix` is not supported",
@@ -72,12 +73,12 @@ class Completions:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = schemas.parse_completion(schemas.read_json(req, self.settings.max_body_bytes))
-        model = common.text_model(self.engine, request.model)
+        entry, model = common.text_model(self.engine, request.model)
         params, num_ctx = model.make_params(**request.settings)
         many = len(request.prompts) > 1
         prompts = [prompt_ids(model, p, request.suffix, f"prompt[{i}]" if many else "prompt")
                    for i, p in enumerate(request.prompts)]
-        submission = common.Submission(self.engine, request.model, prompts, params, num_ctx, params.n,
+        submission = common.Submission(self.engine, entry, prompts, params, num_ctx, params.n,
                                        on_finish=common.metrics_hook(req, "completions"))
         header = formatting.ResponseHeader.new("cmpl", request.model)
         n_choices = len(prompts) * params.n

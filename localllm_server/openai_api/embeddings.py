@@ -5,6 +5,7 @@ import falcon
 
 from .. import formatting, schemas
 from ..errors import APIError
+from . import common
 
 
 class Embeddings:
@@ -14,11 +15,11 @@ class Embeddings:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = schemas.parse_embeddings(schemas.read_json(req, self.settings.max_body_bytes))
-        model = self.engine.load(request.model)
+        entry, model = common.load_model(self.engine, request.model)
         if not hasattr(model, "count_tokens"):
             raise APIError(400, f"model '{request.model}' does not support embeddings", param="model",
                            code="model_not_supported")
-        vectors = self.engine.embed(request.model, request.input, dimensions=request.dimensions,
+        vectors = self.engine.embed(entry, request.input, dimensions=request.dimensions,
                                     truncate=request.truncate)
         counts = model.count_tokens(request.input)
         if request.truncate:
