@@ -170,7 +170,14 @@ def write_bert_gguf(folder: Path, path: Path, weight_type: str) -> Path:
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert name is not None, hf_name
         data = np.asarray(tensor.data, np.float32)
-        writer.add_tensor(name, data.astype(np.float16) if weight_type == "F16" and data.ndim == 2 else data)
+        if data.ndim == 1 or weight_type == "F32":
+            writer.add_tensor(name, data)
+        elif weight_type == "F16":
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            qtype = gguf.GGMLQuantizationType[weight_type]
+            raw = gguf.quants.quantize(data, qtype)
+            writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -204,6 +211,38 @@ def test_gguf_wordpiece_tokenizer_matches_hf(minilm_gguf, minilm_folder, golden)
     reference = _hf_tokenizer(minilm_folder)
     for text in golden["inputs"] + EXTRA_TEXTS:
         assert tokenizer.encode(text).ids == reference.encode(text).ids, text
+
+
+def test_gguf_quantized_bert_matches_dequantized_oracle(tmp_path):
+    folder = write_tiny_bert(tmp_path / "hf", pooling="mean", config_overrides={"intermediate_size": 64})
+    path = write_bert_gguf(folder, tmp_path / "tiny-q8_0.gguf", "Q8_0")
+    from localllm.formats.gguf import read_gguf
+
+    file = read_gguf(path)
+    assert file.tensors["blk.0.ffn_down.weight"].ggml_type == "Q8_0"
+    # oracle on the dequantized weights (gguf.quants), HF names
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, 2)
+    hf = read_hf_folder(folder)
+    weights = {}
+    for hf_name, tensor in hf.tensors.items():
+        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            continue
+        t = file.tensors[name]
+        raw = np.asarray(t.data)
+        weights[hf_name] = (gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[t.ggml_type]).reshape(t.shape)
+                            if t.ggml_type == "Q8_0" else raw.astype(np.float32))
+    tok = _hf_tokenizer(folder)
+    rows = [tok.encode(t).ids for t in TINY_TEXTS]
+    L = max(map(len, rows))
+    ids, mask = np.zeros((len(rows), L), np.int64), np.zeros((len(rows), L), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    expected = _numpy_pool(oracle_forward(weights, hf.config, ids, mask), mask, "mean")
+    exact = load_embedding_model(path, backend="ref")
+    np.testing.assert_allclose(exact.embed(TINY_TEXTS, normalize=False), expected, rtol=1e-4, atol=2e-4)
+    fast = load_embedding_model(path, backend="fast")
+    assert np.all(_cos(fast.embed(TINY_TEXTS), expected) >= 0.999)
 
 
 def test_gguf_other_architecture_is_rejected(tmp_path):

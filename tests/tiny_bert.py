@@ -35,7 +35,8 @@ LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
 
 
 def tiny_vocab() -> list[str]:
-    return SPECIALS + WORDS + LETTERS + ["##" + c for c in LETTERS]
+    vocab = SPECIALS + WORDS + LETTERS + ["##" + c for c in LETTERS]
+    return list(dict.fromkeys(vocab))  # unique, first occurrence wins
 
 
 def tiny_bert_tensors(config: dict, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -192,6 +192,20 @@ class _Linear:
         return y
 
 
+class _LinearGroup:
+    """Several ``_Linear`` over one input (Q, K, V of a quantized model) through one ``matmul_many`` launch."""
+
+    def __init__(self, linears: list[_Linear], matmul_many):
+        self.linears = linears
+        self.matmul_many = matmul_many
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        outs = self.matmul_many([lin.weight for lin in self.linears], x)                  # each (n, out)
+        for out, lin in zip(outs, self.linears):
+            out += lin.bias
+        return outs
+
+
 def _fuse_rows(name: str, parts: list[QTensor]) -> QTensor:
     """Stack matrices that share an input (Q, K, V) into one: one matmul instead of three."""
     data = np.concatenate([np.asarray(p.data) for p in parts], axis=0)
@@ -251,7 +265,7 @@ class BertModel:
                 fused = _fuse_rows(f"{p}.attn_qkv.weight", [q.weight, k.weight, v.weight])
                 qkv = _Linear(fused, np.concatenate([q.bias, k.bias, v.bias]), self.backend.matmul)
             else:
-                qkv = (q, k, v)
+                qkv = _LinearGroup([q, k, v], self.backend.matmul_many)
         return {
             "qkv": qkv,
             "attn_output": self._linear(f"{p}.attn_output", c.dim, c.dim),
@@ -310,8 +324,8 @@ class BertModel:
         c = self.config
 
         # self-attention: every token attends to every token of its own sentence
-        if isinstance(layer["qkv"], tuple):
-            q, k, v = (lin(x) for lin in layer["qkv"])                                     # 3 x (n, dim)
+        if isinstance(layer["qkv"], _LinearGroup):
+            q, k, v = layer["qkv"](x)                                                      # 3 x (n, dim)
         else:
             qkv = layer["qkv"](x)                                                          # (n, 3*dim)
             q, k, v = qkv[:, :c.dim], qkv[:, c.dim:2 * c.dim], qkv[:, 2 * c.dim:]
