@@ -1,0 +1,282 @@
+"""Server unit tests without a model: formatting (pure functions), schemas, error mapping, and the app
+through falcon.testing with a stand-in engine (mid-stream errors, queue full, cancellation on close)."""
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import subprocess
+import sys
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import falcon.testing
+import pytest
+
+from localllm.generate import GenerationEvent, TokenLogprob, Usage
+from localllm_server import formatting, schemas
+from localllm_server.errors import APIError, param_of, to_api_error
+
+HEADER = formatting.ResponseHeader("chatcmpl-test", 1700000000, "m:latest")
+
+
+def record(text, logprob, top=()):
+    return TokenLogprob(0, text, text.encode(), logprob, [TokenLogprob(1, t, t.encode(), lp) for t, lp in top])
+
+
+# --------------------------------------------------------------------------- formatting
+
+def test_ids_are_unique_and_prefixed():
+    ids = {formatting.new_id("chatcmpl") for _ in range(100)}
+    assert len(ids) == 100 and all(i.startswith("chatcmpl-") for i in ids)
+
+
+def test_chat_stream_chunk_sequence_for_two_interleaved_choices():
+    events = [(0, GenerationEvent(0, "Hel")), (1, GenerationEvent(1, "Yo")), (0, GenerationEvent(0, "lo")),
+              (1, GenerationEvent(1, "", finish_reason="stop", usage=Usage(5, 1))),
+              (0, GenerationEvent(0, "!", finish_reason="length", usage=Usage(5, 3)))]
+    chunks = list(formatting.chat_stream(HEADER, iter(events), 2, 5, include_usage=True))
+    deltas = [(c["choices"][0]["index"], c["choices"][0]["delta"], c["choices"][0]["finish_reason"])
+              for c in chunks[:-1]]
+    assert deltas == [(0, {"role": "assistant", "content": ""}, None), (1, {"role": "assistant", "content": ""}, None),
+                      (0, {"content": "Hel"}, None), (1, {"content": "Yo"}, None), (0, {"content": "lo"}, None),
+                      (1, {}, "stop"), (0, {"content": "!"}, None), (0, {}, "length")]
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 4,
+                                                                   "total_tokens": 9}
+    assert all(c["id"] == "chatcmpl-test" and c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def test_chat_stream_without_usage_has_no_usage_field():
+    chunks = list(formatting.chat_stream(HEADER, iter([(0, GenerationEvent(0, "a", finish_reason="stop",
+                                                                           usage=Usage(1, 1)))]), 1, 1, False))
+    assert all("usage" not in c for c in chunks)
+
+
+def test_chat_completion_object_with_logprobs():
+    collector = formatting.Collector(1)
+    collector.add(0, GenerationEvent(0, "Hi", [7], [record("Hi", -0.5, [("Hi", -0.5), ("Yo", -1.5)])]))
+    collector.add(0, GenerationEvent(0, "", [], None, "stop", Usage(3, 1)))
+    body = formatting.chat_completion(HEADER, collector, 3, want_logprobs=True)
+    assert body["object"] == "chat.completion" and body["system_fingerprint"] == "fp_localllm"
+    [choice] = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": "Hi"} and choice["finish_reason"] == "stop"
+    assert choice["logprobs"] == {"content": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": [
+        {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}, {"token": "Yo", "logprob": -1.5, "bytes": [89, 111]}]}]}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+
+
+def test_completion_logprobs_legacy_shape():
+    records = [record("The", None), record(" sky", -2.0, [(" cat", -1.0)]), record(" is", -0.1, [(" is", -0.1)])]
+    logprobs = formatting.completion_logprobs(records)
+    assert logprobs == {"tokens": ["The", " sky", " is"], "token_logprobs": [None, -2.0, -0.1],
+                        "top_logprobs": [None, {" cat": -1.0, " sky": -2.0}, {" is": -0.1}],
+                        "text_offset": [0, 3, 7]}
+    assert formatting.completion_logprobs(records[1:], text_offset=10)["text_offset"] == [10, 14]
+
+
+def test_float32_base64_is_little_endian_float32():
+    encoded = formatting.float32_base64([1.0, -2.5, 0.1])
+    assert base64.b64decode(encoded) == struct.pack("<3f", 1.0, -2.5, 0.1)
+
+
+def test_models_list_is_an_empty_list_not_null():
+    assert formatting.models_list([]) == {"object": "list", "data": []}
+    entry = SimpleNamespace(name="hf.co/user/repo:q4", modified_at=datetime(2024, 1, 1, tzinfo=timezone.utc))
+    assert formatting.model_object(entry) == {"id": "hf.co/user/repo:q4", "object": "model", "created": 1704067200,
+                                              "owned_by": "hf.co"}
+
+
+# --------------------------------------------------------------------------- schemas and errors
+
+def test_omitted_sampling_parameters_stay_unset():
+    request = schemas.parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert {k: v for k, v in request.settings.items() if v is not None} == {"logprobs": False}
+    assert request.stream is False and request.include_usage is False
+
+
+def test_settings_precedence_and_conversions():
+    request = schemas.parse_chat({
+        "model": "m", "messages": [{"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+                                   {"role": "user", "content": "hi"}],
+        "max_tokens": 5, "max_completion_tokens": 7, "stop": "END", "logit_bias": {"42": -100, "7": 2.5},
+        "temperature": 0.2, "options": {"temperature": 0.9, "top_k": 3, "num_ctx": 512, "num_predict": 9,
+                                        "seed": -1, "num_gpu": 1}})
+    settings = request.settings
+    assert settings["max_tokens"] == 7 and settings["temperature"] == 0.2
+    assert settings["top_k"] == 3 and settings["num_ctx"] == 512 and settings["seed"] is None
+    assert settings["stop"] == ["END"] and settings["logit_bias"] == {42: -100.0, 7: 2.5}
+    assert request.messages[0] == {"role": "system", "content": [{"type": "text", "text": "be brief"}]}
+
+
+def test_completion_prompt_forms():
+    def prompts(value):
+        return schemas.parse_completion({"model": "m", "prompt": value}).prompts
+    assert prompts("a") == ["a"]
+    assert prompts(["a", "b"]) == ["a", "b"]
+    assert prompts([1, 2]) == [[1, 2]]
+    assert prompts([[1], [2, 3]]) == [[1], [2, 3]]
+    request = schemas.parse_completion({"model": "m", "prompt": "x", "logprobs": 0})
+    assert request.settings["logprobs"] is True and request.settings["top_logprobs"] == 0
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     "top_logprobs", "top_logprobs must be between 0 and 20"),
+    ({"model": "m", "messages": []}, "messages", "`messages` must not be empty"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": True}, "temperature", None),
+])
+def test_schema_errors_name_the_parameter(body, param, message):
+    with pytest.raises(APIError) as info:
+        schemas.parse_chat(body)
+    assert info.value.status == 400 and info.value.param == param
+    if message:
+        assert info.value.message == message
+
+
+def test_library_exceptions_map_to_statuses():
+    from localllm.engine import ServerBusy
+    from localllm.kv_cache import ContextLengthExceeded
+    from localllm.store import ModelNotFound
+
+    error = to_api_error(ModelNotFound("x"))
+    assert (error.status, error.message, error.error_type) == (404, "model 'x' not found, try pulling it first",
+                                                               "not_found_error")
+    error = to_api_error(ContextLengthExceeded(5000, 4096), prompt_param="prompt")
+    assert (error.status, error.code, error.param) == (400, "context_length_exceeded", "prompt")
+    assert to_api_error(ServerBusy("busy")).status == 503
+    assert to_api_error(ValueError("n must be at most 4 (slots)")).param == "n"
+    assert to_api_error(RuntimeError("boom")).status == 500
+    assert param_of("logit_bias token id 9 is out of range") == "logit_bias"
+    assert param_of("something else went wrong") is None
+
+
+# --------------------------------------------------------------------------- the app with a stand-in engine
+
+class FakeHandle:
+    def __init__(self, events, error=None):
+        self._events, self._error, self.cancelled = events, error, False
+
+    def __iter__(self):
+        yield from self._events
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeModel:
+    capabilities = ("completion",)
+    n_ctx = 64
+    config = SimpleNamespace(vocab_size=100)
+    tokenizer = SimpleNamespace(vocab_size=100, bos_id=None, add_bos=False)
+    metadata: dict = {}
+    name = "fake:latest"
+
+    def make_params(self, **settings):
+        return SimpleNamespace(n=settings.get("n") or 1, logprobs=bool(settings.get("logprobs"))), 64
+
+    def render_chat(self, messages, add_generation_prompt=True, tools=None):
+        return " ".join(m["content"] for m in messages)
+
+    def tokenize(self, text, add_bos=None):
+        return [1] * len(text.split())
+
+
+class FakeEngine:
+    def __init__(self, handle=None, submit_error=None):
+        self.handle, self.submit_error = handle, submit_error
+        self.store = SimpleNamespace(get=lambda name: SimpleNamespace(name=name), list=lambda: [])
+
+    def load(self, entry, keep_alive=None):
+        return FakeModel()
+
+    def submit(self, entry, ids, params, num_ctx=None, keep_alive=None):
+        if self.submit_error:
+            raise self.submit_error
+        return self.handle
+
+    def loaded(self):
+        return []
+
+
+def fake_client(engine):
+    from localllm_server.app import Settings, create_app
+    return falcon.testing.TestClient(create_app(engine, Settings()))
+
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi there"}], "stream": True}
+
+
+def test_an_error_after_streaming_began_is_sent_in_band_then_done():
+    handle = FakeHandle([GenerationEvent(0, "Hel")], error=RuntimeError("the worker died"))
+    result = fake_client(FakeEngine(handle)).simulate_post("/v1/chat/completions", json=CHAT)
+    assert result.status_code == 200
+    events = result.content.split(b"\n\n")
+    assert events[-1] == b"" and events[-2] == b"data: [DONE]"
+    error = json.loads(events[-3][len(b"data: "):])
+    assert error["error"]["type"] == "api_error" and "the worker died" in error["error"]["message"]
+    assert json.loads(events[1][len(b"data: "):])["choices"][0]["delta"] == {"content": "Hel"}
+    assert handle.cancelled                                     # the engine request is let go
+
+
+def test_an_error_before_the_first_event_keeps_its_status():
+    from localllm.kv_cache import ContextLengthExceeded
+    handle = FakeHandle([], error=ContextLengthExceeded(100, 64))
+    result = fake_client(FakeEngine(handle)).simulate_post("/v1/chat/completions", json=CHAT)
+    assert result.status_code == 400 and result.json["error"]["code"] == "context_length_exceeded"
+
+
+def test_queue_full_is_503_with_the_exact_message():
+    from localllm.engine import ServerBusy
+    busy = ServerBusy("server busy, please try again.  maximum pending requests exceeded")
+    result = fake_client(FakeEngine(submit_error=busy)).simulate_post("/v1/chat/completions", json=CHAT)
+    assert result.status_code == 503
+    assert result.json["error"]["message"] == "server busy, please try again.  maximum pending requests exceeded"
+
+
+def test_closing_the_stream_cancels_the_request():
+    from localllm_server.streaming import ClosingStream
+    handle = FakeHandle([GenerationEvent(0, "a"), GenerationEvent(0, "b")])
+    app = fake_client(FakeEngine(handle)).app
+    environ = falcon.testing.create_environ(method="POST", path="/v1/chat/completions", body=json.dumps(CHAT),
+                                            headers={"Content-Type": "application/json"})
+    body = app(environ, lambda status, headers: None)
+    assert isinstance(body, ClosingStream)
+    next(iter(body))                                            # the client read one event, then went away
+    body.close()
+    assert handle.cancelled
+
+
+def test_the_server_package_imports_neither_numpy_nor_numba():
+    code = ("import sys, localllm_server.app, localllm_server.routes, localllm_server.openai_api, "
+            "localllm_server.misc, localllm_server.server, localllm_server.formatting, localllm_server.schemas; "
+            "print(sorted(m for m in ('numpy', 'numba') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_fill_in_the_middle_prompt_layout():
+    from localllm_server.openai_api.completions import fim_token_ids, prompt_ids
+
+    class FimModel(FakeModel):
+        metadata = {"tokenizer.ggml.tokens": ["<s>", "a", "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "b"]}
+
+    model = FimModel()
+    assert fim_token_ids(model) == {"fim_pre": 2, "fim_suf": 3, "fim_mid": 4}
+    assert prompt_ids(model, "x y", "z") == [2, 1, 1, 3, 1, 4]
+    model.tokenizer = SimpleNamespace(vocab_size=100, bos_id=0, add_bos=True)
+    assert prompt_ids(model, [5, 5], "z") == [0, 2, 5, 5, 3, 1, 4]
+    with pytest.raises(APIError) as info:
+        prompt_ids(FakeModel(), "x", "z")
+    assert info.value.param == "suffix"
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("", ("127.0.0.1", 11434)), ("0.0.0.0", ("0.0.0.0", 11434)), ("0.0.0.0:8080", ("0.0.0.0", 8080)),
+    (":9000", ("127.0.0.1", 9000)), ("http://localhost:1234/", ("localhost", 1234)), ("[::1]:5000", ("::1", 5000)),
+])
+def test_localllm_host_parsing(value, expected):
+    from localllm_server.app import parse_host
+    assert parse_host(value) == expected
