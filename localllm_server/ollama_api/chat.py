@@ -1,8 +1,15 @@
-"""POST /api/chat: a conversation rendered with the model's chat template, answered line by line."""
+"""POST /api/chat: a conversation rendered with the model's chat template, answered line by line.
+
+``tools`` are rendered by the model's template when it knows them, else in the Hermes
+format (``localllm.tools``); calls the model writes come back as ``message.tool_calls``
+(``{"function": {"name", "arguments": {...}}}``), sent whole, after the text.
+``format`` ("json" or a JSON schema) constrains the output with a grammar.
+"""
 from __future__ import annotations
 
-from . import parsing
-from .runner import Run, expire, load_only, require_text_model, respond
+from ..errors import APIError
+from . import parsing, responses
+from .runner import Output, Run, expire, load_only, require_text_model, respond
 
 
 class ChatResource:
@@ -10,14 +17,19 @@ class ChatResource:
         self.engine = engine
 
     def on_post(self, req, resp):
+        from localllm import tools as tooling
+
         body = parsing.read_body(req)
         name = parsing.model_name(body)
         stream = parsing.flag(body, "stream", True)
         keep_alive = parsing.keep_alive(body)
-        settings = parsing.options(body)
-        parsing.format_unsupported(body)
+        settings = {**parsing.options(body), **parsing.logprob_settings(body)}
         messages = parsing.messages(body, name)
-        tools = parsing.tools(body)
+        constraint = parsing.constraint(body)
+        try:
+            tools = tooling.validate_tools(parsing.tools(body))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tools") from None
         think = body.get("think")
         entry = self.engine.store.get(name)
         require_text_model(entry, name, "chat")
@@ -31,17 +43,57 @@ class ChatResource:
 
         run = Run(self.engine, entry, keep_alive, name)
         model = run.model
-        params, num_ctx = model.make_params(**settings)
+        params, num_ctx = model.make_params(**settings, constraint=constraint)
         extra = {"enable_thinking": bool(think)} if think is not None else {}
         conversation = [dict(m) for m in entry.messages or []] + messages     # Modelfile MESSAGEs come first
-        prompt = model.render_chat(conversation, add_generation_prompt=True, tools=tools, **extra)
+        if tools:
+            prompt = tooling.render_tools_prompt(model, conversation, tools, "auto", **extra)
+        else:
+            prompt = model.render_chat(conversation, add_generation_prompt=True, **extra)
         events = run.submit(model.tokenize(prompt), params, num_ctx)
+        respond(resp, run, events, stream, ChatOutput(run, tools, stream))
 
-        def piece(text):
-            return {"message": {"role": "assistant", "content": text}}
 
-        def final(text, event, token_ids):
-            return {"message": {"role": "assistant", "content": text},
-                    "done_reason": event.finish_reason if event else "stop", **run.metrics(event)}
+class ChatOutput(Output):
+    """``message`` lines; with tools, text goes through the tool-call parser and calls come whole at the end."""
 
-        respond(resp, run, events, stream, piece, final)
+    def __init__(self, run: Run, tools: list[dict], stream: bool):
+        from localllm.tools import ToolCallStreamParser
+
+        self.run = run
+        self.stream = stream
+        self.tools = tools
+        self.parser = ToolCallStreamParser(tools) if tools else None
+
+    def piece(self, event) -> list[dict]:
+        text = event.text
+        if self.parser is not None and text:
+            text = "".join(d for d in self.parser.push(text) if isinstance(d, str))
+        if not text and not event.logprobs:
+            return []
+        return [self._fields(text, event.logprobs)]
+
+    def end(self, text, event, token_ids, records) -> list[dict]:
+        lines, calls = [], []
+        if self.parser is not None:
+            if text:                                   # not streamed: the whole output at once
+                self.parser.push(text)
+            leftover = "".join(d for d in self.parser.finish() if isinstance(d, str))
+            calls = [call.to_ollama() for call in self.parser.calls]
+            if self.stream:
+                lines += [self._fields(leftover, None)] if leftover else []
+                lines += [{"message": {"role": "assistant", "content": "", "tool_calls": calls}}] if calls else []
+            else:
+                text = self.parser.content
+        final = self._fields(text, records)
+        if calls and not self.stream:
+            final["message"]["tool_calls"] = calls
+        final.update(done_reason=event.finish_reason if event else "stop", **self.run.metrics(event))
+        return lines + [final]
+
+    @staticmethod
+    def _fields(text: str, records) -> dict:
+        fields = {"message": {"role": "assistant", "content": text}}
+        if records:
+            fields["logprobs"] = responses.logprobs(records)
+        return fields

@@ -10,8 +10,8 @@ prompt ids + generated ids, so passing it back continues the conversation.
 from __future__ import annotations
 
 from ..errors import APIError
-from . import parsing
-from .runner import Run, expire, load_only, require_text_model, respond
+from . import parsing, responses
+from .runner import Output, Run, expire, load_only, require_text_model, respond
 
 # GGUF keys of the fill-in-the-middle tokens, and token texts to look for when they are missing
 FIM_KEYS = ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.fim_mid_token_id")
@@ -29,8 +29,8 @@ class GenerateResource:
         stream = parsing.flag(body, "stream", True)
         raw = parsing.flag(body, "raw", False)
         keep_alive = parsing.keep_alive(body)
-        settings = parsing.options(body)
-        parsing.format_unsupported(body)
+        settings = {**parsing.options(body), **parsing.logprob_settings(body)}
+        constraint = parsing.constraint(body)
         prompt = parsing.optional_string(body, "prompt") or ""
         suffix = parsing.optional_string(body, "suffix")
         system = parsing.optional_string(body, "system")
@@ -49,7 +49,7 @@ class GenerateResource:
 
         run = Run(self.engine, entry, keep_alive, name)
         model = run.model
-        params, num_ctx = model.make_params(**settings)
+        params, num_ctx = model.make_params(**settings, constraint=constraint)
         prompt_ids = list(context or [])
         if any(not 0 <= t < model.config.vocab_size for t in prompt_ids):
             raise APIError(400, f"context token ids must be in [0, {model.config.vocab_size})", param="context")
@@ -59,15 +59,33 @@ class GenerateResource:
             text = prompt if raw else render(model, entry, prompt, system, template, suffix, with_history=not context)
             prompt_ids += model.tokenize(text, add_bos=False if prompt_ids else None)
         events = run.submit(prompt_ids, params, num_ctx)
+        respond(resp, run, events, stream, GenerateOutput(run, prompt_ids))
 
-        def piece(text):
-            return {"response": text}
 
-        def final(text, event, token_ids):
-            return {"response": text, "done_reason": event.finish_reason if event else "stop",
-                    "context": prompt_ids + token_ids, **run.metrics(event)}
+class GenerateOutput(Output):
+    """``response`` lines; the final one adds ``context`` (prompt ids + generated ids)."""
 
-        respond(resp, run, events, stream, piece, final)
+    def __init__(self, run: Run, prompt_ids: list[int]):
+        self.run = run
+        self.prompt_ids = prompt_ids
+
+    def piece(self, event) -> list[dict]:
+        if not event.text and not event.logprobs:
+            return []
+        return [self._fields(event.text, event.logprobs)]
+
+    def end(self, text, event, token_ids, records) -> list[dict]:
+        final = self._fields(text, records)
+        final.update(done_reason=event.finish_reason if event else "stop", context=self.prompt_ids + token_ids,
+                     **self.run.metrics(event))
+        return [final]
+
+    @staticmethod
+    def _fields(text: str, records) -> dict:
+        fields = {"response": text}
+        if records:
+            fields["logprobs"] = responses.logprobs(records)
+        return fields
 
 
 def render(model, entry, prompt: str, system: str | None, template: str | None, suffix: str | None,

@@ -146,14 +146,14 @@ def images_absent(images, where: str, model: str) -> None:
     raise APIError(400, f"model '{model}' does not support images: it has no vision encoder", param=where)
 
 
-def format_unsupported(body: dict) -> None:
-    """``format`` ("json" or a JSON schema): structured output needs localllm.constrain, not available yet."""
-    value = body.get("format")
-    if value is None or value == "":
-        return
-    if value != "json" and not isinstance(value, dict):
-        raise APIError(400, "format must be \"json\" or a JSON schema object", param="format")
-    raise APIError(400, "format (structured output) is not supported yet", param="format")
+def constraint(body: dict):
+    """The grammar for ``format``: "json" (any JSON object) or a JSON schema; None when absent."""
+    from localllm import constrain
+
+    try:
+        return constrain.from_ollama_format(body.get("format"))
+    except ValueError as exc:                   # a bad shape, or a schema the grammar cannot enforce
+        raise APIError(400, f"format: {exc}", param="format") from None
 
 
 def messages(body: dict, model: str) -> list[dict]:
@@ -208,3 +208,16 @@ def token_ids(body: dict, field: str) -> list[int] | None:
     if not isinstance(value, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in value):
         raise APIError(400, f"{field} must be a list of token ids (integers)", param=field)
     return value
+
+
+def logprob_settings(body: dict) -> dict[str, Any]:
+    """``logprobs`` (bool) and ``top_logprobs`` (0..20) as ``make_params`` settings; top_logprobs implies logprobs."""
+    want = flag(body, "logprobs", False)
+    top = body.get("top_logprobs")
+    if top is None:
+        top = 0
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+        raise APIError(400, "top_logprobs must be an integer between 0 and 20", param="top_logprobs")
+    if not (want or top):
+        return {}
+    return {"logprobs": True, "top_logprobs": top}

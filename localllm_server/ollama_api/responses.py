@@ -57,6 +57,13 @@ def metrics(total_seconds: float, load_seconds: float, usage, timings: dict | No
             "eval_duration": ns(timings.get("decode_seconds"))}
 
 
+def logprobs(records) -> list[dict]:
+    """Token logprobs as Ollama writes them: ``{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}``."""
+    return [{"token": r.text, "logprob": r.logprob, "bytes": list(r.bytes),
+             "top_logprobs": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.bytes)} for t in r.top]}
+            for r in records]
+
+
 # ---- models --------------------------------------------------------------------------------------------
 
 def digest_hex(entry) -> str:

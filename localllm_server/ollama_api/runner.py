@@ -8,7 +8,7 @@ the model to be unloaded once it is idle after this request.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import falcon
 
@@ -56,14 +56,25 @@ def expire(engine, entry) -> None:
         engine.load(entry, keep_alive=0)
 
 
-def respond(resp, run: Run, events: Iterator, stream: bool, piece: Callable[[str], dict],
-            final: Callable[[str, object, list[int]], dict]) -> None:
-    """Answer with NDJSON lines (``stream``) or one JSON object.
+class Output:
+    """How a route turns engine events into the fields of its lines (chat: ``message``; generate: ``response``)."""
 
-    ``piece(text)`` makes the fields of a line carrying new text; ``final(text, event,
-    token_ids)`` those of the last line (``text`` is the whole output when not streaming,
-    ``token_ids`` every generated id). Both get ``model``/``created_at``/``done`` added.
-    """
+    def piece(self, event) -> list[dict]:
+        """Streaming: the lines (0 or more) for an event's new text and logprobs."""
+        raise NotImplementedError
+
+    def end(self, text: str, event, token_ids: list[int], records: list) -> list[dict]:
+        """The last lines: any not yet sent, then the final line's fields (``done_reason``, metrics...).
+
+        Streaming: ``text`` is "" and ``records`` empty (already sent); otherwise they are
+        the whole output. ``event`` is the final engine event (None if the request was
+        cancelled); ``token_ids`` every generated id.
+        """
+        raise NotImplementedError
+
+
+def respond(resp, run: Run, events: Iterator, stream: bool, output: Output) -> None:
+    """Answer with NDJSON lines (``stream``) or one JSON object, the fields made by ``output``."""
     model = run.name
     try:
         first = next(events, None)            # waits for admission: errors here keep their status code
@@ -78,15 +89,16 @@ def respond(resp, run: Run, events: Iterator, stream: bool, piece: Callable[[str
 
     if not stream:
         try:
-            texts, token_ids, last = [], [], None
+            texts, token_ids, records, last = [], [], [], None
             for event in all_events():
                 texts.append(event.text)
                 token_ids.extend(event.token_ids)
+                records.extend(event.logprobs or [])
                 last = event if event.finish_reason else last
         finally:
             run.finish()
         resp.content_type = falcon.MEDIA_JSON
-        resp.media = line(model, final("".join(texts), last, token_ids), done=True)
+        resp.media = line(model, output.end("".join(texts), last, token_ids, records)[-1], done=True)
         return
 
     def lines():
@@ -94,10 +106,13 @@ def respond(resp, run: Run, events: Iterator, stream: bool, piece: Callable[[str
         try:
             for event in all_events():
                 token_ids.extend(event.token_ids)
-                if event.text:
-                    yield ndjson_line(line(model, piece(event.text), done=False))
+                for fields in output.piece(event):
+                    yield ndjson_line(line(model, fields, done=False))
                 if event.finish_reason:
-                    yield ndjson_line(line(model, final("", event, token_ids), done=True))
+                    *before, final = output.end("", event, token_ids, [])
+                    for fields in before:
+                        yield ndjson_line(line(model, fields, done=False))
+                    yield ndjson_line(line(model, final, done=True))
         except Exception as exc:              # the response has begun: report in-band, as Ollama does
             yield ndjson_line({"error": to_api_error(exc).message})
 

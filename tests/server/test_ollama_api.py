@@ -82,6 +82,50 @@ def test_chat_stop_option(client, golden_smollm2):
     assert short.done_reason == "length" and short.eval_count == 3 and short.message.content == "The capital of"
 
 
+def test_format_json_schema_constrains_the_answer(client):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    question = "Describe a cat as JSON with name and age."
+    answer = client.chat(model=SMOL, messages=[{"role": "user", "content": question}], format=schema,
+                         options={"temperature": 0, "num_predict": 60})
+    assert answer.done_reason == "stop"
+    jsonschema.validate(json.loads(answer.message.content), schema)
+    generated = client.generate(model=SMOL, prompt=question, format="json", options={"temperature": 0, "num_predict": 60})
+    assert generated.response.lstrip().startswith("{")
+
+
+def test_logprobs(client):
+    messages = [{"role": "user", "content": "Hello"}]
+    answer = client.chat(model=SMOL, messages=messages, options=RAW_GREEDY, logprobs=True, top_logprobs=3)
+    assert len(answer.logprobs) == answer.eval_count == 4
+    for record in answer.logprobs:
+        assert record.logprob <= 0 and len(record.top_logprobs) == 3
+        assert record.logprob == max(t.logprob for t in record.top_logprobs)      # greedy takes the best
+    assert "".join(r.token for r in answer.logprobs) == answer.message.content
+    parts = list(client.generate(model=SMOL, prompt="The capital of France is", raw=True, options=RAW_GREEDY,
+                                 logprobs=True, stream=True))
+    streamed = [r for p in parts for r in (p.logprobs or [])]
+    assert [r.token for r in streamed] == [" Paris", ".", "\n", "\n"] and not streamed[0].top_logprobs
+
+
+def test_tools_are_rendered_into_the_prompt(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    plain = client.chat(model=SMOL, messages=messages, options={"num_predict": 1})
+    with_tools = client.chat(model=SMOL, messages=messages, tools=tools, options={"num_predict": 1})
+    assert with_tools.prompt_eval_count > plain.prompt_eval_count + 40
+    # an earlier call and its result (Ollama's message shapes) render too
+    history = messages + [{"role": "assistant", "content": "",
+                           "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                          {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
+    followed = client.chat(model=SMOL, messages=history, tools=tools, options={"num_predict": 1})
+    assert followed.prompt_eval_count > with_tools.prompt_eval_count
+
+
 def test_chat_with_no_messages_loads_the_model(server):
     response = httpx.post(f"{server}/api/chat", json={"model": SMOL}, timeout=60)
     assert response.status_code == 200
@@ -193,8 +237,14 @@ def test_ndjson_framing_and_final_line(server):
     ("chat", {"model": SMOL, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content must be a string"),
     ("chat", {"model": SMOL, "messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}, 400,
      "model 'smollm2:135m' does not support images: it has no vision encoder"),
-    ("chat", {"model": SMOL, "format": "json", "messages": [{"role": "user", "content": "hi"}]}, 400,
-     "format (structured output) is not supported yet"),
+    ("chat", {"model": SMOL, "format": "xml", "messages": [{"role": "user", "content": "hi"}]}, 400,
+     "format: format must be \"json\" or a JSON schema object"),
+    ("generate", {"model": SMOL, "prompt": "x", "format": {"type": "object", "not": {"type": "null"}}}, 400,
+     "format: "),
+    ("chat", {"model": SMOL, "tools": [{"function": {}}], "messages": [{"role": "user", "content": "hi"}]}, 400,
+     "tools[0].function.name must be a non-empty string"),
+    ("chat", {"model": SMOL, "top_logprobs": 50, "messages": [{"role": "user", "content": "hi"}]}, 400,
+     "top_logprobs must be an integer between 0 and 20"),
     ("chat", {"model": SMOL, "stream": "yes", "messages": []}, 400, "stream must be true or false"),
     ("chat", {"model": SMOL, "keep_alive": "soon", "messages": []}, 400, "keep_alive: invalid duration"),
     ("chat", {"model": SMOL, "options": {"temperature": "hot"}, "messages": [{"role": "user", "content": "hi"}]}, 400,
