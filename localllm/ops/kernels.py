@@ -176,54 +176,164 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float, rope_dim: int, styl
 
 
 # --------------------------------------------------------------------------- attention
+#
+# Keys are taken in fixed chunks of KEY_CHUNK positions (0..127, 128..255, ...).
+# Each chunk gives, per query head, its score maximum m, the sum s of
+# exp(score - m) and the unnormalized mix o = sum exp(score - m) * value; the
+# chunks are then merged in order (running maximum, rescaled sums). Decode has
+# few (token, KV head) pairs, so chunks of one pair run in parallel and are
+# merged afterwards; prefill runs pairs in parallel and merges as it goes. Both
+# do the same arithmetic in the same order: a token's attention output does not
+# depend on the batch it came in.
 
-ATTENTION_CHUNKS = 64  # parallel chunks; chunk c takes tasks c, c + 64, ... (balances causal prefill)
+KEY_CHUNK = 128
+PARALLEL_TASKS = 64       # parallel tasks; task t takes work items t, t + 64, ... (balances causal prefill)
+SPLIT_BELOW_PAIRS = 8     # fewer (token, KV head) pairs than this: split their keys across threads
+_LOWEST = np.float32(-3.0e38)
+
+
+@njit(cache=True, fastmath=True)
+def _attend_chunk(q, i, h0, keys, values, start, stop, scale, scores, chunk_max, chunk_sum, chunk_out):
+    """Heads h0 .. h0 + group - 1 of token i over keys[start:stop] -> chunk_max, chunk_sum, chunk_out."""
+    group, head_dim = chunk_max.shape[0], q.shape[2]
+    count = stop - start
+    l = 0
+    while l + 4 <= count:  # four keys at a time: each head's query row is read once for four dot products
+        k = start + l
+        for hh in range(group):
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for d in range(head_dim):
+                qd = q[i, h0 + hh, d]
+                s0 += qd * keys[k, d]
+                s1 += qd * keys[k + 1, d]
+                s2 += qd * keys[k + 2, d]
+                s3 += qd * keys[k + 3, d]
+            scores[hh, l], scores[hh, l + 1], scores[hh, l + 2], scores[hh, l + 3] = \
+                s0 * scale, s1 * scale, s2 * scale, s3 * scale
+        l += 4
+    while l < count:
+        for hh in range(group):
+            s0 = np.float32(0.0)
+            for d in range(head_dim):
+                s0 += q[i, h0 + hh, d] * keys[start + l, d]
+            scores[hh, l] = s0 * scale
+        l += 1
+    for hh in range(group):
+        best = _LOWEST
+        for l in range(count):
+            best = max(best, scores[hh, l])
+        total = np.float32(0.0)
+        for l in range(count):
+            e = fast_exp(scores[hh, l] - best)
+            scores[hh, l] = e
+            total += e
+        chunk_max[hh], chunk_sum[hh] = best, total
+    chunk_out[:, :] = 0.0
+    l = 0
+    while l + 4 <= count:
+        k = start + l
+        for hh in range(group):
+            p0, p1, p2, p3 = scores[hh, l], scores[hh, l + 1], scores[hh, l + 2], scores[hh, l + 3]
+            for d in range(head_dim):
+                chunk_out[hh, d] += p0 * values[k, d] + p1 * values[k + 1, d] \
+                    + p2 * values[k + 2, d] + p3 * values[k + 3, d]
+        l += 4
+    while l < count:
+        for hh in range(group):
+            p0 = scores[hh, l]
+            for d in range(head_dim):
+                chunk_out[hh, d] += p0 * values[start + l, d]
+        l += 1
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _attend(q, keys, values, length, scale, scores, mixed, out, i, h):
-    """out[i, h] = softmax(q[i, h] . keys[:length] * scale) @ values[:length]."""
-    head_dim = q.shape[2]
-    best = -np.inf
-    for l in range(length):
-        s = np.float32(0.0)
-        for d in range(head_dim):
-            s += q[i, h, d] * keys[l, d]
-        s *= scale
-        scores[l] = s
-        best = max(best, s)
-    total = np.float32(0.0)
-    for l in range(length):
-        e = fast_exp(scores[l] - best)
-        scores[l] = e
-        total += e
-    mixed[:] = 0.0
-    for l in range(length):
-        p = scores[l]
-        for d in range(head_dim):
-            mixed[d] += p * values[l, d]
-    inverse = _ONE / total
-    for d in range(head_dim):
-        out[i, h, d] = mixed[d] * inverse
+def _merge(run_max, run_sum, run_out, hh, chunk_max, chunk_sum, chunk_out):
+    """Fold one chunk's (max, sum, out) of head hh into the running ones."""
+    new_max = max(run_max[hh], chunk_max)
+    old_weight = fast_exp(run_max[hh] - new_max)
+    chunk_weight = fast_exp(chunk_max - new_max)
+    run_sum[hh] = run_sum[hh] * old_weight + chunk_sum * chunk_weight
+    for d in range(run_out.shape[1]):
+        run_out[hh, d] = run_out[hh, d] * old_weight + chunk_out[d] * chunk_weight
+    run_max[hh] = new_max
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _finish(run_sum, run_out, out, i, h0):
+    for hh in range(run_out.shape[0]):
+        inverse = _ONE / run_sum[hh]
+        for d in range(run_out.shape[1]):
+            out[i, h0 + hh, d] = run_out[hh, d] * inverse
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def _attention(q, k_cache, v_cache, slots, positions, out):
+def _attention_by_pair(q, k_cache, v_cache, slots, positions, out):
+    """One work item per (token, KV head): its chunks in order, merged as they come."""
     n, n_heads, head_dim = q.shape
-    group = n_heads // k_cache.shape[1]
+    n_kv_heads = k_cache.shape[1]
+    group = n_heads // n_kv_heads
     scale = _ONE / np.sqrt(np.float32(head_dim))
-    max_length = 0
+    n_items = n * n_kv_heads
+    for t in prange(min(n_items, PARALLEL_TASKS)):
+        scores = np.empty((group, KEY_CHUNK), dtype=np.float32)
+        chunk_max = np.empty(group, dtype=np.float32)
+        chunk_sum = np.empty(group, dtype=np.float32)
+        chunk_out = np.empty((group, head_dim), dtype=np.float32)
+        run_max = np.empty(group, dtype=np.float32)
+        run_sum = np.empty(group, dtype=np.float32)
+        run_out = np.empty((group, head_dim), dtype=np.float32)
+        for item in range(t, n_items, PARALLEL_TASKS):
+            i, g = item // n_kv_heads, item % n_kv_heads
+            keys, values = k_cache[slots[i], g], v_cache[slots[i], g]
+            run_max[:] = _LOWEST
+            run_sum[:] = 0.0
+            run_out[:, :] = 0.0
+            length = positions[i] + 1
+            for start in range(0, length, KEY_CHUNK):
+                _attend_chunk(q, i, g * group, keys, values, start, min(start + KEY_CHUNK, length), scale,
+                              scores, chunk_max, chunk_sum, chunk_out)
+                for hh in range(group):
+                    _merge(run_max, run_sum, run_out, hh, chunk_max[hh], chunk_sum[hh], chunk_out[hh])
+            _finish(run_sum, run_out, out, i, g * group)
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _attention_by_chunk(q, k_cache, v_cache, slots, positions, out):
+    """One work item per (token, KV head, key chunk), then the chunks merged in order."""
+    n, n_heads, head_dim = q.shape
+    n_kv_heads = k_cache.shape[1]
+    group = n_heads // n_kv_heads
+    scale = _ONE / np.sqrt(np.float32(head_dim))
+    max_chunks = 0
     for i in range(n):
-        max_length = max(max_length, positions[i] + 1)
-    n_tasks = n * n_heads
-    n_chunks = min(n_tasks, ATTENTION_CHUNKS)
-    for c in prange(n_chunks):
-        scores = np.empty(max_length, dtype=np.float32)
-        mixed = np.empty(head_dim, dtype=np.float32)
-        for task in range(c, n_tasks, n_chunks):
-            i, h = task // n_heads, task % n_heads
-            _attend(q, k_cache[slots[i], h // group], v_cache[slots[i], h // group], positions[i] + 1,
-                    scale, scores, mixed, out, i, h)
+        max_chunks = max(max_chunks, (positions[i] + KEY_CHUNK) // KEY_CHUNK)
+    part_max = np.empty((n, n_kv_heads, max_chunks, group), dtype=np.float32)
+    part_sum = np.empty((n, n_kv_heads, max_chunks, group), dtype=np.float32)
+    part_out = np.empty((n, n_kv_heads, max_chunks, group, head_dim), dtype=np.float32)
+    n_items = n * n_kv_heads * max_chunks
+    for t in prange(min(n_items, PARALLEL_TASKS)):
+        scores = np.empty((group, KEY_CHUNK), dtype=np.float32)
+        for item in range(t, n_items, PARALLEL_TASKS):
+            i, rest = item // (n_kv_heads * max_chunks), item % (n_kv_heads * max_chunks)
+            g, c = rest // max_chunks, rest % max_chunks
+            length = positions[i] + 1
+            if c * KEY_CHUNK < length:
+                _attend_chunk(q, i, g * group, k_cache[slots[i], g], v_cache[slots[i], g], c * KEY_CHUNK,
+                              min(c * KEY_CHUNK + KEY_CHUNK, length), scale, scores, part_max[i, g, c],
+                              part_sum[i, g, c], part_out[i, g, c])
+    run_max = np.empty(group, dtype=np.float32)
+    run_sum = np.empty(group, dtype=np.float32)
+    run_out = np.empty((group, head_dim), dtype=np.float32)
+    for i in range(n):
+        for g in range(n_kv_heads):
+            run_max[:] = _LOWEST
+            run_sum[:] = 0.0
+            run_out[:, :] = 0.0
+            for c in range((positions[i] + KEY_CHUNK) // KEY_CHUNK):
+                for hh in range(group):
+                    _merge(run_max, run_sum, run_out, hh, part_max[i, g, c, hh], part_sum[i, g, c, hh],
+                           part_out[i, g, c, hh])
+            _finish(run_sum, run_out, out, i, g * group)
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
@@ -247,7 +357,8 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
         raise IndexError(f"attention: slots must lie in 0:{n_slots} and positions in 0:{n_ctx}")
     out = np.empty_like(q)
     if n:
-        _attention(q, _as_float32(k_cache), _as_float32(v_cache), slots, positions, out)
+        kernel = _attention_by_chunk if n * n_kv_heads < SPLIT_BELOW_PAIRS else _attention_by_pair
+        kernel(q, _as_float32(k_cache), _as_float32(v_cache), slots, positions, out)
     return out
 
 

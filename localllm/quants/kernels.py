@@ -127,6 +127,44 @@ def _kernel_for(w: QTensor, kernels: str | None):
     return kernel
 
 
+# ws[0] -> {(ws[1:], kernels): plan}; a plan is (cols, rows of each w, [(kernel, views, indices)], description)
+_plans: "weakref.WeakKeyDictionary[QTensor, dict]" = weakref.WeakKeyDictionary()
+
+
+def _plan(ws: tuple, kernels: str | None):
+    """How to multiply by the weights ``ws``: checked once, then remembered (decode calls this 200 times a token)."""
+    key = (ws[1:], kernels)
+    plans = _plans.get(ws[0])
+    if plans is not None and key in plans:
+        return plans[key]
+    cols = ws[0].shape[-1]
+    for w in ws:
+        if len(w.shape) != 2 or w.shape[1] != cols:
+            raise ValueError(f"matmul: '{w.name}' {w.shape} does not match '{ws[0].name}' {ws[0].shape}: "
+                             f"every weight must be 2-D with {cols} columns")
+    views = [_kernel_view(w) for w in ws]
+    groups = []
+    for ggml_type in dict.fromkeys(w.ggml_type for w in ws):  # one launch per type
+        indices = tuple(i for i, w in enumerate(ws) if w.ggml_type == ggml_type)
+        groups.append((_kernel_for(ws[indices[0]], kernels), tuple(views[i] for i in indices), indices))
+    plan = (cols, tuple(view.shape[0] for view in views), groups, f"'{ws[0].name}' {ws[0].shape}")
+    _plans.setdefault(ws[0], {})[key] = plan
+    return plan
+
+
+def _run(ws: tuple, x, kernels: str | None) -> list[np.ndarray]:
+    cols, rows, groups, description = _plan(ws, kernels)
+    x = _activations(x, cols, description)
+    outs = [np.empty((x.shape[0], r), dtype=np.float32) for r in rows]  # (n, rows) each
+    if len(groups) == 1:
+        kernel, views, _ = groups[0]
+        kernel(views, x, tuple(outs))
+    else:
+        for kernel, views, indices in groups:
+            kernel(views, x, tuple(outs[i] for i in indices))
+    return outs
+
+
 # --------------------------------------------------------------------------- public API
 
 def matmul(w: QTensor, x: np.ndarray, *, kernels: str | None = None) -> np.ndarray:
@@ -139,37 +177,19 @@ def matmul(w: QTensor, x: np.ndarray, *, kernels: str | None = None) -> np.ndarr
     implementation from ``AVAILABLE_KERNELS`` (default ``KERNELS``).
     """
     if np.ndim(x) == 1:
-        return matmul(w, np.asarray(x)[None, :], kernels=kernels)[0]
-    if len(w.shape) != 2:
-        raise ValueError(f"matmul needs a 2-D weight, '{w.name}' has shape {w.shape}")
-    view = _kernel_views.get(w)
-    if view is None:
-        view = _kernel_view(w)
-    x = _activations(x, w.shape[1], f"'{w.name}' {w.shape}")
-    out = np.empty((x.shape[0], view.shape[0]), dtype=np.float32)  # (n, rows)
-    _kernel_for(w, kernels)((view,), x, (out,))
-    return out
+        return _run((w,), np.asarray(x)[None, :], kernels)[0][0]
+    return _run((w,), x, kernels)[0]
 
 
 def matmul_many(ws: Sequence[QTensor], x: np.ndarray, *, kernels: str | None = None) -> list[np.ndarray]:
     """``[matmul(w, x) for w in ws]`` with one parallel launch per ggml type among ``ws``
     (e.g. Q/K/V, or gate/up: the activations are quantized once). All ``ws`` take ``cols`` inputs."""
-    ws = list(ws)
+    ws = tuple(ws)
     if not ws:
         raise ValueError("matmul_many needs at least one weight")
-    cols = ws[0].shape[-1]
-    for w in ws:
-        if len(w.shape) != 2 or w.shape[1] != cols:
-            raise ValueError(f"matmul_many: '{w.name}' {w.shape} does not match '{ws[0].name}' {ws[0].shape}: "
-                             f"every weight must be 2-D with {cols} columns")
-    squeeze = np.ndim(x) == 1
-    x = _activations(np.asarray(x)[None, :] if squeeze else x, cols, f"'{ws[0].name}' {ws[0].shape}")
-    views = [_kernel_view(w) for w in ws]
-    outs = [np.empty((x.shape[0], view.shape[0]), dtype=np.float32) for view in views]
-    for ggml_type in dict.fromkeys(w.ggml_type for w in ws):
-        group = [i for i, w in enumerate(ws) if w.ggml_type == ggml_type]
-        _kernel_for(ws[group[0]], kernels)(tuple(views[i] for i in group), x, tuple(outs[i] for i in group))
-    return [out[0] for out in outs] if squeeze else outs
+    if np.ndim(x) == 1:
+        return [out[0] for out in _run(ws, np.asarray(x)[None, :], kernels)]
+    return _run(ws, x, kernels)
 
 
 def embedding_rows(w: QTensor, token_ids) -> np.ndarray:
