@@ -151,7 +151,7 @@ def _parse_stop(value, param):
         raise bad_request(f"{param} may hold at most {MAX_STOP} strings", param)
     if any(not s for s in stops):
         raise bad_request(f"{param} strings must not be empty", param)
-    return stops
+    return stops or None                          # [] = not given: the model's own stop strings stay
 
 
 def _parse_logit_bias(value, param):
