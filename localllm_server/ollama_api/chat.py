@@ -7,29 +7,23 @@ format (``localllm.tools``); calls the model writes come back as ``message.tool_
 """
 from __future__ import annotations
 
-from ..errors import APIError
 from . import parsing, responses
+from .base import Resource
 from .runner import Output, Run, expire, load_only, require_text_model, respond
 
 
-class ChatResource:
-    def __init__(self, engine):
-        self.engine = engine
-
+class ChatResource(Resource):
     def on_post(self, req, resp):
         from localllm import tools as tooling
 
-        body = parsing.read_body(req)
+        body = self.body(req)
         name = parsing.model_name(body)
         stream = parsing.flag(body, "stream", True)
         keep_alive = parsing.keep_alive(body)
         settings = {**parsing.options(body), **parsing.logprob_settings(body)}
         messages = parsing.messages(body, name)
         constraint = parsing.constraint(body)
-        try:
-            tools = tooling.validate_tools(parsing.tools(body))
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="tools") from None
+        tools = tooling.validate_tools(parsing.tools(body))          # ValueError: 400 naming the bad entry
         think = body.get("think")
         entry = self.engine.store.get(name)
         require_text_model(entry, name, "chat")
@@ -51,7 +45,7 @@ class ChatResource:
         else:
             prompt = model.render_chat(conversation, add_generation_prompt=True, **extra)
         events = run.submit(model.tokenize(prompt), params, num_ctx)
-        respond(resp, run, events, stream, ChatOutput(run, tools, stream))
+        respond(req, resp, run, events, stream, ChatOutput(run, tools, stream), "api_chat")
 
 
 class ChatOutput(Output):

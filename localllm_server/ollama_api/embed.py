@@ -7,15 +7,13 @@ import falcon
 
 from ..errors import APIError
 from . import parsing, responses
+from .base import Resource, count_tokens
 
 
-class EmbedResource:
-    def __init__(self, engine):
-        self.engine = engine
-
+class EmbedResource(Resource):
     def on_post(self, req, resp):
         started = time.perf_counter()
-        body = parsing.read_body(req)
+        body = self.body(req)
         name = parsing.model_name(body)
         texts = inputs(body.get("input"))
         truncate = parsing.flag(body, "truncate", True)
@@ -35,20 +33,18 @@ class EmbedResource:
                                         dimensions=dimensions).tolist()
         if keep_alive == 0:
             self.engine.unload(entry)
+        count_tokens(req, "api_embed", sum(counts), 0)
         resp.content_type = falcon.MEDIA_JSON
         resp.media = {"model": name, "embeddings": vectors,
                       "total_duration": int((time.perf_counter() - started) * 1e9),
                       "load_duration": int(load_seconds * 1e9), "prompt_eval_count": sum(counts)}
 
 
-class EmbeddingsResource:
+class EmbeddingsResource(Resource):
     """Ollama's older route: ``{model, prompt}`` -> ``{embedding}``, the raw pooled vector (not normalized)."""
 
-    def __init__(self, engine):
-        self.engine = engine
-
     def on_post(self, req, resp):
-        body = parsing.read_body(req)
+        body = self.body(req)
         name = parsing.model_name(body)
         prompt = parsing.optional_string(body, "prompt") or ""
         keep_alive = parsing.keep_alive(body)

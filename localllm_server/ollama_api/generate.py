@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..errors import APIError
 from . import parsing, responses
+from .base import Resource
 from .runner import Output, Run, expire, load_only, require_text_model, respond
 
 # GGUF keys of the fill-in-the-middle tokens, and token texts to look for when they are missing
@@ -19,12 +20,9 @@ FIM_TEXTS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"), ("<|fim_prefix|>"
              ("<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"))
 
 
-class GenerateResource:
-    def __init__(self, engine):
-        self.engine = engine
-
+class GenerateResource(Resource):
     def on_post(self, req, resp):
-        body = parsing.read_body(req)
+        body = self.body(req)
         name = parsing.model_name(body)
         stream = parsing.flag(body, "stream", True)
         raw = parsing.flag(body, "raw", False)
@@ -59,7 +57,7 @@ class GenerateResource:
             text = prompt if raw else render(model, entry, prompt, system, template, suffix, with_history=not context)
             prompt_ids += model.tokenize(text, add_bos=False if prompt_ids else None)
         events = run.submit(prompt_ids, params, num_ctx)
-        respond(resp, run, events, stream, GenerateOutput(run, prompt_ids))
+        respond(req, resp, run, events, stream, GenerateOutput(run, prompt_ids), "api_generate")
 
 
 class GenerateOutput(Output):

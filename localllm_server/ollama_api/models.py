@@ -9,32 +9,24 @@ import falcon
 from ..errors import APIError, to_api_error
 from ..streaming import ClosingStream, ndjson_line
 from . import parsing, responses
+from .base import Resource
 from .runner import NDJSON
 
 _END = object()
 
 
-class TagsResource:
-    def __init__(self, engine):
-        self.engine = engine
-
+class TagsResource(Resource):
     def on_get(self, req, resp):
         resp.media = {"models": [responses.tag(entry) for entry in self.engine.store.list()]}
 
 
-class ShowResource:
-    def __init__(self, engine):
-        self.engine = engine
-
+class ShowResource(Resource):
     def on_post(self, req, resp):
-        body = parsing.read_body(req)
+        body = self.body(req)
         resp.media = responses.show(self.engine.store.get(parsing.model_name(body)))
 
 
-class PsResource:
-    def __init__(self, engine):
-        self.engine = engine
-
+class PsResource(Resource):
     def on_get(self, req, resp):
         models = []
         for row in sorted(self.engine.loaded(), key=lambda r: r["expires_at"], reverse=True):
@@ -48,12 +40,9 @@ class PsResource:
         resp.media = {"models": models}
 
 
-class CopyResource:
-    def __init__(self, engine):
-        self.engine = engine
-
+class CopyResource(Resource):
     def on_post(self, req, resp):
-        body = parsing.read_body(req)
+        body = self.body(req)
         source = parsing.model_name(body, "source")
         destination = parsing.model_name(body, "destination")
         self.engine.store.get(source)
@@ -62,12 +51,9 @@ class CopyResource:
         resp.status = falcon.HTTP_200
 
 
-class DeleteResource:
-    def __init__(self, engine):
-        self.engine = engine
-
+class DeleteResource(Resource):
     def on_delete(self, req, resp):
-        body = parsing.read_body(req)
+        body = self.body(req)
         name = parsing.model_name(body)
         self.engine.store.get(name)
         unload_quietly(self.engine, name)
@@ -75,16 +61,13 @@ class DeleteResource:
         resp.status = falcon.HTTP_200
 
 
-class PullResource:
+class PullResource(Resource):
     """Pull a registry model; progress lines as Ollama writes them (``pulling <digest12>`` with completed/total)."""
-
-    def __init__(self, engine):
-        self.engine = engine
 
     def on_post(self, req, resp):
         from localllm.store import canonical_name
 
-        body = parsing.read_body(req)
+        body = self.body(req)
         name = parsing.model_name(body)
         stream = parsing.flag(body, "stream", True)
         canonical_name(name)
@@ -100,17 +83,14 @@ class PullResource:
         resp.stream = ClosingStream(ndjson_lines(first, events, lambda: unload_quietly(self.engine, name)))
 
 
-class CreateResource:
+class CreateResource(Resource):
     """Create a model from ``from`` (a store name or a .gguf/HF folder path) and Modelfile fields, or a ``modelfile``."""
-
-    def __init__(self, engine):
-        self.engine = engine
 
     def on_post(self, req, resp):
         from localllm.modelfile import create_model, modelfile_from_request
         from localllm.store import canonical_name
 
-        body = parsing.read_body(req)
+        body = self.body(req)
         name = parsing.model_name(body)
         stream = parsing.flag(body, "stream", True)
         canonical_name(name)

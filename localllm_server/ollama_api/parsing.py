@@ -29,9 +29,11 @@ _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3,
 FOREVER = math.inf
 
 
-def read_body(req) -> dict:
-    """The JSON object in the request body (400 when it is missing, not JSON, or not an object)."""
-    raw = req.bounded_stream.read()
+def read_body(req, max_bytes: int) -> dict:
+    """The JSON object in the request body (413 past ``max_bytes``; 400 when missing, not JSON, or not an object)."""
+    raw = req.bounded_stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise APIError(413, f"request body is larger than the limit of {max_bytes} bytes")
     if not raw or not raw.strip():
         raise APIError(400, "missing request body")
     try:

@@ -15,6 +15,7 @@ import falcon
 from ..errors import APIError, to_api_error
 from ..streaming import ClosingStream, ndjson_line
 from . import responses
+from .base import count_tokens
 
 NDJSON = "application/x-ndjson"
 
@@ -73,9 +74,15 @@ class Output:
         raise NotImplementedError
 
 
-def respond(resp, run: Run, events: Iterator, stream: bool, output: Output) -> None:
-    """Answer with NDJSON lines (``stream``) or one JSON object, the fields made by ``output``."""
+def respond(req, resp, run: Run, events: Iterator, stream: bool, output: Output, route: str) -> None:
+    """Answer with NDJSON lines (``stream``) or one JSON object, the fields made by ``output``.
+
+    A client that goes away cancels the engine request (``ClosingStream`` when streaming;
+    waitress's disconnect check between events otherwise). The tokens count in the app's
+    metrics under ``route``.
+    """
     model = run.name
+    disconnected = req.env.get("waitress.client_disconnected")
     try:
         first = next(events, None)            # waits for admission: errors here keep their status code
     except BaseException:
@@ -95,8 +102,11 @@ def respond(resp, run: Run, events: Iterator, stream: bool, output: Output) -> N
                 token_ids.extend(event.token_ids)
                 records.extend(event.logprobs or [])
                 last = event if event.finish_reason else last
+                if disconnected is not None and disconnected():
+                    break
         finally:
             run.finish()
+        count(req, route, last)
         resp.content_type = falcon.MEDIA_JSON
         resp.media = line(model, output.end("".join(texts), last, token_ids, records)[-1], done=True)
         return
@@ -109,6 +119,7 @@ def respond(resp, run: Run, events: Iterator, stream: bool, output: Output) -> N
                 for fields in output.piece(event):
                     yield ndjson_line(line(model, fields, done=False))
                 if event.finish_reason:
+                    count(req, route, event)
                     *before, final = output.end("", event, token_ids, [])
                     for fields in before:
                         yield ndjson_line(line(model, fields, done=False))
@@ -118,6 +129,11 @@ def respond(resp, run: Run, events: Iterator, stream: bool, output: Output) -> N
 
     resp.content_type = NDJSON
     resp.stream = ClosingStream(lines(), on_close=run.finish)
+
+
+def count(req, route: str, final_event) -> None:
+    if final_event is not None and final_event.usage is not None:
+        count_tokens(req, route, final_event.usage.prompt_tokens, final_event.usage.completion_tokens)
 
 
 def line(model: str, fields: dict, done: bool) -> dict:

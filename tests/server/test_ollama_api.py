@@ -201,7 +201,15 @@ def test_generate_empty_prompt_loads(client):
 
 # ---- raw HTTP: framing, final line, errors ---------------------------------------------------------------
 
+def prompt_tokens_metric(server, api: str) -> int:
+    for line in httpx.get(f"{server}/metrics").text.splitlines():
+        if line.startswith(f'localllm_prompt_tokens_total{{api="{api}"}}'):
+            return int(line.split()[-1])
+    return 0
+
+
 def test_ndjson_framing_and_final_line(server):
+    counted = prompt_tokens_metric(server, "api_chat")
     response = httpx.post(f"{server}/api/chat", timeout=60, json={
         "model": SMOL, "messages": [{"role": "user", "content": "Hello"}], "options": GREEDY})
     assert response.status_code == 200
@@ -216,6 +224,7 @@ def test_ndjson_framing_and_final_line(server):
     assert final["message"] == {"role": "assistant", "content": ""}
     assert all(isinstance(final[k], int) for k in FINAL_FIELDS if k.endswith(("duration", "count")))
     assert final["eval_count"] == 12 and final["model"] == SMOL
+    assert prompt_tokens_metric(server, "api_chat") == counted + final["prompt_eval_count"]
 
     generated = httpx.post(f"{server}/api/generate", timeout=60, json={"model": SMOL, "prompt": "Hi", "options": GREEDY})
     lines = ndjson(generated)
