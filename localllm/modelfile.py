@@ -84,9 +84,16 @@ class Modelfile:
     license: str | None = None
     adapters: list[str] = field(default_factory=list)
 
-    def create_request(self, name: str) -> dict:
-        """The body of an Ollama ``POST /api/create`` that makes this model as ``name``."""
-        body: dict[str, Any] = {"model": name, "from": self.from_}
+    def create_request(self, name: str, base_dir: str | os.PathLike | None = None) -> dict:
+        """The body of an Ollama ``POST /api/create`` that makes this model as ``name``.
+
+        A ``FROM`` path is made absolute (relative paths start at ``base_dir``, the
+        Modelfile's folder), so a server on the same machine finds the file.
+        """
+        from_ = self.from_
+        if from_ is not None and is_path_reference(from_, base_dir):
+            from_ = str(_resolve_path(from_, base_dir).resolve())
+        body: dict[str, Any] = {"model": name, "from": from_}
         for key in ("template", "system", "license"):
             if getattr(self, key) is not None:
                 body[key] = getattr(self, key)

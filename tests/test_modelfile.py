@@ -153,6 +153,8 @@ def test_create_request_body():
     assert body["parameters"]["stop"] == ["<|im_end|>", "User:"]
     again = modelfile_from_request(body)
     assert again == modelfile
+    local = parse_modelfile("FROM ./weights/model.gguf\n").create_request("m", base_dir="/models/here")
+    assert local == {"model": "m", "from": "/models/here/weights/model.gguf"}
 
 
 def test_modelfile_from_request_fields_and_legacy_text():
