@@ -148,6 +148,23 @@ def test_keep_alive_zero_unloads_after_the_request(client, server):
     assert 200 < loaded.expires_at.timestamp() - time.time() <= 301
 
 
+def test_concurrent_requests_are_all_answered(server, golden_smollm2):
+    from concurrent.futures import ThreadPoolExecutor
+
+    messages = golden_case(golden_smollm2, "chat_multiturn")["messages"]
+
+    def ask(route):
+        body = {"model": SMOL, "stream": route == "generate", "options": RAW_GREEDY}
+        body.update({"messages": messages} if route == "chat" else {"prompt": "The capital of France is", "raw": True})
+        return httpx.post(f"{server}/api/{route}", json=body, timeout=120)
+
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(ask, ["chat", "generate", "chat", "generate"]))
+    assert all(r.status_code == 200 for r in responses)
+    assert [r.json()["message"]["content"] for r in responses[::2]] == ["The capital of France"] * 2
+    assert ["".join(line["response"] for line in ndjson(r)) for r in responses[1::2]] == [" Paris.\n\n"] * 2
+
+
 def test_client_going_away_cancels_generation(server, engine):
     body = {"model": SMOL, "messages": [{"role": "user", "content": "Write a very long story."}],
             "options": {"num_predict": -1, "temperature": 1.0, "stop": []}}
