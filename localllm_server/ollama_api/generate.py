@@ -14,12 +14,6 @@ from . import parsing, responses
 from .base import Resource
 from .runner import Output, Run, expire, load_only, require_text_model, respond
 
-# GGUF keys of the fill-in-the-middle tokens, and token texts to look for when they are missing
-FIM_KEYS = ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.fim_mid_token_id")
-FIM_TEXTS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"), ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
-             ("<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"))
-
-
 class GenerateResource(Resource):
     def on_post(self, req, resp):
         body = self.body(req)
@@ -104,24 +98,15 @@ def render(model, entry, prompt: str, system: str | None, template: str | None, 
 
 
 def fill_in_the_middle(model, name: str, prompt: str, suffix: str, add_bos: bool) -> list[int]:
-    """``<prefix> prompt <suffix> suffix <middle>`` token ids (PSM order), or 400 for models without FIM tokens."""
-    ids = fim_token_ids(model)
-    if ids is None:
+    """``[BOS] <fim_pre> prompt <fim_suf> suffix <fim_mid>`` token ids (llama.cpp's layout, as /v1/completions),
+    or 400 for models without fill-in-the-middle tokens."""
+    from ..openai_api.completions import fim_token_ids
+
+    fim = fim_token_ids(model)
+    if fim is None:
         raise APIError(400, f"model '{name}' does not support insert (suffix): it has no fill-in-the-middle tokens",
                        param="suffix")
-    prefix_id, suffix_id, middle_id = ids
-    bos = [model.tokenizer.bos_id] if add_bos and model.tokenizer.add_bos and model.tokenizer.bos_id is not None else []
-    return (bos + [prefix_id] + model.tokenize(prompt, add_bos=False, parse_special=False) + [suffix_id]
-            + model.tokenize(suffix, add_bos=False, parse_special=False) + [middle_id])
-
-
-def fim_token_ids(model) -> tuple[int, int, int] | None:
-    metadata = model.metadata or {}
-    if all(metadata.get(key) is not None for key in FIM_KEYS):
-        return tuple(int(metadata[key]) for key in FIM_KEYS)
-    tokens = metadata.get("tokenizer.ggml.tokens") or []
-    index = {text: i for i, text in enumerate(tokens) if text.startswith("<")}
-    for texts in FIM_TEXTS:
-        if all(text in index for text in texts):
-            return tuple(index[text] for text in texts)
-    return None
+    tokenizer = model.tokenizer
+    bos = [tokenizer.bos_id] if add_bos and tokenizer.add_bos and tokenizer.bos_id is not None else []
+    return (bos + [fim["fim_pre"]] + model.tokenize(prompt, add_bos=False) + [fim["fim_suf"]]
+            + model.tokenize(suffix, add_bos=False) + [fim["fim_mid"]])

@@ -10,7 +10,7 @@ import pytest
 from localllm_server.errors import APIError
 from localllm_server.ollama_api import parsing, responses
 from localllm_server.ollama_api.chat import ChatOutput
-from localllm_server.ollama_api.generate import fim_token_ids
+from localllm_server.ollama_api.generate import fill_in_the_middle
 
 
 @pytest.mark.parametrize("text, seconds", [("5m", 300), ("1h30m", 5400), ("300ms", 0.3), ("1.5s", 1.5), ("0", 0),
@@ -142,10 +142,28 @@ def test_plain_chat_output():
     assert output.piece(SimpleNamespace(text="", logprobs=None, finish_reason=None, token_ids=[])) == []
 
 
-def test_fim_token_ids():
-    tokens = ["<s>", "<fim_prefix>", "a", "<fim_middle>", "<fim_suffix>"]
-    assert fim_token_ids(SimpleNamespace(metadata={"tokenizer.ggml.tokens": tokens})) == (1, 4, 3)
-    keys = {"tokenizer.ggml.fim_pre_token_id": 7, "tokenizer.ggml.fim_suf_token_id": 8,
-            "tokenizer.ggml.fim_mid_token_id": 9}
-    assert fim_token_ids(SimpleNamespace(metadata=keys)) == (7, 8, 9)
-    assert fim_token_ids(SimpleNamespace(metadata={"tokenizer.ggml.tokens": ["a", "<|im_start|>"]})) is None
+class FakeTokenizer:
+    bos_id, add_bos = 0, True
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
+class FakeModel:                                   # weak-referenceable, as the FIM id cache needs
+    def __init__(self, tokens):
+        self.metadata = {"tokenizer.ggml.tokens": tokens}
+        self.tokenizer = FakeTokenizer()
+
+    def tokenize(self, text, add_bos=None):
+        return self.tokenizer.encode(text)
+
+
+fim_model = FakeModel
+
+
+def test_fill_in_the_middle_layout():
+    model = fim_model(["<s>", "<fim_prefix>", "a", "<fim_middle>", "<fim_suffix>"])
+    assert fill_in_the_middle(model, "m", "ab", "c", add_bos=True) == [0, 1, 97, 98, 4, 99, 3]
+    assert fill_in_the_middle(model, "m", "ab", "c", add_bos=False) == [1, 97, 98, 4, 99, 3]
+    with pytest.raises(APIError, match="does not support insert"):
+        fill_in_the_middle(fim_model(["a", "<|im_start|>"]), "m", "x", "y", add_bos=True)
