@@ -87,6 +87,7 @@ def main() -> None:
 
     # warm-up (JIT, allocator), then alternate the two so that load from other processes hits both alike
     ours, theirs = ours_run(), theirs_run() if theirs_run else None
+    load_before = os.getloadavg()[0]
     ours_s = theirs_s = float("inf")
     for _ in range(args.repeats):
         ours_s = min(ours_s, timed(ours_run, 1))
@@ -102,6 +103,7 @@ def main() -> None:
         "sentence_transformers_sentences_per_s": round(len(sentences) / theirs_s, 1) if theirs_run else None,
         "ratio": round(theirs_s / ours_s, 3) if theirs_run else None,
         "max_cosine_gap": float(1.0 - np.min(np.sum(ours * theirs, axis=1))) if theirs_run else None,
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # other processes: before, after
     }
     if note:
         result["note"] = note

@@ -190,39 +190,46 @@ def gelu(x: np.ndarray, kind: str = "gelu") -> np.ndarray:
 
 @njit(cache=True, fastmath=True, inline="always")
 def _attend_head(q, k, v, offsets, n_heads, scale, out, task):
-    """Sentence ``task // n_heads``, head ``task % n_heads``: softmax(q k^T * scale) v into ``out``."""
+    """Sentence ``task // n_heads``, head ``task % n_heads``: softmax(q k^T * scale) v into ``out``.
+
+    K and V of the head are copied transposed, (head_dim, n), so that both
+    products run along contiguous rows: scores as ``n``-long multiply-adds per
+    query component, the output as one ``n``-long dot product per component.
+    """
     head_dim = q.shape[1] // n_heads
     start = offsets[task // n_heads]
     n = offsets[task // n_heads + 1] - start
     c0 = (task % n_heads) * head_dim
-    keys_t = np.empty((head_dim, n), np.float32)           # (head_dim, n): this head's K, transposed
-    values = np.empty((n, head_dim), np.float32)           # (n, head_dim)
+    keys_t = np.empty((head_dim, n), np.float32)                # (head_dim, n)
+    values_t = np.empty((head_dim, n), np.float32)              # (head_dim, n)
     for j in range(n):
         for d in range(head_dim):
             keys_t[d, j] = k[start + j, c0 + d]
-            values[j, d] = v[start + j, c0 + d]
-    scores = np.empty(n, np.float32)
-    mixed = np.empty(head_dim, np.float32)
+            values_t[d, j] = v[start + j, c0 + d]
+    scores = np.empty(n, np.float32)                            # (n,) one query's row
     for i in range(n):
-        scores[:] = 0.0
+        for j in range(n):
+            scores[j] = 0.0
         for d in range(head_dim):
             qd = q[start + i, c0 + d] * scale
+            key_row = keys_t[d]
             for j in range(n):
-                scores[j] += qd * keys_t[d, j]
-        top = scores.max()
+                scores[j] += qd * key_row[j]
+        top = np.float32(-np.inf)
+        for j in range(n):
+            top = max(top, scores[j])
         total = np.float32(0.0)
         for j in range(n):
             e = fast_exp(scores[j] - top)
             scores[j] = e
             total += e
-        mixed[:] = 0.0
-        for j in range(n):
-            p = scores[j]
-            for d in range(head_dim):
-                mixed[d] += p * values[j, d]
         inv = np.float32(1.0) / total
         for d in range(head_dim):
-            out[start + i, c0 + d] = mixed[d] * inv
+            value_row = values_t[d]
+            acc = np.float32(0.0)
+            for j in range(n):
+                acc += scores[j] * value_row[j]
+            out[start + i, c0 + d] = acc * inv
 
 
 @njit(cache=True, fastmath=True, parallel=True)
