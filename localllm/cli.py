@@ -41,6 +41,8 @@ CLEAN_ERRORS = (CLIError, ModelNotFound, InvalidModelName, InvalidModelFile, Pul
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    global _server_available
+    _server_available = None
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -96,14 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_pull(args) -> int:
     progress = TqdmPullProgress(file=sys.stderr)
     try:
-        ModelStore().pull(args.model, progress=progress)
+        if server_available():
+            for event in server_stream("/api/pull", {"model": args.model, "stream": True}):
+                progress(event)
+        else:
+            ModelStore().pull(args.model, progress=progress)
     finally:
         progress.close()
     return 0
 
 
 def cmd_list(args) -> int:
-    rows = [(e.name, short_id(e.digest), human_bytes(e.size), human_time(e.modified_at)) for e in ModelStore().list()]
+    if server_available():
+        rows = [(m["name"], short_id(m.get("digest", "")), human_bytes(m.get("size", 0)),
+                 human_time(datetime.fromisoformat(m["modified_at"])))
+                for m in server_request("GET", "/api/tags").get("models") or []]
+    else:
+        rows = [(e.name, short_id(e.digest), human_bytes(e.size), human_time(e.modified_at))
+                for e in ModelStore().list()]
     print(format_table(("NAME", "ID", "SIZE", "MODIFIED"), rows))
     return 0
 
@@ -126,18 +138,25 @@ def cmd_show(args) -> int:
 
 
 def cmd_cp(args) -> int:
-    ModelStore().copy(args.source, args.destination)
+    if server_available():
+        server_request("POST", "/api/copy", {"source": args.source, "destination": args.destination})
+    else:
+        ModelStore().copy(args.source, args.destination)
     print(f"copied '{args.source}' to '{args.destination}'")
     return 0
 
 
 def cmd_rm(args) -> int:
-    store, status = ModelStore(), 0
+    remote = server_available()
+    store, status = (None if remote else ModelStore()), 0
     for name in args.models:
         try:
-            store.delete(name)
+            if remote:
+                server_request("DELETE", "/api/delete", {"model": name})
+            else:
+                store.delete(name)
             print(f"deleted '{name}'")
-        except (ModelNotFound, InvalidModelName) as exc:
+        except (ModelNotFound, InvalidModelName, CLIError) as exc:
             print(f"Error: {exc}", file=sys.stderr)
             status = 1
     return status
@@ -162,16 +181,7 @@ def cmd_create(args) -> int:
 # ---- run: one-shot and interactive chat ----------------------------------------------------------------
 
 def cmd_run(args) -> int:
-    progress = TqdmPullProgress(file=sys.stderr)
-    try:
-        entry = ModelStore().ensure(args.model, progress=progress)
-    finally:
-        progress.close()
-    import localllm
-
-    model = localllm.load(entry)
-    if not hasattr(model, "chat"):
-        raise CLIError(f"model '{entry.name}' is an embedding model and does not support chat")
+    model = RemoteModel.connect(args.model) if server_available() else load_in_process(args.model)
     prompt = " ".join(args.prompt)
     if not prompt and not sys.stdin.isatty():
         prompt = sys.stdin.read()
@@ -183,6 +193,54 @@ def cmd_run(args) -> int:
         return 0
     ChatSession(model).loop()
     return 0
+
+
+def load_in_process(name: str):
+    """Pull when missing, then load the model in this process."""
+    progress = TqdmPullProgress(file=sys.stderr)
+    try:
+        entry = ModelStore().ensure(name, progress=progress)
+    finally:
+        progress.close()
+    import localllm
+
+    model = localllm.load(entry)
+    if not hasattr(model, "chat"):
+        raise CLIError(f"model '{entry.name}' is an embedding model and does not support chat")
+    return model
+
+
+class RemoteModel:
+    """The running server's model, with the one call the CLI needs: ``chat(messages, stream=True, **options)``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @classmethod
+    def connect(cls, name: str) -> "RemoteModel":
+        """Pull through the server when it lacks the model, then load it there."""
+        try:
+            show = server_request("POST", "/api/show", {"model": name})
+        except CLIError as exc:
+            if "not found" not in str(exc):
+                raise
+            progress = TqdmPullProgress(file=sys.stderr)
+            try:
+                for event in server_stream("/api/pull", {"model": name, "stream": True}):
+                    progress(event)
+            finally:
+                progress.close()
+            show = server_request("POST", "/api/show", {"model": name})
+        if "completion" not in (show.get("capabilities") or ["completion"]):
+            raise CLIError(f"model '{name}' is an embedding model and does not support chat")
+        return cls(name)
+
+    def chat(self, messages: list[dict], stream: bool = True, **options):
+        body = {"model": self.name, "messages": messages, "stream": True, "options": options}
+        for line in server_stream("/api/chat", body):
+            content = (line.get("message") or {}).get("content")
+            if content:
+                yield content
 
 
 def stream_reply(model, messages: list[dict], options: dict, out) -> str:
@@ -293,17 +351,9 @@ class ChatSession:
 def cmd_serve(args) -> int:
     if not module_exists("localllm_server.app"):
         return not_available("serve")
-    import waitress
-    from localllm.engine import Engine
-    from localllm_server.app import Settings, create_app
+    from localllm_server.server import serve
 
-    settings = Settings.from_env()
-    engine = Engine()
-    print(f"localllm listening on http://{settings.host}:{settings.port}", file=sys.stderr)
-    try:
-        waitress.serve(create_app(engine, settings), host=settings.host, port=settings.port, threads=settings.threads)
-    finally:
-        engine.close()
+    serve()
     return 0
 
 
@@ -345,8 +395,25 @@ def server_url() -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
-def server_request(method: str, path: str, body: dict | None = None) -> dict:
-    """JSON from the running server; a CLIError naming the address when it is not reachable."""
+_server_available: bool | None = None
+
+
+def server_available() -> bool:
+    """Whether a localllm (or Ollama) server answers at LOCALLLM_HOST; asked once per command."""
+    global _server_available
+    if _server_available is None:
+        if not module_exists("localllm_server.app"):
+            _server_available = False
+            return False
+        try:
+            with urllib.request.urlopen(server_url() + "/api/version", timeout=0.5) as response:
+                _server_available = "version" in json.loads(response.read() or b"{}")
+        except (OSError, ValueError):
+            _server_available = False
+    return _server_available
+
+
+def _open(method: str, path: str, body: dict | None, timeout: float):
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(server_url() + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
@@ -354,8 +421,7 @@ def server_request(method: str, path: str, body: dict | None = None) -> dict:
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            text = response.read().decode("utf-8").strip().splitlines()
+        return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read()).get("error")
@@ -365,6 +431,24 @@ def server_request(method: str, path: str, body: dict | None = None) -> dict:
     except urllib.error.URLError as exc:
         raise CLIError(f"could not connect to localllm at {server_url()} ({exc.reason}); "
                        f"is `localllm serve` running?") from None
+
+
+def server_stream(path: str, body: dict):
+    """The NDJSON lines of a streamed server response, as dicts; an in-stream error becomes a CLIError."""
+    with _open("POST", path, body, timeout=600) as response:
+        for raw in response:
+            if not raw.strip():
+                continue
+            line = json.loads(raw)
+            if "error" in line:
+                raise CLIError(line["error"])
+            yield line
+
+
+def server_request(method: str, path: str, body: dict | None = None) -> dict:
+    """JSON from the running server; a CLIError naming the address when it is not reachable."""
+    with _open(method, path, body, timeout=30) as response:
+        text = response.read().decode("utf-8").strip().splitlines()
     return json.loads(text[-1]) if text else {}
 
 

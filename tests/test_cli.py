@@ -14,6 +14,15 @@ from localllm.store import ModelStore
 from tests.store_helpers import sha256, tiny_gguf, tiny_wheel  # noqa: F401  (fixtures)
 
 
+@pytest.fixture(autouse=True)
+def no_server(monkeypatch):
+    """These tests exercise the in-process paths: point LOCALLLM_HOST at a port nobody listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("LOCALLLM_HOST", f"127.0.0.1:{port}")
+
+
 @pytest.fixture
 def models_root(tmp_path, monkeypatch):
     root = tmp_path / "models"
