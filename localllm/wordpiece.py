@@ -44,8 +44,8 @@ def wordpiece_tokenizer(vocab: dict[str, int], *, unk_token: str, cls_token: str
 def wordpiece_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
     """The tokenizer of a GGUF ``bert`` vocabulary (``tokenizer.ggml.*`` keys as llama.cpp writes them).
 
-    GGUF does not record ``do_lower_case``; the vocabulary tells: a vocabulary
-    without upper-case pieces belongs to an uncased (lower-casing) model.
+    GGUF does not record ``do_lower_case``; the vocabulary tells: one with
+    (almost) no upper-case pieces belongs to an uncased (lower-casing) model.
     """
     model = metadata.get("tokenizer.ggml.model")
     if model != "bert":
@@ -78,7 +78,9 @@ def wordpiece_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
         return fallback
 
     control = [pieces[i] for i, t in enumerate(types) if t == TOKEN_TYPE_CONTROL]
-    lowercase = not any(piece != piece.lower() for piece, t in zip(pieces, types) if t == TOKEN_TYPE_NORMAL)
+    normal = [piece for piece, t in zip(pieces, types) if t == TOKEN_TYPE_NORMAL]
+    cased_pieces = sum(piece != piece.lower() for piece in normal)
+    lowercase = cased_pieces < 0.01 * len(normal)  # a cased vocabulary has thousands ("The", "Paris", ...)
     return wordpiece_tokenizer(
         vocab,
         unk_token=special(("unknown_token_id",), "[UNK]"),

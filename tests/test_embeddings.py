@@ -245,6 +245,26 @@ def test_gguf_quantized_bert_matches_dequantized_oracle(tmp_path):
     assert np.all(_cos(fast.embed(TINY_TEXTS), expected) >= 0.999)
 
 
+@pytest.mark.parametrize("cased", [False, True])
+def test_gguf_wordpiece_casing_from_vocabulary(cased):
+    words = ["Paris", "Rome", "The", "Cat"] if cased else ["paris", "rome", "the", "cat"]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    tokens = specials + ["\u2581" + w for w in words] + ["s", "\u2581."]
+    metadata = {"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": tokens,
+                "tokenizer.ggml.token_type": [3] * 4 + [1] * (len(tokens) - 4),
+                "tokenizer.ggml.unknown_token_id": 1, "tokenizer.ggml.bos_token_id": 2,
+                "tokenizer.ggml.seperator_token_id": 3}
+    tokenizer = wordpiece_from_gguf(metadata)
+    paris = tokens.index("\u2581" + words[0])
+    assert tokenizer.encode("Paris").ids == [2, paris, 3]
+    assert tokenizer.encode("PARIS Rome").ids == ([2, 1, tokens.index("\u2581Rome"), 3] if cased
+                                                  else [2, paris, tokens.index("\u2581rome"), 3])
+    assert tokenizer.encode("cats .", add_special_tokens=False).ids == (
+        [1, tokens.index("\u2581.")] if cased else [tokens.index("\u2581cat"), tokens.index("s"), tokens.index("\u2581.")])
+    with pytest.raises(ValueError, match="'llama'"):
+        wordpiece_from_gguf({**metadata, "tokenizer.ggml.model": "llama"})
+
+
 def test_gguf_other_architecture_is_rejected(tmp_path):
     path = tmp_path / "llama.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
