@@ -96,8 +96,8 @@ def test_format_json_schema_constrains_the_answer(client):
     assert generated.response.lstrip().startswith("{")
 
 
-def test_logprobs(client):
-    messages = [{"role": "user", "content": "Hello"}]
+def test_logprobs(client, golden_smollm2):
+    messages = golden_case(golden_smollm2, "chat_multiturn")["messages"]
     answer = client.chat(model=SMOL, messages=messages, options=RAW_GREEDY, logprobs=True, top_logprobs=3)
     assert len(answer.logprobs) == answer.eval_count == 4
     for record in answer.logprobs:
@@ -225,10 +225,11 @@ def prompt_tokens_metric(server, api: str) -> int:
     return 0
 
 
-def test_ndjson_framing_and_final_line(server):
+def test_ndjson_framing_and_final_line(server, golden_smollm2):
     counted = prompt_tokens_metric(server, "api_chat")
-    response = httpx.post(f"{server}/api/chat", timeout=60, json={
-        "model": SMOL, "messages": [{"role": "user", "content": "Hello"}], "options": GREEDY})
+    messages = golden_case(golden_smollm2, "chat_multiturn")["messages"]       # a 7-token answer: 4 are cut
+    response = httpx.post(f"{server}/api/chat", timeout=60, json={"model": SMOL, "messages": messages,
+                                                                  "options": RAW_GREEDY})
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/x-ndjson")
     lines = ndjson(response)
@@ -240,18 +241,18 @@ def test_ndjson_framing_and_final_line(server):
     assert FINAL_FIELDS <= set(final) and final["done"] is True and final["done_reason"] == "length"
     assert final["message"] == {"role": "assistant", "content": ""}
     assert all(isinstance(final[k], int) for k in FINAL_FIELDS if k.endswith(("duration", "count")))
-    assert final["eval_count"] == 12 and final["model"] == SMOL
+    assert final["eval_count"] == 4 and final["model"] == SMOL
+    assert "".join(line["message"]["content"] for line in lines) == "The capital of France"
     assert prompt_tokens_metric(server, "api_chat") == counted + final["prompt_eval_count"]
 
-    generated = httpx.post(f"{server}/api/generate", timeout=60, json={"model": SMOL, "prompt": "Hi", "options": GREEDY})
-    lines = ndjson(generated)
+    capital = {"model": SMOL, "prompt": "The capital of France is", "raw": True, "options": RAW_GREEDY}
+    lines = ndjson(httpx.post(f"{server}/api/generate", timeout=60, json=capital))
     assert all(set(line) == {"model", "created_at", "response", "done"} for line in lines[:-1])
     assert FINAL_FIELDS | {"context", "response"} <= set(lines[-1])
 
-    single = httpx.post(f"{server}/api/generate", timeout=60,
-                        json={"model": SMOL, "prompt": "Hi", "options": GREEDY, "stream": False})
+    single = httpx.post(f"{server}/api/generate", timeout=60, json={**capital, "stream": False})
     assert single.headers["content-type"].startswith("application/json")
-    assert single.json()["response"] == "".join(line["response"] for line in lines)
+    assert single.json()["response"] == "".join(line["response"] for line in lines) == " Paris.\n\n"
 
 
 @pytest.mark.parametrize("route, body, status, message", [
