@@ -21,7 +21,15 @@ from .generate import GenerationEvent, GenerationParams, make_sequences, release
 from .kv_cache import NoFreeSlot
 
 DEFAULT_KEEP_ALIVE = 300.0   # seconds a model stays loaded after its last request
+FOREVER_SECONDS = 100 * 365 * 86400   # how /api/ps shows "loaded forever" (negative keep_alive)
 _DONE = object()
+
+
+def _keep_alive_seconds(keep_alive: float | None) -> float | None:
+    """Negative keep-alive means forever (as in Ollama)."""
+    if keep_alive is None:
+        return None
+    return float("inf") if keep_alive < 0 else float(keep_alive)
 
 
 class ServerBusy(RuntimeError):
@@ -203,8 +211,13 @@ class Engine:
         return (entry.name if entry else str(path)), (entry or path)
 
     def load(self, name: str, keep_alive: float | None = None):
-        """The loaded model for ``name`` (a Model or an EmbeddingModel), loading it if needed."""
+        """The loaded model for ``name`` (a Model or an EmbeddingModel), loading it if needed.
+
+        ``keep_alive``: seconds to stay loaded after the last request (0: unload
+        when idle, negative: forever); None keeps the current setting.
+        """
         key, source = self._canonical(name)
+        keep_alive = _keep_alive_seconds(keep_alive)
         with self._lock:
             if key in self.workers:
                 worker = self.workers[key]
@@ -213,7 +226,11 @@ class Engine:
                 worker.last_used = time.monotonic()
                 return worker.model
             if key in self.embedders:
-                return self.embedders[key]
+                embedder = self.embedders[key]
+                if keep_alive is not None:
+                    embedder.keep_alive = keep_alive
+                embedder.last_used = time.monotonic()
+                return embedder
             lock = self._loading.setdefault(key, threading.Lock())
         with lock:                                       # only requests for this model wait for its load
             with self._lock:
@@ -247,18 +264,27 @@ class Engine:
     def loaded(self) -> list[dict]:
         """What /api/ps reports: name, model handle, expiry (unix seconds)."""
         now_wall, now_mono = time.time(), time.monotonic()
+        forever = now_wall + FOREVER_SECONDS
+
+        def wall(expiry: float) -> float:
+            return min(forever, now_wall + (expiry - now_mono))
+
         with self._lock:
-            rows = [{"name": key, "model": w.model, "expires_at": now_wall + (w.expires_at - now_mono)}
+            rows = [{"name": key, "model": w.model, "expires_at": wall(w.expires_at)}
                     for key, w in self.workers.items()]
-            rows += [{"name": key, "model": m, "expires_at": now_wall + (m.last_used + m.keep_alive - now_mono)}
+            rows += [{"name": key, "model": m, "expires_at": wall(m.last_used + m.keep_alive)}
                      for key, m in self.embedders.items()]
         return rows
 
     # -- requests ----------------------------------------------------------------------------------------
     def submit(self, name: str, prompt: list[int], params: GenerationParams, num_ctx: int | None = None,
                keep_alive: float | None = None) -> RequestHandle:
-        """Queue a generation request; iterate the returned handle for its events."""
-        model = self.load(name, keep_alive)
+        """Queue a generation request; iterate the returned handle for its events.
+
+        ``keep_alive`` applies once the request is queued, so a 0 unloads the
+        model after this request instead of racing it.
+        """
+        model = self.load(name)
         if not isinstance(model, api.Model):
             raise TypeError(f"model '{name}' is an embedding model and cannot generate text")
         params.validate()
@@ -271,11 +297,17 @@ class Engine:
         if params.n > model.cache.n_slots:
             raise ValueError(f"n must be at most {model.cache.n_slots} (the number of parallel sequences)")
         key, _ = self._canonical(name)
-        with self._lock:
-            worker = self.workers.get(key)
-        if worker is None:
-            raise RequestCancelled(f"model '{name}' was unloaded")
-        worker.submit(handle)
+        for _ in range(3):
+            with self._lock:                  # the reaper takes this lock too: a queued request keeps it loaded
+                worker = self.workers.get(key)
+                if worker is not None:
+                    worker.submit(handle)
+                    break
+            self.load(name)                   # reaped between load and queueing: load again
+        else:
+            raise RequestCancelled(f"model '{name}' was unloaded while the request was queued")
+        if keep_alive is not None:
+            worker.keep_alive = _keep_alive_seconds(keep_alive)
         return handle
 
     def embed(self, name: str, texts, keep_alive: float | None = None, **options):

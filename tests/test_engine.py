@@ -94,3 +94,23 @@ def test_keep_alive_zero_unloads(engine, tiny_llama_path):
 def test_unknown_model_is_not_found(engine):
     with pytest.raises(ModelNotFound, match="model 'nope' not found, try pulling it first"):
         engine.load("nope")
+
+
+def test_keep_alive_zero_on_submit_serves_the_request_then_unloads(engine, tiny_llama_path):
+    model = engine.load(str(tiny_llama_path))
+    params, num_ctx = model.make_params(temperature=0, max_tokens=20)
+    for _ in range(5):                                   # the reaper runs every second: give it chances to race
+        handle = engine.submit(str(tiny_llama_path), model.tokenize("hi"), params, num_ctx, keep_alive=0)
+        assert "".join(e.text for e in handle) == model.generate("hi", temperature=0, max_tokens=20)
+        model = engine.load(str(tiny_llama_path))
+    engine.load(str(tiny_llama_path), keep_alive=0)
+    deadline = time.time() + 5
+    while engine.loaded() and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.loaded() == []
+
+
+def test_negative_keep_alive_is_forever(engine, tiny_llama_path):
+    engine.load(str(tiny_llama_path), keep_alive=-1)
+    (row,) = engine.loaded()
+    assert row["expires_at"] > time.time() + 50 * 365 * 86400
