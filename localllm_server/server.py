@@ -17,6 +17,23 @@ def waitress_server(app, settings: Settings):
                          channel_request_lookahead=1, ident="localllm", clear_untrusted_proxy_headers=True)
 
 
+def stop(server, thread=None, timeout: float = 30) -> None:
+    """Stop a waitress server whose loop runs in ``thread`` (another thread than the caller's).
+
+    The worker threads finish their current requests first (they still signal
+    the loop when done); then the sockets are closed from inside the loop
+    thread (a trigger callback), so that no file descriptor is closed under a
+    ``select`` running elsewhere. The loop ends when it has no socket left.
+    """
+    from waitress import wasyncore
+
+    server.task_dispatcher.shutdown(timeout=timeout)
+    sockets = getattr(server, "_map", None) or getattr(server, "map", None)
+    server.trigger.pull_trigger(lambda: wasyncore.close_all(sockets))
+    if thread is not None:
+        thread.join(timeout)
+
+
 def make_server(settings: Settings | None = None, engine=None):
     """A waitress server for the app, bound but not yet running; returns (server, engine)."""
     settings = settings or Settings.from_env()

@@ -42,7 +42,9 @@ class RunningServer:
         raise RuntimeError("server did not start")
 
     def close(self):
-        self.server.close()
+        from localllm_server.server import stop
+
+        stop(self.server, self.thread)
 
 
 def run_app(engine, **settings) -> RunningServer:
