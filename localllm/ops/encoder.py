@@ -32,8 +32,10 @@ _P0, _P1, _P2, _P3, _P4, _P5 = _ERF_P
 _Q0, _Q1, _Q2, _Q3, _Q4, _Q5 = _ERF_Q
 _SQRT_HALF = 0.7071067811865476
 _SQRT_2_OVER_PI = 0.7978845608028654
-PARALLEL_MIN_ROWS = 16        # rows from which the layer norm uses threads
-PARALLEL_MIN_WORK = 1 << 16   # elements from which GELU uses threads (x16 multiply-adds for attention)
+# Threads pay off only for large calls: a parallel region costs a launch and, on a busy
+# machine, spinning workers that compete with BLAS' own threads.
+PARALLEL_MIN_ROWS = 2048      # rows from which the layer norm uses threads
+PARALLEL_MIN_WORK = 1 << 20   # elements from which GELU uses threads (x16 multiply-adds for attention)
 
 
 # --------------------------------------------------------------------------- numpy reference
