@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 from . import api
@@ -275,6 +275,16 @@ class Engine:
             rows += [{"name": key, "model": m, "expires_at": wall(m.last_used + m.keep_alive)}
                      for key, m in self.embedders.items()]
         return rows
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Requests per loaded text model: ``{name: {"active": decoding, "pending": waiting for a slot}}``."""
+        with self._lock:
+            workers = dict(self.workers)
+        stats = {}
+        for key, worker in workers.items():
+            with worker.condition:
+                stats[key] = {"active": len(worker.active), "pending": len(worker.pending)}
+        return stats
 
     # -- requests ----------------------------------------------------------------------------------------
     def submit(self, name: str, prompt: list[int], params: GenerationParams, num_ctx: int | None = None,

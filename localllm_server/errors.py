@@ -77,7 +77,7 @@ def to_api_error(exc: BaseException, prompt_param: str = "messages") -> APIError
     """
     from localllm.engine import ServerBusy
     from localllm.kv_cache import ContextLengthExceeded
-    from localllm.store import InvalidModelName, ModelNotFound
+    from localllm.store import InvalidModelName, ModelNotFound, PullError
 
     if isinstance(exc, APIError):
         return exc
@@ -93,6 +93,8 @@ def to_api_error(exc: BaseException, prompt_param: str = "messages") -> APIError
         return APIError(400, str(exc), param=PARAM_OF_ERROR[type(exc).__name__])
     if isinstance(exc, (ValueError, TypeError)):
         return APIError(400, str(exc), param=param_of(str(exc)))
+    if isinstance(exc, PullError):
+        return APIError(500, str(exc), param="model", code="pull_failed", error_type="api_error")
     if isinstance(exc, FileNotFoundError):
         return APIError(404, str(exc), param="model", code="model_not_found")
     return APIError(500, f"internal error: {type(exc).__name__}: {exc}")

@@ -124,11 +124,11 @@ def render_metrics(metrics, engine) -> str:
            [(_labels(api=k), v) for k, v in completion_tokens])
     loaded = engine.loaded()
     family("localllm_models_loaded", "gauge", "models in memory", [("", len(loaded))])
-    workers = dict(getattr(engine, "workers", {}))
+    stats = sorted(engine.stats().items())
     family("localllm_requests_active", "gauge", "generation requests decoding",
-           [(_labels(model=k), len(getattr(w, "active", ()))) for k, w in sorted(workers.items())])
+           [(_labels(model=k), v["active"]) for k, v in stats])
     family("localllm_requests_pending", "gauge", "generation requests waiting for a slot",
-           [(_labels(model=k), len(getattr(w, "pending", ()))) for k, w in sorted(workers.items())])
+           [(_labels(model=k), v["pending"]) for k, v in stats])
     return "\n".join(lines) + "\n"
 
 

@@ -73,11 +73,11 @@ class PullResource(Resource):
         canonical_name(name)
         store = self.engine.store
         if not stream:
-            pull_or_fail(store, name, None)
+            store.pull(name, progress=None)
             unload_quietly(self.engine, name)
             resp.media = {"status": "success"}
             return
-        events = run_in_thread(lambda progress: pull_or_fail(store, name, progress))
+        events = run_in_thread(lambda progress: store.pull(name, progress=progress))
         first = next(events)                    # an unknown name is a 404 before the stream starts
         resp.content_type = NDJSON
         resp.stream = ClosingStream(ndjson_lines(first, events, lambda: unload_quietly(self.engine, name)))
@@ -121,13 +121,6 @@ def unload_quietly(engine, name: str) -> None:
         engine.unload(engine.store.get(canonical))
 
 
-def pull_or_fail(store, name: str, progress) -> None:
-    from localllm.store import PullError
-
-    try:
-        store.pull(name, progress=progress)
-    except PullError as exc:
-        raise APIError(500, str(exc)) from exc
 
 
 def run_in_thread(work):
