@@ -107,3 +107,21 @@ def test_attention_rejects_bad_arguments():
         kernels.attention(q, k_cache, k_cache, np.array([2]), np.array([0]))
     with pytest.raises(ValueError, match="does not fit"):
         kernels.attention(np.zeros((1, 3, 4), dtype=np.float32), k_cache, k_cache, np.array([0]), np.array([0]))
+
+
+def test_results_do_not_depend_on_the_batch():
+    """Few tokens run serially / key chunks in parallel, many tokens run in parallel / by (token, KV head):
+    the same token must get bit-identical results either way (chunked prefill == one-shot prefill)."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((40, 96)).astype(np.float32) * 3
+    weight = rng.standard_normal(96).astype(np.float32)
+    np.testing.assert_array_equal(kernels.rms_norm(x[:3], weight, 1e-5), kernels.rms_norm(x, weight, 1e-5)[:3])
+    gate, up = x * 2, x[::-1].copy()
+    np.testing.assert_array_equal(kernels.swiglu(gate[:5], up[:5]), kernels.swiglu(gate, up)[:5])
+    k_cache, v_cache = _cache(rng, 1, 2, 300, 16)
+    q = rng.standard_normal((300, 4, 16)).astype(np.float32)
+    slots, positions = np.zeros(300, dtype=np.int64), np.arange(300)
+    together = kernels.attention(q, k_cache, v_cache, slots, positions)
+    for i in (0, 130, 299):
+        alone = kernels.attention(q[i:i + 1], k_cache, v_cache, slots[i:i + 1], positions[i:i + 1])
+        np.testing.assert_array_equal(alone[0], together[i])

@@ -82,20 +82,24 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 # --------------------------------------------------------------------------- swiglu
 
-@njit(cache=True, fastmath=True, inline="always")
+# No reciprocal approximations ("arcp", "afn"): the vectorized and the scalar loop must agree bit for bit.
+_EXACT_DIVISION = {"nnan", "ninf", "nsz", "contract"}
+
+
+@njit(cache=True, fastmath=_EXACT_DIVISION, inline="always")
 def _swiglu_row(gate, up, out, i):
     for k in range(gate.shape[1]):
         g = gate[i, k]
         out[i, k] = g / (_ONE + fast_exp(-g)) * up[i, k]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=_EXACT_DIVISION)
 def _swiglu_serial(gate, up, out):
     for i in range(gate.shape[0]):
         _swiglu_row(gate, up, out, i)
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=_EXACT_DIVISION, parallel=True)
 def _swiglu_parallel(gate, up, out):
     for i in prange(gate.shape[0]):
         _swiglu_row(gate, up, out, i)

@@ -1,23 +1,23 @@
 """SIMD values for numba: 256-bit vector types and the few instructions the kernels need.
 
-numba has no vector type, and LLVM does not find ``vpmaddubsw`` in plain loops
-over 32-element blocks. This module gives numba four value types that live in
+numba has no vector type, and LLVM does not find the integer dot-product
+instructions (``vpmaddwd``) in plain loops over 32-element blocks. This module gives numba four value types that live in
 one AVX register each::
 
-    I8x32   32 x int8   (quantized weights as unsigned bytes, activations as signed)
-    I16x16  16 x int16  (per-16 sub-block scales)
+    I8x32   32 x int8   (quantized weights, unpacked to one byte each)
+    I16x16  16 x int16  (weights widened to 16 bits, int16 activations)
     I32x8    8 x int32  (integer dot products)
     F32x8    8 x float32 (accumulators)
 
 and ``numba.extending.intrinsic`` functions over them that emit LLVM IR: loads
-at a byte offset of an array, nibble and bit unpacking, the AVX2 integer dot
-products (``llvm.x86.avx2.pmadd.ub.sw`` = ``vpmaddubsw``, ``pmadd.wd`` =
+at a byte offset of an array, nibble and bit unpacking, widening bytes to
+16-bit lanes, the AVX2 integer dot product (``llvm.x86.avx2.pmadd.wd`` =
 ``vpmaddwd``) and a fused multiply-add into float accumulators.
 
-Only ``dot_*`` use x86 instructions; everything else is generic LLVM IR that any
+Only ``dot_i16`` uses an x86 instruction; everything else is generic LLVM IR that any
 target compiles (the portable kernels use ``load_u8`` and ``float32_from_bits``).
 Importing this module is safe anywhere: intrinsics are compiled only when a
-kernel that calls them is, and ``quants.kernels`` compiles the ``dot_*`` users
+kernel that calls them is, and ``quants.kernels`` compiles the ``dot_i16`` users
 only on CPUs with AVX2.
 
 Byte offsets are flat: ``offset`` counts bytes from the start of the array's
@@ -180,60 +180,75 @@ def or_shifted(typingctx, low, high, shift):
     return i8x32(low, high, shift), codegen
 
 
-@intrinsic
-def scales_16(typingctx, low, high):
-    """An int16 scale vector: 8 lanes of ``low`` then 8 lanes of ``high``.
+# --------------------------------------------------------------------------- 16-bit lanes
 
-    ``vpmaddwd`` with it weights the first 16 elements of a 32-block by ``low``
-    and the last 16 by ``high``.
+def _widen(builder, v, high, signed):
+    half = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, 16), list(range(16 * high, 16 * high + 16))))
+    return (builder.sext if signed else builder.zext)(half, I16x16.llvm_type)
+
+
+@intrinsic
+def widen_low(typingctx, v):
+    """Bytes 0..15 of v, zero-extended to 16 bits (``vpmovzxbw``)."""
+    def codegen(context, builder, sig, args):
+        return _widen(builder, args[0], 0, False)
+    return i16x16(v), codegen
+
+
+@intrinsic
+def widen_high(typingctx, v):
+    """Bytes 16..31 of v, zero-extended to 16 bits."""
+    def codegen(context, builder, sig, args):
+        return _widen(builder, args[0], 1, False)
+    return i16x16(v), codegen
+
+
+@intrinsic
+def widen_low_signed(typingctx, v):
+    """Bytes 0..15 of v, sign-extended to 16 bits (``vpmovsxbw``)."""
+    def codegen(context, builder, sig, args):
+        return _widen(builder, args[0], 0, True)
+    return i16x16(v), codegen
+
+
+@intrinsic
+def widen_high_signed(typingctx, v):
+    """Bytes 16..31 of v, sign-extended to 16 bits."""
+    def codegen(context, builder, sig, args):
+        return _widen(builder, args[0], 1, True)
+    return i16x16(v), codegen
+
+
+@intrinsic
+def load_i16x16(typingctx, array, offset):
+    """16 int16 values at byte ``offset``."""
+    def codegen(context, builder, sig, args):
+        return _load(builder, _byte_pointer(context, builder, sig.args[0], *args), I16x16.llvm_type)
+    return i16x16(array, offset), codegen
+
+
+@intrinsic
+def scale_i16(typingctx, v, scale):
+    """``v * scale`` lane-wise in 16 bits (``vpmullw``); the caller keeps products in range."""
+    def codegen(context, builder, sig, args):
+        return builder.mul(args[0], _splat(builder, _as_lane(builder, args[1], _i16), I16x16.llvm_type))
+    return i16x16(v, scale), codegen
+
+
+# --------------------------------------------------------------------------- dot product (x86)
+
+@intrinsic
+def dot_i16(typingctx, low_weights, low_x, high_weights, high_x):
+    """Integer dot of 32 int16 weights with 32 int16 activations, as 8 int32 partial sums.
+
+    ``vpmaddwd`` multiplies lanes and adds adjacent pairs into int32 (exact:
+    |w| <= 8064 and |x| <= 32767 keep every sum below 2^31); the two halves are added.
     """
     def codegen(context, builder, sig, args):
-        v8 = ir.VectorType(_i16, 8)
-        lo = _splat(builder, _as_lane(builder, args[0], _i16), v8)
-        hi = _splat(builder, _as_lane(builder, args[1], _i16), v8)
-        return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, 16), list(range(16))))
-    return i16x16(low, high), codegen
-
-
-@intrinsic
-def ones_16(typingctx):
-    """int16 ones: ``vpmaddwd`` with it sums adjacent pairs."""
-    def codegen(context, builder, sig, args):
-        return _const_vector(I16x16.llvm_type, 1)
-    return i16x16(), codegen
-
-
-# --------------------------------------------------------------------------- dot products (x86)
-
-@intrinsic
-def dot_unsigned(typingctx, weights, activations, scales):
-    """Scaled integer dot: unsigned weight bytes x signed activation bytes.
-
-    ``vpmaddubsw`` multiplies byte pairs and adds adjacent products into int16
-    (exact while weights < 128), ``vpmaddwd`` multiplies those by ``scales``
-    and adds pairs into int32: lane i holds sum_{k<4} w[4i+k] * x[4i+k] * scale.
-    """
-    def codegen(context, builder, sig, args):
-        pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", I16x16.llvm_type, [args[0], args[1]])
-        return _call(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type, [pairs, args[2]])
-    return i32x8(weights, activations, scales), codegen
-
-
-@intrinsic
-def dot_signed(typingctx, weights, activations):
-    """Integer dot of signed weight bytes x signed activation bytes (|x| <= 127).
-
-    ``vpmaddubsw`` needs one unsigned operand: multiply |w| by x carrying w's
-    sign (``vpsignb``), as ggml does.
-    """
-    def codegen(context, builder, sig, args):
-        v32 = I8x32.llvm_type
-        magnitude = _call(builder, "llvm.abs.v32i8", v32, [args[0], ir.Constant(ir.IntType(1), 0)])
-        signed_x = _call(builder, "llvm.x86.avx2.psign.b", v32, [args[1], args[0]])
-        pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", I16x16.llvm_type, [magnitude, signed_x])
-        return _call(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type,
-                     [pairs, _const_vector(I16x16.llvm_type, 1)])
-    return i32x8(weights, activations), codegen
+        low = _call(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type, [args[0], args[1]])
+        high = _call(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type, [args[2], args[3]])
+        return builder.add(low, high)
+    return i32x8(low_weights, low_x, high_weights, high_x), codegen
 
 
 # --------------------------------------------------------------------------- float accumulators

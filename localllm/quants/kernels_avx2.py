@@ -1,12 +1,12 @@
 """AVX2 matmul kernels for the quantized ggml types (x86-64 with AVX2, F16C and FMA).
 
 Same form as ``quants.portable`` (read its docstring): a decoder turns the
-32-element block ``b`` of a weight row into 32 small integers and
-``(d, scale_0, scale_1, offset_0, offset_1)``, here as one ``I8x32`` register
-plus an ``I16x16`` register of the two per-16 scales. The dot product with the
-int8 activations is ``vpmaddubsw`` + ``vpmaddwd`` (``intrinsics.dot_unsigned``;
-Q8_0 weights are signed and use ``dot_signed``), scaled once per block into
-eight float lanes with one FMA.
+32-element block ``b`` of a weight row into 32 small integers (one ``I8x32``
+register) and ``(scale_0, scale_1, d, offset_0, offset_1)``. The integers are
+widened to two int16 halves, multiplied by their per-16 scales where the type
+has them, dotted with the int16 activations by ``vpmaddwd``
+(``intrinsics.dot_i16``) and scaled once per block into eight float lanes with
+one FMA.
 
 The row kernel takes four activation rows at a time, so every weight block is
 read and unpacked once for four tokens (prefill and batched decode), and the
@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .intrinsics import (dot_signed, dot_unsigned, fma_int, horizontal_sum, load_bits, load_f16, load_i8,
-                         load_i8x32, load_nibbles, load_u8, ones_16, or_shifted, scales_16, shift_right_and,
-                         zeros_f32x8)
+from .intrinsics import (dot_i16, fma_int, horizontal_sum, load_bits, load_f16, load_i8, load_i16x16, load_i8x32,
+                         load_nibbles, load_u8, or_shifted, scale_i16, shift_right_and, widen_high,
+                         widen_high_signed, widen_low, widen_low_signed, zeros_f32x8)
 from .portable import BLOCK, count_tasks, quantize_activations, task_location
 
 ROWS_PER_TASK = 4
@@ -36,14 +36,14 @@ _ZERO = np.float32(0.0)
 def decode_Q4_0(w, row, b):
     o = row + b * 18
     d = load_f16(w, o)
-    return load_nibbles(w, o + 2), ones_16(), d, np.float32(-8.0) * d, np.float32(-8.0) * d
+    return load_nibbles(w, o + 2), 1, 1, d, np.float32(-8.0) * d, np.float32(-8.0) * d
 
 
 @njit(cache=True)
 def decode_Q4_1(w, row, b):
     o = row + b * 20
     m = load_f16(w, o + 2)
-    return load_nibbles(w, o + 4), ones_16(), load_f16(w, o), m, m
+    return load_nibbles(w, o + 4), 1, 1, load_f16(w, o), m, m
 
 
 @njit(cache=True)
@@ -51,7 +51,7 @@ def decode_Q5_0(w, row, b):
     o = row + b * 22
     d = load_f16(w, o)
     q = or_shifted(load_nibbles(w, o + 6), load_bits(w, o + 2, 16), 0)
-    return q, ones_16(), d, np.float32(-16.0) * d, np.float32(-16.0) * d
+    return q, 1, 1, d, np.float32(-16.0) * d, np.float32(-16.0) * d
 
 
 @njit(cache=True)
@@ -59,13 +59,13 @@ def decode_Q5_1(w, row, b):
     o = row + b * 24
     m = load_f16(w, o + 2)
     q = or_shifted(load_nibbles(w, o + 8), load_bits(w, o + 4, 16), 0)
-    return q, ones_16(), load_f16(w, o), m, m
+    return q, 1, 1, load_f16(w, o), m, m
 
 
 @njit(cache=True)
 def decode_Q8_0(w, row, b):
     o = row + b * 34
-    return load_i8x32(w, o + 2), ones_16(), load_f16(w, o), _ZERO, _ZERO
+    return load_i8x32(w, o + 2), 1, 1, load_f16(w, o), _ZERO, _ZERO
 
 
 # --------------------------------------------------------------------------- decoders (K super-blocks)
@@ -77,7 +77,7 @@ def decode_Q2_K(w, row, b):
     q = shift_right_and(load_i8x32(w, o + 16 + 32 * (s >> 2)), 2 * (s & 3), 3)
     packed0, packed1 = load_u8(w, o + 2 * s), load_u8(w, o + 2 * s + 1)
     dmin = load_f16(w, o + 82)
-    return (q, scales_16(packed0 & 0x0F, packed1 & 0x0F), load_f16(w, o + 80),
+    return (q, packed0 & 0x0F, packed1 & 0x0F, load_f16(w, o + 80),
             -dmin * np.float32(packed0 >> 4), -dmin * np.float32(packed1 >> 4))
 
 
@@ -96,7 +96,7 @@ def decode_Q3_K(w, row, b):
     high = shift_right_and(load_i8x32(w, o), s, 1)
     scale0, scale1 = _q3_k_scale(w, o, 2 * s), _q3_k_scale(w, o, 2 * s + 1)
     d = load_f16(w, o + 108)
-    return (or_shifted(low, high, 2), scales_16(scale0, scale1), d,
+    return (or_shifted(low, high, 2), scale0, scale1, d,
             np.float32(-4 * scale0) * d, np.float32(-4 * scale1) * d)
 
 
@@ -117,7 +117,7 @@ def decode_Q4_K(w, row, b):
     q = shift_right_and(load_i8x32(w, o + 16 + 32 * (s >> 1)), 4 * (s & 1), 0x0F)
     scale, minimum = _k4_scale_min(w, o, s)
     m = -load_f16(w, o + 2) * np.float32(minimum)
-    return q, ones_16(), load_f16(w, o) * np.float32(scale), m, m
+    return q, 1, 1, load_f16(w, o) * np.float32(scale), m, m
 
 
 @njit(cache=True)
@@ -127,7 +127,7 @@ def decode_Q5_K(w, row, b):
     high = shift_right_and(load_i8x32(w, o + 16), s, 1)
     scale, minimum = _k4_scale_min(w, o, s)
     m = -load_f16(w, o + 2) * np.float32(minimum)
-    return or_shifted(low, high, 4), ones_16(), load_f16(w, o) * np.float32(scale), m, m
+    return or_shifted(low, high, 4), 1, 1, load_f16(w, o) * np.float32(scale), m, m
 
 
 @njit(cache=True)
@@ -138,39 +138,56 @@ def decode_Q6_K(w, row, b):
     high = shift_right_and(load_i8x32(w, o + 128 + 32 * half), 2 * k, 3)
     scale0, scale1 = load_i8(w, o + 192 + 2 * s), load_i8(w, o + 193 + 2 * s)
     d = load_f16(w, o + 208)
-    return (or_shifted(low, high, 4), scales_16(scale0, scale1), d,
+    return (or_shifted(low, high, 4), scale0, scale1, d,
             np.float32(-32 * scale0) * d, np.float32(-32 * scale1) * d)
-
-
-@njit(cache=True, inline="always")
-def _dot_Q8_0(q, x, scales):
-    return dot_signed(q, x)
 
 
 # --------------------------------------------------------------------------- row kernels
 
-def make_rows_task(decode, dot):
-    """``rows_task(w, r_start, xq, xd, xds16, out)``: ``out[:, r] = x @ W[r]`` for
-    ROWS_PER_TASK weight rows from ``r_start``; four activation rows at a time."""
+def make_rows_task(decode, signed: bool, scaled: bool):
+    """``rows_task(w, r_start, xq, xd, xds16, out)``: ``out[:, r] = x @ W[r]`` for ROWS_PER_TASK
+    weight rows from ``r_start``; four activation rows at a time.
+
+    Each weight block is widened once to two int16 halves (sign-extended when
+    ``signed``, multiplied by its per-16 scales when ``scaled``) and dotted with
+    the int16 activations by ``vpmaddwd``.
+    """
+
+    @njit(inline="always")
+    def weights(w, row, b):
+        q, scale0, scale1, d, offset0, offset1 = decode(w, row, b)
+        low = widen_low_signed(q) if signed else widen_low(q)
+        high = widen_high_signed(q) if signed else widen_high(q)
+        if scaled:
+            low, high = scale_i16(low, scale0), scale_i16(high, scale1)
+        return low, high, d, offset0, offset1
 
     @njit  # no fastmath: a row's result must not depend on whether it ran in a tile (batch-invariant)
     def rows_task(w, r_start, xq, xd, xds16, out):
         n, cols = xq.shape
         n_blocks = cols // BLOCK
+        row_bytes = 2 * cols  # int16 activations
         for r in range(r_start, min(r_start + ROWS_PER_TASK, w.shape[0])):
             row = r * w.shape[1]
             j = 0
             while j + 4 <= n:
                 acc0, acc1, acc2, acc3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
                 sum0, sum1, sum2, sum3 = _ZERO, _ZERO, _ZERO, _ZERO
-                x0 = j * cols
+                x0 = j * row_bytes
                 for b in range(n_blocks):
-                    q, scales, d, offset0, offset1 = decode(w, row, b)
-                    xo = x0 + b * BLOCK
-                    acc0 = fma_int(dot(q, load_i8x32(xq, xo), scales), d * xd[j, b], acc0)
-                    acc1 = fma_int(dot(q, load_i8x32(xq, xo + cols), scales), d * xd[j + 1, b], acc1)
-                    acc2 = fma_int(dot(q, load_i8x32(xq, xo + 2 * cols), scales), d * xd[j + 2, b], acc2)
-                    acc3 = fma_int(dot(q, load_i8x32(xq, xo + 3 * cols), scales), d * xd[j + 3, b], acc3)
+                    low, high, d, offset0, offset1 = weights(w, row, b)
+                    xo = x0 + b * 2 * BLOCK
+                    acc0 = fma_int(dot_i16(low, load_i16x16(xq, xo), high, load_i16x16(xq, xo + 32)),
+                                   d * xd[j, b], acc0)
+                    xo += row_bytes
+                    acc1 = fma_int(dot_i16(low, load_i16x16(xq, xo), high, load_i16x16(xq, xo + 32)),
+                                   d * xd[j + 1, b], acc1)
+                    xo += row_bytes
+                    acc2 = fma_int(dot_i16(low, load_i16x16(xq, xo), high, load_i16x16(xq, xo + 32)),
+                                   d * xd[j + 2, b], acc2)
+                    xo += row_bytes
+                    acc3 = fma_int(dot_i16(low, load_i16x16(xq, xo), high, load_i16x16(xq, xo + 32)),
+                                   d * xd[j + 3, b], acc3)
                     sum0 += offset0 * xds16[j, 2 * b] + offset1 * xds16[j, 2 * b + 1]
                     sum1 += offset0 * xds16[j + 1, 2 * b] + offset1 * xds16[j + 1, 2 * b + 1]
                     sum2 += offset0 * xds16[j + 2, 2 * b] + offset1 * xds16[j + 2, 2 * b + 1]
@@ -183,10 +200,12 @@ def make_rows_task(decode, dot):
             while j < n:  # the same arithmetic, in the same order, as one row of the tile above
                 acc = zeros_f32x8()
                 total = _ZERO
-                x0 = j * cols
+                x0 = j * row_bytes
                 for b in range(n_blocks):
-                    q, scales, d, offset0, offset1 = decode(w, row, b)
-                    acc = fma_int(dot(q, load_i8x32(xq, x0 + b * BLOCK), scales), d * xd[j, b], acc)
+                    low, high, d, offset0, offset1 = weights(w, row, b)
+                    xo = x0 + b * 2 * BLOCK
+                    acc = fma_int(dot_i16(low, load_i16x16(xq, xo), high, load_i16x16(xq, xo + 32)),
+                                  d * xd[j, b], acc)
                     total += offset0 * xds16[j, 2 * b] + offset1 * xds16[j, 2 * b + 1]
                 out[j, r] = horizontal_sum(acc) + total
                 j += 1
@@ -194,16 +213,16 @@ def make_rows_task(decode, dot):
     return rows_task
 
 
-_rows_Q4_0 = make_rows_task(decode_Q4_0, dot_unsigned)
-_rows_Q4_1 = make_rows_task(decode_Q4_1, dot_unsigned)
-_rows_Q5_0 = make_rows_task(decode_Q5_0, dot_unsigned)
-_rows_Q5_1 = make_rows_task(decode_Q5_1, dot_unsigned)
-_rows_Q8_0 = make_rows_task(decode_Q8_0, _dot_Q8_0)
-_rows_Q2_K = make_rows_task(decode_Q2_K, dot_unsigned)
-_rows_Q3_K = make_rows_task(decode_Q3_K, dot_unsigned)
-_rows_Q4_K = make_rows_task(decode_Q4_K, dot_unsigned)
-_rows_Q5_K = make_rows_task(decode_Q5_K, dot_unsigned)
-_rows_Q6_K = make_rows_task(decode_Q6_K, dot_unsigned)
+_rows_Q4_0 = make_rows_task(decode_Q4_0, signed=False, scaled=False)
+_rows_Q4_1 = make_rows_task(decode_Q4_1, signed=False, scaled=False)
+_rows_Q5_0 = make_rows_task(decode_Q5_0, signed=False, scaled=False)
+_rows_Q5_1 = make_rows_task(decode_Q5_1, signed=False, scaled=False)
+_rows_Q8_0 = make_rows_task(decode_Q8_0, signed=True, scaled=False)
+_rows_Q2_K = make_rows_task(decode_Q2_K, signed=False, scaled=True)
+_rows_Q3_K = make_rows_task(decode_Q3_K, signed=False, scaled=True)
+_rows_Q4_K = make_rows_task(decode_Q4_K, signed=False, scaled=False)
+_rows_Q5_K = make_rows_task(decode_Q5_K, signed=False, scaled=False)
+_rows_Q6_K = make_rows_task(decode_Q6_K, signed=False, scaled=True)
 
 # One parallel entry per type (module-level, so that each has its own cache entry):
 # ws a tuple of uint8 (rows_m, row_bytes) matrices, x float32 (n, cols), outs float32 (n, rows_m).
