@@ -57,13 +57,13 @@ def load(name_or_path, *, num_ctx: int | None = None, backend: str = "auto", n_s
     name = entry.name if entry else str(name_or_path)
     if path.is_dir():
         from .embeddings import load_embedding_model
-        return load_embedding_model(path)
+        return load_embedding_model(path, name=name, backend=backend)
     gguf_file = read_gguf(path)
     classes = _model_classes()
     if gguf_file.architecture not in classes:
         from . import embeddings
         if gguf_file.architecture in getattr(embeddings, "ENCODER_ARCHITECTURES", ("bert",)):
-            return embeddings.load_embedding_model(path)
+            return embeddings.load_embedding_model(path, name=name, backend=backend)
         raise UnsupportedArchitecture(gguf_file.architecture, path.name)
     network = classes[gguf_file.architecture].from_gguf(gguf_file, backend=backend)
     return Model(name, path, gguf_file.metadata, network, entry=entry, num_ctx=num_ctx, n_slots=n_slots)

@@ -116,6 +116,8 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 class EmbeddingModel:
     """A sentence-embedding model: ``embed(texts) -> (n, dim)`` float32."""
 
+    capabilities = ("embedding",)
+
     def __init__(self, name: str, encoder: bert.BertModel, tokenizer: SentenceTokenizer, pooling: str,
                  max_seq_length: int, has_normalize_module: bool = True):
         if pooling not in POOLING_MODES:

@@ -22,7 +22,7 @@ def load_model(engine, name: str):
 def text_model(engine, name: str):
     """(store entry, loaded text-generation model) for ``name`` (404 if unknown, 400 if it only embeds)."""
     entry, model = load_model(engine, name)
-    if not hasattr(model, "make_params"):
+    if "completion" not in model.capabilities:
         raise APIError(400, f"model '{name}' is an embedding model and cannot generate text", param="model",
                        code="model_not_supported")
     return entry, model

@@ -16,7 +16,7 @@ class Embeddings:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = schemas.parse_embeddings(schemas.read_json(req, self.settings.max_body_bytes))
         entry, model = common.load_model(self.engine, request.model)
-        if not hasattr(model, "count_tokens"):
+        if "embedding" not in model.capabilities:
             raise APIError(400, f"model '{request.model}' does not support embeddings", param="model",
                            code="model_not_supported")
         vectors = self.engine.embed(entry, request.input, dimensions=request.dimensions,
