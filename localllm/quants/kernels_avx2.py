@@ -144,9 +144,19 @@ def decode_Q6_K(w, row, b):
 
 # --------------------------------------------------------------------------- row kernels
 
+@njit(cache=True, fastmath=True)
+def offset_dot(offsets, xds16, j):
+    """sum_k offsets[k] * xds16[j, k]: the offset_h * dx * sum(xq) terms of a whole row (vectorized;
+    the same summation order for every j, so still batch-invariant)."""
+    total = np.float32(0.0)
+    for k in range(offsets.shape[0]):
+        total += offsets[k] * xds16[j, k]
+    return total
+
+
 def make_rows_task(decode, signed: bool, scaled: bool):
-    """``rows_task(w, r_start, xq, xd, xds16, out)``: ``out[:, r] = x @ W[r]`` for ROWS_PER_TASK
-    weight rows from ``r_start``; four activation rows at a time.
+    """``rows_task(w, r_start, xq, xd, xds16, out, offsets)``: ``out[:, r] = x @ W[r]`` for
+    ROWS_PER_TASK weight rows from ``r_start``; four activation rows at a time.
 
     Each weight block is widened once to two int16 halves (sign-extended when
     ``signed``, multiplied by its per-16 scales when ``scaled``) and dotted with
@@ -163,19 +173,20 @@ def make_rows_task(decode, signed: bool, scaled: bool):
         return low, high, d, offset0, offset1
 
     @njit  # no fastmath: a row's result must not depend on whether it ran in a tile (batch-invariant)
-    def rows_task(w, r_start, xq, xd, xds16, out):
+    def rows_task(w, r_start, xq, xd, xds16, out, offsets):
         n, cols = xq.shape
         n_blocks = cols // BLOCK
         row_bytes = 2 * cols  # int16 activations
         for r in range(r_start, min(r_start + ROWS_PER_TASK, w.shape[0])):
             row = r * w.shape[1]
+            for b in range(n_blocks):  # the offset terms, once per weight row (only the scalars are decoded)
+                _, _, _, offsets[2 * b], offsets[2 * b + 1] = weights(w, row, b)
             j = 0
             while j + 4 <= n:
                 acc0, acc1, acc2, acc3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
-                sum0, sum1, sum2, sum3 = _ZERO, _ZERO, _ZERO, _ZERO
                 x0 = j * row_bytes
                 for b in range(n_blocks):
-                    low, high, d, offset0, offset1 = weights(w, row, b)
+                    low, high, d, _, _ = weights(w, row, b)
                     xo = x0 + b * 2 * BLOCK
                     acc0 = fma_int(dot_i16(low, load_i16x16(xq, xo), high, load_i16x16(xq, xo + 32)),
                                    d * xd[j, b], acc0)
@@ -188,26 +199,20 @@ def make_rows_task(decode, signed: bool, scaled: bool):
                     xo += row_bytes
                     acc3 = fma_int(dot_i16(low, load_i16x16(xq, xo), high, load_i16x16(xq, xo + 32)),
                                    d * xd[j + 3, b], acc3)
-                    sum0 += offset0 * xds16[j, 2 * b] + offset1 * xds16[j, 2 * b + 1]
-                    sum1 += offset0 * xds16[j + 1, 2 * b] + offset1 * xds16[j + 1, 2 * b + 1]
-                    sum2 += offset0 * xds16[j + 2, 2 * b] + offset1 * xds16[j + 2, 2 * b + 1]
-                    sum3 += offset0 * xds16[j + 3, 2 * b] + offset1 * xds16[j + 3, 2 * b + 1]
-                out[j, r] = horizontal_sum(acc0) + sum0
-                out[j + 1, r] = horizontal_sum(acc1) + sum1
-                out[j + 2, r] = horizontal_sum(acc2) + sum2
-                out[j + 3, r] = horizontal_sum(acc3) + sum3
+                out[j, r] = horizontal_sum(acc0) + offset_dot(offsets, xds16, j)
+                out[j + 1, r] = horizontal_sum(acc1) + offset_dot(offsets, xds16, j + 1)
+                out[j + 2, r] = horizontal_sum(acc2) + offset_dot(offsets, xds16, j + 2)
+                out[j + 3, r] = horizontal_sum(acc3) + offset_dot(offsets, xds16, j + 3)
                 j += 4
             while j < n:  # the same arithmetic, in the same order, as one row of the tile above
                 acc = zeros_f32x8()
-                total = _ZERO
                 x0 = j * row_bytes
                 for b in range(n_blocks):
-                    low, high, d, offset0, offset1 = weights(w, row, b)
+                    low, high, d, _, _ = weights(w, row, b)
                     xo = x0 + b * 2 * BLOCK
                     acc = fma_int(dot_i16(low, load_i16x16(xq, xo), high, load_i16x16(xq, xo + 32)),
                                   d * xd[j, b], acc)
-                    total += offset0 * xds16[j, 2 * b] + offset1 * xds16[j, 2 * b + 1]
-                out[j, r] = horizontal_sum(acc) + total
+                out[j, r] = horizontal_sum(acc) + offset_dot(offsets, xds16, j)
                 j += 1
 
     return rows_task
@@ -231,81 +236,101 @@ _rows_Q6_K = make_rows_task(decode_Q6_K, signed=False, scaled=True)
 @njit(parallel=True, cache=True)
 def matmul_Q4_0(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+    n_tasks = count_tasks(ws, ROWS_PER_TASK)
+    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q4_0(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q4_0(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q4_1(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+    n_tasks = count_tasks(ws, ROWS_PER_TASK)
+    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q4_1(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q4_1(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_0(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+    n_tasks = count_tasks(ws, ROWS_PER_TASK)
+    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q5_0(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q5_0(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_1(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+    n_tasks = count_tasks(ws, ROWS_PER_TASK)
+    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q5_1(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q5_1(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q8_0(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+    n_tasks = count_tasks(ws, ROWS_PER_TASK)
+    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q8_0(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q8_0(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q2_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+    n_tasks = count_tasks(ws, ROWS_PER_TASK)
+    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q2_K(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q2_K(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q3_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+    n_tasks = count_tasks(ws, ROWS_PER_TASK)
+    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q3_K(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q3_K(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q4_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+    n_tasks = count_tasks(ws, ROWS_PER_TASK)
+    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q4_K(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q4_K(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+    n_tasks = count_tasks(ws, ROWS_PER_TASK)
+    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q5_K(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q5_K(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q6_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
-    for t in prange(count_tasks(ws, ROWS_PER_TASK)):
+    n_tasks = count_tasks(ws, ROWS_PER_TASK)
+    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q6_K(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q6_K(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
 
 
 MATMULS = {
