@@ -21,7 +21,7 @@ from .generate import GenerationEvent, GenerationParams, make_sequences, release
 from .kv_cache import NoFreeSlot
 
 DEFAULT_KEEP_ALIVE = 300.0   # seconds a model stays loaded after its last request
-FOREVER_SECONDS = 100 * 365 * 86400   # how /api/ps shows "loaded forever" (negative keep_alive)
+FOREVER_SECONDS = (2**63 - 1) / 1e9    # "loaded forever" (negative keep_alive): Ollama's max duration, ~292 years
 _DONE = object()
 
 
