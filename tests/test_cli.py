@@ -1,6 +1,7 @@
 """The ``localllm`` command line: store commands, run (with a stand-in model), errors as one line."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -227,3 +228,24 @@ def test_human_formats():
     assert cli.human_time(now - timedelta(hours=3), now) == "3 hours ago"
     assert cli.human_time(now - timedelta(days=3), now) == "3 days ago"
     assert cli.human_time(now - timedelta(days=21), now) == "3 weeks ago"
+
+
+def test_output_piped_into_a_closed_reader_exits_quietly(echo_model, monkeypatch, tmp_path):
+    """`localllm run ... | head`: the reader goes away; the command ends with status 0 and no traceback."""
+    scratch = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return scratch
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    try:
+        assert cli.main(["run", "echo", "hi"]) == 0
+    finally:
+        os.close(scratch)
