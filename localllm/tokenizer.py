@@ -92,7 +92,8 @@ class Tokenizer:
     def __init__(self, hf_tokenizer: HFTokenizer, *, pieces: list[bytes], special_ids: Iterable[int],
                  bos_id: int | None, eos_id: int | None, pad_id: int | None, add_bos: bool,
                  eog_ids: Iterable[int], strip_first_space: bool, bytes_exact: bool,
-                 uses_post_processor: bool, chat_template: str | None = None):
+                 uses_post_processor: bool, chat_template: str | None = None,
+                 fim_ids: dict[str, int] | None = None):
         self.hf_tokenizer = hf_tokenizer
         self._pieces = pieces
         self.vocab_size = len(pieces)
@@ -102,6 +103,8 @@ class Tokenizer:
         self.eos_token = self._text_of(eos_id)
         self.add_bos = bool(add_bos)
         self.eog_ids = frozenset(i for i in eog_ids if i is not None and 0 <= i < self.vocab_size)
+        # fill-in-the-middle: {"fim_pre", "fim_suf", "fim_mid"} ids, or None when the model has no FIM tokens
+        self.fim_ids = fim_ids
         self.chat_template = chat_template
         self._strip_first_space = strip_first_space
         self._bytes_exact = bytes_exact

@@ -151,7 +151,20 @@ def build_from_gguf_metadata(cls: type[Tokenizer], metadata: dict[str, Any]) -> 
     return cls(hf_tokenizer, pieces=pieces, special_ids=special_ids, bos_id=special["bos"],
                eos_id=special["eos"], pad_id=special["padding"], add_bos=add_bos, eog_ids=eog_ids,
                strip_first_space=add_space_prefix, bytes_exact=True, uses_post_processor=False,
-               chat_template=metadata.get("tokenizer.chat_template"))
+               chat_template=metadata.get("tokenizer.chat_template"), fim_ids=_fim_ids(metadata, special))
+
+
+def _fim_ids(metadata: dict[str, Any], special: dict[str, int | None]) -> dict[str, int] | None:
+    """Prefix/suffix/middle ids (``fim_*_token_id``, the older ``prefix/suffix/middle_token_id`` keys, or
+    the token texts llama.cpp recognises, already folded into ``special``); None unless all three exist."""
+    ids = {}
+    for name, old in (("fim_pre", "prefix"), ("fim_suf", "suffix"), ("fim_mid", "middle")):
+        value = special.get(name)
+        if value is None:
+            value = metadata.get(f"tokenizer.ggml.{old}_token_id")
+        if value is not None:
+            ids[name] = int(value)
+    return ids if len(ids) == 3 else None
 
 
 def _token_list(metadata: dict[str, Any]) -> list[str]:

@@ -260,13 +260,12 @@ def test_the_server_package_imports_neither_numpy_nor_numba():
 def test_fill_in_the_middle_prompt_layout():
     from localllm_server.openai_api.completions import fim_token_ids, prompt_ids
 
-    class FimModel(FakeModel):
-        metadata = {"tokenizer.ggml.tokens": ["<s>", "a", "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "b"]}
-
-    model = FimModel()
+    model = FakeModel()
+    model.tokenizer = SimpleNamespace(vocab_size=100, bos_id=0, add_bos=False,
+                                      fim_ids={"fim_pre": 2, "fim_suf": 3, "fim_mid": 4})
     assert fim_token_ids(model) == {"fim_pre": 2, "fim_suf": 3, "fim_mid": 4}
     assert prompt_ids(model, "x y", "z") == [2, 1, 1, 3, 1, 4]
-    model.tokenizer = SimpleNamespace(vocab_size=100, bos_id=0, add_bos=True)
+    model.tokenizer.add_bos = True
     assert prompt_ids(model, [5, 5], "z") == [0, 2, 5, 5, 3, 1, 4]
     with pytest.raises(APIError) as info:
         prompt_ids(FakeModel(), "x", "z")

@@ -280,3 +280,20 @@ def test_hf_folder_wordpiece_detokenizer(minilm_dir):
     detokenizer = bert.detokenizer(skip_special=True)
     text = "".join(detokenizer.push(i) for i in ids) + detokenizer.flush()
     assert text == bert.decode(ids, skip_special=True) == "hello, wonderful world!"
+
+
+def test_fill_in_the_middle_ids_from_token_texts_and_metadata():
+    from tests.tiny_models import byte_level_vocab
+
+    tokens, types = byte_level_vocab()
+    tokens, types = tokens + ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"], types + [3, 3, 3]
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+                "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": []}
+    n = len(tokens)
+    assert Tokenizer.from_gguf_metadata(metadata).fim_ids == {"fim_pre": n - 3, "fim_suf": n - 2, "fim_mid": n - 1}
+    by_key = dict(metadata, **{"tokenizer.ggml.prefix_token_id": 5, "tokenizer.ggml.suffix_token_id": 6,
+                               "tokenizer.ggml.middle_token_id": 7, "tokenizer.ggml.tokens": tokens[:-3],
+                               "tokenizer.ggml.token_type": types[:-3]})
+    assert Tokenizer.from_gguf_metadata(by_key).fim_ids == {"fim_pre": 5, "fim_suf": 6, "fim_mid": 7}
+    plain = dict(metadata, **{"tokenizer.ggml.tokens": tokens[:-3], "tokenizer.ggml.token_type": types[:-3]})
+    assert Tokenizer.from_gguf_metadata(plain).fim_ids is None

@@ -1,49 +1,15 @@
 """POST /v1/completions: prompts as text, lists of text or token arrays; echo, logprobs, suffix (FIM)."""
 from __future__ import annotations
 
-import weakref
-
 import falcon
 
 from .. import formatting, schemas, streaming
 from ..errors import APIError
 from . import common
 
-# Token texts of fill-in-the-middle markers, when the GGUF does not give their ids (llama.cpp's list).
-FIM_TEXTS = {
-    "fim_pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\uff5cfim\u2581begin\uff5c>", "<PRE>",
-                "\u2581<PRE>", "<|code_prefix|>", "<|prefix|>"),
-    "fim_suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<\uff5cfim\u2581hole\uff5c>", "<SUF>",
-                "\u2581<SUF>", "<|code_suffix|>", "<|suffix|>"),
-    "fim_mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<\uff5cfim\u2581end\uff5c>", "<MID>",
-                "\u2581<MID>", "<|code_middle|>", "<|middle|>"),
-}
-_fim_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def fim_token_ids(model) -> dict[str, int] | None:
-    """``{"fim_pre", "fim_suf", "fim_mid"}`` ids of ``model``, or None if it has no FIM tokens.
-
-    From ``tokenizer.ggml.fim_*_token_id`` (or the older ``prefix/suffix/middle_token_id``),
-    else by the token texts llama.cpp recognises.
-    """
-    if model in _fim_cache:
-        return _fim_cache[model]
-    metadata = getattr(model, "metadata", None) or {}
-    ids = {}
-    for name, old in (("fim_pre", "prefix"), ("fim_suf", "suffix"), ("fim_mid", "middle")):
-        value = metadata.get(f"tokenizer.ggml.{name}_token_id", metadata.get(f"tokenizer.ggml.{old}_token_id"))
-        if value is not None:
-            ids[name] = int(value)
-    if len(ids) < 3:
-        index = {text: i for i, text in enumerate(metadata.get("tokenizer.ggml.tokens") or [])}
-        for name, texts in FIM_TEXTS.items():
-            found = next((index[t] for t in texts if t in index), None)
-            if name not in ids and found is not None:
-                ids[name] = found
-    result = ids if len(ids) == 3 else None
-    _fim_cache[model] = result
-    return result
+    """``{"fim_pre", "fim_suf", "fim_mid"}`` ids of ``model``, or None if it has no FIM tokens."""
+    return getattr(model.tokenizer, "fim_ids", None)
 
 
 def prompt_ids(model, prompt, suffix: str | None, param: str = "prompt") -> list[int]:
