@@ -149,21 +149,18 @@ class FakeTokenizer:
         return [ord(c) for c in text]
 
 
-class FakeModel:                                   # weak-referenceable, as the FIM id cache needs
-    def __init__(self, tokens):
-        self.metadata = {"tokenizer.ggml.tokens": tokens}
+class FakeModel:
+    def __init__(self, fim_ids):
         self.tokenizer = FakeTokenizer()
+        self.tokenizer.fim_ids = fim_ids
 
     def tokenize(self, text, add_bos=None):
         return self.tokenizer.encode(text)
 
 
-fim_model = FakeModel
-
-
 def test_fill_in_the_middle_layout():
-    model = fim_model(["<s>", "<fim_prefix>", "a", "<fim_middle>", "<fim_suffix>"])
+    model = FakeModel({"fim_pre": 1, "fim_mid": 3, "fim_suf": 4})
     assert fill_in_the_middle(model, "m", "ab", "c", add_bos=True) == [0, 1, 97, 98, 4, 99, 3]
     assert fill_in_the_middle(model, "m", "ab", "c", add_bos=False) == [1, 97, 98, 4, 99, 3]
     with pytest.raises(APIError, match="does not support insert"):
-        fill_in_the_middle(fim_model(["a", "<|im_start|>"]), "m", "x", "y", add_bos=True)
+        fill_in_the_middle(FakeModel(None), "m", "x", "y", add_bos=True)
