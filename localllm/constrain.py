@@ -291,30 +291,40 @@ _CLOSING_TOKEN = re.compile(rb" *([\]}\[{\":,0-9]{1,6}|null|true|false)")
 class JsonCloser:
     """Spends the end of a token budget closing the JSON, so output cut by ``max_tokens`` still parses.
 
-    It tracks the JSON nesting of the generated text (open strings, objects, arrays). While
-    the budget is comfortable it does nothing. Near the end it plans a closing on a copy
-    of the matcher: at each step it takes, among the allowed *closing tokens* (short tokens
-    made of ``"]}[{:,`` and digits, or ``null``/``true``/``false``), those that leave the
-    least to close; when none is allowed (a required key, a pattern, a fixed suffix) the
-    longest allowed token. When that plan needs the rest of the budget (keeping one token
-    for the end of generation and ``SAFETY`` spare), the real mask is narrowed to the
-    plan's first step; the model still chooses among equally good closing tokens. The grammar itself (required properties,
-    the ``</tool_call>`` suffix) is respected because every step goes through llguidance.
+    It tracks the JSON nesting of the generated text (open strings, objects, arrays) and
+    does nothing while the budget is comfortable. Then, in three stages:
+
+    1. Close to the end it forbids tokens that start a new member, array element or
+       container (an unquoted ``,`` ``{`` or ``[``) unless the grammar leaves no other
+       choice (a required property), and measures how long a closing takes from here.
+    2. Within ``MARGIN`` tokens of that measure it plans a closing at every step, on a
+       copy of the matcher: each planned step takes, among the allowed *closing tokens*
+       (short tokens made of ``"]}[{:,`` and digits, or ``null``/``true``/``false``), those
+       that leave the least to close; when none is allowed (a required key, a pattern, a
+       fixed suffix such as ``</tool_call>``) the longest allowed token that is not only
+       whitespace. Every planned step goes through llguidance, so the plan obeys the grammar.
+    3. When the plan needs the rest of the budget (keeping one token for the end of
+       generation and ``SAFETY`` spare), the mask is narrowed to the plan's first step;
+       the model still chooses among equally good closing tokens.
+
     Once the grammar is complete, the end of generation is forced when the budget could
-    not hold another element (parallel tool calls). If the budget is too small even for
-    the plan, the output is cut as before.
+    not hold another element (parallel tool calls). A budget too small for any closing
+    still cuts the output.
     """
 
     PLAN_LIMIT = 64          # longest closing plan looked for
     MARGIN = 12              # plan only when the budget is within this of the cheap estimate
+    EXPANSION_WINDOW = 12    # ... and from this many tokens earlier, start no new member, element or container
     SAFETY = 3               # start closing this many tokens early: one free token can add a few steps
 
     def __init__(self, tokenizer, suffix_tokens: int = 0):
         self.tokenizer = tokenizer
         self.suffix_tokens = suffix_tokens
-        self.candidates, self.candidate_bytes, self.token_lengths = _closing_tokens(tokenizer)
+        self.candidates, self.candidate_bytes, self.token_lengths, self.expands, self.space_only = \
+            _closing_tokens(tokenizer)
         self.eog = np.array(sorted(tokenizer.eog_ids), dtype=np.int64)
         self.state = _JsonNesting()
+        self.plan_steps: int | None = None      # length of the last closing plan
         self.bitmask = np.zeros((tokenizer.vocab_size + 31) // 32, dtype=np.int32)
 
     def track(self, tokens: Sequence[int]) -> None:
@@ -322,7 +332,7 @@ class JsonCloser:
             self.state.feed(self.tokenizer.token_bytes(token))
 
     def restrict(self, matcher: LLMatcher, allowed: np.ndarray, remaining: int) -> np.ndarray:
-        """``allowed``, narrowed to the closing plan's first step when the budget requires it."""
+        """``allowed``, narrowed as the end of the budget requires (see the class docstring)."""
         window = self.suffix_tokens + self.MARGIN
         if allowed[self.eog].any():              # complete; with little budget left, do not start another call
             if remaining > 2 * window:
@@ -330,14 +340,26 @@ class JsonCloser:
             narrowed = np.zeros_like(allowed)
             narrowed[self.eog] = allowed[self.eog]
             return narrowed
-        if remaining > self.state.cost() + window:
+        limit = min(self.PLAN_LIMIT, remaining + 1)
+        estimate = max(self.state.cost(), self.plan_steps or 0)
+        if remaining <= estimate + window + self.EXPANSION_WINDOW:
+            allowed = self._without_expansions(allowed)
+            if self.plan_steps is None:          # first look: the cheap estimate misses required properties
+                self.plan_steps, _ = self.plan(matcher, allowed, limit)
+                estimate = max(estimate, self.plan_steps)
+        if remaining > estimate + window:
             return allowed
-        steps, first = self.plan(matcher, allowed, min(self.PLAN_LIMIT, remaining + 1))
-        if first is None or steps + 1 + self.SAFETY < remaining:
+        self.plan_steps, first = self.plan(matcher, allowed, limit)
+        if first is None or self.plan_steps + 1 + self.SAFETY < remaining:
             return allowed
         narrowed = np.zeros_like(allowed)
         narrowed[first] = True
         return narrowed
+
+    def _without_expansions(self, allowed: np.ndarray) -> np.ndarray:
+        """``allowed`` minus tokens that write an unquoted ``,``, ``{`` or ``[`` (unless only whitespace would remain)."""
+        kept = allowed & ~self.expands[int(self.state.in_string)]
+        return kept if (kept & ~self.space_only).any() else allowed
 
     def plan(self, matcher: LLMatcher, allowed: np.ndarray, limit: int) -> tuple[int, np.ndarray | None]:
         """(tokens needed until the end of generation may be sampled, the token ids of the plan's first step)."""
@@ -353,7 +375,7 @@ class JsonCloser:
             choices = self._best_closing(state, allowed)
             if choices is not None:
                 token = int(choices[0])
-            else:
+            else:                                   # the longest allowed token; whitespace only as a last resort
                 token = int(np.argmax(np.where(allowed, self.token_lengths, -1)))
             if steps == 0:
                 first = choices if choices is not None else np.array([token])
@@ -425,15 +447,43 @@ class _JsonNesting:
 _CLOSING_CACHE: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _closing_tokens(tokenizer) -> tuple[np.ndarray, list[bytes], np.ndarray]:
-    """Ids and bytes of the tokens a closing plan may use, and every token's byte length (once per tokenizer)."""
+def _closing_tokens(tokenizer) -> tuple[np.ndarray, list[bytes], np.ndarray, np.ndarray, np.ndarray]:
+    """Per tokenizer, computed once: ids and bytes of the tokens a closing plan may use, every
+    token's byte length (0 for whitespace-only tokens), ``expands[in_string, id]``: does the token write an unquoted
+    ``,``, ``{`` or ``[`` when it starts outside (0) or inside (1) a JSON string, and which
+    tokens are whitespace only."""
     with _LLG_LOCK:
         cached = _CLOSING_CACHE.get(tokenizer)
         if cached is None:
             pieces = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
-            ids = [i for i, piece in enumerate(pieces)
-                   if i not in tokenizer.special_ids and _CLOSING_TOKEN.fullmatch(piece)]
-            lengths = np.array([0 if i in tokenizer.special_ids else len(p) for i, p in enumerate(pieces)])
-            cached = (np.array(ids, dtype=np.int64), [pieces[i] for i in ids], lengths)
+            special = tokenizer.special_ids
+            ids = [i for i, piece in enumerate(pieces) if i not in special and _CLOSING_TOKEN.fullmatch(piece)]
+            space_only = np.array([i not in special and not piece.strip() for i, piece in enumerate(pieces)])
+            lengths = np.array([0 if i in special else len(piece) for i, piece in enumerate(pieces)])
+            lengths[space_only] = 0                 # never worth a planned step while anything else is allowed
+            expands = np.zeros((2, len(pieces)), dtype=bool)
+            for i, piece in enumerate(pieces):
+                if i not in special and (b"," in piece or b"{" in piece or b"[" in piece):
+                    expands[0, i] = _writes_structure(piece, in_string=False)
+                    expands[1, i] = _writes_structure(piece, in_string=True)
+            cached = (np.array(ids, dtype=np.int64), [pieces[i] for i in ids], lengths, expands, space_only)
             _CLOSING_CACHE[tokenizer] = cached
         return cached
+
+
+def _writes_structure(piece: bytes, in_string: bool) -> bool:
+    escaped = False
+    for byte in piece:
+        char = chr(byte)
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in ",{[":
+            return True
+    return False
