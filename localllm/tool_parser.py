@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
@@ -51,10 +51,6 @@ class ToolCall:
     id: str
     name: str
     arguments_json: str
-
-    def arguments(self):
-        """The arguments as a Python object (ValueError if they are not valid JSON)."""
-        return json.loads(self.arguments_json)
 
     def to_openai(self, index: int | None = None) -> dict:
         """``{"id", "type": "function", "function": {"name", "arguments"}}`` (plus ``index`` if given)."""
@@ -158,8 +154,7 @@ class _CallObject:
     content. The first ``name`` and the first ``arguments``/``parameters`` member count.
     """
 
-    def __init__(self, start: int):
-        self.start = start                     # index of "{"
+    def __init__(self, start: int):             # start: index of "{"
         self.i = start + 1
         self.phase = "key"                     # key -> colon -> value -> after -> key ... -> done
         self.key: str | None = None

@@ -1,6 +1,7 @@
 """Tools (function calling): prompt rendering, ``tool_choice`` and forced calls.
 
-The pieces a chat request with ``tools`` goes through::
+:func:`prepare_chat` does all of it for a chat request and returns a :class:`ChatPlan`
+(prompt, constraint, and how to read the output). The pieces it goes through::
 
     tools = validate_tools(request_tools)                         # OpenAI/Ollama tool list, checked
     choice = normalize_tool_choice(request_tool_choice, tools)    # "none" | "auto" | "required" | a name
@@ -31,11 +32,16 @@ from __future__ import annotations
 import json
 import threading
 import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import constrain
-from .tool_parser import (ToolCall, ToolCallDelta, ToolCallStreamParser, new_call_id,  # noqa: F401 (re-exported)
-                          parse_tool_calls)
+from .tool_parser import ToolCall, ToolCallDelta, ToolCallStreamParser, new_call_id, parse_tool_calls
+
+__all__ = ["ChatPlan", "ToolCall", "ToolCallDelta", "ToolCallStreamParser", "apply_tools", "new_call_id",
+           "normalize_tool_choice", "parse_tool_calls", "prepare_chat", "render_tools_prompt",
+           "template_supports_tools", "tool_call_constraint", "tool_call_style", "tool_call_text",
+           "tools_system_prompt", "validate_tools"]
 
 TOOL_CHOICES = ("none", "auto", "required")
 TOOL_STYLES = ("hermes", "llama", "mistral")
@@ -288,3 +294,60 @@ def tool_call_constraint(tools: list[dict], tool_choice: str, style: str = "herm
     else:
         rules = "start: body\n"
     return constrain.lark(rules + "body: " + body + "\n", kind="tool_call")
+
+
+# ----------------------------------------------------------------------------- one call for a chat request
+
+
+@dataclass
+class ChatPlan:
+    """What a chat request with tools and/or a response format needs, from :func:`prepare_chat`.
+
+    prompt: the rendered prompt text (give it to ``model.generate`` / ``model.stream``).
+    constraint: pass as ``constraint=`` (None: unconstrained).
+    tools, tool_choice: the validated tools and the normalized choice.
+    """
+
+    prompt: str
+    constraint: constrain.Constraint | None
+    tools: list[dict] = field(default_factory=list)
+    tool_choice: str = "none"
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        """Whether the output is read for tool calls (tools given and tool_choice not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        """(content, calls) of a finished choice; (text, []) when no calls are parsed."""
+        if not self.parses_tool_calls:
+            return text, []
+        return parse_tool_calls(text, self.tools)
+
+    def stream_parser(self) -> ToolCallStreamParser | None:
+        """A fresh streaming parser for one choice, or None when the text goes out as it is."""
+        return ToolCallStreamParser(self.tools) if self.parses_tool_calls else None
+
+    @staticmethod
+    def finish_reason(finish_reason: str, calls: list) -> str:
+        """OpenAI's finish_reason: "tool_calls" when the choice made calls, else the generator's."""
+        return "tool_calls" if calls else finish_reason
+
+
+def prepare_chat(model, messages: list[dict], tools: Any = None, tool_choice: Any = None,
+                 parallel_tool_calls: bool | None = None, constraint: constrain.Constraint | None = None,
+                 **template_extra) -> ChatPlan:
+    """Prompt and constraint for a chat request on ``model`` (a ``localllm.api.Model``).
+
+    tools, tool_choice, parallel_tool_calls: the request's fields, unvalidated (ValueError
+        naming the field when bad). Only an explicit ``parallel_tool_calls=True`` lets a
+        forced grammar take several calls (see :func:`tool_call_constraint`).
+    constraint: the response format's constraint (``constrain.from_response_format`` /
+        ``from_ollama_format``); a forced tool call takes precedence over it.
+    """
+    tools = validate_tools(tools)
+    choice = normalize_tool_choice(tool_choice, tools)
+    prompt = render_tools_prompt(model, messages, tools, choice, **template_extra)
+    forced = tool_call_constraint(tools, choice, style=tool_call_style(model.template),
+                                  parallel_tool_calls=parallel_tool_calls is True)
+    return ChatPlan(prompt, forced or constraint, tools, choice)

@@ -287,3 +287,31 @@ def test_smollm2_streamed_call_matches_whole_text(smollm2):
     content, calls = parse_tool_calls(result.text, [WEATHER])
     assert _reassemble(deltas) == (content, _summary(calls))
     assert len([d for d in deltas if isinstance(d, ToolCallDelta)]) > 1     # name first, then arguments
+
+
+def test_prepare_chat_plans(smollm2):
+    messages = [{"role": "user", "content": "What is the weather in Tokyo?"}]
+    plan = tools.prepare_chat(smollm2, messages, tools=TOOLS, tool_choice="required")
+    assert plan.constraint.kind == "tool_call" and plan.tool_choice == "required" and plan.parses_tool_calls
+    assert "<tools>" in plan.prompt and plan.prompt.endswith("<|im_start|>assistant\n")
+    json_mode = constrain.json_object()
+    plan = tools.prepare_chat(smollm2, messages, tools=TOOLS, constraint=json_mode)       # auto: the format applies
+    assert plan.constraint is json_mode and plan.tool_choice == "auto"
+    plan = tools.prepare_chat(smollm2, messages, tools=TOOLS, tool_choice="none")
+    assert "<tools>" not in plan.prompt and plan.constraint is None and plan.stream_parser() is None
+    assert plan.parse('<tool_call>{"name": "get_time"}</tool_call>') == ('<tool_call>{"name": "get_time"}</tool_call>', [])
+    plan = tools.prepare_chat(smollm2, messages)
+    assert plan.prompt == smollm2.render_chat(messages) and not plan.parses_tool_calls
+    with pytest.raises(ValueError, match="tool_choice"):
+        tools.prepare_chat(smollm2, messages, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "x"}})
+    assert tools.ChatPlan.finish_reason("stop", [object()]) == "tool_calls"
+    assert tools.ChatPlan.finish_reason("length", []) == "length"
+
+
+def test_call_wire_shapes():
+    call = tools.ToolCall("call_abc", "get_weather", '{"location": "Tokyo"}')
+    assert call.to_openai() == {"id": "call_abc", "type": "function",
+                                "function": {"name": "get_weather", "arguments": '{"location": "Tokyo"}'}}
+    assert call.to_openai(index=1)["index"] == 1
+    assert call.to_ollama() == {"function": {"name": "get_weather", "arguments": {"location": "Tokyo"}}}
+    assert tools.ToolCall("c", "f", '{"cut": "sho').to_ollama() == {"function": {"name": "f", "arguments": {}}}
