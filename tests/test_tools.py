@@ -315,3 +315,21 @@ def test_call_wire_shapes():
     assert call.to_openai(index=1)["index"] == 1
     assert call.to_ollama() == {"function": {"name": "get_weather", "arguments": {"location": "Tokyo"}}}
     assert tools.ToolCall("c", "f", '{"cut": "sho').to_ollama() == {"function": {"name": "f", "arguments": {}}}
+
+
+def test_smollm2_tool_round_trip(smollm2):
+    """Call, tool result, final answer: the second turn sees the call and the result and answers in text."""
+    messages = [{"role": "user", "content": "What is the weather in Tokyo?"}]
+    plan = tools.prepare_chat(smollm2, messages, tools=[WEATHER], tool_choice="required")
+    first = smollm2.generate(plan.prompt, constraint=_Budget(plan.constraint, 60), max_tokens=60, temperature=0,
+                             details=True)
+    content, calls = plan.parse(first.text)
+    assert [call.name for call in calls] == ["get_weather"]
+    messages += [{"role": "assistant", "content": content or None, "tool_calls": [c.to_openai() for c in calls]},
+                 {"role": "tool", "tool_call_id": calls[0].id, "content": '{"temperature_c": 18, "sky": "rain"}'}]
+    plan = tools.prepare_chat(smollm2, messages, tools=[WEATHER])
+    assert tools.tool_call_text("get_weather", calls[0].arguments_json) in plan.prompt
+    assert '<tool_response>\n{"temperature_c": 18, "sky": "rain"}\n</tool_response>' in plan.prompt
+    second = smollm2.generate(plan.prompt, constraint=plan.constraint, max_tokens=40, temperature=0, details=True)
+    answer, more_calls = plan.parse(second.text)
+    assert answer or more_calls, second.text
