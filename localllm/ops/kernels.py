@@ -167,7 +167,7 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float, rope_dim: int, styl
     if style not in ("norm", "neox"):
         raise ValueError(f"unknown rope style '{style}'")
     x = _as_float32(x)
-    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    positions = _as_int64(positions)
     if x.ndim != 3 or positions.shape != (x.shape[0],):
         raise ValueError(f"rope: x must be (n, n_heads, head_dim) with positions (n,), got {x.shape}, {positions.shape}")
     if rope_dim % 2 or not 0 < rope_dim <= x.shape[2]:
@@ -349,16 +349,14 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
     already be written). Returns (n, n_heads, head_dim).
     """
     q = _as_float32(q)
-    slots = np.ascontiguousarray(slots, dtype=np.int64)
-    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    slots, positions = _as_int64(slots), _as_int64(positions)
     n, n_heads, head_dim = q.shape
     n_slots, n_kv_heads, n_ctx, cache_head_dim = k_cache.shape
     if v_cache.shape != k_cache.shape or cache_head_dim != head_dim or n_heads % n_kv_heads:
         raise ValueError(f"attention: q {q.shape} does not fit caches {k_cache.shape} / {v_cache.shape}")
     if slots.shape != (n,) or positions.shape != (n,):
         raise ValueError(f"attention: slots and positions must be ({n},), got {slots.shape}, {positions.shape}")
-    if n and (slots.min() < 0 or slots.max() >= n_slots or positions.min() < 0 or positions.max() >= n_ctx):
-        raise IndexError(f"attention: slots must lie in 0:{n_slots} and positions in 0:{n_ctx}")
+    _check_cache_indices(slots, positions, n_slots, n_ctx)
     out = np.empty_like(q)
     if n:
         kernel = _attention_by_chunk if n * n_kv_heads < SPLIT_BELOW_PAIRS else _attention_by_pair
@@ -368,4 +366,20 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
 
 def _as_float32(a) -> np.ndarray:
     """a as a C-contiguous float32 array (no copy when it already is one)."""
+    if type(a) is np.ndarray and a.dtype == np.float32 and a.flags.c_contiguous:
+        return a
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _as_int64(a) -> np.ndarray:
+    if type(a) is np.ndarray and a.dtype == np.int64 and a.flags.c_contiguous:
+        return a
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+@njit(cache=True)
+def _check_cache_indices(slots, positions, n_slots, n_ctx):
+    for i in range(slots.shape[0]):
+        if not (0 <= slots[i] < n_slots and 0 <= positions[i] < n_ctx):
+            raise IndexError("attention: every token's slot must lie in the cache's slots "
+                             "and its position below the cache's n_ctx (slots / positions out of range)")
