@@ -45,24 +45,28 @@ def fast_exp(x):
 
 # --------------------------------------------------------------------------- rms_norm
 
-@njit(cache=True, fastmath=True, inline="always")
-def _rms_norm_row(x, weight, eps, out, i):
-    dim = x.shape[1]
+@njit(cache=True, fastmath=True)
+def _sum_of_squares(x, i):
     total = np.float32(0.0)
-    for k in range(dim):
+    for k in range(x.shape[1]):
         total += x[i, k] * x[i, k]
-    scale = _ONE / np.sqrt(total / np.float32(dim) + eps)
-    for k in range(dim):
+    return total
+
+
+@njit(cache=True, inline="always")  # no fastmath: scalar tails and vector bodies must round alike
+def _rms_norm_row(x, weight, eps, out, i):
+    scale = _ONE / np.sqrt(_sum_of_squares(x, i) / np.float32(x.shape[1]) + eps)
+    for k in range(x.shape[1]):
         out[i, k] = x[i, k] * scale * weight[k]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True)
 def _rms_norm_serial(x, weight, eps, out):
     for i in range(x.shape[0]):
         _rms_norm_row(x, weight, eps, out, i)
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, parallel=True)
 def _rms_norm_parallel(x, weight, eps, out):
     for i in prange(x.shape[0]):
         _rms_norm_row(x, weight, eps, out, i)
