@@ -17,7 +17,11 @@ Two implementations, chosen at import:
 ``KERNELS`` says which one is in use. Threads: the numba ``omp`` threading
 layer is preferred (about 2 us a parallel launch against about 40 us for
 ``workqueue``) unless ``NUMBA_THREADING_LAYER`` is set; ``NUMBA_NUM_THREADS``
-sets the thread count. ``threading_layer()`` reports the layer in use.
+sets the thread count. ``threading_layer()`` reports the layer in use. The
+``omp`` threads spin between parallel regions, which keeps launches cheap on
+an idle machine; on a machine busy with other work, ``OMP_WAIT_POLICY=passive``
+avoids losing whole scheduler time slices at every launch (measured here under
+a load of 7 on 2 cores: 25 decoded tokens/s passive against under 3 spinning).
 """
 from __future__ import annotations
 
