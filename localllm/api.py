@@ -208,16 +208,33 @@ class Model:
             result = generate(self.network, self.cache, self.tokenizer, ids, params, self.n_ctx)
         return result if details else result.text
 
-    def chat(self, messages: list[dict], stream: bool = False, details: bool = False, tools=None, **settings):
+    def chat(self, messages: list[dict], stream: bool = False, details: bool = False, tools=None,
+             tool_choice=None, **settings):
         """Reply to a conversation (rendered with the model's chat template).
 
         Returns the reply text (or a GenerationResult with ``details=True``), or
         with ``stream=True`` an iterator of text pieces (or events).
+        ``tools`` (OpenAI function tools) and ``tool_choice`` ("auto", "none",
+        "required" or a function name; forced calls go through a grammar):
+        with ``details=True`` each choice's ``tool_calls`` holds the parsed calls
+        and its ``text`` the content outside them.
         """
-        prompt = self.render_chat(messages, add_generation_prompt=True, tools=tools)
+        if not tools:
+            prompt = self.render_chat(messages, add_generation_prompt=True)
+            if stream:
+                return self.stream(prompt, details=details, **settings)
+            return self.generate(prompt, details=details, **settings)
+        from .tools import prepare_chat
+        plan = prepare_chat(self, messages, tools=tools, tool_choice=tool_choice,
+                            constraint=settings.pop("constraint", None))
         if stream:
-            return self.stream(prompt, details=details, **settings)
-        return self.generate(prompt, details=details, **settings)
+            return self.stream(plan.prompt, details=details, constraint=plan.constraint, **settings)
+        result = self.generate(plan.prompt, details=True, constraint=plan.constraint, **settings)
+        if plan.parses_tool_calls:
+            for choice in result.choices:
+                choice.text, choice.tool_calls = plan.parse(choice.text)
+                choice.finish_reason = plan.finish_reason(choice.finish_reason, choice.tool_calls)
+        return result if details else result.text
 
     def logits(self, ids) -> np.ndarray:
         """Raw next-token logits at every position of ``ids`` (vocab_size columns); uses a scratch cache."""

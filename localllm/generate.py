@@ -92,6 +92,7 @@ class Choice:
     token_ids: list[int]
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list | None = None         # tools.ToolCall list when the request had tools (Model.chat)
 
 
 @dataclass
@@ -325,7 +326,7 @@ def make_sequences(prompt: list[int], params: GenerationParams, tokenizer, cache
                 sampling = replace(sampling, seed=(sampling.seed + index) % 2**64)   # distinct, reproducible choices
             extra = list(extra_processors_factory()) if extra_processors_factory else []
             if params.constraint is not None:       # a fresh grammar state per choice
-                extra.append(params.constraint.make_processor(tokenizer))
+                extra.append(params.constraint.make_processor(tokenizer, max_new_tokens=max_new))
             seq = Sequence(index, prompt, params, tokenizer, slot, max_new, TokenSampler(sampling, extra),
                            prefill_from=leader, cached_prefix=cached if leader is None else 0,
                            want_prompt_logprobs=want_prompt_logprobs and leader is None)
