@@ -13,6 +13,7 @@ input features) ``data`` holds one row of blocks per matrix row:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -67,7 +68,7 @@ class QTensor:
                 f"{self.ggml_type} block size {block_elems}"
             )
 
-    @property
+    @cached_property
     def rows(self) -> int:
         return int(np.prod(self.shape[:-1], dtype=np.int64))
 
