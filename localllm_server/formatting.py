@@ -109,15 +109,49 @@ def completion_logprobs(records, text_offset: int = 0) -> dict:
 
 # --------------------------------------------------------------------------- chat
 
-def chat_completion(header: ResponseHeader, collector: Collector, prompt_tokens: int, want_logprobs: bool) -> dict:
-    """The non-streamed ``chat.completion`` object."""
+def parse_calls(text: str, make_parser) -> tuple[str, list]:
+    """``(content, calls)`` of a whole output through a fresh tool-call parser (``(text, [])`` without one)."""
+    if make_parser is None:
+        return text, []
+    parser = make_parser()
+    parser.push(text)
+    parser.finish()
+    return parser.content, parser.calls
+
+
+def tool_call_object(call) -> dict:
+    """``{"id", "type": "function", "function": {"name", "arguments"}}`` of a parsed call."""
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json}}
+
+
+def with_calls(finish_reason: str | None, calls: list) -> str | None:
+    """``tool_calls`` when the output ended normally after calls; a cut output stays ``length``."""
+    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
+
+
+def chat_message(content: str, calls: list) -> dict:
+    """The assistant message: ``content`` (null when there are only calls) and ``tool_calls`` when there are."""
+    message = {"role": "assistant", "content": content if content or not calls else None}
+    if calls:
+        message["tool_calls"] = [tool_call_object(call) for call in calls]
+    return message
+
+
+def chat_completion(header: ResponseHeader, collector: Collector, prompt_tokens: int, want_logprobs: bool,
+                    make_parser=None) -> dict:
+    """The non-streamed ``chat.completion`` object.
+
+    make_parser: a factory of tool-call stream parsers (``localllm.tools.ToolCallStreamParser``)
+        when the request's calls are parsed; each choice's text goes through a fresh one.
+    """
     choices = []
     for index, choice in enumerate(collector.choices):
+        content, calls = parse_calls("".join(choice.text), make_parser)
         choices.append({
             "index": index,
-            "message": {"role": "assistant", "content": "".join(choice.text)},
+            "message": chat_message(content, calls),
             "logprobs": {"content": chat_logprob_content(choice.logprobs)} if want_logprobs else None,
-            "finish_reason": choice.finish_reason,
+            "finish_reason": with_calls(choice.finish_reason, calls),
         })
     return {"id": header.id, "object": "chat.completion", "created": header.created, "model": header.model,
             "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
@@ -139,23 +173,59 @@ def chat_delta(index: int, delta: dict, finish_reason: str | None = None, logpro
             "finish_reason": finish_reason}
 
 
-def chat_stream(header: ResponseHeader, events, n_choices: int, prompt_tokens: int, include_usage: bool):
+def tool_call_deltas(pieces: list) -> list[dict]:
+    """Parser output (content strings and ``ToolCallDelta`` s) -> ``delta`` objects, one each.
+
+    A call's first delta is ``{"index", "id", "type": "function", "function": {"name", "arguments": ""}}``;
+    its argument text follows in ``{"index", "function": {"arguments": <fragment>}}`` deltas.
+    """
+    deltas = []
+    for piece in pieces:
+        if isinstance(piece, str):
+            deltas.append({"content": piece})
+            continue
+        if piece.id is not None:
+            deltas.append({"tool_calls": [{"index": piece.index, "id": piece.id, "type": "function",
+                                           "function": {"name": piece.name, "arguments": ""}}]})
+        if piece.arguments_fragment:
+            deltas.append({"tool_calls": [{"index": piece.index,
+                                           "function": {"arguments": piece.arguments_fragment}}]})
+    return deltas
+
+
+def chat_stream(header: ResponseHeader, events, n_choices: int, prompt_tokens: int, include_usage: bool,
+                make_parser=None):
     """The chunk sequence of a streamed chat completion (dicts; framing is streaming.py's job).
 
     Per choice: a first chunk with ``role``, content deltas, a final chunk with
     an empty delta and ``finish_reason``. Then, with ``include_usage``, one
-    chunk with ``choices: []`` and the usage.
+    chunk with ``choices: []`` and the usage. With ``make_parser`` (tool calls
+    parsed), each choice's text goes through its own parser: text outside calls
+    streams as content, calls as ``tool_calls`` deltas (:func:`tool_call_deltas`);
+    an event's logprobs ride on the next chunk of its choice.
     """
     for index in range(n_choices):
         yield chat_chunk(header, [chat_delta(index, {"role": "assistant", "content": ""})], include_usage)
+    parsers = [make_parser() for _ in range(n_choices)] if make_parser is not None else None
+    pending = [[] for _ in range(n_choices)]
     completion_tokens = 0
     for index, event in events:
-        if event.text or event.logprobs:
-            yield chat_chunk(header, [chat_delta(index, {"content": event.text}, logprobs=event.logprobs)],
-                             include_usage)
+        pending[index] += event.logprobs or []
+        if parsers is None:
+            deltas = [{"content": event.text}] if event.text or event.logprobs else []
+        else:
+            deltas = tool_call_deltas(parsers[index].push(event.text) if event.text else [])
+            if event.finish_reason:
+                deltas += tool_call_deltas(parsers[index].finish())
+        for delta in deltas:
+            yield chat_chunk(header, [chat_delta(index, delta, logprobs=pending[index])], include_usage)
+            pending[index] = []
         if event.finish_reason:
             completion_tokens += final_completion_tokens(event)
-            yield chat_chunk(header, [chat_delta(index, {}, event.finish_reason)], include_usage)
+            calls = parsers[index].calls if parsers is not None else []
+            yield chat_chunk(header, [chat_delta(index, {}, with_calls(event.finish_reason, calls),
+                                                 logprobs=pending[index])], include_usage)
+            pending[index] = []
     if include_usage:
         yield chat_chunk(header, [], True, usage(prompt_tokens, completion_tokens))
 

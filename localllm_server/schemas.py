@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import APIError, bad_request
+from .schemas_tools import (CHAT_TOOL_SCHEMA, TOOL_CHOICE_SCHEMA, check_format_and_tools, parse_tool_call,
+                            parse_tool_choice, parse_tools, resolve_tool_choice)
 
 MAX_STOP = 16
 MAX_N = 128
@@ -198,27 +200,6 @@ def _parse_response_format(value, param):
     return dict(value)
 
 
-def _parse_tools(value, param):
-    if not isinstance(value, list):
-        raise bad_request(f"{param} must be a list of tools", param)
-    for index, tool in enumerate(value):
-        if (not isinstance(tool, dict) or tool.get("type", "function") != "function"
-                or not isinstance(tool.get("function"), dict) or not isinstance(tool["function"].get("name"), str)):
-            raise bad_request(f"{param}[{index}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
-                              param)
-    return value
-
-
-def _parse_tool_choice(value, param):
-    if value in ("none", "auto", "required"):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("function"), dict) \
-            and isinstance(value["function"].get("name"), str):
-        return value
-    raise bad_request(f"{param} must be 'none', 'auto', 'required' or "
-                      "{\"type\": \"function\", \"function\": {\"name\": ...}}", param)
-
-
 # Ollama-style `options` (an extension of the /v1 routes); names as Ollama spells them.
 OPTION_FIELDS = [
     make_field("num_ctx", integer("context window (tokens) for this request", 1)),
@@ -286,7 +267,7 @@ SETTING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_
                 "n", "num_ctx")
 
 
-def _settings(values: dict) -> dict:
+def generation_settings(values: dict) -> dict:
     """Keyword settings for ``Model.make_params``: options first, top-level fields over them; None = default."""
     settings = {key: None for key in SETTING_KEYS}
     settings.update(values.get("options") or {})
@@ -340,9 +321,12 @@ def _parse_message(message, param) -> tuple[dict, int]:
                 raise bad_request(f"{param}.{key} must be a string", f"{param}.{key}")
             parsed[key] = message[key]
     if message.get("tool_calls") is not None:
-        if not isinstance(message["tool_calls"], list):
-            raise bad_request(f"{param}.tool_calls must be a list", f"{param}.tool_calls")
-        parsed["tool_calls"] = message["tool_calls"]
+        if role != "assistant" or not isinstance(message["tool_calls"], list):
+            raise bad_request(f"{param}.tool_calls must be a list, on an assistant message", f"{param}.tool_calls")
+        parsed["tool_calls"] = [parse_tool_call(call, f"{param}.tool_calls[{i}]")
+                                for i, call in enumerate(message["tool_calls"])]
+    if role == "tool" and "tool_call_id" not in parsed:
+        raise bad_request(f"{param}.tool_call_id is required for role 'tool'", f"{param}.tool_call_id")
     return parsed, n_images
 
 
@@ -368,10 +352,15 @@ CHAT_FIELDS = [
     make_field("top_logprobs", integer("alternatives per token (needs logprobs)", 0, MAX_TOP_LOGPROBS)),
     make_field("response_format", ({"type": "object", "properties": {"type": {
         "type": "string", "enum": ["text", "json_object", "json_schema"]}}},
-        _parse_response_format, "output format")),
-    make_field("tools", ({"type": "array", "items": {"type": "object"}}, _parse_tools, "functions the model may call")),
-    make_field("tool_choice", ({"oneOf": [{"type": "string", "enum": ["none", "auto", "required"]},
-                                          {"type": "object"}]}, _parse_tool_choice, "whether/which tool to call")),
+        _parse_response_format, "output format: text, json_object, json_schema {name, schema, strict}; with tools "
+                                "only when tool_choice is 'none' (else 400)")),
+    make_field("tools", ({"type": "array", "items": CHAT_TOOL_SCHEMA}, parse_tools,
+                         "functions the model may call (rendered into the prompt)")),
+    make_field("tool_choice", (TOOL_CHOICE_SCHEMA, parse_tool_choice,
+                               "none: no tools; auto: the model decides (default with tools); required: a call "
+                               "is forced by the grammar; a named function: that call is forced, its arguments "
+                               "constrained by its parameters schema")),
+    make_field("parallel_tool_calls", boolean("required: allow several forced calls (default: one)")),
 ]
 
 
@@ -384,8 +373,9 @@ class ChatRequest:
     include_usage: bool
     settings: dict = field(default_factory=dict)   # keyword settings for Model.make_params (None = default)
     response_format: dict | None = None
-    tools: list | None = None
-    tool_choice: Any = None
+    tools: list[dict] = field(default_factory=list)     # [{"type": "function", "function": {...}}], checked
+    tool_choice: str = "none"                           # "none", "auto", "required" or the forced function's name
+    parallel_tool_calls: bool = False
 
 
 def parse_chat(body: dict) -> ChatRequest:
@@ -396,13 +386,16 @@ def parse_chat(body: dict) -> ChatRequest:
     if values["top_logprobs"] and not values["logprobs"]:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     values["logprobs"] = bool(values["logprobs"])
-    settings = _settings(values)
+    settings = generation_settings(values)
     messages = [m for m, _ in values["messages"]]
+    tools = values["tools"] or []
+    tool_choice = resolve_tool_choice(values["tool_choice"], tools)
+    check_format_and_tools(values["response_format"], tool_choice)
     return ChatRequest(model=values["model"], messages=messages, n_images=sum(n for _, n in values["messages"]),
                        stream=bool(values["stream"]),
                        include_usage=bool((values["stream_options"] or {}).get("include_usage")),
-                       settings=settings, response_format=values["response_format"], tools=values["tools"],
-                       tool_choice=values["tool_choice"])
+                       settings=settings, response_format=values["response_format"], tools=tools,
+                       tool_choice=tool_choice, parallel_tool_calls=bool(values["parallel_tool_calls"]))
 
 
 # --------------------------------------------------------------------------- completions
@@ -461,7 +454,7 @@ def parse_completion(body: dict) -> CompletionRequest:
         raise bad_request("best_of is not supported (it must equal n)", "best_of")
     top = values["logprobs"]
     values["logprobs"], values["top_logprobs"] = top is not None, top
-    settings = _settings(values)
+    settings = generation_settings(values)
     settings["echo"] = bool(values["echo"])
     return CompletionRequest(model=values["model"], prompts=values["prompt"], suffix=values["suffix"] or None,
                              echo=bool(values["echo"]), stream=bool(values["stream"]),

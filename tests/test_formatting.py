@@ -251,7 +251,8 @@ def test_closing_the_stream_cancels_the_request():
 
 def test_the_server_package_imports_neither_numpy_nor_numba():
     code = ("import sys, localllm_server.app, localllm_server.routes, localllm_server.openai_api, "
-            "localllm_server.misc, localllm_server.server, localllm_server.formatting, localllm_server.schemas; "
+            "localllm_server.misc, localllm_server.server, localllm_server.formatting, localllm_server.schemas, "
+            "localllm_server.schemas_tools; "
             "print(sorted(m for m in ('numpy', 'numba') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -279,3 +280,72 @@ def test_fill_in_the_middle_prompt_layout():
 def test_localllm_host_parsing(value, expected):
     from localllm_server.app import parse_host
     assert parse_host(value) == expected
+
+
+# --------------------------------------------------------------------------- tool calls
+
+TWO_CALLS = ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"location": "Oslo"}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "get_time", "arguments": {"timezone": "CET"}}\n</tool_call>')
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+
+
+def call_parser():
+    from localllm.tool_parser import ToolCallStreamParser
+    return ToolCallStreamParser(TOOLS)
+
+
+def pieces(text, size, finish_reason="stop"):
+    """``text`` as (0, event) pairs of ``size`` characters, the last one finishing."""
+    cuts = [text[i:i + size] for i in range(0, len(text), size)]
+    return [(0, GenerationEvent(0, cut, finish_reason=finish_reason if i == len(cuts) - 1 else None,
+                                usage=Usage(5, len(cuts)) if i == len(cuts) - 1 else None))
+            for i, cut in enumerate(cuts)]
+
+
+@pytest.mark.parametrize("size", [1, 7, 1000])
+def test_chat_stream_tool_call_deltas(size):
+    chunks = list(formatting.chat_stream(HEADER, iter(pieces(TWO_CALLS, size)), 1, 5, False, call_parser))
+    deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
+    assert "".join(d.get("content", "") for d in deltas) == "Checking."
+    fragments = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    heads = [f for f in fragments if "id" in f]
+    assert [(f["index"], f["type"], f["function"]) for f in heads] == [
+        (0, "function", {"name": "get_weather", "arguments": ""}),
+        (1, "function", {"name": "get_time", "arguments": ""})]
+    assert heads[0]["id"] != heads[1]["id"] and all(f["id"].startswith("call_") for f in heads)
+    for index, arguments in ((0, '{"location": "Oslo"}'), (1, '{"timezone": "CET"}')):
+        rest = [f for f in fragments if f["index"] == index and "id" not in f]
+        assert all(set(f) == {"index", "function"} and set(f["function"]) == {"arguments"} for f in rest)
+        assert "".join(f["function"]["arguments"] for f in rest) == arguments
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+
+
+def test_chat_stream_cut_call_keeps_length():
+    chunks = list(formatting.chat_stream(HEADER, iter(pieces(TWO_CALLS[:60], 10, "length")), 1, 5, False,
+                                         call_parser))
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_completion_with_only_calls_has_null_content():
+    collector = formatting.Collector(1)
+    for index, event in pieces(TWO_CALLS.split("\n", 1)[1], 1000):
+        collector.add(index, event)
+    [choice] = formatting.chat_completion(HEADER, collector, 5, False, call_parser)["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    calls = choice["message"]["tool_calls"]
+    assert [(c["type"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("function", "get_weather", '{"location": "Oslo"}'), ("function", "get_time", '{"timezone": "CET"}')]
+    assert calls[0]["id"] != calls[1]["id"]
+
+
+def test_chat_tools_are_normalized_and_tool_choice_resolved():
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f", "description": "d"}}]}
+    request = schemas.parse_chat(body)
+    assert request.tools == [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {
+        "type": "object", "properties": {}}}}]
+    assert request.tool_choice == "auto" and request.parallel_tool_calls is False
+    assert schemas.parse_chat({**body, "tool_choice": {"type": "function", "function": {"name": "f"}}}).tool_choice \
+        == "f"
+    assert schemas.parse_chat({**body, "tools": None, "tool_choice": "auto"}).tool_choice == "none"

@@ -1,5 +1,25 @@
-"""POST /v1/chat/completions."""
+"""POST /v1/chat/completions: a conversation, tools and output formats -> a chat completion.
+
+Tools (``localllm.tools``): the functions are rendered into the prompt by the model's
+chat template when it knows ``tools``, else in the default Hermes block; earlier
+assistant ``tool_calls`` and ``tool`` results are rendered the same way. ``tool_choice``:
+
+* ``none``: no tools in the prompt, no parsing (earlier calls and results still render);
+* ``auto`` (the default with tools): the calls the model writes are parsed out of its text;
+* ``required``: one call to one of the tools is forced by a grammar (several with
+  ``parallel_tool_calls: true``), its arguments constrained by that tool's parameters schema;
+* a named function: a call to that function is forced the same way.
+
+Calls come back as ``message.tool_calls`` (``arguments`` a JSON string) with
+``finish_reason: "tool_calls"``; streamed, as ``delta.tool_calls`` fragments (name first,
+then the argument text). ``response_format`` json_object / json_schema constrain the
+answer to JSON; combined with tools they are refused (400) unless tool_choice is "none".
+:func:`prepare` is shared with /v1/responses.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import falcon
 
@@ -17,13 +37,51 @@ def response_constraint(response_format: dict | None):
 
 
 def check_supported(request: schemas.ChatRequest, model) -> None:
-    """400 for features this server or this model cannot serve yet (never silently ignored)."""
-    if request.tools:
-        raise APIError(400, "tool calling is not supported yet: remove `tools`", param="tools")
-    if request.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, "tool_choice needs `tools`, which are not supported yet", param="tool_choice")
+    """400 for features this model cannot serve (never silently ignored)."""
     if request.n_images and "vision" not in getattr(model, "capabilities", ()):
         raise APIError(400, f"model '{request.model}' does not support images", param="messages")
+
+
+def uses_tools(request: schemas.ChatRequest) -> bool:
+    """Does rendering need the tools machinery (tools offered, or earlier calls and results)?"""
+    return bool(request.tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in request.messages)
+
+
+@dataclass
+class Prepared:
+    """A chat request made ready for the engine on one model."""
+
+    prompt_ids: list[int]
+    params: object                       # localllm.generate.GenerationParams
+    num_ctx: int
+    make_parser: Callable | None         # a fresh tool-call parser per choice (None: the text goes out as it is)
+
+
+def prepare(model, request: schemas.ChatRequest) -> Prepared:
+    """Prompt, generation parameters and tool-call parsing of ``request`` on ``model``.
+
+    With tools (or earlier calls and results) the library's ``tools.prepare_chat`` renders the
+    prompt and builds the forced-call grammar; otherwise the plain chat template is used.
+    """
+    check_supported(request, model)
+    if not uses_tools(request):
+        params, num_ctx = model.make_params(**request.settings,
+                                            constraint=response_constraint(request.response_format))
+        return Prepared(model.tokenize(model.render_chat(request.messages, add_generation_prompt=True)), params,
+                        num_ctx, None)
+    from localllm import constrain, tools as tooling
+    choice = request.tool_choice
+    if choice not in tooling.TOOL_CHOICES:                   # a function name
+        choice = {"type": "function", "function": {"name": choice}}
+    answer_format = response_constraint(request.response_format)     # tool_choice "none" only (schemas)
+    try:
+        plan = tooling.prepare_chat(model, request.messages, tools=request.tools, tool_choice=choice,
+                                    parallel_tool_calls=request.parallel_tool_calls, constraint=answer_format)
+    except constrain.UnsupportedSchema as exc:               # a tool's parameters: the field is `tools`
+        raise APIError(400, str(exc), param="tools") from None
+    params, num_ctx = model.make_params(**request.settings, constraint=plan.constraint)
+    return Prepared(model.tokenize(plan.prompt), params, num_ctx,
+                    plan.stream_parser if plan.parses_tool_calls else None)
 
 
 class ChatCompletions:
@@ -34,20 +92,19 @@ class ChatCompletions:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = schemas.parse_chat(schemas.read_json(req, self.settings.max_body_bytes))
         entry, model = common.text_model(self.engine, request.model)
-        check_supported(request, model)
-        params, num_ctx = model.make_params(**request.settings,
-                                            constraint=response_constraint(request.response_format))
-        prompt_ids = model.tokenize(model.render_chat(request.messages, add_generation_prompt=True))
-        submission = common.Submission(self.engine, entry, [prompt_ids], params, num_ctx, params.n,
-                                       on_finish=common.metrics_hook(req, "chat"))
+        prepared = prepare(model, request)
+        params = prepared.params
+        submission = common.Submission(self.engine, entry, [prepared.prompt_ids], params, prepared.num_ctx,
+                                       params.n, on_finish=common.metrics_hook(req, "chat"))
         header = formatting.ResponseHeader.new("chatcmpl", request.model)
         events = submission.events(common.client_disconnected(req))
         if request.stream:
             chunks = formatting.chat_stream(header, streaming.prime(events), params.n, submission.prompt_tokens,
-                                            request.include_usage)
+                                            request.include_usage, prepared.make_parser)
             common.respond_sse(resp, chunks, submission.cancel)
             return
         collector = formatting.Collector(params.n)
         for index, event in events:
             collector.add(index, event)
-        resp.media = formatting.chat_completion(header, collector, submission.prompt_tokens, params.logprobs)
+        resp.media = formatting.chat_completion(header, collector, submission.prompt_tokens, params.logprobs,
+                                                prepared.make_parser)
