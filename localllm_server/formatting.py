@@ -8,6 +8,7 @@ same attributes), paired with the choice index they belong to.
 from __future__ import annotations
 
 import base64
+import copy
 import sys
 import time
 import uuid
@@ -18,8 +19,9 @@ SYSTEM_FINGERPRINT = "fp_localllm"
 
 
 def new_id(prefix: str) -> str:
-    """A unique response id: ``chatcmpl-<32 hex>``, ``cmpl-<32 hex>``."""
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """A unique id: ``chatcmpl-<32 hex>``, ``cmpl-<32 hex>``; Responses API ids take "_" (``resp_``, ``msg_``)."""
+    separator = "_" if prefix in ("resp", "msg", "fc") else "-"
+    return f"{prefix}{separator}{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,161 @@ def completion_stream(header: ResponseHeader, events, n_choices: int, prompt_tok
                                              "finish_reason": event.finish_reason}], include_usage)
     if include_usage:
         yield completion_chunk(header, [], True, usage(prompt_tokens, completion_tokens))
+
+
+# --------------------------------------------------------------------------- responses (/v1/responses)
+
+def response_usage(input_tokens: int, output_tokens: int) -> dict:
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens}
+
+
+def response_fields(request, params) -> dict:
+    """What a response object repeats of its request (a ``schemas_responses.ResponsesRequest``);
+    ``params`` (the GenerationParams used) gives the effective temperature and top_p."""
+    return {"instructions": request.instructions, "max_output_tokens": request.max_output_tokens,
+            "metadata": request.metadata, "parallel_tool_calls": request.parallel_tool_calls,
+            "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
+            "temperature": params.sampling.temperature, "text": {"format": request.text_format},
+            "tool_choice": request.tool_choice, "tools": request.tools, "top_p": params.sampling.top_p,
+            "truncation": "disabled", "user": request.user}
+
+
+def response_object(header: ResponseHeader, fields: dict, status: str, output: list[dict],
+                    usage_value: dict | None) -> dict:
+    """A ``response`` object; ``status`` "in_progress", "completed" or "incomplete" (cut by max_output_tokens)."""
+    return {"id": header.id, "object": "response", "created_at": header.created, "status": status,
+            "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "model": header.model, "output": output, **fields, "usage": usage_value}
+
+
+def message_item(item_id: str, text: str, status: str) -> dict:
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
+    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
+
+
+def item_status(finish_reason: str | None) -> str:
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+def response_output(text: str, finish_reason: str | None, make_parser=None) -> list[dict]:
+    """The ``output`` items of a whole generation: the message (unless there are only calls), then the calls."""
+    content, calls = parse_calls(text, make_parser)
+    status = item_status(finish_reason)
+    items = [message_item(new_id("msg"), content, status)] if content or not calls else []
+    items += [function_call_item(new_id("fc"), call.id, call.name, call.arguments_json, status) for call in calls]
+    return items
+
+
+class ResponseStream:
+    """The events of a streamed response, as the OpenAI Responses API sends them.
+
+    ``response.created``, ``response.in_progress``; per message item ``output_item.added``,
+    ``content_part.added``, ``output_text.delta`` ..., ``output_text.done``, ``content_part.done``,
+    ``output_item.done``; per function call ``output_item.added`` (name, empty arguments),
+    ``function_call_arguments.delta`` ..., ``function_call_arguments.done``, ``output_item.done``;
+    then ``response.completed`` (or ``response.incomplete``) with the whole response.
+    Every event has ``type`` and a ``sequence_number`` counting from 0.
+    """
+
+    def __init__(self, header: ResponseHeader, fields: dict, make_parser=None):
+        self.header, self.fields = header, fields
+        self.parser = make_parser() if make_parser is not None else None
+        self.sequence = 0
+        self.output: list[dict] = []
+        self.message: dict | None = None          # the open message item
+        self.calls: dict[int, dict] = {}          # open function call items by the parser's call index
+
+    def events(self, events, input_tokens: int):
+        """Event dicts for ``(index, GenerationEvent)`` pairs (one choice)."""
+        yield self._event("response.created", response=self._response("in_progress", None))
+        yield self._event("response.in_progress", response=self._response("in_progress", None))
+        for _, event in events:
+            pieces = self.parser.push(event.text) if self.parser is not None and event.text else \
+                ([event.text] if event.text else [])
+            if event.finish_reason and self.parser is not None:
+                pieces += self.parser.finish()
+            for piece in pieces:
+                yield from self._piece(piece)
+            if event.finish_reason:
+                status = item_status(event.finish_reason)
+                yield from self._close_all(status)
+                kind = "response.completed" if status == "completed" else "response.incomplete"
+                output_tokens = final_completion_tokens(event)
+                yield self._event(kind, response=self._response(status, response_usage(input_tokens, output_tokens)))
+
+    # ---------------------------------------------------------------- items
+    def _piece(self, piece):
+        if isinstance(piece, str):
+            if self.message is None:
+                yield from self._close_calls("completed")
+                self.message = message_item(new_id("msg"), "", "in_progress")
+                yield from self._add(self.message)
+                yield self._event("response.content_part.added", **self._where(self.message), content_index=0,
+                                  part={"type": "output_text", "text": "", "annotations": []})
+            self.message["content"][0]["text"] += piece
+            yield self._event("response.output_text.delta", **self._where(self.message), content_index=0,
+                              delta=piece, logprobs=[])
+            return
+        if piece.id is not None:
+            yield from self._close_message("completed")
+            yield from self._close_calls("completed")
+            item = function_call_item(new_id("fc"), piece.id, piece.name, "", "in_progress")
+            self.calls[piece.index] = item
+            yield from self._add(item)
+        if piece.arguments_fragment:
+            item = self.calls[piece.index]
+            item["arguments"] += piece.arguments_fragment
+            yield self._event("response.function_call_arguments.delta", **self._where(item),
+                              delta=piece.arguments_fragment)
+
+    def _add(self, item: dict):
+        self.output.append(item)
+        yield self._event("response.output_item.added", output_index=len(self.output) - 1, item=dict(item))
+
+    def _close_message(self, status: str):
+        item, self.message = self.message, None
+        if item is None:
+            return
+        text = item["content"][0]["text"]
+        item["status"] = status
+        yield self._event("response.output_text.done", **self._where(item), content_index=0, text=text, logprobs=[])
+        yield self._event("response.content_part.done", **self._where(item), content_index=0,
+                          part={"type": "output_text", "text": text, "annotations": []})
+        yield self._event("response.output_item.done", output_index=self.output.index(item), item=item)
+
+    def _close_calls(self, status: str):
+        items, self.calls = list(self.calls.values()), {}
+        for item in items:
+            item["status"] = status
+            yield self._event("response.function_call_arguments.done", **self._where(item), name=item["name"],
+                              arguments=item["arguments"])
+            yield self._event("response.output_item.done", output_index=self.output.index(item), item=item)
+
+    def _close_all(self, status: str):
+        if not self.output:                        # nothing was generated: an empty message, as non-streamed
+            self.message = message_item(new_id("msg"), "", "in_progress")
+            yield from self._add(self.message)
+        yield from self._close_message(status)
+        yield from self._close_calls(status)
+
+    # ---------------------------------------------------------------- framing helpers
+    def _where(self, item: dict) -> dict:
+        return {"item_id": item["id"], "output_index": self.output.index(item)}
+
+    def _response(self, status: str, usage_value: dict | None) -> dict:
+        return response_object(self.header, self.fields, status, [dict(item) for item in self.output], usage_value)
+
+    def _event(self, kind: str, **payload) -> dict:
+        event = {"type": kind, "sequence_number": self.sequence, **copy.deepcopy(payload)}   # items change later
+        self.sequence += 1
+        return event
 
 
 # --------------------------------------------------------------------------- embeddings and models

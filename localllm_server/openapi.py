@@ -11,13 +11,14 @@ import re
 
 import falcon.inspect
 
-from . import schemas
+from . import schemas, schemas_responses
 
 TITLE = "localllm"
 OPENAI_BODIES = {
     ("POST", "/v1/chat/completions"): ("Chat completion (OpenAI)", schemas.CHAT_FIELDS),
     ("POST", "/v1/completions"): ("Text completion (OpenAI legacy)", schemas.COMPLETION_FIELDS),
     ("POST", "/v1/embeddings"): ("Embeddings (OpenAI)", schemas.EMBEDDING_FIELDS),
+    ("POST", "/v1/responses"): ("Responses API (OpenAI; stateless)", schemas_responses.RESPONSES_FIELDS),
     ("POST", "/tokenize"): ("Text or a conversation -> token ids", schemas.TOKENIZE_FIELDS),
     ("POST", "/detokenize"): ("Token ids -> text", schemas.DETOKENIZE_FIELDS),
 }

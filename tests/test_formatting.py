@@ -175,7 +175,8 @@ class FakeModel:
     name = "fake:latest"
 
     def make_params(self, **settings):
-        return SimpleNamespace(n=settings.get("n") or 1, logprobs=bool(settings.get("logprobs"))), 64
+        return SimpleNamespace(n=settings.get("n") or 1, logprobs=bool(settings.get("logprobs")),
+                               sampling=SimpleNamespace(temperature=0.8, top_p=0.9)), 64
 
     def render_chat(self, messages, add_generation_prompt=True, tools=None):
         return " ".join(m["content"] for m in messages)
@@ -252,7 +253,7 @@ def test_closing_the_stream_cancels_the_request():
 def test_the_server_package_imports_neither_numpy_nor_numba():
     code = ("import sys, localllm_server.app, localllm_server.routes, localllm_server.openai_api, "
             "localllm_server.misc, localllm_server.server, localllm_server.formatting, localllm_server.schemas, "
-            "localllm_server.schemas_tools; "
+            "localllm_server.schemas_responses, localllm_server.openai_api.responses; "
             "print(sorted(m for m in ('numpy', 'numba') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -282,7 +283,7 @@ def test_localllm_host_parsing(value, expected):
     assert parse_host(value) == expected
 
 
-# --------------------------------------------------------------------------- tool calls
+# --------------------------------------------------------------------------- tool calls and /v1/responses
 
 TWO_CALLS = ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"location": "Oslo"}}\n</tool_call>\n'
              '<tool_call>\n{"name": "get_time", "arguments": {"timezone": "CET"}}\n</tool_call>')
@@ -339,6 +340,50 @@ def test_chat_completion_with_only_calls_has_null_content():
     assert calls[0]["id"] != calls[1]["id"]
 
 
+RESPONSE_FIELDS = {"instructions": None, "tools": [], "tool_choice": "auto"}
+RESPONSE_HEADER = formatting.ResponseHeader("resp_test", 1700000000, "m:latest")
+
+
+def test_response_stream_events_for_text_then_calls():
+    stream = formatting.ResponseStream(RESPONSE_HEADER, RESPONSE_FIELDS, call_parser)
+    generated = pieces(TWO_CALLS, 5)
+    events = list(stream.events(iter(generated), 5))
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    kinds = [e["type"] for e in events if not e["type"].endswith(".delta")]
+    assert kinds == ["response.created", "response.in_progress",
+                     "response.output_item.added", "response.content_part.added", "response.output_text.done",
+                     "response.content_part.done", "response.output_item.done",
+                     "response.output_item.added", "response.function_call_arguments.done", "response.output_item.done",
+                     "response.output_item.added", "response.function_call_arguments.done", "response.output_item.done",
+                     "response.completed"]
+    assert events[0]["response"]["status"] == "in_progress" and events[0]["response"]["output"] == []
+    final = events[-1]["response"]
+    message, weather, time_ = final["output"]
+    assert message["content"][0]["text"] == "Checking." and message["status"] == "completed"
+    assert (weather["name"], weather["arguments"], time_["name"]) == ("get_weather", '{"location": "Oslo"}',
+                                                                      "get_time")
+    assert weather["call_id"].startswith("call_") and weather["id"].startswith("fc_")
+    added = [e for e in events if e["type"] == "response.output_item.added"]
+    assert added[1]["item"]["arguments"] == "" and added[1]["output_index"] == 1
+    deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"
+              and e["item_id"] == weather["id"]]
+    assert "".join(deltas) == weather["arguments"]
+    n_generated = len(generated)
+    assert final["usage"] == {"input_tokens": 5, "input_tokens_details": {"cached_tokens": 0},
+                              "output_tokens": n_generated, "output_tokens_details": {"reasoning_tokens": 0},
+                              "total_tokens": 5 + n_generated}
+
+
+def test_response_output_and_status():
+    items = formatting.response_output(TWO_CALLS, "stop", call_parser)
+    assert [item["type"] for item in items] == ["message", "function_call", "function_call"]
+    [item] = formatting.response_output("Hello", "length")
+    assert item["content"] == [{"type": "output_text", "text": "Hello", "annotations": [], "logprobs": []}]
+    assert item["status"] == "incomplete" and formatting.item_status("length") == "incomplete"
+    body = formatting.response_object(RESPONSE_HEADER, RESPONSE_FIELDS, "incomplete", [item], None)
+    assert body["incomplete_details"] == {"reason": "max_output_tokens"} and body["object"] == "response"
+
+
 def test_chat_tools_are_normalized_and_tool_choice_resolved():
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}],
             "tools": [{"type": "function", "function": {"name": "f", "description": "d"}}]}
@@ -349,3 +394,56 @@ def test_chat_tools_are_normalized_and_tool_choice_resolved():
     assert schemas.parse_chat({**body, "tool_choice": {"type": "function", "function": {"name": "f"}}}).tool_choice \
         == "f"
     assert schemas.parse_chat({**body, "tools": None, "tool_choice": "auto"}).tool_choice == "none"
+
+
+def test_responses_input_items_become_chat_messages():
+    from localllm_server.schemas_responses import parse_responses
+
+    request = parse_responses({"model": "m", "instructions": "Be brief.", "max_output_tokens": 9, "input": [
+        {"role": "developer", "content": "Use tools."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "f", "arguments": "{\"a\": 1}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "rain"}]}],
+        "tools": [{"type": "function", "name": "f", "strict": True}], "tool_choice": {"type": "function", "name": "f"},
+        "text": {"format": {"type": "text"}}})
+    assert request.chat.messages == [
+        {"role": "system", "content": "Be brief."}, {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Checking."}], "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+            {"id": "c2", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "c2", "content": "rain"}]
+    assert request.chat.tool_choice == "f" and request.chat.settings["max_tokens"] == 9
+    assert request.tool_choice == {"type": "function", "name": "f"}
+    assert request.tools == [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}},
+                              "strict": True}]
+    schema = {"type": "object"}
+    request = parse_responses({"model": "m", "input": "hi", "text": {"format": {
+        "type": "json_schema", "name": "s", "schema": schema}}})
+    assert request.chat.response_format == {"type": "json_schema", "json_schema": {"name": "s", "schema": schema,
+                                                                                   "strict": False}}
+    assert request.chat.messages == [{"role": "user", "content": "hi"}]
+
+
+def test_responses_route_with_a_stand_in_engine():
+    events = [GenerationEvent(0, "Hel"), GenerationEvent(0, "lo", finish_reason="stop", usage=Usage(2, 2))]
+    body = {"model": "fake", "input": "hi there"}
+    result = fake_client(FakeEngine(FakeHandle(events))).simulate_post("/v1/responses", json=body)
+    assert result.status_code == 200 and result.json["status"] == "completed"
+    assert result.json["output"][0]["content"][0]["text"] == "Hello" and result.json["id"].startswith("resp_")
+    assert result.json["usage"]["input_tokens"] == 2 and result.json["usage"]["output_tokens"] == 2
+
+    handle = FakeHandle([GenerationEvent(0, "Hel")], error=RuntimeError("the worker died"))
+    result = fake_client(FakeEngine(handle)).simulate_post("/v1/responses", json={**body, "stream": True})
+    assert result.status_code == 200 and result.headers["content-type"] == "text/event-stream"
+    frames = [frame.split("\n") for frame in result.text.strip().split("\n\n")]
+    names = [frame[0][len("event: "):] for frame in frames]
+    assert names[:2] == ["response.created", "response.in_progress"] and names[-1] == "error"
+    assert all(json.loads(frame[1][len("data: "):])["type"] == name for frame, name in zip(frames, names))
+    error = json.loads(frames[-1][1][len("data: "):])
+    assert "the worker died" in error["message"] and error["sequence_number"] == len(frames) - 1
+    assert "[DONE]" not in result.text and handle.cancelled

@@ -5,11 +5,13 @@ from .chat import ChatCompletions
 from .completions import Completions
 from .embeddings import Embeddings
 from .models import Model, Models
+from .responses import Responses
 
 ROUTES = [
     ("/v1/chat/completions", ChatCompletions),
     ("/v1/completions", Completions),
     ("/v1/embeddings", Embeddings),
+    ("/v1/responses", Responses),
     ("/v1/models", Models),
     ("/v1/models/{model:path}", Model),
 ]

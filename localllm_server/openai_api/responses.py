@@ -1,0 +1,73 @@
+"""POST /v1/responses: the OpenAI Responses API, served statelessly as a chat completion.
+
+``schemas_responses`` turns the body into the chat request it means (instructions,
+input items, function tools, tool_choice, text.format); generation is the chat route's
+(:func:`chat.prepare`: tools rendered, calls forced or parsed, JSON constrained);
+``formatting`` shapes the ``response`` object and, streamed, the named SSE events
+(``event: response.created`` ... ``event: response.completed``; no ``[DONE]``).
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterable, Iterator
+
+import falcon
+
+from .. import formatting, schemas, schemas_responses, streaming
+from ..errors import APIError, to_api_error
+from . import chat, common
+
+
+def named_sse_body(events: Iterable[dict]) -> Iterator[bytes]:
+    """Responses API framing: ``event: <type>\\ndata: <json>\\n\\n`` per event.
+
+    An error after the first event becomes an ``error`` event (``code``, ``message``,
+    ``param``), the Responses API's in-band error.
+    """
+    sequence = 0
+    try:
+        for event in events:
+            sequence = event["sequence_number"] + 1
+            yield _named_event(event)
+    except Exception as exc:                  # the status line is gone: report the error in the stream
+        error = to_api_error(exc, prompt_param="input")
+        yield _named_event({"type": "error", "sequence_number": sequence, "code": error.code,
+                            "message": error.message, "param": error.param})
+
+
+def _named_event(event: dict) -> bytes:
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode("utf-8")
+
+
+class Responses:
+    def __init__(self, engine, settings):
+        self.engine = engine
+        self.settings = settings
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        request = schemas_responses.parse_responses(schemas.read_json(req, self.settings.max_body_bytes))
+        entry, model = common.text_model(self.engine, request.model)
+        if request.chat.n_images and "vision" not in getattr(model, "capabilities", ()):
+            raise APIError(400, f"model '{request.model}' does not support images", param="input")
+        prepared = chat.prepare(model, request.chat)
+        submission = common.Submission(self.engine, entry, [prepared.prompt_ids], prepared.params,
+                                       prepared.num_ctx, 1, on_finish=common.metrics_hook(req, "responses"))
+        header = formatting.ResponseHeader.new("resp", request.model)
+        fields = formatting.response_fields(request, prepared.params)
+        events = submission.events(common.client_disconnected(req))
+        if request.chat.stream:
+            stream = formatting.ResponseStream(header, fields, prepared.make_parser)
+            body = named_sse_body(stream.events(streaming.prime(events), submission.prompt_tokens))
+            resp.content_type = "text/event-stream"
+            resp.set_header("Cache-Control", "no-cache")
+            resp.set_header("X-Accel-Buffering", "no")
+            resp.stream = streaming.ClosingStream(body, on_close=submission.cancel)
+            return
+        collector = formatting.Collector(1)
+        for index, event in events:
+            collector.add(index, event)
+        [choice] = collector.choices
+        output = formatting.response_output("".join(choice.text), choice.finish_reason, prepared.make_parser)
+        resp.media = formatting.response_object(
+            header, fields, formatting.item_status(choice.finish_reason), output,
+            formatting.response_usage(submission.prompt_tokens, collector.completion_tokens))
