@@ -105,7 +105,9 @@ def handle_exception(req: falcon.Request, resp: falcon.Response, exc: BaseExcept
     if isinstance(exc, falcon.HTTPError):
         handle_http_error(req, resp, exc, params)
         return
-    prompt_param = "prompt" if req.path.rstrip("/").endswith(("/v1/completions", "/api/generate")) else "messages"
+    path = req.path.rstrip("/")
+    prompt_param = ("prompt" if path.endswith(("/v1/completions", "/api/generate"))
+                    else "input" if path.endswith("/v1/responses") else "messages")
     error = to_api_error(exc, prompt_param)
     if error.status >= 500:
         req.context.error = exc                   # middleware logs it

@@ -1,12 +1,14 @@
 """The CLI against a running server, as a user drives it: list, one-shot run, and the interactive chat in a pty."""
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -25,8 +27,13 @@ def test_list_and_run_go_through_the_server(server, tmp_path):
     listed = subprocess.run([sys.executable, "-m", "localllm.cli", "list"], env=env, capture_output=True,
                             text=True, timeout=60)
     assert listed.returncode == 0 and "smollm2:135m" in listed.stdout and "all-minilm:latest" in listed.stdout
-    run = subprocess.run([sys.executable, "-m", "localllm.cli", "run", "smollm2:135m", "Say hello."], env=env,
-                         capture_output=True, text=True, timeout=120)
+    created = urllib.request.urlopen(urllib.request.Request(
+        server + "/api/create", method="POST", data=json.dumps({
+            "model": "cli-short", "from": "smollm2:135m", "stream": False,
+            "parameters": {"num_predict": 16, "temperature": 0}}).encode()), timeout=60)
+    assert json.loads(created.read())["status"] == "success"
+    run = subprocess.run([sys.executable, "-m", "localllm.cli", "run", "cli-short", "Say hello."], env=env,
+                         capture_output=True, text=True, timeout=300)   # first load may compile kernels
     assert run.returncode == 0 and run.stdout.strip(), run.stderr
     refused = subprocess.run([sys.executable, "-m", "localllm.cli", "run", "all-minilm", "hi"], env=env,
                              capture_output=True, text=True, timeout=60)
@@ -75,7 +82,7 @@ class Terminal:
 def test_interactive_chat_in_a_terminal_keeps_history(server, tmp_path):
     """Greedy answers are deterministic, so the same question answered with and without the history differs."""
     terminal = Terminal([sys.executable, "-m", "localllm.cli", "run", "smollm2:135m"], cli_env(server, tmp_path))
-    terminal.read_until(">>> ")
+    terminal.read_until(">>> ", timeout=300)
     terminal.type("/set parameter temperature 0")
     assert "Set parameter 'temperature' to '0" in terminal.read_until(">>> ")
     terminal.type("/set parameter num_predict 24")
