@@ -125,19 +125,19 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    entry = ModelStore().get(args.model)
-    if args.modelfile:
-        print(render_modelfile(entry), end="")
-    elif args.parameters:
-        print(format_parameters(entry.parameters))
-    elif args.template:
-        print(entry.chat_template or "")
-    elif args.system:
-        print(entry.system or "")
-    elif args.license:
-        print(entry.license or "")
+    if server_available():
+        shown = server_request("POST", "/api/show", {"model": args.model})
     else:
-        print(describe_entry(entry))
+        entry = ModelStore().get(args.model)
+        shown = {"modelfile": render_modelfile(entry), "parameters": format_parameters(entry.parameters),
+                 "template": entry.chat_template or "", "system": entry.system or "",
+                 "license": entry.license or "", "details": dict(entry.details, format=entry.format),
+                 "model_info": entry.model_info}
+    for field in ("modelfile", "parameters", "template", "system", "license"):
+        if getattr(args, field):
+            print(shown.get(field) or "", end="" if field == "modelfile" else "\n")
+            return 0
+    print(describe_model(shown))
     return 0
 
 
@@ -176,7 +176,12 @@ def cmd_create(args) -> int:
     modelfile = parse_modelfile(text)
     progress = TqdmPullProgress(file=sys.stderr)
     try:
-        create_model(ModelStore(), args.model, modelfile, base_dir=path.parent, progress=progress)
+        if server_available():
+            body = dict(modelfile.create_request(args.model, base_dir=path.parent), stream=True)
+            for event in server_stream("/api/create", body):
+                progress(event)
+        else:
+            create_model(ModelStore(), args.model, modelfile, base_dir=path.parent, progress=progress)
     finally:
         progress.close()
     return 0
@@ -509,20 +514,19 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
                      for row in [header, *rows])
 
 
-def describe_entry(entry) -> str:
-    """``localllm show NAME``: the model's architecture, size and defaults, in ollama's layout."""
-    info, family = entry.model_info, entry.details.get("family", "")
-    model_rows = [("architecture", family), ("parameters", entry.details.get("parameter_size")),
+def describe_model(shown: dict) -> str:
+    """``localllm show NAME``: architecture, size and defaults in ollama's layout, from an /api/show object."""
+    details, info = shown.get("details") or {}, shown.get("model_info") or {}
+    family = details.get("family", "")
+    model_rows = [("architecture", family), ("parameters", details.get("parameter_size")),
                   ("context length", info.get(f"{family}.context_length")),
                   ("embedding length", info.get(f"{family}.embedding_length")),
-                  ("quantization", entry.details.get("quantization_level")), ("format", entry.format)]
+                  ("quantization", details.get("quantization_level")), ("format", details.get("format"))]
     sections = [("Model", [f"{key.ljust(20)}{value}" for key, value in model_rows if value is not None])]
-    if entry.parameters:
-        sections.append(("Parameters", format_parameters(entry.parameters).splitlines()))
-    if entry.system:
-        sections.append(("System", entry.system.splitlines()))
-    if entry.license:
-        sections.append(("License", entry.license.splitlines()[:2]))
+    for title, field, limit in (("Parameters", "parameters", None), ("System", "system", None),
+                                ("License", "license", 2)):
+        if shown.get(field):
+            sections.append((title, shown[field].splitlines()[:limit]))
     return "\n\n".join(f"  {title}\n" + "\n".join(f"    {line}" for line in lines) for title, lines in sections)
 
 

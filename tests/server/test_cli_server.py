@@ -99,3 +99,21 @@ def test_interactive_chat_in_a_terminal_keeps_history(server, tmp_path):
     assert with_history != without_history
     terminal.type("/bye")
     assert terminal.wait() == 0
+
+
+def test_show_and_create_go_through_the_server(server, tmp_path):
+    env = cli_env(server, tmp_path)
+    (tmp_path / "Modelfile").write_text('FROM smollm2:135m\nPARAMETER temperature 0.3\nSYSTEM """Be brief."""\n')
+    created = subprocess.run([sys.executable, "-m", "localllm.cli", "create", "cli-brief", "-f",
+                              str(tmp_path / "Modelfile")], env=env, capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stderr
+    shown = subprocess.run([sys.executable, "-m", "localllm.cli", "show", "cli-brief"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0
+    assert "llama" in shown.stdout and "135M" in shown.stdout and "temperature" in shown.stdout
+    assert "Be brief." in shown.stdout
+    system = subprocess.run([sys.executable, "-m", "localllm.cli", "show", "cli-brief", "--system"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert system.stdout.strip() == "Be brief."
+    tags = json.loads(urllib.request.urlopen(server + "/api/tags", timeout=30).read())
+    assert any(m["name"] == "cli-brief:latest" for m in tags["models"])    # made in the server's store
