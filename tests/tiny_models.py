@@ -6,6 +6,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from localllm.tokenizer import bytes_to_unicode
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -14,13 +16,7 @@ CHATML_TEMPLATE = (
 
 def byte_level_vocab() -> tuple[list[str], list[int]]:
     """GPT-2 byte-level alphabet (256 tokens) + <|endoftext|>, <|im_start|>, <|im_end|>."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    byte_to_char = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in byte_to_char:
-            byte_to_char[b] = chr(256 + extra)
-            extra += 1
+    byte_to_char = bytes_to_unicode()
     tokens = [byte_to_char[b] for b in range(256)] + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     token_types = [1] * 256 + [3, 3, 3]  # NORMAL, CONTROL
     return tokens, token_types
