@@ -22,7 +22,7 @@ from numba import njit, prange
 from .intrinsics import (dot_i16, fma_int, horizontal_sum, load_bits, load_f16, load_i8, load_i16x16, load_i8x32,
                          load_nibbles, load_u8, or_shifted, scale_i16, shift_right_and, widen_high,
                          widen_high_signed, widen_low, widen_low_signed, zeros_f32x8)
-from .portable import BLOCK, count_tasks, quantize_activations, task_location
+from .portable import BLOCK, count_tasks, k4_scale_min, quantize_activations, task_location
 
 ROWS_PER_TASK = 4
 
@@ -100,22 +100,11 @@ def decode_Q3_K(w, row, b):
             np.float32(-4 * scale0) * d, np.float32(-4 * scale1) * d)
 
 
-@njit(cache=True, inline="always")
-def _k4_scale_min(w, o, s):
-    """Q4_K / Q5_K: six-bit scale and min of sub-block s from the 12 bytes at o + 4."""
-    p = o + 4
-    if s < 4:
-        return load_u8(w, p + s) & 63, load_u8(w, p + s + 4) & 63
-    scale = (load_u8(w, p + s + 4) & 0x0F) | ((load_u8(w, p + s - 4) >> 6) << 4)
-    minimum = (load_u8(w, p + s + 4) >> 4) | ((load_u8(w, p + s) >> 6) << 4)
-    return scale, minimum
-
-
 @njit(cache=True)
 def decode_Q4_K(w, row, b):
     o, s = row + (b >> 3) * 144, b & 7
     q = shift_right_and(load_i8x32(w, o + 16 + 32 * (s >> 1)), 4 * (s & 1), 0x0F)
-    scale, minimum = _k4_scale_min(w, o, s)
+    scale, minimum = k4_scale_min(w, o, s)
     m = -load_f16(w, o + 2) * np.float32(minimum)
     return q, 1, 1, load_f16(w, o) * np.float32(scale), m, m
 
@@ -125,7 +114,7 @@ def decode_Q5_K(w, row, b):
     o, s = row + (b >> 3) * 176, b & 7
     low = shift_right_and(load_i8x32(w, o + 48 + 32 * (s >> 1)), 4 * (s & 1), 0x0F)
     high = shift_right_and(load_i8x32(w, o + 16), s, 1)
-    scale, minimum = _k4_scale_min(w, o, s)
+    scale, minimum = k4_scale_min(w, o, s)
     m = -load_f16(w, o + 2) * np.float32(minimum)
     return or_shifted(low, high, 4), 1, 1, load_f16(w, o) * np.float32(scale), m, m
 
