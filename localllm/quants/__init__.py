@@ -84,6 +84,15 @@ class QTensor:
         """Rows ``start:stop`` of a 2-D tensor, still in file format (no copy)."""
         return QTensor(self.name, self.ggml_type, (stop - start, self.cols), self.data[start:stop])
 
+    def checked_token_ids(self, token_ids) -> np.ndarray:
+        """``token_ids`` as an integer array of row indices, or a TypeError / IndexError naming the tensor."""
+        ids = np.asarray(token_ids)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"token_ids for '{self.name}' must be integers, got {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.rows):
+            raise IndexError(f"token_ids for '{self.name}' must lie in 0:{self.rows}, got {ids.min()}..{ids.max()}")
+        return ids
+
     @classmethod
     def from_float(cls, name: str, array: np.ndarray) -> "QTensor":
         """Wrap a float32 array (tests, HF weights)."""

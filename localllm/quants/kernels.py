@@ -200,11 +200,7 @@ def matmul_many(ws: Sequence[QTensor], x: np.ndarray, *, kernels: str | None = N
 def embedding_rows(w: QTensor, token_ids) -> np.ndarray:
     """Embedding lookup: rows ``token_ids`` of ``w`` as float32 ``(*token_ids.shape, cols)``."""
     view = _kernel_view(w)
-    ids = np.asarray(token_ids)
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"token_ids for '{w.name}' must be integers, got {ids.dtype}")
-    if ids.size and (ids.min() < 0 or ids.max() >= w.rows):
-        raise IndexError(f"token_ids for '{w.name}' must lie in 0:{w.rows}, got {ids.min()}..{ids.max()}")
+    ids = w.checked_token_ids(token_ids)
     flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
     out = np.empty((flat.shape[0], w.cols), dtype=np.float32)
     code = portable.TYPE_CODES[w.ggml_type]

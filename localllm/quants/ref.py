@@ -348,11 +348,7 @@ def dequantize_rows(t: QTensor, start: int, stop: int) -> np.ndarray:
 def embedding_rows(w: QTensor, token_ids) -> np.ndarray:
     """Embedding lookup: rows ``token_ids`` of ``w`` as float32 ``(*token_ids.shape, cols)``."""
     row_data = _row_data(w)
-    ids = np.asarray(token_ids)
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"token_ids for '{w.name}' must be integers, got {ids.dtype}")
-    if ids.size and (ids.min() < 0 or ids.max() >= w.rows):
-        raise IndexError(f"token_ids for '{w.name}' must lie in 0:{w.rows}, got {ids.min()}..{ids.max()}")
+    ids = w.checked_token_ids(token_ids)
     flat = ids.reshape(-1)
     return _dequantize_row_data(w.ggml_type, row_data[flat], w.cols).reshape(*ids.shape, w.cols)
 
