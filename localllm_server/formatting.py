@@ -155,18 +155,27 @@ def chat_completion(header: ResponseHeader, collector: Collector, prompt_tokens:
             "logprobs": {"content": chat_logprob_content(choice.logprobs)} if want_logprobs else None,
             "finish_reason": with_calls(choice.finish_reason, calls),
         })
-    return {"id": header.id, "object": "chat.completion", "created": header.created, "model": header.model,
-            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
-            "usage": usage(prompt_tokens, collector.completion_tokens)}
+    return dict(envelope(header, "chat.completion", choices), usage=usage(prompt_tokens, collector.completion_tokens))
+
+
+def envelope(header: ResponseHeader, object_type: str, choices: list[dict]) -> dict:
+    """The fields every chat / text completion object and chunk starts with."""
+    return {"id": header.id, "object": object_type, "created": header.created, "model": header.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
+
+
+def stream_chunk(header: ResponseHeader, object_type: str, choices: list[dict], include_usage: bool,
+                 usage_value=None) -> dict:
+    """A streamed chunk; ``usage`` is present (null until the last chunk) only when asked for."""
+    chunk = envelope(header, object_type, choices)
+    if include_usage:
+        chunk["usage"] = usage_value
+    return chunk
 
 
 def chat_chunk(header: ResponseHeader, choices: list[dict], include_usage: bool, usage_value=None) -> dict:
     """One ``chat.completion.chunk``; ``usage`` is present (null until the last chunk) only when asked for."""
-    chunk = {"id": header.id, "object": "chat.completion.chunk", "created": header.created, "model": header.model,
-             "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
-    if include_usage:
-        chunk["usage"] = usage_value
-    return chunk
+    return stream_chunk(header, "chat.completion.chunk", choices, include_usage, usage_value)
 
 
 def chat_delta(index: int, delta: dict, finish_reason: str | None = None, logprobs: list | None = None) -> dict:
@@ -240,17 +249,11 @@ def text_completion(header: ResponseHeader, collector: Collector, prompt_tokens:
                 "logprobs": completion_logprobs(choice.logprobs) if want_logprobs else None,
                 "finish_reason": choice.finish_reason}
                for index, choice in enumerate(collector.choices)]
-    return {"id": header.id, "object": "text_completion", "created": header.created, "model": header.model,
-            "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
-            "usage": usage(prompt_tokens, collector.completion_tokens)}
+    return dict(envelope(header, "text_completion", choices), usage=usage(prompt_tokens, collector.completion_tokens))
 
 
 def completion_chunk(header: ResponseHeader, choices: list[dict], include_usage: bool, usage_value=None) -> dict:
-    chunk = {"id": header.id, "object": "text_completion", "created": header.created, "model": header.model,
-             "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
-    if include_usage:
-        chunk["usage"] = usage_value
-    return chunk
+    return stream_chunk(header, "text_completion", choices, include_usage, usage_value)
 
 
 def completion_stream(header: ResponseHeader, events, n_choices: int, prompt_tokens: int, include_usage: bool,
