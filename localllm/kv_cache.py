@@ -1,7 +1,9 @@
 """KV cache: preallocated keys and values for a pool of sequence slots.
 
-Layout per layer: ``(n_slots, n_kv_heads, n_ctx, head_dim)`` float32, so one
-sequence's keys for one head are contiguous (what attention reads). The
+Layout per layer: ``(n_slots, n_kv_heads, n_ctx, head_dim)``, so one
+sequence's keys for one head are contiguous (what attention reads). Keys and
+values are float16 by default, like llama.cpp (half the memory and the
+bytes attention reads per token), or float32. The
 arrays come from ``np.zeros``, whose pages the OS maps lazily: an unused slot
 or the unused tail of a context costs no resident memory.
 """
@@ -24,21 +26,28 @@ class NoFreeSlot(RuntimeError):
 
 
 class KVCache:
-    def __init__(self, n_layers: int, n_slots: int, n_ctx: int, n_kv_heads: int, head_dim: int):
+    """K and V arrays ``(n_layers, n_slots, n_kv_heads, n_ctx, head_dim)`` of ``dtype`` plus per-slot bookkeeping."""
+
+    def __init__(self, n_layers: int, n_slots: int, n_ctx: int, n_kv_heads: int, head_dim: int,
+                 dtype=np.float16):
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float16, np.float32):
+            raise ValueError(f"KV cache dtype must be float16 or float32, got {dtype}")
         self.n_layers, self.n_slots, self.n_ctx = n_layers, n_slots, n_ctx
+        self.dtype = dtype
         shape = (n_layers, n_slots, n_kv_heads, n_ctx, head_dim)
-        self.k = np.zeros(shape, dtype=np.float32)
-        self.v = np.zeros(shape, dtype=np.float32)
+        self.k = np.zeros(shape, dtype=dtype)
+        self.v = np.zeros(shape, dtype=dtype)
         self.lengths = np.zeros(n_slots, dtype=np.int64)   # tokens held per slot
         self.tokens: list[list[int]] = [[] for _ in range(n_slots)]  # ids held per slot (prefix reuse)
         self._free = list(range(n_slots))
 
     @property
     def nbytes_per_token(self) -> int:
-        return int(2 * self.k.shape[0] * self.k.shape[2] * self.k.shape[4] * 4)
+        return int(2 * self.k.shape[0] * self.k.shape[2] * self.k.shape[4] * self.dtype.itemsize)
 
     def write(self, layer: int, slots: np.ndarray, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
-        """Store k, v (n, n_kv_heads, head_dim) of tokens at (slots[i], positions[i])."""
+        """Store k, v (n, n_kv_heads, head_dim) of tokens at (slots[i], positions[i]), rounded to the cache's dtype."""
         if positions.size and int(positions.max()) >= self.n_ctx:
             raise ContextLengthExceeded(int(positions.max()) + 1, self.n_ctx, "sequence")
         self.k[layer, slots, :, positions] = k

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from numba import njit
 
-from localllm.ops import kernels, ref
+from localllm.kv_cache import ContextLengthExceeded
+from localllm.ops import attention_kernels, kernels, ref
 
 
 @njit(cache=True)
@@ -70,46 +71,54 @@ def test_rope_rejects_bad_arguments():
         kernels.rope(x, np.zeros(3, dtype=np.int64), 1e4, 8)
 
 
-def _cache(rng, n_slots, n_kv_heads, n_ctx, head_dim):
+def _cache(rng, n_slots, n_kv_heads, n_ctx, head_dim, dtype=np.float32):
     shape = (n_slots, n_kv_heads, n_ctx, head_dim)
-    return rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    return rng.standard_normal(shape).astype(dtype), rng.standard_normal(shape).astype(dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("n", [1, 3, 17])
-def test_attention_decode_batch(n):
+def test_attention_decode_batch(n, dtype):
     """One query per sequence (decode), GQA 9 heads over 3 KV heads, random slots and lengths."""
     rng = np.random.default_rng(n)
-    k_cache, v_cache = _cache(rng, 4, 3, 50, 16)
+    k_cache, v_cache = _cache(rng, 4, 3, 50, 16, dtype)
     q = rng.standard_normal((n, 9, 16)).astype(np.float32) * 3
     slots = rng.integers(0, 4, n)
     positions = rng.integers(0, 50, n)
-    np.testing.assert_allclose(kernels.attention(q, k_cache, v_cache, slots, positions),
+    np.testing.assert_allclose(attention_kernels.attention(q, k_cache, v_cache, slots, positions),
                                ref.attention(q, k_cache, v_cache, slots, positions), rtol=1e-5, atol=2e-6)
 
 
-def test_attention_causal_prefill_and_mixed_batch():
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_attention_causal_prefill_and_mixed_batch(dtype):
     """A prompt (positions 0..m-1 of one slot) next to decode tokens of other slots."""
     rng = np.random.default_rng(7)
-    k_cache, v_cache = _cache(rng, 3, 2, 70, 32)
+    k_cache, v_cache = _cache(rng, 3, 2, 70, 32, dtype)
     slots = np.array([1] * 33 + [0, 2])
     positions = np.array(list(range(33)) + [69, 5])
     q = rng.standard_normal((35, 6, 32)).astype(np.float32)
-    np.testing.assert_allclose(kernels.attention(q, k_cache, v_cache, slots, positions),
+    np.testing.assert_allclose(attention_kernels.attention(q, k_cache, v_cache, slots, positions),
                                ref.attention(q, k_cache, v_cache, slots, positions), rtol=1e-5, atol=2e-6)
 
 
 def test_attention_rejects_bad_arguments():
     k_cache = np.zeros((2, 2, 8, 4), dtype=np.float32)
     q = np.zeros((1, 4, 4), dtype=np.float32)
+    with pytest.raises(ContextLengthExceeded, match="context window is 8"):
+        attention_kernels.attention(q, k_cache, k_cache, np.array([0]), np.array([8]))
     with pytest.raises(IndexError, match="positions"):
-        kernels.attention(q, k_cache, k_cache, np.array([0]), np.array([8]))
+        attention_kernels.attention(q, k_cache, k_cache, np.array([0]), np.array([-1]))
     with pytest.raises(IndexError, match="slots"):
-        kernels.attention(q, k_cache, k_cache, np.array([2]), np.array([0]))
+        attention_kernels.attention(q, k_cache, k_cache, np.array([2]), np.array([0]))
     with pytest.raises(ValueError, match="does not fit"):
-        kernels.attention(np.zeros((1, 3, 4), dtype=np.float32), k_cache, k_cache, np.array([0]), np.array([0]))
+        attention_kernels.attention(np.zeros((1, 3, 4), dtype=np.float32), k_cache, k_cache, np.array([0]), np.array([0]))
+    with pytest.raises(ValueError, match="float16 or float32"):
+        attention_kernels.attention(q, k_cache.astype(np.float64), k_cache.astype(np.float64), np.array([0]),
+                                    np.array([0]))
 
 
-def test_results_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_results_do_not_depend_on_the_batch(dtype):
     """Few tokens run serially / key chunks in parallel, many tokens run in parallel / by (token, KV head):
     the same token must get bit-identical results either way (chunked prefill == one-shot prefill)."""
     rng = np.random.default_rng(11)
@@ -118,10 +127,10 @@ def test_results_do_not_depend_on_the_batch():
     np.testing.assert_array_equal(kernels.rms_norm(x[:3], weight, 1e-5), kernels.rms_norm(x, weight, 1e-5)[:3])
     gate, up = x * 2, x[::-1].copy()
     np.testing.assert_array_equal(kernels.swiglu(gate[:5], up[:5]), kernels.swiglu(gate, up)[:5])
-    k_cache, v_cache = _cache(rng, 1, 2, 300, 16)
+    k_cache, v_cache = _cache(rng, 1, 2, 300, 16, dtype)
     q = rng.standard_normal((300, 4, 16)).astype(np.float32)
     slots, positions = np.zeros(300, dtype=np.int64), np.arange(300)
-    together = kernels.attention(q, k_cache, v_cache, slots, positions)
+    together = attention_kernels.attention(q, k_cache, v_cache, slots, positions)
     for i in (0, 130, 299):
-        alone = kernels.attention(q[i:i + 1], k_cache, v_cache, slots[i:i + 1], positions[i:i + 1])
+        alone = attention_kernels.attention(q[i:i + 1], k_cache, v_cache, slots[i:i + 1], positions[i:i + 1])
         np.testing.assert_array_equal(alone[0], together[i])

@@ -2,7 +2,7 @@
 
 ``get_backend("ref")`` is readable numpy (``quants.ref`` + ``ops.ref``);
 ``get_backend("fast")`` takes every function that ``quants.kernels`` /
-``ops.kernels`` define and the reference for the rest; ``"auto"`` is
+``ops.kernels`` / ``ops.attention_kernels`` define and the reference for the rest; ``"auto"`` is
 ``fast`` unless ``LOCALLLM_BACKEND=ref``.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from . import ref as ops_ref
 from ..quants import ref as quants_ref
 
-OP_NAMES = ("rms_norm", "layer_norm", "rope", "attention", "swiglu", "softmax")
+OP_NAMES = ("rms_norm", "layer_norm", "rope", "attention", "attend", "swiglu", "softmax")
 QUANT_NAMES = ("matmul", "matmul_many", "embedding_rows")
 
 _backends: dict[str, SimpleNamespace] = {}
@@ -34,7 +34,8 @@ def _collect(modules_by_kind: dict[str, object]) -> SimpleNamespace:
     if functions["matmul_many"] is None:
         functions["matmul_many"] = _matmul_many_of(functions["matmul"])
     for name in OP_NAMES:
-        functions[name] = getattr(modules_by_kind["ops"], name, None) or getattr(ops_ref, name)
+        found = [getattr(module, name) for module in modules_by_kind["ops"] if hasattr(module, name)]
+        functions[name] = found[0] if found else getattr(ops_ref, name)
     return SimpleNamespace(**functions)
 
 
@@ -53,11 +54,12 @@ def get_backend(name: str = "auto") -> SimpleNamespace:
         raise ValueError(f"unknown backend '{name}' (expected 'fast', 'ref' or 'auto')")
     if name not in _backends:
         if name == "ref":
-            _backends[name] = _collect({"quants": quants_ref, "ops": ops_ref})
+            _backends[name] = _collect({"quants": quants_ref, "ops": [ops_ref]})
         else:
             _backends[name] = _collect({
                 "quants": _optional("localllm.quants.kernels") or quants_ref,
-                "ops": _optional("localllm.ops.kernels") or ops_ref,
+                "ops": [module for module in (_optional("localllm.ops.kernels"),
+                                              _optional("localllm.ops.attention_kernels")) if module],
             })
         _backends[name].name = name
     return _backends[name]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kv_cache import ContextLengthExceeded
+
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x (n, dim) -> x / rms(x) * weight."""
@@ -88,6 +90,66 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
         mixed = np.einsum("kgml,kld->mkgd", weights, values)              # (m, n_kv_heads, group, head_dim)
         out[rows] = mixed.reshape(len(rows), n_heads, head_dim)
     return out
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+           k_cache: np.ndarray, v_cache: np.ndarray, theta: float, rope_dim: int, style: str = "norm") -> np.ndarray:
+    """RoPE on q and k, k and v written into one layer's cache, then causal GQA attention.
+
+    q (n, n_heads, head_dim), k and v (n, n_kv_heads, head_dim) before RoPE;
+    k_cache, v_cache (n_slots, n_kv_heads, n_ctx, head_dim) float16 or float32,
+    written at (slots[i], :, positions[i]) (rounded to the cache's dtype). Token
+    i attends to positions 0..positions[i] of its slot, this batch's earlier
+    tokens included. Returns (n, n_heads, head_dim) float32.
+    """
+    positions, slots = np.asarray(positions, dtype=np.int64), np.asarray(slots, dtype=np.int64)
+    check_attend_arguments(q, k, v, positions, slots, k_cache, v_cache, rope_dim, style)
+    check_cache_indices("attend", slots, positions, k_cache.shape[0], k_cache.shape[2])
+    q = rope(q, positions, theta, rope_dim, style)                        # (n, n_heads, head_dim)
+    k = rope(k, positions, theta, rope_dim, style)                        # (n, n_kv_heads, head_dim)
+    k_cache[slots, :, positions] = k
+    v_cache[slots, :, positions] = v
+    return attention(q, k_cache, v_cache, slots, positions)
+
+
+def check_attention_shapes(what: str, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+                           slots: np.ndarray, positions: np.ndarray) -> None:
+    """ValueError naming the tensor unless q (n, n_heads, head_dim) fits the caches and slots, positions are (n,)."""
+    if q.ndim != 3:
+        raise ValueError(f"{what}: q must be (n, n_heads, head_dim), got shape {q.shape}")
+    n, n_heads, head_dim = q.shape
+    if (k_cache.ndim != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != head_dim
+            or n_heads % k_cache.shape[1]):
+        raise ValueError(f"{what}: q {q.shape} does not fit caches k_cache {k_cache.shape} / v_cache {v_cache.shape}"
+                         " (n_slots, n_kv_heads, n_ctx, head_dim) with n_heads a multiple of n_kv_heads")
+    if k_cache.dtype not in (np.float16, np.float32) or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"{what}: k_cache and v_cache must both be float16 or float32, "
+                         f"got {k_cache.dtype} and {v_cache.dtype}")
+    if slots.shape != (n,) or positions.shape != (n,):
+        raise ValueError(f"{what}: slots and positions must be ({n},), got {slots.shape}, {positions.shape}")
+
+
+def check_attend_arguments(q, k, v, positions, slots, k_cache, v_cache, rope_dim: int, style: str) -> None:
+    """The shape checks of ``attend``: ValueError naming the parameter."""
+    check_attention_shapes("attend", q, k_cache, v_cache, slots, positions)
+    n, _, head_dim = q.shape
+    kv_shape = (n, k_cache.shape[1], head_dim)
+    if k.shape != kv_shape or v.shape != kv_shape:
+        raise ValueError(f"attend: k {k.shape} and v {v.shape} must be (n, n_kv_heads, head_dim) = {kv_shape}")
+    if style not in ("norm", "neox"):
+        raise ValueError(f"unknown rope style '{style}'")
+    if rope_dim % 2 or not 0 < rope_dim <= head_dim:
+        raise ValueError(f"attend: rope_dim must be even and in 1..{head_dim}, got {rope_dim}")
+
+
+def check_cache_indices(what: str, slots: np.ndarray, positions: np.ndarray, n_slots: int, n_ctx: int) -> None:
+    """IndexError for a slot outside the cache or a negative position; ContextLengthExceeded past n_ctx."""
+    if slots.size and (slots.min() < 0 or slots.max() >= n_slots):
+        raise IndexError(f"{what}: slots must lie in the cache's slots 0..{n_slots - 1}, got {slots.tolist()}")
+    if positions.size and positions.min() < 0:
+        raise IndexError(f"{what}: positions must not be negative, got {positions.min()}")
+    if positions.size and positions.max() >= n_ctx:
+        raise ContextLengthExceeded(int(positions.max()) + 1, n_ctx, "sequence")
 
 
 def silu(x: np.ndarray) -> np.ndarray:

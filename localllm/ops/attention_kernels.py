@@ -1,0 +1,372 @@
+"""numba twins of ``ops.ref.attention`` and ``ops.ref.attend``: causal GQA attention over the KV cache.
+
+The cache may hold float32 or float16; float16 caches reach numba as
+``uint16`` views of their bytes and are read and written with ``ops.vector``
+(8 lanes at a time, widened to float32; all arithmetic is float32).
+
+Keys are taken in fixed chunks of KEY_CHUNK positions (0..127, 128..255, ...).
+Each chunk gives, per query head, its score maximum m, the sum s of
+exp(score - m) and the unnormalized mix o = sum exp(score - m) * value; the
+chunks are then merged in order (running maximum, rescaled sums). Decode has
+few (token, KV head) pairs, so chunks of one pair run in parallel and are
+merged afterwards; prefill runs pairs in parallel and merges as it goes. Both
+do the same arithmetic in the same order, which depends only on the token's
+position: a token's attention output does not depend on the batch it came in.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from . import ref
+from .kernels import PARALLEL_MIN_ROWS, _as_float32, _as_int64, _rope_row, _rope_table, fast_exp
+from .vector import fma8, horizontal_sum, load1, load8, splat8, store1, store8, sum_lanes8, zeros_f32x8
+
+KEY_CHUNK = 128
+PARALLEL_TASKS = 64       # parallel tasks; task t takes work items t, t + 64, ... (balances causal prefill)
+SPLIT_BELOW_PAIRS = 8     # fewer (token, KV head) pairs than this: split their keys across threads
+_LOWEST = np.float32(-3.0e38)
+_ONE = np.float32(1.0)
+
+# status codes of the numba index check (on a problem, ref.check_cache_indices raises the precise exception)
+_OK, _BAD_SLOT, _NEGATIVE_POSITION, _POSITION_PAST_CONTEXT = 0, 1, 2, 3
+
+
+# --------------------------------------------------------------------------- one chunk of keys
+
+@njit(cache=True)
+def _chunk_scores(q, i, h0, keys, start, count, scores):
+    """scores[hh, l] = q[i, h0 + hh] . keys[start + l] for l < count (keys (n_ctx, head_dim))."""
+    group, head_dim = scores.shape[0], q.shape[2]
+    body = head_dim - head_dim % 8
+    for hh in range(group):
+        query, row = q[i, h0 + hh], scores[hh]
+        l = 0
+        while l + 8 <= count:  # eight keys at a time, finished together by sum_lanes8
+            at = (start + l) * head_dim
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zeros_f32x8()
+            for d in range(0, body, 8):
+                x = load8(query, d)
+                a0 = fma8(x, load8(keys, at + d), a0)
+                a1 = fma8(x, load8(keys, at + head_dim + d), a1)
+                a2 = fma8(x, load8(keys, at + 2 * head_dim + d), a2)
+                a3 = fma8(x, load8(keys, at + 3 * head_dim + d), a3)
+                a4 = fma8(x, load8(keys, at + 4 * head_dim + d), a4)
+                a5 = fma8(x, load8(keys, at + 5 * head_dim + d), a5)
+                a6 = fma8(x, load8(keys, at + 6 * head_dim + d), a6)
+                a7 = fma8(x, load8(keys, at + 7 * head_dim + d), a7)
+            store8(row, l, sum_lanes8(a0, a1, a2, a3, a4, a5, a6, a7))
+            l += 8
+        while l < count:
+            at = (start + l) * head_dim
+            a0 = zeros_f32x8()
+            for d in range(0, body, 8):
+                a0 = fma8(load8(query, d), load8(keys, at + d), a0)
+            row[l] = horizontal_sum(a0)
+            l += 1
+        for l in range(count if body < head_dim else 0):  # head_dim not a multiple of 8: the last dims
+            at = (start + l) * head_dim
+            tail = np.float32(0.0)
+            for d in range(body, head_dim):
+                tail += query[d] * load1(keys, at + d)
+            row[l] += tail
+
+
+@njit(cache=True, fastmath=True)
+def _chunk_softmax(scores, count, scale, chunk_max, chunk_sum):
+    """scores[hh, :count] * scale -> exp(. - max); chunk_max, chunk_sum per head."""
+    for hh in range(scores.shape[0]):
+        row = scores[hh]
+        best = _LOWEST
+        for l in range(count):
+            best = max(best, row[l] * scale)
+        for l in range(count):
+            row[l] = fast_exp(row[l] * scale - best)
+        total = np.float32(0.0)
+        for l in range(count):
+            total += row[l]
+        chunk_max[hh], chunk_sum[hh] = best, total
+
+
+@njit(cache=True)
+def _chunk_mix(values, start, count, weights, chunk_out):
+    """chunk_out[hh] = sum over l < count of weights[hh, l] * values[start + l]."""
+    group, head_dim = chunk_out.shape
+    body = head_dim - head_dim % 8
+    for hh in range(group):
+        w, out = weights[hh], chunk_out[hh]
+        d = 0
+        while d + 32 <= body:  # four independent accumulators
+            a0 = a1 = a2 = a3 = zeros_f32x8()
+            for l in range(count):
+                p, at = splat8(w[l]), (start + l) * head_dim + d
+                a0 = fma8(p, load8(values, at), a0)
+                a1 = fma8(p, load8(values, at + 8), a1)
+                a2 = fma8(p, load8(values, at + 16), a2)
+                a3 = fma8(p, load8(values, at + 24), a3)
+            store8(out, d, a0)
+            store8(out, d + 8, a1)
+            store8(out, d + 16, a2)
+            store8(out, d + 24, a3)
+            d += 32
+        while d < body:
+            a0 = zeros_f32x8()
+            for l in range(count):
+                a0 = fma8(splat8(w[l]), load8(values, (start + l) * head_dim + d), a0)
+            store8(out, d, a0)
+            d += 8
+        for d in range(body, head_dim):
+            total = np.float32(0.0)
+            for l in range(count):
+                total += w[l] * load1(values, (start + l) * head_dim + d)
+            out[d] = total
+
+
+@njit(cache=True)
+def _widen_rows(rows, start, count, scratch):
+    """scratch[:count] = rows[start:start + count] as float32 (rows (n_ctx, head_dim), float32 or half bits).
+
+    The rows are contiguous, so this is one flat pass; every cached element is converted once per chunk
+    instead of once per query head of the group.
+    """
+    size, at = count * scratch.shape[1], start * scratch.shape[1]
+    body = size - size % 8
+    for e in range(0, body, 8):
+        store8(scratch, e, load8(rows, at + e))
+    for e in range(body, size):
+        store1(scratch, e, load1(rows, at + e))
+
+
+@njit(cache=True)
+def _attend_chunk(q, i, h0, keys, values, start, stop, scale, scratch, scores, chunk_max, chunk_sum, chunk_out):
+    """Heads h0 .. h0 + group - 1 of token i over keys[start:stop] -> chunk_max, chunk_sum, chunk_out.
+
+    scratch (KEY_CHUNK, head_dim) float32 holds the chunk's keys, then its values.
+    """
+    count = stop - start
+    _widen_rows(keys, start, count, scratch)
+    _chunk_scores(q, i, h0, scratch, 0, count, scores)
+    _chunk_softmax(scores, count, scale, chunk_max, chunk_sum)
+    _widen_rows(values, start, count, scratch)
+    _chunk_mix(scratch, 0, count, scores, chunk_out)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _merge(run_max, run_sum, run_out, hh, chunk_max, chunk_sum, chunk_out):
+    """Fold one chunk's (max, sum, out) of head hh into the running ones."""
+    new_max = max(run_max[hh], chunk_max)
+    old_weight = fast_exp(run_max[hh] - new_max)
+    chunk_weight = fast_exp(chunk_max - new_max)
+    run_sum[hh] = run_sum[hh] * old_weight + chunk_sum * chunk_weight
+    for d in range(run_out.shape[1]):
+        run_out[hh, d] = run_out[hh, d] * old_weight + chunk_out[d] * chunk_weight
+    run_max[hh] = new_max
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _finish(run_sum, run_out, out, i, h0):
+    for hh in range(run_out.shape[0]):
+        inverse = _ONE / run_sum[hh]
+        for d in range(run_out.shape[1]):
+            out[i, h0 + hh, d] = run_out[hh, d] * inverse
+
+
+# --------------------------------------------------------------------------- attention
+
+@njit(cache=True, parallel=True)
+def _attention_by_pair(q, k_cache, v_cache, slots, positions, out):
+    """One work item per (token, KV head): its chunks in order, merged as they come."""
+    n, n_heads, head_dim = q.shape
+    n_kv_heads = k_cache.shape[1]
+    group = n_heads // n_kv_heads
+    scale = _ONE / np.sqrt(np.float32(head_dim))
+    n_items = n * n_kv_heads
+    for t in prange(min(n_items, PARALLEL_TASKS)):
+        scratch = np.empty((KEY_CHUNK, head_dim), dtype=np.float32)
+        scores = np.empty((group, KEY_CHUNK), dtype=np.float32)
+        chunk_max = np.empty(group, dtype=np.float32)
+        chunk_sum = np.empty(group, dtype=np.float32)
+        chunk_out = np.empty((group, head_dim), dtype=np.float32)
+        run_max = np.empty(group, dtype=np.float32)
+        run_sum = np.empty(group, dtype=np.float32)
+        run_out = np.empty((group, head_dim), dtype=np.float32)
+        for item in range(t, n_items, PARALLEL_TASKS):
+            i, g = item // n_kv_heads, item % n_kv_heads
+            keys, values = k_cache[slots[i], g], v_cache[slots[i], g]
+            run_max[:] = _LOWEST
+            run_sum[:] = 0.0
+            run_out[:, :] = 0.0
+            length = positions[i] + 1
+            for start in range(0, length, KEY_CHUNK):
+                _attend_chunk(q, i, g * group, keys, values, start, min(start + KEY_CHUNK, length), scale,
+                              scratch, scores, chunk_max, chunk_sum, chunk_out)
+                for hh in range(group):
+                    _merge(run_max, run_sum, run_out, hh, chunk_max[hh], chunk_sum[hh], chunk_out[hh])
+            _finish(run_sum, run_out, out, i, g * group)
+
+
+@njit(cache=True, parallel=True)
+def _attention_by_chunk(q, k_cache, v_cache, slots, positions, out):
+    """One work item per (token, KV head, key chunk), then the chunks merged in order."""
+    n, n_heads, head_dim = q.shape
+    n_kv_heads = k_cache.shape[1]
+    group = n_heads // n_kv_heads
+    scale = _ONE / np.sqrt(np.float32(head_dim))
+    max_chunks = 0
+    for i in range(n):
+        max_chunks = max(max_chunks, (positions[i] + KEY_CHUNK) // KEY_CHUNK)
+    part_max = np.empty((n, n_kv_heads, max_chunks, group), dtype=np.float32)
+    part_sum = np.empty((n, n_kv_heads, max_chunks, group), dtype=np.float32)
+    part_out = np.empty((n, n_kv_heads, max_chunks, group, head_dim), dtype=np.float32)
+    n_items = n * n_kv_heads * max_chunks
+    for t in prange(min(n_items, PARALLEL_TASKS)):
+        scratch = np.empty((KEY_CHUNK, head_dim), dtype=np.float32)
+        scores = np.empty((group, KEY_CHUNK), dtype=np.float32)
+        for item in range(t, n_items, PARALLEL_TASKS):
+            i, rest = item // (n_kv_heads * max_chunks), item % (n_kv_heads * max_chunks)
+            g, c = rest // max_chunks, rest % max_chunks
+            length = positions[i] + 1
+            if c * KEY_CHUNK < length:
+                _attend_chunk(q, i, g * group, k_cache[slots[i], g], v_cache[slots[i], g], c * KEY_CHUNK,
+                              min(c * KEY_CHUNK + KEY_CHUNK, length), scale, scratch, scores, part_max[i, g, c],
+                              part_sum[i, g, c], part_out[i, g, c])
+    run_max = np.empty(group, dtype=np.float32)
+    run_sum = np.empty(group, dtype=np.float32)
+    run_out = np.empty((group, head_dim), dtype=np.float32)
+    for i in range(n):
+        for g in range(n_kv_heads):
+            run_max[:] = _LOWEST
+            run_sum[:] = 0.0
+            run_out[:, :] = 0.0
+            for c in range((positions[i] + KEY_CHUNK) // KEY_CHUNK):
+                for hh in range(group):
+                    _merge(run_max, run_sum, run_out, hh, part_max[i, g, c, hh], part_sum[i, g, c, hh],
+                           part_out[i, g, c, hh])
+            _finish(run_sum, run_out, out, i, g * group)
+
+
+@njit(cache=True)
+def _check_indices(slots, positions, n_slots, n_ctx):
+    """_OK, or the first problem found among the tokens' slots and positions."""
+    for i in range(slots.shape[0]):
+        if not 0 <= slots[i] < n_slots:
+            return _BAD_SLOT
+        if positions[i] < 0:
+            return _NEGATIVE_POSITION
+        if positions[i] >= n_ctx:
+            return _POSITION_PAST_CONTEXT
+    return _OK
+
+
+@njit(cache=True)
+def _attend_all(q, k_cache, v_cache, slots, positions, out):
+    if q.shape[0] * k_cache.shape[1] < SPLIT_BELOW_PAIRS:
+        _attention_by_chunk(q, k_cache, v_cache, slots, positions, out)
+    else:
+        _attention_by_pair(q, k_cache, v_cache, slots, positions, out)
+
+
+@njit(cache=True)
+def _attention(q, k_cache, v_cache, slots, positions, out):
+    status = _check_indices(slots, positions, k_cache.shape[0], k_cache.shape[2])
+    if status == _OK and q.shape[0]:
+        _attend_all(q, k_cache, v_cache, slots, positions, out)
+    return status
+
+
+def _cache_view(cache: np.ndarray, name: str, what: str) -> np.ndarray:
+    """The cache as numba takes it: float32 as is, float16 as its uint16 bits (never a copy)."""
+    if not (type(cache) is np.ndarray and cache.flags.c_contiguous and cache.ndim == 4):
+        raise ValueError(f"{what}: {name} must be a C-contiguous (n_slots, n_kv_heads, n_ctx, head_dim) array")
+    if cache.dtype == np.float16:
+        return cache.view(np.uint16)
+    if cache.dtype == np.float32:
+        return cache
+    raise ValueError(f"{what}: {name} must be float16 or float32, got {cache.dtype}")
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+              slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Causal grouped-query attention over the KV cache (float16 or float32).
+
+    q (n, n_heads, head_dim); k_cache, v_cache (n_slots, n_kv_heads, n_ctx, head_dim).
+    Token i attends to cache[slots[i], :, :positions[i] + 1] (its own K/V must
+    already be written). Returns (n, n_heads, head_dim) float32.
+    """
+    q = _as_float32(q)
+    slots, positions = _as_int64(slots), _as_int64(positions)
+    ref.check_attention_shapes("attention", q, k_cache, v_cache, slots, positions)
+    out = np.empty_like(q)
+    status = _attention(q, _cache_view(k_cache, "k_cache", "attention"), _cache_view(v_cache, "v_cache", "attention"),
+                        slots, positions, out)
+    if status != _OK:
+        ref.check_cache_indices("attention", slots, positions, k_cache.shape[0], k_cache.shape[2])
+    return out
+
+
+# --------------------------------------------------------------------------- attend: rope + cache write + attention
+
+@njit(cache=True, inline="always")
+def _store_row(x, i, cache, slot, position):
+    """cache[slot, g, position] = x[i, g] for every KV head g (rounded to the cache's dtype)."""
+    n_kv_heads, head_dim = x.shape[1], x.shape[2]
+    body = head_dim - head_dim % 8
+    for g in range(n_kv_heads):
+        source, destination = x[i, g], cache[slot, g]
+        at = position * head_dim
+        for d in range(0, body, 8):
+            store8(destination, at + d, load8(source, d))
+        for d in range(body, head_dim):
+            store1(destination, at + d, source[d])
+
+
+@njit(cache=True, inline="always")
+def _rope_write_row(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, q_rotated, k_rotated, i):
+    _rope_row(q, cos, sin, neox, q_rotated, i)
+    _rope_row(k, cos, sin, neox, k_rotated, i)
+    _store_row(k_rotated, i, k_cache, slots[i], positions[i])
+    _store_row(v, i, v_cache, slots[i], positions[i])
+
+
+@njit(cache=True, parallel=True)
+def _rope_write_parallel(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, q_rotated, k_rotated):
+    for i in prange(q.shape[0]):
+        _rope_write_row(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, q_rotated, k_rotated, i)
+
+
+@njit(cache=True)
+def _attend(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, out):
+    """Check, rotate and write every token first (later tokens read earlier ones), then attend."""
+    status = _check_indices(slots, positions, k_cache.shape[0], k_cache.shape[2])
+    if status != _OK or q.shape[0] == 0:
+        return status
+    q_rotated, k_rotated = np.empty_like(q), np.empty_like(k)
+    if q.shape[0] >= PARALLEL_MIN_ROWS:
+        _rope_write_parallel(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, q_rotated, k_rotated)
+    else:
+        for i in range(q.shape[0]):
+            _rope_write_row(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, q_rotated, k_rotated, i)
+    _attend_all(q_rotated, k_cache, v_cache, slots, positions, out)
+    return status
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+           k_cache: np.ndarray, v_cache: np.ndarray, theta: float, rope_dim: int, style: str = "norm") -> np.ndarray:
+    """RoPE on q and k, k and v written into one layer's cache, then causal GQA attention: one numba call.
+
+    q (n, n_heads, head_dim), k and v (n, n_kv_heads, head_dim) before RoPE;
+    k_cache, v_cache (n_slots, n_kv_heads, n_ctx, head_dim) float16 or float32,
+    written at (slots[i], :, positions[i]). Token i attends to positions
+    0..positions[i] of its slot (this batch's earlier tokens included).
+    Returns (n, n_heads, head_dim) float32. Same contract as ``ref.attend``.
+    """
+    q, k, v = _as_float32(q), _as_float32(k), _as_float32(v)
+    positions, slots = _as_int64(positions), _as_int64(slots)
+    ref.check_attend_arguments(q, k, v, positions, slots, k_cache, v_cache, rope_dim, style)
+    cos, sin = _rope_table(positions, theta, rope_dim)
+    out = np.empty_like(q)
+    status = _attend(q, k, v, cos, sin, style == "neox", slots, positions, _cache_view(k_cache, "k_cache", "attend"),
+                     _cache_view(v_cache, "v_cache", "attend"), out)
+    if status != _OK:
+        ref.check_cache_indices("attend", slots, positions, k_cache.shape[0], k_cache.shape[2])
+    return out
