@@ -109,9 +109,16 @@ class LlamaModel:
     def from_gguf(cls, gguf: GGUFFile, backend: str = "auto") -> "LlamaModel":
         return cls(config_from_gguf(gguf), gguf.tensors, backend)
 
-    def new_cache(self, n_slots: int, n_ctx: int) -> KVCache:
+    def new_cache(self, n_slots: int, n_ctx: int, dtype=None) -> KVCache:
+        """An empty KV cache for ``n_slots`` sequences of up to ``n_ctx`` tokens.
+
+        dtype: np.float16 or np.float32 for K/V; None picks float16 with the fast
+        backend (like llama.cpp) and float32 with the numpy reference (the float oracle).
+        """
         c = self.config
-        return KVCache(c.n_layers, n_slots, n_ctx, c.n_kv_heads, c.head_dim)
+        if dtype is None:
+            dtype = np.float32 if self.backend.name == "ref" else np.float16
+        return KVCache(c.n_layers, n_slots, n_ctx, c.n_kv_heads, c.head_dim, dtype)
 
     def forward(self, tokens, positions, slots, cache: KVCache, logits_for=None) -> np.ndarray:
         """Run a flat batch of tokens through the model, writing their K/V into ``cache``.
@@ -137,10 +144,9 @@ class LlamaModel:
             q = q.reshape(n, c.n_heads, c.head_dim)                              # (n, n_heads, head_dim)
             k = k.reshape(n, c.n_kv_heads, c.head_dim)                           # (n, n_kv_heads, head_dim)
             v = v.reshape(n, c.n_kv_heads, c.head_dim)                           # (n, n_kv_heads, head_dim)
-            q = ops.rope(q, positions, c.rope_theta, c.n_rot, c.rope_style)
-            k = ops.rope(k, positions, c.rope_theta, c.n_rot, c.rope_style)
-            cache.write(layer_index, slots, positions, k, v)
-            attended = ops.attention(q, cache.k[layer_index], cache.v[layer_index], slots, positions)
+            # RoPE on q and k, k and v into the cache, causal attention: one call
+            attended = ops.attend(q, k, v, positions, slots, cache.k[layer_index], cache.v[layer_index],
+                                  c.rope_theta, c.n_rot, c.rope_style)          # (n, n_heads, head_dim)
             x = x + ops.matmul(layer.wo, attended.reshape(n, c.q_dim))           # (n, dim)
             # feed-forward block
             h = ops.rms_norm(x, layer.ffn_norm, c.norm_eps)                      # (n, dim)
