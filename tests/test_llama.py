@@ -101,3 +101,18 @@ def test_config_and_unsupported_architecture(tiny_llama_path, tmp_path):
     writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
     with pytest.raises(UnsupportedArchitecture, match="mamba9"):
         config_from_gguf(read_gguf(path))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_cache_is_close_to_float32(tiny_model_file, backend):
+    """The cache dtype only rounds K/V: float16 and float32 caches give nearly the same logits, same ranking."""
+    model = LlamaModel.from_gguf(read_gguf(tiny_model_file), backend=backend)
+    assert model.new_cache(1, 8).dtype == (np.float32 if backend == "ref" else np.float16)
+    tokens = _tokens(20, seed=6)
+    logits = {}
+    for dtype in (np.float16, np.float32):
+        cache = model.new_cache(n_slots=1, n_ctx=32, dtype=dtype)
+        assert cache.k.dtype == dtype
+        logits[dtype] = model.forward(tokens, np.arange(20), np.zeros(20, dtype=np.int64), cache)
+    np.testing.assert_allclose(logits[np.float16], logits[np.float32], rtol=0, atol=0.02 * np.abs(logits[np.float32]).max())
+    np.testing.assert_array_equal(logits[np.float16].argmax(-1), logits[np.float32].argmax(-1))
