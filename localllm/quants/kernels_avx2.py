@@ -24,7 +24,7 @@ from .intrinsics import (dot_i16, fma_int, horizontal_sum, load_bits, load_f16, 
                          widen_high_signed, widen_low, widen_low_signed, zeros_f32x8)
 from .portable import BLOCK, count_tasks, k4_scale_min, quantize_activations, task_location
 
-ROWS_PER_TASK = 4
+ROWS_PER_TASK = 8
 
 _ZERO = np.float32(0.0)
 
@@ -145,11 +145,15 @@ def offset_dot(offsets, xds16, j):
 
 def make_rows_task(decode, signed: bool, scaled: bool):
     """``rows_task(w, r_start, xq, xd, xds16, out, offsets)``: ``out[:, r] = x @ W[r]`` for
-    ROWS_PER_TASK weight rows from ``r_start``; four activation rows at a time.
+    ROWS_PER_TASK weight rows from ``r_start``.
 
-    Each weight block is widened once to two int16 halves (sign-extended when
+    Each weight block is widened to two int16 halves (sign-extended when
     ``signed``, multiplied by its per-16 scales when ``scaled``) and dotted with
-    the int16 activations by ``vpmaddwd``.
+    the int16 activations by ``vpmaddwd``. Activation rows go four at a time
+    through all the task's weight rows (the four rows stay in L1 while the
+    weights stream); single activation rows (decode) take two weight rows at a
+    time, two independent FMA chains. Every (row, token) result is the same sum
+    in the same order on every path: batch-invariant.
     """
 
     @njit(inline="always")
@@ -161,17 +165,26 @@ def make_rows_task(decode, signed: bool, scaled: bool):
             low, high = scale_i16(low, scale0), scale_i16(high, scale1)
         return low, high, d, offset0, offset1
 
-    @njit  # no fastmath: a row's result must not depend on whether it ran in a tile (batch-invariant)
+    @njit(inline="always")
+    def block_dot(w, row, b, xq, xo, dx, acc):
+        """acc + d * dx * (W[row] block b . xq block at byte xo), in eight float lanes."""
+        low, high, d, _, _ = weights(w, row, b)
+        return fma_int(dot_i16(low, load_i16x16(xq, xo), high, load_i16x16(xq, xo + 32)), d * dx, acc)
+
+    @njit  # no fastmath: a row's result must not depend on the path it took (batch-invariant)
     def rows_task(w, r_start, xq, xd, xds16, out, offsets):
         n, cols = xq.shape
         n_blocks = cols // BLOCK
         row_bytes = 2 * cols  # int16 activations
-        for r in range(r_start, min(r_start + ROWS_PER_TASK, w.shape[0])):
+        r_stop = min(r_start + ROWS_PER_TASK, w.shape[0])
+        for r in range(r_start, r_stop):  # the offset terms, once per weight row (only the scalars are decoded)
             row = r * w.shape[1]
-            for b in range(n_blocks):  # the offset terms, once per weight row (only the scalars are decoded)
-                _, _, _, offsets[2 * b], offsets[2 * b + 1] = weights(w, row, b)
-            j = 0
-            while j + 4 <= n:
+            for b in range(n_blocks):
+                _, _, _, offsets[r - r_start, 2 * b], offsets[r - r_start, 2 * b + 1] = weights(w, row, b)
+        j = 0
+        while j + 4 <= n:
+            for r in range(r_start, r_stop):
+                row = r * w.shape[1]
                 acc0, acc1, acc2, acc3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
                 x0 = j * row_bytes
                 for b in range(n_blocks):
@@ -188,21 +201,32 @@ def make_rows_task(decode, signed: bool, scaled: bool):
                     xo += row_bytes
                     acc3 = fma_int(dot_i16(low, load_i16x16(xq, xo), high, load_i16x16(xq, xo + 32)),
                                    d * xd[j + 3, b], acc3)
-                out[j, r] = horizontal_sum(acc0) + offset_dot(offsets, xds16, j)
-                out[j + 1, r] = horizontal_sum(acc1) + offset_dot(offsets, xds16, j + 1)
-                out[j + 2, r] = horizontal_sum(acc2) + offset_dot(offsets, xds16, j + 2)
-                out[j + 3, r] = horizontal_sum(acc3) + offset_dot(offsets, xds16, j + 3)
-                j += 4
-            while j < n:  # the same arithmetic, in the same order, as one row of the tile above
-                acc = zeros_f32x8()
-                x0 = j * row_bytes
+                offset_row = offsets[r - r_start]
+                out[j, r] = horizontal_sum(acc0) + offset_dot(offset_row, xds16, j)
+                out[j + 1, r] = horizontal_sum(acc1) + offset_dot(offset_row, xds16, j + 1)
+                out[j + 2, r] = horizontal_sum(acc2) + offset_dot(offset_row, xds16, j + 2)
+                out[j + 3, r] = horizontal_sum(acc3) + offset_dot(offset_row, xds16, j + 3)
+            j += 4
+        while j < n:  # the same arithmetic, in the same order, as one row of the tile above
+            x0 = j * row_bytes
+            pair = r_start
+            while pair + 2 <= r_stop:
+                pair_row = pair * w.shape[1]
+                acc0, acc1 = zeros_f32x8(), zeros_f32x8()
                 for b in range(n_blocks):
-                    low, high, d, _, _ = weights(w, row, b)
                     xo = x0 + b * 2 * BLOCK
-                    acc = fma_int(dot_i16(low, load_i16x16(xq, xo), high, load_i16x16(xq, xo + 32)),
-                                  d * xd[j, b], acc)
-                out[j, r] = horizontal_sum(acc) + offset_dot(offsets, xds16, j)
-                j += 1
+                    acc0 = block_dot(w, pair_row, b, xq, xo, xd[j, b], acc0)
+                    acc1 = block_dot(w, pair_row + w.shape[1], b, xq, xo, xd[j, b], acc1)
+                out[j, pair] = horizontal_sum(acc0) + offset_dot(offsets[pair - r_start], xds16, j)
+                out[j, pair + 1] = horizontal_sum(acc1) + offset_dot(offsets[pair + 1 - r_start], xds16, j)
+                pair += 2
+            if pair < r_stop:
+                last_row = pair * w.shape[1]
+                acc0 = zeros_f32x8()
+                for b in range(n_blocks):
+                    acc0 = block_dot(w, last_row, b, xq, x0 + b * 2 * BLOCK, xd[j, b], acc0)
+                out[j, pair] = horizontal_sum(acc0) + offset_dot(offsets[pair - r_start], xds16, j)
+            j += 1
 
     return rows_task
 
@@ -226,7 +250,7 @@ _rows_Q6_K = make_rows_task(decode_Q6_K, signed=False, scaled=True)
 def matmul_Q4_0(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
         _rows_Q4_0(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
@@ -236,7 +260,7 @@ def matmul_Q4_0(ws, x, outs):
 def matmul_Q4_1(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
         _rows_Q4_1(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
@@ -246,7 +270,7 @@ def matmul_Q4_1(ws, x, outs):
 def matmul_Q5_0(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
         _rows_Q5_0(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
@@ -256,7 +280,7 @@ def matmul_Q5_0(ws, x, outs):
 def matmul_Q5_1(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
         _rows_Q5_1(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
@@ -266,7 +290,7 @@ def matmul_Q5_1(ws, x, outs):
 def matmul_Q8_0(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
         _rows_Q8_0(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
@@ -276,7 +300,7 @@ def matmul_Q8_0(ws, x, outs):
 def matmul_Q2_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
         _rows_Q2_K(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
@@ -286,7 +310,7 @@ def matmul_Q2_K(ws, x, outs):
 def matmul_Q3_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
         _rows_Q3_K(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
@@ -296,7 +320,7 @@ def matmul_Q3_K(ws, x, outs):
 def matmul_Q4_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
         _rows_Q4_K(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
@@ -306,7 +330,7 @@ def matmul_Q4_K(ws, x, outs):
 def matmul_Q5_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
         _rows_Q5_K(ws[m], r, xq, xd, xds16, outs[m], offsets[t])
@@ -316,7 +340,7 @@ def matmul_Q5_K(ws, x, outs):
 def matmul_Q6_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, xds16.shape[1]), dtype=np.float32)  # scratch: one row of offsets per task
+    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
         _rows_Q6_K(ws[m], r, xq, xd, xds16, outs[m], offsets[t])

@@ -257,8 +257,10 @@ def count_tasks(ws, rows_per_task):
 
 @njit(cache=True)
 def task_location(ws, t, rows_per_task):
-    """Task t -> (matrix index, first row): matrices in order, each cut into tasks of rows_per_task rows."""
-    remaining = t
+    """Task t -> (matrix index, first row): matrices in order, each cut into tasks of rows_per_task rows.
+
+    Both come back as int64 (a prange index may be unsigned, and unsigned times signed is float in numba)."""
+    remaining = np.int64(t)
     for m in range(len(ws)):
         count = (ws[m].shape[0] + rows_per_task - 1) // rows_per_task
         if remaining < count:
