@@ -230,6 +230,14 @@ def _attention_by_chunk(q, k_cache, v_cache, slots, positions, out):
                 _attend_chunk(q, i, g * group, k_cache[slots[i], g], v_cache[slots[i], g], c * KEY_CHUNK,
                               min(c * KEY_CHUNK + KEY_CHUNK, length), scale, scratch, scores, part_max[i, g, c],
                               part_sum[i, g, c], part_out[i, g, c])
+    _merge_parts(part_max, part_sum, part_out, positions, out)
+
+
+@njit(cache=True)
+def _merge_parts(part_max, part_sum, part_out, positions, out):
+    """Merge each (token, KV head)'s chunks in order (serial: outside a parallel function, the array
+    assignments below would each become a parallel launch)."""
+    n, n_kv_heads, _, group, head_dim = part_out.shape
     run_max = np.empty(group, dtype=np.float32)
     run_sum = np.empty(group, dtype=np.float32)
     run_out = np.empty((group, head_dim), dtype=np.float32)
