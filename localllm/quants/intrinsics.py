@@ -14,7 +14,7 @@ at a byte offset of an array, nibble and bit unpacking, widening bytes to
 16-bit lanes, the AVX2 integer dot product (``llvm.x86.avx2.pmadd.wd`` =
 ``vpmaddwd``) and a fused multiply-add into float accumulators.
 
-Only ``dot_i16`` uses an x86 instruction; everything else is generic LLVM IR that any
+Only ``dot_i16`` and ``sum_lanes_by8`` use x86 instructions; everything else is generic LLVM IR that any
 target compiles (the portable kernels use ``load_u8`` and ``float32_from_bits``).
 Importing this module is safe anywhere: intrinsics are compiled only when a
 kernel that calls them is, and ``quants.kernels`` compiles the ``dot_i16`` users
@@ -313,3 +313,134 @@ def float32_from_bits(typingctx, bits):
             if bits.type.width < 32 else bits
         return builder.bitcast(bits, _f32)
     return types.float32(bits), codegen
+
+
+# --------------------------------------------------------------------------- eight sums in one vector
+
+@intrinsic
+def sum_lanes_by8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
+    """Lane l of the result = the sum of the eight lanes of ``a_l`` (int32, exact).
+
+    Two rounds of ``vphaddd`` (pairwise sums within 128-bit halves) leave each
+    vector's two half-sums in the two halves; one cross-half add finishes: the
+    transposed sums that let one vector carry eight dot products.
+    """
+    def codegen(context, builder, sig, args):
+        def hadd(x, y):
+            return _call(builder, "llvm.x86.avx2.phadd.d", I32x8.llvm_type, [x, y])
+
+        # [a0 lo, a1 lo, a2 lo, a3 lo | a0 hi, a1 hi, a2 hi, a3 hi] and the same for a4..a7
+        q0123 = hadd(hadd(args[0], args[1]), hadd(args[2], args[3]))
+        q4567 = hadd(hadd(args[4], args[5]), hadd(args[6], args[7]))
+        mask = ir.VectorType(_i32, 8)
+        low = builder.shuffle_vector(q0123, q4567, ir.Constant(mask, [0, 1, 2, 3, 8, 9, 10, 11]))
+        high = builder.shuffle_vector(q0123, q4567, ir.Constant(mask, [4, 5, 6, 7, 12, 13, 14, 15]))
+        return builder.add(low, high)
+    return i32x8(a0, a1, a2, a3, a4, a5, a6, a7), codegen
+
+
+@intrinsic
+def sum_lanes_i32(typingctx, v):
+    """The sum of the eight int32 lanes (exact) as int64."""
+    def codegen(context, builder, sig, args):
+        value = args[0]
+        for width in (4, 2, 1):
+            low = builder.shuffle_vector(value, value, ir.Constant(ir.VectorType(_i32, width), list(range(width))))
+            high = builder.shuffle_vector(value, value,
+                                          ir.Constant(ir.VectorType(_i32, width), list(range(width, 2 * width))))
+            value = builder.add(low, high)
+        return builder.sext(builder.extract_element(value, ir.Constant(_i32, 0)), _i64)
+    return types.int64(v), codegen
+
+
+@intrinsic
+def to_f32x8(typingctx, v):
+    """int32 lanes -> float32 lanes (round to nearest)."""
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(args[0], F32x8.llvm_type)
+    return f32x8(v), codegen
+
+
+@intrinsic
+def splat_f32x8(typingctx, value):
+    """Eight lanes of the float32 ``value``."""
+    def codegen(context, builder, sig, args):
+        return _splat(builder, args[0], F32x8.llvm_type)
+    return f32x8(types.float32), codegen
+
+
+@intrinsic
+def pack_f32x8(typingctx, v0, v1, v2, v3, v4, v5, v6, v7):
+    """The eight float32 scalars as the lanes of one vector."""
+    def codegen(context, builder, sig, args):
+        vector = ir.Constant(F32x8.llvm_type, ir.Undefined)
+        for lane, value in enumerate(args):
+            vector = builder.insert_element(vector, value, ir.Constant(_i32, lane))
+        return vector
+    return f32x8(*([types.float32] * 8)), codegen
+
+
+@intrinsic
+def load_f32x8(typingctx, array, offset):
+    """Eight float32 values at byte ``offset``."""
+    def codegen(context, builder, sig, args):
+        return _load(builder, _byte_pointer(context, builder, sig.args[0], *args), F32x8.llvm_type)
+    return f32x8(array, offset), codegen
+
+
+@intrinsic
+def mul_f32x8(typingctx, a, b):
+    """Lane-wise float32 product (one rounding)."""
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], args[1])
+    return f32x8(a, b), codegen
+
+
+@intrinsic
+def fma_f32x8(typingctx, a, b, c):
+    """Lane-wise ``a * b + c`` with one rounding (``llvm.fma``)."""
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.fma.v8f32", F32x8.llvm_type, list(args))
+    return f32x8(a, b, c), codegen
+
+
+@intrinsic
+def fma_f32(typingctx, a, b, c):
+    """Scalar float32 ``a * b + c`` with one rounding: the same operation as a lane of ``fma_f32x8``."""
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.fma.f32", _f32, list(args))
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@intrinsic
+def lane_f32(typingctx, v, lane):
+    """Lane ``lane`` of a float32 vector."""
+    def codegen(context, builder, sig, args):
+        return builder.extract_element(args[0], _as_lane(builder, args[1], _i32))
+    return types.float32(v, lane), codegen
+
+
+@intrinsic
+def prefetch(typingctx, array, offset):
+    """Hint the cache line at byte ``offset`` of ``array`` into the caches (``llvm.prefetch``; never faults,
+    so the offset may run past the array's end)."""
+    def codegen(context, builder, sig, args):
+        pointer = _byte_pointer(context, builder, sig.args[0], *args)
+        _call(builder, "llvm.prefetch.p0i8", ir.VoidType(),
+              [pointer, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+        return context.get_dummy_value()
+    return types.none(array, offset), codegen
+
+
+@intrinsic
+def load_nibbles_i16(typingctx, array, offset):
+    """16 bytes at ``offset`` -> (low nibbles, high nibbles) as two I16x16: each byte widened to 16 bits
+    once (``vpmovzxbw``), then masked and shifted in 16-bit lanes."""
+    def codegen(context, builder, sig, args):
+        v16 = ir.VectorType(_i8, 16)
+        packed = _load(builder, _byte_pointer(context, builder, sig.args[0], *args), v16)
+        words = builder.zext(packed, I16x16.llvm_type)
+        low = builder.and_(words, _const_vector(I16x16.llvm_type, 0x0F))
+        high = builder.lshr(words, _const_vector(I16x16.llvm_type, 4))
+        return context.make_tuple(builder, sig.return_type, (low, high))
+    return types.UniTuple(i16x16, 2)(array, offset), codegen
