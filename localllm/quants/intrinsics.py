@@ -389,6 +389,14 @@ def load_f32x8(typingctx, array, offset):
 
 
 @intrinsic
+def add_f32x8(typingctx, a, b):
+    """Lane-wise float32 sum (one rounding)."""
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+    return f32x8(a, b), codegen
+
+
+@intrinsic
 def mul_f32x8(typingctx, a, b):
     """Lane-wise float32 product (one rounding)."""
     def codegen(context, builder, sig, args):

@@ -19,10 +19,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .intrinsics import (dot_i16, fma_f32, fma_f32x8, lane_f32, load_bits, load_f16, load_f32x8, load_i8, load_i16x16,
-                         load_i8x32, load_nibbles, load_nibbles_i16, load_u8, mul_f32x8, or_shifted, pack_f32x8, prefetch, scale_i16,
-                         shift_right_and, splat_f32x8, sum_lanes_by8, sum_lanes_i32, to_f32x8, widen_high,
-                         widen_high_signed, widen_low, widen_low_signed, zeros_f32x8)
+from .intrinsics import (add_f32x8, dot_i16, fma_f32, fma_f32x8, lane_f32, load_bits, load_f16, load_f32x8, load_i8,
+                         load_i16x16, load_i8x32, load_nibbles, load_nibbles_i16, load_u8, mul_f32x8, or_shifted,
+                         pack_f32x8, prefetch, scale_i16, shift_right_and, splat_f32x8, sum_lanes_by8, sum_lanes_i32,
+                         to_f32x8, widen_high, widen_high_signed, widen_low, widen_low_signed, zeros_f32x8)
 from .portable import BLOCK, count_tasks, k4_scale_min, quantize_activations, task_location
 
 ROWS_PER_TASK = 8
@@ -152,32 +152,34 @@ def decode_Q6_K(w, row, b):
 
 # --------------------------------------------------------------------------- row kernels
 
-@njit(cache=True, fastmath=True)
-def offset_dot(offsets, xds16, j):
-    """sum_k offsets[k] * xds16[j, k]: the offset_h * dx * sum(xq) terms of a whole row (vectorized;
-    the same summation order for every j, so still batch-invariant)."""
-    total = np.float32(0.0)
-    for k in range(offsets.shape[0]):
-        total += offsets[k] * xds16[j, k]
-    return total
+@njit(inline="always")
+def two_row_dots(low0, high0, low1, high1, xq, xo):
+    """Exact int32x8 partial dots of two weight blocks with the activation block at byte ``xo`` (loaded once)."""
+    x_low, x_high = load_i16x16(xq, xo), load_i16x16(xq, xo + 32)
+    return dot_i16(low0, x_low, high0, x_high), dot_i16(low1, x_low, high1, x_high)
 
 
-def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False):
-    """``rows_task(w, r_start, xq, xd, xd_by_block, xds16, out, offsets)``: ``out[:, r] = x @ W[r]``
-    for ROWS_PER_TASK weight rows from ``r_start``.
+def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offsets: bool = True):
+    """``rows_task(w, r_start, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table)``:
+    ``out[:, r] = x @ W[r]`` for ROWS_PER_TASK weight rows from ``r_start``.
 
     Each weight block is widened to two int16 halves (sign-extended when
-    ``signed``, multiplied by its per-16 scales when ``scaled``) and dotted with
-    the int16 activations by ``vpmaddwd``. Every (row, token) result is the same
-    arithmetic on every path, so it does not depend on the batch::
+    ``signed``, multiplied by its per-16 scales when ``scaled``; ``wide``
+    decoders widen themselves) and dotted with the int16 activations by
+    ``vpmaddwd``. Every (row, token) result is the same arithmetic on every
+    path, so it does not depend on the batch::
 
-        acc = 0;  for each block b:  acc = fma(float(s_b) * dx_b, d_b, acc)
-        out = acc + offset terms
+        acc = low = high = 0                                    # three chains: no FMA waits on another
+        for each block b:
+            acc = fma(float(s_b) * dx_b, d_b, acc)             # s_b: the exact integer dot of the block
+            low = fma(offset_0, dx_b * sum(xq[0:16]), low)     # only for types with offsets
+            high = fma(offset_1, dx_b * sum(xq[16:32]), high)
+        out = acc + (low + high)
 
-    where ``s_b`` is the exact integer dot of the block. The paths differ only
-    in what the eight lanes of a vector hold: eight tokens of one weight row
-    (prefill: each weight block is decoded once for eight tokens) or eight
-    weight rows of one token (decode); leftovers go one at a time.
+    The paths differ only in what the eight lanes of a vector hold: eight
+    tokens of one weight row (prefill: each weight block is decoded once for
+    eight tokens, two rows share every activation load) or eight weight rows
+    of one token (decode); leftovers go one at a time.
     """
 
     @njit(inline="always")
@@ -197,47 +199,63 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False):
     weights = wide_weights if wide else widened_weights
 
     @njit  # no fastmath: every path must round alike (batch-invariant)
-    def rows_task(w, r_start, xq, xd, xd_by_block, xds16, out, offsets):
+    def rows_task(w, r_start, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table):
         n, cols = xq.shape
         n_blocks = cols // BLOCK
         row_bytes = 2 * cols  # int16 activations
         stride = w.shape[1]
         r_stop = min(r_start + ROWS_PER_TASK, w.shape[0])
-        for r in range(r_start, r_stop):  # the offset terms, once per weight row (only the scalars are decoded)
-            for b in range(n_blocks):
-                _, _, _, offsets[r - r_start, 2 * b], offsets[r - r_start, 2 * b + 1] = weights(w, r * stride, b)
         j = 0
         while j + 8 <= n:  # eight tokens in the lanes: each weight block decoded once for all eight
-            for r in range(r_start, r_stop):
-                acc = zeros_f32x8()
+            r = r_start
+            while r < r_stop:  # two weight rows at a time share every activation load (one if one is left)
+                second = min(r + 1, r_stop - 1)
+                acc0, acc1 = zeros_f32x8(), zeros_f32x8()
+                low_sum0, high_sum0, low_sum1, high_sum1 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
                 for b in range(n_blocks):
-                    low, high, d, _, _ = weights(w, r * stride, b)
+                    low0, high0, d0, offset00, offset01 = weights(w, r * stride, b)
+                    low1, high1, d1, offset10, offset11 = weights(w, second * stride, b)
                     xo = j * row_bytes + b * 2 * BLOCK
-                    sums = sum_lanes_by8(
-                        dot_i16(low, load_i16x16(xq, xo), high, load_i16x16(xq, xo + 32)),
-                        dot_i16(low, load_i16x16(xq, xo + row_bytes), high, load_i16x16(xq, xo + row_bytes + 32)),
-                        dot_i16(low, load_i16x16(xq, xo + 2 * row_bytes), high,
-                                load_i16x16(xq, xo + 2 * row_bytes + 32)),
-                        dot_i16(low, load_i16x16(xq, xo + 3 * row_bytes), high,
-                                load_i16x16(xq, xo + 3 * row_bytes + 32)),
-                        dot_i16(low, load_i16x16(xq, xo + 4 * row_bytes), high,
-                                load_i16x16(xq, xo + 4 * row_bytes + 32)),
-                        dot_i16(low, load_i16x16(xq, xo + 5 * row_bytes), high,
-                                load_i16x16(xq, xo + 5 * row_bytes + 32)),
-                        dot_i16(low, load_i16x16(xq, xo + 6 * row_bytes), high,
-                                load_i16x16(xq, xo + 6 * row_bytes + 32)),
-                        dot_i16(low, load_i16x16(xq, xo + 7 * row_bytes), high,
-                                load_i16x16(xq, xo + 7 * row_bytes + 32)))
-                    scaled_sums = mul_f32x8(to_f32x8(sums), load_f32x8(xd_by_block, 4 * (b * n + j)))
-                    acc = fma_f32x8(scaled_sums, splat_f32x8(d), acc)
+                    s00, s10 = two_row_dots(low0, high0, low1, high1, xq, xo)
+                    s01, s11 = two_row_dots(low0, high0, low1, high1, xq, xo + row_bytes)
+                    s02, s12 = two_row_dots(low0, high0, low1, high1, xq, xo + 2 * row_bytes)
+                    s03, s13 = two_row_dots(low0, high0, low1, high1, xq, xo + 3 * row_bytes)
+                    s04, s14 = two_row_dots(low0, high0, low1, high1, xq, xo + 4 * row_bytes)
+                    s05, s15 = two_row_dots(low0, high0, low1, high1, xq, xo + 5 * row_bytes)
+                    s06, s16 = two_row_dots(low0, high0, low1, high1, xq, xo + 6 * row_bytes)
+                    s07, s17 = two_row_dots(low0, high0, low1, high1, xq, xo + 7 * row_bytes)
+                    x_scales = load_f32x8(xd_by_block, 4 * (b * n + j))
+                    acc0 = fma_f32x8(mul_f32x8(to_f32x8(sum_lanes_by8(s00, s01, s02, s03, s04, s05, s06, s07)),
+                                               x_scales), splat_f32x8(d0), acc0)
+                    acc1 = fma_f32x8(mul_f32x8(to_f32x8(sum_lanes_by8(s10, s11, s12, s13, s14, s15, s16, s17)),
+                                               x_scales), splat_f32x8(d1), acc1)
+                    if offsets:
+                        x_sums0 = load_f32x8(xds16_by_block, 4 * (2 * b * n + j))
+                        x_sums1 = load_f32x8(xds16_by_block, 4 * ((2 * b + 1) * n + j))
+                        low_sum0 = fma_f32x8(splat_f32x8(offset00), x_sums0, low_sum0)
+                        high_sum0 = fma_f32x8(splat_f32x8(offset01), x_sums1, high_sum0)
+                        low_sum1 = fma_f32x8(splat_f32x8(offset10), x_sums0, low_sum1)
+                        high_sum1 = fma_f32x8(splat_f32x8(offset11), x_sums1, high_sum1)
+                if offsets:
+                    acc0 = add_f32x8(acc0, add_f32x8(low_sum0, high_sum0))
+                    acc1 = add_f32x8(acc1, add_f32x8(low_sum1, high_sum1))
                 for lane in range(8):
-                    out[j + lane, r] = lane_f32(acc, lane) + offset_dot(offsets[r - r_start], xds16, j + lane)
+                    out[j + lane, r] = lane_f32(acc0, lane)
+                    out[j + lane, second] = lane_f32(acc1, lane)
+                r += 2
             j += 8
+        first_single = j
         while j < n:  # one token: eight weight rows in the lanes, then the leftover rows
             r = r_start
             while r + 8 <= r_stop:
-                acc = zeros_f32x8()
                 row = r * stride
+                if offsets and j == first_single:  # the eight rows' offsets side by side, once for all tokens
+                    # (a task has ROWS_PER_TASK == 8 rows: one table)
+                    for lane in range(8):
+                        for b in range(n_blocks):
+                            _, _, _, offset_table[2 * b, lane], offset_table[2 * b + 1, lane] = \
+                                weights(w, row + lane * stride, b)
+                acc, low_sum, high_sum = zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
                 # eight rows read side by side defeat the hardware prefetcher: fetch the next
                 # eight rows (this thread's next task) ahead, a share of them per block
                 share = 8 * stride // n_blocks
@@ -266,17 +284,29 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False):
                     scaled_sums = mul_f32x8(to_f32x8(sum_lanes_by8(s0, s1, s2, s3, s4, s5, s6, s7)),
                                             splat_f32x8(xd[j, b]))
                     acc = fma_f32x8(scaled_sums, pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7), acc)
+                    if offsets:
+                        low_sum = fma_f32x8(load_f32x8(offset_table, 4 * 8 * (2 * b)),
+                                            splat_f32x8(xds16[j, 2 * b]), low_sum)
+                        high_sum = fma_f32x8(load_f32x8(offset_table, 4 * 8 * (2 * b + 1)),
+                                             splat_f32x8(xds16[j, 2 * b + 1]), high_sum)
+                if offsets:
+                    acc = add_f32x8(acc, add_f32x8(low_sum, high_sum))
                 for lane in range(8):
-                    out[j, r + lane] = lane_f32(acc, lane) + offset_dot(offsets[r + lane - r_start], xds16, j)
+                    out[j, r + lane] = lane_f32(acc, lane)
                 r += 8
             while r < r_stop:
-                total = np.float32(0.0)
+                total = low_total = high_total = np.float32(0.0)
                 for b in range(n_blocks):
                     xo = j * row_bytes + b * 2 * BLOCK
-                    low, high, d, _, _ = weights(w, r * stride, b)
+                    low, high, d, offset0, offset1 = weights(w, r * stride, b)
                     s = sum_lanes_i32(dot_i16(low, load_i16x16(xq, xo), high, load_i16x16(xq, xo + 32)))
                     total = fma_f32(np.float32(s) * xd[j, b], d, total)
-                out[j, r] = total + offset_dot(offsets[r - r_start], xds16, j)
+                    if offsets:
+                        low_total = fma_f32(offset0, xds16[j, 2 * b], low_total)
+                        high_total = fma_f32(offset1, xds16[j, 2 * b + 1], high_total)
+                if offsets:
+                    total = total + (low_total + high_total)
+                out[j, r] = total
                 r += 1
             j += 1
 
@@ -287,7 +317,7 @@ _rows_Q4_0 = make_rows_task(decode_Q4_0_wide, signed=False, scaled=False, wide=T
 _rows_Q4_1 = make_rows_task(decode_Q4_1_wide, signed=False, scaled=False, wide=True)
 _rows_Q5_0 = make_rows_task(decode_Q5_0, signed=False, scaled=False)
 _rows_Q5_1 = make_rows_task(decode_Q5_1, signed=False, scaled=False)
-_rows_Q8_0 = make_rows_task(decode_Q8_0, signed=True, scaled=False)
+_rows_Q8_0 = make_rows_task(decode_Q8_0, signed=True, scaled=False, offsets=False)
 _rows_Q2_K = make_rows_task(decode_Q2_K, signed=False, scaled=True)
 _rows_Q3_K = make_rows_task(decode_Q3_K, signed=False, scaled=True)
 _rows_Q4_K = make_rows_task(decode_Q4_K, signed=False, scaled=False)
@@ -302,110 +332,120 @@ _rows_Q6_K = make_rows_task(decode_Q6_K, signed=False, scaled=True)
 def matmul_Q4_0(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
+    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
+    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q4_0(ws[m], r, xq, xd, xd_by_block, xds16, outs[m], offsets[t])
+        _rows_Q4_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q4_1(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
+    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
+    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q4_1(ws[m], r, xq, xd, xd_by_block, xds16, outs[m], offsets[t])
+        _rows_Q4_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_0(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
+    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
+    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q5_0(ws[m], r, xq, xd, xd_by_block, xds16, outs[m], offsets[t])
+        _rows_Q5_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_1(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
+    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
+    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q5_1(ws[m], r, xq, xd, xd_by_block, xds16, outs[m], offsets[t])
+        _rows_Q5_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q8_0(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
+    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
+    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q8_0(ws[m], r, xq, xd, xd_by_block, xds16, outs[m], offsets[t])
+        _rows_Q8_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q2_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
+    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
+    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q2_K(ws[m], r, xq, xd, xd_by_block, xds16, outs[m], offsets[t])
+        _rows_Q2_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q3_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
+    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
+    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q3_K(ws[m], r, xq, xd, xd_by_block, xds16, outs[m], offsets[t])
+        _rows_Q3_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q4_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
+    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
+    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q4_K(ws[m], r, xq, xd, xd_by_block, xds16, outs[m], offsets[t])
+        _rows_Q4_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
+    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
+    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q5_K(ws[m], r, xq, xd, xd_by_block, xds16, outs[m], offsets[t])
+        _rows_Q5_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q6_K(ws, x, outs):
     xq, xd, xds16 = quantize_activations(x)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
+    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offsets = np.empty((n_tasks, ROWS_PER_TASK, xds16.shape[1]), dtype=np.float32)  # scratch: offsets per task
+    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
     for t in prange(n_tasks):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q6_K(ws[m], r, xq, xd, xd_by_block, xds16, outs[m], offsets[t])
+        _rows_Q6_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
 
 
 MATMULS = {
