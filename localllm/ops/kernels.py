@@ -40,7 +40,8 @@ def fast_exp(x):
     f = x - k * _LN2_HIGH - k * _LN2_LOW
     p = ((((_P0 * f + _P1) * f + _P2) * f + _P3) * f + _P4) * f + _P5
     p = p * (f * f) + f + _ONE
-    return p * float32_from_bits((np.int64(k) + 127) << 23)
+    # int32, not int64: AVX2 has no vector float -> int64 conversion, and with it the loops stay scalar
+    return p * float32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
 
 
 # --------------------------------------------------------------------------- rms_norm
