@@ -123,32 +123,15 @@ def _chunk_mix(values, start, count, weights, chunk_out):
 
 
 @njit(cache=True)
-def _widen_rows(rows, start, count, scratch):
-    """scratch[:count] = rows[start:start + count] as float32 (rows (n_ctx, head_dim), float32 or half bits).
-
-    The rows are contiguous, so this is one flat pass; every cached element is converted once per chunk
-    instead of once per query head of the group.
-    """
-    size, at = count * scratch.shape[1], start * scratch.shape[1]
-    body = size - size % 8
-    for e in range(0, body, 8):
-        store8(scratch, e, load8(rows, at + e))
-    for e in range(body, size):
-        store1(scratch, e, load1(rows, at + e))
-
-
-@njit(cache=True)
-def _attend_chunk(q, i, h0, keys, values, start, stop, scale, scratch, scores, chunk_max, chunk_sum, chunk_out):
+def _attend_chunk(q, i, h0, keys, values, start, stop, scale, scores, chunk_max, chunk_sum, chunk_out):
     """Heads h0 .. h0 + group - 1 of token i over keys[start:stop] -> chunk_max, chunk_sum, chunk_out.
 
-    scratch (KEY_CHUNK, head_dim) float32 holds the chunk's keys, then its values.
+    The cache is read in place (float16 widened in registers): loads interleaved with arithmetic keep
+    the memory busy, which matters more than converting each element once per head of the group.
     """
-    count = stop - start
-    _widen_rows(keys, start, count, scratch)
-    _chunk_scores(q, i, h0, scratch, 0, count, scores)
-    _chunk_softmax(scores, count, scale, chunk_max, chunk_sum)
-    _widen_rows(values, start, count, scratch)
-    _chunk_mix(scratch, 0, count, scores, chunk_out)
+    _chunk_scores(q, i, h0, keys, start, stop - start, scores)
+    _chunk_softmax(scores, stop - start, scale, chunk_max, chunk_sum)
+    _chunk_mix(values, start, stop - start, scores, chunk_out)
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -182,7 +165,6 @@ def _attention_by_pair(q, k_cache, v_cache, slots, positions, out):
     scale = _ONE / np.sqrt(np.float32(head_dim))
     n_items = n * n_kv_heads
     for t in prange(min(n_items, PARALLEL_TASKS)):
-        scratch = np.empty((KEY_CHUNK, head_dim), dtype=np.float32)
         scores = np.empty((group, KEY_CHUNK), dtype=np.float32)
         chunk_max = np.empty(group, dtype=np.float32)
         chunk_sum = np.empty(group, dtype=np.float32)
@@ -199,7 +181,7 @@ def _attention_by_pair(q, k_cache, v_cache, slots, positions, out):
             length = positions[i] + 1
             for start in range(0, length, KEY_CHUNK):
                 _attend_chunk(q, i, g * group, keys, values, start, min(start + KEY_CHUNK, length), scale,
-                              scratch, scores, chunk_max, chunk_sum, chunk_out)
+                              scores, chunk_max, chunk_sum, chunk_out)
                 for hh in range(group):
                     _merge(run_max, run_sum, run_out, hh, chunk_max[hh], chunk_sum[hh], chunk_out[hh])
             _finish(run_sum, run_out, out, i, g * group)
@@ -220,7 +202,6 @@ def _attention_by_chunk(q, k_cache, v_cache, slots, positions, out):
     part_out = np.empty((n, n_kv_heads, max_chunks, group, head_dim), dtype=np.float32)
     n_items = n * n_kv_heads * max_chunks
     for t in prange(min(n_items, PARALLEL_TASKS)):
-        scratch = np.empty((KEY_CHUNK, head_dim), dtype=np.float32)
         scores = np.empty((group, KEY_CHUNK), dtype=np.float32)
         for item in range(t, n_items, PARALLEL_TASKS):
             i, rest = item // (n_kv_heads * max_chunks), item % (n_kv_heads * max_chunks)
@@ -228,7 +209,7 @@ def _attention_by_chunk(q, k_cache, v_cache, slots, positions, out):
             length = positions[i] + 1
             if c * KEY_CHUNK < length:
                 _attend_chunk(q, i, g * group, k_cache[slots[i], g], v_cache[slots[i], g], c * KEY_CHUNK,
-                              min(c * KEY_CHUNK + KEY_CHUNK, length), scale, scratch, scores, part_max[i, g, c],
+                              min(c * KEY_CHUNK + KEY_CHUNK, length), scale, scores, part_max[i, g, c],
                               part_sum[i, g, c], part_out[i, g, c])
     _merge_parts(part_max, part_sum, part_out, positions, out)
 
