@@ -25,7 +25,8 @@ from .intrinsics import (add_f32x8, dot_i16, fma_f32, fma_f32x8, lane_f32, load_
                          to_f32x8, widen_high, widen_high_signed, widen_low, widen_low_signed, zeros_f32x8)
 from .portable import BLOCK, count_tasks, k4_scale_min, quantize_activations, task_location
 
-ROWS_PER_TASK = 8
+ROWS_PER_TASK = 8   # weight rows per task: the eight lanes of the decode path
+TASK_GROUPS = 96    # parallel work items; each runs consecutive tasks with one scratch table
 
 _ZERO = np.float32(0.0)
 
@@ -334,10 +335,12 @@ def matmul_Q4_0(ws, x, outs):
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
-    for t in prange(n_tasks):
-        m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q4_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
+    n_groups = min(n_tasks, TASK_GROUPS)
+    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    for g in prange(n_groups):
+        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
+            m, r = task_location(ws, t, ROWS_PER_TASK)
+            _rows_Q4_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
 
 
 @njit(parallel=True, cache=True)
@@ -346,10 +349,12 @@ def matmul_Q4_1(ws, x, outs):
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
-    for t in prange(n_tasks):
-        m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q4_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
+    n_groups = min(n_tasks, TASK_GROUPS)
+    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    for g in prange(n_groups):
+        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
+            m, r = task_location(ws, t, ROWS_PER_TASK)
+            _rows_Q4_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
 
 
 @njit(parallel=True, cache=True)
@@ -358,10 +363,12 @@ def matmul_Q5_0(ws, x, outs):
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
-    for t in prange(n_tasks):
-        m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q5_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
+    n_groups = min(n_tasks, TASK_GROUPS)
+    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    for g in prange(n_groups):
+        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
+            m, r = task_location(ws, t, ROWS_PER_TASK)
+            _rows_Q5_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
 
 
 @njit(parallel=True, cache=True)
@@ -370,10 +377,12 @@ def matmul_Q5_1(ws, x, outs):
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
-    for t in prange(n_tasks):
-        m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q5_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
+    n_groups = min(n_tasks, TASK_GROUPS)
+    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    for g in prange(n_groups):
+        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
+            m, r = task_location(ws, t, ROWS_PER_TASK)
+            _rows_Q5_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
 
 
 @njit(parallel=True, cache=True)
@@ -382,10 +391,12 @@ def matmul_Q8_0(ws, x, outs):
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
-    for t in prange(n_tasks):
-        m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q8_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
+    n_groups = min(n_tasks, TASK_GROUPS)
+    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    for g in prange(n_groups):
+        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
+            m, r = task_location(ws, t, ROWS_PER_TASK)
+            _rows_Q8_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
 
 
 @njit(parallel=True, cache=True)
@@ -394,10 +405,12 @@ def matmul_Q2_K(ws, x, outs):
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
-    for t in prange(n_tasks):
-        m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q2_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
+    n_groups = min(n_tasks, TASK_GROUPS)
+    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    for g in prange(n_groups):
+        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
+            m, r = task_location(ws, t, ROWS_PER_TASK)
+            _rows_Q2_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
 
 
 @njit(parallel=True, cache=True)
@@ -406,10 +419,12 @@ def matmul_Q3_K(ws, x, outs):
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
-    for t in prange(n_tasks):
-        m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q3_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
+    n_groups = min(n_tasks, TASK_GROUPS)
+    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    for g in prange(n_groups):
+        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
+            m, r = task_location(ws, t, ROWS_PER_TASK)
+            _rows_Q3_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
 
 
 @njit(parallel=True, cache=True)
@@ -418,10 +433,12 @@ def matmul_Q4_K(ws, x, outs):
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
-    for t in prange(n_tasks):
-        m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q4_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
+    n_groups = min(n_tasks, TASK_GROUPS)
+    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    for g in prange(n_groups):
+        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
+            m, r = task_location(ws, t, ROWS_PER_TASK)
+            _rows_Q4_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
 
 
 @njit(parallel=True, cache=True)
@@ -430,10 +447,12 @@ def matmul_Q5_K(ws, x, outs):
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
-    for t in prange(n_tasks):
-        m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q5_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
+    n_groups = min(n_tasks, TASK_GROUPS)
+    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    for g in prange(n_groups):
+        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
+            m, r = task_location(ws, t, ROWS_PER_TASK)
+            _rows_Q5_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
 
 
 @njit(parallel=True, cache=True)
@@ -442,10 +461,12 @@ def matmul_Q6_K(ws, x, outs):
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    offset_tables = np.empty((n_tasks, xds16.shape[1], 8), dtype=np.float32)  # scratch: eight rows' offsets
-    for t in prange(n_tasks):
-        m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q6_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[t])
+    n_groups = min(n_tasks, TASK_GROUPS)
+    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    for g in prange(n_groups):
+        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
+            m, r = task_location(ws, t, ROWS_PER_TASK)
+            _rows_Q6_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
 
 
 MATMULS = {
