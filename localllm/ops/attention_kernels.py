@@ -90,10 +90,36 @@ def _chunk_softmax(scores, count, scale, chunk_max, chunk_sum):
 
 @njit(cache=True)
 def _chunk_mix(values, start, count, weights, chunk_out):
-    """chunk_out[hh] = sum over l < count of weights[hh, l] * values[start + l]."""
+    """chunk_out[hh] = sum over l < count of weights[hh, l] * values[start + l].
+
+    Heads go in pairs where they can (each value vector loaded once for two heads). Every lane of every
+    head sums in the same order either way, so pairing does not change a result.
+    """
     group, head_dim = chunk_out.shape
     body = head_dim - head_dim % 8
-    for hh in range(group):
+    paired = group - group % 2
+    for hh in range(0, paired, 2):
+        w, v, out, out_next = weights[hh], weights[hh + 1], chunk_out[hh], chunk_out[hh + 1]
+        d = 0
+        while d + 32 <= body:  # 2 heads x 4 independent accumulators
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = zeros_f32x8()
+            for l in range(count):
+                p, r, at = splat8(w[l]), splat8(v[l]), (start + l) * head_dim + d
+                x0, x1, x2, x3 = load8(values, at), load8(values, at + 8), load8(values, at + 16), load8(values, at + 24)
+                a0, a1, a2, a3 = fma8(p, x0, a0), fma8(p, x1, a1), fma8(p, x2, a2), fma8(p, x3, a3)
+                b0, b1, b2, b3 = fma8(r, x0, b0), fma8(r, x1, b1), fma8(r, x2, b2), fma8(r, x3, b3)
+            store8(out, d, a0)
+            store8(out, d + 8, a1)
+            store8(out, d + 16, a2)
+            store8(out, d + 24, a3)
+            store8(out_next, d, b0)
+            store8(out_next, d + 8, b1)
+            store8(out_next, d + 16, b2)
+            store8(out_next, d + 24, b3)
+            d += 32
+        _mix_rest(values, start, count, w, out, d)
+        _mix_rest(values, start, count, v, out_next, d)
+    for hh in range(paired, group):
         w, out = weights[hh], chunk_out[hh]
         d = 0
         while d + 32 <= body:  # four independent accumulators
@@ -109,17 +135,25 @@ def _chunk_mix(values, start, count, weights, chunk_out):
             store8(out, d + 16, a2)
             store8(out, d + 24, a3)
             d += 32
-        while d < body:
-            a0 = zeros_f32x8()
-            for l in range(count):
-                a0 = fma8(splat8(w[l]), load8(values, (start + l) * head_dim + d), a0)
-            store8(out, d, a0)
-            d += 8
-        for d in range(body, head_dim):
-            total = np.float32(0.0)
-            for l in range(count):
-                total += w[l] * load1(values, (start + l) * head_dim + d)
-            out[d] = total
+        _mix_rest(values, start, count, w, out, d)
+
+
+@njit(cache=True, inline="always")
+def _mix_rest(values, start, count, w, out, d):
+    """The dims from d on of one head's mix: 8 at a time, then one at a time."""
+    head_dim = out.shape[0]
+    body = head_dim - head_dim % 8
+    while d < body:
+        a0 = zeros_f32x8()
+        for l in range(count):
+            a0 = fma8(splat8(w[l]), load8(values, (start + l) * head_dim + d), a0)
+        store8(out, d, a0)
+        d += 8
+    for d in range(body, head_dim):
+        total = np.float32(0.0)
+        for l in range(count):
+            total += w[l] * load1(values, (start + l) * head_dim + d)
+        out[d] = total
 
 
 @njit(cache=True)
