@@ -452,3 +452,19 @@ def load_nibbles_i16(typingctx, array, offset):
         high = builder.lshr(words, _const_vector(I16x16.llvm_type, 4))
         return context.make_tuple(builder, sig.return_type, (low, high))
     return types.UniTuple(i16x16, 2)(array, offset), codegen
+
+
+@intrinsic
+def load_f16x8_strided(typingctx, array, offset, stride):
+    """The eight IEEE halves at bytes ``offset + k * stride`` (k = 0..7) as float32 lanes: eight 16-bit
+    loads into one vector, then one conversion (``vcvtph2ps``) instead of eight."""
+    def codegen(context, builder, sig, args):
+        array_value, start, step = args
+        v8h = ir.VectorType(_i16, 8)
+        halves = ir.Constant(v8h, ir.Undefined)
+        for lane in range(8):
+            at = builder.add(start, builder.mul(step, ir.Constant(step.type, lane)))
+            bits = _load(builder, _byte_pointer(context, builder, sig.args[0], array_value, at), _i16)
+            halves = builder.insert_element(halves, bits, ir.Constant(_i32, lane))
+        return builder.fpext(builder.bitcast(halves, ir.VectorType(ir.HalfType(), 8)), F32x8.llvm_type)
+    return f32x8(array, types.int64, types.int64), codegen

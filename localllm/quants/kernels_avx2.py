@@ -19,10 +19,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .intrinsics import (add_f32x8, dot_i16, fma_f32, fma_f32x8, lane_f32, load_bits, load_f16, load_f32x8, load_i8,
-                         load_i16x16, load_i8x32, load_nibbles, load_nibbles_i16, load_u8, mul_f32x8, or_shifted,
-                         pack_f32x8, prefetch, scale_i16, shift_right_and, splat_f32x8, sum_lanes_by8, sum_lanes_i32,
-                         to_f32x8, widen_high, widen_high_signed, widen_low, widen_low_signed, zeros_f32x8)
+from .intrinsics import (add_f32x8, dot_i16, fma_f32, fma_f32x8, lane_f32, load_bits, load_f16, load_f16x8_strided,
+                         load_f32x8, load_i8, load_i16x16, load_i8x32, load_nibbles, load_nibbles_i16, load_u8,
+                         mul_f32x8, or_shifted, pack_f32x8, prefetch, scale_i16, shift_right_and, splat_f32x8,
+                         sum_lanes_by8, sum_lanes_i32, to_f32x8, widen_high, widen_high_signed, widen_low,
+                         widen_low_signed, zeros_f32x8)
 from .portable import BLOCK, count_tasks, k4_scale_min, quantize_activations, task_location
 
 ROWS_PER_TASK = 8   # weight rows per task: the eight lanes of the decode path
@@ -160,7 +161,8 @@ def two_row_dots(low0, high0, low1, high1, xq, xo):
     return dot_i16(low0, x_low, high0, x_high), dot_i16(low1, x_low, high1, x_high)
 
 
-def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offsets: bool = True):
+def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offsets: bool = True,
+                   f16_scale_block_bytes: int = 0):
     """``rows_task(w, r_start, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table)``:
     ``out[:, r] = x @ W[r]`` for ROWS_PER_TASK weight rows from ``r_start``.
 
@@ -180,7 +182,9 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
     The paths differ only in what the eight lanes of a vector hold: eight
     tokens of one weight row (prefill: each weight block is decoded once for
     eight tokens, two rows share every activation load) or eight weight rows
-    of one token (decode); leftovers go one at a time.
+    of one token (decode); leftovers go one at a time. For types whose block
+    starts with its scale ``d`` as a plain half (``f16_scale_block_bytes`` = the
+    block size), decode reads the eight rows' scales into one vector at once.
     """
 
     @njit(inline="always")
@@ -284,7 +288,11 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
                     s7 = dot_i16(low, x_low, high, x_high)
                     scaled_sums = mul_f32x8(to_f32x8(sum_lanes_by8(s0, s1, s2, s3, s4, s5, s6, s7)),
                                             splat_f32x8(xd[j, b]))
-                    acc = fma_f32x8(scaled_sums, pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7), acc)
+                    if f16_scale_block_bytes:
+                        row_scales = load_f16x8_strided(w, row + b * f16_scale_block_bytes, stride)
+                    else:
+                        row_scales = pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7)
+                    acc = fma_f32x8(scaled_sums, row_scales, acc)
                     if offsets:
                         low_sum = fma_f32x8(load_f32x8(offset_table, 4 * 8 * (2 * b)),
                                             splat_f32x8(xds16[j, 2 * b]), low_sum)
@@ -314,11 +322,14 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
     return rows_task
 
 
-_rows_Q4_0 = make_rows_task(decode_Q4_0_wide, signed=False, scaled=False, wide=True)
-_rows_Q4_1 = make_rows_task(decode_Q4_1_wide, signed=False, scaled=False, wide=True)
-_rows_Q5_0 = make_rows_task(decode_Q5_0, signed=False, scaled=False)
-_rows_Q5_1 = make_rows_task(decode_Q5_1, signed=False, scaled=False)
-_rows_Q8_0 = make_rows_task(decode_Q8_0, signed=True, scaled=False, offsets=False)
+_rows_Q4_0 = make_rows_task(decode_Q4_0_wide, signed=False, scaled=False, wide=True,
+                            f16_scale_block_bytes=18)
+_rows_Q4_1 = make_rows_task(decode_Q4_1_wide, signed=False, scaled=False, wide=True,
+                            f16_scale_block_bytes=20)
+_rows_Q5_0 = make_rows_task(decode_Q5_0, signed=False, scaled=False, f16_scale_block_bytes=22)
+_rows_Q5_1 = make_rows_task(decode_Q5_1, signed=False, scaled=False, f16_scale_block_bytes=24)
+_rows_Q8_0 = make_rows_task(decode_Q8_0, signed=True, scaled=False, offsets=False,
+                            f16_scale_block_bytes=34)
 _rows_Q2_K = make_rows_task(decode_Q2_K, signed=False, scaled=True)
 _rows_Q3_K = make_rows_task(decode_Q3_K, signed=False, scaled=True)
 _rows_Q4_K = make_rows_task(decode_Q4_K, signed=False, scaled=False)
