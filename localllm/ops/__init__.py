@@ -7,6 +7,10 @@
 """
 from __future__ import annotations
 
+from ..kernel_cache import configure as _configure_kernel_cache
+
+_configure_kernel_cache()  # before any kernel module is imported
+
 import importlib
 import os
 from types import SimpleNamespace

@@ -12,6 +12,10 @@ input features) ``data`` holds one row of blocks per matrix row:
 """
 from __future__ import annotations
 
+from ..kernel_cache import configure as _configure_kernel_cache
+
+_configure_kernel_cache()  # before any kernel module is imported
+
 from dataclasses import dataclass
 from functools import cached_property
 
