@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from localllm.quants import GGML_BLOCK_SIZES, QTensor, UnsupportedTensorType, kernels, portable
+from localllm.quants import ref as quants_ref
 
 QUANTIZED = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 FLOATS = ["F32", "F16", "BF16"]
@@ -208,3 +209,53 @@ def test_kernel_selection_and_threads():
     assert kernels.KERNELS in kernels.AVAILABLE_KERNELS
     assert "portable" in kernels.AVAILABLE_KERNELS
     assert kernels.threading_layer() in ("omp", "tbb", "workqueue")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("ggml_type", ["Q4_1", "Q8_0", "Q6_K", "F16"])
+def test_fused_prologues_and_residual_add_equal_the_separate_calls(path, ggml_type):
+    """rms_norm -> matmul, swiglu -> matmul and the residual add, fused into the launch, give the same bits
+    as the separate ops (decode-sized, eight-token and parallel-prologue batches)."""
+    from localllm.ops import kernels as ops_kernels
+    rng = np.random.default_rng(7)
+    wq, wk = random_weight(ggml_type, 19, 256, seed=1), random_weight(ggml_type, 8, 256, seed=2)
+    w_down = random_weight(ggml_type, 64, 512, seed=3)
+    norm_weight = rng.uniform(0.5, 1.5, 256).astype(np.float32)
+    for n in (1, 3, 11, 20):
+        x = rng.standard_normal((n, 256)).astype(np.float32)
+        fused = kernels.rms_norm_matmul_many((wq, wk), x, norm_weight, 1e-5, kernels=path)
+        h = ops_kernels.rms_norm(x, norm_weight, 1e-5)
+        for got, w in zip(fused, (wq, wk)):
+            np.testing.assert_array_equal(got, kernels.matmul(w, h, kernels=path))
+        residual = rng.standard_normal((n, 19)).astype(np.float32)
+        kept = residual.copy()
+        np.testing.assert_array_equal(kernels.matmul_add(wq, x, residual, kernels=path),
+                                      residual + kernels.matmul(wq, x, kernels=path))
+        np.testing.assert_array_equal(residual, kept)                                   # not modified
+        gate, up = rng.standard_normal((2, n, 512)).astype(np.float32)
+        residual = rng.standard_normal((n, 64)).astype(np.float32)
+        np.testing.assert_array_equal(
+            kernels.swiglu_matmul_add(w_down, gate, up, residual, kernels=path),
+            residual + kernels.matmul(w_down, ops_kernels.swiglu(gate, up), kernels=path))
+
+
+def test_fused_forms_reject_bad_shapes():
+    w = random_weight("Q4_1", 8, 64)
+    x = np.zeros((2, 64), dtype=np.float32)
+    with pytest.raises(ValueError, match="residual must be"):
+        kernels.matmul_add(w, x, np.zeros((2, 9), dtype=np.float32))
+    with pytest.raises(ValueError, match="same shape"):
+        kernels.swiglu_matmul_add(w, x, np.zeros((2, 32), dtype=np.float32), np.zeros((2, 8), dtype=np.float32))
+    with pytest.raises(ValueError, match="norm_weight"):
+        kernels.rms_norm_matmul_many([w], x, np.ones(32, dtype=np.float32), 1e-5)
+
+
+def test_reference_fused_forms_are_the_compositions():
+    from localllm.ops import ref as ops_ref
+    w = random_weight("Q4_1", 8, 64)
+    rng = np.random.default_rng(3)
+    x, residual = rng.standard_normal((3, 64)).astype(np.float32), rng.standard_normal((3, 8)).astype(np.float32)
+    norm_weight = rng.uniform(0.5, 1.5, 64).astype(np.float32)
+    np.testing.assert_array_equal(quants_ref.rms_norm_matmul_many([w], x, norm_weight, 1e-5)[0],
+                                  quants_ref.matmul(w, ops_ref.rms_norm(x, norm_weight, 1e-5)))
+    np.testing.assert_array_equal(quants_ref.matmul_add(w, x, residual), residual + quants_ref.matmul(w, x))

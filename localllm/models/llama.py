@@ -138,20 +138,20 @@ class LlamaModel:
 
         x = ops.embedding_rows(self.token_embd, tokens)                         # (n, dim)
         for layer_index, layer in enumerate(self.layers):
-            # attention block
-            h = ops.rms_norm(x, layer.attn_norm, c.norm_eps)                     # (n, dim)
-            q, k, v = ops.matmul_many((layer.wq, layer.wk, layer.wv), h)         # one launch for Q, K, V
+            # attention block (the norms and SwiGLU are applied inside the matmul launches that consume them)
+            q, k, v = ops.rms_norm_matmul_many((layer.wq, layer.wk, layer.wv), x,
+                                               layer.attn_norm, c.norm_eps)      # Q, K, V of rms_norm(x)
             q = q.reshape(n, c.n_heads, c.head_dim)                              # (n, n_heads, head_dim)
             k = k.reshape(n, c.n_kv_heads, c.head_dim)                           # (n, n_kv_heads, head_dim)
             v = v.reshape(n, c.n_kv_heads, c.head_dim)                           # (n, n_kv_heads, head_dim)
             # RoPE on q and k, k and v into the cache, causal attention: one call
             attended = ops.attend(q, k, v, positions, slots, cache.k[layer_index], cache.v[layer_index],
                                   c.rope_theta, c.n_rot, c.rope_style)          # (n, n_heads, head_dim)
-            x = x + ops.matmul(layer.wo, attended.reshape(n, c.q_dim))           # (n, dim)
+            x = ops.matmul_add(layer.wo, attended.reshape(n, c.q_dim), x)        # x + attended @ wo.T (n, dim)
             # feed-forward block
-            h = ops.rms_norm(x, layer.ffn_norm, c.norm_eps)                      # (n, dim)
-            gate, up = ops.matmul_many((layer.w_gate, layer.w_up), h)            # (n, hidden_dim) each
-            x = x + ops.matmul(layer.w_down, ops.swiglu(gate, up))               # (n, dim)
+            gate, up = ops.rms_norm_matmul_many((layer.w_gate, layer.w_up), x,
+                                                layer.ffn_norm, c.norm_eps)      # (n, hidden_dim) each
+            x = ops.swiglu_matmul_add(layer.w_down, gate, up, x)                 # x + swiglu(gate, up) @ w_down.T
 
         if logits_for is not None:
             x = x[np.asarray(logits_for, dtype=np.int64)]

@@ -19,7 +19,7 @@ from . import ref as ops_ref
 from ..quants import ref as quants_ref
 
 OP_NAMES = ("rms_norm", "layer_norm", "rope", "attention", "attend", "swiglu", "softmax")
-QUANT_NAMES = ("matmul", "matmul_many", "embedding_rows")
+QUANT_NAMES = ("matmul", "matmul_many", "embedding_rows", "rms_norm_matmul_many", "matmul_add", "swiglu_matmul_add")
 
 _backends: dict[str, SimpleNamespace] = {}
 

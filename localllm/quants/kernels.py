@@ -157,17 +157,45 @@ def _plan(ws: tuple, kernels: str | None):
     return plan
 
 
-def _run(ws: tuple, x, kernels: str | None) -> list[np.ndarray]:
+_NO_NORM_WEIGHT = np.zeros(0, dtype=np.float32)
+_NO_UP = np.zeros((0, 0), dtype=np.float32)
+
+
+def _run(ws: tuple, x, kernels: str | None, prologue: int = portable.NO_PROLOGUE,
+         norm_weight: np.ndarray = _NO_NORM_WEIGHT, eps: float = 0.0, up: np.ndarray = _NO_UP,
+         residual: np.ndarray | None = None) -> list[np.ndarray]:
+    """outs[i] = [residual +] prologue(x) @ ws[i].T, one launch per ggml type among ws."""
     cols, rows, groups, description = _plan(ws, kernels)
     x = _activations(x, cols, description)
-    outs = [np.empty((x.shape[0], r), dtype=np.float32) for r in rows]  # (n, rows) each
-    if len(groups) == 1:
-        kernel, views, _ = groups[0]
-        kernel(views, x, tuple(outs))
+    if residual is None:
+        outs = [np.empty((x.shape[0], r), dtype=np.float32) for r in rows]  # (n, rows) each
     else:
-        for kernel, views, indices in groups:
-            kernel(views, x, tuple(outs[i] for i in indices))
+        outs = [np.array(residual, dtype=np.float32, order="C")]           # (n, rows), added into
+        if len(ws) != 1 or outs[0].shape != (x.shape[0], rows[0]):
+            raise ValueError(f"matmul_add with {description}: residual must be ({x.shape[0]}, {rows[0]}), "
+                             f"got {np.shape(residual)}")
+    float_x = None
+    for kernel, views, indices in groups:
+        group_outs = tuple(outs[i] for i in indices)
+        if ws[indices[0]].ggml_type in portable.FLOAT_MATMULS:  # float weights take float activations
+            if float_x is None:
+                float_x = _apply_prologue(x, prologue, norm_weight, eps, up)
+            products = tuple(np.empty_like(out) for out in group_outs) if residual is not None else group_outs
+            kernel(views, float_x, products)
+            if residual is not None:
+                np.add(group_outs[0], products[0], out=group_outs[0])
+        else:
+            kernel(views, x, group_outs, prologue, norm_weight, np.float32(eps), up, residual is not None)
     return outs
+
+
+def _apply_prologue(x, prologue, norm_weight, eps, up):
+    from ..ops import kernels as ops_kernels
+    if prologue == portable.RMS_NORM:
+        return ops_kernels.rms_norm(x, norm_weight, eps)
+    if prologue == portable.SWIGLU:
+        return ops_kernels.swiglu(x, up)
+    return x
 
 
 # --------------------------------------------------------------------------- public API
@@ -195,6 +223,36 @@ def matmul_many(ws: Sequence[QTensor], x: np.ndarray, *, kernels: str | None = N
     if np.ndim(x) == 1:
         return [out[0] for out in _run(ws, np.asarray(x)[None, :], kernels)]
     return _run(ws, x, kernels)
+
+
+def rms_norm_matmul_many(ws: Sequence[QTensor], x: np.ndarray, norm_weight: np.ndarray, eps: float, *,
+                         kernels: str | None = None) -> list[np.ndarray]:
+    """``matmul_many(ws, rms_norm(x, norm_weight, eps))`` in one launch per type: the norm is applied on
+    the way into the activation quantizer (same bits as the two calls). x (n, cols), norm_weight (cols,)."""
+    ws = tuple(ws)
+    if not ws:
+        raise ValueError("rms_norm_matmul_many needs at least one weight")
+    norm_weight = np.ascontiguousarray(norm_weight, dtype=np.float32)
+    if norm_weight.shape != (ws[0].shape[-1],):
+        raise ValueError(f"rms_norm_matmul_many: norm_weight must be ({ws[0].shape[-1]},), got {norm_weight.shape}")
+    return _run(ws, x, kernels, portable.RMS_NORM, norm_weight, eps)
+
+
+def matmul_add(w: QTensor, x: np.ndarray, residual: np.ndarray, *, kernels: str | None = None) -> np.ndarray:
+    """``residual + matmul(w, x)`` with the sum done as each output is written (a new array; the
+    residual is not modified). x (n, cols), residual (n, rows)."""
+    return _run((w,), x, kernels, residual=residual)[0]
+
+
+def swiglu_matmul_add(w: QTensor, gate: np.ndarray, up: np.ndarray, residual: np.ndarray, *,
+                      kernels: str | None = None) -> np.ndarray:
+    """``residual + matmul(w, swiglu(gate, up))``: SiLU(gate) * up computed on the way into the activation
+    quantizer. gate, up (n, cols), residual (n, rows)."""
+    up = np.ascontiguousarray(up, dtype=np.float32)
+    if np.shape(gate) != up.shape:
+        raise ValueError(f"swiglu_matmul_add: gate and up must have the same shape, got {np.shape(gate)} "
+                         f"and {up.shape}")
+    return _run((w,), gate, kernels, portable.SWIGLU, up=up, residual=residual)[0]
 
 
 def embedding_rows(w: QTensor, token_ids) -> np.ndarray:

@@ -24,7 +24,7 @@ from .intrinsics import (add_f32x8, dot_i16, fma_f32, fma_f32x8, lane_f32, load_
                          mul_f32x8, or_shifted, pack_f32x8, prefetch, scale_i16, shift_right_and, splat_f32x8,
                          sum_lanes_by8, sum_lanes_i32, to_f32x8, widen_high, widen_high_signed, widen_low,
                          widen_low_signed, zeros_f32x8)
-from .portable import BLOCK, count_tasks, k4_scale_min, quantize_activations, task_location
+from .portable import BLOCK, count_tasks, k4_scale_min, prepare_activations, store, task_location
 
 ROWS_PER_TASK = 8   # weight rows per task: the eight lanes of the decode path
 TASK_GROUPS = 96    # parallel work items; each runs consecutive tasks with one scratch table
@@ -204,7 +204,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
     weights = wide_weights if wide else widened_weights
 
     @njit  # no fastmath: every path must round alike (batch-invariant)
-    def rows_task(w, r_start, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table):
+    def rows_task(w, r_start, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
         n, cols = xq.shape
         n_blocks = cols // BLOCK
         row_bytes = 2 * cols  # int16 activations
@@ -245,8 +245,9 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
                     acc0 = add_f32x8(acc0, add_f32x8(low_sum0, high_sum0))
                     acc1 = add_f32x8(acc1, add_f32x8(low_sum1, high_sum1))
                 for lane in range(8):
-                    out[j + lane, r] = lane_f32(acc0, lane)
-                    out[j + lane, second] = lane_f32(acc1, lane)
+                    store(out, j + lane, r, lane_f32(acc0, lane), accumulate)
+                    if second != r:
+                        store(out, j + lane, second, lane_f32(acc1, lane), accumulate)
                 r += 2
             j += 8
         first_single = j
@@ -301,7 +302,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
                 if offsets:
                     acc = add_f32x8(acc, add_f32x8(low_sum, high_sum))
                 for lane in range(8):
-                    out[j, r + lane] = lane_f32(acc, lane)
+                    store(out, j, r + lane, lane_f32(acc, lane), accumulate)
                 r += 8
             while r < r_stop:
                 total = low_total = high_total = np.float32(0.0)
@@ -315,7 +316,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
                         high_total = fma_f32(offset1, xds16[j, 2 * b + 1], high_total)
                 if offsets:
                     total = total + (low_total + high_total)
-                out[j, r] = total
+                store(out, j, r, total, accumulate)
                 r += 1
             j += 1
 
@@ -341,8 +342,8 @@ _rows_Q6_K = make_rows_task(decode_Q6_K, signed=False, scaled=True)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q4_0(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q4_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
@@ -351,12 +352,12 @@ def matmul_Q4_0(ws, x, outs):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q4_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
+            _rows_Q4_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q4_1(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q4_1(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
@@ -365,12 +366,12 @@ def matmul_Q4_1(ws, x, outs):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q4_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
+            _rows_Q4_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q5_0(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q5_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
@@ -379,12 +380,12 @@ def matmul_Q5_0(ws, x, outs):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q5_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
+            _rows_Q5_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q5_1(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q5_1(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
@@ -393,12 +394,12 @@ def matmul_Q5_1(ws, x, outs):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q5_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
+            _rows_Q5_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q8_0(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q8_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
@@ -407,12 +408,12 @@ def matmul_Q8_0(ws, x, outs):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q8_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
+            _rows_Q8_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q2_K(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q2_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
@@ -421,12 +422,12 @@ def matmul_Q2_K(ws, x, outs):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q2_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
+            _rows_Q2_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q3_K(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q3_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
@@ -435,12 +436,12 @@ def matmul_Q3_K(ws, x, outs):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q3_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
+            _rows_Q3_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q4_K(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q4_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
@@ -449,12 +450,12 @@ def matmul_Q4_K(ws, x, outs):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q4_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
+            _rows_Q4_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q5_K(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q5_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
@@ -463,12 +464,12 @@ def matmul_Q5_K(ws, x, outs):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q5_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
+            _rows_Q5_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q6_K(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q6_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
@@ -477,7 +478,7 @@ def matmul_Q6_K(ws, x, outs):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q6_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g])
+            _rows_Q6_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 MATMULS = {

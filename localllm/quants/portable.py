@@ -24,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..ops.kernels import (PARALLEL_MIN_ROWS, _rms_norm_parallel, _rms_norm_serial, _swiglu_parallel,
+                           _swiglu_serial)
 from .intrinsics import float32_from_bits, load_u8
 
 BLOCK = 32          # activation block: one float scale per 32 activations
@@ -92,6 +94,36 @@ def quantize_activations(x):
         for j in range(n):
             _quantize_row(x, j, xq, xd, xds16)
     return xq, xd, xds16
+
+
+# Prologues: what the activations are before quantization (one compiled form for all three).
+NO_PROLOGUE, RMS_NORM, SWIGLU = 0, 1, 2
+
+
+@njit(cache=True)
+def prepare_activations(x, prologue, norm_weight, eps, up):
+    """``quantize_activations`` of x (NO_PROLOGUE), of ``rms_norm(x, norm_weight, eps)`` (RMS_NORM) or of
+    ``silu(x) * up`` (SWIGLU), computed by the very kernels of ``ops.kernels`` (same bits as calling them)."""
+    if prologue == NO_PROLOGUE:
+        return quantize_activations(x)
+    h = np.empty_like(x)
+    parallel = x.shape[0] >= PARALLEL_MIN_ROWS
+    if prologue == RMS_NORM:
+        if parallel:
+            _rms_norm_parallel(x, norm_weight, eps, h)
+        else:
+            _rms_norm_serial(x, norm_weight, eps, h)
+    elif parallel:
+        _swiglu_parallel(x, up, h)
+    else:
+        _swiglu_serial(x, up, h)
+    return quantize_activations(h)
+
+
+@njit(cache=True, inline="always")
+def store(out, j, r, value, accumulate):
+    """out[j, r] = value, or out[j, r] + value (the residual add of ``matmul_add``, same rounding as numpy's)."""
+    out[j, r] = out[j, r] + value if accumulate else value
 
 
 # --------------------------------------------------------------------------- decoders (32-element blocks)
@@ -274,7 +306,7 @@ def make_rows_task(decode):
     ROWS_PER_TASK rows from ``r_start``, each weight block decoded once for all n."""
 
     @njit  # no fastmath: each row's sum in a fixed order, whatever the batch
-    def rows_task(w, r_start, xq, xd, xds16, out):
+    def rows_task(w, r_start, xq, xd, xds16, out, accumulate):
         n = xq.shape[0]
         q = np.empty(BLOCK, dtype=np.int32)
         acc = np.empty(n, dtype=np.float32)
@@ -292,7 +324,7 @@ def make_rows_task(decode):
                     acc[j] += (d * xd[j, b]) * np.float32(scale0 * dot0 + scale1 * dot1) \
                         + offset0 * xds16[j, 2 * b] + offset1 * xds16[j, 2 * b + 1]
             for j in range(n):
-                out[j, r] = acc[j]
+                store(out, j, r, acc[j], accumulate)
 
     return rows_task
 
@@ -309,87 +341,88 @@ _rows_Q5_K = make_rows_task(decode_Q5_K)
 _rows_Q6_K = make_rows_task(decode_Q6_K)
 
 # One parallel entry per type (module-level, so that each has its own cache entry):
-# ws a tuple of uint8 (rows_m, row_bytes) matrices, x float32 (n, cols), outs float32 (n, rows_m).
+# ws a tuple of uint8 (rows_m, row_bytes) matrices, x float32 (n, cols), outs float32 (n, rows_m);
+# the activations are prologue(x) (see prepare_activations), added into outs when accumulate.
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q4_0(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q4_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q4_0(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q4_0(ws[m], r, xq, xd, xds16, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q4_1(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q4_1(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q4_1(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q4_1(ws[m], r, xq, xd, xds16, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q5_0(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q5_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q5_0(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q5_0(ws[m], r, xq, xd, xds16, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q5_1(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q5_1(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q5_1(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q5_1(ws[m], r, xq, xd, xds16, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q8_0(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q8_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q8_0(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q8_0(ws[m], r, xq, xd, xds16, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q2_K(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q2_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q2_K(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q2_K(ws[m], r, xq, xd, xds16, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q3_K(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q3_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q3_K(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q3_K(ws[m], r, xq, xd, xds16, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q4_K(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q4_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q4_K(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q4_K(ws[m], r, xq, xd, xds16, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q5_K(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q5_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q5_K(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q5_K(ws[m], r, xq, xd, xds16, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q6_K(ws, x, outs):
-    xq, xd, xds16 = quantize_activations(x)
+def matmul_Q6_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q6_K(ws[m], r, xq, xd, xds16, outs[m])
+        _rows_Q6_K(ws[m], r, xq, xd, xds16, outs[m], accumulate)
 
 
 MATMULS = {

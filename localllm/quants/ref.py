@@ -371,3 +371,24 @@ def matmul(w: QTensor, x: np.ndarray) -> np.ndarray:
         w_chunk = _dequantize_row_data(w.ggml_type, row_data[start:stop], w.cols)  # (chunk, cols)
         out[:, start:stop] = x2 @ w_chunk.T
     return out.reshape(*x.shape[:-1], w.rows)
+
+
+# --------------------------------------------------------------------------- fused forms (what the model calls)
+# The fast path does each in one launch; here they are the plain compositions.
+
+def rms_norm_matmul_many(ws, x: np.ndarray, norm_weight: np.ndarray, eps: float) -> list[np.ndarray]:
+    """``[matmul(w, rms_norm(x, norm_weight, eps)) for w in ws]``: x (n, cols) -> one (n, rows) per w."""
+    from ..ops import ref as ops_ref
+    h = ops_ref.rms_norm(x, norm_weight, eps)                                  # (n, cols)
+    return [matmul(w, h) for w in ws]
+
+
+def matmul_add(w: QTensor, x: np.ndarray, residual: np.ndarray) -> np.ndarray:
+    """``residual + matmul(w, x)``: x (n, cols), residual (n, rows) -> a new (n, rows) array."""
+    return (np.asarray(residual, dtype=np.float32) + matmul(w, x)).astype(np.float32)
+
+
+def swiglu_matmul_add(w: QTensor, gate: np.ndarray, up: np.ndarray, residual: np.ndarray) -> np.ndarray:
+    """``residual + matmul(w, swiglu(gate, up))``: gate, up (n, cols), residual (n, rows)."""
+    from ..ops import ref as ops_ref
+    return matmul_add(w, ops_ref.swiglu(gate, up), residual)
