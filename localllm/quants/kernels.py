@@ -7,6 +7,12 @@ llama.cpp does on some golden cases), dotted with the weights in integers and
 scaled once per block. The ``(n, cols)`` activations are handled inside one kernel, so each
 weight block is read once for the whole batch (prefill, batched decode).
 
+The model calls fused forms that save launches and passes over the
+activations: ``rms_norm_matmul_many`` (RMSNorm on the way into the quantizer,
+then Q/K/V or gate/up in one launch), ``matmul_add`` (residual added as the
+outputs are written) and ``swiglu_matmul_add`` (SiLU(gate) * up on the way in);
+each gives the same bits as its separate ops.
+
 Two implementations, chosen at import:
 
 * ``avx2``: ``quants.kernels_avx2`` (``vpmaddwd`` through ``quants.intrinsics``),

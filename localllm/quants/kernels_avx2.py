@@ -13,6 +13,10 @@ read and unpacked once for eight tokens), eight weight rows of one token in
 decode. Both do the same arithmetic per (row, token), and leftovers one at a
 time too: a token's result does not depend on the batch it came in (chunked
 prefill equals one-shot prefill bit for bit).
+
+Decode reads eight weight rows side by side, which the hardware prefetcher
+follows poorly: each task prefetches the next task's rows (``intrinsics.prefetch``).
+Tasks run in up to ``TASK_GROUPS`` parallel groups of consecutive tasks.
 """
 from __future__ import annotations
 
