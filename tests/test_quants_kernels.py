@@ -127,7 +127,7 @@ def test_float_matmul(path, ggml_type):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("ggml_type", ["Q4_1", "Q8_0", "Q3_K", "Q6_K", "F16"])
+@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q3_K", "Q6_K", "F16"])
 def test_results_do_not_depend_on_the_batch(path, ggml_type):
     """A token's output is bit-identical alone, among eight tokens in one vector, or among the leftovers
     (19 weight rows: a task of eight rows in the lanes and leftover single rows)."""

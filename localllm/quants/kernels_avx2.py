@@ -166,7 +166,7 @@ def two_row_dots(low0, high0, low1, high1, xq, xo):
 
 
 def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offsets: bool = True,
-                   f16_scale_block_bytes: int = 0):
+                   f16_scale_block_bytes: int = 0, f16_min_at: int = 0, offset_per_scale: float = 0.0):
     """``rows_task(w, r_start, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table)``:
     ``out[:, r] = x @ W[r]`` for ROWS_PER_TASK weight rows from ``r_start``.
 
@@ -188,7 +188,10 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
     eight tokens, two rows share every activation load) or eight weight rows
     of one token (decode); leftovers go one at a time. For types whose block
     starts with its scale ``d`` as a plain half (``f16_scale_block_bytes`` = the
-    block size), decode reads the eight rows' scales into one vector at once.
+    block size), decode reads the eight rows' scales into one vector at once, and
+    their offsets too: the half at byte ``f16_min_at`` of the block (Q4_1, Q5_1)
+    or ``offset_per_scale * d`` (Q4_0, Q5_0); other types decode the offsets
+    of a task's rows once into a table.
     """
 
     @njit(inline="always")
@@ -206,6 +209,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
         return low, high, d, offset0, offset1
 
     weights = wide_weights if wide else widened_weights
+    vector_offsets = bool(f16_scale_block_bytes and (f16_min_at or offset_per_scale))
 
     @njit  # no fastmath: every path must round alike (batch-invariant)
     def rows_task(w, r_start, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
@@ -259,7 +263,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
             r = r_start
             while r + 8 <= r_stop:
                 row = r * stride
-                if offsets and j == first_single:  # the eight rows' offsets side by side, once for all tokens
+                if offsets and not vector_offsets and j == first_single:  # offsets side by side, once per task
                     # (a task has ROWS_PER_TASK == 8 rows: one table)
                     for lane in range(8):
                         for b in range(n_blocks):
@@ -299,10 +303,16 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
                         row_scales = pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7)
                     acc = fma_f32x8(scaled_sums, row_scales, acc)
                     if offsets:
-                        low_sum = fma_f32x8(load_f32x8(offset_table, 4 * 8 * (2 * b)),
-                                            splat_f32x8(xds16[j, 2 * b]), low_sum)
-                        high_sum = fma_f32x8(load_f32x8(offset_table, 4 * 8 * (2 * b + 1)),
-                                             splat_f32x8(xds16[j, 2 * b + 1]), high_sum)
+                        if f16_min_at:
+                            offset0 = offset1 = load_f16x8_strided(
+                                w, row + b * f16_scale_block_bytes + f16_min_at, stride)
+                        elif offset_per_scale:
+                            offset0 = offset1 = mul_f32x8(splat_f32x8(np.float32(offset_per_scale)), row_scales)
+                        else:
+                            offset0 = load_f32x8(offset_table, 4 * 8 * (2 * b))
+                            offset1 = load_f32x8(offset_table, 4 * 8 * (2 * b + 1))
+                        low_sum = fma_f32x8(offset0, splat_f32x8(xds16[j, 2 * b]), low_sum)
+                        high_sum = fma_f32x8(offset1, splat_f32x8(xds16[j, 2 * b + 1]), high_sum)
                 if offsets:
                     acc = add_f32x8(acc, add_f32x8(low_sum, high_sum))
                 for lane in range(8):
@@ -328,11 +338,12 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
 
 
 _rows_Q4_0 = make_rows_task(decode_Q4_0_wide, signed=False, scaled=False, wide=True,
-                            f16_scale_block_bytes=18)
+                            f16_scale_block_bytes=18, offset_per_scale=-8.0)
 _rows_Q4_1 = make_rows_task(decode_Q4_1_wide, signed=False, scaled=False, wide=True,
-                            f16_scale_block_bytes=20)
-_rows_Q5_0 = make_rows_task(decode_Q5_0, signed=False, scaled=False, f16_scale_block_bytes=22)
-_rows_Q5_1 = make_rows_task(decode_Q5_1, signed=False, scaled=False, f16_scale_block_bytes=24)
+                            f16_scale_block_bytes=20, f16_min_at=2)
+_rows_Q5_0 = make_rows_task(decode_Q5_0, signed=False, scaled=False, f16_scale_block_bytes=22,
+                            offset_per_scale=-16.0)
+_rows_Q5_1 = make_rows_task(decode_Q5_1, signed=False, scaled=False, f16_scale_block_bytes=24, f16_min_at=2)
 _rows_Q8_0 = make_rows_task(decode_Q8_0, signed=True, scaled=False, offsets=False,
                             f16_scale_block_bytes=34)
 _rows_Q2_K = make_rows_task(decode_Q2_K, signed=False, scaled=True)
