@@ -163,6 +163,21 @@ def _plan(ws: tuple, kernels: str | None):
     return plan
 
 
+# Quantized kernels always get LAUNCH_WIDTH weights (Q, K, V at most), padded with empty
+# matrices: numba then compiles and loads one form per type instead of one per count.
+LAUNCH_WIDTH = 3
+
+
+def _empty_view(like: np.ndarray) -> np.ndarray:
+    view = np.zeros((0, like.shape[1]), dtype=like.dtype)
+    view.flags.writeable = False
+    return view
+
+
+def _empty_output(n: int) -> np.ndarray:
+    return np.zeros((n, 0), dtype=np.float32)
+
+
 _NO_NORM_WEIGHT = np.zeros(0, dtype=np.float32)
 _NO_UP = np.zeros((0, 0), dtype=np.float32)
 
@@ -191,7 +206,12 @@ def _run(ws: tuple, x, kernels: str | None, prologue: int = portable.NO_PROLOGUE
             if residual is not None:
                 np.add(group_outs[0], products[0], out=group_outs[0])
         else:
-            kernel(views, x, group_outs, prologue, norm_weight, np.float32(eps), up, residual is not None)
+            for start in range(0, len(views), LAUNCH_WIDTH):  # fixed-width tuples: one compiled form per type
+                width = min(LAUNCH_WIDTH, len(views) - start)
+                padding = LAUNCH_WIDTH - width
+                kernel(views[start:start + width] + (_empty_view(views[0]),) * padding, x,
+                       group_outs[start:start + width] + (_empty_output(x.shape[0]),) * padding,
+                       prologue, norm_weight, np.float32(eps), up, residual is not None)
     return outs
 
 
