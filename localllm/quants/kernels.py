@@ -31,6 +31,7 @@ a load of 7 on 2 cores: 25 decoded tokens/s passive against under 3 spinning).
 """
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from typing import Sequence
@@ -169,12 +170,20 @@ LAUNCH_WIDTH = 3
 
 
 def _empty_view(like: np.ndarray) -> np.ndarray:
-    view = np.zeros((0, like.shape[1]), dtype=like.dtype)
+    return _empty_matrix(like.dtype.str, like.shape[1])
+
+
+@functools.lru_cache(maxsize=64)
+def _empty_matrix(dtype: str, row_items: int) -> np.ndarray:
+    """A read-only (0, row_items) matrix (shared: nothing is ever written to it)."""
+    view = np.zeros((0, row_items), dtype=dtype)
     view.flags.writeable = False
     return view
 
 
+@functools.lru_cache(maxsize=64)
 def _empty_output(n: int) -> np.ndarray:
+    """A (n, 0) output (shared: it has no element to write)."""
     return np.zeros((n, 0), dtype=np.float32)
 
 
