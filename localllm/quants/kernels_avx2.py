@@ -356,14 +356,23 @@ _rows_Q6_K = make_rows_task(decode_Q6_K, signed=False, scaled=True)
 # ws a tuple of uint8 (rows_m, row_bytes) matrices, x float32 (n, cols), outs float32 (n, rows_m).
 
 
-@njit(parallel=True, cache=True)
-def matmul_Q4_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+@njit(cache=True)
+def launch_inputs(ws, x, prologue, norm_weight, eps, up):
+    """What every entry below hands its row tasks: the quantized activations of prologue(x), their scales and
+    sums laid out by block (eight tokens side by side), the task and group counts, and one offset table per group."""
     xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
-    xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
+    xd_by_block = np.ascontiguousarray(xd.T)        # (n_blocks, n)
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
     n_groups = min(n_tasks, TASK_GROUPS)
     offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    return xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables
+
+
+@njit(parallel=True, cache=True)
+def matmul_Q4_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
+        launch_inputs(ws, x, prologue, norm_weight, eps, up)
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
@@ -372,12 +381,8 @@ def matmul_Q4_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
 
 @njit(parallel=True, cache=True)
 def matmul_Q4_1(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
-    xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
-    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
-    n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    n_groups = min(n_tasks, TASK_GROUPS)
-    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
+        launch_inputs(ws, x, prologue, norm_weight, eps, up)
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
@@ -386,12 +391,8 @@ def matmul_Q4_1(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
-    xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
-    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
-    n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    n_groups = min(n_tasks, TASK_GROUPS)
-    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
+        launch_inputs(ws, x, prologue, norm_weight, eps, up)
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
@@ -400,12 +401,8 @@ def matmul_Q5_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_1(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
-    xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
-    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
-    n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    n_groups = min(n_tasks, TASK_GROUPS)
-    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
+        launch_inputs(ws, x, prologue, norm_weight, eps, up)
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
@@ -414,12 +411,8 @@ def matmul_Q5_1(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
 
 @njit(parallel=True, cache=True)
 def matmul_Q8_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
-    xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
-    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
-    n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    n_groups = min(n_tasks, TASK_GROUPS)
-    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
+        launch_inputs(ws, x, prologue, norm_weight, eps, up)
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
@@ -428,12 +421,8 @@ def matmul_Q8_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
 
 @njit(parallel=True, cache=True)
 def matmul_Q2_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
-    xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
-    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
-    n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    n_groups = min(n_tasks, TASK_GROUPS)
-    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
+        launch_inputs(ws, x, prologue, norm_weight, eps, up)
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
@@ -442,12 +431,8 @@ def matmul_Q2_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
 
 @njit(parallel=True, cache=True)
 def matmul_Q3_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
-    xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
-    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
-    n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    n_groups = min(n_tasks, TASK_GROUPS)
-    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
+        launch_inputs(ws, x, prologue, norm_weight, eps, up)
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
@@ -456,12 +441,8 @@ def matmul_Q3_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
 
 @njit(parallel=True, cache=True)
 def matmul_Q4_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
-    xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
-    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
-    n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    n_groups = min(n_tasks, TASK_GROUPS)
-    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
+        launch_inputs(ws, x, prologue, norm_weight, eps, up)
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
@@ -470,12 +451,8 @@ def matmul_Q4_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
-    xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
-    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
-    n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    n_groups = min(n_tasks, TASK_GROUPS)
-    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
+        launch_inputs(ws, x, prologue, norm_weight, eps, up)
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
@@ -484,12 +461,8 @@ def matmul_Q5_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
 
 @njit(parallel=True, cache=True)
 def matmul_Q6_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
-    xd_by_block = np.ascontiguousarray(xd.T)  # (n_blocks, n): eight tokens' scales side by side
-    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
-    n_tasks = count_tasks(ws, ROWS_PER_TASK)
-    n_groups = min(n_tasks, TASK_GROUPS)
-    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
+        launch_inputs(ws, x, prologue, norm_weight, eps, up)
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
