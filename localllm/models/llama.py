@@ -7,6 +7,7 @@ decode of one sequence and decode of many sequences are the same call.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,6 +105,8 @@ class LlamaModel:
             )
             for i in range(config.n_layers)
         ]
+        self._step = None  # the one-launch forward pass for small batches (ops.llama_step), made on first use
+        self._step_checked = False
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, backend: str = "auto") -> "LlamaModel":
@@ -137,7 +140,8 @@ class LlamaModel:
             raise ValueError(f"token ids must be in [0, {c.vocab_size})")
 
         x = ops.embedding_rows(self.token_embd, tokens)                         # (n, dim)
-        for layer_index, layer in enumerate(self.layers):
+        step = self._one_launch_layers(n)
+        for layer_index, layer in enumerate(self.layers if step is None else ()):
             # attention block (the norms and SwiGLU are applied inside the matmul launches that consume them)
             q, k, v = ops.rms_norm_matmul_many((layer.wq, layer.wk, layer.wv), x,
                                                layer.attn_norm, c.norm_eps)      # Q, K, V of rms_norm(x)
@@ -152,8 +156,23 @@ class LlamaModel:
             gate, up = ops.rms_norm_matmul_many((layer.w_gate, layer.w_up), x,
                                                 layer.ffn_norm, c.norm_eps)      # (n, hidden_dim) each
             x = ops.swiglu_matmul_add(layer.w_down, gate, up, x)                 # x + swiglu(gate, up) @ w_down.T
+        if step is not None:  # decode: the loop above as one parallel launch (same ops, same bits)
+            step.run(x, positions, slots, cache)                                 # x updated in place
 
         if logits_for is not None:
             x = x[np.asarray(logits_for, dtype=np.int64)]
         x = ops.rms_norm(x, self.output_norm, c.norm_eps)                        # (m, dim)
         return ops.matmul(self.output, x)                                        # (m, vocab_size)
+
+    def _one_launch_layers(self, n: int):
+        """``ops.llama_step.LlamaLayersStep`` when it applies to a batch of n tokens (fast backend, AVX2
+        kernels, layer weights of one quantized type, n <= its max_tokens), else None.
+        ``LOCALLLM_ONE_LAUNCH=0`` turns it off (the per-op loop then runs every batch)."""
+        if not self._step_checked:
+            self._step_checked = True
+            if self.backend.name == "fast" and os.environ.get("LOCALLLM_ONE_LAUNCH", "1") != "0":
+                from ..ops import llama_step
+                self._step = llama_step.LlamaLayersStep.for_model(self)
+        if self._step is not None and 0 < n <= self._step.max_tokens:
+            return self._step
+        return None

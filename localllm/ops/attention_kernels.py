@@ -258,14 +258,21 @@ def _merge_parts(part_max, part_sum, part_out, positions, out):
     run_out = np.empty((group, head_dim), dtype=np.float32)
     for i in range(n):
         for g in range(n_kv_heads):
-            run_max[:] = _LOWEST
-            run_sum[:] = 0.0
-            run_out[:, :] = 0.0
-            for c in range((positions[i] + KEY_CHUNK) // KEY_CHUNK):
-                for hh in range(group):
-                    _merge(run_max, run_sum, run_out, hh, part_max[i, g, c, hh], part_sum[i, g, c, hh],
-                           part_out[i, g, c, hh])
-            _finish(run_sum, run_out, out, i, g * group)
+            merge_pair(part_max, part_sum, part_out, positions, out, i, g, run_max, run_sum, run_out)
+
+
+@njit(cache=True)
+def merge_pair(part_max, part_sum, part_out, positions, out, i, g, run_max, run_sum, run_out):
+    """Token i, KV head g: its chunks' (max, sum, mix) merged in order into ``out[i]`` (run_*: scratch)."""
+    group = run_out.shape[0]
+    run_max[:] = _LOWEST
+    run_sum[:] = 0.0
+    run_out[:, :] = 0.0
+    for c in range((positions[i] + KEY_CHUNK) // KEY_CHUNK):
+        for hh in range(group):
+            _merge(run_max, run_sum, run_out, hh, part_max[i, g, c, hh], part_sum[i, g, c, hh],
+                   part_out[i, g, c, hh])
+    _finish(run_sum, run_out, out, i, g * group)
 
 
 @njit(cache=True)

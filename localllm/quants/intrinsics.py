@@ -12,10 +12,12 @@ one AVX register each::
 and ``numba.extending.intrinsic`` functions over them that emit LLVM IR: loads
 at a byte offset of an array, nibble and bit unpacking, widening bytes to
 16-bit lanes, the AVX2 integer dot product (``llvm.x86.avx2.pmadd.wd`` =
-``vpmaddwd``) and a fused multiply-add into float accumulators.
+``vpmaddwd``) and a fused multiply-add into float accumulators; and the
+atomics that let the workers of one parallel region share work
+(``atomic_add``, ``atomic_load``, ``spin_pause``; used by ``ops.llama_step``).
 
-Only ``dot_i16`` and ``sum_lanes_by8`` use x86 instructions; everything else is generic LLVM IR that any
-target compiles (the portable kernels use ``load_u8`` and ``float32_from_bits``).
+Only ``dot_i16``, ``sum_lanes_by8`` and ``spin_pause`` use x86 instructions; everything else is generic
+LLVM IR that any target compiles (the portable kernels use ``load_u8`` and ``float32_from_bits``).
 Importing this module is safe anywhere: intrinsics are compiled only when a
 kernel that calls them is, and ``quants.kernels`` compiles the ``dot_i16`` users
 only on CPUs with AVX2.
@@ -468,3 +470,46 @@ def load_f16x8_strided(typingctx, array, offset, stride):
             halves = builder.insert_element(halves, bits, ir.Constant(_i32, lane))
         return builder.fpext(builder.bitcast(halves, ir.VectorType(ir.HalfType(), 8)), F32x8.llvm_type)
     return f32x8(array, types.int64, types.int64), codegen
+
+
+# --------------------------------------------------------------------------- atomics (work shared in one parallel region)
+
+def _int64_pointer(context, builder, array_type, array, index, index_type):
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.gep(data, [context.cast(builder, index, index_type, types.int64)])
+
+
+@intrinsic
+def atomic_add(typingctx, array, index, value):
+    """``old = array[index]; array[index] += value`` as one sequentially consistent step; returns ``old``.
+    array: int64, C-contiguous."""
+    if not (isinstance(array, types.Array) and array.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _int64_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        amount = context.cast(builder, args[2], sig.args[2], types.int64)
+        return builder.atomic_rmw("add", pointer, amount, "seq_cst")
+    return types.int64(array, index, value), codegen
+
+
+@intrinsic
+def atomic_load(typingctx, array, index):
+    """``array[index]`` read atomically with acquire order (what other threads wrote before their
+    ``atomic_add`` of it is visible after). array: int64, C-contiguous."""
+    if not (isinstance(array, types.Array) and array.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _int64_pointer(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        return builder.load_atomic(pointer, "acquire", 8)
+    return types.int64(array, index), codegen
+
+
+@intrinsic
+def spin_pause(typingctx):
+    """The x86 ``pause`` hint for a spin-wait loop (``llvm.x86.sse2.pause``)."""
+    def codegen(context, builder, sig, args):
+        _call(builder, "llvm.x86.sse2.pause", ir.VoidType(), [])
+        return context.get_dummy_value()
+    return types.none(), codegen

@@ -337,20 +337,21 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
     return rows_task
 
 
-_rows_Q4_0 = make_rows_task(decode_Q4_0_wide, signed=False, scaled=False, wide=True,
+rows_Q4_0 = make_rows_task(decode_Q4_0_wide, signed=False, scaled=False, wide=True,
                             f16_scale_block_bytes=18, offset_per_scale=-8.0)
-_rows_Q4_1 = make_rows_task(decode_Q4_1_wide, signed=False, scaled=False, wide=True,
+rows_Q4_1 = make_rows_task(decode_Q4_1_wide, signed=False, scaled=False, wide=True,
                             f16_scale_block_bytes=20, f16_min_at=2)
-_rows_Q5_0 = make_rows_task(decode_Q5_0, signed=False, scaled=False, f16_scale_block_bytes=22,
+rows_Q5_0 = make_rows_task(decode_Q5_0, signed=False, scaled=False, f16_scale_block_bytes=22,
                             offset_per_scale=-16.0)
-_rows_Q5_1 = make_rows_task(decode_Q5_1, signed=False, scaled=False, f16_scale_block_bytes=24, f16_min_at=2)
-_rows_Q8_0 = make_rows_task(decode_Q8_0, signed=True, scaled=False, offsets=False,
+rows_Q5_1 = make_rows_task(decode_Q5_1, signed=False, scaled=False, f16_scale_block_bytes=24, f16_min_at=2)
+rows_Q8_0 = make_rows_task(decode_Q8_0, signed=True, scaled=False, offsets=False,
                             f16_scale_block_bytes=34)
-_rows_Q2_K = make_rows_task(decode_Q2_K, signed=False, scaled=True)
-_rows_Q3_K = make_rows_task(decode_Q3_K, signed=False, scaled=True)
-_rows_Q4_K = make_rows_task(decode_Q4_K, signed=False, scaled=False)
-_rows_Q5_K = make_rows_task(decode_Q5_K, signed=False, scaled=False)
-_rows_Q6_K = make_rows_task(decode_Q6_K, signed=False, scaled=True)
+rows_Q2_K = make_rows_task(decode_Q2_K, signed=False, scaled=True)
+rows_Q3_K = make_rows_task(decode_Q3_K, signed=False, scaled=True)
+rows_Q4_K = make_rows_task(decode_Q4_K, signed=False, scaled=False)
+rows_Q5_K = make_rows_task(decode_Q5_K, signed=False, scaled=False)
+rows_Q6_K = make_rows_task(decode_Q6_K, signed=False, scaled=True)
+
 
 # One parallel entry per type (module-level, so that each has its own cache entry):
 # ws a tuple of uint8 (rows_m, row_bytes) matrices, x float32 (n, cols), outs float32 (n, rows_m).
@@ -376,7 +377,7 @@ def matmul_Q4_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q4_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
+            rows_Q4_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
@@ -386,7 +387,7 @@ def matmul_Q4_1(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q4_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
+            rows_Q4_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
@@ -396,7 +397,7 @@ def matmul_Q5_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q5_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
+            rows_Q5_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
@@ -406,7 +407,7 @@ def matmul_Q5_1(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q5_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
+            rows_Q5_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
@@ -416,7 +417,7 @@ def matmul_Q8_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q8_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
+            rows_Q8_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
@@ -426,7 +427,7 @@ def matmul_Q2_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q2_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
+            rows_Q2_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
@@ -436,7 +437,7 @@ def matmul_Q3_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q3_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
+            rows_Q3_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
@@ -446,7 +447,7 @@ def matmul_Q4_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q4_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
+            rows_Q4_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
@@ -456,7 +457,7 @@ def matmul_Q5_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q5_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
+            rows_Q5_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 @njit(parallel=True, cache=True)
@@ -466,7 +467,7 @@ def matmul_Q6_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
     for g in prange(n_groups):
         for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            _rows_Q6_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
+            rows_Q6_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
 
 
 MATMULS = {

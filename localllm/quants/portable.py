@@ -120,6 +120,27 @@ def prepare_activations(x, prologue, norm_weight, eps, up):
     return quantize_activations(h)
 
 
+@njit(cache=True)
+def prepare_activations_serial(x, prologue, norm_weight, eps, up, h, xq, xd, xds16, xd_by_block, xds16_by_block):
+    """``prepare_activations`` on one thread into given arrays (for work inside a parallel region):
+    h (n, cols) holds the prologue's output; xq, xd, xds16 as ``quantize_activations`` returns them and
+    xd_by_block, xds16_by_block their transposes. Same functions, same bits."""
+    source = x
+    if prologue == RMS_NORM:
+        _rms_norm_serial(x, norm_weight, eps, h)
+        source = h
+    elif prologue == SWIGLU:
+        _swiglu_serial(x, up, h)
+        source = h
+    for j in range(x.shape[0]):
+        _quantize_row(source, j, xq, xd, xds16)
+    for j in range(x.shape[0]):
+        for b in range(xd.shape[1]):
+            xd_by_block[b, j] = xd[j, b]
+        for b in range(xds16.shape[1]):
+            xds16_by_block[b, j] = xds16[j, b]
+
+
 @njit(cache=True, inline="always")
 def store(out, j, r, value, accumulate):
     """out[j, r] = value, or out[j, r] + value (the residual add of ``matmul_add``, same rounding as numpy's)."""

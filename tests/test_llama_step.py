@@ -1,0 +1,139 @@
+"""ops.llama_step: the layer loop as one parallel launch gives the per-op loop's bits, caches included."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from numba import njit, prange
+
+from localllm.formats.gguf import read_gguf
+from localllm.kv_cache import ContextLengthExceeded
+from localllm.models.llama import LlamaModel
+from localllm.quants.intrinsics import atomic_add
+from localllm.quants.kernels import cpu_has_avx2
+from tests.test_quants_kernels import random_weight
+from tests.tiny_models import write_tiny_llama
+
+pytestmark = pytest.mark.skipif(not cpu_has_avx2(), reason="the one-launch layers use the AVX2 row tasks")
+
+
+@pytest.fixture(scope="module", params=[("Q4_1", 64, 96), ("Q4_0", 64, 160), ("Q6_K", 256, 512)],
+                ids=lambda p: p[0])
+def model(request, tmp_path_factory) -> LlamaModel:
+    weight_type, dim, hidden_dim = request.param
+    file_type = "Q8_0" if weight_type.endswith("_K") else weight_type  # gguf-py writes no K-quants
+    path = write_tiny_llama(tmp_path_factory.mktemp("step") / f"tiny-{weight_type}.gguf", dim=dim,
+                            hidden_dim=hidden_dim, n_layers=2, n_heads=8, n_kv_heads=2, n_ctx=512,
+                            weight_type=file_type, seed=3)
+    model = LlamaModel.from_gguf(read_gguf(path), backend="fast")
+    if file_type != weight_type:  # random K-quant blocks of the same shapes
+        for i, layer in enumerate(model.layers):
+            for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+                setattr(layer, name, random_weight(weight_type, *getattr(layer, name).shape, seed=10 * i))
+    assert model._one_launch_layers(1) is not None
+    assert model._step.entry.__name__ == f"llama_layers_{weight_type}"
+    return model
+
+
+def forward(model, one_launch: bool, cache, tokens, positions, slots):
+    model._one_launch_layers(1)  # made once
+    step, model._step = model._step, (model._step if one_launch else None)
+    try:
+        return model.forward(tokens, positions, slots, cache)
+    finally:
+        model._step = step
+
+
+def fresh_pair(model, dtype=None, prompt_tokens=150, n_slots=2):
+    """Two caches holding the same prompt in slot 0 (written by the per-op path)."""
+    caches = [model.new_cache(n_slots, 512, dtype=dtype) for _ in range(2)]
+    prompt = np.arange(prompt_tokens) % 250 + 3
+    for cache in caches:
+        forward(model, False, cache, prompt, np.arange(prompt_tokens), np.zeros(prompt_tokens, dtype=np.int64))
+    return caches
+
+
+def assert_same(model, caches, tokens, positions, slots):
+    one = forward(model, True, caches[0], tokens, positions, slots)
+    per_op = forward(model, False, caches[1], tokens, positions, slots)
+    np.testing.assert_array_equal(one, per_op)
+    np.testing.assert_array_equal(caches[0].k, caches[1].k)
+    np.testing.assert_array_equal(caches[0].v, caches[1].v)
+    return one
+
+
+def test_decode_matches_per_op_bit_for_bit(model):
+    caches = fresh_pair(model)  # 150 cached keys: two attention chunks of 128
+    for i in range(3):
+        logits = assert_same(model, caches, [40 + i], [150 + i], [0])
+        assert logits.shape == (1, model.config.vocab_size) and np.isfinite(logits).all()
+
+
+def test_batch_across_slots_and_within_a_slot(model):
+    caches = fresh_pair(model)
+    # two new tokens of slot 0 (the second attends to the first, written in the same launch) and the first
+    # tokens of slot 1
+    assert_same(model, caches, [7, 8, 9, 10], [150, 151, 0, 1], [0, 0, 1, 1])
+
+
+def test_largest_batch_and_the_next_size_up(model):
+    caches = fresh_pair(model, prompt_tokens=20)
+    n = model._step.max_tokens
+    assert_same(model, caches, np.arange(n) + 5, np.arange(20, 20 + n), np.zeros(n, dtype=np.int64))
+    assert model._one_launch_layers(n + 1) is None  # prefill-sized batches take the per-op path
+
+
+def test_float32_cache(model):
+    caches = fresh_pair(model, dtype=np.float32)
+    assert_same(model, caches, [11, 12], [150, 0], [0, 1])
+
+
+def test_one_worker(model):
+    caches = fresh_pair(model)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        assert_same(model, caches, [5, 6], [150, 151], [0, 0])
+    finally:
+        numba.set_num_threads(threads)
+
+
+def test_bad_slot_and_context_overflow_raise_like_the_per_op_path(model):
+    cache = model.new_cache(1, 160)
+    forward(model, False, cache, np.arange(10) + 3, np.arange(10), np.zeros(10, dtype=np.int64))
+    with pytest.raises(IndexError, match="slots must lie"):
+        forward(model, True, cache, [5], [10], [3])
+    with pytest.raises(ContextLengthExceeded):
+        forward(model, True, cache, [5], [160], [0])
+    with pytest.raises(IndexError, match="must not be negative"):
+        forward(model, True, cache, [5], [-1], [0])
+
+
+def test_not_used_for_float_or_mixed_weights(tmp_path):
+    from localllm.ops.llama_step import LlamaLayersStep
+    float_model = LlamaModel.from_gguf(read_gguf(write_tiny_llama(tmp_path / "f32.gguf")), backend="fast")
+    assert LlamaLayersStep.for_model(float_model) is None
+    q8 = LlamaModel.from_gguf(read_gguf(write_tiny_llama(tmp_path / "q8.gguf", weight_type="Q8_0")), backend="fast")
+    assert LlamaLayersStep.for_model(q8) is not None
+    q8.layers[1].wv = float_model.layers[1].wv  # one F32 matrix among Q8_0 ones
+    assert LlamaLayersStep.for_model(q8) is None
+
+
+def test_ref_backend_never_uses_it(tmp_path):
+    model = LlamaModel.from_gguf(read_gguf(write_tiny_llama(tmp_path / "q8.gguf", weight_type="Q8_0")),
+                                 backend="ref")
+    assert model._one_launch_layers(1) is None
+
+
+@njit(parallel=True)
+def _count_together(counters, n_workers, per_worker):
+    for _worker in prange(n_workers):
+        for _ in range(per_worker):
+            atomic_add(counters, 1, 1)
+    return counters[1]
+
+
+def test_atomic_add_loses_no_increment():
+    counters = np.zeros(3, dtype=np.int64)
+    assert _count_together(counters, 4, 50_000) == 200_000
+    assert counters[0] == counters[2] == 0
