@@ -472,7 +472,7 @@ def load_f16x8_strided(typingctx, array, offset, stride):
     return f32x8(array, types.int64, types.int64), codegen
 
 
-# --------------------------------------------------------------------------- atomics (work shared in one parallel region)
+# --------------------------------------------------------------------------- atomics (one parallel region, shared work)
 
 def _int64_pointer(context, builder, array_type, array, index, index_type):
     data = context.make_array(array_type)(context, builder, array).data
