@@ -4,12 +4,25 @@ Layout per layer: ``(n_slots, n_kv_heads, n_ctx, head_dim)``, so one
 sequence's keys for one head are contiguous (what attention reads). Keys and
 values are float16 by default, like llama.cpp (half the memory and the
 bytes attention reads per token), or float32. The
-arrays come from ``np.zeros``, whose pages the OS maps lazily: an unused slot
-or the unused tail of a context costs no resident memory.
+arrays live in anonymous memory maps, whose pages the OS maps on first touch:
+an unused slot or the unused tail of a context costs no resident memory, and a
+dropped cache goes back to the OS at once. (``np.zeros`` gives neither for
+long: once a freed cache raises glibc's mmap threshold, a new cache of that
+size comes from the heap and ``calloc`` writes all of it.)
 """
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
+
+
+def lazy_zeros(shape: tuple, dtype) -> np.ndarray:
+    """A writeable zero array in its own anonymous memory map (pages resident only once written)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype=dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
 
 
 class ContextLengthExceeded(ValueError):
@@ -36,8 +49,8 @@ class KVCache:
         self.n_layers, self.n_slots, self.n_ctx = n_layers, n_slots, n_ctx
         self.dtype = dtype
         shape = (n_layers, n_slots, n_kv_heads, n_ctx, head_dim)
-        self.k = np.zeros(shape, dtype=dtype)
-        self.v = np.zeros(shape, dtype=dtype)
+        self.k = lazy_zeros(shape, dtype)
+        self.v = lazy_zeros(shape, dtype)
         self.lengths = np.zeros(n_slots, dtype=np.int64)   # tokens held per slot
         self.tokens: list[list[int]] = [[] for _ in range(n_slots)]  # ids held per slot (prefix reuse)
         self._free = list(range(n_slots))

@@ -116,3 +116,45 @@ def test_float16_cache_is_close_to_float32(tiny_model_file, backend):
         logits[dtype] = model.forward(tokens, np.arange(20), np.zeros(20, dtype=np.int64), cache)
     np.testing.assert_allclose(logits[np.float16], logits[np.float32], rtol=0, atol=0.02 * np.abs(logits[np.float32]).max())
     np.testing.assert_array_equal(logits[np.float16].argmax(-1), logits[np.float32].argmax(-1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_batches_run_in_pieces_with_the_same_results(tiny_model_file, backend):
+    """A batch longer than max_batch_tokens goes through the layers in pieces: the same logits (for any
+    logits_for, in its order, repeats allowed) and the same cache as one pass."""
+    model = LlamaModel.from_gguf(read_gguf(tiny_model_file), backend=backend)
+    tokens = _tokens(40, seed=5)
+    positions, slots = np.arange(40), np.zeros(40, dtype=np.int64)
+    results = {}
+    for max_batch_tokens in (1000, 16, 7):
+        model.max_batch_tokens = max_batch_tokens
+        cache = model.new_cache(n_slots=1, n_ctx=64)
+        every = model.forward(tokens, positions, slots, cache)
+        picked = model.forward(tokens[:3], positions[:3], slots[:3], model.new_cache(1, 64), logits_for=[2, 0, 2])
+        results[max_batch_tokens] = (every, picked, cache.k.copy(), cache.v.copy())
+    # the fast kernels give a token the same bits in any batch; numpy's BLAS (ref) rounds by batch shape
+    same = np.testing.assert_array_equal if backend == "fast" else \
+        (lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5))
+    for every, picked, k, v in (results[16], results[7]):
+        same(every, results[1000][0])
+        same(picked, results[1000][1])
+        same(k, results[1000][2])
+        same(v, results[1000][3])
+    model.max_batch_tokens = 7
+    cache = model.new_cache(n_slots=1, n_ctx=64)
+    wanted = model.forward(tokens, positions, slots, cache, logits_for=[39, 3, 20, 3, -1])
+    np.testing.assert_array_equal(wanted[1], wanted[3])
+    same(wanted, results[1000][0][[39, 3, 20, 3, 39]])
+    with pytest.raises(IndexError, match="logits_for"):
+        model.forward(tokens, positions, slots, model.new_cache(1, 64), logits_for=[40])
+    with pytest.raises(ValueError, match="one length"):
+        model.forward(tokens, positions[:30], slots, model.new_cache(1, 64))
+
+
+def test_kv_cache_pages_are_lazy_and_zero():
+    from localllm.kv_cache import KVCache
+    cache = KVCache(n_layers=2, n_slots=3, n_ctx=1000, n_kv_heads=2, head_dim=64)
+    assert cache.k.dtype == np.float16 and cache.k.flags.writeable and cache.k.flags.c_contiguous
+    assert not cache.k.any() and not cache.v.any()
+    cache.k[1, 2, 1, 999] = 1.5
+    assert cache.k[1, 2, 1, 999, 0] == 1.5 and cache.k.sum() == 1.5 * 64

@@ -19,6 +19,7 @@ from ..quants import QTensor
 from .base import ModelConfig, UnsupportedArchitecture
 
 ARCHITECTURES = ("llama",)
+MAX_BATCH_TOKENS = 128
 
 
 def config_from_gguf(gguf: GGUFFile) -> ModelConfig:
@@ -105,6 +106,9 @@ class LlamaModel:
             )
             for i in range(config.n_layers)
         ]
+        # tokens per pass through the layers: longer batches (prefill) go in pieces of this many, which
+        # bounds the activations' memory (about 45 KB a token for SmolLM2) at no cost in speed
+        self.max_batch_tokens = MAX_BATCH_TOKENS
         self._step = None  # the one-launch forward pass for small batches (ops.llama_step), made on first use
         self._step_checked = False
 
@@ -138,6 +142,8 @@ class LlamaModel:
         n = tokens.shape[0]
         if tokens.min(initial=0) < 0 or tokens.max(initial=0) >= c.vocab_size:
             raise ValueError(f"token ids must be in [0, {c.vocab_size})")
+        if n > self.max_batch_tokens:
+            return self._forward_in_chunks(tokens, positions, slots, cache, logits_for)
 
         x = ops.embedding_rows(self.token_embd, tokens)                         # (n, dim)
         step = self._one_launch_layers(n)
@@ -163,6 +169,28 @@ class LlamaModel:
             x = x[np.asarray(logits_for, dtype=np.int64)]
         x = ops.rms_norm(x, self.output_norm, c.norm_eps)                        # (m, dim)
         return ops.matmul(self.output, x)                                        # (m, vocab_size)
+
+    def _forward_in_chunks(self, tokens, positions, slots, cache: KVCache, logits_for) -> np.ndarray:
+        """``forward`` of a long batch as consecutive pieces of up to max_batch_tokens tokens (a token's
+        earlier positions are then in the cache or earlier in its piece, as ``forward`` asks). The kernels
+        give every token the same result in any batch, so the logits are those of one pass; the
+        activations' memory is that of one piece."""
+        n = tokens.shape[0]
+        if positions.shape != (n,) or slots.shape != (n,):
+            raise ValueError(f"forward: tokens, positions and slots must have one length, got {tokens.shape}, "
+                             f"{positions.shape} and {slots.shape}")
+        wanted = np.arange(n) if logits_for is None else np.asarray(logits_for, dtype=np.int64).reshape(-1)
+        if wanted.size and (wanted.min() < -n or wanted.max() >= n):
+            raise IndexError(f"logits_for: indices must lie in [0, {n}), got {wanted.tolist()}")
+        wanted = wanted % n if wanted.size else wanted
+        logits = np.empty((wanted.shape[0], self.config.vocab_size), dtype=np.float32)
+        for start in range(0, n, self.max_batch_tokens):
+            stop = min(start + self.max_batch_tokens, n)
+            here = np.nonzero((wanted >= start) & (wanted < stop))[0]              # rows of logits from this piece
+            piece = self.forward(tokens[start:stop], positions[start:stop], slots[start:stop], cache,
+                                 logits_for=wanted[here] - start)
+            logits[here] = piece
+        return logits
 
     def _one_launch_layers(self, n: int):
         """``ops.llama_step.LlamaLayersStep`` when it applies to a batch of n tokens (fast backend, AVX2
