@@ -17,7 +17,8 @@ with an empty numba cache (everything compiled), ``cached_start_s`` the same
 for a second process that finds the cache (numba ``cache=True``).
 
 Prints one JSON object: medians per engine, ratios localllm / llama.cpp,
-and every round.
+every round, and localllm's memory budget (GGUF size + its KV cache + 200 MiB)
+with whether its peak stayed within it.
 """
 from __future__ import annotations
 
@@ -88,8 +89,10 @@ class LocalEngine:
 
     def info(self) -> dict:
         from localllm.quants import kernels
+        kv_cache_mb = (self.cache.k.nbytes + self.cache.v.nbytes) / 2**20 if self.cache is not None else 0.0
         return {"kernels": kernels.KERNELS, "threading_layer": kernels.threading_layer(),
-                "threads": int(os.environ.get("NUMBA_NUM_THREADS", "0")) or os.cpu_count()}
+                "threads": int(os.environ.get("NUMBA_NUM_THREADS", "0")) or os.cpu_count(),
+                "kv_cache_mb": kv_cache_mb}
 
 
 class LlamaCppEngine:
@@ -231,6 +234,10 @@ def main() -> None:
             **{key: round(value, 1) if isinstance(value, float) else value for key, value in closing.items()},
             "rounds": [{key: round(value, 1) for key, value in r.items()} for r in rounds[name]],
         }
+    # the issue's memory target: resident memory at most GGUF size + KV cache + 200 MB (MiB throughout)
+    budget = os.path.getsize(args.model) / 2**20 + result["localllm"]["kv_cache_mb"] + 200
+    result["localllm"]["memory_budget_mb"] = round(budget, 1)
+    result["localllm"]["within_memory_budget"] = result["localllm"]["peak_rss_mb"] <= budget
     if "llama.cpp" in result:
         result["ratio_localllm_over_llama_cpp"] = {
             key: round(result["localllm"][key] / result["llama.cpp"][key], 2)

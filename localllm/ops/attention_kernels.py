@@ -224,28 +224,46 @@ def _attention_by_pair(q, k_cache, v_cache, slots, positions, out):
 @njit(cache=True, parallel=True)
 def _attention_by_chunk(q, k_cache, v_cache, slots, positions, out):
     """One work item per (token, KV head, key chunk), then the chunks merged in order."""
-    n, n_heads, head_dim = q.shape
+    _, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
     group = n_heads // n_kv_heads
-    scale = _ONE / np.sqrt(np.float32(head_dim))
+    part_max, part_sum, part_out = chunk_parts(positions, n_kv_heads, group, head_dim)
+    n_items = part_max.shape[0] * n_kv_heads * part_max.shape[2]
+    for t in prange(min(n_items, PARALLEL_TASKS)):
+        scores = np.empty((group, KEY_CHUNK), dtype=np.float32)
+        for item in range(t, n_items, PARALLEL_TASKS):
+            attend_chunk_item(q, k_cache, v_cache, slots, positions, item, scores, part_max, part_sum, part_out)
+    _merge_parts(part_max, part_sum, part_out, positions, out)
+
+
+@njit(cache=True)
+def chunk_parts(positions, n_kv_heads, group, head_dim):
+    """Room for every (token, KV head, key chunk)'s max, sum and mix of scores:
+    (n, n_kv_heads, max_chunks, group) twice and (n, n_kv_heads, max_chunks, group, head_dim)."""
+    n = positions.shape[0]
     max_chunks = 0
     for i in range(n):
         max_chunks = max(max_chunks, (positions[i] + KEY_CHUNK) // KEY_CHUNK)
     part_max = np.empty((n, n_kv_heads, max_chunks, group), dtype=np.float32)
     part_sum = np.empty((n, n_kv_heads, max_chunks, group), dtype=np.float32)
     part_out = np.empty((n, n_kv_heads, max_chunks, group, head_dim), dtype=np.float32)
-    n_items = n * n_kv_heads * max_chunks
-    for t in prange(min(n_items, PARALLEL_TASKS)):
-        scores = np.empty((group, KEY_CHUNK), dtype=np.float32)
-        for item in range(t, n_items, PARALLEL_TASKS):
-            i, rest = item // (n_kv_heads * max_chunks), item % (n_kv_heads * max_chunks)
-            g, c = rest // max_chunks, rest % max_chunks
-            length = positions[i] + 1
-            if c * KEY_CHUNK < length:
-                _attend_chunk(q, i, g * group, k_cache[slots[i], g], v_cache[slots[i], g], c * KEY_CHUNK,
-                              min(c * KEY_CHUNK + KEY_CHUNK, length), scale, scores, part_max[i, g, c],
-                              part_sum[i, g, c], part_out[i, g, c])
-    _merge_parts(part_max, part_sum, part_out, positions, out)
+    return part_max, part_sum, part_out
+
+
+@njit(cache=True)
+def attend_chunk_item(q, k_cache, v_cache, slots, positions, item, scores, part_max, part_sum, part_out):
+    """Work item ``item`` = (token i, KV head g, key chunk c) in that order: its part_* entries (nothing
+    when the chunk lies past the token's position)."""
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    n_kv_heads, max_chunks = part_max.shape[1], part_max.shape[2]
+    group = n_heads // n_kv_heads
+    i, rest = item // (n_kv_heads * max_chunks), item % (n_kv_heads * max_chunks)
+    g, c = rest // max_chunks, rest % max_chunks
+    length = positions[i] + 1
+    if c * KEY_CHUNK < length:
+        _attend_chunk(q, i, g * group, k_cache[slots[i], g], v_cache[slots[i], g], c * KEY_CHUNK,
+                      min(c * KEY_CHUNK + KEY_CHUNK, length), _ONE / np.sqrt(np.float32(head_dim)), scores,
+                      part_max[i, g, c], part_sum[i, g, c], part_out[i, g, c])
 
 
 @njit(cache=True)

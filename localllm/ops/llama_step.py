@@ -36,7 +36,7 @@ from numba import njit, prange
 from ..quants import kernels_avx2
 from ..quants.intrinsics import atomic_add, atomic_load, spin_pause
 from ..quants.portable import NO_PROLOGUE, RMS_NORM, SWIGLU, prepare_activations_serial
-from .attention_kernels import KEY_CHUNK, _attend_chunk, _rope_write_row, merge_pair
+from .attention_kernels import KEY_CHUNK, _rope_write_row, attend_chunk_item, chunk_parts, merge_pair
 
 ROWS_PER_TASK = kernels_avx2.ROWS_PER_TASK
 MATRICES_PER_LAYER = 7   # wq, wk, wv, wo, w_gate, w_up, w_down: their order in ``weights``
@@ -130,10 +130,8 @@ def matmul_phase(rows_task, counters, phase, n_workers, weights, first, outs, x,
 def attention_phases(counters, phase, q, k, v, positions, slots, cos, sin, neox, k_cache, v_cache, q_rotated,
                      k_rotated, part_max, part_sum, part_out, attended, scores, run_max, run_sum, run_out):
     """RoPE and cache write (phase), attention by key chunk (phase + 1), the chunks merged (phase + 2)."""
-    n, n_heads, head_dim = q.shape
+    n = q.shape[0]
     n_kv_heads = k_cache.shape[1]
-    group = n_heads // n_kv_heads
-    scale = np.float32(1.0) / np.sqrt(np.float32(head_dim))
     item = claim(counters, phase, n)
     while item >= 0:
         _rope_write_row(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, q_rotated, k_rotated, item)
@@ -141,17 +139,10 @@ def attention_phases(counters, phase, q, k, v, positions, slots, cos, sin, neox,
         item = claim(counters, phase, n)
     wait_for_phase(counters, phase, n)
 
-    max_chunks = part_max.shape[2]
-    n_items = n * n_kv_heads * max_chunks
+    n_items = n * n_kv_heads * part_max.shape[2]
     item = claim(counters, phase + 1, n_items)
     while item >= 0:
-        i, rest = item // (n_kv_heads * max_chunks), item % (n_kv_heads * max_chunks)
-        g, c = rest // max_chunks, rest % max_chunks
-        length = positions[i] + 1
-        if c * KEY_CHUNK < length:
-            _attend_chunk(q_rotated, i, g * group, k_cache[slots[i], g], v_cache[slots[i], g], c * KEY_CHUNK,
-                          min(c * KEY_CHUNK + KEY_CHUNK, length), scale, scores, part_max[i, g, c],
-                          part_sum[i, g, c], part_out[i, g, c])
+        attend_chunk_item(q_rotated, k_cache, v_cache, slots, positions, item, scores, part_max, part_sum, part_out)
         finish(counters, phase + 1)
         item = claim(counters, phase + 1, n_items)
     wait_for_phase(counters, phase + 1, n_items)
@@ -174,9 +165,6 @@ def shared_buffers(weights, x, positions, k_cache, n_heads, n_layers):
     n_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[4]
     group = n_heads // n_kv_heads
     hidden_dim = weights[4].shape[0]
-    max_chunks = 0
-    for i in range(n):
-        max_chunks = max(max_chunks, (positions[i] + KEY_CHUNK) // KEY_CHUNK)
     counters = np.zeros(2 * n_layers * PHASES_PER_LAYER, dtype=np.int64)
     q = np.empty((n, n_heads * head_dim), dtype=np.float32)
     k = np.empty((n, n_kv_heads * head_dim), dtype=np.float32)
@@ -186,9 +174,7 @@ def shared_buffers(weights, x, positions, k_cache, n_heads, n_layers):
     attended = np.empty((n, n_heads * head_dim), dtype=np.float32)
     gate = np.empty((n, hidden_dim), dtype=np.float32)
     up = np.empty((n, hidden_dim), dtype=np.float32)
-    part_max = np.empty((n, n_kv_heads, max_chunks, group), dtype=np.float32)
-    part_sum = np.empty((n, n_kv_heads, max_chunks, group), dtype=np.float32)
-    part_out = np.empty((n, n_kv_heads, max_chunks, group, head_dim), dtype=np.float32)
+    part_max, part_sum, part_out = chunk_parts(positions, n_kv_heads, group, head_dim)
     return counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out
 
 
