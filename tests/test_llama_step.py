@@ -17,21 +17,28 @@ from tests.tiny_models import write_tiny_llama
 pytestmark = pytest.mark.skipif(not cpu_has_avx2(), reason="the one-launch layers use the AVX2 row tasks")
 
 
-@pytest.fixture(scope="module", params=[("Q4_1", 64, 96), ("Q4_0", 64, 160), ("Q6_K", 256, 512)],
-                ids=lambda p: p[0])
+# (types of the layer matrices, entry, dim, hidden_dim); "Q4_K_M" mixes like llama.cpp's file type: Q6_K for
+# attn_v and ffn_down, Q4_K for the rest
+MODELS = [("Q4_1", "Q4_1", 64, 96), ("Q4_0", "Q4_0", 64, 160), ("Q6_K", "Q6_K", 256, 512),
+          ("Q4_K_M", "Q4_K_Q6_K", 256, 512)]
+SECOND_TYPE_MATRICES = ("wv", "w_down")
+
+
+@pytest.fixture(scope="module", params=MODELS, ids=lambda p: p[0])
 def model(request, tmp_path_factory) -> LlamaModel:
-    weight_type, dim, hidden_dim = request.param
-    file_type = "Q8_0" if weight_type.endswith("_K") else weight_type  # gguf-py writes no K-quants
+    weight_type, entry, dim, hidden_dim = request.param
+    k_quants = "_K" in weight_type
     path = write_tiny_llama(tmp_path_factory.mktemp("step") / f"tiny-{weight_type}.gguf", dim=dim,
                             hidden_dim=hidden_dim, n_layers=2, n_heads=8, n_kv_heads=2, n_ctx=512,
-                            weight_type=file_type, seed=3)
+                            weight_type="Q8_0" if k_quants else weight_type, seed=3)
     model = LlamaModel.from_gguf(read_gguf(path), backend="fast")
-    if file_type != weight_type:  # random K-quant blocks of the same shapes
+    if k_quants:  # gguf-py writes no K-quants: random K-quant blocks of the same shapes
         for i, layer in enumerate(model.layers):
             for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
-                setattr(layer, name, random_weight(weight_type, *getattr(layer, name).shape, seed=10 * i))
+                ggml_type = "Q6_K" if weight_type == "Q6_K" or name in SECOND_TYPE_MATRICES else "Q4_K"
+                setattr(layer, name, random_weight(ggml_type, *getattr(layer, name).shape, seed=10 * i))
     assert model._one_launch_layers(1) is not None
-    assert model._step.entry.__name__ == f"llama_layers_{weight_type}"
+    assert model._step.entry.__name__ == f"llama_layers_{entry}"
     return model
 
 
@@ -109,13 +116,15 @@ def test_bad_slot_and_context_overflow_raise_like_the_per_op_path(model):
         forward(model, True, cache, [5], [-1], [0])
 
 
-def test_not_used_for_float_or_mixed_weights(tmp_path):
+def test_not_used_for_float_weights_or_other_mixes(tmp_path):
     from localllm.ops.llama_step import LlamaLayersStep
     float_model = LlamaModel.from_gguf(read_gguf(write_tiny_llama(tmp_path / "f32.gguf")), backend="fast")
     assert LlamaLayersStep.for_model(float_model) is None
     q8 = LlamaModel.from_gguf(read_gguf(write_tiny_llama(tmp_path / "q8.gguf", weight_type="Q8_0")), backend="fast")
     assert LlamaLayersStep.for_model(q8) is not None
     q8.layers[1].wv = float_model.layers[1].wv  # one F32 matrix among Q8_0 ones
+    assert LlamaLayersStep.for_model(q8) is None
+    q8.layers[1].wv = random_weight("Q4_0", *float_model.layers[1].wv.shape)  # a mix without an entry
     assert LlamaLayersStep.for_model(q8) is None
 
 

@@ -23,9 +23,10 @@ function for function (row tasks of ``quants.kernels_avx2``, ``_attend_chunk``,
 ``merge_pair``, ``_rope_write_row``): results are bit for bit those of the
 layer loop in ``LlamaModel.forward``, its reference (``tests/test_llama_step.py``).
 
-One entry per weight type (``llama_layers_Q4_1`` ...), like the matmul entries:
-numba then compiles, and caches, only the row task of the type a model uses.
-Layers that mix types (some Q4_K_M files) take the per-op path.
+One entry per weight type (``llama_layers_Q4_1`` ...), like the matmul entries,
+and per pair of types that files mix (``llama_layers_Q4_K_Q6_K`` for Q4_K_M,
+``llama_layers_Q5_K_Q6_K`` for Q5_K_M): numba then compiles, and caches, only
+the row tasks a model uses. Other mixes take the per-op path.
 """
 from __future__ import annotations
 
@@ -92,14 +93,17 @@ def _as_matrix(flat, n, cols):
 
 
 @njit
-def matmul_phase(rows_task, counters, phase, n_workers, weights, first, outs, x, prologue, norm_weight, eps, up,
-                 accumulate, scratch):
-    """outs[m] (+)= prologue(x) @ weights[first + m].T for m < len(outs) <= 3, rows claimed in items."""
+def matmul_phase(rows_first, rows_second, second_type, counters, phase, n_workers, weights, first, outs, x,
+                 prologue, norm_weight, eps, up, accumulate, scratch):
+    """outs[m] (+)= prologue(x) @ weights[first + m].T for m < len(outs) <= 3, rows claimed in items; a matrix's
+    rows go through ``rows_second`` where ``second_type`` says so, else through ``rows_first``."""
     n, cols = x.shape
     scratch_h, scratch_q, scratch_d, scratch_d16, scratch_d_t, scratch_d16_t, offset_table = scratch
     # the matrices taken out of the list once: every access to the list changes shared reference counts
     count = len(outs)
     w0, w1, w2 = weights[first], weights[first + min(1, count - 1)], weights[first + min(2, count - 1)]
+    second0, second1 = second_type[first], second_type[first + min(1, count - 1)]
+    second2 = second_type[first + min(2, count - 1)]
     rows0 = w0.shape[0]
     rows1 = w1.shape[0] if count > 1 else 0
     rows2 = w2.shape[0] if count > 2 else 0
@@ -120,7 +124,10 @@ def matmul_phase(rows_task, counters, phase, n_workers, weights, first, outs, x,
             for t in range(item * n_tasks // n_items, (item + 1) * n_tasks // n_items):
                 m, r = _task_location(rows0, rows1, t)
                 w = w0 if m == 0 else (w1 if m == 1 else w2)
-                rows_task(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_table, accumulate)
+                if second0 if m == 0 else (second1 if m == 1 else second2):
+                    rows_second(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_table, accumulate)
+                else:
+                    rows_first(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_table, accumulate)
             finish(counters, phase)
             item = claim(counters, phase, n_items)
     wait_for_phase(counters, phase, n_items)
@@ -179,8 +186,8 @@ def shared_buffers(weights, x, positions, k_cache, n_heads, n_layers):
 
 
 @njit
-def worker_program(rows_task, weights, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache,
-                   v_cache, n_heads, eps, n_workers, shared):
+def worker_program(rows_first, rows_second, second_type, weights, attn_norms, ffn_norms, x, positions, slots, cos,
+                   sin, neox, k_cache, v_cache, n_heads, eps, n_workers, shared):
     """One worker's run through every phase of every layer (x updated in place)."""
     counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out = shared
     n, dim = x.shape
@@ -203,150 +210,175 @@ def worker_program(rows_task, weights, attn_norms, ffn_norms, x, positions, slot
     for layer in range(attn_norms.shape[0]):
         phase, first = layer * PHASES_PER_LAYER, layer * MATRICES_PER_LAYER
         # attention block
-        matmul_phase(rows_task, counters, phase, n_workers, weights, first, (q, k, v), x, RMS_NORM,
-                     attn_norms[layer], eps, no_up, False, scratch)
+        matmul_phase(rows_first, rows_second, second_type, counters, phase, n_workers, weights, first, (q, k, v),
+                     x, RMS_NORM, attn_norms[layer], eps, no_up, False, scratch)
         attention_phases(counters, phase + 1, q.reshape((n, n_heads, head_dim)),
                          k.reshape((n, n_kv_heads, head_dim)), v.reshape((n, n_kv_heads, head_dim)),
                          positions, slots, cos, sin, neox, k_cache[layer], v_cache[layer], q_rotated, k_rotated,
                          part_max, part_sum, part_out, attended.reshape((n, n_heads, head_dim)),
                          scores, run_max, run_sum, run_out)
-        matmul_phase(rows_task, counters, phase + 4, n_workers, weights, first + 3, (x,), attended, NO_PROLOGUE,
-                     no_weight, eps, no_up, True, scratch)
+        matmul_phase(rows_first, rows_second, second_type, counters, phase + 4, n_workers, weights, first + 3,
+                     (x,), attended, NO_PROLOGUE, no_weight, eps, no_up, True, scratch)
         # feed-forward block
-        matmul_phase(rows_task, counters, phase + 5, n_workers, weights, first + 4, (gate, up), x, RMS_NORM,
-                     ffn_norms[layer], eps, no_up, False, scratch)
-        matmul_phase(rows_task, counters, phase + 6, n_workers, weights, first + 6, (x,), gate, SWIGLU,
-                     no_weight, eps, up, True, scratch)
+        matmul_phase(rows_first, rows_second, second_type, counters, phase + 5, n_workers, weights, first + 4,
+                     (gate, up), x, RMS_NORM, ffn_norms[layer], eps, no_up, False, scratch)
+        matmul_phase(rows_first, rows_second, second_type, counters, phase + 6, n_workers, weights, first + 6,
+                     (x,), gate, SWIGLU, no_weight, eps, up, True, scratch)
 
 
-# One parallel entry per weight type (module-level, so that each has its own cache entry). Arguments:
-# weights, a typed list of the layers' matrices (MATRICES_PER_LAYER a layer, all of the entry's type);
-# attn_norms, ffn_norms (n_layers, dim); x (n, dim) float32, updated in place; positions, slots (n,)
-# int64; cos, sin (n, rope_dim / 2) of the positions; k_cache, v_cache (n_layers, n_slots, n_kv_heads,
-# n_ctx, head_dim) float32 or float16 bits; n_workers: numba's thread count (asked in Python: asked
-# inside a kernel, it keeps the kernel out of the cache).
+# One parallel entry per weight type, and per pair of types that files mix (Q4_K_M, Q5_K_M: Q6_K for some
+# matrices), module-level so that each has its own cache entry. Arguments: weights, a typed list of the
+# layers' matrices (MATRICES_PER_LAYER a layer); second_type (len(weights),) bool, True for the matrices
+# of a pair's second type; attn_norms, ffn_norms (n_layers, dim); x (n, dim) float32, updated in place;
+# positions, slots (n,) int64; cos, sin (n, rope_dim / 2) of the positions; k_cache, v_cache (n_layers,
+# n_slots, n_kv_heads, n_ctx, head_dim) float32 or float16 bits; n_workers: numba's thread count (asked in
+# Python: asked inside a kernel, it keeps the kernel out of the cache).
 
 @njit(parallel=True, cache=True)
-def llama_layers_Q4_0(weights, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache, v_cache,
-                      n_heads, eps, n_workers):
+def llama_layers_Q4_0(weights, second_type, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache,
+                      v_cache, n_heads, eps, n_workers):
     counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out = \
         shared_buffers(weights, x, positions, k_cache, n_heads, attn_norms.shape[0])
     for _ in prange(n_workers):  # (the shared arrays go into the parallel region one by one, then as a tuple)
         shared = (counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out)
-        worker_program(kernels_avx2.rows_Q4_0, weights, attn_norms, ffn_norms, x, positions, slots, cos, sin,
-                       neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
+        worker_program(kernels_avx2.rows_Q4_0, kernels_avx2.rows_Q4_0, second_type, weights, attn_norms, ffn_norms,
+                       x, positions, slots, cos, sin, neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
 
 
 @njit(parallel=True, cache=True)
-def llama_layers_Q4_1(weights, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache, v_cache,
-                      n_heads, eps, n_workers):
+def llama_layers_Q4_1(weights, second_type, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache,
+                      v_cache, n_heads, eps, n_workers):
     counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out = \
         shared_buffers(weights, x, positions, k_cache, n_heads, attn_norms.shape[0])
     for _ in prange(n_workers):  # (the shared arrays go into the parallel region one by one, then as a tuple)
         shared = (counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out)
-        worker_program(kernels_avx2.rows_Q4_1, weights, attn_norms, ffn_norms, x, positions, slots, cos, sin,
-                       neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
+        worker_program(kernels_avx2.rows_Q4_1, kernels_avx2.rows_Q4_1, second_type, weights, attn_norms, ffn_norms,
+                       x, positions, slots, cos, sin, neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
 
 
 @njit(parallel=True, cache=True)
-def llama_layers_Q5_0(weights, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache, v_cache,
-                      n_heads, eps, n_workers):
+def llama_layers_Q5_0(weights, second_type, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache,
+                      v_cache, n_heads, eps, n_workers):
     counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out = \
         shared_buffers(weights, x, positions, k_cache, n_heads, attn_norms.shape[0])
     for _ in prange(n_workers):  # (the shared arrays go into the parallel region one by one, then as a tuple)
         shared = (counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out)
-        worker_program(kernels_avx2.rows_Q5_0, weights, attn_norms, ffn_norms, x, positions, slots, cos, sin,
-                       neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
+        worker_program(kernels_avx2.rows_Q5_0, kernels_avx2.rows_Q5_0, second_type, weights, attn_norms, ffn_norms,
+                       x, positions, slots, cos, sin, neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
 
 
 @njit(parallel=True, cache=True)
-def llama_layers_Q5_1(weights, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache, v_cache,
-                      n_heads, eps, n_workers):
+def llama_layers_Q5_1(weights, second_type, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache,
+                      v_cache, n_heads, eps, n_workers):
     counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out = \
         shared_buffers(weights, x, positions, k_cache, n_heads, attn_norms.shape[0])
     for _ in prange(n_workers):  # (the shared arrays go into the parallel region one by one, then as a tuple)
         shared = (counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out)
-        worker_program(kernels_avx2.rows_Q5_1, weights, attn_norms, ffn_norms, x, positions, slots, cos, sin,
-                       neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
+        worker_program(kernels_avx2.rows_Q5_1, kernels_avx2.rows_Q5_1, second_type, weights, attn_norms, ffn_norms,
+                       x, positions, slots, cos, sin, neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
 
 
 @njit(parallel=True, cache=True)
-def llama_layers_Q8_0(weights, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache, v_cache,
-                      n_heads, eps, n_workers):
+def llama_layers_Q8_0(weights, second_type, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache,
+                      v_cache, n_heads, eps, n_workers):
     counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out = \
         shared_buffers(weights, x, positions, k_cache, n_heads, attn_norms.shape[0])
     for _ in prange(n_workers):  # (the shared arrays go into the parallel region one by one, then as a tuple)
         shared = (counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out)
-        worker_program(kernels_avx2.rows_Q8_0, weights, attn_norms, ffn_norms, x, positions, slots, cos, sin,
-                       neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
+        worker_program(kernels_avx2.rows_Q8_0, kernels_avx2.rows_Q8_0, second_type, weights, attn_norms, ffn_norms,
+                       x, positions, slots, cos, sin, neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
 
 
 @njit(parallel=True, cache=True)
-def llama_layers_Q2_K(weights, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache, v_cache,
-                      n_heads, eps, n_workers):
+def llama_layers_Q2_K(weights, second_type, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache,
+                      v_cache, n_heads, eps, n_workers):
     counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out = \
         shared_buffers(weights, x, positions, k_cache, n_heads, attn_norms.shape[0])
     for _ in prange(n_workers):  # (the shared arrays go into the parallel region one by one, then as a tuple)
         shared = (counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out)
-        worker_program(kernels_avx2.rows_Q2_K, weights, attn_norms, ffn_norms, x, positions, slots, cos, sin,
-                       neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
+        worker_program(kernels_avx2.rows_Q2_K, kernels_avx2.rows_Q2_K, second_type, weights, attn_norms, ffn_norms,
+                       x, positions, slots, cos, sin, neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
 
 
 @njit(parallel=True, cache=True)
-def llama_layers_Q3_K(weights, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache, v_cache,
-                      n_heads, eps, n_workers):
+def llama_layers_Q3_K(weights, second_type, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache,
+                      v_cache, n_heads, eps, n_workers):
     counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out = \
         shared_buffers(weights, x, positions, k_cache, n_heads, attn_norms.shape[0])
     for _ in prange(n_workers):  # (the shared arrays go into the parallel region one by one, then as a tuple)
         shared = (counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out)
-        worker_program(kernels_avx2.rows_Q3_K, weights, attn_norms, ffn_norms, x, positions, slots, cos, sin,
-                       neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
+        worker_program(kernels_avx2.rows_Q3_K, kernels_avx2.rows_Q3_K, second_type, weights, attn_norms, ffn_norms,
+                       x, positions, slots, cos, sin, neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
 
 
 @njit(parallel=True, cache=True)
-def llama_layers_Q4_K(weights, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache, v_cache,
-                      n_heads, eps, n_workers):
+def llama_layers_Q4_K(weights, second_type, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache,
+                      v_cache, n_heads, eps, n_workers):
     counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out = \
         shared_buffers(weights, x, positions, k_cache, n_heads, attn_norms.shape[0])
     for _ in prange(n_workers):  # (the shared arrays go into the parallel region one by one, then as a tuple)
         shared = (counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out)
-        worker_program(kernels_avx2.rows_Q4_K, weights, attn_norms, ffn_norms, x, positions, slots, cos, sin,
-                       neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
+        worker_program(kernels_avx2.rows_Q4_K, kernels_avx2.rows_Q4_K, second_type, weights, attn_norms, ffn_norms,
+                       x, positions, slots, cos, sin, neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
 
 
 @njit(parallel=True, cache=True)
-def llama_layers_Q5_K(weights, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache, v_cache,
-                      n_heads, eps, n_workers):
+def llama_layers_Q5_K(weights, second_type, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache,
+                      v_cache, n_heads, eps, n_workers):
     counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out = \
         shared_buffers(weights, x, positions, k_cache, n_heads, attn_norms.shape[0])
     for _ in prange(n_workers):  # (the shared arrays go into the parallel region one by one, then as a tuple)
         shared = (counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out)
-        worker_program(kernels_avx2.rows_Q5_K, weights, attn_norms, ffn_norms, x, positions, slots, cos, sin,
-                       neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
+        worker_program(kernels_avx2.rows_Q5_K, kernels_avx2.rows_Q5_K, second_type, weights, attn_norms, ffn_norms,
+                       x, positions, slots, cos, sin, neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
 
 
 @njit(parallel=True, cache=True)
-def llama_layers_Q6_K(weights, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache, v_cache,
-                      n_heads, eps, n_workers):
+def llama_layers_Q6_K(weights, second_type, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache,
+                      v_cache, n_heads, eps, n_workers):
     counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out = \
         shared_buffers(weights, x, positions, k_cache, n_heads, attn_norms.shape[0])
     for _ in prange(n_workers):  # (the shared arrays go into the parallel region one by one, then as a tuple)
         shared = (counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out)
-        worker_program(kernels_avx2.rows_Q6_K, weights, attn_norms, ffn_norms, x, positions, slots, cos, sin,
-                       neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
+        worker_program(kernels_avx2.rows_Q6_K, kernels_avx2.rows_Q6_K, second_type, weights, attn_norms, ffn_norms,
+                       x, positions, slots, cos, sin, neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
+
+
+@njit(parallel=True, cache=True)
+def llama_layers_Q4_K_Q6_K(weights, second_type, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache,
+                           v_cache, n_heads, eps, n_workers):
+    counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out = \
+        shared_buffers(weights, x, positions, k_cache, n_heads, attn_norms.shape[0])
+    for _ in prange(n_workers):  # (the shared arrays go into the parallel region one by one, then as a tuple)
+        shared = (counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out)
+        worker_program(kernels_avx2.rows_Q4_K, kernels_avx2.rows_Q6_K, second_type, weights, attn_norms, ffn_norms,
+                       x, positions, slots, cos, sin, neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
+
+
+@njit(parallel=True, cache=True)
+def llama_layers_Q5_K_Q6_K(weights, second_type, attn_norms, ffn_norms, x, positions, slots, cos, sin, neox, k_cache,
+                           v_cache, n_heads, eps, n_workers):
+    counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out = \
+        shared_buffers(weights, x, positions, k_cache, n_heads, attn_norms.shape[0])
+    for _ in prange(n_workers):  # (the shared arrays go into the parallel region one by one, then as a tuple)
+        shared = (counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out)
+        worker_program(kernels_avx2.rows_Q5_K, kernels_avx2.rows_Q6_K, second_type, weights, attn_norms, ffn_norms,
+                       x, positions, slots, cos, sin, neox, k_cache, v_cache, n_heads, eps, n_workers, shared)
 
 
 LAYER_ENTRIES = {
-    "Q4_0": llama_layers_Q4_0,
-    "Q4_1": llama_layers_Q4_1,
-    "Q5_0": llama_layers_Q5_0,
-    "Q5_1": llama_layers_Q5_1,
-    "Q8_0": llama_layers_Q8_0,
-    "Q2_K": llama_layers_Q2_K,
-    "Q3_K": llama_layers_Q3_K,
-    "Q4_K": llama_layers_Q4_K,
-    "Q5_K": llama_layers_Q5_K,
-    "Q6_K": llama_layers_Q6_K,
+    ('Q4_0',): llama_layers_Q4_0,
+    ('Q4_1',): llama_layers_Q4_1,
+    ('Q5_0',): llama_layers_Q5_0,
+    ('Q5_1',): llama_layers_Q5_1,
+    ('Q8_0',): llama_layers_Q8_0,
+    ('Q2_K',): llama_layers_Q2_K,
+    ('Q3_K',): llama_layers_Q3_K,
+    ('Q4_K',): llama_layers_Q4_K,
+    ('Q5_K',): llama_layers_Q5_K,
+    ('Q6_K',): llama_layers_Q6_K,
+    ('Q4_K', 'Q6_K'): llama_layers_Q4_K_Q6_K,
+    ('Q5_K', 'Q6_K'): llama_layers_Q5_K_Q6_K,
 }
 
 
@@ -356,15 +388,16 @@ class LlamaLayersStep:
     """The layer loop of ``LlamaModel.forward`` for batches of up to MAX_TOKENS tokens, as one launch.
 
     ``for_model`` returns None where it does not apply: kernels other than AVX2, or layer
-    matrices not all of one type with an AVX2 row task (F32, F16, BF16 weights, mixed types).
+    matrices of a type, or a mix of types, without an entry in LAYER_ENTRIES (F32, F16, BF16).
     """
 
     max_tokens = MAX_TOKENS
 
-    def __init__(self, model, entry, weights):
+    def __init__(self, model, entry, weights, second_type):
         self.config = model.config
-        self.entry = entry                                                       # llama_layers_<type>
+        self.entry = entry                                                       # llama_layers_<types>
         self.weights = weights                                                   # typed list, 7 a layer
+        self.second_type = second_type                                           # (7 * n_layers,) bool
         self.attn_norms = np.stack([layer.attn_norm for layer in model.layers])  # (n_layers, dim)
         self.ffn_norms = np.stack([layer.ffn_norm for layer in model.layers])    # (n_layers, dim)
 
@@ -377,13 +410,14 @@ class LlamaLayersStep:
             return None
         matrices = [w for layer in model.layers for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate,
                                                           layer.w_up, layer.w_down)]
-        layer_types = {w.ggml_type for w in matrices}
-        if len(layer_types) != 1 or next(iter(layer_types)) not in LAYER_ENTRIES:
+        layer_types = tuple(sorted({w.ggml_type for w in matrices}))
+        if layer_types not in LAYER_ENTRIES:
             return None
         weights = typed.List.empty_list(types.Array(types.uint8, 2, "C", readonly=True))
         for w in matrices:
             weights.append(kernels._kernel_view(w))
-        return cls(model, LAYER_ENTRIES[matrices[0].ggml_type], weights)
+        second_type = np.array([len(layer_types) == 2 and w.ggml_type == layer_types[1] for w in matrices])
+        return cls(model, LAYER_ENTRIES[layer_types], weights, second_type)
 
     def run(self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache) -> None:
         """Every layer on x (n, dim) float32 C-contiguous, in place (the residual stream); positions,
@@ -403,6 +437,6 @@ class LlamaLayersStep:
         k_cache, v_cache = cache.k, cache.v
         if k_cache.dtype == np.float16:
             k_cache, v_cache = k_cache.view(np.uint16), v_cache.view(np.uint16)
-        self.entry(self.weights, self.attn_norms, self.ffn_norms, x, positions, slots, cos, sin,
+        self.entry(self.weights, self.second_type, self.attn_norms, self.ffn_norms, x, positions, slots, cos, sin,
                    c.rope_style == "neox", k_cache, v_cache, c.n_heads, np.float32(c.norm_eps),
                    numba.get_num_threads())
