@@ -147,7 +147,21 @@ class LlamaModel:
 
         x = ops.embedding_rows(self.token_embd, tokens)                         # (n, dim)
         step = self._one_launch_layers(n)
-        for layer_index, layer in enumerate(self.layers if step is None else ()):
+        if step is not None:  # decode: the layer loop as one parallel launch (same ops, same bits)
+            step.run(x, positions, slots, cache)                                 # x updated in place
+        else:
+            x = self._layers(x, positions, slots, cache)                         # (n, dim)
+
+        if logits_for is not None:
+            x = x[np.asarray(logits_for, dtype=np.int64)]
+        x = ops.rms_norm(x, self.output_norm, c.norm_eps)                        # (m, dim)
+        return ops.matmul(self.output, x)                                        # (m, vocab_size)
+
+    def _layers(self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Every layer on the residual stream x (n, dim), one op at a time; returns the new x."""
+        c, ops = self.config, self.backend
+        n = x.shape[0]
+        for layer_index, layer in enumerate(self.layers):
             # attention block (the norms and SwiGLU are applied inside the matmul launches that consume them)
             q, k, v = ops.rms_norm_matmul_many((layer.wq, layer.wk, layer.wv), x,
                                                layer.attn_norm, c.norm_eps)      # Q, K, V of rms_norm(x)
@@ -162,13 +176,7 @@ class LlamaModel:
             gate, up = ops.rms_norm_matmul_many((layer.w_gate, layer.w_up), x,
                                                 layer.ffn_norm, c.norm_eps)      # (n, hidden_dim) each
             x = ops.swiglu_matmul_add(layer.w_down, gate, up, x)                 # x + swiglu(gate, up) @ w_down.T
-        if step is not None:  # decode: the loop above as one parallel launch (same ops, same bits)
-            step.run(x, positions, slots, cache)                                 # x updated in place
-
-        if logits_for is not None:
-            x = x[np.asarray(logits_for, dtype=np.int64)]
-        x = ops.rms_norm(x, self.output_norm, c.norm_eps)                        # (m, dim)
-        return ops.matmul(self.output, x)                                        # (m, vocab_size)
+        return x
 
     def _forward_in_chunks(self, tokens, positions, slots, cache: KVCache, logits_for) -> np.ndarray:
         """``forward`` of a long batch as consecutive pieces of up to max_batch_tokens tokens (a token's

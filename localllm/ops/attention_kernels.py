@@ -108,14 +108,8 @@ def _chunk_mix(values, start, count, weights, chunk_out):
                 x0, x1, x2, x3 = load8(values, at), load8(values, at + 8), load8(values, at + 16), load8(values, at + 24)
                 a0, a1, a2, a3 = fma8(p, x0, a0), fma8(p, x1, a1), fma8(p, x2, a2), fma8(p, x3, a3)
                 b0, b1, b2, b3 = fma8(r, x0, b0), fma8(r, x1, b1), fma8(r, x2, b2), fma8(r, x3, b3)
-            store8(out, d, a0)
-            store8(out, d + 8, a1)
-            store8(out, d + 16, a2)
-            store8(out, d + 24, a3)
-            store8(out_next, d, b0)
-            store8(out_next, d + 8, b1)
-            store8(out_next, d + 16, b2)
-            store8(out_next, d + 24, b3)
+            _store32(out, d, a0, a1, a2, a3)
+            _store32(out_next, d, b0, b1, b2, b3)
             d += 32
         _mix_rest(values, start, count, w, out, d)
         _mix_rest(values, start, count, v, out_next, d)
@@ -130,12 +124,18 @@ def _chunk_mix(values, start, count, weights, chunk_out):
                 a1 = fma8(p, load8(values, at + 8), a1)
                 a2 = fma8(p, load8(values, at + 16), a2)
                 a3 = fma8(p, load8(values, at + 24), a3)
-            store8(out, d, a0)
-            store8(out, d + 8, a1)
-            store8(out, d + 16, a2)
-            store8(out, d + 24, a3)
+            _store32(out, d, a0, a1, a2, a3)
             d += 32
         _mix_rest(values, start, count, w, out, d)
+
+
+@njit(cache=True, inline="always")
+def _store32(out, d, a0, a1, a2, a3):
+    """out[d:d + 32] = the lanes of a0, a1, a2, a3."""
+    store8(out, d, a0)
+    store8(out, d + 8, a1)
+    store8(out, d + 16, a2)
+    store8(out, d + 24, a3)
 
 
 @njit(cache=True, inline="always")

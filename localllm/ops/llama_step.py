@@ -37,7 +37,10 @@ from numba import njit, prange
 from ..quants import kernels_avx2
 from ..quants.intrinsics import atomic_add, atomic_load, spin_pause
 from ..quants.portable import NO_PROLOGUE, RMS_NORM, SWIGLU, prepare_activations_serial
-from .attention_kernels import KEY_CHUNK, _rope_write_row, attend_chunk_item, chunk_parts, merge_pair
+from . import ref
+from .attention_kernels import (_OK, KEY_CHUNK, _check_indices, _rope_write_row, attend_chunk_item,
+                                chunk_parts, merge_pair)
+from .kernels import _rope_table
 
 ROWS_PER_TASK = kernels_avx2.ROWS_PER_TASK
 MATRICES_PER_LAYER = 7   # wq, wk, wv, wo, w_gate, w_up, w_down: their order in ``weights``
@@ -74,13 +77,16 @@ def wait_for_phase(counters, phase, n_items):
 
 
 @njit(inline="always")
-def _task_location(rows0, rows1, t):
-    """Row task t over matrices of rows0, rows1, ... rows (tasks of ROWS_PER_TASK rows, matrices in order)
-    -> (matrix index, first row)."""
-    tasks0 = (rows0 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+def _task_count(rows):
+    return (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+
+
+@njit(inline="always")
+def _task_location(tasks0, tasks1, t):
+    """Row task t over up to three matrices of tasks0, tasks1, ... tasks (ROWS_PER_TASK rows each, matrices
+    in order) -> (matrix index, first row)."""
     if t < tasks0:
         return 0, t * ROWS_PER_TASK
-    tasks1 = (rows1 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     if t < tasks0 + tasks1:
         return 1, (t - tasks0) * ROWS_PER_TASK
     return 2, (t - tasks0 - tasks1) * ROWS_PER_TASK
@@ -104,11 +110,10 @@ def matmul_phase(rows_first, rows_second, second_type, counters, phase, n_worker
     w0, w1, w2 = weights[first], weights[first + min(1, count - 1)], weights[first + min(2, count - 1)]
     second0, second1 = second_type[first], second_type[first + min(1, count - 1)]
     second2 = second_type[first + min(2, count - 1)]
-    rows0 = w0.shape[0]
-    rows1 = w1.shape[0] if count > 1 else 0
-    rows2 = w2.shape[0] if count > 2 else 0
-    n_tasks = (rows0 + ROWS_PER_TASK - 1) // ROWS_PER_TASK + (rows1 + ROWS_PER_TASK - 1) // ROWS_PER_TASK \
-        + (rows2 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    tasks0 = _task_count(w0.shape[0])
+    tasks1 = _task_count(w1.shape[0]) if count > 1 else 0
+    tasks2 = _task_count(w2.shape[0]) if count > 2 else 0
+    n_tasks = tasks0 + tasks1 + tasks2
     n_items = max(1, min(n_tasks // MIN_TASKS_PER_ITEM, ITEMS_PER_WORKER * n_workers))
     if unclaimed(counters, phase, n_items):  # this worker quantizes the activations itself
         n_blocks = cols // 32
@@ -122,9 +127,14 @@ def matmul_phase(rows_first, rows_second, second_type, counters, phase, n_worker
         item = claim(counters, phase, n_items)
         while item >= 0:
             for t in range(item * n_tasks // n_items, (item + 1) * n_tasks // n_items):
-                m, r = _task_location(rows0, rows1, t)
-                w = w0 if m == 0 else (w1 if m == 1 else w2)
-                if second0 if m == 0 else (second1 if m == 1 else second2):
+                m, r = _task_location(tasks0, tasks1, t)
+                if m == 0:
+                    w, second = w0, second0
+                elif m == 1:
+                    w, second = w1, second1
+                else:
+                    w, second = w2, second2
+                if second:
                     rows_second(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_table, accumulate)
                 else:
                     rows_first(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_table, accumulate)
@@ -422,9 +432,6 @@ class LlamaLayersStep:
     def run(self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache) -> None:
         """Every layer on x (n, dim) float32 C-contiguous, in place (the residual stream); positions,
         slots (n,) int64; K/V written into ``cache``."""
-        from . import ref
-        from .attention_kernels import _OK, _check_indices
-        from .kernels import _rope_table
         c = self.config
         if not (x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable and x.shape[1:] == (c.dim,)):
             raise ValueError(f"LlamaLayersStep.run: x must be a writeable C-contiguous float32 (n, {c.dim}) array")

@@ -51,19 +51,38 @@ def _element_pointer(context, builder, array_type, array, index, lane_type):
     return builder.bitcast(element, lane_type.as_pointer())
 
 
+def _load_as_float32(half_type, float_type):
+    """Codegen of ``(array, index)`` -> element(s) at ``index`` as float32 (``half_type`` widened from uint16
+    arrays, ``float_type`` as is from float32 arrays)."""
+    def codegen(context, builder, sig, args):
+        if _is_half(sig.args[0]):
+            pointer = _element_pointer(context, builder, sig.args[0], *args, half_type)
+            return builder.fpext(builder.load(pointer, align=2), float_type)
+        return builder.load(_element_pointer(context, builder, sig.args[0], *args, float_type), align=4)
+    return codegen
+
+
+def _store_from_float32(half_type, float_type):
+    """Codegen of ``(array, index, value)``: value (float32) stored at ``index`` (rounded to nearest even into
+    uint16 arrays)."""
+    def codegen(context, builder, sig, args):
+        array_value, index_value, value = args
+        if _is_half(sig.args[0]):
+            pointer = _element_pointer(context, builder, sig.args[0], array_value, index_value, half_type)
+            builder.store(builder.fptrunc(value, half_type), pointer, align=2)
+        else:
+            pointer = _element_pointer(context, builder, sig.args[0], array_value, index_value, float_type)
+            builder.store(value, pointer, align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
 @intrinsic
 def load8(typingctx, array, index):
     """array.flat[index:index + 8] as 8 float32 lanes (halves widened exactly)."""
     if not _supported(array):
         return None
-
-    def codegen(context, builder, sig, args):
-        if _is_half(sig.args[0]):
-            pointer = _element_pointer(context, builder, sig.args[0], *args, _V8F16)
-            return builder.fpext(builder.load(pointer, align=2), _V8F32)
-        pointer = _element_pointer(context, builder, sig.args[0], *args, _V8F32)
-        return builder.load(pointer, align=4)
-    return f32x8(array, index), codegen
+    return f32x8(array, index), _load_as_float32(_V8F16, _V8F32)
 
 
 @intrinsic
@@ -71,17 +90,7 @@ def store8(typingctx, array, index, value):
     """array.flat[index:index + 8] = value (halves: rounded to nearest even)."""
     if not _supported(array) or value != f32x8:
         return None
-
-    def codegen(context, builder, sig, args):
-        array_value, index_value, vector = args
-        if _is_half(sig.args[0]):
-            pointer = _element_pointer(context, builder, sig.args[0], array_value, index_value, _V8F16)
-            builder.store(builder.fptrunc(vector, _V8F16), pointer, align=2)
-        else:
-            pointer = _element_pointer(context, builder, sig.args[0], array_value, index_value, _V8F32)
-            builder.store(vector, pointer, align=4)
-        return context.get_dummy_value()
-    return types.none(array, index, value), codegen
+    return types.none(array, index, value), _store_from_float32(_V8F16, _V8F32)
 
 
 @intrinsic
@@ -89,12 +98,7 @@ def load1(typingctx, array, index):
     """array.flat[index] as float32."""
     if not _supported(array):
         return None
-
-    def codegen(context, builder, sig, args):
-        if _is_half(sig.args[0]):
-            return builder.fpext(builder.load(_element_pointer(context, builder, sig.args[0], *args, _f16)), _f32)
-        return builder.load(_element_pointer(context, builder, sig.args[0], *args, _f32))
-    return types.float32(array, index), codegen
+    return types.float32(array, index), _load_as_float32(_f16, _f32)
 
 
 @intrinsic
@@ -102,17 +106,7 @@ def store1(typingctx, array, index, value):
     """array.flat[index] = value (a float32; halves: rounded to nearest even)."""
     if not _supported(array):
         return None
-
-    def codegen(context, builder, sig, args):
-        array_value, index_value, scalar = args
-        scalar = context.cast(builder, scalar, sig.args[2], types.float32)
-        if _is_half(sig.args[0]):
-            pointer = _element_pointer(context, builder, sig.args[0], array_value, index_value, _f16)
-            builder.store(builder.fptrunc(scalar, _f16), pointer)
-        else:
-            builder.store(scalar, _element_pointer(context, builder, sig.args[0], array_value, index_value, _f32))
-        return context.get_dummy_value()
-    return types.none(array, index, value), codegen
+    return types.none(array, index, types.float32), _store_from_float32(_f16, _f32)
 
 
 @intrinsic

@@ -114,12 +114,17 @@ def _const_vector(llvm_type, value):
 
 # --------------------------------------------------------------------------- loads
 
+def _vector_load(vector_type):
+    """Codegen of ``(array, offset)`` -> the ``vector_type`` value at byte ``offset`` of the array."""
+    def codegen(context, builder, sig, args):
+        return _load(builder, _byte_pointer(context, builder, sig.args[0], *args), vector_type.llvm_type)
+    return codegen
+
+
 @intrinsic
 def load_i8x32(typingctx, array, offset):
     """32 bytes of ``array`` starting at byte ``offset``."""
-    def codegen(context, builder, sig, args):
-        return _load(builder, _byte_pointer(context, builder, sig.args[0], *args), I8x32.llvm_type)
-    return i8x32(array, offset), codegen
+    return i8x32(array, offset), _vector_load(I8x32)
 
 
 @intrinsic
@@ -224,9 +229,7 @@ def widen_high_signed(typingctx, v):
 @intrinsic
 def load_i16x16(typingctx, array, offset):
     """16 int16 values at byte ``offset``."""
-    def codegen(context, builder, sig, args):
-        return _load(builder, _byte_pointer(context, builder, sig.args[0], *args), I16x16.llvm_type)
-    return i16x16(array, offset), codegen
+    return i16x16(array, offset), _vector_load(I16x16)
 
 
 @intrinsic
@@ -385,9 +388,7 @@ def pack_f32x8(typingctx, v0, v1, v2, v3, v4, v5, v6, v7):
 @intrinsic
 def load_f32x8(typingctx, array, offset):
     """Eight float32 values at byte ``offset``."""
-    def codegen(context, builder, sig, args):
-        return _load(builder, _byte_pointer(context, builder, sig.args[0], *args), F32x8.llvm_type)
-    return f32x8(array, offset), codegen
+    return f32x8(array, offset), _vector_load(F32x8)
 
 
 @intrinsic
