@@ -51,6 +51,25 @@ def minilm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def golden_gemma3(golden_dir) -> dict:
+    return json.loads((golden_dir / "gemma3_270m_q4_k_m.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf_path() -> Path:
+    """Gemma 3 270M (base) Q4_K_M GGUF file."""
+    return _real_model_path("gemma3:270m", "LOCALLLM_TEST_GEMMA3")
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf(gemma3_gguf_path):
+    """The parsed Gemma 3 GGUF file, shared by the session."""
+    from localllm.formats.gguf import read_gguf
+
+    return read_gguf(gemma3_gguf_path)
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf(smollm2_gguf_path):
     """The parsed GGUF file (metadata + memory-mapped tensors), shared by the session."""
     from localllm.formats.gguf import read_gguf
