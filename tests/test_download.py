@@ -1,14 +1,16 @@
-"""download_url against a local HTTP server that honours Range (or not) and can drop connections half-way."""
+"""download_url against a local HTTP server that honours Range (or not) and can drop connections half-way;
+HashingWriter's streamed, chunked copies."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from localllm.download import DownloadError, download_url, partial_path
+from localllm.download import DownloadError, HashingWriter, download_url, partial_path
 
 DATA = os.urandom(300_000)
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -141,3 +143,29 @@ def test_http_error_names_the_status(server, tmp_path):
     with pytest.raises(DownloadError, match="HTTP 404"):
         download_url(server.url.replace("/file", "/missing"), tmp_path / "x", None)
     assert list(tmp_path.iterdir()) == []
+
+
+class RecordingStream(io.BytesIO):
+    """A stream that records the size of every read."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.reads: list[int] = []
+
+    def read(self, n=-1):
+        self.reads.append(n)
+        return super().read(n)
+
+
+def test_hashing_writer_concatenates_streams_in_chunks(tmp_path):
+    cuts = [0, 100_000, 100_001, 250_000, len(DATA)]
+    streams = [RecordingStream(DATA[a:b]) for a, b in zip(cuts, cuts[1:])]
+    reported = []
+    with HashingWriter(tmp_path / "sub" / "whole", chunk=4096, report=reported.append) as out:
+        got = [out.write_from(stream) for stream in streams]
+    assert got == [100_000, 1, 149_999, 50_000]
+    assert (tmp_path / "sub" / "whole").read_bytes() == DATA
+    assert out.sha256 == SHA and out.size == len(DATA)
+    assert all(n == 4096 for stream in streams for n in stream.reads)  # never more than a chunk in memory
+    assert reported[-1] == len(DATA) and reported == sorted(reported)
+    assert max(b - a for a, b in zip(reported, reported[1:])) <= 4096

