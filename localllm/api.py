@@ -13,10 +13,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .chat_template import ChatTemplate
+from .chat_template import ChatTemplate, MissingChatTemplate
 from .formats.gguf import read_gguf
 from .generate import GenerationEvent, GenerationParams, GenerationResult, generate, stream_generate
-from .models.base import UnsupportedArchitecture
+from . import arch
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -25,11 +25,6 @@ SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))
 GENERATION_KEYS = ("max_tokens", "stop", "stop_token_ids", "logprobs", "top_logprobs", "echo", "n", "constraint")
 # Ollama option names that map onto the keys above
 OPTION_ALIASES = {"num_predict": "max_tokens"}
-
-
-def _model_classes():
-    from .models import llama
-    return {arch: llama.LlamaModel for arch in llama.ARCHITECTURES}
 
 
 def resolve(name_or_path, store=None):
@@ -59,13 +54,11 @@ def load(name_or_path, *, num_ctx: int | None = None, backend: str = "auto", n_s
         from .embeddings import load_embedding_model
         return load_embedding_model(path, name=name, backend=backend)
     gguf_file = read_gguf(path)
-    classes = _model_classes()
-    if gguf_file.architecture not in classes:
-        from . import embeddings
-        if gguf_file.architecture in getattr(embeddings, "ENCODER_ARCHITECTURES", ("bert",)):
-            return embeddings.load_embedding_model(path, name=name, backend=backend)
-        raise UnsupportedArchitecture(gguf_file.architecture, path.name)
-    network = classes[gguf_file.architecture].from_gguf(gguf_file, backend=backend)
+    if gguf_file.architecture in arch.ENCODER_ARCHITECTURES:
+        from .embeddings import load_embedding_model
+        return load_embedding_model(path, name=name, backend=backend)
+    from .models.decoder import DecoderModel
+    network = DecoderModel.from_gguf(gguf_file, backend=backend)   # UnsupportedArchitecture names the known ones
     return Model(name, path, gguf_file.metadata, network, entry=entry, num_ctx=num_ctx, n_slots=n_slots)
 
 
@@ -91,8 +84,11 @@ class Model:
         self.config = network.config
         self.entry = entry
         self.tokenizer = Tokenizer.from_gguf_metadata(metadata)
-        template = (entry.template if entry and entry.template else None) or metadata.get("tokenizer.chat_template")
-        self.template = ChatTemplate(template, self.tokenizer.bos_token, self.tokenizer.eos_token)
+        template = ((entry.template if entry and entry.template else None) or metadata.get("tokenizer.chat_template")
+                    or arch.default_chat_template(self.config.architecture))
+        self.has_chat_template = template is not None
+        self.template = (ChatTemplate(template, self.tokenizer.bos_token, self.tokenizer.eos_token)
+                         if template is not None else MissingChatTemplate())
         self.system = entry.system if entry else None
         self.defaults: dict[str, Any] = dict(entry.parameters) if entry and entry.parameters else {}
         self.n_slots = n_slots

@@ -48,6 +48,10 @@ class ChatTemplateError(ValueError):
     """The template could not be compiled or rendered (the message is jinja's, or the template's own)."""
 
 
+NO_TEMPLATE_MESSAGE = ("this model has no chat template: send a raw prompt to /v1/completions or /api/generate, "
+                       "or give the model a TEMPLATE in a Modelfile (localllm create)")
+
+
 class _GenerationBlock(Extension):
     """``{% generation %}...{% endgeneration %}`` (HF's assistant-mask marker): renders the body."""
 
@@ -180,3 +184,14 @@ class ChatTemplate:
             double_encoded = json.dumps(_PROBE_ARGUMENTS)[1:-1]
             self._object_arguments = as_object is not None and (as_string is None or double_encoded in as_string)
         return self._object_arguments
+
+
+class MissingChatTemplate(ChatTemplate):
+    """The template of a model that has none: rendering a chat raises ChatTemplateError saying what to do."""
+
+    def __init__(self):
+        super().__init__("")
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+               **extra: Any) -> str:
+        raise ChatTemplateError(NO_TEMPLATE_MESSAGE)

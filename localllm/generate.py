@@ -339,14 +339,10 @@ def make_sequences(prompt: list[int], params: GenerationParams, tokenizer, cache
 
 
 def _take_slot(cache: KVCache, prompt: list[int], reuse: bool) -> tuple[int, int]:
-    """A free slot, preferring the one whose cached tokens share the longest prefix with the prompt."""
+    """A free slot, preferring the one whose cached tokens share the longest usable prefix with the prompt."""
     slot = cache.allocate_best(prompt) if reuse else cache.allocate()
-    cached = 0
-    if reuse:
-        held = cache.tokens[slot]
-        limit = min(len(held), len(prompt) - 1)     # always recompute the last prompt token (its logits)
-        while cached < limit and held[cached] == prompt[cached]:
-            cached += 1
+    # always recompute the last prompt token (its logits)
+    cached = cache.usable_prefix(slot, prompt, limit=len(prompt) - 1) if reuse else 0
     return slot, cached
 
 

@@ -1,7 +1,8 @@
 """KV cache: preallocated keys and values for a pool of sequence slots.
 
-Layout per layer: ``(n_slots, n_kv_heads, n_ctx, head_dim)``, so one
-sequence's keys for one head are contiguous (what attention reads). Keys and
+Layout per layer: ``(n_slots, n_kv_heads, rows, head_dim)``, so one
+sequence's keys for one head are contiguous (what attention reads); rows is
+n_ctx, or a ring for sliding-window layers. Keys and
 values are float16 by default, like llama.cpp (half the memory and the
 bytes attention reads per token), or float32. The
 arrays live in anonymous memory maps, whose pages the OS maps on first touch:
@@ -38,33 +39,75 @@ class NoFreeSlot(RuntimeError):
     """Every sequence slot of the cache is in use."""
 
 
+KEY_CHUNK = 128  # attention reads keys in chunks of this many positions (ops.attention_kernels.KEY_CHUNK)
+
+
+def ring_rows(window: int, n_ctx: int, max_batch_tokens: int) -> int:
+    """Cache rows a layer needs: n_ctx for a global layer (window 0); for a sliding-window layer a ring of
+    ``window + max_batch_tokens`` rows rounded up to a multiple of KEY_CHUNK (a batch writes its keys before
+    its first token has read the window behind it), or n_ctx when that is no more."""
+    if window <= 0:
+        return n_ctx
+    rows = -(-(window + max_batch_tokens) // KEY_CHUNK) * KEY_CHUNK
+    return min(rows, n_ctx)
+
+
 class KVCache:
-    """K and V arrays ``(n_layers, n_slots, n_kv_heads, n_ctx, head_dim)`` of ``dtype`` plus per-slot bookkeeping."""
+    """K and V per layer ``(n_slots, n_kv_heads, rows, head_dim)`` of ``dtype`` plus per-slot bookkeeping.
+
+    Global layers keep ``rows = n_ctx`` positions; sliding-window layers (``layer_windows[i] > 0``) a ring
+    of ``ring_rows(window, n_ctx, max_batch_tokens)`` rows, position p at row p % rows, so their memory does
+    not grow with the context. Layers with the same row count share one array
+    ``(n_group_layers, n_slots, n_kv_heads, rows, head_dim)`` (``groups``); ``k[i]``/``v[i]`` are views.
+    """
 
     def __init__(self, n_layers: int, n_slots: int, n_ctx: int, n_kv_heads: int, head_dim: int,
-                 dtype=np.float16):
+                 dtype=np.float16, layer_windows: tuple[int, ...] = (), max_batch_tokens: int = 128):
         dtype = np.dtype(dtype)
         if dtype not in (np.float16, np.float32):
             raise ValueError(f"KV cache dtype must be float16 or float32, got {dtype}")
+        windows = tuple(int(w) for w in layer_windows) or (0,) * n_layers
+        if len(windows) != n_layers:
+            raise ValueError(f"layer_windows must have one value per layer ({n_layers}), got {len(windows)}")
         self.n_layers, self.n_slots, self.n_ctx = n_layers, n_slots, n_ctx
         self.dtype = dtype
-        shape = (n_layers, n_slots, n_kv_heads, n_ctx, head_dim)
-        self.k = lazy_zeros(shape, dtype)
-        self.v = lazy_zeros(shape, dtype)
+        self.windows = windows                                               # per layer, 0: global
+        self.rows = tuple(ring_rows(w, n_ctx, max_batch_tokens) for w in windows)  # per layer
+        self.groups: list[tuple[tuple[int, ...], np.ndarray, np.ndarray]] = []  # (layers, k, v) per row count
+        k_views: list = [None] * n_layers
+        v_views: list = [None] * n_layers
+        for rows in dict.fromkeys(self.rows):
+            layers = tuple(i for i in range(n_layers) if self.rows[i] == rows)
+            shape = (len(layers), n_slots, n_kv_heads, rows, head_dim)
+            k, v = lazy_zeros(shape, dtype), lazy_zeros(shape, dtype)
+            self.groups.append((layers, k, v))
+            for index, layer in enumerate(layers):
+                k_views[layer], v_views[layer] = k[index], v[index]
+        self.k: tuple[np.ndarray, ...] = tuple(k_views)   # per layer (n_slots, n_kv_heads, rows, head_dim)
+        self.v: tuple[np.ndarray, ...] = tuple(v_views)
         self.lengths = np.zeros(n_slots, dtype=np.int64)   # tokens held per slot
         self.tokens: list[list[int]] = [[] for _ in range(n_slots)]  # ids held per slot (prefix reuse)
         self._free = list(range(n_slots))
 
     @property
     def nbytes_per_token(self) -> int:
-        return int(2 * self.k.shape[0] * self.k.shape[2] * self.k.shape[4] * self.dtype.itemsize)
+        """Bytes one more position of context costs (global layers; rings are fixed)."""
+        return int(sum(2 * k.shape[1] * k.shape[3] * self.dtype.itemsize
+                       for layer, k in enumerate(self.k) if self.rows[layer] == self.n_ctx))
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(k.nbytes + v.nbytes for _, k, v in self.groups))
 
     def write(self, layer: int, slots: np.ndarray, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
-        """Store k, v (n, n_kv_heads, head_dim) of tokens at (slots[i], positions[i]), rounded to the cache's dtype."""
+        """Store k, v (n, n_kv_heads, head_dim) of tokens at (slots[i], positions[i]) of one layer, rounded to the
+        cache's dtype (a ring layer at row positions[i] % rows)."""
+        positions = np.asarray(positions, dtype=np.int64)
         if positions.size and int(positions.max()) >= self.n_ctx:
             raise ContextLengthExceeded(int(positions.max()) + 1, self.n_ctx, "sequence")
-        self.k[layer, slots, :, positions] = k
-        self.v[layer, slots, :, positions] = v
+        rows = positions % self.rows[layer]
+        self.k[layer][slots, :, rows] = k
+        self.v[layer][slots, :, rows] = v
 
     @property
     def free_slots(self) -> int:
@@ -80,30 +123,44 @@ class KVCache:
         return slot
 
     def allocate_best(self, prompt: list[int]) -> int:
-        """Take the free slot whose held tokens share the longest prefix with ``prompt`` (prefix reuse)."""
+        """Take the free slot whose held tokens share the longest usable prefix with ``prompt`` (prefix reuse)."""
         if not self._free:
             raise NoFreeSlot(f"all {self.n_slots} sequence slots are in use")
-
-        def shared(slot: int) -> int:
-            held = self.tokens[slot]
-            n = 0
-            for a, b in zip(held, prompt):
-                if a != b:
-                    break
-                n += 1
-            return n
-
-        best = max(self._free, key=shared)
+        best = max(self._free, key=lambda slot: self.usable_prefix(slot, prompt))
         self._free.remove(best)
         return best
+
+    def shared_prefix(self, slot: int, prompt: list[int]) -> int:
+        """How many leading tokens of ``prompt`` the slot holds."""
+        n = 0
+        for a, b in zip(self.tokens[slot], prompt):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def usable_prefix(self, slot: int, prompt: list[int], limit: int | None = None) -> int:
+        """How many leading tokens of ``prompt`` can be kept from the slot (at most ``limit``): the shared
+        prefix, if every sliding-window ring still holds the window before its end, else 0."""
+        shared = self.shared_prefix(slot, prompt)
+        if limit is not None:
+            shared = min(shared, limit)
+        held = int(self.lengths[slot])
+        for window, rows in zip(self.windows, self.rows):
+            if window > 0 and rows < self.n_ctx and max(0, shared - window + 1) < held - rows:
+                return 0  # the positions the next token needs were overwritten by later ones
+        return shared
 
     def release(self, slot: int) -> None:
         if slot not in self._free:
             self._free.append(slot)
 
     def copy_prefix(self, source: int, destination: int, length: int) -> None:
-        """Share the first ``length`` positions of ``source`` with ``destination`` (n > 1 choices)."""
-        self.k[:, destination, :, :length] = self.k[:, source, :, :length]
-        self.v[:, destination, :, :length] = self.v[:, source, :, :length]
+        """Share the first ``length`` positions of ``source`` with ``destination`` (n > 1 choices); a ring is
+        copied whole (it holds the latest positions of the source, which has ``length`` tokens)."""
+        for layer in range(self.n_layers):
+            held = self.rows[layer] if self.rows[layer] < self.n_ctx else length
+            self.k[layer][destination, :, :held] = self.k[layer][source, :, :held]
+            self.v[layer][destination, :, :held] = self.v[layer][source, :, :held]
         self.lengths[destination] = length
         self.tokens[destination] = list(self.tokens[source][:length])

@@ -198,15 +198,15 @@ def test_vector_dot_products():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kv_cache_dtype(dtype):
     cache = KVCache(n_layers=2, n_slots=3, n_ctx=16, n_kv_heads=2, head_dim=8, dtype=dtype)
-    assert cache.k.dtype == dtype and cache.v.dtype == dtype
+    assert cache.k[0].dtype == dtype and cache.v[1].dtype == dtype
     assert cache.nbytes_per_token == 2 * 2 * 2 * 8 * np.dtype(dtype).itemsize
     k = np.full((1, 2, 8), 1 / 3, dtype=np.float32)
     cache.write(1, np.array([2]), np.array([5]), k, -k)
-    assert cache.k[1, 2, :, 5].tolist() == [[float(dtype(1 / 3))] * 8] * 2
+    assert cache.k[1][2, :, 5].tolist() == [[float(dtype(1 / 3))] * 8] * 2
     cache.lengths[2] = 6
     cache.tokens[2] = [1, 2, 3, 4, 5, 6]
     cache.copy_prefix(2, 0, 6)
-    np.testing.assert_array_equal(cache.v[:, 0, :, :6], cache.v[:, 2, :, :6])
+    np.testing.assert_array_equal(np.stack(cache.v)[:, 0, :, :6], np.stack(cache.v)[:, 2, :, :6])
     assert cache.lengths[0] == 6 and cache.tokens[0] == [1, 2, 3, 4, 5, 6]
 
 

@@ -8,7 +8,7 @@ activations. The top-1 logit must also stay as close as llama.cpp's worst case.
 import numpy as np
 import pytest
 
-from localllm.models.llama import LlamaModel
+from localllm.models.decoder import DecoderModel as LlamaModel
 from localllm.quants import kernels
 
 pytestmark = pytest.mark.real_model

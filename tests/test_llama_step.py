@@ -8,7 +8,7 @@ from numba import njit, prange
 
 from localllm.formats.gguf import read_gguf
 from localllm.kv_cache import ContextLengthExceeded
-from localllm.models.llama import LlamaModel
+from localllm.models.decoder import DecoderModel as LlamaModel
 from localllm.quants.intrinsics import atomic_add
 from localllm.quants.kernels import cpu_has_avx2
 from tests.test_quants_kernels import random_weight

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from localllm.models.llama import LlamaModel
+from localllm.models.decoder import DecoderModel as LlamaModel
 
 pytestmark = pytest.mark.real_model
 

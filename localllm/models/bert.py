@@ -29,7 +29,7 @@ from ..ops import encoder as encoder_ops
 from ..ops import get_backend
 from ..quants import QTensor
 from ..quants import ref as quants_ref
-from .base import UnsupportedArchitecture
+from ..arch.spec import UnsupportedArchitecture
 
 ARCHITECTURES = ("bert",)
 HIDDEN_ACTIVATIONS = ("gelu", "gelu_tanh")

@@ -18,8 +18,9 @@ from types import SimpleNamespace
 from . import ref as ops_ref
 from ..quants import ref as quants_ref
 
-OP_NAMES = ("rms_norm", "layer_norm", "rope", "attention", "attend", "swiglu", "softmax")
-QUANT_NAMES = ("matmul", "matmul_many", "embedding_rows", "rms_norm_matmul_many", "matmul_add", "swiglu_matmul_add")
+OP_NAMES = ("rms_norm", "layer_norm", "rope", "attention", "attend", "swiglu", "geglu", "gated", "softmax")
+QUANT_NAMES = ("matmul", "matmul_many", "embedding_rows", "rms_norm_matmul_many", "matmul_add", "swiglu_matmul_add",
+               "gated_matmul")
 
 _backends: dict[str, SimpleNamespace] = {}
 

@@ -12,6 +12,14 @@ few (token, KV head) pairs, so chunks of one pair run in parallel and are
 merged afterwards; prefill runs pairs in parallel and merges as it goes. Both
 do the same arithmetic in the same order, which depends only on the token's
 position: a token's attention output does not depend on the batch it came in.
+
+Sliding-window layers (``window`` > 0) attend to the last ``window`` positions
+only, and may keep them in a ring: position p lives at cache row p % ring, with
+ring a multiple of KEY_CHUNK (so a chunk, aligned to positions, never wraps)
+and at least ``window`` rows more than the batch holds tokens of one sequence.
+A full cache is the ring that never wraps (ring = n_ctx). Chunks stay aligned
+to positions, so a ring gives the same bits as a full cache with the window as
+a mask.
 """
 from __future__ import annotations
 
@@ -190,11 +198,35 @@ def _finish(run_sum, run_out, out, i, h0):
 
 # --------------------------------------------------------------------------- attention
 
+@njit(cache=True, inline="always")
+def first_position(position, window):
+    """The first position a token at ``position`` attends to (window 0: the whole sequence)."""
+    return max(0, position - window + 1) if window > 0 else 0
+
+
+@njit(cache=True, inline="always")
+def chunk_count(position, window):
+    """Key chunks (aligned to multiples of KEY_CHUNK positions) a token at ``position`` attends to."""
+    return position // KEY_CHUNK - first_position(position, window) // KEY_CHUNK + 1
+
+
+@njit(cache=True, inline="always")
+def chunk_rows(position, window, ring, c):
+    """Cache rows [start, stop) of the token's c-th key chunk (stop == start: none)."""
+    first = first_position(position, window)
+    chunk_start = (first // KEY_CHUNK + c) * KEY_CHUNK
+    low, high = max(chunk_start, first), min(chunk_start + KEY_CHUNK, position + 1)
+    if low >= high:
+        return 0, 0
+    start = low % ring
+    return start, start + high - low
+
+
 @njit(cache=True, parallel=True)
-def _attention_by_pair(q, k_cache, v_cache, slots, positions, out):
+def _attention_by_pair(q, k_cache, v_cache, slots, positions, window, out):
     """One work item per (token, KV head): its chunks in order, merged as they come."""
     n, n_heads, head_dim = q.shape
-    n_kv_heads = k_cache.shape[1]
+    n_kv_heads, ring = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv_heads
     scale = _ONE / np.sqrt(np.float32(head_dim))
     n_items = n * n_kv_heads
@@ -212,38 +244,39 @@ def _attention_by_pair(q, k_cache, v_cache, slots, positions, out):
             run_max[:] = _LOWEST
             run_sum[:] = 0.0
             run_out[:, :] = 0.0
-            length = positions[i] + 1
-            for start in range(0, length, KEY_CHUNK):
-                _attend_chunk(q, i, g * group, keys, values, start, min(start + KEY_CHUNK, length), scale,
-                              scores, chunk_max, chunk_sum, chunk_out)
+            for c in range(chunk_count(positions[i], window)):
+                start, stop = chunk_rows(positions[i], window, ring, c)
+                _attend_chunk(q, i, g * group, keys, values, start, stop, scale, scores, chunk_max, chunk_sum,
+                              chunk_out)
                 for hh in range(group):
                     _merge(run_max, run_sum, run_out, hh, chunk_max[hh], chunk_sum[hh], chunk_out[hh])
             _finish(run_sum, run_out, out, i, g * group)
 
 
 @njit(cache=True, parallel=True)
-def _attention_by_chunk(q, k_cache, v_cache, slots, positions, out):
+def _attention_by_chunk(q, k_cache, v_cache, slots, positions, window, out):
     """One work item per (token, KV head, key chunk), then the chunks merged in order."""
     _, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
     group = n_heads // n_kv_heads
-    part_max, part_sum, part_out = chunk_parts(positions, n_kv_heads, group, head_dim)
+    part_max, part_sum, part_out = chunk_parts(positions, window, n_kv_heads, group, head_dim)
     n_items = part_max.shape[0] * n_kv_heads * part_max.shape[2]
     for t in prange(min(n_items, PARALLEL_TASKS)):
         scores = np.empty((group, KEY_CHUNK), dtype=np.float32)
         for item in range(t, n_items, PARALLEL_TASKS):
-            attend_chunk_item(q, k_cache, v_cache, slots, positions, item, scores, part_max, part_sum, part_out)
-    _merge_parts(part_max, part_sum, part_out, positions, out)
+            attend_chunk_item(q, k_cache, v_cache, slots, positions, window, item, scores, part_max, part_sum,
+                              part_out)
+    _merge_parts(part_max, part_sum, part_out, positions, window, out)
 
 
 @njit(cache=True)
-def chunk_parts(positions, n_kv_heads, group, head_dim):
+def chunk_parts(positions, window, n_kv_heads, group, head_dim):
     """Room for every (token, KV head, key chunk)'s max, sum and mix of scores:
     (n, n_kv_heads, max_chunks, group) twice and (n, n_kv_heads, max_chunks, group, head_dim)."""
     n = positions.shape[0]
     max_chunks = 0
     for i in range(n):
-        max_chunks = max(max_chunks, (positions[i] + KEY_CHUNK) // KEY_CHUNK)
+        max_chunks = max(max_chunks, chunk_count(positions[i], window))
     part_max = np.empty((n, n_kv_heads, max_chunks, group), dtype=np.float32)
     part_sum = np.empty((n, n_kv_heads, max_chunks, group), dtype=np.float32)
     part_out = np.empty((n, n_kv_heads, max_chunks, group, head_dim), dtype=np.float32)
@@ -251,23 +284,23 @@ def chunk_parts(positions, n_kv_heads, group, head_dim):
 
 
 @njit(cache=True)
-def attend_chunk_item(q, k_cache, v_cache, slots, positions, item, scores, part_max, part_sum, part_out):
+def attend_chunk_item(q, k_cache, v_cache, slots, positions, window, item, scores, part_max, part_sum, part_out):
     """Work item ``item`` = (token i, KV head g, key chunk c) in that order: its part_* entries (nothing
-    when the chunk lies past the token's position)."""
+    when the token has fewer chunks)."""
     n_heads, head_dim = q.shape[1], q.shape[2]
     n_kv_heads, max_chunks = part_max.shape[1], part_max.shape[2]
     group = n_heads // n_kv_heads
     i, rest = item // (n_kv_heads * max_chunks), item % (n_kv_heads * max_chunks)
     g, c = rest // max_chunks, rest % max_chunks
-    length = positions[i] + 1
-    if c * KEY_CHUNK < length:
-        _attend_chunk(q, i, g * group, k_cache[slots[i], g], v_cache[slots[i], g], c * KEY_CHUNK,
-                      min(c * KEY_CHUNK + KEY_CHUNK, length), _ONE / np.sqrt(np.float32(head_dim)), scores,
-                      part_max[i, g, c], part_sum[i, g, c], part_out[i, g, c])
+    if c < chunk_count(positions[i], window):
+        start, stop = chunk_rows(positions[i], window, k_cache.shape[2], c)
+        _attend_chunk(q, i, g * group, k_cache[slots[i], g], v_cache[slots[i], g], start, stop,
+                      _ONE / np.sqrt(np.float32(head_dim)), scores, part_max[i, g, c], part_sum[i, g, c],
+                      part_out[i, g, c])
 
 
 @njit(cache=True)
-def _merge_parts(part_max, part_sum, part_out, positions, out):
+def _merge_parts(part_max, part_sum, part_out, positions, window, out):
     """Merge each (token, KV head)'s chunks in order (serial: outside a parallel function, the array
     assignments below would each become a parallel launch)."""
     n, n_kv_heads, _, group, head_dim = part_out.shape
@@ -276,17 +309,17 @@ def _merge_parts(part_max, part_sum, part_out, positions, out):
     run_out = np.empty((group, head_dim), dtype=np.float32)
     for i in range(n):
         for g in range(n_kv_heads):
-            merge_pair(part_max, part_sum, part_out, positions, out, i, g, run_max, run_sum, run_out)
+            merge_pair(part_max, part_sum, part_out, positions, window, out, i, g, run_max, run_sum, run_out)
 
 
 @njit(cache=True)
-def merge_pair(part_max, part_sum, part_out, positions, out, i, g, run_max, run_sum, run_out):
+def merge_pair(part_max, part_sum, part_out, positions, window, out, i, g, run_max, run_sum, run_out):
     """Token i, KV head g: its chunks' (max, sum, mix) merged in order into ``out[i]`` (run_*: scratch)."""
     group = run_out.shape[0]
     run_max[:] = _LOWEST
     run_sum[:] = 0.0
     run_out[:, :] = 0.0
-    for c in range((positions[i] + KEY_CHUNK) // KEY_CHUNK):
+    for c in range(chunk_count(positions[i], window)):
         for hh in range(group):
             _merge(run_max, run_sum, run_out, hh, part_max[i, g, c, hh], part_sum[i, g, c, hh],
                    part_out[i, g, c, hh])
@@ -294,31 +327,32 @@ def merge_pair(part_max, part_sum, part_out, positions, out, i, g, run_max, run_
 
 
 @njit(cache=True)
-def _check_indices(slots, positions, n_slots, n_ctx):
-    """_OK, or the first problem found among the tokens' slots and positions."""
+def _check_indices(slots, positions, n_slots, n_ctx, window):
+    """_OK, or the first problem found among the tokens' slots and positions (a sliding-window layer's ring,
+    window > 0, takes any position)."""
     for i in range(slots.shape[0]):
         if not 0 <= slots[i] < n_slots:
             return _BAD_SLOT
         if positions[i] < 0:
             return _NEGATIVE_POSITION
-        if positions[i] >= n_ctx:
+        if window <= 0 and positions[i] >= n_ctx:
             return _POSITION_PAST_CONTEXT
     return _OK
 
 
 @njit(cache=True)
-def _attend_all(q, k_cache, v_cache, slots, positions, out):
+def _attend_all(q, k_cache, v_cache, slots, positions, window, out):
     if q.shape[0] * k_cache.shape[1] < SPLIT_BELOW_PAIRS:
-        _attention_by_chunk(q, k_cache, v_cache, slots, positions, out)
+        _attention_by_chunk(q, k_cache, v_cache, slots, positions, window, out)
     else:
-        _attention_by_pair(q, k_cache, v_cache, slots, positions, out)
+        _attention_by_pair(q, k_cache, v_cache, slots, positions, window, out)
 
 
 @njit(cache=True)
-def _attention(q, k_cache, v_cache, slots, positions, out):
-    status = _check_indices(slots, positions, k_cache.shape[0], k_cache.shape[2])
+def _attention(q, k_cache, v_cache, slots, positions, window, out):
+    status = _check_indices(slots, positions, k_cache.shape[0], k_cache.shape[2], window)
     if status == _OK and q.shape[0]:
-        _attend_all(q, k_cache, v_cache, slots, positions, out)
+        _attend_all(q, k_cache, v_cache, slots, positions, window, out)
     return status
 
 
@@ -334,34 +368,51 @@ def _cache_view(cache: np.ndarray, name: str, what: str) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
-              slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
+              slots: np.ndarray, positions: np.ndarray, window: int = 0) -> np.ndarray:
     """Causal grouped-query attention over the KV cache (float16 or float32).
 
-    q (n, n_heads, head_dim); k_cache, v_cache (n_slots, n_kv_heads, n_ctx, head_dim).
-    Token i attends to cache[slots[i], :, :positions[i] + 1] (its own K/V must
-    already be written). Returns (n, n_heads, head_dim) float32.
+    q (n, n_heads, head_dim); k_cache, v_cache (n_slots, n_kv_heads, ring, head_dim).
+    Token i attends to positions ``ref.key_range(positions[i], window)`` of its
+    slot, position p at cache row p % ring (its own K/V must already be
+    written). Returns (n, n_heads, head_dim) float32. Same contract as ``ref.attention``.
     """
     q = _as_float32(q)
     slots, positions = _as_int64(slots), _as_int64(positions)
     ref.check_attention_shapes("attention", q, k_cache, v_cache, slots, positions)
+    check_ring(k_cache.shape[2], window, slots, positions, "attention")
     out = np.empty_like(q)
     status = _attention(q, _cache_view(k_cache, "k_cache", "attention"), _cache_view(v_cache, "v_cache", "attention"),
-                        slots, positions, out)
+                        slots, positions, window, out)
     if status != _OK:
-        ref.check_cache_indices("attention", slots, positions, k_cache.shape[0], k_cache.shape[2])
+        ref.check_cache_indices("attention", slots, positions, k_cache.shape[0], k_cache.shape[2], window)
     return out
+
+
+def check_ring(ring: int, window: int, slots: np.ndarray, positions: np.ndarray, what: str) -> None:
+    """ValueError unless a cache of ``ring`` rows can serve this batch: it holds every position, or it is a
+    sliding-window ring (window > 0) of a multiple of KEY_CHUNK rows, ``window`` more than the batch's
+    tokens of any one sequence."""
+    if not positions.size or int(positions.max()) < ring:
+        return
+    if window <= 0:
+        return  # positions past a full cache: the index check raises ContextLengthExceeded
+    per_sequence = int(np.bincount(slots - slots.min()).max())
+    if ring % KEY_CHUNK or ring < window + per_sequence:
+        raise ValueError(f"{what}: a ring of {ring} rows cannot hold a window of {window} positions and "
+                         f"{per_sequence} new tokens of one sequence (it must be a multiple of {KEY_CHUNK} and at "
+                         f"least {window + per_sequence})")
 
 
 # --------------------------------------------------------------------------- attend: rope + cache write + attention
 
 @njit(cache=True, inline="always")
 def _store_row(x, i, cache, slot, position):
-    """cache[slot, g, position] = x[i, g] for every KV head g (rounded to the cache's dtype)."""
+    """cache[slot, g, position % ring] = x[i, g] for every KV head g (rounded to the cache's dtype)."""
     n_kv_heads, head_dim = x.shape[1], x.shape[2]
     body = head_dim - head_dim % 8
     for g in range(n_kv_heads):
         source, destination = x[i, g], cache[slot, g]
-        at = position * head_dim
+        at = (position % cache.shape[2]) * head_dim
         for d in range(0, body, 8):
             store8(destination, at + d, load8(source, d))
         for d in range(body, head_dim):
@@ -383,9 +434,9 @@ def _rope_write_parallel(q, k, v, cos, sin, neox, slots, positions, k_cache, v_c
 
 
 @njit(cache=True)
-def _attend(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, out):
+def _attend(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, window, out):
     """Check, rotate and write every token first (later tokens read earlier ones), then attend."""
-    status = _check_indices(slots, positions, k_cache.shape[0], k_cache.shape[2])
+    status = _check_indices(slots, positions, k_cache.shape[0], k_cache.shape[2], window)
     if status != _OK or q.shape[0] == 0:
         return status
     q_rotated, k_rotated = np.empty_like(q), np.empty_like(k)
@@ -394,27 +445,29 @@ def _attend(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, out):
     else:
         for i in range(q.shape[0]):
             _rope_write_row(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, q_rotated, k_rotated, i)
-    _attend_all(q_rotated, k_cache, v_cache, slots, positions, out)
+    _attend_all(q_rotated, k_cache, v_cache, slots, positions, window, out)
     return status
 
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, slots: np.ndarray,
-           k_cache: np.ndarray, v_cache: np.ndarray, theta: float, rope_dim: int, style: str = "norm") -> np.ndarray:
+           k_cache: np.ndarray, v_cache: np.ndarray, theta: float, rope_dim: int, style: str = "norm",
+           window: int = 0) -> np.ndarray:
     """RoPE on q and k, k and v written into one layer's cache, then causal GQA attention: one numba call.
 
     q (n, n_heads, head_dim), k and v (n, n_kv_heads, head_dim) before RoPE;
-    k_cache, v_cache (n_slots, n_kv_heads, n_ctx, head_dim) float16 or float32,
-    written at (slots[i], :, positions[i]). Token i attends to positions
-    0..positions[i] of its slot (this batch's earlier tokens included).
-    Returns (n, n_heads, head_dim) float32. Same contract as ``ref.attend``.
+    k_cache, v_cache (n_slots, n_kv_heads, ring, head_dim) float16 or float32,
+    written at (slots[i], :, positions[i] % ring). Token i attends to positions
+    ``ref.key_range(positions[i], window)`` of its slot (this batch's earlier
+    tokens included). Returns (n, n_heads, head_dim) float32. Same contract as ``ref.attend``.
     """
     q, k, v = _as_float32(q), _as_float32(k), _as_float32(v)
     positions, slots = _as_int64(positions), _as_int64(slots)
     ref.check_attend_arguments(q, k, v, positions, slots, k_cache, v_cache, rope_dim, style)
+    check_ring(k_cache.shape[2], window, slots, positions, "attend")
     cos, sin = _rope_table(positions, theta, rope_dim)
     out = np.empty_like(q)
     status = _attend(q, k, v, cos, sin, style == "neox", slots, positions, _cache_view(k_cache, "k_cache", "attend"),
-                     _cache_view(v_cache, "v_cache", "attend"), out)
+                     _cache_view(v_cache, "v_cache", "attend"), window, out)
     if status != _OK:
-        ref.check_cache_indices("attend", slots, positions, k_cache.shape[0], k_cache.shape[2])
+        ref.check_cache_indices("attend", slots, positions, k_cache.shape[0], k_cache.shape[2], window)
     return out

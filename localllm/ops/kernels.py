@@ -121,6 +121,53 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return out
 
 
+# --------------------------------------------------------------------------- geglu
+
+_GELU_TWICE_SQRT_2_OVER_PI = np.float32(2.0 * 0.7978845608028654)
+_GELU_CUBIC = np.float32(0.044715)
+
+
+@njit(cache=True, fastmath=_EXACT_DIVISION, inline="always")
+def _geglu_row(gate, up, out, i):
+    # gelu_tanh(g) = g/2 (1 + tanh(u)) = g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3)
+    for k in range(gate.shape[1]):
+        g = gate[i, k]
+        twice_u = _GELU_TWICE_SQRT_2_OVER_PI * (g + _GELU_CUBIC * g * g * g)
+        out[i, k] = g / (_ONE + fast_exp(-twice_u)) * up[i, k]
+
+
+@njit(cache=True, fastmath=_EXACT_DIVISION)
+def _geglu_serial(gate, up, out):
+    for i in range(gate.shape[0]):
+        _geglu_row(gate, up, out, i)
+
+
+@njit(cache=True, fastmath=_EXACT_DIVISION, parallel=True)
+def _geglu_parallel(gate, up, out):
+    for i in prange(gate.shape[0]):
+        _geglu_row(gate, up, out, i)
+
+
+def geglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gelu_tanh(gate) * up, both (n, hidden_dim)."""
+    gate, up = _as_float32(gate), _as_float32(up)
+    if gate.ndim != 2 or gate.shape != up.shape:
+        raise ValueError(f"geglu: gate and up must be the same (n, hidden_dim), got {gate.shape} and {up.shape}")
+    out = np.empty_like(gate)
+    kernel = _geglu_parallel if gate.shape[0] >= PARALLEL_MIN_ROWS else _geglu_serial
+    kernel(gate, up, out)
+    return out
+
+
+def gated(activation: str, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """activation(gate) * up for a gated feed-forward; activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
+    if activation == "silu":
+        return swiglu(gate, up)
+    if activation == "gelu_tanh":
+        return geglu(gate, up)
+    raise ValueError(f"unknown feed-forward activation '{activation}' (known: {sorted(ref.GATED_ACTIVATIONS)})")
+
+
 # --------------------------------------------------------------------------- rope
 
 @njit(cache=True, inline="always")

@@ -159,14 +159,15 @@ def attention_phases(counters, phase, q, k, v, positions, slots, cos, sin, neox,
     n_items = n * n_kv_heads * part_max.shape[2]
     item = claim(counters, phase + 1, n_items)
     while item >= 0:
-        attend_chunk_item(q_rotated, k_cache, v_cache, slots, positions, item, scores, part_max, part_sum, part_out)
+        attend_chunk_item(q_rotated, k_cache, v_cache, slots, positions, 0, item, scores, part_max, part_sum,
+                          part_out)
         finish(counters, phase + 1)
         item = claim(counters, phase + 1, n_items)
     wait_for_phase(counters, phase + 1, n_items)
 
     item = claim(counters, phase + 2, n * n_kv_heads)
     while item >= 0:
-        merge_pair(part_max, part_sum, part_out, positions, attended, item // n_kv_heads, item % n_kv_heads,
+        merge_pair(part_max, part_sum, part_out, positions, 0, attended, item // n_kv_heads, item % n_kv_heads,
                    run_max, run_sum, run_out)
         finish(counters, phase + 2)
         item = claim(counters, phase + 2, n * n_kv_heads)
@@ -191,7 +192,7 @@ def shared_buffers(weights, x, positions, k_cache, n_heads, n_layers):
     attended = np.empty((n, n_heads * head_dim), dtype=np.float32)
     gate = np.empty((n, hidden_dim), dtype=np.float32)
     up = np.empty((n, hidden_dim), dtype=np.float32)
-    part_max, part_sum, part_out = chunk_parts(positions, n_kv_heads, group, head_dim)
+    part_max, part_sum, part_out = chunk_parts(positions, 0, n_kv_heads, group, head_dim)
     return counters, q, k, v, attended, gate, up, q_rotated, k_rotated, part_max, part_sum, part_out
 
 
@@ -415,9 +416,11 @@ class LlamaLayersStep:
     def for_model(cls, model) -> "LlamaLayersStep | None":
         from numba import typed, types
 
+        from ..arch.spec import BlockSpec
         from ..quants import kernels
-        if kernels.KERNELS != "avx2":
-            return None
+        c = model.config
+        if kernels.KERNELS != "avx2" or c.block != BlockSpec() or c.layer_windows or c.layer_rope_theta:
+            return None  # the plain Llama block only (other blocks take the per-op path)
         matrices = [w for layer in model.layers for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate,
                                                           layer.w_up, layer.w_down)]
         layer_types = tuple(sorted({w.ggml_type for w in matrices}))
@@ -435,13 +438,15 @@ class LlamaLayersStep:
         c = self.config
         if not (x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable and x.shape[1:] == (c.dim,)):
             raise ValueError(f"LlamaLayersStep.run: x must be a writeable C-contiguous float32 (n, {c.dim}) array")
-        n_slots, n_ctx = cache.k.shape[1], cache.k.shape[3]
-        if _check_indices(slots, positions, n_slots, n_ctx) != _OK:
+        if len(cache.groups) != 1:
+            raise ValueError("LlamaLayersStep.run: the cache must hold every layer in one array (no rings)")
+        _, k_cache, v_cache = cache.groups[0]
+        n_slots, n_ctx = k_cache.shape[1], k_cache.shape[3]
+        if _check_indices(slots, positions, n_slots, n_ctx, 0) != _OK:
             ref.check_cache_indices("attend", slots, positions, n_slots, n_ctx)
         if c.rope_style not in ("norm", "neox"):
             raise ValueError(f"unknown rope style '{c.rope_style}'")
         cos, sin = _rope_table(positions, c.rope_theta, c.n_rot)
-        k_cache, v_cache = cache.k, cache.v
         if k_cache.dtype == np.float16:
             k_cache, v_cache = k_cache.view(np.uint16), v_cache.view(np.uint16)
         self.entry(self.weights, self.second_type, self.attn_norms, self.ffn_norms, x, positions, slots, cos, sin,

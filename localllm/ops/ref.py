@@ -63,53 +63,63 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
+def key_range(position: int, window: int) -> tuple[int, int]:
+    """The positions [first, position] a token at ``position`` attends to: all earlier ones, or the last
+    ``window`` (itself included) on a sliding-window layer (window > 0)."""
+    first = max(0, position - window + 1) if window > 0 else 0
+    return first, position
+
+
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
-              slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
+              slots: np.ndarray, positions: np.ndarray, window: int = 0) -> np.ndarray:
     """Causal grouped-query attention over the KV cache.
 
-    q (n, n_heads, head_dim); k_cache, v_cache (n_slots, n_kv_heads, n_ctx, head_dim).
-    Token i attends to cache[slots[i], :, :positions[i] + 1] (its own K/V must
-    already be written). Returns (n, n_heads, head_dim).
+    q (n, n_heads, head_dim); k_cache, v_cache (n_slots, n_kv_heads, ring, head_dim).
+    Position p of a sequence lives at cache row p % ring: a full cache (ring = n_ctx)
+    holds every position, a sliding-window layer's ring only the latest ones.
+    Token i attends to positions ``key_range(positions[i], window)`` of slot
+    slots[i] (its own K/V must already be written). Returns (n, n_heads, head_dim).
     """
     n, n_heads, head_dim = q.shape
-    n_kv_heads = k_cache.shape[1]
+    n_kv_heads, ring = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv_heads
     scale = np.float32(1.0 / np.sqrt(head_dim))
     out = np.empty_like(q, dtype=np.float32)
-    for slot in np.unique(slots):
-        rows = np.nonzero(slots == slot)[0]                               # tokens of this sequence
-        pos = positions[rows]                                             # (m,)
-        length = int(pos.max()) + 1
-        keys = k_cache[slot, :, :length]                                  # (n_kv_heads, L, head_dim)
-        values = v_cache[slot, :, :length]                                # (n_kv_heads, L, head_dim)
-        qs = q[rows].reshape(len(rows), n_kv_heads, group, head_dim)      # (m, n_kv_heads, group, head_dim)
-        scores = np.einsum("mkgd,kld->kgml", qs, keys) * scale            # (n_kv_heads, group, m, L)
-        future = np.arange(length)[None, :] > pos[:, None]                # (m, L)
-        scores = np.where(future, -np.inf, scores)
-        weights = softmax(scores, axis=-1)
-        mixed = np.einsum("kgml,kld->mkgd", weights, values)              # (m, n_kv_heads, group, head_dim)
-        out[rows] = mixed.reshape(len(rows), n_heads, head_dim)
+    for i in range(n):
+        first, last = key_range(int(positions[i]), window)
+        rows = np.arange(first, last + 1) % ring                          # (L,) cache rows of those positions
+        keys = k_cache[slots[i]][:, rows].astype(np.float32)              # (n_kv_heads, L, head_dim)
+        values = v_cache[slots[i]][:, rows].astype(np.float32)            # (n_kv_heads, L, head_dim)
+        qs = q[i].reshape(n_kv_heads, group, head_dim)                    # (n_kv_heads, group, head_dim)
+        scores = np.einsum("kgd,kld->kgl", qs, keys) * scale              # (n_kv_heads, group, L)
+        mixed = np.einsum("kgl,kld->kgd", softmax(scores, axis=-1), values)
+        out[i] = mixed.reshape(n_heads, head_dim)
     return out
 
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, slots: np.ndarray,
-           k_cache: np.ndarray, v_cache: np.ndarray, theta: float, rope_dim: int, style: str = "norm") -> np.ndarray:
+           k_cache: np.ndarray, v_cache: np.ndarray, theta: float, rope_dim: int, style: str = "norm",
+           window: int = 0) -> np.ndarray:
     """RoPE on q and k, k and v written into one layer's cache, then causal GQA attention.
 
     q (n, n_heads, head_dim), k and v (n, n_kv_heads, head_dim) before RoPE;
-    k_cache, v_cache (n_slots, n_kv_heads, n_ctx, head_dim) float16 or float32,
-    written at (slots[i], :, positions[i]) (rounded to the cache's dtype). Token
-    i attends to positions 0..positions[i] of its slot, this batch's earlier
-    tokens included. Returns (n, n_heads, head_dim) float32.
+    k_cache, v_cache (n_slots, n_kv_heads, ring, head_dim) float16 or float32,
+    written at (slots[i], :, positions[i] % ring) (rounded to the cache's dtype).
+    Token i attends to positions ``key_range(positions[i], window)`` of its
+    slot, this batch's earlier tokens included. A sliding-window layer
+    (window > 0) may keep a ring shorter than the context; the ring must then
+    hold ``window`` positions more than the batch has tokens of one slot.
+    Returns (n, n_heads, head_dim) float32.
     """
     positions, slots = np.asarray(positions, dtype=np.int64), np.asarray(slots, dtype=np.int64)
     check_attend_arguments(q, k, v, positions, slots, k_cache, v_cache, rope_dim, style)
-    check_cache_indices("attend", slots, positions, k_cache.shape[0], k_cache.shape[2])
+    check_cache_indices("attend", slots, positions, k_cache.shape[0], k_cache.shape[2], window)
     q = rope(q, positions, theta, rope_dim, style)                        # (n, n_heads, head_dim)
     k = rope(k, positions, theta, rope_dim, style)                        # (n, n_kv_heads, head_dim)
-    k_cache[slots, :, positions] = k
-    v_cache[slots, :, positions] = v
-    return attention(q, k_cache, v_cache, slots, positions)
+    ring = k_cache.shape[2]
+    k_cache[slots, :, positions % ring] = k
+    v_cache[slots, :, positions % ring] = v
+    return attention(q, k_cache, v_cache, slots, positions, window)
 
 
 def check_attention_shapes(what: str, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
@@ -142,13 +152,15 @@ def check_attend_arguments(q, k, v, positions, slots, k_cache, v_cache, rope_dim
         raise ValueError(f"attend: rope_dim must be even and in 1..{head_dim}, got {rope_dim}")
 
 
-def check_cache_indices(what: str, slots: np.ndarray, positions: np.ndarray, n_slots: int, n_ctx: int) -> None:
-    """IndexError for a slot outside the cache or a negative position; ContextLengthExceeded past n_ctx."""
+def check_cache_indices(what: str, slots: np.ndarray, positions: np.ndarray, n_slots: int, n_ctx: int,
+                        window: int = 0) -> None:
+    """IndexError for a slot outside the cache or a negative position; ContextLengthExceeded past n_ctx
+    (the ring of a sliding-window layer, window > 0, holds any position: its model checks the context)."""
     if slots.size and (slots.min() < 0 or slots.max() >= n_slots):
         raise IndexError(f"{what}: slots must lie in the cache's slots 0..{n_slots - 1}, got {slots.tolist()}")
     if positions.size and positions.min() < 0:
         raise IndexError(f"{what}: positions must not be negative, got {positions.min()}")
-    if positions.size and positions.max() >= n_ctx:
+    if window <= 0 and positions.size and positions.max() >= n_ctx:
         raise ContextLengthExceeded(int(positions.max()) + 1, n_ctx, "sequence")
 
 
@@ -159,3 +171,24 @@ def silu(x: np.ndarray) -> np.ndarray:
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """silu(gate) * up, both (n, hidden_dim)."""
     return (silu(gate.astype(np.float32)) * up).astype(np.float32)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation: x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))."""
+    x = x.astype(np.float32)
+    return (0.5 * x * (1.0 + np.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (x + np.float32(0.044715) * x ** 3))))
+
+
+def geglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gelu_tanh(gate) * up, both (n, hidden_dim) (Gemma's gated feed-forward)."""
+    return (gelu_tanh(gate) * up).astype(np.float32)
+
+
+GATED_ACTIVATIONS = {"silu": swiglu, "gelu_tanh": geglu}
+
+
+def gated(activation: str, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """activation(gate) * up for a gated feed-forward; activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"unknown feed-forward activation '{activation}' (known: {sorted(GATED_ACTIVATIONS)})")
+    return GATED_ACTIVATIONS[activation](gate, up)

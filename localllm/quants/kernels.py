@@ -230,6 +230,8 @@ def _apply_prologue(x, prologue, norm_weight, eps, up):
         return ops_kernels.rms_norm(x, norm_weight, eps)
     if prologue == portable.SWIGLU:
         return ops_kernels.swiglu(x, up)
+    if prologue == portable.GEGLU:
+        return ops_kernels.geglu(x, up)
     return x
 
 
@@ -288,6 +290,19 @@ def swiglu_matmul_add(w: QTensor, gate: np.ndarray, up: np.ndarray, residual: np
         raise ValueError(f"swiglu_matmul_add: gate and up must have the same shape, got {np.shape(gate)} "
                          f"and {up.shape}")
     return _run((w,), gate, kernels, portable.SWIGLU, up=up, residual=residual)[0]
+
+
+def gated_matmul(w: QTensor, gate: np.ndarray, up: np.ndarray, activation: str,
+                 residual: np.ndarray | None = None, *, kernels: str | None = None) -> np.ndarray:
+    """``[residual +] matmul(w, activation(gate) * up)`` for a gated feed-forward's down projection
+    (activation "silu" or "gelu_tanh"), the gating computed on the way into the activation quantizer.
+    gate, up (n, cols); residual (n, rows) or None."""
+    if activation not in portable.GATED_PROLOGUES:
+        raise ValueError(f"unknown feed-forward activation '{activation}' (known: {sorted(portable.GATED_PROLOGUES)})")
+    up = np.ascontiguousarray(up, dtype=np.float32)
+    if np.shape(gate) != up.shape:
+        raise ValueError(f"gated_matmul: gate and up must have the same shape, got {np.shape(gate)} and {up.shape}")
+    return _run((w,), gate, kernels, portable.GATED_PROLOGUES[activation], up=up, residual=residual)[0]
 
 
 def embedding_rows(w: QTensor, token_ids) -> np.ndarray:

@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..ops.kernels import (PARALLEL_MIN_ROWS, _rms_norm_parallel, _rms_norm_serial, _swiglu_parallel,
-                           _swiglu_serial)
+from ..ops.kernels import (PARALLEL_MIN_ROWS, _geglu_parallel, _geglu_serial, _rms_norm_parallel, _rms_norm_serial,
+                           _swiglu_parallel, _swiglu_serial)
 from .intrinsics import float32_from_bits, load_u8
 
 BLOCK = 32          # activation block: one float scale per 32 activations
@@ -96,14 +96,16 @@ def quantize_activations(x):
     return xq, xd, xds16
 
 
-# Prologues: what the activations are before quantization (one compiled form for all three).
-NO_PROLOGUE, RMS_NORM, SWIGLU = 0, 1, 2
+# Prologues: what the activations are before quantization (one compiled form for all of them).
+NO_PROLOGUE, RMS_NORM, SWIGLU, GEGLU = 0, 1, 2, 3
+GATED_PROLOGUES = {"silu": SWIGLU, "gelu_tanh": GEGLU}
 
 
 @njit(cache=True)
 def prepare_activations(x, prologue, norm_weight, eps, up):
-    """``quantize_activations`` of x (NO_PROLOGUE), of ``rms_norm(x, norm_weight, eps)`` (RMS_NORM) or of
-    ``silu(x) * up`` (SWIGLU), computed by the very kernels of ``ops.kernels`` (same bits as calling them)."""
+    """``quantize_activations`` of x (NO_PROLOGUE), of ``rms_norm(x, norm_weight, eps)`` (RMS_NORM), of
+    ``silu(x) * up`` (SWIGLU) or of ``gelu_tanh(x) * up`` (GEGLU), computed by the very kernels of
+    ``ops.kernels`` (same bits as calling them)."""
     if prologue == NO_PROLOGUE:
         return quantize_activations(x)
     h = np.empty_like(x)
@@ -113,10 +115,15 @@ def prepare_activations(x, prologue, norm_weight, eps, up):
             _rms_norm_parallel(x, norm_weight, eps, h)
         else:
             _rms_norm_serial(x, norm_weight, eps, h)
+    elif prologue == SWIGLU:
+        if parallel:
+            _swiglu_parallel(x, up, h)
+        else:
+            _swiglu_serial(x, up, h)
     elif parallel:
-        _swiglu_parallel(x, up, h)
+        _geglu_parallel(x, up, h)
     else:
-        _swiglu_serial(x, up, h)
+        _geglu_serial(x, up, h)
     return quantize_activations(h)
 
 
@@ -131,6 +138,9 @@ def prepare_activations_serial(x, prologue, norm_weight, eps, up, h, xq, xd, xds
         source = h
     elif prologue == SWIGLU:
         _swiglu_serial(x, up, h)
+        source = h
+    elif prologue == GEGLU:
+        _geglu_serial(x, up, h)
         source = h
     for j in range(x.shape[0]):
         _quantize_row(source, j, xq, xd, xds16)

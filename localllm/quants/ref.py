@@ -392,3 +392,11 @@ def swiglu_matmul_add(w: QTensor, gate: np.ndarray, up: np.ndarray, residual: np
     """``residual + matmul(w, swiglu(gate, up))``: gate, up (n, cols), residual (n, rows)."""
     from ..ops import ref as ops_ref
     return matmul_add(w, ops_ref.swiglu(gate, up), residual)
+
+
+def gated_matmul(w: QTensor, gate: np.ndarray, up: np.ndarray, activation: str,
+                 residual: np.ndarray | None = None) -> np.ndarray:
+    """``[residual +] matmul(w, activation(gate) * up)``: gate, up (n, cols), residual (n, rows) or None."""
+    from ..ops import ref as ops_ref
+    product = matmul(w, ops_ref.gated(activation, gate, up))
+    return product if residual is None else (residual + product).astype(np.float32)

@@ -90,6 +90,8 @@ def render(model, entry, prompt: str, system: str | None, template: str | None, 
     if with_history:
         messages += [dict(m) for m in entry.messages or []]
     messages.append({"role": "user", "content": prompt})
+    if template is None and not getattr(model, "has_chat_template", True):
+        return f"{system}\n\n{prompt}" if system else prompt   # Ollama's default template: the prompt itself
     if template is None:
         return model.render_chat(messages, add_generation_prompt=True)
     tokenizer = model.tokenizer

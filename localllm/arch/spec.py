@@ -1,0 +1,171 @@
+"""What an architecture declares: its hyperparameters (ModelConfig) and the features of its block (BlockSpec).
+
+An architecture module (``arch/llama.py``, ``arch/gemma3.py``, ...) reads its
+GGUF metadata into a ModelConfig; one ``models.decoder.DecoderModel`` walks
+that description in the reference path and the fast path alike. A feature a
+file asks for that the engine does not implement is a load error
+(UnsupportedModelFeature), never a silent skip.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+GATE_ACTIVATIONS = ("silu", "gelu_tanh")
+ROPE_STYLES = ("norm", "neox")
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model file names an architecture localllm has no dataflow for."""
+
+    def __init__(self, architecture: str, source: str = "", supported: tuple[str, ...] = ()):
+        where = f" in {source}" if source else ""
+        known = f" (supported: {', '.join(supported)})" if supported else ""
+        super().__init__(f"unsupported model architecture '{architecture}'{where}{known}")
+        self.architecture = architecture
+
+
+class UnsupportedModelFeature(ValueError):
+    """The model file uses something (a tensor, a RoPE scaling type, ...) the engine does not implement."""
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """The features of a decoder block beyond the Llama block (all off: Llama).
+
+    Per layer, the block is::
+
+        h = attn_norm(x); q, k, v = h @ wq, wk, wv [+ bias]
+        q, k = q_norm(q), k_norm(k) per head             (qk_norm)
+        a = attention(rope(q), rope(k), v) @ wo
+        x = x + post_attn_norm(a)                        (post_attn_norm; else x + a)
+        h = ffn_norm(x); f = (act(h @ w_gate) * (h @ w_up)) @ w_down
+        x = x + post_ffn_norm(f)                         (post_ffn_norm; else x + f)
+    """
+
+    qk_norm: bool = False          # RMSNorm over each head of q and k, before RoPE (Gemma 3, Qwen 3)
+    qkv_bias: bool = False         # bias vectors on q, k, v (Qwen 2)
+    post_attn_norm: bool = False   # RMSNorm on the attention output before the residual add (Gemma 2/3)
+    post_ffn_norm: bool = False    # RMSNorm on the feed-forward output before the residual add (Gemma 2/3)
+    activation: str = "silu"       # gate activation of the feed-forward: "silu" (SwiGLU), "gelu_tanh" (GeGLU)
+
+    def __post_init__(self):
+        if self.activation not in GATE_ACTIVATIONS:
+            raise UnsupportedModelFeature(f"feed-forward activation '{self.activation}' is not implemented "
+                                          f"(known: {', '.join(GATE_ACTIVATIONS)})")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a decoder-only transformer and what its blocks do, read from file metadata."""
+
+    architecture: str
+    dim: int                  # residual stream width (embedding_length)
+    hidden_dim: int           # feed-forward width
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    n_ctx_train: int          # context length the model was trained for
+    rope_theta: float = 10000.0
+    rope_dim: int = 0         # rotated dimensions per head (0 -> head_dim)
+    rope_style: str = "norm"  # "norm": adjacent pairs (GGUF llama); "neox": first/second half
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    block: BlockSpec = field(default_factory=BlockSpec)
+    layer_windows: tuple[int, ...] = ()        # per layer: sliding window in positions, 0 = global; () = all global
+    layer_rope_theta: tuple[float, ...] = ()   # per layer RoPE base; () = rope_theta on every layer
+    embedding_scale: float = 1.0               # token embeddings are multiplied by this (Gemma: sqrt(dim))
+    attention_scale: float = 0.0               # scores are q.k * this; 0 -> 1/sqrt(head_dim)
+    final_logit_softcap: float = 0.0           # logits -> cap * tanh(logits / cap) when > 0
+
+    def __post_init__(self):
+        if self.rope_style not in ROPE_STYLES:
+            raise UnsupportedModelFeature(f"RoPE style '{self.rope_style}' is not implemented")
+        for name, values in (("layer_windows", self.layer_windows), ("layer_rope_theta", self.layer_rope_theta)):
+            if values and len(values) != self.n_layers:
+                raise ValueError(f"{name} must have one value per layer ({self.n_layers}), got {len(values)}")
+
+    @property
+    def n_rot(self) -> int:
+        return self.rope_dim or self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def window(self, layer: int) -> int:
+        """Layer's sliding window (0: it attends to the whole sequence)."""
+        return self.layer_windows[layer] if self.layer_windows else 0
+
+    def theta(self, layer: int) -> float:
+        """Layer's RoPE base."""
+        return self.layer_rope_theta[layer] if self.layer_rope_theta else self.rope_theta
+
+    @property
+    def default_attention_scale(self) -> bool:
+        return self.attention_scale == 0.0 or math.isclose(self.attention_scale, 1.0 / math.sqrt(self.head_dim),
+                                                           rel_tol=1e-7)
+
+
+class MetadataKeys:
+    """``<arch>.*`` keys of a GGUF file, with errors that name the missing key."""
+
+    def __init__(self, gguf):
+        self.gguf = gguf
+        self.arch = gguf.architecture
+
+    def required(self, name: str):
+        value = self.gguf.arch_key(name, None)
+        if value is None:
+            from ..formats.gguf import GGUFError
+            raise GGUFError(f"{self.gguf.path.name}: missing GGUF metadata key '{self.arch}.{name}'")
+        return value
+
+    def get(self, name: str, default=None):
+        value = self.gguf.arch_key(name, None)
+        return default if value is None else value
+
+
+def common_config(gguf, **overrides) -> ModelConfig:
+    """The hyperparameters every llama-family GGUF states the same way (``<arch>.embedding_length``, ...),
+    with ``overrides`` for what an architecture adds; refuses RoPE scaling it does not implement."""
+    keys = MetadataKeys(gguf)
+    dim = int(keys.required("embedding_length"))
+    n_heads = int(keys.required("attention.head_count"))
+    n_kv_heads = int(keys.get("attention.head_count_kv", n_heads))
+    head_dim = int(keys.get("attention.key_length", dim // n_heads))
+    value_dim = int(keys.get("attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise UnsupportedModelFeature(f"{gguf.path.name}: value heads of {value_dim} with key heads of {head_dim} "
+                                      "are not implemented")
+    scaling = str(keys.get("rope.scaling.type", "none"))
+    factor = float(keys.get("rope.scaling.factor", 1.0) or 1.0)
+    if scaling not in ("none", "") and factor != 1.0:
+        raise UnsupportedModelFeature(f"{gguf.path.name}: RoPE scaling '{scaling}' (factor {factor}) is not "
+                                      "implemented")
+    vocab_size = int(keys.get("vocab_size", 0) or len(gguf.metadata.get("tokenizer.ggml.tokens", [])))
+    if not vocab_size:
+        vocab_size = gguf.tensors["token_embd.weight"].shape[0]
+    values = dict(
+        architecture=gguf.architecture,
+        dim=dim,
+        hidden_dim=int(keys.required("feed_forward_length")),
+        n_layers=int(keys.required("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab_size,
+        n_ctx_train=int(keys.required("context_length")),
+        rope_theta=float(keys.get("rope.freq_base", 10000.0)),
+        rope_dim=int(keys.get("rope.dimension_count", head_dim)),
+        norm_eps=float(keys.required("attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in gguf.tensors,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)

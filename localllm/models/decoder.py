@@ -1,0 +1,250 @@
+"""The decoder forward pass, written once for every registered architecture.
+
+``DecoderModel`` holds a model's weights (memory-mapped, in their file types)
+and walks its ``ModelConfig`` / ``BlockSpec`` (see ``arch/spec.py``): Llama,
+Gemma 3 and the rest differ only in which steps of the block they switch on.
+
+The forward pass works on a flat batch of tokens, each with its position and
+the KV-cache slot of the sequence it belongs to: prefill of one prompt,
+decode of one sequence and decode of many sequences are the same call.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..arch import lookup
+from ..arch.spec import ModelConfig, UnsupportedModelFeature
+from ..formats.gguf import GGUFError, GGUFFile
+from ..kv_cache import ContextLengthExceeded, KVCache
+from ..ops import get_backend
+from ..quants import QTensor
+
+MAX_BATCH_TOKENS = 128
+
+
+@dataclass
+class DecoderLayer:
+    attn_norm: np.ndarray            # (dim,)
+    wq: QTensor                      # (q_dim, dim)
+    wk: QTensor                      # (kv_dim, dim)
+    wv: QTensor                      # (kv_dim, dim)
+    wo: QTensor                      # (dim, q_dim)
+    ffn_norm: np.ndarray             # (dim,)
+    w_gate: QTensor                  # (hidden_dim, dim)
+    w_up: QTensor                    # (hidden_dim, dim)
+    w_down: QTensor                  # (dim, hidden_dim)
+    q_norm: np.ndarray | None = None          # (head_dim,)   qk_norm
+    k_norm: np.ndarray | None = None          # (head_dim,)   qk_norm
+    q_bias: np.ndarray | None = None          # (q_dim,)      qkv_bias
+    k_bias: np.ndarray | None = None          # (kv_dim,)     qkv_bias
+    v_bias: np.ndarray | None = None          # (kv_dim,)     qkv_bias
+    post_attn_norm: np.ndarray | None = None  # (dim,)        post_attn_norm
+    post_ffn_norm: np.ndarray | None = None   # (dim,)        post_ffn_norm
+
+
+class _Weights:
+    """The file's tensors, handed out by name; remembers which were taken (the rest must not exist)."""
+
+    def __init__(self, tensors: dict[str, QTensor]):
+        self.tensors = tensors
+        self.taken: set[str] = set()
+
+    def matrix(self, name: str) -> QTensor:
+        if name not in self.tensors:
+            raise GGUFError(f"model file has no tensor '{name}'")
+        self.taken.add(name)
+        return self.tensors[name]
+
+    def vector(self, name: str) -> np.ndarray:
+        from ..quants.ref import dequantize
+        return np.ascontiguousarray(dequantize(self.matrix(name)), dtype=np.float32).reshape(-1)
+
+    def optional_matrix(self, name: str) -> QTensor | None:
+        return self.matrix(name) if name in self.tensors else None
+
+    def check_all_taken(self, architecture: str) -> None:
+        unused = sorted(set(self.tensors) - self.taken)
+        if unused:
+            shown = ", ".join(unused[:6]) + (f" and {len(unused) - 6} more" if len(unused) > 6 else "")
+            raise UnsupportedModelFeature(
+                f"the model file has tensors the '{architecture}' dataflow does not use ({shown}); "
+                "running without them would give wrong answers")
+
+
+class DecoderModel:
+    """Weights (memory-mapped QTensors) + the forward pass. Stateless apart from the cache it is given."""
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, QTensor], backend: str = "auto"):
+        self.config = config
+        self.backend = get_backend(backend)
+        block = config.block
+        weights = _Weights(tensors)
+        self.token_embd = weights.matrix("token_embd.weight")                 # (vocab_size, dim)
+        self.output_norm = weights.vector("output_norm.weight")               # (dim,)
+        self.output = weights.optional_matrix("output.weight") or self.token_embd  # (vocab_size, dim)
+
+        def layer(i: int) -> DecoderLayer:
+            name = f"blk.{i}."
+            optional = {}
+            if block.qk_norm:
+                optional.update(q_norm=weights.vector(name + "attn_q_norm.weight"),
+                                k_norm=weights.vector(name + "attn_k_norm.weight"))
+            if block.qkv_bias:
+                optional.update(q_bias=weights.vector(name + "attn_q.bias"), k_bias=weights.vector(name + "attn_k.bias"),
+                                v_bias=weights.vector(name + "attn_v.bias"))
+            if block.post_attn_norm:
+                optional["post_attn_norm"] = weights.vector(name + "post_attention_norm.weight")
+            if block.post_ffn_norm:
+                optional["post_ffn_norm"] = weights.vector(name + "post_ffw_norm.weight")
+            return DecoderLayer(
+                attn_norm=weights.vector(name + "attn_norm.weight"),
+                wq=weights.matrix(name + "attn_q.weight"),
+                wk=weights.matrix(name + "attn_k.weight"),
+                wv=weights.matrix(name + "attn_v.weight"),
+                wo=weights.matrix(name + "attn_output.weight"),
+                ffn_norm=weights.vector(name + "ffn_norm.weight"),
+                w_gate=weights.matrix(name + "ffn_gate.weight"),
+                w_up=weights.matrix(name + "ffn_up.weight"),
+                w_down=weights.matrix(name + "ffn_down.weight"),
+                **optional,
+            )
+
+        self.layers = [layer(i) for i in range(config.n_layers)]
+        weights.check_all_taken(config.architecture)
+        # Scores are q.k / sqrt(head_dim) in the attention kernels; another scale is applied to q beforehand.
+        self.query_scale = None if config.default_attention_scale else \
+            np.float32(config.attention_scale * np.sqrt(config.head_dim))
+        # tokens per pass through the layers: longer batches (prefill) go in pieces of this many, which
+        # bounds the activations' memory (about 45 KB a token for SmolLM2) at no cost in speed
+        self.max_batch_tokens = MAX_BATCH_TOKENS
+        self._step = None  # the one-launch forward pass for small batches (ops.llama_step), made on first use
+        self._step_checked = False
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile, backend: str = "auto") -> "DecoderModel":
+        """The model of a GGUF file whose architecture is registered (``localllm.arch``)."""
+        config = lookup(gguf.architecture, gguf.path.name).config_from_gguf(gguf)
+        return cls(config, gguf.tensors, backend)
+
+    def new_cache(self, n_slots: int, n_ctx: int, dtype=None) -> KVCache:
+        """An empty KV cache for ``n_slots`` sequences of up to ``n_ctx`` tokens (rings on sliding-window layers).
+
+        dtype: np.float16 or np.float32 for K/V; None picks float16 with the fast
+        backend (like llama.cpp) and float32 with the numpy reference (the float oracle).
+        """
+        c = self.config
+        if dtype is None:
+            dtype = np.float32 if self.backend.name == "ref" else np.float16
+        return KVCache(c.n_layers, n_slots, n_ctx, c.n_kv_heads, c.head_dim, dtype, c.layer_windows,
+                       self.max_batch_tokens)
+
+    def forward(self, tokens, positions, slots, cache: KVCache, logits_for=None) -> np.ndarray:
+        """Run a flat batch of tokens through the model, writing their K/V into ``cache``.
+
+        tokens, positions, slots: (n,) ints. Every token's earlier positions in
+        its slot must already be in the cache (or in this batch, before it).
+        logits_for: indices into the batch whose logits to return (None: all).
+        Returns logits (len(logits_for), vocab_size) float32.
+        """
+        c, ops = self.config, self.backend
+        tokens = np.asarray(tokens, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
+        slots = np.asarray(slots, dtype=np.int64)
+        n = tokens.shape[0]
+        if tokens.min(initial=0) < 0 or tokens.max(initial=0) >= c.vocab_size:
+            raise ValueError(f"token ids must be in [0, {c.vocab_size})")
+        if positions.shape == (n,) and positions.max(initial=-1) >= cache.n_ctx:
+            raise ContextLengthExceeded(int(positions.max()) + 1, cache.n_ctx, "sequence")
+        if n > self.max_batch_tokens:
+            return self._forward_in_chunks(tokens, positions, slots, cache, logits_for)
+
+        x = ops.embedding_rows(self.token_embd, tokens)                         # (n, dim)
+        if c.embedding_scale != 1.0:
+            x *= np.float32(c.embedding_scale)
+        step = self._one_launch_layers(n)
+        if step is not None:  # decode: the layer loop as one parallel launch (same ops, same bits)
+            step.run(x, positions, slots, cache)                                 # x updated in place
+        else:
+            x = self._layers(x, positions, slots, cache)                         # (n, dim)
+
+        if logits_for is not None:
+            x = x[np.asarray(logits_for, dtype=np.int64)]
+        x = ops.rms_norm(x, self.output_norm, c.norm_eps)                        # (m, dim)
+        logits = ops.matmul(self.output, x)                                      # (m, vocab_size)
+        if c.final_logit_softcap > 0:
+            cap = np.float32(c.final_logit_softcap)
+            logits = (np.tanh(logits / cap) * cap).astype(np.float32)
+        return logits
+
+    def _layers(self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Every layer on the residual stream x (n, dim), one op at a time; returns the new x."""
+        c, ops, block = self.config, self.backend, self.config.block
+        n = x.shape[0]
+        for i, layer in enumerate(self.layers):
+            # attention block (the norm and the gating are applied inside the matmul launches that consume them)
+            q, k, v = ops.rms_norm_matmul_many((layer.wq, layer.wk, layer.wv), x,
+                                               layer.attn_norm, c.norm_eps)      # Q, K, V of rms_norm(x)
+            if block.qkv_bias:
+                q, k, v = q + layer.q_bias, k + layer.k_bias, v + layer.v_bias
+            if block.qk_norm:                                                    # RMSNorm over each head
+                q = ops.rms_norm(q.reshape(n * c.n_heads, c.head_dim), layer.q_norm, c.norm_eps)
+                k = ops.rms_norm(k.reshape(n * c.n_kv_heads, c.head_dim), layer.k_norm, c.norm_eps)
+            q = q.reshape(n, c.n_heads, c.head_dim)                              # (n, n_heads, head_dim)
+            k = k.reshape(n, c.n_kv_heads, c.head_dim)                           # (n, n_kv_heads, head_dim)
+            v = v.reshape(n, c.n_kv_heads, c.head_dim)                           # (n, n_kv_heads, head_dim)
+            if self.query_scale is not None:
+                q = q * self.query_scale
+            # RoPE on q and k, k and v into the cache, causal (sliding-window) attention: one call
+            attended = ops.attend(q, k, v, positions, slots, cache.k[i], cache.v[i], c.theta(i), c.n_rot,
+                                  c.rope_style, c.window(i)).reshape(n, c.q_dim)  # (n, q_dim)
+            if block.post_attn_norm:
+                x = x + ops.rms_norm(ops.matmul(layer.wo, attended), layer.post_attn_norm, c.norm_eps)
+            else:
+                x = ops.matmul_add(layer.wo, attended, x)                        # x + attended @ wo.T (n, dim)
+            # feed-forward block
+            gate, up = ops.rms_norm_matmul_many((layer.w_gate, layer.w_up), x,
+                                                layer.ffn_norm, c.norm_eps)      # (n, hidden_dim) each
+            if block.post_ffn_norm:
+                down = ops.gated_matmul(layer.w_down, gate, up, block.activation)  # act(gate) * up @ w_down.T
+                x = x + ops.rms_norm(down, layer.post_ffn_norm, c.norm_eps)
+            else:
+                x = ops.gated_matmul(layer.w_down, gate, up, block.activation, x)  # x + act(gate) * up @ w_down.T
+        return x
+
+    def _forward_in_chunks(self, tokens, positions, slots, cache: KVCache, logits_for) -> np.ndarray:
+        """``forward`` of a long batch as consecutive pieces of up to max_batch_tokens tokens (a token's
+        earlier positions are then in the cache or earlier in its piece, as ``forward`` asks). The kernels
+        give every token the same result in any batch, so the logits are those of one pass; the
+        activations' memory is that of one piece."""
+        n = tokens.shape[0]
+        if positions.shape != (n,) or slots.shape != (n,):
+            raise ValueError(f"forward: tokens, positions and slots must have one length, got {tokens.shape}, "
+                             f"{positions.shape} and {slots.shape}")
+        wanted = np.arange(n) if logits_for is None else np.asarray(logits_for, dtype=np.int64).reshape(-1)
+        if wanted.size and (wanted.min() < -n or wanted.max() >= n):
+            raise IndexError(f"logits_for: indices must lie in [0, {n}), got {wanted.tolist()}")
+        wanted = wanted % n if wanted.size else wanted
+        logits = np.empty((wanted.shape[0], self.config.vocab_size), dtype=np.float32)
+        for start in range(0, n, self.max_batch_tokens):
+            stop = min(start + self.max_batch_tokens, n)
+            here = np.nonzero((wanted >= start) & (wanted < stop))[0]              # rows of logits from this piece
+            piece = self.forward(tokens[start:stop], positions[start:stop], slots[start:stop], cache,
+                                 logits_for=wanted[here] - start)
+            logits[here] = piece
+        return logits
+
+    def _one_launch_layers(self, n: int):
+        """``ops.llama_step.LlamaLayersStep`` when it applies to a batch of n tokens (fast backend, AVX2
+        kernels, a block and weight types it has an entry for, n <= its max_tokens), else None.
+        ``LOCALLLM_ONE_LAUNCH=0`` turns it off (the per-op loop then runs every batch)."""
+        if not self._step_checked:
+            self._step_checked = True
+            if self.backend.name == "fast" and os.environ.get("LOCALLLM_ONE_LAUNCH", "1") != "0":
+                from ..ops import llama_step
+                self._step = llama_step.LlamaLayersStep.for_model(self)
+        if self._step is not None and 0 < n <= self._step.max_tokens:
+            return self._step
+        return None
