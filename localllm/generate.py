@@ -64,6 +64,7 @@ class TokenLogprob:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0        # prompt tokens whose K/V came from the cache (not prefilled again)
 
     @property
     def total_tokens(self) -> int:
@@ -128,6 +129,7 @@ class Sequence:
         self.tokens = list(prompt)             # prompt + generated
         self.n_prompt = len(prompt)
         self.n_computed = cached_prefix        # tokens whose K/V are in the cache
+        self.cached_prefix = cached_prefix     # of them, reused from an earlier request
         self.max_new_tokens = max_new_tokens
         self.sampler = sampler
         self.stop_ids = frozenset(tokenizer.eog_ids) | frozenset(params.stop_token_ids) | frozenset(extra_stop_ids)
@@ -201,10 +203,11 @@ class Sequence:
 
     def finish_event(self, event: GenerationEvent) -> GenerationEvent:
         now = time.perf_counter()
-        event.usage = Usage(self.n_prompt, len(self.generated))
+        event.usage = Usage(self.n_prompt, len(self.generated), self.cached_prefix)
         event.timings = {"prompt_seconds": self.prompt_seconds,
                          "decode_seconds": max(0.0, now - self.started - self.prompt_seconds),
-                         "prompt_tokens": self.n_prompt, "completion_tokens": len(self.generated)}
+                         "prompt_tokens": self.n_prompt, "completion_tokens": len(self.generated),
+                         "prompt_cached_tokens": self.cached_prefix}
         return event
 
 
@@ -371,7 +374,7 @@ def generate(model, cache: KVCache, tokenizer, prompt: list[int], params: Genera
     records: dict[int, list] = {i: [] for i in range(params.n)}
     finish: dict[int, str] = {}
     timings: dict = {}
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     for event in stream_generate(model, cache, tokenizer, prompt, params, n_ctx, extra_processors_factory):
         texts[event.index].append(event.text)
         tokens[event.index].extend(event.token_ids)
@@ -380,7 +383,8 @@ def generate(model, cache: KVCache, tokenizer, prompt: list[int], params: Genera
         if event.finish_reason:
             finish[event.index] = event.finish_reason
             completion_tokens += event.usage.completion_tokens
+            cached_tokens = max(cached_tokens, event.usage.cached_tokens)
             timings = event.timings
     choices = [Choice(i, "".join(texts[i]), tokens[i], finish[i], records[i] if params.logprobs else None)
                for i in range(params.n)]
-    return GenerationResult(choices, Usage(len(prompt), completion_tokens), timings)
+    return GenerationResult(choices, Usage(len(prompt), completion_tokens, cached_tokens), timings)

@@ -101,3 +101,31 @@ def test_greedy_continuations(fast_model, golden_gemma3):
         same_as_float = next((i for i, t in enumerate(llama_cpp) if float_top1[n - 1 + i] != t), len(llama_cpp))
         assert ours[:same_as_float] == llama_cpp[:same_as_float], case["name"]
         assert ours == case["transformers"]["greedy_tokens"][:len(ours)], case["name"]
+
+
+def test_second_chat_turn_prefills_only_its_new_tokens(gemma3_gguf_path):
+    """Through the library: the conversation's next turn reuses the slot's cache, rings included (Ollama and
+    llama.cpp re-process the whole prompt of a sliding-window model every turn)."""
+    import localllm
+    model = localllm.load(str(gemma3_gguf_path), num_ctx=2048)
+    history = [{"role": "user", "content": "Write a long paragraph about the history of Paris. " * 60}]
+    first = model.chat(history, max_tokens=40, temperature=0, details=True)
+    assert first.usage.prompt_tokens > 512 and first.usage.cached_tokens == 0   # past the window of 512
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And of Lyon?"}]
+    second = model.chat(history, max_tokens=8, temperature=0, details=True)
+    new_tokens = second.usage.prompt_tokens - second.usage.cached_tokens
+    assert second.usage.cached_tokens >= first.usage.prompt_tokens and new_tokens < 60
+    # the reused cache gives what a fresh prefill of the whole conversation gives
+    fresh = localllm.load(str(gemma3_gguf_path), num_ctx=2048).chat(history, max_tokens=8, temperature=0,
+                                                                   details=True)
+    assert fresh.usage.cached_tokens == 0 and fresh.choices[0].token_ids == second.choices[0].token_ids
+
+
+def test_chat_uses_gemma_turns_without_a_template_in_the_file(gemma3_gguf_path, gemma3_gguf):
+    import localllm
+    assert "tokenizer.chat_template" not in gemma3_gguf.metadata
+    model = localllm.load(str(gemma3_gguf_path), num_ctx=512)
+    text = model.render_chat([{"role": "user", "content": "Hi"}])
+    assert text == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    ids = model.tokenize(text)
+    assert ids.count(2) == 1  # one BOS, not two
