@@ -120,7 +120,7 @@ class DecoderModel:
         # tokens per pass through the layers: longer batches (prefill) go in pieces of this many, which
         # bounds the activations' memory (about 45 KB a token for SmolLM2) at no cost in speed
         self.max_batch_tokens = MAX_BATCH_TOKENS
-        self._step = None  # the one-launch forward pass for small batches (ops.llama_step), made on first use
+        self._step = None  # the one-launch forward pass for small batches (ops.decoder_step), made on first use
         self._step_checked = False
 
     @classmethod
@@ -237,14 +237,14 @@ class DecoderModel:
         return logits
 
     def _one_launch_layers(self, n: int):
-        """``ops.llama_step.LlamaLayersStep`` when it applies to a batch of n tokens (fast backend, AVX2
-        kernels, a block and weight types it has an entry for, n <= its max_tokens), else None.
+        """``ops.decoder_step.DecoderLayersStep`` when it applies to a batch of n tokens (fast backend, AVX2
+        kernels, weight types with row tasks, n <= its max_tokens), else None.
         ``LOCALLLM_ONE_LAUNCH=0`` turns it off (the per-op loop then runs every batch)."""
         if not self._step_checked:
             self._step_checked = True
             if self.backend.name == "fast" and os.environ.get("LOCALLLM_ONE_LAUNCH", "1") != "0":
-                from ..ops import llama_step
-                self._step = llama_step.LlamaLayersStep.for_model(self)
+                from ..ops import decoder_step
+                self._step = decoder_step.DecoderLayersStep.for_model(self)
         if self._step is not None and 0 < n <= self._step.max_tokens:
             return self._step
         return None

@@ -14,7 +14,7 @@ at a byte offset of an array, nibble and bit unpacking, widening bytes to
 16-bit lanes, the AVX2 integer dot product (``llvm.x86.avx2.pmadd.wd`` =
 ``vpmaddwd``) and a fused multiply-add into float accumulators; and the
 atomics that let the workers of one parallel region share work
-(``atomic_add``, ``atomic_load``, ``spin_pause``; used by ``ops.llama_step``).
+(``atomic_add``, ``atomic_load``, ``spin_pause``; used by ``ops.decoder_step``).
 
 Only ``dot_i16``, ``sum_lanes_by8`` and ``spin_pause`` use x86 instructions; everything else is generic
 LLVM IR that any target compiles (the portable kernels use ``load_u8`` and ``float32_from_bits``).

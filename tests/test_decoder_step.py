@@ -1,4 +1,6 @@
-"""ops.llama_step: the layer loop as one parallel launch gives the per-op loop's bits, caches included."""
+"""ops.decoder_step: the layer loop as one parallel launch gives the per-op loop's bits, caches included,
+for the Llama block and for Gemma 3's (QK-norm, post-norms, GeGLU, sliding-window rings, two RoPE bases,
+four weight types)."""
 from __future__ import annotations
 
 import numba
@@ -18,15 +20,33 @@ pytestmark = pytest.mark.skipif(not cpu_has_avx2(), reason="the one-launch layer
 
 
 # (types of the layer matrices, entry, dim, hidden_dim); "Q4_K_M" mixes like llama.cpp's file type: Q6_K for
-# attn_v and ffn_down, Q4_K for the rest
+# attn_v and ffn_down, Q4_K for the rest; "gemma3" is a tiny Gemma 3 with the types of the real Q4_K_M file
 MODELS = [("Q4_1", "Q4_1", 64, 96), ("Q4_0", "Q4_0", 64, 160), ("Q6_K", "Q6_K", 256, 512),
-          ("Q4_K_M", "Q4_K_Q6_K", 256, 512)]
+          ("Q4_K_M", "Q4_K_Q6_K", 256, 512), ("gemma3", "Q4_K_Q5_0_Q6_K_Q8_0", 256, 512)]
 SECOND_TYPE_MATRICES = ("wv", "w_down")
+GEMMA3_TYPES = {"wq": "Q5_0", "wk": "Q5_0", "wv": "Q8_0", "wo": "Q4_K", "w_gate": "Q5_0", "w_up": "Q5_0",
+                "w_down": "Q6_K"}
+
+
+def tiny_gemma3_model(folder) -> LlamaModel:
+    pytest.importorskip("transformers")
+    from tests.tiny_gemma3 import hf_tiny_gemma3, write_gemma3_gguf
+    hf = hf_tiny_gemma3(dim=256, hidden_dim=512, n_heads=4, n_kv_heads=2, head_dim=64, window=8)
+    model = LlamaModel.from_gguf(read_gguf(write_gemma3_gguf(hf, folder / "tiny-gemma3.gguf")), backend="fast")
+    for i, layer in enumerate(model.layers):
+        for name, ggml_type in GEMMA3_TYPES.items():
+            setattr(layer, name, random_weight(ggml_type, *getattr(layer, name).shape, seed=10 * i))
+    return model
 
 
 @pytest.fixture(scope="module", params=MODELS, ids=lambda p: p[0])
 def model(request, tmp_path_factory) -> LlamaModel:
     weight_type, entry, dim, hidden_dim = request.param
+    if weight_type == "gemma3":
+        model = tiny_gemma3_model(tmp_path_factory.mktemp("step"))
+        assert model._one_launch_layers(1) is not None
+        assert model._step.entry.__module__.endswith(f"decoder_layers_{entry}")
+        return model
     k_quants = "_K" in weight_type
     path = write_tiny_llama(tmp_path_factory.mktemp("step") / f"tiny-{weight_type}.gguf", dim=dim,
                             hidden_dim=hidden_dim, n_layers=2, n_heads=8, n_kv_heads=2, n_ctx=512,
@@ -38,7 +58,7 @@ def model(request, tmp_path_factory) -> LlamaModel:
                 ggml_type = "Q6_K" if weight_type == "Q6_K" or name in SECOND_TYPE_MATRICES else "Q4_K"
                 setattr(layer, name, random_weight(ggml_type, *getattr(layer, name).shape, seed=10 * i))
     assert model._one_launch_layers(1) is not None
-    assert model._step.entry.__name__ == f"llama_layers_{entry}"
+    assert model._step.entry.__module__.endswith(f"decoder_layers_{entry}")
     return model
 
 
@@ -64,8 +84,9 @@ def assert_same(model, caches, tokens, positions, slots):
     one = forward(model, True, caches[0], tokens, positions, slots)
     per_op = forward(model, False, caches[1], tokens, positions, slots)
     np.testing.assert_array_equal(one, per_op)
-    np.testing.assert_array_equal(caches[0].k, caches[1].k)
-    np.testing.assert_array_equal(caches[0].v, caches[1].v)
+    for (_, k0, v0), (_, k1, v1) in zip(caches[0].groups, caches[1].groups):
+        np.testing.assert_array_equal(k0, k1)
+        np.testing.assert_array_equal(v0, v1)
     return one
 
 
@@ -88,6 +109,15 @@ def test_largest_batch_and_the_next_size_up(model):
     n = model._step.max_tokens
     assert_same(model, caches, np.arange(n) + 5, np.arange(20, 20 + n), np.zeros(n, dtype=np.int64))
     assert model._one_launch_layers(n + 1) is None  # prefill-sized batches take the per-op path
+
+
+def test_decode_past_a_wrapped_ring(model):
+    """Gemma 3's local layers keep rings of 256 rows (window 8): 300 cached positions have wrapped them."""
+    caches = fresh_pair(model, prompt_tokens=300)
+    if model.config.layer_windows:
+        assert caches[0].rows[0] == 256 < caches[0].n_ctx
+    for i in range(3):
+        assert_same(model, caches, [40 + i, 3], [300 + i, i], [0, 1])
 
 
 def test_float32_cache(model):
@@ -116,16 +146,17 @@ def test_bad_slot_and_context_overflow_raise_like_the_per_op_path(model):
         forward(model, True, cache, [5], [-1], [0])
 
 
-def test_not_used_for_float_weights_or_other_mixes(tmp_path):
-    from localllm.ops.llama_step import LlamaLayersStep
+def test_not_used_for_float_weights_or_too_many_types(tmp_path):
+    from localllm.ops.decoder_step import DecoderLayersStep
     float_model = LlamaModel.from_gguf(read_gguf(write_tiny_llama(tmp_path / "f32.gguf")), backend="fast")
-    assert LlamaLayersStep.for_model(float_model) is None
+    assert DecoderLayersStep.for_model(float_model) is None
     q8 = LlamaModel.from_gguf(read_gguf(write_tiny_llama(tmp_path / "q8.gguf", weight_type="Q8_0")), backend="fast")
-    assert LlamaLayersStep.for_model(q8) is not None
+    assert DecoderLayersStep.for_model(q8) is not None
     q8.layers[1].wv = float_model.layers[1].wv  # one F32 matrix among Q8_0 ones
-    assert LlamaLayersStep.for_model(q8) is None
-    q8.layers[1].wv = random_weight("Q4_0", *float_model.layers[1].wv.shape)  # a mix without an entry
-    assert LlamaLayersStep.for_model(q8) is None
+    assert DecoderLayersStep.for_model(q8) is None
+    for name, ggml_type in zip(("wv", "wq", "wk", "wo"), ("Q4_0", "Q4_1", "Q5_0", "Q5_1")):
+        setattr(q8.layers[1], name, random_weight(ggml_type, *getattr(float_model.layers[1], name).shape))
+    assert DecoderLayersStep.for_model(q8) is None  # five types: more than the slots
 
 
 def test_ref_backend_never_uses_it(tmp_path):

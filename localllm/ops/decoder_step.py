@@ -1,0 +1,454 @@
+"""The layers of the decoder forward pass for a few tokens (decode) as one parallel launch.
+
+Through the per-op path (``DecoderModel._layers``), decoding one token takes
+five to nine parallel launches a layer, each paying the omp fork/join plus the
+Python calls around it (about 12 us): 1.5-2 ms of an 8-10 ms step for a 135M
+model. Here all layers are one launch. Every worker runs the same program of
+phases, layer by layer; which phases run is the architecture's BlockSpec
+(``arch/spec.py``), passed in as flags, so one program serves every registered
+decoder::
+
+    Q/K/V       rms_norm(x) @ [wq, wk, wv]        (each worker quantizes the activations itself)
+    rope        per token: [q/k head norms, query scale], RoPE on q and k, k and v into the cache
+    chunks      attention over 128-key chunks (the layer's window and ring), one (token, KV head, chunk) an item
+    merge       the chunks merged in order, one (token, KV head) an item
+    wo          x += attended @ wo   or, with post_attn_norm, o = attended @ wo
+    post-attn   per token: x += rms_norm(o)                              (post_attn_norm only)
+    gate/up     rms_norm(x) @ [w_gate, w_up]
+    down        x += act(gate) * up @ w_down   or, with post_ffn_norm, o = ... @ w_down
+    post-ffn    per token: x += rms_norm(o)                              (post_ffn_norm only)
+
+A phase's work items are claimed from an atomic counter; a worker goes on to
+the next phase once every item of this one is done (a second counter). No
+worker waits for another worker to arrive, only for claimed items to finish,
+so the program is right with any number of workers actually running (one
+worker does everything if it is alone). The arithmetic is the per-op path's,
+function for function (row tasks of ``quants.kernels_avx2``, ``_rms_norm_row``,
+``_rope_write_row``, ``attend_chunk_item``, ``merge_pair``): results are bit for
+bit those of the per-op layer loop, its reference (``tests/test_decoder_step.py``).
+
+Weight types: a model's layer matrices use up to four ggml types (Gemma 3's
+Q4_K_M file: Q5_0, Q8_0, Q4_K and Q6_K); each matrix names the row task of its
+type by a slot number. The parallel entry that binds the slots to row tasks is
+generated for the model's set of types (``entry_for``) into the kernel cache
+and compiled there once, so numba compiles only the row tasks a model uses.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numba
+import numpy as np
+from numba import njit
+
+from ..quants.intrinsics import atomic_add, atomic_load, spin_pause
+from ..quants.portable import GATED_PROLOGUES, NO_PROLOGUE, RMS_NORM, prepare_activations_serial
+from . import ref
+from .attention_kernels import _OK, KEY_CHUNK, _check_indices, _rope_write_row, attend_chunk_item, chunk_parts, merge_pair
+from .kernels import _rms_norm_row, _rope_table
+
+ROWS_PER_TASK = 8        # kernels_avx2.ROWS_PER_TASK (rows of one row task)
+MATRICES_PER_LAYER = 7   # wq, wk, wv, wo, w_gate, w_up, w_down: their order in ``weights``
+PHASES_PER_LAYER = 9     # Q/K/V, rope, chunks, merge, wo, post-attn, gate/up, down, post-ffn
+MAX_TYPE_SLOTS = 4       # ggml types among a model's layer matrices
+ITEMS_PER_WORKER = 12    # work items a matmul phase is cut into, per worker (fewer for small matrices)
+MIN_TASKS_PER_ITEM = 4   # ... but at least this many row tasks of ROWS_PER_TASK rows each
+MAX_TOKENS = 16          # larger batches (prefill) go through the per-op path
+
+# flags (an int64 array) describing the block: what the BlockSpec says, as numbers the program reads
+QK_NORM, POST_ATTN_NORM, POST_FFN_NORM, GATE_PROLOGUE, QUERY_SCALED, N_FLAGS = 0, 1, 2, 3, 4, 5
+
+
+# --------------------------------------------------------------------------- phases
+
+@njit(inline="always")
+def claim(counters, phase, n_items):
+    """The next unclaimed item of ``phase``, or -1 when all are taken."""
+    item = atomic_add(counters, 2 * phase, 1)
+    return item if item < n_items else -1
+
+
+@njit(inline="always")
+def unclaimed(counters, phase, n_items):
+    return atomic_load(counters, 2 * phase) < n_items
+
+
+@njit(inline="always")
+def finish(counters, phase):
+    atomic_add(counters, 2 * phase + 1, 1)
+
+
+@njit(inline="always")
+def wait_for_phase(counters, phase, n_items):
+    """Spin until every item of ``phase`` is done (their results visible to this worker)."""
+    while atomic_load(counters, 2 * phase + 1) < n_items:
+        spin_pause()
+
+
+@njit(inline="always")
+def _task_count(rows):
+    return (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+
+
+@njit(inline="always")
+def _task_location(tasks0, tasks1, t):
+    """Row task t over up to three matrices of tasks0, tasks1, ... tasks (ROWS_PER_TASK rows each, matrices
+    in order) -> (matrix index, first row)."""
+    if t < tasks0:
+        return 0, t * ROWS_PER_TASK
+    if t < tasks0 + tasks1:
+        return 1, (t - tasks0) * ROWS_PER_TASK
+    return 2, (t - tasks0 - tasks1) * ROWS_PER_TASK
+
+
+@njit
+def _as_matrix(flat, n, cols):
+    """The first n * cols items of a per-worker scratch vector as a C-contiguous (n, cols) matrix."""
+    return flat[:n * cols].reshape((n, cols))
+
+
+@njit(inline="always")
+def _rows(rows0, rows1, rows2, rows3, slot, w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table,
+          accumulate):
+    """Row task of the type in ``slot`` on rows r.. of w."""
+    if slot == 0:
+        rows0(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+    elif slot == 1:
+        rows1(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+    elif slot == 2:
+        rows2(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+    else:
+        rows3(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+
+
+@njit
+def matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase, n_workers, weights, first, outs, x, prologue, norm_weight,
+                 eps, up, accumulate, scratch):
+    """outs[m] (+)= prologue(x) @ weights[first + m].T for m < len(outs) <= 3, rows claimed in items; a matrix's
+    rows go through the row task of its type (rows0..rows3, as ``type_slots`` says)."""
+    n, cols = x.shape
+    scratch_h, scratch_q, scratch_d, scratch_d16, scratch_d_t, scratch_d16_t, offset_table = scratch
+    # the matrices taken out of the list once: every access to the list changes shared reference counts
+    count = len(outs)
+    w0, w1, w2 = weights[first], weights[first + min(1, count - 1)], weights[first + min(2, count - 1)]
+    slot0, slot1, slot2 = type_slots[first], type_slots[first + min(1, count - 1)], type_slots[first + min(2, count - 1)]
+    tasks0 = _task_count(w0.shape[0])
+    tasks1 = _task_count(w1.shape[0]) if count > 1 else 0
+    tasks2 = _task_count(w2.shape[0]) if count > 2 else 0
+    n_tasks = tasks0 + tasks1 + tasks2
+    n_items = max(1, min(n_tasks // MIN_TASKS_PER_ITEM, ITEMS_PER_WORKER * n_workers))
+    if unclaimed(counters, phase, n_items):  # this worker quantizes the activations itself
+        n_blocks = cols // 32
+        xq = _as_matrix(scratch_q, n, cols)                       # (n, cols) int16
+        xd = _as_matrix(scratch_d, n, n_blocks)                   # (n, n_blocks)
+        xds16 = _as_matrix(scratch_d16, n, 2 * n_blocks)          # (n, 2 * n_blocks)
+        xd_by_block = _as_matrix(scratch_d_t, n_blocks, n)        # (n_blocks, n)
+        xds16_by_block = _as_matrix(scratch_d16_t, 2 * n_blocks, n)
+        prepare_activations_serial(x, prologue, norm_weight, eps, up, _as_matrix(scratch_h, n, cols),
+                                   xq, xd, xds16, xd_by_block, xds16_by_block)
+        item = claim(counters, phase, n_items)
+        while item >= 0:
+            for t in range(item * n_tasks // n_items, (item + 1) * n_tasks // n_items):
+                m, r = _task_location(tasks0, tasks1, t)
+                if m == 0:
+                    w, slot = w0, slot0
+                elif m == 1:
+                    w, slot = w1, slot1
+                else:
+                    w, slot = w2, slot2
+                _rows(rows0, rows1, rows2, rows3, slot, w, r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m],
+                      offset_table, accumulate)
+            finish(counters, phase)
+            item = claim(counters, phase, n_items)
+    wait_for_phase(counters, phase, n_items)
+
+
+@njit
+def rope_phase(counters, phase, q, k, v, positions, slots, cos, sin, neox, k_cache, v_cache, q_rotated, k_rotated,
+               q_norm, k_norm, eps, flags, query_scale):
+    """Per token: [RMSNorm over each head of q and k, the query scale], RoPE on q and k, k and v into the cache."""
+    n, n_heads, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    q_heads, k_heads = q.reshape((n * n_heads, head_dim)), k.reshape((n * n_kv_heads, head_dim))
+    item = claim(counters, phase, n)
+    while item >= 0:
+        if flags[QK_NORM]:  # in place: _rms_norm_row reads a row's sum of squares before writing it
+            for h in range(item * n_heads, (item + 1) * n_heads):
+                _rms_norm_row(q_heads, q_norm, eps, q_heads, h)
+            for h in range(item * n_kv_heads, (item + 1) * n_kv_heads):
+                _rms_norm_row(k_heads, k_norm, eps, k_heads, h)
+        if flags[QUERY_SCALED]:
+            for h in range(n_heads):
+                for d in range(head_dim):
+                    q[item, h, d] = q[item, h, d] * query_scale
+        _rope_write_row(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, q_rotated, k_rotated, item)
+        finish(counters, phase)
+        item = claim(counters, phase, n)
+    wait_for_phase(counters, phase, n)
+
+
+@njit
+def attention_phases(counters, phase, q_rotated, positions, slots, window, k_cache, v_cache, part_max, part_sum,
+                     part_out, attended, scores, run_max, run_sum, run_out):
+    """Attention by key chunk (phase), the chunks merged (phase + 1)."""
+    n = q_rotated.shape[0]
+    n_kv_heads = k_cache.shape[1]
+    n_items = n * n_kv_heads * part_max.shape[2]
+    item = claim(counters, phase, n_items)
+    while item >= 0:
+        attend_chunk_item(q_rotated, k_cache, v_cache, slots, positions, window, item, scores, part_max, part_sum,
+                          part_out)
+        finish(counters, phase)
+        item = claim(counters, phase, n_items)
+    wait_for_phase(counters, phase, n_items)
+
+    item = claim(counters, phase + 1, n * n_kv_heads)
+    while item >= 0:
+        merge_pair(part_max, part_sum, part_out, positions, window, attended, item // n_kv_heads, item % n_kv_heads,
+                   run_max, run_sum, run_out)
+        finish(counters, phase + 1)
+        item = claim(counters, phase + 1, n * n_kv_heads)
+    wait_for_phase(counters, phase + 1, n * n_kv_heads)
+
+
+@njit
+def post_norm_phase(counters, phase, x, out, norm_weight, eps, normed):
+    """Per token: x += rms_norm(out) (the same float32 add as numpy's ``x + rms_norm(out)``)."""
+    n, dim = x.shape
+    item = claim(counters, phase, n)
+    while item >= 0:
+        _rms_norm_row(out, norm_weight, eps, normed, item)
+        for d in range(dim):
+            x[item, d] = x[item, d] + normed[item, d]
+        finish(counters, phase)
+        item = claim(counters, phase, n)
+    wait_for_phase(counters, phase, n)
+
+
+# --------------------------------------------------------------------------- the pass
+
+@njit
+def shared_buffers(weights, x, positions, window_max, n_heads, n_kv_heads, head_dim, n_layers):
+    """What the workers share: the phase counters and the intermediate activations."""
+    n, dim = x.shape
+    group = n_heads // n_kv_heads
+    hidden_dim = weights[4].shape[0]
+    counters = np.zeros(2 * n_layers * PHASES_PER_LAYER, dtype=np.int64)
+    q = np.empty((n, n_heads * head_dim), dtype=np.float32)
+    k = np.empty((n, n_kv_heads * head_dim), dtype=np.float32)
+    v = np.empty((n, n_kv_heads * head_dim), dtype=np.float32)
+    q_rotated = np.empty((n, n_heads, head_dim), dtype=np.float32)
+    k_rotated = np.empty((n, n_kv_heads, head_dim), dtype=np.float32)
+    attended = np.empty((n, n_heads * head_dim), dtype=np.float32)
+    gate = np.empty((n, hidden_dim), dtype=np.float32)
+    up = np.empty((n, hidden_dim), dtype=np.float32)
+    out = np.empty((n, dim), dtype=np.float32)       # wo / w_down products before their post-norms
+    normed = np.empty((n, dim), dtype=np.float32)
+    part_max, part_sum, part_out = chunk_parts(positions, window_max, n_kv_heads, group, head_dim)
+    return counters, q, k, v, attended, gate, up, out, normed, q_rotated, k_rotated, part_max, part_sum, part_out
+
+
+@njit
+def worker_program(rows0, rows1, rows2, rows3, type_slots, weights, norms, head_norms, flags, layer_windows, layer_cache,
+                   layer_rope, x, positions, slots, cos, sin, neox, caches, n_heads, eps, query_scale, n_workers,
+                   shared):
+    """One worker's run through every phase of every layer (x updated in place)."""
+    counters, q, k, v, attended, gate, up, out, normed, q_rotated, k_rotated, part_max, part_sum, part_out = shared
+    n, dim = x.shape
+    k_full, v_full, k_ring, v_ring = caches
+    n_kv_heads, head_dim = k_full.shape[2], k_full.shape[4]
+    group = n_heads // n_kv_heads
+    widest = max(dim, q.shape[1], gate.shape[1])
+    # this worker's scratch: the activations of a matmul phase and attention's partial results
+    scratch = (np.empty(n * widest, dtype=np.float32),        # prologue output
+               np.empty(n * widest, dtype=np.int16),          # quantized activations
+               np.empty(n * widest // 32, dtype=np.float32),  # their scales
+               np.empty(n * widest // 16, dtype=np.float32),  # scaled sums per 16
+               np.empty(n * widest // 32, dtype=np.float32),  # the same two by block
+               np.empty(n * widest // 16, dtype=np.float32),
+               np.empty((widest // 16, 8), dtype=np.float32))  # offset table of K-quant row tasks
+    scores = np.empty((group, KEY_CHUNK), dtype=np.float32)
+    run_max = np.empty(group, dtype=np.float32)
+    run_sum = np.empty(group, dtype=np.float32)
+    run_out = np.empty((group, head_dim), dtype=np.float32)
+    no_weight, no_up = np.empty(0, dtype=np.float32), np.empty((0, 0), dtype=np.float32)
+    post_attn, post_ffn = flags[POST_ATTN_NORM] != 0, flags[POST_FFN_NORM] != 0
+    for layer in range(norms.shape[0]):
+        phase, first = layer * PHASES_PER_LAYER, layer * MATRICES_PER_LAYER
+        attn_norm, post_attn_norm, ffn_norm, post_ffn_norm = norms[layer, 0], norms[layer, 1], norms[layer, 2], \
+            norms[layer, 3]
+        # the layer's cache: its row in the full group or in the ring group
+        if layer_cache[layer, 0] == 0:
+            k_cache, v_cache = k_full[layer_cache[layer, 1]], v_full[layer_cache[layer, 1]]
+        else:
+            k_cache, v_cache = k_ring[layer_cache[layer, 1]], v_ring[layer_cache[layer, 1]]
+        # attention block
+        matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase, n_workers, weights, first, (q, k, v), x, RMS_NORM,
+                     attn_norm, eps, no_up, False, scratch)
+        rope_phase(counters, phase + 1, q.reshape((n, n_heads, head_dim)), k.reshape((n, n_kv_heads, head_dim)),
+                   v.reshape((n, n_kv_heads, head_dim)), positions, slots, cos[layer_rope[layer]],
+                   sin[layer_rope[layer]], neox, k_cache, v_cache, q_rotated, k_rotated, head_norms[layer, 0],
+                   head_norms[layer, 1], eps, flags, query_scale)
+        attention_phases(counters, phase + 2, q_rotated, positions, slots, layer_windows[layer], k_cache, v_cache,
+                         part_max, part_sum, part_out, attended.reshape((n, n_heads, head_dim)), scores, run_max,
+                         run_sum, run_out)
+        if post_attn:
+            matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 4, n_workers, weights, first + 3, (out,),
+                         attended, NO_PROLOGUE, no_weight, eps, no_up, False, scratch)
+            post_norm_phase(counters, phase + 5, x, out, post_attn_norm, eps, normed)
+        else:
+            matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 4, n_workers, weights, first + 3, (x,),
+                         attended, NO_PROLOGUE, no_weight, eps, no_up, True, scratch)
+        # feed-forward block
+        matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 6, n_workers, weights, first + 4, (gate, up), x,
+                     RMS_NORM, ffn_norm, eps, no_up, False, scratch)
+        if post_ffn:
+            matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 7, n_workers, weights, first + 6, (out,), gate,
+                         flags[GATE_PROLOGUE], no_weight, eps, up, False, scratch)
+            post_norm_phase(counters, phase + 8, x, out, post_ffn_norm, eps, normed)
+        else:
+            matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 7, n_workers, weights, first + 6, (x,), gate,
+                         flags[GATE_PROLOGUE], no_weight, eps, up, True, scratch)
+
+
+# --------------------------------------------------------------------------- the parallel entry, per set of types
+
+_ENTRY_SOURCE = '''"""Generated by localllm.ops.decoder_step for layer matrices of types {types}."""
+from numba import njit, prange
+
+from localllm.ops.decoder_step import shared_buffers, worker_program
+from localllm.quants import kernels_avx2
+
+
+@njit(parallel=True, cache=True)
+def decoder_layers(weights, type_slots, norms, head_norms, flags, layer_windows, layer_cache, layer_rope, x,
+                   positions, slots, cos, sin, neox, k_full, v_full, k_ring, v_ring, n_heads, eps, query_scale,
+                   n_workers):
+    widest_window = 0 if layer_windows.min() == 0 else layer_windows.max()  # the most key chunks a token reads
+    shared = shared_buffers(weights, x, positions, widest_window, n_heads, k_full.shape[2], k_full.shape[4],
+                            norms.shape[0])
+    for _ in prange(n_workers):
+        worker_program({rows}, type_slots, weights, norms, head_norms, flags, layer_windows, layer_cache,
+                       layer_rope, x, positions, slots, cos, sin, neox, (k_full, v_full, k_ring, v_ring), n_heads,
+                       eps, query_scale, n_workers, shared)
+'''
+_entries: dict[tuple[str, ...], object] = {}
+
+
+def entry_for(types: tuple[str, ...]):
+    """The compiled parallel entry for layer matrices of these ggml types (sorted, at most MAX_TYPE_SLOTS):
+    a module generated into the kernel cache (so numba caches it beside the other kernels) and imported."""
+    from ..kernel_cache import configure
+    from ..quants import kernels_avx2
+    if types in _entries:
+        return _entries[types]
+    if not 0 < len(types) <= MAX_TYPE_SLOTS or any(not hasattr(kernels_avx2, f"rows_{t}") for t in types):
+        raise ValueError(f"no one-launch row tasks for the types {types}")
+    slots = list(types) + [types[0]] * (MAX_TYPE_SLOTS - len(types))
+    source = _ENTRY_SOURCE.format(types=", ".join(types),
+                                  rows=", ".join(f"kernels_avx2.rows_{t}" for t in slots))
+    name = "decoder_layers_" + "_".join(types)
+    folder = configure() / "generated"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.py"
+    if not path.exists() or path.read_text() != source:
+        temporary = path.with_suffix(f".{id(source)}.tmp")
+        temporary.write_text(source)
+        temporary.replace(path)       # atomic: a concurrent process sees the old file or the new one
+    spec = importlib.util.spec_from_file_location(f"localllm_generated.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    _entries[types] = module.decoder_layers
+    return module.decoder_layers
+
+
+# --------------------------------------------------------------------------- from Python
+
+class DecoderLayersStep:
+    """The layer loop of ``DecoderModel._layers`` for batches of up to MAX_TOKENS tokens, as one launch.
+
+    ``for_model`` returns None where it does not apply: kernels other than AVX2, QKV bias, layer matrices
+    of a type without an AVX2 row task (F32, F16, BF16) or of more than MAX_TYPE_SLOTS types, more than
+    two cache groups.
+    """
+
+    max_tokens = MAX_TOKENS
+
+    def __init__(self, model, types: tuple[str, ...], matrices: list):
+        from numba import typed, types as numba_types
+
+        from ..quants import kernels
+        c, block = model.config, model.config.block
+        self.config = c
+        self.entry = entry_for(types)
+        self.weights = typed.List.empty_list(numba_types.Array(numba_types.uint8, 2, "C", readonly=True))
+        for w in matrices:
+            self.weights.append(kernels._kernel_view(w))
+        self.type_slots = np.array([types.index(w.ggml_type) for w in matrices], dtype=np.int64)  # (7 n_layers,)
+        missing = np.zeros(c.dim, dtype=np.float32)
+
+        no_head_norm = np.ones(c.head_dim, dtype=np.float32)
+
+        def given(value, otherwise):
+            return otherwise if value is None else value
+
+        self.norms = np.stack([np.stack([layer.attn_norm, given(layer.post_attn_norm, missing), layer.ffn_norm,
+                                         given(layer.post_ffn_norm, missing)])
+                               for layer in model.layers])                                # (n_layers, 4, dim)
+        self.head_norms = np.stack([np.stack([given(layer.q_norm, no_head_norm), given(layer.k_norm, no_head_norm)])
+                                    for layer in model.layers])                           # (n_layers, 2, head_dim)
+        self.flags = np.zeros(N_FLAGS, dtype=np.int64)
+        self.flags[QK_NORM], self.flags[POST_ATTN_NORM] = block.qk_norm, block.post_attn_norm
+        self.flags[POST_FFN_NORM], self.flags[GATE_PROLOGUE] = block.post_ffn_norm, GATED_PROLOGUES[block.activation]
+        self.flags[QUERY_SCALED] = model.query_scale is not None
+        self.query_scale = np.float32(model.query_scale if model.query_scale is not None else 1.0)
+        self.layer_windows = np.array([c.window(i) for i in range(c.n_layers)], dtype=np.int64)
+        self.thetas = sorted({c.theta(i) for i in range(c.n_layers)})
+        self.layer_rope = np.array([self.thetas.index(c.theta(i)) for i in range(c.n_layers)], dtype=np.int64)
+
+    @classmethod
+    def for_model(cls, model) -> "DecoderLayersStep | None":
+        from ..quants import kernels
+        if kernels.KERNELS != "avx2" or model.config.block.qkv_bias:
+            return None
+        matrices = [w for layer in model.layers for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate,
+                                                          layer.w_up, layer.w_down)]
+        types = tuple(sorted({w.ggml_type for w in matrices}))
+        from ..quants import kernels_avx2
+        if len(types) > MAX_TYPE_SLOTS or any(not hasattr(kernels_avx2, f"rows_{t}") for t in types):
+            return None
+        return cls(model, types, matrices)
+
+    def run(self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache) -> None:
+        """Every layer on x (n, dim) float32 C-contiguous, in place (the residual stream); positions,
+        slots (n,) int64; K/V written into ``cache``."""
+        c = self.config
+        if not (x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable and x.shape[1:] == (c.dim,)):
+            raise ValueError(f"DecoderLayersStep.run: x must be a writeable C-contiguous float32 (n, {c.dim}) array")
+        if len(cache.groups) > 2:
+            raise ValueError("DecoderLayersStep.run: at most two cache groups (full layers and rings)")
+        n_slots = cache.n_slots
+        if _check_indices(slots, positions, n_slots, cache.n_ctx, 0) != _OK:
+            ref.check_cache_indices("attend", slots, positions, n_slots, cache.n_ctx)
+        full_layers, k_full, v_full = cache.groups[0]
+        ring_layers, k_ring, v_ring = cache.groups[-1]
+        layer_cache = np.empty((c.n_layers, 2), dtype=np.int64)                   # (group, index in it)
+        for group, layers in ((0, full_layers), (1, ring_layers)):
+            for index, layer in enumerate(layers):
+                layer_cache[layer] = group, index
+        for layer in range(c.n_layers):
+            rows = cache.rows[layer]
+            if rows < cache.n_ctx and (rows % KEY_CHUNK or rows < self.layer_windows[layer] + len(positions)):
+                raise ValueError(f"DecoderLayersStep.run: layer {layer}'s ring of {rows} rows cannot hold its "
+                                 f"window and {len(positions)} new tokens")
+        tables = [_rope_table(positions, theta, c.n_rot) for theta in self.thetas]
+        cos = np.stack([table[0] for table in tables])                            # (n_thetas, n, n_rot / 2)
+        sin = np.stack([table[1] for table in tables])
+        if k_full.dtype == np.float16:
+            k_full, v_full, k_ring, v_ring = (a.view(np.uint16) for a in (k_full, v_full, k_ring, v_ring))
+        self.entry(self.weights, self.type_slots, self.norms, self.head_norms, self.flags, self.layer_windows,
+                   layer_cache, self.layer_rope, x, positions, slots, cos, sin, c.rope_style == "neox", k_full, v_full,
+                   k_ring, v_ring, c.n_heads, np.float32(c.norm_eps), self.query_scale, numba.get_num_threads())
