@@ -33,51 +33,19 @@ pad/repo/separator tokens, and every token whose text is one of ``tokenizer_buil
 from __future__ import annotations
 
 import codecs
-import re
 import threading
 from pathlib import Path
 from typing import Any, Iterable
 
 from tokenizers import Tokenizer as HFTokenizer
 
-# GGUF token types (tokenizer.ggml.token_type), as llama.cpp names them.
-TOKEN_UNDEFINED, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = range(7)
+from localllm.tokenizer_build import (TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNDEFINED, TOKEN_UNKNOWN,
+                                      TOKEN_UNUSED, TOKEN_USER_DEFINED, byte_level_token_bytes, bytes_to_unicode,
+                                      gguf_tokenizer_args, hf_folder_tokenizer_args, sentencepiece_token_bytes)
 
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-_SPACE_MARK = "\u2581"  # "▁", SentencePiece's space
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map used by byte-level BPE vocabularies."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-                 *range(ord("\xae"), ord("\xff") + 1)]
-    mapping = {byte: chr(byte) for byte in printable}
-    shifted = 0
-    for byte in range(256):
-        if byte not in mapping:
-            mapping[byte] = chr(256 + shifted)
-            shifted += 1
-    return mapping
-
-
-_UNICODE_TO_BYTE = {char: byte for byte, char in bytes_to_unicode().items()}
-_SHIFTED_CHARS = str.maketrans({char: chr(byte) for char, byte in _UNICODE_TO_BYTE.items() if ord(char) > 255})
-
-
-def byte_level_token_bytes(text: str) -> bytes:
-    """Bytes of a byte-level BPE token text (characters outside the map stay as their UTF-8)."""
-    try:
-        return text.translate(_SHIFTED_CHARS).encode("latin-1")
-    except UnicodeEncodeError:
-        return b"".join(bytes([_UNICODE_TO_BYTE[c]]) if c in _UNICODE_TO_BYTE else c.encode() for c in text)
-
-
-def sentencepiece_token_bytes(text: str, byte_fallback: bool) -> bytes:
-    """Bytes of a SentencePiece token text: "<0xAB>" -> b"\\xab" (with byte fallback), "▁" -> space."""
-    match = _BYTE_TOKEN.fullmatch(text) if byte_fallback else None
-    if match:
-        return bytes([int(match.group(1), 16)])
-    return text.replace(_SPACE_MARK, " ").encode()
+__all__ = ["Tokenizer", "IncrementalDetokenizer", "bytes_to_unicode", "byte_level_token_bytes",
+           "sentencepiece_token_bytes", "TOKEN_UNDEFINED", "TOKEN_NORMAL", "TOKEN_UNKNOWN", "TOKEN_CONTROL",
+           "TOKEN_USER_DEFINED", "TOKEN_UNUSED", "TOKEN_BYTE"]
 
 
 class Tokenizer:
@@ -116,16 +84,12 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, metadata: dict[str, Any]) -> "Tokenizer":
         """Build from GGUF metadata (``tokenizer.ggml.*`` keys as plain Python values)."""
-        from localllm.tokenizer_build import build_from_gguf_metadata
-
-        return build_from_gguf_metadata(cls, metadata)
+        return cls(**gguf_tokenizer_args(metadata))
 
     @classmethod
     def from_hf_folder(cls, folder: str | Path) -> "Tokenizer":
         """Build from a Hugging Face folder holding ``tokenizer.json``."""
-        from localllm.tokenizer_build import build_from_hf_folder
-
-        return build_from_hf_folder(cls, Path(folder))
+        return cls(**hf_folder_tokenizer_args(Path(folder)))
 
     # ---------------------------------------------------------------- encode
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
@@ -153,7 +117,7 @@ class Tokenizer:
         """A twin of ``hf_tokenizer`` that does not split special tokens out of the text."""
         with self._plain_lock:
             if self._plain_tokenizer is None:
-                plain = HFTokenizer.from_str(self.hf_tokenizer.to_str())
+                plain = _sharing_twin(self.hf_tokenizer)
                 plain.encode_special_tokens = True
                 self._plain_tokenizer = plain
             return self._plain_tokenizer
@@ -195,6 +159,29 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
                 f"add_bos={self.add_bos}, eog_ids={sorted(self.eog_ids)})")
+
+
+def _sharing_twin(tokenizer: HFTokenizer) -> HFTokenizer:
+    """A second ``tokenizers.Tokenizer`` with the same model, normalizer, pre-tokenizer, post-processor,
+    decoder (shared, not copied: a 262k-token vocabulary takes seconds to serialize) and added tokens."""
+    twin = HFTokenizer(tokenizer.model)
+    for part in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        component = getattr(tokenizer, part)
+        if component is not None:
+            setattr(twin, part, component)
+    added = tokenizer.get_added_tokens_decoder()
+    runs: list[tuple[bool, list]] = []  # consecutive ids of one kind, added in id order so new ids match
+    for token_id in sorted(added):
+        token = added[token_id]
+        if runs and runs[-1][0] == token.special:
+            runs[-1][1].append(token)
+        else:
+            runs.append((token.special, [token]))
+    for special, tokens in runs:
+        (twin.add_special_tokens if special else twin.add_tokens)(tokens)
+    same_ids = {i: t.content for i, t in twin.get_added_tokens_decoder().items()} == \
+        {i: t.content for i, t in added.items()}
+    return twin if same_ids else HFTokenizer.from_str(tokenizer.to_str())
 
 
 class _PieceStream:

@@ -1,20 +1,66 @@
 """Building a ``Tokenizer`` from GGUF metadata or a Hugging Face folder.
 
 The GGUF rules follow llama.cpp's ``llama-vocab.cpp``: which regexes split the text before
-BPE (``tokenizer.ggml.pre``), the default special ids and ``add_bos``, and which tokens end
-generation. Everything is built on ``tokenizers`` models; nothing here tokenizes by hand.
+BPE (``tokenizer.ggml.pre``), the default special ids and ``add_bos``, which tokens end
+generation, and SentencePiece vocabularies (``tokenizer.ggml.model == "llama"``, e.g. Gemma)
+as a BPE whose merges are ranked by the score of the merged piece, which is what llama.cpp's
+greedy highest-score-bigram-first merge computes. Everything is built on ``tokenizers``
+models; nothing here tokenizes by hand.
+
+The builders return the keyword arguments of ``localllm.tokenizer.Tokenizer``; this module
+does not import the tokenizer module (the dependency goes one way: tokenizer -> tokenizer_build).
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from numba import njit
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from localllm.tokenizer import (TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED,
-                                Tokenizer, byte_level_token_bytes, sentencepiece_token_bytes)
+# GGUF token types (tokenizer.ggml.token_type), as llama.cpp names them.
+TOKEN_UNDEFINED, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = range(7)
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_SPACE_MARK = "\u2581"  # "▁", SentencePiece's space
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map used by byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    shifted = 0
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(256 + shifted)
+            shifted += 1
+    return mapping
+
+
+_UNICODE_TO_BYTE = {char: byte for byte, char in bytes_to_unicode().items()}
+_SHIFTED_CHARS = str.maketrans({char: chr(byte) for char, byte in _UNICODE_TO_BYTE.items() if ord(char) > 255})
+
+
+def byte_level_token_bytes(text: str) -> bytes:
+    """Bytes of a byte-level BPE token text (characters outside the map stay as their UTF-8)."""
+    try:
+        return text.translate(_SHIFTED_CHARS).encode("latin-1")
+    except UnicodeEncodeError:
+        return b"".join(bytes([_UNICODE_TO_BYTE[c]]) if c in _UNICODE_TO_BYTE else c.encode() for c in text)
+
+
+def sentencepiece_token_bytes(text: str, byte_fallback: bool) -> bytes:
+    """Bytes of a SentencePiece token text: "<0xAB>" -> b"\\xab" (with byte fallback), "▁" -> space."""
+    match = _BYTE_TOKEN.fullmatch(text) if byte_fallback else None
+    if match:
+        return bytes([int(match.group(1), 16)])
+    return text.replace(_SPACE_MARK, " ").encode()
+
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -111,19 +157,19 @@ _SPECIAL_ID_KEYS = {name: f"tokenizer.ggml.{name}_token_id"
 
 
 # ---------------------------------------------------------------------------- GGUF
-def build_from_gguf_metadata(cls: type[Tokenizer], metadata: dict[str, Any]) -> Tokenizer:
-    """See ``Tokenizer.from_gguf_metadata``."""
+def gguf_tokenizer_args(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of ``Tokenizer`` for GGUF metadata (``tokenizer.ggml.*`` keys as plain values)."""
     model = metadata.get("tokenizer.ggml.model")
     if model is None:
         raise ValueError("GGUF metadata has no 'tokenizer.ggml.model'")
     if model not in ("gpt2", "llama"):
         raise ValueError(f"unsupported tokenizer.ggml.model '{model}' (supported: 'gpt2', 'llama')")
-    tokens = _token_list(metadata)
+    tokens, vocab = _vocabulary(metadata)
     n_tokens = len(tokens)
     token_types = _per_token(metadata, "tokenizer.ggml.token_type", n_tokens, TOKEN_NORMAL)
 
     special = _special_ids(metadata, model, n_tokens)
-    eog_ids = _eog_ids(tokens, token_types, special)  # may mark more tokens CONTROL, as llama.cpp does
+    eog_ids = _eog_ids(tokens, vocab, token_types, special)  # may mark more tokens CONTROL, as llama.cpp does
 
     if model == "gpt2":
         pre = metadata.get("tokenizer.ggml.pre") or "default"
@@ -131,27 +177,26 @@ def build_from_gguf_metadata(cls: type[Tokenizer], metadata: dict[str, Any]) -> 
             raise ValueError(f"unknown tokenizer.ggml.pre '{pre}' for a 'gpt2' vocabulary "
                              f"(known: {', '.join(sorted(_PRE_TYPES))})")
         regex_key, ignore_merges, add_bos = _PRE_TYPES[pre]
-        hf_tokenizer = _byte_level_bpe(tokens, metadata.get("tokenizer.ggml.merges") or [],
+        hf_tokenizer = _byte_level_bpe(vocab, metadata.get("tokenizer.ggml.merges") or [],
                                        PRE_TOKENIZERS[regex_key], ignore_merges)
-        pieces = [_gguf_piece(text, kind, byte_level_token_bytes) for text, kind in zip(tokens, token_types)]
+        pieces = _gguf_pieces(tokens, token_types, list(map(byte_level_token_bytes, tokens)))
         add_space_prefix = False
     else:
         scores = _per_token(metadata, "tokenizer.ggml.scores", n_tokens, 0.0)
         add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
         unk_id = special["unknown"]
-        hf_tokenizer = _sentencepiece_bpe(tokens, token_types, scores, add_space_prefix,
+        hf_tokenizer = _sentencepiece_bpe(tokens, vocab, scores, add_space_prefix,
                                           None if unk_id is None else tokens[unk_id])
         add_bos = True
-        pieces = [_gguf_piece(text, kind, lambda t: sentencepiece_token_bytes(t, byte_fallback=True))
-                  for text, kind in zip(tokens, token_types)]
+        pieces = _gguf_pieces(tokens, token_types, _unescaped_pieces(tokens))
 
     _add_special_tokens(hf_tokenizer, tokens, token_types)
     add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos)) and special["bos"] is not None
-    special_ids = [i for i, kind in enumerate(token_types) if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN)]
-    return cls(hf_tokenizer, pieces=pieces, special_ids=special_ids, bos_id=special["bos"],
-               eos_id=special["eos"], pad_id=special["padding"], add_bos=add_bos, eog_ids=eog_ids,
-               strip_first_space=add_space_prefix, bytes_exact=True, uses_post_processor=False,
-               chat_template=metadata.get("tokenizer.chat_template"), fim_ids=_fim_ids(metadata, special))
+    special_ids = np.flatnonzero(np.isin(token_types, (TOKEN_CONTROL, TOKEN_UNKNOWN))).tolist()
+    return dict(hf_tokenizer=hf_tokenizer, pieces=pieces, special_ids=special_ids, bos_id=special["bos"],
+                eos_id=special["eos"], pad_id=special["padding"], add_bos=add_bos, eog_ids=eog_ids,
+                strip_first_space=add_space_prefix, bytes_exact=True, uses_post_processor=False,
+                chat_template=metadata.get("tokenizer.chat_template"), fim_ids=_fim_ids(metadata, special))
 
 
 def _fim_ids(metadata: dict[str, Any], special: dict[str, int | None]) -> dict[str, int] | None:
@@ -167,17 +212,21 @@ def _fim_ids(metadata: dict[str, Any], special: dict[str, int | None]) -> dict[s
     return ids if len(ids) == 3 else None
 
 
-def _token_list(metadata: dict[str, Any]) -> list[str]:
+def _vocabulary(metadata: dict[str, Any]) -> tuple[list[str], dict[str, int]]:
+    """The token texts (an empty text becomes "[EMPTY_<id>]") and the text -> id map; texts must be unique."""
     tokens = metadata.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
         raise ValueError("GGUF metadata 'tokenizer.ggml.tokens' is missing or empty")
-    tokens = [text if text else f"[EMPTY_{i}]" for i, text in enumerate(tokens)]
-    seen: dict[str, int] = {}
-    for token_id, text in enumerate(tokens):
-        if text in seen:
-            raise ValueError(f"tokenizer.ggml.tokens: duplicate token {text!r} at ids {seen[text]} and {token_id}")
-        seen[text] = token_id
-    return tokens
+    if "" in tokens:
+        tokens = [text if text else f"[EMPTY_{i}]" for i, text in enumerate(tokens)]
+    vocab = dict(zip(tokens, range(len(tokens))))
+    if len(vocab) != len(tokens):
+        seen: dict[str, int] = {}
+        for token_id, text in enumerate(tokens):
+            if text in seen:
+                raise ValueError(f"tokenizer.ggml.tokens: duplicate token {text!r} at ids {seen[text]} and {token_id}")
+            seen[text] = token_id
+    return tokens, vocab
 
 
 def _per_token(metadata: dict[str, Any], key: str, n_tokens: int, default: Any) -> list:
@@ -202,17 +251,17 @@ def _special_ids(metadata: dict[str, Any], model: str, n_tokens: int) -> dict[st
     return special
 
 
-def _eog_ids(tokens: list[str], token_types: list[int], special: dict[str, int | None]) -> set[int]:
+def _eog_ids(tokens: list[str], vocab: dict[str, int], token_types: list[int],
+             special: dict[str, int | None]) -> set[int]:
     """End-of-generation ids as llama.cpp collects them. Tokens it recognises by name (FIM and
     end-of-generation tokens) become CONTROL tokens, as llama.cpp does."""
-    index = {text: i for i, text in enumerate(tokens)}
     found_by_name = set()
     for name, texts in _FIM_TEXTS.items():
-        match = next((index[t] for t in texts if t in index), None)
+        match = next((vocab[t] for t in texts if t in vocab), None)
         if special.get(name) is None and match is not None:
             special[name] = match
             found_by_name.add(match)
-    named_eog = {index[text] for text in EOG_TOKEN_TEXTS if text in index}
+    named_eog = {vocab[text] for text in EOG_TOKEN_TEXTS if text in vocab}
     for token_id in found_by_name | named_eog:
         if token_types[token_id] != TOKEN_CONTROL:
             token_types[token_id] = TOKEN_CONTROL
@@ -231,18 +280,35 @@ def _eog_ids(tokens: list[str], token_types: list[int], special: dict[str, int |
     return eog
 
 
-def _gguf_piece(text: str, kind: int, normal_bytes) -> bytes:
-    """token_bytes of one GGUF token: llama.cpp's token_to_piece with special tokens rendered."""
-    if kind in (TOKEN_NORMAL, TOKEN_BYTE):
-        return normal_bytes(text) if kind == TOKEN_NORMAL else sentencepiece_token_bytes(text, True)
-    if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED):
-        return text.encode()
-    return b""  # UNUSED / UNDEFINED tokens render as nothing
+def _unescaped_pieces(tokens: list[str]) -> list[bytes]:
+    """Bytes of NORMAL SentencePiece tokens: the text with "▁" as a space. One pass over all the
+    texts joined by NUL (split back unless a text holds a NUL itself)."""
+    pieces = "\x00".join(tokens).replace(_SPACE_MARK, " ").encode().split(b"\x00")
+    if len(pieces) != len(tokens):
+        pieces = [text.replace(_SPACE_MARK, " ").encode() for text in tokens]
+    return pieces
 
 
-def _byte_level_bpe(tokens: list[str], merges: list[str], regexes: tuple[str, ...],
+def _gguf_pieces(tokens: list[str], token_types: list[int], normal_pieces: list[bytes]) -> list[bytes]:
+    """token_bytes of every GGUF token: llama.cpp's token_to_piece with special tokens rendered.
+
+    NORMAL tokens as ``normal_pieces`` has them, BYTE tokens ("<0xAB>") as their byte, CONTROL,
+    UNKNOWN and USER_DEFINED tokens as their text, UNUSED/UNDEFINED tokens as nothing.
+    """
+    pieces = list(normal_pieces)
+    for token_id in np.flatnonzero(np.asarray(token_types) != TOKEN_NORMAL).tolist():
+        kind, text = token_types[token_id], tokens[token_id]
+        if kind == TOKEN_BYTE:
+            pieces[token_id] = sentencepiece_token_bytes(text, byte_fallback=True)
+        elif kind in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED):
+            pieces[token_id] = text.encode()
+        else:
+            pieces[token_id] = b""
+    return pieces
+
+
+def _byte_level_bpe(vocab: dict[str, int], merges: list[str], regexes: tuple[str, ...],
                     ignore_merges: bool) -> HFTokenizer:
-    vocab = {text: i for i, text in enumerate(tokens)}
     pairs = []
     for merge in merges:
         split = merge.find(" ", 1)
@@ -256,47 +322,159 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], regexes: tuple[str, ..
     return tokenizer
 
 
-def _sentencepiece_bpe(tokens: list[str], token_types: list[int], scores: list[float],
+def _sentencepiece_bpe(tokens: list[str], vocab: dict[str, int], scores: list[float],
                        add_space_prefix: bool, unk_token: str | None) -> HFTokenizer:
-    """SentencePiece-style BPE: merges ranked by the score of the merged piece, byte fallback."""
-    vocab = {text: i for i, text in enumerate(tokens)}
-    mergeable = {text for text, kind in zip(tokens, token_types) if kind in (TOKEN_NORMAL, TOKEN_USER_DEFINED)}
-    ranked = []
-    for merged_id, merged in enumerate(tokens):
-        if merged not in mergeable:
-            continue
-        for split in range(1, len(merged)):
-            left, right = merged[:split], merged[split:]
-            if left in mergeable and right in mergeable:
-                ranked.append((-float(scores[merged_id]), merged_id, vocab[left], vocab[right], left, right))
-    ranked.sort()
-    model = models.BPE(vocab, [(left, right) for *_, left, right in ranked], unk_token=unk_token,
-                       fuse_unk=True, byte_fallback=True)
+    """llama.cpp's SentencePiece tokenizer as a ``tokenizers`` BPE.
+
+    llama.cpp starts from the characters and repeatedly merges the adjacent pair whose
+    concatenation is the highest-scoring token (the leftmost pair on a tie); characters
+    missing from the vocabulary become ``<0xAB>`` byte tokens. The same as a BPE whose merges
+    are every split of every token into two tokens, ranked by the merged token's score (equal
+    scores by token id, then split), given unique scores and vocabularies holding every
+    character of their tokens as a token, as SentencePiece's do (Gemma 3: llama.cpp's ids on
+    every text tried).
+    """
+    merged_ids, left_ids, right_ids = _token_splits(tokens)
+    order = np.lexsort((left_ids, merged_ids, -np.asarray(scores, dtype=np.float64)[merged_ids]))
+    text_of = tokens.__getitem__
+    merges = list(zip(map(text_of, left_ids[order].tolist()), map(text_of, right_ids[order].tolist())))
+    model = models.BPE(vocab, merges, unk_token=unk_token, fuse_unk=True, byte_fallback=True)
     tokenizer = HFTokenizer(model)
-    spaces = [normalizers.Replace(" ", "\u2581")]
+    spaces = [normalizers.Replace(" ", _SPACE_MARK)]
     tokenizer.normalizer = normalizers.Sequence(
-        ([normalizers.Prepend("\u2581")] if add_space_prefix else []) + spaces)
+        ([normalizers.Prepend(_SPACE_MARK)] if add_space_prefix else []) + spaces)
     tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        [decoders.Replace(_SPACE_MARK, " "), decoders.ByteFallback(), decoders.Fuse()]
         + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
     return tokenizer
 
 
+def _token_splits(tokens: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(merged, left, right) id arrays: every way to write a token as the concatenation of two tokens.
+
+    Any token type may take part, as in llama.cpp (added tokens are split out of the text
+    before the merges run, so only the pieces in between reach them). The texts go to the
+    kernel as one array of code points; ``_token_splits_ref`` is the plain-Python twin.
+    """
+    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+    starts = np.zeros(len(tokens), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    codes = np.frombuffer("".join(tokens).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return _token_splits_kernel(codes, starts, lengths)
+
+
+def _token_splits_ref(tokens: list[str], vocab: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_token_splits`` with a dict look-up of both halves of every split (same triples, token order)."""
+    found = [(merged_id, vocab[text[:split]], vocab[text[split:]])
+             for merged_id, text in enumerate(tokens) for split in range(1, len(text))
+             if text[:split] in vocab and text[split:] in vocab]
+    columns = np.array(found, dtype=np.int64).reshape(-1, 3)
+    return columns[:, 0].copy(), columns[:, 1].copy(), columns[:, 2].copy()
+
+
+_HASH_BASE = np.uint64(0x100000001B3)  # polynomial hash of a text's code points (mod 2**64)
+_HASH_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: a hash's slot is the top bits of hash * this
+
+
+@njit(cache=True)
+def _token_splits_kernel(codes, starts, lengths):
+    """Splits of token texts given as code points (text i: ``codes[starts[i]:starts[i] + lengths[i]]``).
+
+    An open-addressing table of the tokens by polynomial hash; for every token and split
+    position the hashes of both halves (rolling) are looked up, each candidate compared
+    code point by code point. Returns (merged, left, right) ids in token order, then split order.
+    """
+    n_tokens = lengths.shape[0]
+    max_length = 1
+    n_splits = 0
+    for token_id in range(n_tokens):
+        max_length = max(max_length, lengths[token_id])
+        n_splits += max(lengths[token_id] - 1, 0)
+    powers = np.ones(max_length + 1, dtype=np.uint64)
+    for i in range(1, max_length + 1):
+        powers[i] = powers[i - 1] * _HASH_BASE
+    hashes = np.zeros(n_tokens, dtype=np.uint64)
+    for token_id in range(n_tokens):
+        hashes[token_id] = _text_hash(codes, starts[token_id], lengths[token_id])
+
+    slot_bits = 1
+    while (1 << slot_bits) < 2 * n_tokens:
+        slot_bits += 1
+    table = np.full(1 << slot_bits, -1, dtype=np.int64)  # slot -> token id, -1 = empty
+    for token_id in range(n_tokens):
+        slot = _slot(hashes[token_id], slot_bits)
+        while table[slot] >= 0:
+            slot = (slot + 1) & ((1 << slot_bits) - 1)
+        table[slot] = token_id
+
+    merged = np.empty(n_splits, dtype=np.int64)
+    left = np.empty(n_splits, dtype=np.int64)
+    right = np.empty(n_splits, dtype=np.int64)
+    n_found = 0
+    for token_id in range(n_tokens):
+        start, length = starts[token_id], lengths[token_id]
+        left_hash = np.uint64(0)
+        for split in range(1, length):
+            left_hash = left_hash * _HASH_BASE + np.uint64(codes[start + split - 1]) + np.uint64(1)
+            left_id = _find(codes, starts, lengths, hashes, table, slot_bits, left_hash, start, split)
+            if left_id < 0:
+                continue
+            right_hash = hashes[token_id] - left_hash * powers[length - split]
+            right_id = _find(codes, starts, lengths, hashes, table, slot_bits, right_hash, start + split,
+                             length - split)
+            if right_id >= 0:
+                merged[n_found], left[n_found], right[n_found] = token_id, left_id, right_id
+                n_found += 1
+    return merged[:n_found], left[:n_found], right[:n_found]
+
+
+@njit(cache=True, inline="always")
+def _text_hash(codes, start, length):
+    value = np.uint64(0)
+    for i in range(start, start + length):
+        value = value * _HASH_BASE + np.uint64(codes[i]) + np.uint64(1)
+    return value
+
+
+@njit(cache=True, inline="always")
+def _slot(value, slot_bits):
+    return np.int64((value * _HASH_MIX) >> np.uint64(64 - slot_bits))
+
+
+@njit(cache=True, inline="always")
+def _find(codes, starts, lengths, hashes, table, slot_bits, value, start, length):
+    """Id of the token whose text is ``codes[start:start + length]`` (hash ``value``), or -1."""
+    slot = _slot(value, slot_bits)
+    while table[slot] >= 0:
+        token_id = table[slot]
+        if hashes[token_id] == value and lengths[token_id] == length:
+            other = starts[token_id]
+            same = True
+            for i in range(length):
+                if codes[other + i] != codes[start + i]:
+                    same = False
+                    break
+            if same:
+                return token_id
+        slot = (slot + 1) & ((1 << slot_bits) - 1)
+    return -1
+
+
 def _add_special_tokens(tokenizer: HFTokenizer, tokens: list[str], token_types: list[int]) -> None:
-    """CONTROL/UNKNOWN tokens are special (matched only with parse_special); USER_DEFINED always match."""
-    added = []
-    for text, kind in zip(tokens, token_types):
-        if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN):
-            added.append(AddedToken(text, special=True, normalized=False))
-        elif kind == TOKEN_USER_DEFINED:
-            added.append(AddedToken(text, special=False, normalized=False))
-    if added:
-        tokenizer.add_special_tokens(added)
+    """CONTROL/UNKNOWN tokens are special (split out of the text only with parse_special); USER_DEFINED
+    tokens are plain added tokens, split out of the text always, as llama.cpp does."""
+    kinds = np.asarray(token_types)
+    special = np.flatnonzero(np.isin(kinds, (TOKEN_CONTROL, TOKEN_UNKNOWN))).tolist()
+    user_defined = np.flatnonzero(kinds == TOKEN_USER_DEFINED).tolist()
+    if special:
+        tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+    if user_defined:
+        tokenizer.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user_defined])
 
 
 # ---------------------------------------------------------------------------- Hugging Face
-def build_from_hf_folder(cls: type[Tokenizer], folder: Path) -> Tokenizer:
-    """See ``Tokenizer.from_hf_folder``."""
+def hf_folder_tokenizer_args(folder: Path) -> dict[str, Any]:
+    """Keyword arguments of ``Tokenizer`` for a Hugging Face folder holding ``tokenizer.json``."""
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {folder}")
@@ -340,10 +518,10 @@ def build_from_hf_folder(cls: type[Tokenizer], folder: Path) -> Tokenizer:
     eog_ids -= {None}
     add_bos = len(tokenizer.encode("", add_special_tokens=True).ids) > 0
     special_ids = [token_id for token_id, entry in added.items() if entry.get("special")]
-    return cls(tokenizer, pieces=pieces, special_ids=special_ids, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
-               add_bos=add_bos, eog_ids=eog_ids, strip_first_space=strip_first_space,
-               bytes_exact=kind != "other", uses_post_processor=True,
-               chat_template=_hf_chat_template(folder, config))
+    return dict(hf_tokenizer=tokenizer, pieces=pieces, special_ids=special_ids, bos_id=bos_id, eos_id=eos_id,
+                pad_id=pad_id, add_bos=add_bos, eog_ids=eog_ids, strip_first_space=strip_first_space,
+                bytes_exact=kind != "other", uses_post_processor=True,
+                chat_template=_hf_chat_template(folder, config))
 
 
 def _component_types(node: Any) -> list[dict]:
