@@ -19,7 +19,7 @@ def teacher_forced_logits(model, case):
 
 
 def test_config(smollm2_gguf):
-    from localllm.models.llama import config_from_gguf
+    from localllm.arch.llama import config_from_gguf
     c = config_from_gguf(smollm2_gguf)
     assert (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim) == (576, 1536, 30, 9, 3, 64)
     assert c.vocab_size == 49152 and c.tie_embeddings and c.rope_theta == 100000.0
