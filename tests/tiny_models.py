@@ -37,7 +37,8 @@ def _store(writer: gguf.GGUFWriter, name: str, array: np.ndarray, weight_type: s
 
 def write_tiny_llama(path: str | Path, *, dim: int = 64, hidden_dim: int = 96, n_layers: int = 2,
                      n_heads: int = 4, n_kv_heads: int = 2, n_ctx: int = 256, weight_type: str = "F32",
-                     tie_embeddings: bool = True, seed: int = 0, rope_theta: float = 10000.0) -> Path:
+                     tie_embeddings: bool = True, seed: int = 0, rope_theta: float = 10000.0,
+                     chat_template: str | None = CHATML_TEMPLATE) -> Path:
     """Write a random llama model; returns the path. ``weight_type`` applies to 2-D matrices."""
     path = Path(path)
     rng = np.random.default_rng(seed)
@@ -65,7 +66,8 @@ def write_tiny_llama(path: str | Path, *, dim: int = 64, hidden_dim: int = 96, n
     writer.add_bos_token_id(256)
     writer.add_eos_token_id(258)
     writer.add_add_bos_token(False)
-    writer.add_chat_template(CHATML_TEMPLATE)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     def matrix(rows, cols, scale=None):
         scale = scale if scale is not None else 1.0 / np.sqrt(cols)
