@@ -37,9 +37,11 @@ class ResponseHeader:
         return cls(new_id(prefix), int(time.time()), model)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens served from the KV cache (not prefilled again)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 # --------------------------------------------------------------------------- collecting events
@@ -58,6 +60,7 @@ class Collector:
     def __init__(self, n_choices: int):
         self.choices = [ChoiceState() for _ in range(n_choices)]
         self.completion_tokens = 0
+        self.cached_tokens = 0
 
     def add(self, index: int, event) -> None:
         choice = self.choices[index]
@@ -68,11 +71,17 @@ class Collector:
         if event.finish_reason:
             choice.finish_reason = event.finish_reason
             self.completion_tokens += final_completion_tokens(event)
+            self.cached_tokens = max(self.cached_tokens, final_cached_tokens(event))
 
 
 def final_completion_tokens(event) -> int:
     """Generated tokens of the choice a final event closes."""
     return event.usage.completion_tokens if event.usage is not None else 0
+
+
+def final_cached_tokens(event) -> int:
+    """Prompt tokens the choice a final event closes took from the KV cache."""
+    return getattr(event.usage, "cached_tokens", 0) if event.usage is not None else 0
 
 
 # --------------------------------------------------------------------------- logprobs
@@ -155,7 +164,8 @@ def chat_completion(header: ResponseHeader, collector: Collector, prompt_tokens:
             "logprobs": {"content": chat_logprob_content(choice.logprobs)} if want_logprobs else None,
             "finish_reason": with_calls(choice.finish_reason, calls),
         })
-    return dict(envelope(header, "chat.completion", choices), usage=usage(prompt_tokens, collector.completion_tokens))
+    return dict(envelope(header, "chat.completion", choices), usage=usage(prompt_tokens, collector.completion_tokens,
+                                                                      collector.cached_tokens))
 
 
 def envelope(header: ResponseHeader, object_type: str, choices: list[dict]) -> dict:
@@ -219,7 +229,7 @@ def chat_stream(header: ResponseHeader, events, n_choices: int, prompt_tokens: i
         yield chat_chunk(header, [chat_delta(index, {"role": "assistant", "content": ""})], include_usage)
     parsers = [make_parser() for _ in range(n_choices)] if make_parser is not None else None
     pending = [[] for _ in range(n_choices)]
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     for index, event in events:
         pending[index] += event.logprobs or []
         if parsers is None:
@@ -233,12 +243,13 @@ def chat_stream(header: ResponseHeader, events, n_choices: int, prompt_tokens: i
             pending[index] = []
         if event.finish_reason:
             completion_tokens += final_completion_tokens(event)
+            cached_tokens = max(cached_tokens, final_cached_tokens(event))
             calls = parsers[index].calls if parsers is not None else []
             yield chat_chunk(header, [chat_delta(index, {}, with_calls(event.finish_reason, calls),
                                                  logprobs=pending[index])], include_usage)
             pending[index] = []
     if include_usage:
-        yield chat_chunk(header, [], True, usage(prompt_tokens, completion_tokens))
+        yield chat_chunk(header, [], True, usage(prompt_tokens, completion_tokens, cached_tokens))
 
 
 # --------------------------------------------------------------------------- completions
@@ -249,7 +260,8 @@ def text_completion(header: ResponseHeader, collector: Collector, prompt_tokens:
                 "logprobs": completion_logprobs(choice.logprobs) if want_logprobs else None,
                 "finish_reason": choice.finish_reason}
                for index, choice in enumerate(collector.choices)]
-    return dict(envelope(header, "text_completion", choices), usage=usage(prompt_tokens, collector.completion_tokens))
+    return dict(envelope(header, "text_completion", choices), usage=usage(prompt_tokens, collector.completion_tokens,
+                                                                      collector.cached_tokens))
 
 
 def completion_chunk(header: ResponseHeader, choices: list[dict], include_usage: bool, usage_value=None) -> dict:
@@ -260,7 +272,7 @@ def completion_stream(header: ResponseHeader, events, n_choices: int, prompt_tok
                       want_logprobs: bool):
     """The chunk sequence of a streamed text completion: text pieces, a final chunk per choice, usage."""
     offsets = [0] * n_choices
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     for index, event in events:
         if event.text or event.logprobs:
             logprobs = completion_logprobs(event.logprobs or [], offsets[index]) if want_logprobs else None
@@ -269,16 +281,17 @@ def completion_stream(header: ResponseHeader, events, n_choices: int, prompt_tok
                                              "finish_reason": None}], include_usage)
         if event.finish_reason:
             completion_tokens += final_completion_tokens(event)
+            cached_tokens = max(cached_tokens, final_cached_tokens(event))
             yield completion_chunk(header, [{"index": index, "text": "", "logprobs": None,
                                              "finish_reason": event.finish_reason}], include_usage)
     if include_usage:
-        yield completion_chunk(header, [], True, usage(prompt_tokens, completion_tokens))
+        yield completion_chunk(header, [], True, usage(prompt_tokens, completion_tokens, cached_tokens))
 
 
 # --------------------------------------------------------------------------- responses (/v1/responses)
 
-def response_usage(input_tokens: int, output_tokens: int) -> dict:
-    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+def response_usage(input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> dict:
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": input_tokens + output_tokens}
 
@@ -359,8 +372,8 @@ class ResponseStream:
                 status = item_status(event.finish_reason)
                 yield from self._close_all(status)
                 kind = "response.completed" if status == "completed" else "response.incomplete"
-                output_tokens = final_completion_tokens(event)
-                yield self._event(kind, response=self._response(status, response_usage(input_tokens, output_tokens)))
+                usage_value = response_usage(input_tokens, final_completion_tokens(event), final_cached_tokens(event))
+                yield self._event(kind, response=self._response(status, usage_value))
 
     # ---------------------------------------------------------------- items
     def _piece(self, piece):

@@ -43,7 +43,8 @@ def test_chat_stream_chunk_sequence_for_two_interleaved_choices():
                       (1, {}, "stop"), (0, {"content": "!"}, None), (0, {}, "length")]
     assert all(c["usage"] is None for c in chunks[:-1])
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 4,
-                                                                   "total_tokens": 9}
+                                                                   "total_tokens": 9,
+                                                                   "prompt_tokens_details": {"cached_tokens": 0}}
     assert all(c["id"] == "chatcmpl-test" and c["object"] == "chat.completion.chunk" for c in chunks)
 
 
@@ -63,7 +64,8 @@ def test_chat_completion_object_with_logprobs():
     assert choice["message"] == {"role": "assistant", "content": "Hi"} and choice["finish_reason"] == "stop"
     assert choice["logprobs"] == {"content": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": [
         {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}, {"token": "Yo", "logprob": -1.5, "bytes": [89, 111]}]}]}
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_completion_logprobs_legacy_shape():

@@ -70,4 +70,4 @@ class Responses:
         output = formatting.response_output("".join(choice.text), choice.finish_reason, prepared.make_parser)
         resp.media = formatting.response_object(
             header, fields, formatting.item_status(choice.finish_reason), output,
-            formatting.response_usage(submission.prompt_tokens, collector.completion_tokens))
+            formatting.response_usage(submission.prompt_tokens, collector.completion_tokens, collector.cached_tokens))

