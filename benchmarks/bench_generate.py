@@ -39,7 +39,8 @@ with an empty numba cache (everything compiled), ``cached_start_s`` the same
 for a second process that finds the cache (numba ``cache=True``).
 
 Prints one JSON object: the CPU (model name, relevant flags), the load average at
-start and end (spinning thread pools collapse on a busy machine), the model file,
+start and end (spinning thread pools collapse on a busy machine, llama.cpp's first:
+``warning`` when it started above 1), the model file,
 medians per engine, ratios localllm / peer for prefill and decode, the faster
 native peer of each and the ratio against it, every round, localllm's kernels,
 numba target CPU, whether the one-launch decode step ran, and its memory budget
@@ -389,6 +390,8 @@ def main() -> None:
     # a busy machine ruins the spinning thread pools of every engine (llama.cpp's first): 0.5 tok/s decoding
     # with 2 threads under a load of 9 on 2 cores, 35 with 1 thread; compare the runs of a quiet machine only
     result["load_average_1min"]["end"] = round(os.getloadavg()[0], 2)
+    if result["load_average_1min"]["start"] > 1:
+        result["warning"] = "the machine was busy at the start (load average above 1): not a comparable run"
 
     # the memory target: resident memory at most GGUF size + KV cache + 200 MB (MiB throughout)
     local = result[LOCAL]
