@@ -29,7 +29,6 @@ GEMMA3_TYPES = {"wq": "Q5_0", "wk": "Q5_0", "wv": "Q8_0", "wo": "Q4_K", "w_gate"
 
 
 def tiny_gemma3_model(folder) -> LlamaModel:
-    pytest.importorskip("transformers")
     from tests.tiny_gemma3 import hf_tiny_gemma3, write_gemma3_gguf
     hf = hf_tiny_gemma3(dim=256, hidden_dim=512, n_heads=4, n_kv_heads=2, head_dim=64, window=8)
     model = LlamaModel.from_gguf(read_gguf(write_gemma3_gguf(hf, folder / "tiny-gemma3.gguf")), backend="fast")
