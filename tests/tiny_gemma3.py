@@ -8,7 +8,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from tests.tiny_models import CHATML_TEMPLATE, _store, byte_level_vocab
+from tests.tiny_models import _store, add_byte_level_tokenizer, byte_level_vocab
 
 
 def hf_tiny_gemma3(*, dim: int = 64, hidden_dim: int = 96, n_layers: int = 3, n_heads: int = 4, n_kv_heads: int = 2,
@@ -56,7 +56,6 @@ def write_gemma3_gguf(model, path: str | Path, weight_type: str = "F32") -> Path
     """The transformers model as a GGUF ``gemma3`` file; ``weight_type`` applies to 2-D matrices."""
     path = Path(path)
     c = model.config
-    tokens, token_types = byte_level_vocab()
     writer = gguf.GGUFWriter(str(path), "gemma3")
     writer.add_name("tiny-gemma3")
     writer.add_context_length(c.max_position_embeddings)
@@ -72,15 +71,7 @@ def write_gemma3_gguf(model, path: str | Path, weight_type: str = "F32") -> Path
     writer.add_sliding_window(c.sliding_window)
     writer.add_uint32("gemma3.attention.sliding_window_pattern", 3)
     writer.add_float32("gemma3.rope.freq_base_swa", c.rope_parameters["sliding_attention"]["rope_theta"])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(token_types)
-    writer.add_token_merges([])
-    writer.add_bos_token_id(256)
-    writer.add_eos_token_id(258)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(CHATML_TEMPLATE)
+    add_byte_level_tokenizer(writer)
     state = {name: tensor.detach().float().numpy() for name, tensor in model.state_dict().items()}
 
     def add(gguf_name: str, array: np.ndarray, norm: bool = False) -> None:

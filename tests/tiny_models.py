@@ -22,6 +22,21 @@ def byte_level_vocab() -> tuple[list[str], list[int]]:
     return tokens, token_types
 
 
+def add_byte_level_tokenizer(writer: gguf.GGUFWriter, chat_template: str | None = CHATML_TEMPLATE) -> None:
+    """The byte-level vocabulary's tokenizer keys (BOS <|endoftext|>, EOS <|im_end|>) and a chat template."""
+    tokens, token_types = byte_level_vocab()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(256)
+    writer.add_eos_token_id(258)
+    writer.add_add_bos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+
+
 def _store(writer: gguf.GGUFWriter, name: str, array: np.ndarray, weight_type: str) -> None:
     array = array.astype(np.float32)
     if weight_type == "F32" or array.ndim == 1:
@@ -42,8 +57,7 @@ def write_tiny_llama(path: str | Path, *, dim: int = 64, hidden_dim: int = 96, n
     """Write a random llama model; returns the path. ``weight_type`` applies to 2-D matrices."""
     path = Path(path)
     rng = np.random.default_rng(seed)
-    tokens, token_types = byte_level_vocab()
-    vocab_size = len(tokens)
+    vocab_size = len(byte_level_vocab()[0])
     head_dim = dim // n_heads
 
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -58,16 +72,7 @@ def write_tiny_llama(path: str | Path, *, dim: int = 64, hidden_dim: int = 96, n
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(token_types)
-    writer.add_token_merges([])
-    writer.add_bos_token_id(256)
-    writer.add_eos_token_id(258)
-    writer.add_add_bos_token(False)
-    if chat_template is not None:
-        writer.add_chat_template(chat_template)
+    add_byte_level_tokenizer(writer, chat_template)
 
     def matrix(rows, cols, scale=None):
         scale = scale if scale is not None else 1.0 / np.sqrt(cols)
