@@ -160,3 +160,44 @@ def test_kv_cache_pages_are_lazy_and_zero():
     assert not k.any() and not v.any()
     cache.k[1][2, 1, 999] = 1.5
     assert k[1, 2, 1, 999, 0] == 1.5 and k.sum() == 1.5 * 64
+
+
+def test_unused_tensors_and_unknown_rope_scaling_are_load_errors(tmp_path):
+    """A Llama 3 file's rope_freqs (or any tensor the dataflow would not read) and a RoPE scaling the engine does
+    not implement refuse to load instead of giving silently wrong logits."""
+    import gguf
+    from localllm.arch.spec import UnsupportedModelFeature
+    path = write_tiny_llama(tmp_path / "plain.gguf")
+    source = read_gguf(path)
+
+    def rewrite(name: str, extra_tensor: bool, scaling: bool):
+        target = tmp_path / name
+        writer = gguf.GGUFWriter(str(target), "llama")
+        for key, value in source.metadata.items():
+            if key.startswith("GGUF.") or key == "general.architecture":
+                continue
+            if isinstance(value, list):
+                writer.add_array(key, value)
+            elif isinstance(value, bool):
+                writer.add_bool(key, value)
+            elif isinstance(value, int):
+                writer.add_uint32(key, value)
+            elif isinstance(value, float):
+                writer.add_float32(key, value)
+            else:
+                writer.add_string(key, str(value))
+        if scaling:
+            writer.add_string("llama.rope.scaling.type", "yarn")
+            writer.add_float32("llama.rope.scaling.factor", 4.0)
+        for tensor_name, tensor in source.tensors.items():
+            writer.add_tensor(tensor_name, np.asarray(tensor.data).reshape(tensor.shape))
+        if extra_tensor:
+            writer.add_tensor("rope_freqs.weight", np.ones(8, dtype=np.float32))
+        writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+        return read_gguf(target)
+
+    LlamaModel.from_gguf(rewrite("same.gguf", False, False))  # the copy itself loads
+    with pytest.raises(UnsupportedModelFeature, match="rope_freqs.weight"):
+        LlamaModel.from_gguf(rewrite("llama3.gguf", True, False))
+    with pytest.raises(UnsupportedModelFeature, match="RoPE scaling 'yarn'"):
+        LlamaModel.from_gguf(rewrite("yarn.gguf", False, True))
