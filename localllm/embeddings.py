@@ -6,7 +6,9 @@ file (the form Ollama ships all-minilm in) and returns an
 :class:`EmbeddingModel`. Its ``embed`` gives what sentence-transformers'
 ``encode`` gives for the same model: inputs longer than ``max_seq_length``
 are cut to their first ``max_seq_length - 2`` tokens between ``[CLS]`` and
-``[SEP]``, sentences are batched by length so that padding stays small.
+``[SEP]``. Sentences go through the encoder in batches of similar length, and
+each one's vector is the same bits whatever else is in the request (the
+encoder and the pooling compute every sentence from its own tokens alone).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from .wordpiece import wordpiece_from_gguf, wordpiece_from_vocab_txt
 ENCODER_ARCHITECTURES = bert.ARCHITECTURES
 # GGUF bert.pooling_type (llama.cpp's enum llama_pooling_type) -> pooling mode
 GGUF_POOLING_TYPES = {0: "mean", 1: "mean", 2: "cls", 3: "lasttoken"}  # 0 = none: embed as mean
-# At most this many tokens (batch x padded length) go through the encoder at once.
+# At most this many tokens (batch x its longest length) go through the encoder at once.
 MAX_BATCH_TOKENS = 8192
 
 
@@ -82,29 +84,41 @@ class SentenceTokenizer:
         return [*self.prefix, *content, *self.suffix]
 
 
-def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
-    """Sentence vectors from token vectors, as sentence-transformers' Pooling computes them.
+def pool_sentences(hidden: np.ndarray, offsets: np.ndarray, mode: str) -> np.ndarray:
+    """Sentence vectors from packed token vectors, as sentence-transformers' Pooling computes them.
 
-    hidden (b, L, dim), mask (b, L) with 1 on real tokens (right padding) -> (b, dim).
+    hidden (n, dim), sentence s is rows ``offsets[s]:offsets[s + 1]`` -> (b, dim).
+    Each sentence is pooled from its own rows only (a sentence without tokens gets zeros).
     """
-    mask = mask.astype(np.float32)
-    lengths = mask.sum(axis=1, keepdims=True)                                 # (b, 1)
-    if mode == "cls":
-        return hidden[:, 0].copy()
-    if mode == "lasttoken":
-        last = np.maximum(mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1), 0)
-        return hidden[np.arange(len(hidden)), last].copy()
-    if mode == "max":
-        return np.where(mask[:, :, None] > 0, hidden, -np.inf).max(axis=1).astype(np.float32)
-    if mode in ("mean", "mean_sqrt_len_tokens"):
-        summed = np.einsum("bld,bl->bd", hidden, mask)                        # (b, dim)
-        denominator = np.maximum(lengths, 1e-9)
-        return summed / (denominator if mode == "mean" else np.sqrt(denominator))
-    if mode == "weightedmean":
-        weights = mask * np.arange(1, mask.shape[1] + 1, dtype=np.float32)   # (b, L): 1, 2, ... n
-        summed = np.einsum("bld,bl->bd", hidden, weights)
-        return summed / np.maximum(weights.sum(axis=1, keepdims=True), 1e-9)
-    raise ValueError(f"unknown pooling mode '{mode}' (expected one of {', '.join(POOLING_MODES)})")
+    if mode not in POOLING_MODES:
+        raise ValueError(f"unknown pooling mode '{mode}' (expected one of {', '.join(POOLING_MODES)})")
+    vectors = np.zeros((len(offsets) - 1, hidden.shape[-1]), np.float32)     # (b, dim)
+    for s, (start, stop) in enumerate(zip(offsets[:-1], offsets[1:])):
+        if stop == start:
+            continue
+        tokens = hidden[start:stop]                                           # (m, dim)
+        m = np.float32(stop - start)
+        if mode == "cls":
+            vectors[s] = tokens[0]
+        elif mode == "lasttoken":
+            vectors[s] = tokens[-1]
+        elif mode == "max":
+            vectors[s] = tokens.max(axis=0)
+        elif mode == "mean":
+            vectors[s] = tokens.sum(axis=0) / m
+        elif mode == "mean_sqrt_len_tokens":
+            vectors[s] = tokens.sum(axis=0) / np.sqrt(m)
+        else:  # weightedmean: token i (from 1) weighs i
+            weights = np.arange(1, stop - start + 1, dtype=np.float32)           # (m,)
+            vectors[s] = (tokens * weights[:, None]).sum(axis=0) / weights.sum()
+    return vectors
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """:func:`pool_sentences` over a padded batch: hidden (b, L, dim), mask (b, L) with 1 on real tokens -> (b, dim)."""
+    mask = np.asarray(mask).astype(bool)
+    offsets = np.concatenate([[0], np.cumsum(mask.sum(axis=1))])
+    return pool_sentences(hidden[mask], offsets, mode)
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
@@ -199,7 +213,7 @@ class EmbeddingModel:
         start = 0
         while start < len(order):
             longest = len(sequences[order[min(start + batch_size, len(order)) - 1]])
-            count = max(1, min(batch_size, MAX_BATCH_TOKENS // longest))
+            count = max(1, min(batch_size, MAX_BATCH_TOKENS // max(longest, 1)))
             batch = order[start:start + count]
             vectors[batch] = self._embed_batch([sequences[i] for i in batch])
             start += count
@@ -208,14 +222,8 @@ class EmbeddingModel:
         return l2_normalize(vectors) if normalize else vectors
 
     def _embed_batch(self, sequences: list[list[int]]) -> np.ndarray:
-        length = max(len(s) for s in sequences)
-        input_ids = np.zeros((len(sequences), length), np.int64)               # (b, L), right padding
-        mask = np.zeros((len(sequences), length), bool)                       # (b, L)
-        for row, ids in enumerate(sequences):
-            input_ids[row, :len(ids)] = ids
-            mask[row, :len(ids)] = True
-        hidden = self.encoder.forward(input_ids, mask)                        # (b, L, dim)
-        return pool(hidden, mask, self.pooling)                               # (b, dim)
+        hidden, offsets = self.encoder.encode(sequences)                      # (n, dim), (b + 1,)
+        return pool_sentences(hidden, offsets, self.pooling)                  # (b, dim)
 
 
 # --------------------------------------------------------------------------- loading

@@ -1,4 +1,4 @@
-"""BERT encoder: kernels vs their numpy twins, the dataflow vs an independent float64 oracle."""
+"""BERT encoder: kernels vs their numpy twins, the dataflow vs an independent float64 oracle, batch invariance."""
 from __future__ import annotations
 
 import math
@@ -31,22 +31,61 @@ def _raw(hf):
     return {name: np.asarray(t.data) for name, t in hf.tensors.items()}
 
 
+def _bits(a) -> bytes:
+    """The bytes of a float32 array: equal bits, not just equal values (-0.0 != 0.0 here)."""
+    return np.ascontiguousarray(a, np.float32).tobytes()
+
+
 # --------------------------------------------------------------------------- kernels
 
-@pytest.fixture(params=["serial", "parallel"])
-def threads(request, monkeypatch):
-    """Run a kernel test on the serial and on the parallel path (thresholds dropped to 0)."""
-    if request.param == "parallel":
-        monkeypatch.setattr(ops, "PARALLEL_MIN_WORK", 0)
-        monkeypatch.setattr(ops, "PARALLEL_MIN_ROWS", 0)
-    else:
-        monkeypatch.setattr(ops, "PARALLEL_MIN_WORK", 1 << 40)
-        monkeypatch.setattr(ops, "PARALLEL_MIN_ROWS", 1 << 40)
-    return request.param
+@pytest.mark.parametrize("n_out,n_in", [(1, 1), (5, 3), (37, 19), (64, 40), (ops.PANEL + 1, 2 * ops.PANEL)])
+@pytest.mark.parametrize("n", [1, 5, 6, 7, 13])
+def test_linear_matches_ref(n_out, n_in, n):
+    rng = np.random.default_rng(n_out * n)
+    x = rng.standard_normal((n, n_in)).astype(np.float32)
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    for bias in (b, None):
+        got = ops.linear(x, ops.pack_linear(w, bias))
+        assert got.shape == (n, n_out) and got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_allclose(got, ops.linear_ref(x, w, bias), rtol=1e-5, atol=1e-5)
+    assert ops.linear(np.zeros((0, n_in), np.float32), ops.pack_linear(w, b)).shape == (0, n_out)
+    with pytest.raises(ValueError, match="linear"):
+        ops.linear(np.zeros((2, n_in + 1), np.float32), ops.pack_linear(w, b))
+
+
+def test_linear_rows_do_not_depend_on_the_batch():
+    """Each row of ``linear`` is the same bits in a call of any size at any position (BLAS' are not)."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((3 * ops.PANEL, 96)).astype(np.float32)
+    packed = ops.pack_linear(w, rng.standard_normal(3 * ops.PANEL).astype(np.float32))
+    x = rng.standard_normal((100, 96)).astype(np.float32)
+    full = ops.linear(x, packed)
+    for start, count in [(0, 1), (1, 1), (5, 2), (3, 6), (7, 7), (11, 13), (0, 64), (37, 63)]:
+        assert _bits(ops.linear(x[start:start + count], packed)) == _bits(full[start:start + count])
+
+
+def test_encoder_ops_do_not_depend_on_the_batch():
+    """Attention of a sentence, LayerNorm and GELU of a row: the same bits alone and among many others."""
+    rng = np.random.default_rng(3)
+    n_heads, dim = 4, 64
+    lengths = [7, 300, 1, 45, 256, 3]  # enough work for every thread
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    q, k, v = (rng.standard_normal((offsets[-1], dim)).astype(np.float32) for _ in range(3))
+    together = ops.attention(q, k, v, offsets, n_heads)
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        alone = ops.attention(q[start:stop], k[start:stop], v[start:stop], np.array([0, stop - start]), n_heads)
+        assert _bits(alone) == _bits(together[start:stop])
+    w, b = rng.standard_normal((2, dim)).astype(np.float32)
+    normed = ops.add_layer_norm(q, k, w, b, 1e-12)
+    up = ops.gelu(np.repeat(q, 8, axis=1) * 3)
+    for i in (0, 7, 400):
+        assert _bits(ops.add_layer_norm(q[i:i + 1], k[i:i + 1], w, b, 1e-12)) == _bits(normed[i:i + 1])
+        assert _bits(ops.gelu(np.repeat(q[i:i + 1], 8, axis=1) * 3)) == _bits(up[i:i + 1])
 
 
 @pytest.mark.parametrize("n", [1, 3, 17, 40])
-def test_add_layer_norm_matches_ref(n, threads):
+def test_add_layer_norm_matches_ref(n):
     rng = np.random.default_rng(n)
     x, r = rng.standard_normal((2, n, 37)).astype(np.float32) * 3
     w, b = rng.standard_normal((2, 37)).astype(np.float32)
@@ -56,12 +95,16 @@ def test_add_layer_norm_matches_ref(n, threads):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_gelu_matches_erf_definition(threads):
+def test_gelu_matches_erf_definition():
     x = np.concatenate([np.linspace(-12, 12, 4005), [0.0, -0.0, 1e-8, -1e-8, 50.0, -50.0]]).astype(np.float32)
     exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
     np.testing.assert_allclose(ops.gelu_ref(x), exact, rtol=1e-6, atol=1e-7)
     fast = ops.gelu(x.reshape(-1, 7).copy())
     np.testing.assert_allclose(fast.reshape(-1), exact, rtol=2e-6, atol=2e-7)
+    one_thread = ops.gelu(x.reshape(-1, 7).copy(), threads=False)
+    np.testing.assert_allclose(one_thread.reshape(-1), exact, rtol=2e-6, atol=2e-7)
+    np.testing.assert_allclose(ops.gelu(x.reshape(1, -1).copy(), "gelu_tanh", threads=False),
+                               ops.gelu(x.reshape(1, -1).copy(), "gelu_tanh"), rtol=1e-6, atol=1e-7)
     tanh_form = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x.astype(np.float64) ** 3)))
     np.testing.assert_allclose(ops.gelu(x.reshape(1, -1).copy(), "gelu_tanh").reshape(-1), tanh_form,
                                rtol=1e-5, atol=1e-6)
@@ -70,7 +113,7 @@ def test_gelu_matches_erf_definition(threads):
 
 
 @pytest.mark.parametrize("lengths,n_heads,head_dim", [([1], 1, 4), ([5, 1, 9], 3, 8), ([33, 2], 2, 16)])
-def test_attention_matches_ref_and_padded_oracle(lengths, n_heads, head_dim, threads):
+def test_attention_matches_ref_and_padded_oracle(lengths, n_heads, head_dim):
     rng = np.random.default_rng(len(lengths))
     dim, n = n_heads * head_dim, sum(lengths)
     q, k, v = (rng.standard_normal((n, dim)).astype(np.float32) * 2 for _ in range(3))
@@ -160,14 +203,30 @@ def test_forward_matches_oracle_with_padding(tiny_hf, backend):
     assert np.all(hidden[~real] == 0)
 
 
-def test_batched_equals_one_by_one(tiny_hf):
-    model = _model(tiny_hf)
-    rows = [[2, 3], [2, 8, 9, 3], [2] + list(range(5, 30)) + [3]]
+@pytest.mark.parametrize("backend", ["fast", "ref"])
+def test_batched_equals_one_by_one_bit_for_bit(tiny_hf, backend):
+    model = _model(tiny_hf, backend)
+    rows = [[2, 3], [2, 8, 9, 3], [2] + list(range(5, 30)) + [3], [2, 7, 3]]
     ids, mask = _padded(rows)
     batched = model.forward(ids, mask)
+    packed, offsets = model.encode(rows)
+    assert offsets.tolist() == [0, 2, 6, 33, 36] and packed.shape == (36, 32)
     for i, r in enumerate(rows):
         alone = model.forward(np.array([r]), np.ones((1, len(r))))
-        np.testing.assert_allclose(batched[i, :len(r)], alone[0], rtol=1e-5, atol=1e-5)
+        assert _bits(batched[i, :len(r)]) == _bits(alone[0]) == _bits(packed[offsets[i]:offsets[i + 1]])
+        for others in (rows[:i], rows[i + 1:], rows[::-1]):
+            together, at = model.encode(others + [r])
+            assert _bits(together[at[-2]:at[-1]]) == _bits(alone[0])
+
+
+def test_encode_of_nothing(tiny_hf):
+    model = _model(tiny_hf)
+    x, offsets = model.encode([])
+    assert x.shape == (0, 32) and offsets.tolist() == [0]
+    x, offsets = model.encode([[], [2, 3]])
+    assert x.shape == (2, 32) and offsets.tolist() == [0, 0, 2]
+    with pytest.raises(ValueError, match="41 tokens exceeds the model's 40 positions"):
+        model.encode([[2] * 41])
 
 
 def test_left_padding_keeps_positions_by_column(tiny_hf):

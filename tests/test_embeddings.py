@@ -66,11 +66,46 @@ def test_count_tokens_matches_hf_tokenizer(minilm, minilm_folder, golden):
     assert minilm.count_tokens("") == [2]
 
 
+def _bits(a) -> bytes:
+    """The bytes of a float32 array: equal bits, not just equal values."""
+    return np.ascontiguousarray(a, np.float32).tobytes()
+
+
+def _assert_batch_invariant(model, texts, others):
+    """Each of ``texts`` embeds to the same bits alone and in batches of ``others`` (several orders and
+    batch sizes; raw vectors, and normalized once)."""
+    for text in texts:
+        alone, alone_normalized = model.embed([text], normalize=False)[0], model.embed([text])[0]
+        batches = [[text] + others, others[:2] + [text] + others[2:], [others[-1], text, text]]
+        for batch, batch_size in [(b, size) for b in batches for size in (32, 2)]:
+            vectors = model.embed(batch, normalize=False, batch_size=batch_size)
+            for i in (i for i, t in enumerate(batch) if t == text):
+                assert _bits(vectors[i]) == _bits(alone), (text[:30], len(batch), batch_size)
+        assert _bits(model.embed(others + [text])[-1]) == _bits(alone_normalized)
+
+
+def _invariance_texts(golden) -> tuple[list[str], list[str]]:
+    """Texts to check, and other texts of varied lengths to batch them with (the last one is cut at 256 tokens)."""
+    long_text = max(golden["inputs"], key=len)
+    others = ["x", "A medium sentence about the weather in the mountains, and a second clause.",
+              " ".join(["word"] * 60), EXTRA_TEXTS[1], long_text]
+    return [golden["inputs"][0], "", long_text], others
+
+
+@pytest.mark.parametrize("backend", ["fast", "ref"])
+def test_embedding_does_not_depend_on_the_batch(minilm_folder, golden, backend):
+    """One text, one vector: bit for bit the same alone and among other texts (the server promises it)."""
+    model = load_embedding_model(minilm_folder, backend=backend)
+    texts, others = _invariance_texts(golden)
+    assert max(model.count_tokens(others)) > 256
+    _assert_batch_invariant(model, texts, others)
+
+
 def test_batched_equals_one_by_one(minilm, golden):
     texts = golden["inputs"] + EXTRA_TEXTS
     batched = minilm.embed(texts, batch_size=5)
     for i, text in enumerate(texts):
-        np.testing.assert_allclose(batched[i], minilm.embed(text)[0], rtol=0, atol=2e-6)
+        assert _bits(batched[i]) == _bits(minilm.embed(text)[0])
 
 
 def test_truncation_keeps_final_sep(minilm, golden, minilm_folder):
@@ -204,6 +239,13 @@ def test_gguf_bert_matches_golden(minilm_gguf, minilm, golden):
     assert np.all(_cos(model.embed(EXTRA_TEXTS), minilm.embed(EXTRA_TEXTS)) >= 0.9999)
 
 
+@pytest.mark.parametrize("backend", ["fast", "ref"])
+def test_gguf_embedding_does_not_depend_on_the_batch(minilm_gguf, golden, backend):
+    model = load_embedding_model(minilm_gguf[0], max_seq_length=256, backend=backend)
+    texts, others = _invariance_texts(golden)
+    _assert_batch_invariant(model, texts[:2], others)
+
+
 def test_gguf_wordpiece_tokenizer_matches_hf(minilm_gguf, minilm_folder, golden):
     from localllm.formats.gguf import read_gguf
 
@@ -243,6 +285,8 @@ def test_gguf_quantized_bert_matches_dequantized_oracle(tmp_path):
     np.testing.assert_allclose(exact.embed(TINY_TEXTS, normalize=False), expected, rtol=1e-4, atol=2e-4)
     fast = load_embedding_model(path, backend="fast")
     assert np.all(_cos(fast.embed(TINY_TEXTS), expected) >= 0.999)
+    for model in (exact, fast):
+        _assert_batch_invariant(model, TINY_TEXTS[:2], TINY_TEXTS[2:] + ["the dog runs " * 20])
 
 
 @pytest.mark.parametrize("cased", [False, True])

@@ -7,20 +7,31 @@ blocks, each:
     x = LayerNorm(x + Down(GELU(Up(x)))) GELU with erf (the exact form)
 
 Unlike the decoder models (``forward(tokens, positions, slots)`` over a KV cache)
-an encoder sees whole sentences at once: ``forward`` takes a padded batch
-``(b, L)`` plus its attention mask, packs the real tokens into one ``(n, dim)``
-matrix (no work is spent on padding) and lets each sentence attend to itself.
+an encoder sees whole sentences at once: ``encode`` takes token id lists,
+``forward`` a padded batch ``(b, L)`` plus its attention mask; both pack the
+real tokens into one ``(n, dim)`` matrix (no work is spent on padding) and let
+each sentence attend to itself.
+
+Batch invariance: a sentence's hidden states are the same bits whatever else
+is in the batch. The fast backend gets this from its kernels: F32 matrices go
+through ``ops.encoder.linear`` (packed once at load), other ggml types through
+the backend's ``matmul``, and both give each row the same arithmetic whatever
+the number of rows; the other ops work row by row or sentence by sentence. The
+ref backend takes the numpy twins (``ops.encoder.*_ref``; GELU stays the kernel,
+single-threaded: its twin calls ``math.erf`` element by element) and BLAS
+rounds a row differently by the shape of the call, so it runs the blocks one
+sentence at a time.
 
 Weights are named as llama.cpp's GGUF ``bert`` architecture names them
 (``token_embd``, ``blk.N.attn_q`` ...); ``weights_from_hf`` renames a Hugging
-Face checkpoint into that scheme. F32 matrices are multiplied with one numpy
-BLAS call (``x @ W.T``); any other ggml type goes through the backend's
-``matmul`` (numba kernels if present, else the numpy reference).
+Face checkpoint into that scheme.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from itertools import chain
+from types import SimpleNamespace
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -33,6 +44,14 @@ from ..arch.spec import UnsupportedArchitecture
 
 ARCHITECTURES = ("bert",)
 HIDDEN_ACTIVATIONS = ("gelu", "gelu_tanh")
+# the encoder ops each backend runs (the ref backend stays off numba's threads: they would spin beside BLAS')
+_ENCODER_OPS = {
+    "fast": SimpleNamespace(layer_norm=encoder_ops.layer_norm, add_layer_norm=encoder_ops.add_layer_norm,
+                            attention=encoder_ops.attention, gelu=encoder_ops.gelu),
+    "ref": SimpleNamespace(layer_norm=encoder_ops.layer_norm_ref, add_layer_norm=encoder_ops.add_layer_norm_ref,
+                           attention=encoder_ops.attention_ref,
+                           gelu=lambda x, kind: encoder_ops.gelu(x, kind, threads=False)),
+}
 
 
 @dataclass(frozen=True)
@@ -177,16 +196,23 @@ def weights_from_hf(tensors: dict[str, QTensor]) -> dict[str, QTensor]:
 # --------------------------------------------------------------------------- model
 
 class _Linear:
-    """``y = x @ W.T + b``: F32 weights through one BLAS call, other types through the backend."""
+    """``y = x @ W.T + b``. F32 weights: ``ops.encoder.linear`` on the fast backend (packed here, once),
+    ``linear_ref`` (BLAS) on the ref backend; other types through the backend's ``matmul``."""
 
-    def __init__(self, weight: QTensor, bias: np.ndarray | None, matmul):
+    def __init__(self, weight: QTensor, bias: np.ndarray | None, backend):
         self.weight = weight
-        self.weight_t = weight.data.T if weight.ggml_type == "F32" else None  # (in, out) view, no copy
         self.bias = bias
-        self.matmul = matmul
+        self.matmul = backend.matmul
+        self.packed = None
+        if weight.ggml_type == "F32" and backend.name == "fast":
+            self.packed = encoder_ops.pack_linear(np.asarray(weight.data).reshape(weight.shape), bias)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        y = x @ self.weight_t if self.weight_t is not None else self.matmul(self.weight, x)  # (n, out)
+        if self.packed is not None:
+            return encoder_ops.linear(x, self.packed)                                      # (n, out)
+        if self.weight.ggml_type == "F32":
+            return encoder_ops.linear_ref(x, np.asarray(self.weight.data).reshape(self.weight.shape), self.bias)
+        y = self.matmul(self.weight, x)                                                    # (n, out)
         if self.bias is not None:
             y += self.bias
         return y
@@ -218,6 +244,7 @@ class BertModel:
     def __init__(self, config: BertConfig, weights: dict[str, QTensor], backend: str = "auto"):
         self.config = config
         self.backend = get_backend(backend)
+        self.ops = _ENCODER_OPS[self.backend.name]
         self._weights = weights
         self._used: set[str] = set()
         c = config
@@ -253,7 +280,7 @@ class BertModel:
 
     def _linear(self, prefix: str, n_out: int, n_in: int) -> _Linear:
         return _Linear(self._tensor(f"{prefix}.weight", (n_out, n_in)),
-                       self._float(f"{prefix}.bias", (n_out,)), self.backend.matmul)
+                       self._float(f"{prefix}.bias", (n_out,)), self.backend)
 
     def _layer(self, i: int) -> dict[str, Any]:
         c, p = self.config, f"blk.{i}"
@@ -263,7 +290,7 @@ class BertModel:
             q, k, v = (self._linear(f"{p}.attn_{x}", c.dim, c.dim) for x in "qkv")
             if q.weight.ggml_type == k.weight.ggml_type == v.weight.ggml_type == "F32":
                 fused = _fuse_rows(f"{p}.attn_qkv.weight", [q.weight, k.weight, v.weight])
-                qkv = _Linear(fused, np.concatenate([q.bias, k.bias, v.bias]), self.backend.matmul)
+                qkv = _Linear(fused, np.concatenate([q.bias, k.bias, v.bias]), self.backend)
             else:
                 qkv = _LinearGroup([q, k, v], self.backend.matmul_many)
         return {
@@ -276,6 +303,25 @@ class BertModel:
         }
 
     # ---- forward
+
+    def encode(self, sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Hidden states of sentences given as token id lists (positions from 0, token type 0), packed.
+
+        Returns float32 x (n, dim), n the total number of tokens, and offsets
+        (b + 1,): sentence s is rows ``offsets[s]:offsets[s + 1]``. Each
+        sentence's rows are the same bits whatever the other sentences are.
+        """
+        c = self.config
+        lengths = np.array([len(s) for s in sequences], np.int64)
+        if lengths.size and lengths.max() > c.n_ctx_train:
+            raise ValueError(f"a sequence of {lengths.max()} tokens exceeds the model's {c.n_ctx_train} positions")
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)                # (b + 1,)
+        n = int(offsets[-1])
+        if n == 0:
+            return np.zeros((0, c.dim), np.float32), offsets
+        ids = np.fromiter(chain.from_iterable(sequences), np.int64, n)                      # (n,)
+        positions = np.arange(n) - np.repeat(offsets[:-1], lengths)                         # (n,) from 0 each
+        return self._encode(ids, positions, np.zeros(n, np.int64), offsets), offsets
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                 token_type_ids: np.ndarray | None = None) -> np.ndarray:
@@ -307,18 +353,29 @@ class BertModel:
         flat = np.flatnonzero(mask)                                                        # (n,) into b*L
         offsets = np.concatenate([[0], np.cumsum(mask.sum(axis=1))])                       # (b + 1,)
         out = np.zeros((b * L, c.dim), np.float32)
-        if flat.size == 0:
-            return out.reshape(b, L, c.dim)
-        x = self.backend.embedding_rows(self.token_embd, input_ids.reshape(-1)[flat])     # (n, dim)
-        x += self.position_embd[flat % L]
-        x += self.token_types[types.reshape(-1)[flat]]
-        x = encoder_ops.layer_norm(x, *self.embd_norm, c.norm_eps)                         # (n, dim)
-        for layer in self.layers:
-            x = self._block(layer, x, offsets)
-        out[flat] = x
+        if flat.size:
+            out[flat] = self._encode(input_ids.reshape(-1)[flat], flat % L, types.reshape(-1)[flat], offsets)
         return out.reshape(b, L, c.dim)
 
     __call__ = forward
+
+    def _encode(self, ids: np.ndarray, positions: np.ndarray, token_types: np.ndarray,
+                offsets: np.ndarray) -> np.ndarray:
+        """Packed tokens (n,) ids, positions, token types; sentences at ``offsets`` -> hidden states (n, dim)."""
+        c = self.config
+        x = self.backend.embedding_rows(self.token_embd, ids)                              # (n, dim)
+        x += self.position_embd[positions]
+        x += self.token_types[token_types]
+        x = self.ops.layer_norm(x, *self.embd_norm, c.norm_eps)                            # (n, dim)
+        if self.backend.name == "ref":  # numpy (BLAS) rounds a row by the shape of its call: one sentence at a time
+            return np.concatenate([self._blocks(x[start:stop], np.array([0, stop - start]))
+                                   for start, stop in zip(offsets[:-1], offsets[1:])])
+        return self._blocks(x, offsets)
+
+    def _blocks(self, x: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        for layer in self.layers:
+            x = self._block(layer, x, offsets)
+        return x
 
     def _block(self, layer: dict[str, Any], x: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         c = self.config
@@ -329,12 +386,12 @@ class BertModel:
         else:
             qkv = layer["qkv"](x)                                                          # (n, 3*dim)
             q, k, v = qkv[:, :c.dim], qkv[:, c.dim:2 * c.dim], qkv[:, 2 * c.dim:]
-        mixed = encoder_ops.attention(q, k, v, offsets, c.n_heads)                         # (n, dim)
+        mixed = self.ops.attention(q, k, v, offsets, c.n_heads)                            # (n, dim)
         attn_out = layer["attn_output"](mixed)                                             # (n, dim)
-        x = encoder_ops.add_layer_norm(x, attn_out, *layer["attn_output_norm"], c.norm_eps)
+        x = self.ops.add_layer_norm(x, attn_out, *layer["attn_output_norm"], c.norm_eps)
 
         # feed-forward
         up = layer["ffn_up"](x)                                                            # (n, hidden_dim)
-        up = encoder_ops.gelu(up, c.hidden_act)
+        up = self.ops.gelu(up, c.hidden_act)
         down = layer["ffn_down"](up)                                                       # (n, dim)
-        return encoder_ops.add_layer_norm(x, down, *layer["layer_output_norm"], c.norm_eps)
+        return self.ops.add_layer_norm(x, down, *layer["layer_output_norm"], c.norm_eps)
