@@ -422,17 +422,15 @@ class DecoderLayersStep:
             return None
         return cls(model, types, matrices)
 
-    def run(self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache) -> None:
-        """Every layer on x (n, dim) float32 C-contiguous, in place (the residual stream); positions,
-        slots (n,) int64; K/V written into ``cache``."""
+    def _layout(self, cache):
+        """(layer_cache (n_layers, 2): each layer's group and index in it, k_full, v_full, k_ring, v_ring) of a
+        cache, worked out once per cache: its groups never change."""
+        layout = getattr(cache, "_decoder_step_layout", None)
+        if layout is not None:
+            return layout
         c = self.config
-        if not (x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable and x.shape[1:] == (c.dim,)):
-            raise ValueError(f"DecoderLayersStep.run: x must be a writeable C-contiguous float32 (n, {c.dim}) array")
         if len(cache.groups) > 2:
             raise ValueError("DecoderLayersStep.run: at most two cache groups (full layers and rings)")
-        n_slots = cache.n_slots
-        if _check_indices(slots, positions, n_slots, cache.n_ctx, 0) != _OK:
-            ref.check_cache_indices("attend", slots, positions, n_slots, cache.n_ctx)
         full_layers, k_full, v_full = cache.groups[0]
         ring_layers, k_ring, v_ring = cache.groups[-1]
         layer_cache = np.empty((c.n_layers, 2), dtype=np.int64)                   # (group, index in it)
@@ -441,14 +439,31 @@ class DecoderLayersStep:
                 layer_cache[layer] = group, index
         for layer in range(c.n_layers):
             rows = cache.rows[layer]
-            if rows < cache.n_ctx and (rows % KEY_CHUNK or rows < self.layer_windows[layer] + len(positions)):
+            if rows < cache.n_ctx and (rows % KEY_CHUNK or rows < self.layer_windows[layer] + self.max_tokens):
                 raise ValueError(f"DecoderLayersStep.run: layer {layer}'s ring of {rows} rows cannot hold its "
-                                 f"window and {len(positions)} new tokens")
-        tables = [_rope_table(positions, theta, c.n_rot) for theta in self.thetas]
-        cos = np.stack([table[0] for table in tables])                            # (n_thetas, n, n_rot / 2)
-        sin = np.stack([table[1] for table in tables])
+                                 f"window and {self.max_tokens} new tokens")
         if k_full.dtype == np.float16:
             k_full, v_full, k_ring, v_ring = (a.view(np.uint16) for a in (k_full, v_full, k_ring, v_ring))
+        cache._decoder_step_layout = layout = (layer_cache, k_full, v_full, k_ring, v_ring)
+        return layout
+
+    def run(self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache) -> None:
+        """Every layer on x (n, dim) float32 C-contiguous, in place (the residual stream); positions,
+        slots (n,) int64; K/V written into ``cache``."""
+        c = self.config
+        if not (x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable and x.shape[1:] == (c.dim,)):
+            raise ValueError(f"DecoderLayersStep.run: x must be a writeable C-contiguous float32 (n, {c.dim}) array")
+        n_slots = cache.n_slots
+        if _check_indices(slots, positions, n_slots, cache.n_ctx, 0) != _OK:
+            ref.check_cache_indices("attend", slots, positions, n_slots, cache.n_ctx)
+        layer_cache, k_full, v_full, k_ring, v_ring = self._layout(cache)
+        if len(self.thetas) == 1:
+            cos, sin = _rope_table(positions, self.thetas[0], c.n_rot)
+            cos, sin = cos[None], sin[None]                                       # (1, n, n_rot / 2)
+        else:
+            tables = [_rope_table(positions, theta, c.n_rot) for theta in self.thetas]
+            cos = np.stack([table[0] for table in tables])                        # (n_thetas, n, n_rot / 2)
+            sin = np.stack([table[1] for table in tables])
         self.entry(self.weights, self.type_slots, self.norms, self.head_norms, self.flags, self.layer_windows,
                    layer_cache, self.layer_rope, x, positions, slots, cos, sin, c.rope_style == "neox", k_full, v_full,
                    k_ring, v_ring, c.n_heads, np.float32(c.norm_eps), self.query_scale, numba.get_num_threads())
