@@ -11,6 +11,7 @@ import pytest
 
 from localllm.tokenizer import Tokenizer
 from localllm.tokenizer_build import _token_splits, _token_splits_ref, _vocabulary
+from tests.test_tokenizer import TRICKY_TEXTS
 
 # Characters missing from Gemma's vocabulary (they fall back to <0xAB> byte tokens) between
 # multi-byte characters that are tokens.
@@ -108,17 +109,8 @@ def test_token_splits_small_vocabularies(tokens):
 
 
 # ---------------------------------------------------------------- SmolLM2 unchanged
-SMOLLM2_TEXTS = [
-    "Ça va? naïve café, ÉCOLE — déjà vu",
-    "pizza 🍕, flags 🇫🇷🇯🇵, family 👨‍👩‍👧, skin 👍🏽",
-    "東京は日本の首都です。한국어 텍스트. 中文，标点！",
-    "tabs\tand   runs of     spaces\n\n\n  indented\r\nwindows line",
-    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
-    "   leading and trailing   ",
-    "digits 1234567890 and 3.14159, x**2 != y; {'k': [1, 2]}",
-    "<|endoftext|><reponame>x<file_sep>",
-    "",
-]
+# test_tokenizer's tricky texts, and SmolLM2's StarCoder-style special tokens before the empty one
+SMOLLM2_TEXTS = TRICKY_TEXTS[:-1] + ["<|endoftext|><reponame>x<file_sep>", ""]
 # sha256 of every token's bytes, the ids of SMOLLM2_TEXTS both ways and the special ids, from the
 # tokenizer as it was before the SentencePiece (Gemma) work.
 SMOLLM2_FINGERPRINT = "7cd5cc43556721f1dd175b4ed059305f3bb25bf8439ade4c68d760acf91ceb49"
