@@ -39,7 +39,7 @@ class NoFreeSlot(RuntimeError):
     """Every sequence slot of the cache is in use."""
 
 
-KEY_CHUNK = 128  # attention reads keys in chunks of this many positions (ops.attention_kernels.KEY_CHUNK)
+KEY_CHUNK = 128  # attention reads keys in chunks of this many positions (ops.attention_kernels)
 
 
 def ring_rows(window: int, n_ctx: int, max_batch_tokens: int) -> int:

@@ -26,11 +26,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..kv_cache import KEY_CHUNK  # the ring rows of the cache are counted in these chunks
 from . import ref
 from .kernels import PARALLEL_MIN_ROWS, _as_float32, _as_int64, _rope_row, _rope_table, fast_exp
 from .vector import fma8, horizontal_sum, load1, load8, splat8, store1, store8, sum_lanes8, zeros_f32x8
 
-KEY_CHUNK = 128
 PARALLEL_TASKS = 64       # parallel tasks; task t takes work items t, t + 64, ... (balances causal prefill)
 SPLIT_BELOW_PAIRS = 8     # fewer (token, KV head) pairs than this: split their keys across threads
 _LOWEST = np.float32(-3.0e38)

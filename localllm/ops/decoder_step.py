@@ -46,7 +46,8 @@ from numba import njit
 from ..quants.intrinsics import atomic_add, atomic_load, spin_pause
 from ..quants.portable import GATED_PROLOGUES, NO_PROLOGUE, RMS_NORM, prepare_activations_serial
 from . import ref
-from .attention_kernels import _OK, KEY_CHUNK, _check_indices, _rope_write_row, attend_chunk_item, chunk_parts, merge_pair
+from .attention_kernels import (_OK, KEY_CHUNK, _check_indices, _rope_write_row, attend_chunk_item, chunk_parts,
+                                merge_pair)
 from .kernels import _rms_norm_row, _rope_table
 
 ROWS_PER_TASK = 8        # kernels_avx2.ROWS_PER_TASK (rows of one row task)
@@ -124,8 +125,8 @@ def _rows(rows0, rows1, rows2, rows3, slot, w, r, xq, xd, xds16, xd_by_block, xd
 
 
 @njit
-def matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase, n_workers, weights, first, outs, x, prologue, norm_weight,
-                 eps, up, accumulate, scratch):
+def matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase, n_workers, weights, first, outs, x,
+                 prologue, norm_weight, eps, up, accumulate, scratch):
     """outs[m] (+)= prologue(x) @ weights[first + m].T for m < len(outs) <= 3, rows claimed in items; a matrix's
     rows go through the row task of its type (rows0..rows3, as ``type_slots`` says)."""
     n, cols = x.shape
@@ -133,7 +134,8 @@ def matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase, n_work
     # the matrices taken out of the list once: every access to the list changes shared reference counts
     count = len(outs)
     w0, w1, w2 = weights[first], weights[first + min(1, count - 1)], weights[first + min(2, count - 1)]
-    slot0, slot1, slot2 = type_slots[first], type_slots[first + min(1, count - 1)], type_slots[first + min(2, count - 1)]
+    slot0, slot1 = type_slots[first], type_slots[first + min(1, count - 1)]
+    slot2 = type_slots[first + min(2, count - 1)]
     tasks0 = _task_count(w0.shape[0])
     tasks1 = _task_count(w1.shape[0]) if count > 1 else 0
     tasks2 = _task_count(w2.shape[0]) if count > 2 else 0
@@ -251,9 +253,9 @@ def shared_buffers(weights, x, positions, window_max, n_heads, n_kv_heads, head_
 
 
 @njit
-def worker_program(rows0, rows1, rows2, rows3, type_slots, weights, norms, head_norms, flags, layer_windows, layer_cache,
-                   layer_rope, x, positions, slots, cos, sin, neox, caches, n_heads, eps, query_scale, n_workers,
-                   shared):
+def worker_program(rows0, rows1, rows2, rows3, type_slots, weights, norms, head_norms, flags, layer_windows,
+                   layer_cache, layer_rope, x, positions, slots, cos, sin, neox, caches, n_heads, eps, query_scale,
+                   n_workers, shared):
     """One worker's run through every phase of every layer (x updated in place)."""
     counters, q, k, v, attended, gate, up, out, normed, q_rotated, k_rotated, part_max, part_sum, part_out = shared
     n, dim = x.shape
@@ -285,8 +287,8 @@ def worker_program(rows0, rows1, rows2, rows3, type_slots, weights, norms, head_
         else:
             k_cache, v_cache = k_ring[layer_cache[layer, 1]], v_ring[layer_cache[layer, 1]]
         # attention block
-        matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase, n_workers, weights, first, (q, k, v), x, RMS_NORM,
-                     attn_norm, eps, no_up, False, scratch)
+        matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase, n_workers, weights, first, (q, k, v), x,
+                     RMS_NORM, attn_norm, eps, no_up, False, scratch)
         rope_phase(counters, phase + 1, q.reshape((n, n_heads, head_dim)), k.reshape((n, n_kv_heads, head_dim)),
                    v.reshape((n, n_kv_heads, head_dim)), positions, slots, cos[layer_rope[layer]],
                    sin[layer_rope[layer]], neox, k_cache, v_cache, q_rotated, k_rotated, head_norms[layer, 0],
@@ -294,23 +296,18 @@ def worker_program(rows0, rows1, rows2, rows3, type_slots, weights, norms, head_
         attention_phases(counters, phase + 2, q_rotated, positions, slots, layer_windows[layer], k_cache, v_cache,
                          part_max, part_sum, part_out, attended.reshape((n, n_heads, head_dim)), scores, run_max,
                          run_sum, run_out)
+        # without a post-norm the product is added into x as it is written, else it goes through ``out``
+        matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 4, n_workers, weights, first + 3,
+                     (out if post_attn else x,), attended, NO_PROLOGUE, no_weight, eps, no_up, not post_attn, scratch)
         if post_attn:
-            matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 4, n_workers, weights, first + 3, (out,),
-                         attended, NO_PROLOGUE, no_weight, eps, no_up, False, scratch)
             post_norm_phase(counters, phase + 5, x, out, post_attn_norm, eps, normed)
-        else:
-            matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 4, n_workers, weights, first + 3, (x,),
-                         attended, NO_PROLOGUE, no_weight, eps, no_up, True, scratch)
         # feed-forward block
-        matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 6, n_workers, weights, first + 4, (gate, up), x,
-                     RMS_NORM, ffn_norm, eps, no_up, False, scratch)
+        matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 6, n_workers, weights, first + 4,
+                     (gate, up), x, RMS_NORM, ffn_norm, eps, no_up, False, scratch)
+        matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 7, n_workers, weights, first + 6,
+                     (out if post_ffn else x,), gate, flags[GATE_PROLOGUE], no_weight, eps, up, not post_ffn, scratch)
         if post_ffn:
-            matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 7, n_workers, weights, first + 6, (out,), gate,
-                         flags[GATE_PROLOGUE], no_weight, eps, up, False, scratch)
             post_norm_phase(counters, phase + 8, x, out, post_ffn_norm, eps, normed)
-        else:
-            matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 7, n_workers, weights, first + 6, (x,), gate,
-                         flags[GATE_PROLOGUE], no_weight, eps, up, True, scratch)
 
 
 # --------------------------------------------------------------------------- the parallel entry, per set of types

@@ -110,15 +110,20 @@ def _swiglu_parallel(gate, up, out):
         _swiglu_row(gate, up, out, i)
 
 
-def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """silu(gate) * up, both (n, hidden_dim)."""
+def _run_gated(name: str, serial, parallel, gate, up) -> np.ndarray:
+    """A gated activation kernel on gate, up (n, hidden_dim): threads from PARALLEL_MIN_ROWS rows on."""
     gate, up = _as_float32(gate), _as_float32(up)
     if gate.ndim != 2 or gate.shape != up.shape:
-        raise ValueError(f"swiglu: gate and up must be the same (n, hidden_dim), got {gate.shape} and {up.shape}")
+        raise ValueError(f"{name}: gate and up must be the same (n, hidden_dim), got {gate.shape} and {up.shape}")
     out = np.empty_like(gate)
-    kernel = _swiglu_parallel if gate.shape[0] >= PARALLEL_MIN_ROWS else _swiglu_serial
+    kernel = parallel if gate.shape[0] >= PARALLEL_MIN_ROWS else serial
     kernel(gate, up, out)
     return out
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up, both (n, hidden_dim)."""
+    return _run_gated("swiglu", _swiglu_serial, _swiglu_parallel, gate, up)
 
 
 # --------------------------------------------------------------------------- geglu
@@ -150,13 +155,7 @@ def _geglu_parallel(gate, up, out):
 
 def geglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """gelu_tanh(gate) * up, both (n, hidden_dim)."""
-    gate, up = _as_float32(gate), _as_float32(up)
-    if gate.ndim != 2 or gate.shape != up.shape:
-        raise ValueError(f"geglu: gate and up must be the same (n, hidden_dim), got {gate.shape} and {up.shape}")
-    out = np.empty_like(gate)
-    kernel = _geglu_parallel if gate.shape[0] >= PARALLEL_MIN_ROWS else _geglu_serial
-    kernel(gate, up, out)
-    return out
+    return _run_gated("geglu", _geglu_serial, _geglu_parallel, gate, up)
 
 
 def gated(activation: str, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
