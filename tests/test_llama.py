@@ -163,14 +163,15 @@ def test_kv_cache_pages_are_lazy_and_zero():
 
 
 def test_unused_tensors_and_unknown_rope_scaling_are_load_errors(tmp_path):
-    """A Llama 3 file's rope_freqs (or any tensor the dataflow would not read) and a RoPE scaling the engine does
-    not implement refuse to load instead of giving silently wrong logits."""
+    """A tensor the dataflow would not read and a RoPE scaling the engine does not implement refuse to load
+    instead of giving silently wrong logits; a Llama 3 file's rope_freqs is read (factors of 1 change nothing,
+    others change the logits; the wrong length is an error). Llama 3 against transformers: tests/test_archs.py."""
     import gguf
     from localllm.arch.spec import UnsupportedModelFeature
     path = write_tiny_llama(tmp_path / "plain.gguf")
     source = read_gguf(path)
 
-    def rewrite(name: str, extra_tensor: bool, scaling: bool):
+    def rewrite(name: str, extra_tensor: tuple[str, np.ndarray] | None, scaling: bool):
         target = tmp_path / name
         writer = gguf.GGUFWriter(str(target), "llama")
         for key, value in source.metadata.items():
@@ -192,12 +193,26 @@ def test_unused_tensors_and_unknown_rope_scaling_are_load_errors(tmp_path):
         for tensor_name, tensor in source.tensors.items():
             writer.add_tensor(tensor_name, np.asarray(tensor.data).reshape(tensor.shape))
         if extra_tensor:
-            writer.add_tensor("rope_freqs.weight", np.ones(8, dtype=np.float32))
+            writer.add_tensor(*extra_tensor)
         writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
         return read_gguf(target)
 
-    LlamaModel.from_gguf(rewrite("same.gguf", False, False))  # the copy itself loads
-    with pytest.raises(UnsupportedModelFeature, match="rope_freqs.weight"):
-        LlamaModel.from_gguf(rewrite("llama3.gguf", True, False))
+    def logits(model):
+        cache = model.new_cache(1, 64, np.float32)
+        return model.forward(np.arange(1, 40), np.arange(39), np.zeros(39, dtype=np.int64), cache)
+
+    plain = logits(LlamaModel.from_gguf(rewrite("same.gguf", None, False), backend="ref"))
+    rope_dim = LlamaModel.from_gguf(source).config.n_rot
+    ones = LlamaModel.from_gguf(rewrite("ones.gguf", ("rope_freqs.weight", np.ones(rope_dim // 2, np.float32)), False),
+                                backend="ref")
+    np.testing.assert_array_equal(logits(ones), plain)
+    slower = np.linspace(1, 8, rope_dim // 2).astype(np.float32)
+    stretched = LlamaModel.from_gguf(rewrite("llama3.gguf", ("rope_freqs.weight", slower), False), backend="ref")
+    assert stretched.config.rope_freq_factors == tuple(float(f) for f in slower)
+    assert np.abs(logits(stretched) - plain).max() > 1e-3
+    with pytest.raises(ValueError, match="frequency factors"):
+        LlamaModel.from_gguf(rewrite("short.gguf", ("rope_freqs.weight", np.ones(3, np.float32)), False))
+    with pytest.raises(UnsupportedModelFeature, match=r"blk\.0\.attn_q\.bias"):
+        LlamaModel.from_gguf(rewrite("bias.gguf", ("blk.0.attn_q.bias", np.ones(64, np.float32)), False))
     with pytest.raises(UnsupportedModelFeature, match="RoPE scaling 'yarn'"):
-        LlamaModel.from_gguf(rewrite("yarn.gguf", False, True))
+        LlamaModel.from_gguf(rewrite("yarn.gguf", None, True))

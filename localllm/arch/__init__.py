@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import gemma3, llama
+from . import gemma2, gemma3, llama, phi3, qwen2, qwen3
 from .spec import BlockSpec, ModelConfig, UnsupportedArchitecture, UnsupportedModelFeature
 
-MODULES: tuple[ModuleType, ...] = (llama, gemma3)
+MODULES: tuple[ModuleType, ...] = (llama, qwen2, qwen3, phi3, gemma2, gemma3)
 REGISTRY: dict[str, ModuleType] = {name: module for module in MODULES for name in module.NAMES}
 ENCODER_ARCHITECTURES = ("bert",)  # served by models.bert / embeddings, not by the decoder
 

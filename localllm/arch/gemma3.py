@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from .spec import BlockSpec, MetadataKeys, ModelConfig, UnsupportedModelFeature, common_config
+from .spec import BlockSpec, MetadataKeys, ModelConfig, common_config, layer_windows
 
 NAMES = ("gemma3",)
 BLOCK = BlockSpec(qk_norm=True, post_attn_norm=True, post_ffn_norm=True, activation="gelu_tanh")
@@ -44,26 +44,14 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def layer_windows(keys: MetadataKeys, n_layers: int) -> tuple[int, ...]:
-    """Per layer: the sliding window, or 0 for the global layers."""
-    window = int(keys.required("attention.sliding_window"))
-    pattern = keys.get("attention.sliding_window_pattern", SLIDING_WINDOW_PATTERN)
-    if isinstance(pattern, (list, tuple)):  # one flag a layer (True: sliding)
-        if len(pattern) != n_layers:
-            raise UnsupportedModelFeature(f"attention.sliding_window_pattern has {len(pattern)} entries for "
-                                          f"{n_layers} layers")
-        return tuple(window if flag else 0 for flag in pattern)
-    pattern = int(pattern)
-    return tuple(0 if pattern and (i + 1) % pattern == 0 else window for i in range(n_layers))
-
-
 def config_from_gguf(gguf) -> ModelConfig:
     """ModelConfig from the ``gemma3.*`` GGUF metadata keys."""
     keys = MetadataKeys(gguf)
     n_layers = int(keys.required("block_count"))
     dim, n_heads = int(keys.required("embedding_length")), int(keys.required("attention.head_count"))
     head_dim = int(keys.get("attention.key_length", dim // n_heads))
-    windows = layer_windows(keys, n_layers)
+    keys.required("attention.sliding_window")
+    windows = layer_windows(keys, n_layers, SLIDING_WINDOW_PATTERN)
     global_base = float(keys.get("rope.freq_base", 1000000.0))
     local_base = float(keys.get("rope.freq_base_swa", LOCAL_ROPE_BASE))
     query_scale = dim / n_heads if n_layers == LAYERS_OF_27B else head_dim

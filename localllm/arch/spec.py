@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..ops.ref import RopeFrequencies
+
 GATE_ACTIVATIONS = ("silu", "gelu_tanh")
 ROPE_STYLES = ("norm", "neox")
 
@@ -79,6 +81,14 @@ class ModelConfig:
     embedding_scale: float = 1.0               # token embeddings are multiplied by this (Gemma: sqrt(dim))
     attention_scale: float = 0.0               # scores are q.k * this; 0 -> 1/sqrt(head_dim)
     final_logit_softcap: float = 0.0           # logits -> cap * tanh(logits / cap) when > 0
+    attention_softcap: float = 0.0             # attention scores -> cap * tanh(scores / cap) when > 0 (Gemma 2)
+    # RoPE stretched for long contexts: pair i turns rope_freq_factors[i] times slower (Llama 3.x ``rope_freqs``,
+    # linear scaling, Phi-3 LongRoPE's short factors); LongRoPE's long factors take over when a cache holds more
+    # than n_ctx_orig positions (as llama.cpp chooses); cos and sin are scaled by rope_attention_factor
+    rope_freq_factors: tuple[float, ...] = ()
+    rope_freq_factors_long: tuple[float, ...] = ()
+    n_ctx_orig: int = 0
+    rope_attention_factor: float = 1.0
 
     def __post_init__(self):
         if self.rope_style not in ROPE_STYLES:
@@ -107,6 +117,13 @@ class ModelConfig:
         """Layer's RoPE base."""
         return self.layer_rope_theta[layer] if self.layer_rope_theta else self.rope_theta
 
+    def rope(self, layer: int, n_ctx: int = 0) -> RopeFrequencies:
+        """Layer's RoPE frequencies for a cache of n_ctx positions."""
+        factors = self.rope_freq_factors
+        if self.rope_freq_factors_long and self.n_ctx_orig and n_ctx > self.n_ctx_orig:
+            factors = self.rope_freq_factors_long
+        return RopeFrequencies(self.theta(layer), factors, self.rope_attention_factor)
+
     @property
     def default_attention_scale(self) -> bool:
         return self.attention_scale == 0.0 or math.isclose(self.attention_scale, 1.0 / math.sqrt(self.head_dim),
@@ -132,6 +149,27 @@ class MetadataKeys:
         return default if value is None else value
 
 
+def layer_windows(keys: MetadataKeys, n_layers: int, default_pattern: int = 0,
+                  default_window: int = 0) -> tuple[int, ...]:
+    """Per layer: the sliding window (``attention.sliding_window``), or 0 on the global layers; () when the
+    file has no window.
+
+    ``attention.sliding_window_pattern`` is one flag a layer (True: sliding) or, as llama.cpp reads it, a
+    number n: layer i is global when (i + 1) % n == 0 (n = 0: every layer slides; Gemma 2: 2, Gemma 3: 6).
+    """
+    window = int(keys.get("attention.sliding_window", default_window) or 0)
+    if window <= 0:
+        return ()
+    pattern = keys.get("attention.sliding_window_pattern", default_pattern)
+    if isinstance(pattern, (list, tuple)):  # one flag a layer (True: sliding)
+        if len(pattern) != n_layers:
+            raise UnsupportedModelFeature(f"attention.sliding_window_pattern has {len(pattern)} entries for "
+                                          f"{n_layers} layers")
+        return tuple(window if flag else 0 for flag in pattern)
+    pattern = int(pattern)
+    return tuple(0 if pattern and (i + 1) % pattern == 0 else window for i in range(n_layers))
+
+
 def common_config(gguf, **overrides) -> ModelConfig:
     """The hyperparameters every llama-family GGUF states the same way (``<arch>.embedding_length``, ...),
     with ``overrides`` for what an architecture adds; refuses RoPE scaling it does not implement."""
@@ -144,11 +182,19 @@ def common_config(gguf, **overrides) -> ModelConfig:
     if value_dim != head_dim:
         raise UnsupportedModelFeature(f"{gguf.path.name}: value heads of {value_dim} with key heads of {head_dim} "
                                       "are not implemented")
+    head_rope_dim = int(keys.get("rope.dimension_count", head_dim))
     scaling = str(keys.get("rope.scaling.type", "none"))
     factor = float(keys.get("rope.scaling.factor", 1.0) or 1.0)
-    if scaling not in ("none", "") and factor != 1.0:
+    rope_values = {}
+    if scaling == "linear" and factor != 1.0:      # positions / factor: every pair turns factor times slower
+        rope_values["rope_freq_factors"] = (factor,) * (head_rope_dim // 2)
+    elif scaling == "longrope":                    # the factors are tensors (rope_factors_short/long)
+        pass
+    elif scaling not in ("none", "") and factor != 1.0:
         raise UnsupportedModelFeature(f"{gguf.path.name}: RoPE scaling '{scaling}' (factor {factor}) is not "
                                       "implemented")
+    rope_values["n_ctx_orig"] = int(keys.get("rope.scaling.original_context_length", 0) or 0)
+    rope_values["rope_attention_factor"] = float(keys.get("rope.scaling.attn_factor", 1.0) or 1.0)
     vocab_size = int(keys.get("vocab_size", 0) or len(gguf.metadata.get("tokenizer.ggml.tokens", [])))
     if not vocab_size:
         vocab_size = gguf.tensors["token_embd.weight"].shape[0]
@@ -163,9 +209,11 @@ def common_config(gguf, **overrides) -> ModelConfig:
         vocab_size=vocab_size,
         n_ctx_train=int(keys.required("context_length")),
         rope_theta=float(keys.get("rope.freq_base", 10000.0)),
-        rope_dim=int(keys.get("rope.dimension_count", head_dim)),
+        rope_dim=head_rope_dim,
         norm_eps=float(keys.required("attention.layer_norm_rms_epsilon")),
         tie_embeddings="output.weight" not in gguf.tensors,
     )
+    values["layer_windows"] = layer_windows(keys, values["n_layers"])  # (Mistral 7B v0.1, Phi-3-mini: every layer)
+    values.update(rope_values)
     values.update(overrides)
     return ModelConfig(**values)

@@ -11,7 +11,7 @@ decode of one sequence and decode of many sequences are the same call.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from ..arch.spec import ModelConfig, UnsupportedModelFeature
 from ..formats.gguf import GGUFError, GGUFFile
 from ..kv_cache import ContextLengthExceeded, KVCache
 from ..ops import get_backend
+from ..ops.ref import soft_cap
 from ..quants import QTensor
 
 MAX_BATCH_TOKENS = 128
@@ -65,6 +66,21 @@ class _Weights:
     def optional_matrix(self, name: str) -> QTensor | None:
         return self.matrix(name) if name in self.tensors else None
 
+    def optional_factors(self, name: str) -> tuple[float, ...]:
+        return tuple(float(f) for f in self.vector(name)) if name in self.tensors else ()
+
+    def row_blocks(self, name: str, heights: tuple[int, ...]) -> list[QTensor]:
+        """A matrix stored as several stacked on top of each other (Phi-3's ``attn_qkv``), as row views."""
+        fused = self.matrix(name)
+        if fused.shape[0] != sum(heights):
+            raise GGUFError(f"tensor '{name}' has {fused.shape[0]} rows, expected {' + '.join(map(str, heights))}")
+        views, start = [], 0
+        for height in heights:
+            views.append(QTensor(f"{name}[{start}:{start + height}]", fused.ggml_type, (height, fused.shape[1]),
+                                 fused.data[start:start + height]))
+            start += height
+        return views
+
     def check_all_taken(self, architecture: str) -> None:
         unused = sorted(set(self.tensors) - self.taken)
         if unused:
@@ -78,10 +94,16 @@ class DecoderModel:
     """Weights (memory-mapped QTensors) + the forward pass. Stateless apart from the cache it is given."""
 
     def __init__(self, config: ModelConfig, tensors: dict[str, QTensor], backend: str = "auto"):
-        self.config = config
         self.backend = get_backend(backend)
         block = config.block
         weights = _Weights(tensors)
+        # RoPE frequency factors any llama.cpp architecture may carry (Llama 3.x, Phi-3 LongRoPE)
+        rope_freqs = weights.optional_factors("rope_freqs.weight")
+        short, long = (weights.optional_factors(f"rope_factors_{kind}.weight") for kind in ("short", "long"))
+        if rope_freqs or short or long:
+            config = replace(config, rope_freq_factors=rope_freqs or short, rope_freq_factors_long=long)
+            config.rope(0).inverse_frequencies(config.n_rot)  # checks the factors' length
+        self.config = config
         self.token_embd = weights.matrix("token_embd.weight")                 # (vocab_size, dim)
         self.output_norm = weights.vector("output_norm.weight")               # (dim,)
         self.output = weights.optional_matrix("output.weight") or self.token_embd  # (vocab_size, dim)
@@ -99,15 +121,20 @@ class DecoderModel:
                 optional["post_attn_norm"] = weights.vector(name + "post_attention_norm.weight")
             if block.post_ffn_norm:
                 optional["post_ffn_norm"] = weights.vector(name + "post_ffw_norm.weight")
+            if name + "attn_qkv.weight" in weights.tensors:      # fused (Phi-3): row views of one matrix
+                wq, wk, wv = weights.row_blocks(name + "attn_qkv.weight", (config.q_dim, config.kv_dim, config.kv_dim))
+            else:
+                wq, wk, wv = (weights.matrix(name + f"attn_{x}.weight") for x in "qkv")
+            if name + "ffn_gate.weight" in weights.tensors:
+                w_gate, w_up = weights.matrix(name + "ffn_gate.weight"), weights.matrix(name + "ffn_up.weight")
+            else:                                                  # fused (Phi-3): gate rows, then up rows
+                w_gate, w_up = weights.row_blocks(name + "ffn_up.weight", (config.hidden_dim, config.hidden_dim))
             return DecoderLayer(
                 attn_norm=weights.vector(name + "attn_norm.weight"),
-                wq=weights.matrix(name + "attn_q.weight"),
-                wk=weights.matrix(name + "attn_k.weight"),
-                wv=weights.matrix(name + "attn_v.weight"),
+                wq=wq, wk=wk, wv=wv,
                 wo=weights.matrix(name + "attn_output.weight"),
                 ffn_norm=weights.vector(name + "ffn_norm.weight"),
-                w_gate=weights.matrix(name + "ffn_gate.weight"),
-                w_up=weights.matrix(name + "ffn_up.weight"),
+                w_gate=w_gate, w_up=w_up,
                 w_down=weights.matrix(name + "ffn_down.weight"),
                 **optional,
             )
@@ -175,8 +202,7 @@ class DecoderModel:
         x = ops.rms_norm(x, self.output_norm, c.norm_eps)                        # (m, dim)
         logits = ops.matmul(self.output, x)                                      # (m, vocab_size)
         if c.final_logit_softcap > 0:
-            cap = np.float32(c.final_logit_softcap)
-            logits = (np.tanh(logits / cap) * cap).astype(np.float32)
+            logits = soft_cap(logits, c.final_logit_softcap)
         return logits
 
     def _layers(self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache: KVCache) -> np.ndarray:
@@ -198,8 +224,8 @@ class DecoderModel:
             if self.query_scale is not None:
                 q = q * self.query_scale
             # RoPE on q and k, k and v into the cache, causal (sliding-window) attention: one call
-            attended = ops.attend(q, k, v, positions, slots, cache.k[i], cache.v[i], c.theta(i), c.n_rot,
-                                  c.rope_style, c.window(i)).reshape(n, c.q_dim)  # (n, q_dim)
+            attended = ops.attend(q, k, v, positions, slots, cache.k[i], cache.v[i], c.rope(i, cache.n_ctx), c.n_rot,
+                                  c.rope_style, c.window(i), c.attention_softcap).reshape(n, c.q_dim)  # (n, q_dim)
             if block.post_attn_norm:
                 x = x + ops.rms_norm(ops.matmul(layer.wo, attended), layer.post_attn_norm, c.norm_eps)
             else:

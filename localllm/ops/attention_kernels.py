@@ -81,15 +81,21 @@ def _chunk_scores(q, i, h0, keys, start, count, scores):
 
 
 @njit(cache=True, fastmath=True)
-def _chunk_softmax(scores, count, scale, chunk_max, chunk_sum):
-    """scores[hh, :count] * scale -> exp(. - max); chunk_max, chunk_sum per head."""
+def _chunk_softmax(scores, count, scale, softcap, chunk_max, chunk_sum):
+    """scores[hh, :count] * scale [-> softcap * tanh(. / softcap)] -> exp(. - max); chunk_max, chunk_sum per head."""
+    taken = scale
+    if softcap > 0:  # capped in place, then taken as they are
+        taken = _ONE
+        for hh in range(scores.shape[0]):
+            for l in range(count):
+                scores[hh, l] = np.tanh(scores[hh, l] * scale / softcap) * softcap
     for hh in range(scores.shape[0]):
         row = scores[hh]
         best = _LOWEST
         for l in range(count):
-            best = max(best, row[l] * scale)
+            best = max(best, row[l] * taken)
         for l in range(count):
-            row[l] = fast_exp(row[l] * scale - best)
+            row[l] = fast_exp(row[l] * taken - best)
         total = np.float32(0.0)
         for l in range(count):
             total += row[l]
@@ -165,14 +171,14 @@ def _mix_rest(values, start, count, w, out, d):
 
 
 @njit(cache=True)
-def _attend_chunk(q, i, h0, keys, values, start, stop, scale, scores, chunk_max, chunk_sum, chunk_out):
+def _attend_chunk(q, i, h0, keys, values, start, stop, scale, softcap, scores, chunk_max, chunk_sum, chunk_out):
     """Heads h0 .. h0 + group - 1 of token i over keys[start:stop] -> chunk_max, chunk_sum, chunk_out.
 
     The cache is read in place (float16 widened in registers): loads interleaved with arithmetic keep
     the memory busy, which matters more than converting each element once per head of the group.
     """
     _chunk_scores(q, i, h0, keys, start, stop - start, scores)
-    _chunk_softmax(scores, stop - start, scale, chunk_max, chunk_sum)
+    _chunk_softmax(scores, stop - start, scale, softcap, chunk_max, chunk_sum)
     _chunk_mix(values, start, stop - start, scores, chunk_out)
 
 
@@ -223,7 +229,7 @@ def chunk_rows(position, window, ring, c):
 
 
 @njit(cache=True, parallel=True)
-def _attention_by_pair(q, k_cache, v_cache, slots, positions, window, out):
+def _attention_by_pair(q, k_cache, v_cache, slots, positions, window, softcap, out):
     """One work item per (token, KV head): its chunks in order, merged as they come."""
     n, n_heads, head_dim = q.shape
     n_kv_heads, ring = k_cache.shape[1], k_cache.shape[2]
@@ -246,15 +252,15 @@ def _attention_by_pair(q, k_cache, v_cache, slots, positions, window, out):
             run_out[:, :] = 0.0
             for c in range(chunk_count(positions[i], window)):
                 start, stop = chunk_rows(positions[i], window, ring, c)
-                _attend_chunk(q, i, g * group, keys, values, start, stop, scale, scores, chunk_max, chunk_sum,
-                              chunk_out)
+                _attend_chunk(q, i, g * group, keys, values, start, stop, scale, softcap, scores, chunk_max,
+                              chunk_sum, chunk_out)
                 for hh in range(group):
                     _merge(run_max, run_sum, run_out, hh, chunk_max[hh], chunk_sum[hh], chunk_out[hh])
             _finish(run_sum, run_out, out, i, g * group)
 
 
 @njit(cache=True, parallel=True)
-def _attention_by_chunk(q, k_cache, v_cache, slots, positions, window, out):
+def _attention_by_chunk(q, k_cache, v_cache, slots, positions, window, softcap, out):
     """One work item per (token, KV head, key chunk), then the chunks merged in order."""
     _, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
@@ -264,8 +270,8 @@ def _attention_by_chunk(q, k_cache, v_cache, slots, positions, window, out):
     for t in prange(min(n_items, PARALLEL_TASKS)):
         scores = np.empty((group, KEY_CHUNK), dtype=np.float32)
         for item in range(t, n_items, PARALLEL_TASKS):
-            attend_chunk_item(q, k_cache, v_cache, slots, positions, window, item, scores, part_max, part_sum,
-                              part_out)
+            attend_chunk_item(q, k_cache, v_cache, slots, positions, window, softcap, item, scores, part_max,
+                              part_sum, part_out)
     _merge_parts(part_max, part_sum, part_out, positions, window, out)
 
 
@@ -284,7 +290,8 @@ def chunk_parts(positions, window, n_kv_heads, group, head_dim):
 
 
 @njit(cache=True)
-def attend_chunk_item(q, k_cache, v_cache, slots, positions, window, item, scores, part_max, part_sum, part_out):
+def attend_chunk_item(q, k_cache, v_cache, slots, positions, window, softcap, item, scores, part_max, part_sum,
+                      part_out):
     """Work item ``item`` = (token i, KV head g, key chunk c) in that order: its part_* entries (nothing
     when the token has fewer chunks)."""
     n_heads, head_dim = q.shape[1], q.shape[2]
@@ -295,7 +302,7 @@ def attend_chunk_item(q, k_cache, v_cache, slots, positions, window, item, score
     if c < chunk_count(positions[i], window):
         start, stop = chunk_rows(positions[i], window, k_cache.shape[2], c)
         _attend_chunk(q, i, g * group, k_cache[slots[i], g], v_cache[slots[i], g], start, stop,
-                      _ONE / np.sqrt(np.float32(head_dim)), scores, part_max[i, g, c], part_sum[i, g, c],
+                      _ONE / np.sqrt(np.float32(head_dim)), softcap, scores, part_max[i, g, c], part_sum[i, g, c],
                       part_out[i, g, c])
 
 
@@ -341,18 +348,18 @@ def _check_indices(slots, positions, n_slots, n_ctx, window):
 
 
 @njit(cache=True)
-def _attend_all(q, k_cache, v_cache, slots, positions, window, out):
+def _attend_all(q, k_cache, v_cache, slots, positions, window, softcap, out):
     if q.shape[0] * k_cache.shape[1] < SPLIT_BELOW_PAIRS:
-        _attention_by_chunk(q, k_cache, v_cache, slots, positions, window, out)
+        _attention_by_chunk(q, k_cache, v_cache, slots, positions, window, softcap, out)
     else:
-        _attention_by_pair(q, k_cache, v_cache, slots, positions, window, out)
+        _attention_by_pair(q, k_cache, v_cache, slots, positions, window, softcap, out)
 
 
 @njit(cache=True)
-def _attention(q, k_cache, v_cache, slots, positions, window, out):
+def _attention(q, k_cache, v_cache, slots, positions, window, softcap, out):
     status = _check_indices(slots, positions, k_cache.shape[0], k_cache.shape[2], window)
     if status == _OK and q.shape[0]:
-        _attend_all(q, k_cache, v_cache, slots, positions, window, out)
+        _attend_all(q, k_cache, v_cache, slots, positions, window, softcap, out)
     return status
 
 
@@ -368,7 +375,7 @@ def _cache_view(cache: np.ndarray, name: str, what: str) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
-              slots: np.ndarray, positions: np.ndarray, window: int = 0) -> np.ndarray:
+              slots: np.ndarray, positions: np.ndarray, window: int = 0, softcap: float = 0.0) -> np.ndarray:
     """Causal grouped-query attention over the KV cache (float16 or float32).
 
     q (n, n_heads, head_dim); k_cache, v_cache (n_slots, n_kv_heads, ring, head_dim).
@@ -382,7 +389,7 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
     check_ring(k_cache.shape[2], window, slots, positions, "attention")
     out = np.empty_like(q)
     status = _attention(q, _cache_view(k_cache, "k_cache", "attention"), _cache_view(v_cache, "v_cache", "attention"),
-                        slots, positions, window, out)
+                        slots, positions, window, np.float32(softcap), out)
     if status != _OK:
         ref.check_cache_indices("attention", slots, positions, k_cache.shape[0], k_cache.shape[2], window)
     return out
@@ -434,7 +441,7 @@ def _rope_write_parallel(q, k, v, cos, sin, neox, slots, positions, k_cache, v_c
 
 
 @njit(cache=True)
-def _attend(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, window, out):
+def _attend(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, window, softcap, out):
     """Check, rotate and write every token first (later tokens read earlier ones), then attend."""
     status = _check_indices(slots, positions, k_cache.shape[0], k_cache.shape[2], window)
     if status != _OK or q.shape[0] == 0:
@@ -445,13 +452,13 @@ def _attend(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, window,
     else:
         for i in range(q.shape[0]):
             _rope_write_row(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, q_rotated, k_rotated, i)
-    _attend_all(q_rotated, k_cache, v_cache, slots, positions, window, out)
+    _attend_all(q_rotated, k_cache, v_cache, slots, positions, window, softcap, out)
     return status
 
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, slots: np.ndarray,
-           k_cache: np.ndarray, v_cache: np.ndarray, theta: float, rope_dim: int, style: str = "norm",
-           window: int = 0) -> np.ndarray:
+           k_cache: np.ndarray, v_cache: np.ndarray, theta: "float | ref.RopeFrequencies", rope_dim: int,
+           style: str = "norm", window: int = 0, softcap: float = 0.0) -> np.ndarray:
     """RoPE on q and k, k and v written into one layer's cache, then causal GQA attention: one numba call.
 
     q (n, n_heads, head_dim), k and v (n, n_kv_heads, head_dim) before RoPE;
@@ -467,7 +474,7 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, s
     cos, sin = _rope_table(positions, theta, rope_dim)
     out = np.empty_like(q)
     status = _attend(q, k, v, cos, sin, style == "neox", slots, positions, _cache_view(k_cache, "k_cache", "attend"),
-                     _cache_view(v_cache, "v_cache", "attend"), window, out)
+                     _cache_view(v_cache, "v_cache", "attend"), window, np.float32(softcap), out)
     if status != _OK:
         ref.check_cache_indices("attend", slots, positions, k_cache.shape[0], k_cache.shape[2], window)
     return out

@@ -9,8 +9,9 @@ phases, layer by layer; which phases run is the architecture's BlockSpec
 decoder::
 
     Q/K/V       rms_norm(x) @ [wq, wk, wv]        (each worker quantizes the activations itself)
-    rope        per token: [q/k head norms, query scale], RoPE on q and k, k and v into the cache
-    chunks      attention over 128-key chunks (the layer's window and ring), one (token, KV head, chunk) an item
+    rope        per token: [q/k/v bias, q/k head norms, query scale], RoPE on q and k, k and v into the cache
+    chunks      attention over 128-key chunks (the layer's window and ring, [score soft-cap]), one
+                (token, KV head, chunk) an item
     merge       the chunks merged in order, one (token, KV head) an item
     wo          x += attended @ wo   or, with post_attn_norm, o = attended @ wo
     post-attn   per token: x += rms_norm(o)                              (post_attn_norm only)
@@ -59,7 +60,7 @@ MIN_TASKS_PER_ITEM = 4   # ... but at least this many row tasks of ROWS_PER_TASK
 MAX_TOKENS = 16          # larger batches (prefill) go through the per-op path
 
 # flags (an int64 array) describing the block: what the BlockSpec says, as numbers the program reads
-QK_NORM, POST_ATTN_NORM, POST_FFN_NORM, GATE_PROLOGUE, QUERY_SCALED, N_FLAGS = 0, 1, 2, 3, 4, 5
+QK_NORM, POST_ATTN_NORM, POST_FFN_NORM, GATE_PROLOGUE, QUERY_SCALED, QKV_BIAS, N_FLAGS = 0, 1, 2, 3, 4, 5, 6
 
 
 # --------------------------------------------------------------------------- phases
@@ -169,13 +170,22 @@ def matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase, n_work
 
 @njit
 def rope_phase(counters, phase, q, k, v, positions, slots, cos, sin, neox, k_cache, v_cache, q_rotated, k_rotated,
-               q_norm, k_norm, eps, flags, query_scale):
-    """Per token: [RMSNorm over each head of q and k, the query scale], RoPE on q and k, k and v into the cache."""
+               q_norm, k_norm, qkv_bias, eps, flags, query_scale):
+    """Per token: [q/k/v bias, RMSNorm over each head of q and k, the query scale], RoPE on q and k, k and v into
+    the cache. qkv_bias (q_dim + 2 kv_dim,): the biases of q, k and v one after the other."""
     n, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
+    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
     q_heads, k_heads = q.reshape((n * n_heads, head_dim)), k.reshape((n * n_kv_heads, head_dim))
+    v_heads = v.reshape((n * n_kv_heads, head_dim))
     item = claim(counters, phase, n)
     while item >= 0:
+        if flags[QKV_BIAS]:  # the same float32 adds as ``q + q_bias``
+            for j in range(q_dim):
+                q_heads[item * n_heads + j // head_dim, j % head_dim] += qkv_bias[j]
+            for j in range(kv_dim):
+                k_heads[item * n_kv_heads + j // head_dim, j % head_dim] += qkv_bias[q_dim + j]
+                v_heads[item * n_kv_heads + j // head_dim, j % head_dim] += qkv_bias[q_dim + kv_dim + j]
         if flags[QK_NORM]:  # in place: _rms_norm_row reads a row's sum of squares before writing it
             for h in range(item * n_heads, (item + 1) * n_heads):
                 _rms_norm_row(q_heads, q_norm, eps, q_heads, h)
@@ -192,16 +202,16 @@ def rope_phase(counters, phase, q, k, v, positions, slots, cos, sin, neox, k_cac
 
 
 @njit
-def attention_phases(counters, phase, q_rotated, positions, slots, window, k_cache, v_cache, part_max, part_sum,
-                     part_out, attended, scores, run_max, run_sum, run_out):
+def attention_phases(counters, phase, q_rotated, positions, slots, window, softcap, k_cache, v_cache, part_max,
+                     part_sum, part_out, attended, scores, run_max, run_sum, run_out):
     """Attention by key chunk (phase), the chunks merged (phase + 1)."""
     n = q_rotated.shape[0]
     n_kv_heads = k_cache.shape[1]
     n_items = n * n_kv_heads * part_max.shape[2]
     item = claim(counters, phase, n_items)
     while item >= 0:
-        attend_chunk_item(q_rotated, k_cache, v_cache, slots, positions, window, item, scores, part_max, part_sum,
-                          part_out)
+        attend_chunk_item(q_rotated, k_cache, v_cache, slots, positions, window, softcap, item, scores, part_max,
+                          part_sum, part_out)
         finish(counters, phase)
         item = claim(counters, phase, n_items)
     wait_for_phase(counters, phase, n_items)
@@ -253,9 +263,9 @@ def shared_buffers(weights, x, positions, window_max, n_heads, n_kv_heads, head_
 
 
 @njit
-def worker_program(rows0, rows1, rows2, rows3, type_slots, weights, norms, head_norms, flags, layer_windows,
+def worker_program(rows0, rows1, rows2, rows3, type_slots, weights, norms, head_norms, qkv_bias, flags, layer_windows,
                    layer_cache, layer_rope, x, positions, slots, cos, sin, neox, caches, n_heads, eps, query_scale,
-                   n_workers, shared):
+                   softcap, n_workers, shared):
     """One worker's run through every phase of every layer (x updated in place)."""
     counters, q, k, v, attended, gate, up, out, normed, q_rotated, k_rotated, part_max, part_sum, part_out = shared
     n, dim = x.shape
@@ -292,10 +302,10 @@ def worker_program(rows0, rows1, rows2, rows3, type_slots, weights, norms, head_
         rope_phase(counters, phase + 1, q.reshape((n, n_heads, head_dim)), k.reshape((n, n_kv_heads, head_dim)),
                    v.reshape((n, n_kv_heads, head_dim)), positions, slots, cos[layer_rope[layer]],
                    sin[layer_rope[layer]], neox, k_cache, v_cache, q_rotated, k_rotated, head_norms[layer, 0],
-                   head_norms[layer, 1], eps, flags, query_scale)
-        attention_phases(counters, phase + 2, q_rotated, positions, slots, layer_windows[layer], k_cache, v_cache,
-                         part_max, part_sum, part_out, attended.reshape((n, n_heads, head_dim)), scores, run_max,
-                         run_sum, run_out)
+                   head_norms[layer, 1], qkv_bias[layer], eps, flags, query_scale)
+        attention_phases(counters, phase + 2, q_rotated, positions, slots, layer_windows[layer], softcap, k_cache,
+                         v_cache, part_max, part_sum, part_out, attended.reshape((n, n_heads, head_dim)), scores,
+                         run_max, run_sum, run_out)
         # without a post-norm the product is added into x as it is written, else it goes through ``out``
         matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 4, n_workers, weights, first + 3,
                      (out if post_attn else x,), attended, NO_PROLOGUE, no_weight, eps, no_up, not post_attn, scratch)
@@ -320,16 +330,16 @@ from localllm.quants import kernels_avx2
 
 
 @njit(parallel=True, cache=True)
-def decoder_layers(weights, type_slots, norms, head_norms, flags, layer_windows, layer_cache, layer_rope, x,
+def decoder_layers(weights, type_slots, norms, head_norms, qkv_bias, flags, layer_windows, layer_cache, layer_rope, x,
                    positions, slots, cos, sin, neox, k_full, v_full, k_ring, v_ring, n_heads, eps, query_scale,
-                   n_workers):
+                   softcap, n_workers):
     widest_window = 0 if layer_windows.min() == 0 else layer_windows.max()  # the most key chunks a token reads
     shared = shared_buffers(weights, x, positions, widest_window, n_heads, k_full.shape[2], k_full.shape[4],
                             norms.shape[0])
     for _ in prange(n_workers):
-        worker_program({rows}, type_slots, weights, norms, head_norms, flags, layer_windows, layer_cache,
-                       layer_rope, x, positions, slots, cos, sin, neox, (k_full, v_full, k_ring, v_ring), n_heads,
-                       eps, query_scale, n_workers, shared)
+        worker_program({rows}, type_slots, weights, norms, head_norms, qkv_bias, flags, layer_windows,
+                       layer_cache, layer_rope, x, positions, slots, cos, sin, neox, (k_full, v_full, k_ring, v_ring),
+                       n_heads, eps, query_scale, softcap, n_workers, shared)
 '''
 _entries: dict[tuple[str, ...], object] = {}
 
@@ -367,7 +377,7 @@ def entry_for(types: tuple[str, ...]):
 class DecoderLayersStep:
     """The layer loop of ``DecoderModel._layers`` for batches of up to MAX_TOKENS tokens, as one launch.
 
-    ``for_model`` returns None where it does not apply: kernels other than AVX2, QKV bias, layer matrices
+    ``for_model`` returns None where it does not apply: kernels other than AVX2, layer matrices
     of a type without an AVX2 row task (F32, F16, BF16) or of more than MAX_TYPE_SLOTS types, more than
     two cache groups.
     """
@@ -397,19 +407,24 @@ class DecoderLayersStep:
                                for layer in model.layers])                                # (n_layers, 4, dim)
         self.head_norms = np.stack([np.stack([given(layer.q_norm, no_head_norm), given(layer.k_norm, no_head_norm)])
                                     for layer in model.layers])                           # (n_layers, 2, head_dim)
+        if block.qkv_bias:
+            self.qkv_bias = np.stack([np.concatenate([layer.q_bias, layer.k_bias, layer.v_bias])
+                                      for layer in model.layers])                          # (n_layers, q + 2 kv)
+        else:
+            self.qkv_bias = np.zeros((c.n_layers, 0), dtype=np.float32)
         self.flags = np.zeros(N_FLAGS, dtype=np.int64)
         self.flags[QK_NORM], self.flags[POST_ATTN_NORM] = block.qk_norm, block.post_attn_norm
         self.flags[POST_FFN_NORM], self.flags[GATE_PROLOGUE] = block.post_ffn_norm, GATED_PROLOGUES[block.activation]
         self.flags[QUERY_SCALED] = model.query_scale is not None
+        self.flags[QKV_BIAS] = block.qkv_bias
         self.query_scale = np.float32(model.query_scale if model.query_scale is not None else 1.0)
         self.layer_windows = np.array([c.window(i) for i in range(c.n_layers)], dtype=np.int64)
-        self.thetas = sorted({c.theta(i) for i in range(c.n_layers)})
-        self.layer_rope = np.array([self.thetas.index(c.theta(i)) for i in range(c.n_layers)], dtype=np.int64)
+        self.softcap = np.float32(c.attention_softcap)
 
     @classmethod
     def for_model(cls, model) -> "DecoderLayersStep | None":
         from ..quants import kernels
-        if kernels.KERNELS != "avx2" or model.config.block.qkv_bias:
+        if kernels.KERNELS != "avx2":
             return None
         matrices = [w for layer in model.layers for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate,
                                                           layer.w_up, layer.w_down)]
@@ -420,8 +435,9 @@ class DecoderLayersStep:
         return cls(model, types, matrices)
 
     def _layout(self, cache):
-        """(layer_cache (n_layers, 2): each layer's group and index in it, k_full, v_full, k_ring, v_ring) of a
-        cache, worked out once per cache: its groups never change."""
+        """(layer_cache (n_layers, 2): each layer's group and index in it, k_full, v_full, k_ring, v_ring, the
+        RoPE schemes, each layer's scheme (n_layers,)) of a cache, worked out once per cache: its groups and
+        context length never change."""
         layout = getattr(cache, "_decoder_step_layout", None)
         if layout is not None:
             return layout
@@ -441,7 +457,10 @@ class DecoderLayersStep:
                                  f"window and {self.max_tokens} new tokens")
         if k_full.dtype == np.float16:
             k_full, v_full, k_ring, v_ring = (a.view(np.uint16) for a in (k_full, v_full, k_ring, v_ring))
-        cache._decoder_step_layout = layout = (layer_cache, k_full, v_full, k_ring, v_ring)
+        frequencies = [c.rope(i, cache.n_ctx) for i in range(c.n_layers)]       # RoPE of each layer
+        distinct = list(dict.fromkeys(frequencies))                               # the schemes, in first use order
+        layer_rope = np.array([distinct.index(f) for f in frequencies], dtype=np.int64)
+        cache._decoder_step_layout = layout = (layer_cache, k_full, v_full, k_ring, v_ring, distinct, layer_rope)
         return layout
 
     def run(self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache) -> None:
@@ -453,14 +472,15 @@ class DecoderLayersStep:
         n_slots = cache.n_slots
         if _check_indices(slots, positions, n_slots, cache.n_ctx, 0) != _OK:
             ref.check_cache_indices("attend", slots, positions, n_slots, cache.n_ctx)
-        layer_cache, k_full, v_full, k_ring, v_ring = self._layout(cache)
-        if len(self.thetas) == 1:
-            cos, sin = _rope_table(positions, self.thetas[0], c.n_rot)
+        layer_cache, k_full, v_full, k_ring, v_ring, distinct, layer_rope = self._layout(cache)
+        if len(distinct) == 1:
+            cos, sin = _rope_table(positions, distinct[0], c.n_rot)
             cos, sin = cos[None], sin[None]                                       # (1, n, n_rot / 2)
         else:
-            tables = [_rope_table(positions, theta, c.n_rot) for theta in self.thetas]
-            cos = np.stack([table[0] for table in tables])                        # (n_thetas, n, n_rot / 2)
+            tables = [_rope_table(positions, f, c.n_rot) for f in distinct]
+            cos = np.stack([table[0] for table in tables])                        # (n_schemes, n, n_rot / 2)
             sin = np.stack([table[1] for table in tables])
-        self.entry(self.weights, self.type_slots, self.norms, self.head_norms, self.flags, self.layer_windows,
-                   layer_cache, self.layer_rope, x, positions, slots, cos, sin, c.rope_style == "neox", k_full, v_full,
-                   k_ring, v_ring, c.n_heads, np.float32(c.norm_eps), self.query_scale, numba.get_num_threads())
+        self.entry(self.weights, self.type_slots, self.norms, self.head_norms, self.qkv_bias, self.flags,
+                   self.layer_windows, layer_cache, layer_rope, x, positions, slots, cos, sin, c.rope_style == "neox",
+                   k_full, v_full, k_ring, v_ring, c.n_heads, np.float32(c.norm_eps), self.query_scale, self.softcap,
+                   numba.get_num_threads())

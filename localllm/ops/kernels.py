@@ -199,9 +199,10 @@ def _rope_parallel(x, cos, sin, neox, out):
 _angle_cache: dict = {}
 
 
-def _rope_table(positions: np.ndarray, theta: float, rope_dim: int) -> tuple[np.ndarray, np.ndarray]:
+def _rope_table(positions: np.ndarray, theta: "float | ref.RopeFrequencies",
+                rope_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """``ref.rope_angles`` for these positions, remembered: every layer of a forward pass asks again."""
-    key = (float(theta), int(rope_dim), positions.tobytes())
+    key = (ref.rope_frequencies(theta), int(rope_dim), positions.tobytes())
     table = _angle_cache.get(key)
     if table is None:
         if len(_angle_cache) >= 8:
@@ -210,7 +211,8 @@ def _rope_table(positions: np.ndarray, theta: float, rope_dim: int) -> tuple[np.
     return table
 
 
-def rope(x: np.ndarray, positions: np.ndarray, theta: float, rope_dim: int, style: str = "norm") -> np.ndarray:
+def rope(x: np.ndarray, positions: np.ndarray, theta: "float | ref.RopeFrequencies", rope_dim: int,
+         style: str = "norm") -> np.ndarray:
     """Rotary position embedding on the first ``rope_dim`` dims of each head; x (n, n_heads, head_dim).
 
     ``norm`` rotates adjacent pairs (x[2i], x[2i+1]), ``neox`` rotates (x[i], x[i + rope_dim/2]).

@@ -6,6 +6,8 @@ KV-cache slot and its position. One layer's cache is
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..kv_cache import ContextLengthExceeded
@@ -26,19 +28,53 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, eps: 
     return (out + bias if bias is not None else out).astype(np.float32)
 
 
-def rope_angles(positions: np.ndarray, theta: float, rope_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin of pos * theta^(-2i/rope_dim), each (n, rope_dim // 2)."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim))  # (rope_dim/2,)
+@dataclass(frozen=True)
+class RopeFrequencies:
+    """How fast RoPE turns each pair of dims: pair i at position p turns by p * theta^(-2i/rope_dim) / factors[i].
+
+    ``factors`` (rope_dim/2 divisors, () for none) is how Llama 3.x (its ``rope_freqs``) and Phi-3's
+    LongRoPE (``rope_factors_short/long``) stretch the slow frequencies; linear scaling is every factor
+    equal. ``attention_factor`` multiplies cos and sin (LongRoPE's correction of the attention's sharpness).
+    Wherever a RoPE base is taken (``theta``), one of these may stand instead.
+    """
+
+    theta: float
+    factors: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+
+    def inverse_frequencies(self, rope_dim: int) -> np.ndarray:
+        """(rope_dim/2,) float64 radians a position."""
+        inv_freq = 1.0 / (self.theta ** (np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim))
+        if self.factors:
+            if len(self.factors) != rope_dim // 2:
+                raise ValueError(f"RoPE: {len(self.factors)} frequency factors for {rope_dim // 2} pairs of dims")
+            inv_freq = inv_freq / np.asarray(self.factors, dtype=np.float64)
+        return inv_freq
+
+
+def rope_frequencies(theta: "float | RopeFrequencies") -> RopeFrequencies:
+    """A RoPE base as RopeFrequencies (RopeFrequencies as they are)."""
+    return theta if isinstance(theta, RopeFrequencies) else RopeFrequencies(float(theta))
+
+
+def rope_angles(positions: np.ndarray, theta: "float | RopeFrequencies", rope_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of pos * theta^(-2i/rope_dim) [/ factors[i]] [* attention_factor], each (n, rope_dim // 2)."""
+    frequencies = rope_frequencies(theta)
+    inv_freq = frequencies.inverse_frequencies(rope_dim)                                   # (rope_dim/2,)
     angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]                   # (n, rope_dim/2)
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    cos, sin = np.cos(angles), np.sin(angles)
+    if frequencies.attention_factor != 1.0:
+        cos, sin = cos * frequencies.attention_factor, sin * frequencies.attention_factor
+    return cos.astype(np.float32), sin.astype(np.float32)
 
 
-def rope(x: np.ndarray, positions: np.ndarray, theta: float, rope_dim: int, style: str = "norm") -> np.ndarray:
+def rope(x: np.ndarray, positions: np.ndarray, theta: "float | RopeFrequencies", rope_dim: int,
+         style: str = "norm") -> np.ndarray:
     """Rotary position embedding on the first ``rope_dim`` dims of each head.
 
     x (n, n_heads, head_dim). ``norm`` rotates adjacent pairs (x[2i], x[2i+1])
     (GGUF llama: the converter permutes Q/K for it); ``neox`` rotates
-    (x[i], x[i + rope_dim/2]).
+    (x[i], x[i + rope_dim/2]). theta: the RoPE base, or RopeFrequencies.
     """
     cos, sin = rope_angles(positions, theta, rope_dim)
     cos, sin = cos[:, None, :], sin[:, None, :]             # (n, 1, rope_dim/2)
@@ -70,8 +106,14 @@ def key_range(position: int, window: int) -> tuple[int, int]:
     return first, position
 
 
+def soft_cap(scores: np.ndarray, cap: float) -> np.ndarray:
+    """cap * tanh(scores / cap): scores squashed into (-cap, cap) (Gemma 2's attention and logits)."""
+    cap = np.float32(cap)
+    return (np.tanh(scores / cap) * cap).astype(np.float32)
+
+
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
-              slots: np.ndarray, positions: np.ndarray, window: int = 0) -> np.ndarray:
+              slots: np.ndarray, positions: np.ndarray, window: int = 0, softcap: float = 0.0) -> np.ndarray:
     """Causal grouped-query attention over the KV cache.
 
     q (n, n_heads, head_dim); k_cache, v_cache (n_slots, n_kv_heads, ring, head_dim).
@@ -92,14 +134,16 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
         values = v_cache[slots[i]][:, rows].astype(np.float32)            # (n_kv_heads, L, head_dim)
         qs = q[i].reshape(n_kv_heads, group, head_dim)                    # (n_kv_heads, group, head_dim)
         scores = np.einsum("kgd,kld->kgl", qs, keys) * scale              # (n_kv_heads, group, L)
+        if softcap > 0:
+            scores = soft_cap(scores, softcap)
         mixed = np.einsum("kgl,kld->kgd", softmax(scores, axis=-1), values)
         out[i] = mixed.reshape(n_heads, head_dim)
     return out
 
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, slots: np.ndarray,
-           k_cache: np.ndarray, v_cache: np.ndarray, theta: float, rope_dim: int, style: str = "norm",
-           window: int = 0) -> np.ndarray:
+           k_cache: np.ndarray, v_cache: np.ndarray, theta: "float | RopeFrequencies", rope_dim: int,
+           style: str = "norm", window: int = 0, softcap: float = 0.0) -> np.ndarray:
     """RoPE on q and k, k and v written into one layer's cache, then causal GQA attention.
 
     q (n, n_heads, head_dim), k and v (n, n_kv_heads, head_dim) before RoPE;
@@ -119,7 +163,7 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, s
     ring = k_cache.shape[2]
     k_cache[slots, :, positions % ring] = k
     v_cache[slots, :, positions % ring] = v
-    return attention(q, k_cache, v_cache, slots, positions, window)
+    return attention(q, k_cache, v_cache, slots, positions, window, softcap)
 
 
 def check_attention_shapes(what: str, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
