@@ -63,6 +63,34 @@ def test_attend_matches_reference(dtype, n_heads, n_kv_heads, head_dim, rope_dim
     assert not np.array_equal(fast_k, k_cache)
 
 
+@pytest.mark.parametrize("batch", ["prefill", "decode"])
+def test_soft_capped_scores_and_scaled_frequencies_match_reference(batch):
+    """Gemma 2's soft-capped scores and Llama 3 / LongRoPE frequency factors with a cos/sin scale: numba = numpy,
+    and each of them changes the answer (so neither path may ignore it)."""
+    rng = np.random.default_rng(7)
+    slots, positions = (np.array(a, dtype=np.int64) for a in BATCHES[batch])
+    q, k, v = _inputs(rng, len(slots), 4, 2, 32)
+    q *= 3  # scores large enough for a cap of 2 to bite
+    k_cache, v_cache = _caches(rng, 4, 2, 300, 32, np.float16)
+    frequencies = ref.RopeFrequencies(10000.0, tuple(np.linspace(1.0, 8.0, 16)), 1.2)
+
+    def run(attend, theta, softcap):
+        k_copy, v_copy = k_cache.copy(), v_cache.copy()
+        return attend(q, k, v, positions, slots, k_copy, v_copy, theta, 32, "neox", 0, softcap), k_copy
+
+    for theta, softcap in ((frequencies, 2.0), (frequencies, 0.0), (10000.0, 2.0)):
+        (fast, fast_k), (expected, ref_k) = run(attention_kernels.attend, theta, softcap), run(ref.attend, theta,
+                                                                                             softcap)
+        np.testing.assert_allclose(fast, expected, rtol=1e-5, atol=1e-5)  # tanh: a few ulps apart
+        np.testing.assert_array_equal(fast_k, ref_k)
+    plain = run(ref.attend, 10000.0, 0.0)
+    assert np.abs(run(ref.attend, 10000.0, 2.0)[0] - plain[0]).max() > 1e-2          # the cap bites
+    assert np.abs(run(ref.attend, frequencies, 0.0)[1].astype(np.float32) - plain[1]).max() > 1e-2  # keys turn
+    # RopeFrequencies(theta) is the plain base, bit for bit
+    np.testing.assert_array_equal(run(attention_kernels.attend, ref.RopeFrequencies(10000.0), 0.0)[0],
+                                  run(attention_kernels.attend, 10000.0, 0.0)[0])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attend_equals_rope_write_attention(dtype):
     """Through the backend namespaces: fast attend == fast rope + cache write + fast attention."""

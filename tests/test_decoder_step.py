@@ -1,7 +1,10 @@
 """ops.decoder_step: the layer loop as one parallel launch gives the per-op loop's bits, caches included,
-for the Llama block and for Gemma 3's (QK-norm, post-norms, GeGLU, sliding-window rings, two RoPE bases,
-four weight types)."""
+for the Llama block, for Gemma 3's (QK-norm, post-norms, GeGLU, sliding-window rings, two RoPE bases,
+four weight types) and for the other blocks' features (Qwen 2's q/k/v biases, Gemma 2's soft-capped scores,
+Llama 3 / LongRoPE frequency factors and cos/sin scale, NEOX RoPE)."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numba
 import numpy as np
@@ -24,7 +27,7 @@ pytestmark = pytest.mark.skipif(not cpu_has_avx2(), reason="the one-launch layer
 # (single-type Q4_0 and Q6_K files take the same program; their row tasks run in the gemma3 and Q4_K_M mixes,
 # and each further entry costs the suite a compile of the whole program)
 MODELS = [("Q4_1", "Q4_1", 64, 96), ("Q4_K_M", "Q4_K_Q6_K", 256, 512),
-          ("gemma3", "Q4_K_Q5_0_Q6_K_Q8_0", 256, 512)]
+          ("gemma3", "Q4_K_Q5_0_Q6_K_Q8_0", 256, 512), ("features", "Q4_1", 64, 96)]
 SECOND_TYPE_MATRICES = ("wv", "w_down")
 GEMMA3_TYPES = {"wq": "Q5_0", "wk": "Q5_0", "wv": "Q8_0", "wo": "Q4_K", "w_gate": "Q5_0", "w_up": "Q5_0",
                 "w_down": "Q6_K"}
@@ -40,6 +43,23 @@ def tiny_gemma3_model(folder) -> LlamaModel:
     return model
 
 
+def with_other_features(model: LlamaModel) -> LlamaModel:
+    """The tiny Q4_1 Llama with what the other registered blocks switch on: q/k/v biases (Qwen 2), soft-capped
+    attention scores (Gemma 2), RoPE frequency factors and a cos/sin scale (Llama 3, LongRoPE), NEOX RoPE, a
+    sliding window on layer 0. Random weights: the bits of the two paths are compared, not a model's answer."""
+    c = model.config
+    rng = np.random.default_rng(5)
+    model.config = replace(c, block=replace(c.block, qkv_bias=True), attention_softcap=3.0, rope_style="neox",
+                           rope_freq_factors=tuple(np.linspace(1.0, 8.0, c.n_rot // 2)), rope_attention_factor=1.1,
+                           layer_windows=(8,) + (0,) * (c.n_layers - 1))
+    for layer in model.layers:
+        layer.q_bias = rng.normal(0, 0.5, c.q_dim).astype(np.float32)
+        layer.k_bias = rng.normal(0, 0.5, c.kv_dim).astype(np.float32)
+        layer.v_bias = rng.normal(0, 0.5, c.kv_dim).astype(np.float32)
+    model._step, model._step_checked = None, False
+    return model
+
+
 @pytest.fixture(scope="module", params=MODELS, ids=lambda p: p[0])
 def model(request, tmp_path_factory) -> LlamaModel:
     weight_type, entry, dim, hidden_dim = request.param
@@ -51,8 +71,10 @@ def model(request, tmp_path_factory) -> LlamaModel:
     k_quants = "_K" in weight_type
     path = write_tiny_llama(tmp_path_factory.mktemp("step") / f"tiny-{weight_type}.gguf", dim=dim,
                             hidden_dim=hidden_dim, n_layers=2, n_heads=8, n_kv_heads=2, n_ctx=512,
-                            weight_type="Q8_0" if k_quants else weight_type, seed=3)
+                            weight_type="Q8_0" if k_quants else entry, seed=3)
     model = LlamaModel.from_gguf(read_gguf(path), backend="fast")
+    if weight_type == "features":
+        model = with_other_features(model)
     if k_quants:  # gguf-py writes no K-quants: random K-quant blocks of the same shapes
         for i, layer in enumerate(model.layers):
             for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
