@@ -2,8 +2,8 @@
 
 ``read_hf_folder`` gathers what a folder holds without interpreting the
 architecture: the parsed ``config.json``, every tensor as a
-:class:`~localllm.quants.QTensor` (F32 / F16, read with
-``safe_open(..., framework="numpy")``), where the tokenizer lives, and the
+:class:`~localllm.quants.QTensor` (F32 / F16 / BF16 views over a read-only
+memory map of the file: ``read_safetensors`` parses the header itself), where the tokenizer lives, and the
 sentence-transformers pipeline (``modules.json``, the Pooling module's
 ``config.json``, ``sentence_bert_config.json``, a ``Normalize`` module).
 ``hf_architecture`` names the localllm dataflow for the config, or raises.
@@ -11,13 +11,13 @@ sentence-transformers pipeline (``modules.json``, the Pooling module's
 from __future__ import annotations
 
 import json
+import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
-
 from ..quants import QTensor, UnsupportedTensorType
 
 # model_type in config.json -> localllm dataflow (models/<name>.py)
@@ -34,7 +34,8 @@ POOLING_FLAGS = {
     "pooling_mode_lasttoken": "lasttoken",
 }
 
-_NUMPY_TYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+_ITEM_SIZES = {"F32": 4, "F16": 2, "BF16": 2}        # safetensors dtypes read as weights (ggml names alike)
+_SKIPPED_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")
 
 
 class HFFolderError(ValueError):
@@ -92,31 +93,86 @@ def safetensors_files(folder: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map", {})
-        return [folder / name for name in sorted(set(weight_map.values()))]
+        weight_map = _read_json(index).get("weight_map") or {}
+        shards = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [shard.name for shard in shards if not shard.is_file()]
+        if missing or not shards:
+            raise HFFolderError(f"{index}: shard file(s) {', '.join(missing) or '(none listed)'} not in {folder}")
+        return shards
     found = sorted(folder.glob("*.safetensors"))
     if not found:
         raise HFFolderError(f"{folder}: no model.safetensors (or sharded *.safetensors) found")
     return found
 
 
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The tensor table of a ``.safetensors`` file (``__metadata__`` dropped) and where its data starts.
+
+    Layout: an 8-byte little-endian header length n, n bytes of JSON
+    (``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``, offsets from the end of the header),
+    then the tensor bytes. Every tensor is checked to lie inside the file.
+    """
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise HFFolderError(f"{path.name} is not a safetensors file (shorter than its 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > file_size - 8:
+            raise HFFolderError(f"{path.name} is truncated: its header claims {header_len} bytes")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HFFolderError(f"{path.name} has an unreadable safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise HFFolderError(f"{path.name} has an unreadable safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    for name, info in header.items():
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            dtype = str(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise HFFolderError(f"{path.name}: tensor '{name}' has a malformed header entry") from None
+        if not 0 <= begin <= end or data_start + end > file_size:
+            raise HFFolderError(f"{path.name} is truncated: tensor '{name}' ends past the end of the file")
+        itemsize = _ITEM_SIZES.get(dtype)
+        if itemsize is not None and end - begin != itemsize * math.prod(shape):
+            raise HFFolderError(f"{path.name}: tensor '{name}' holds {end - begin} bytes for shape {shape} of "
+                                f"{dtype}")
+    return header, data_start
+
+
 def read_safetensors(path: str | Path) -> dict[str, QTensor]:
-    """Every tensor of one ``.safetensors`` file as a QTensor (F32 / F16; integer buffers skipped)."""
-    tensors: dict[str, QTensor] = {}
+    """Every tensor of one ``.safetensors`` file as a QTensor over a read-only memory map (no copy).
+
+    F32 and F16 become arrays of their dtype; BF16 becomes a ggml ``BF16`` QTensor (uint8 rows,
+    two bytes a value, as GGUF stores it). Integer buffers (``embeddings.position_ids``) are skipped;
+    other types raise UnsupportedTensorType naming the tensor.
+    """
     path = Path(path)
-    try:
-        handle = safe_open(str(path), framework="numpy")
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise HFFolderError(f"cannot read {path}: {exc}") from None
-    with handle as f:
-        for name in f.keys():
-            dtype = f.get_slice(name).get_dtype()
-            if dtype in ("I64", "I32", "I16", "I8", "U8", "BOOL"):
-                continue  # buffers such as embeddings.position_ids
-            if dtype not in ("F32", "F16"):
-                raise UnsupportedTensorType(dtype, name)
-            array = f.get_tensor(name)
-            tensors[name] = QTensor(name, _NUMPY_TYPES[array.dtype], tuple(array.shape), array)
+    header, data_start = read_safetensors_header(path)
+    tensors: dict[str, QTensor] = {}
+    if not header:
+        return tensors
+    mapping = np.memmap(path, dtype=np.uint8, mode="r")
+    for name, info in header.items():
+        dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+        if dtype in _SKIPPED_DTYPES:
+            continue  # buffers such as embeddings.position_ids
+        if dtype not in _ITEM_SIZES:
+            raise UnsupportedTensorType(dtype, name)
+        begin, end = info["data_offsets"]
+        raw = mapping[data_start + begin:data_start + end]
+        cols = shape[-1] if shape else 1
+        rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+        if dtype == "BF16":
+            data = raw.reshape((rows, cols * 2) if len(shape) > 1 else (cols * 2,))
+        else:
+            data = raw.view(np.float32 if dtype == "F32" else np.float16)
+            data = data.reshape((rows, cols) if len(shape) > 1 else (cols,))
+        tensors[name] = QTensor(name, dtype, shape or (1,), data)
     return tensors
 
 
