@@ -51,8 +51,15 @@ def load(name_or_path, *, num_ctx: int | None = None, backend: str = "auto", n_s
     path, entry = resolve(name_or_path, store)
     name = entry.name if entry else str(name_or_path)
     if path.is_dir():
-        from .embeddings import load_embedding_model
-        return load_embedding_model(path, name=name, backend=backend)
+        from .formats import hf_decoder
+        if hf_decoder.is_encoder_config(hf_decoder.read_config(path)):
+            from .embeddings import load_embedding_model
+            return load_embedding_model(path, name=name, backend=backend)
+        from .models.decoder import DecoderModel
+        folder = hf_decoder.read_hf_decoder(path)    # UnsupportedArchitecture names the known ones
+        network = DecoderModel(folder.config, folder.tensors, backend=backend)
+        return Model(name, path, folder.metadata, network, entry=entry, num_ctx=num_ctx, n_slots=n_slots,
+                     tokenizer=folder.tokenizer, defaults=folder.generation_defaults)
     gguf_file = read_gguf(path)
     if gguf_file.architecture in arch.ENCODER_ARCHITECTURES:
         from .embeddings import load_embedding_model
@@ -76,21 +83,23 @@ class Model:
     capabilities = ("completion",)
 
     def __init__(self, name: str, path: Path, metadata: dict, network, entry=None,
-                 num_ctx: int | None = None, n_slots: int = 1):
+                 num_ctx: int | None = None, n_slots: int = 1, tokenizer: Tokenizer | None = None,
+                 defaults: dict | None = None):
         self.name = name
         self.path = Path(path)
         self.metadata = metadata
         self.network = network
         self.config = network.config
         self.entry = entry
-        self.tokenizer = Tokenizer.from_gguf_metadata(metadata)
+        self.tokenizer = tokenizer or Tokenizer.from_gguf_metadata(metadata)   # (HF folders bring theirs)
         template = ((entry.template if entry and entry.template else None) or metadata.get("tokenizer.chat_template")
                     or arch.default_chat_template(self.config.architecture))
         self.has_chat_template = template is not None
         self.template = (ChatTemplate(template, self.tokenizer.bos_token, self.tokenizer.eos_token)
                          if template is not None else MissingChatTemplate())
         self.system = entry.system if entry else None
-        self.defaults: dict[str, Any] = dict(entry.parameters) if entry and entry.parameters else {}
+        self.defaults: dict[str, Any] = dict(defaults or {})       # the folder's generation_config.json, then
+        self.defaults.update(entry.parameters if entry and entry.parameters else {})   # the Modelfile's PARAMETERs
         self.n_slots = n_slots
         self._lock = threading.RLock()
         self.n_ctx = 0

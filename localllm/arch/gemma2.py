@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 from .gemma3 import DEFAULT_CHAT_TEMPLATE  # Gemma's turns (no system turn: it opens the first user turn)
-from .spec import BlockSpec, MetadataKeys, ModelConfig, common_config, layer_windows
+from .spec import BlockSpec, MetadataKeys, ModelConfig, common_config, hf_common_config, layer_windows
 
 NAMES = ("gemma2",)
 BLOCK = BlockSpec(post_attn_norm=True, post_ffn_norm=True, activation="gelu_tanh")
@@ -43,4 +43,22 @@ def config_from_gguf(gguf) -> ModelConfig:
         attention_scale=1.0 / math.sqrt(query_scale),
         attention_softcap=float(keys.get("attn_logit_softcapping", ATTENTION_SOFTCAP) or 0.0),
         final_logit_softcap=float(keys.get("final_logit_softcapping", FINAL_LOGIT_SOFTCAP) or 0.0),
+    )
+
+
+def config_from_hf(config: dict) -> ModelConfig:
+    """ModelConfig from a Hugging Face ``config.json`` (Gemma2ForCausalLM). The loader adds Gemma's +1 to the
+    norm scales; ``query_pre_attn_scalar`` sets the attention scale; ``layer_types`` (else every other layer)
+    the windows."""
+    dim = int(config["hidden_size"])
+    n_layers = int(config["num_hidden_layers"])
+    head_dim = int(config.get("head_dim") or dim // int(config["num_attention_heads"]))
+    return hf_common_config(
+        config, "gemma2", tie_embeddings_default=True, block=BLOCK,
+        default_layer_types=["sliding_attention" if (i + 1) % SLIDING_WINDOW_PATTERN else "full_attention"
+                             for i in range(n_layers)],
+        embedding_scale=math.sqrt(dim),
+        attention_scale=float(config.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+        attention_softcap=float(config.get("attn_logit_softcapping") or 0.0),
+        final_logit_softcap=float(config.get("final_logit_softcapping") or 0.0),
     )

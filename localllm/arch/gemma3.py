@@ -19,8 +19,10 @@ and attention scores scaled by 1/sqrt(head_dim) (1/sqrt(dim / n_heads) for the
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
-from .spec import BlockSpec, MetadataKeys, ModelConfig, common_config, layer_windows
+from .spec import (BlockSpec, MetadataKeys, ModelConfig, UnsupportedModelFeature, common_config, hf_common_config,
+                   hf_rope_config, hf_rope_parameters, layer_windows)
 
 NAMES = ("gemma3",)
 BLOCK = BlockSpec(qk_norm=True, post_attn_norm=True, post_ffn_norm=True, activation="gelu_tanh")
@@ -65,3 +67,33 @@ def config_from_gguf(gguf) -> ModelConfig:
         attention_scale=1.0 / math.sqrt(query_scale),
         final_logit_softcap=float(keys.get("final_logit_softcapping", 0.0) or 0.0),
     )
+
+
+def config_from_hf(config: dict) -> ModelConfig:
+    """ModelConfig from a Hugging Face ``config.json`` (Gemma3ForCausalLM, the text model). The loader adds
+    Gemma's +1 to the norm scales; ``layer_types`` (else ``sliding_window_pattern``) set the windows, the
+    sliding layers' RoPE base is their own (``rope_parameters.sliding_attention``, or ``rope_local_base_freq``);
+    ``query_pre_attn_scalar`` sets the attention scale."""
+    dim = int(config["hidden_size"])
+    n_layers = int(config["num_hidden_layers"])
+    head_dim = int(config.get("head_dim") or dim // int(config["num_attention_heads"]))
+    pattern = int(config.get("sliding_window_pattern") or SLIDING_WINDOW_PATTERN)
+    rope = hf_rope_parameters(config)
+    local = hf_rope_config(config, rope["sliding_attention"] or {**rope["full_attention"], "rope_type": "default",
+                                                                    "rope_theta": LOCAL_ROPE_BASE}, head_dim)
+    gemma = hf_common_config(
+        config, "gemma3", tie_embeddings_default=True, block=BLOCK,
+        default_layer_types=["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)],
+        embedding_scale=math.sqrt(dim),
+        attention_scale=float(config.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+        attention_softcap=float(config.get("attn_logit_softcapping") or 0.0),
+        final_logit_softcap=float(config.get("final_logit_softcapping") or 0.0),
+    )
+    windows = gemma.layer_windows
+    if any(windows) and (gemma.rope_freq_factors or "rope_freq_factors" in local):
+        raise UnsupportedModelFeature("config.json: RoPE scaling on the global layers only (Gemma 3 4B and "
+                                      "larger) is not implemented")
+    if not any(windows):
+        return gemma
+    return replace(gemma, layer_rope_theta=tuple(local["rope_theta"] if window else gemma.rope_theta
+                                                 for window in windows))

@@ -13,7 +13,7 @@
 """
 from __future__ import annotations
 
-from .spec import BlockSpec, ModelConfig, common_config
+from .spec import BlockSpec, ModelConfig, common_config, hf_common_config
 
 NAMES = ("phi3",)
 BLOCK = BlockSpec()
@@ -23,3 +23,11 @@ DEFAULT_CHAT_TEMPLATE = None  # Phi GGUFs carry their template
 def config_from_gguf(gguf) -> ModelConfig:
     """ModelConfig from the ``phi3.*`` GGUF metadata keys."""
     return common_config(gguf, rope_style="neox", block=BLOCK)
+
+
+def config_from_hf(config: dict) -> ModelConfig:
+    """ModelConfig from a Hugging Face ``config.json`` (Phi3ForCausalLM): fused ``qkv_proj`` and
+    ``gate_up_proj`` (row views in the decoder), ``partial_rotary_factor``, LongRoPE's short/long factors
+    with attention factor sqrt(1 + log(scale) / log(original_max_position_embeddings)), and
+    ``sliding_window`` on every layer."""
+    return hf_common_config(config, "phi3", tie_embeddings_default=False, block=BLOCK)

@@ -6,7 +6,7 @@ the small models and separate on the large ones (the file says which).
 """
 from __future__ import annotations
 
-from .spec import BlockSpec, ModelConfig, common_config
+from .spec import BlockSpec, ModelConfig, common_config, hf_common_config
 
 NAMES = ("qwen2",)
 BLOCK = BlockSpec(qkv_bias=True)
@@ -16,3 +16,9 @@ DEFAULT_CHAT_TEMPLATE = None  # Qwen GGUFs carry their ChatML template
 def config_from_gguf(gguf) -> ModelConfig:
     """ModelConfig from the ``qwen2.*`` GGUF metadata keys."""
     return common_config(gguf, rope_style="neox", block=BLOCK)
+
+
+def config_from_hf(config: dict) -> ModelConfig:
+    """ModelConfig from a Hugging Face ``config.json`` (Qwen2ForCausalLM); windows only with
+    ``use_sliding_window`` (off on every released Qwen 2 / 2.5)."""
+    return hf_common_config(config, "qwen2", tie_embeddings_default=False, block=BLOCK)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..ops.ref import RopeFrequencies
 
 GATE_ACTIVATIONS = ("silu", "gelu_tanh")
@@ -217,3 +219,156 @@ def common_config(gguf, **overrides) -> ModelConfig:
     values.update(rope_values)
     values.update(overrides)
     return ModelConfig(**values)
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+
+
+def hf_rope_parameters(hf: dict) -> dict[str, dict | None]:
+    """RoPE settings of a ``config.json`` by layer type: ``{"full_attention": {...}, "sliding_attention": ...}``
+    (the sliding layers' own settings, or None where they share the full layers').
+
+    transformers 5 writes ``rope_parameters`` (one dict, or one per layer type); older files have
+    ``rope_theta``, ``rope_scaling`` (``type`` or ``rope_type``), ``partial_rotary_factor``, Gemma 3's
+    ``rope_local_base_freq`` (unscaled RoPE of the sliding layers) and Phi-3's top-level
+    ``original_max_position_embeddings``.
+    """
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    nested = "full_attention" in params or "sliding_attention" in params
+    full = dict(params.get("full_attention") or {}) if nested else dict(params)
+    sliding = dict(params["sliding_attention"]) if nested and params.get("sliding_attention") else None
+    if sliding is None and hf.get("rope_local_base_freq") is not None:
+        sliding = {"rope_type": "default", "rope_theta": hf["rope_local_base_freq"]}
+    for values in (full, sliding or {}):
+        values.setdefault("rope_type", values.get("type") or "default")
+        values.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+        if hf.get("partial_rotary_factor") is not None:
+            values.setdefault("partial_rotary_factor", hf["partial_rotary_factor"])
+        if hf.get("original_max_position_embeddings") is not None:  # Phi-3 keeps it outside (and it wins)
+            values["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+    return {"full_attention": full, "sliding_attention": sliding}
+
+
+def llama3_rope_factors(rope: dict, rope_dim: int) -> tuple[float, ...]:
+    """Llama 3.x ``rope_type: llama3`` as the divisors of each pair's frequency, computed as llama.cpp's
+    converter computes its ``rope_freqs`` tensor: 1 for short wavelengths, ``factor`` for long ones, a smooth
+    blend between (frequencies in float32, as the converter's torch code has them)."""
+    factor = float(rope.get("factor", 8.0))
+    low_freq_factor = float(rope.get("low_freq_factor", 1.0))
+    high_freq_factor = float(rope.get("high_freq_factor", 4.0))
+    old_context_len = float(rope.get("original_max_position_embeddings", 8192))
+    base = np.float32(rope["rope_theta"])
+    freqs = np.float32(1.0) / base ** (np.arange(0, rope_dim, 2, dtype=np.float32) / np.float32(rope_dim))
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return tuple(float(np.float32(f)) for f in factors)  # the converter stores them as float32
+
+
+def hf_rope_config(hf: dict, rope: dict, head_dim: int, where: str = "config.json") -> dict:
+    """ModelConfig's RoPE fields (rope_theta, rope_dim, frequency factors, ...) for one ``hf_rope_parameters``
+    entry; UnsupportedModelFeature for a scaling type the engine does not implement."""
+    rope_dim = int(head_dim * float(rope.get("partial_rotary_factor") or 1.0))
+    values: dict = {"rope_theta": float(rope["rope_theta"]), "rope_dim": rope_dim}
+    kind = str(rope.get("rope_type") or "default")
+    if kind == "default":
+        pass
+    elif kind == "linear":
+        values["rope_freq_factors"] = (float(rope["factor"]),) * (rope_dim // 2)
+    elif kind == "llama3":
+        values["rope_freq_factors"] = llama3_rope_factors(rope, rope_dim)
+    elif kind in ("longrope", "su"):
+        n_ctx_orig = int(rope["original_max_position_embeddings"])
+        short, long = tuple(map(float, rope["short_factor"])), tuple(map(float, rope["long_factor"]))
+        for name, factors in (("short_factor", short), ("long_factor", long)):
+            if len(factors) != rope_dim // 2:
+                raise UnsupportedModelFeature(f"{where}: rope {name} has {len(factors)} values for "
+                                              f"{rope_dim // 2} pairs of rotated dims")
+        attention_factor = rope.get("attention_factor")
+        if attention_factor is None:   # transformers' default (llama.cpp's converter: the same from the ratio)
+            scale = float(rope.get("factor") or hf["max_position_embeddings"] / n_ctx_orig)
+            attention_factor = math.sqrt(1 + math.log(scale) / math.log(n_ctx_orig)) if scale > 1.0 else 1.0
+        values.update(rope_freq_factors=short, rope_freq_factors_long=long, n_ctx_orig=n_ctx_orig,
+                      rope_attention_factor=float(attention_factor))
+    else:
+        raise UnsupportedModelFeature(f"{where}: RoPE scaling '{kind}' is not implemented "
+                                      "(implemented: default, linear, llama3, longrope)")
+    return values
+
+
+def hf_layer_windows(hf: dict, n_layers: int, default_layer_types: list[str] | None = None) -> tuple[int, ...]:
+    """Per layer: the sliding window, 0 on global layers; () when no layer slides.
+
+    ``use_sliding_window: false`` (Qwen) turns windows off; ``layer_types`` (or ``default_layer_types``, the
+    pattern of the architecture's config class) says which layers slide; a window without layer types
+    (Mistral, Phi-3) applies to every layer.
+    """
+    window = hf.get("sliding_window")
+    if not window or hf.get("use_sliding_window") is False:
+        return ()
+    layer_types = hf.get("layer_types") or default_layer_types
+    if layer_types is None and "max_window_layers" in hf:   # Qwen 2 configs before layer_types
+        layer_types = ["sliding_attention" if i >= hf["max_window_layers"] else "full_attention"
+                       for i in range(n_layers)]
+    if layer_types is None:
+        return (int(window),) * n_layers
+    if len(layer_types) != n_layers:
+        raise UnsupportedModelFeature(f"config.json: layer_types has {len(layer_types)} entries for {n_layers} "
+                                      "layers")
+    unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise UnsupportedModelFeature(f"config.json: layer types {sorted(unknown)} are not implemented")
+    windows = tuple(int(window) if kind == "sliding_attention" else 0 for kind in layer_types)
+    return windows if any(windows) else ()
+
+
+def hf_common_config(hf: dict, architecture: str, *, tie_embeddings_default: bool, rope_style: str = "neox",
+                     default_layer_types: list[str] | None = None, **overrides) -> ModelConfig:
+    """A ModelConfig from the ``config.json`` keys every decoder states alike (``hidden_size``, ...), with
+    ``overrides`` for what an architecture adds; refuses RoPE scaling and activations it does not implement.
+    ``tie_embeddings_default`` is the architecture's default when the file leaves it out."""
+    def required(key: str):
+        if hf.get(key) is None:
+            raise UnsupportedModelFeature(f"config.json: missing '{key}'")
+        return hf[key]
+
+    dim, n_heads = int(required("hidden_size")), int(required("num_attention_heads"))
+    n_layers = int(required("num_hidden_layers"))
+    head_dim = int(hf.get("head_dim") or dim // n_heads)
+    activation = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    if activation not in HF_ACTIVATIONS:
+        raise UnsupportedModelFeature(f"config.json: activation '{activation}' is not implemented "
+                                      f"(implemented: {', '.join(HF_ACTIVATIONS)})")
+    rope = hf_rope_parameters(hf)
+    values = dict(
+        architecture=architecture,
+        dim=dim,
+        hidden_dim=int(required("intermediate_size")),
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=head_dim,
+        vocab_size=int(required("vocab_size")),
+        n_ctx_train=int(required("max_position_embeddings")),
+        rope_style=rope_style,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", tie_embeddings_default)),
+        layer_windows=hf_layer_windows(hf, n_layers, default_layer_types),
+        **hf_rope_config(hf, rope["full_attention"], head_dim),
+    )
+    values.update(overrides)
+    config = ModelConfig(**values)
+    if config.block.activation != HF_ACTIVATIONS[activation]:
+        raise UnsupportedModelFeature(f"config.json: activation '{activation}' in a '{architecture}' block, "
+                                      f"which uses {config.block.activation}")
+    return config

@@ -1,0 +1,181 @@
+"""Hugging Face decoder folders: ``config.json`` + ``*.safetensors`` + tokenizer files -> ModelConfig + GGUF-named
+tensors, ready for ``models.decoder.DecoderModel``.
+
+* the architecture comes from ``config.json``'s ``architectures`` (``HF_ARCHITECTURES``); an unknown one is
+  ``UnsupportedArchitecture`` naming it and the supported ones, raised before any weight is mapped;
+* hyperparameters: the architecture module's ``config_from_hf`` (``localllm/arch``);
+* weights: memory-mapped views (``formats.safetensors``), renamed to llama.cpp's GGUF names by gguf-py's
+  ``TensorNameMap`` for that architecture, so the decoder reads a folder as it reads a GGUF file. Two
+  differences from what llama.cpp's converter writes, both exact: q and k rows stay in transformers' layout
+  (the config says NEOX RoPE, so no permutation), and Gemma's norm scales get their +1 here (small vectors,
+  copied to float32), as the converter adds it;
+* ``tokenizer.json`` / ``tokenizer_config.json`` (template, special tokens) through ``Tokenizer.from_hf_folder``,
+  and sampling defaults from ``generation_config.json`` (``generation_defaults``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import arch
+from ..arch.spec import ModelConfig, UnsupportedArchitecture, UnsupportedModelFeature
+from ..quants import QTensor
+from .safetensors import HF_MODEL_TYPES, HFFolderError, read_safetensors, safetensors_files
+
+# config.json "architectures" -> the localllm (GGUF) architecture that runs it
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+}
+NORM_PLUS_ONE = ("gemma2", "gemma3")                # RMSNorm scales by (1 + weight)
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)        # buffers older checkpoints saved; recomputed from the config
+GENERATION_KEYS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float}  # generation_config.json
+
+
+@dataclass
+class HFDecoderFolder:
+    """A Hugging Face decoder folder, read: its ModelConfig and its weights under GGUF names."""
+
+    path: Path
+    hf_config: dict[str, Any]
+    config: ModelConfig
+    tensors: dict[str, QTensor] = field(repr=False)
+
+    @property
+    def architecture(self) -> str:
+        return self.config.architecture
+
+    @cached_property
+    def tokenizer(self):
+        from ..tokenizer import Tokenizer
+        return Tokenizer.from_hf_folder(self.path)
+
+    @cached_property
+    def generation_defaults(self) -> dict[str, Any]:
+        return generation_defaults(self.path)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """What a GGUF file would say about the model at a glance (``general.*``, the chat template)."""
+        values = {"general.architecture": self.architecture, "general.name": self.path.name}
+        if self.tokenizer.chat_template is not None:
+            values["tokenizer.chat_template"] = self.tokenizer.chat_template
+        return values
+
+
+def supported_architectures() -> tuple[str, ...]:
+    """config.json ``architectures`` values localllm loads as decoders."""
+    return tuple(HF_ARCHITECTURES)
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a model folder; FileNotFoundError / HFFolderError when missing or bad."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no model folder at {folder}")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (a Hugging Face model folder needs one)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HFFolderError(f"cannot read {config_file}: {exc}") from None
+    if not isinstance(config, dict):
+        raise HFFolderError(f"{config_file}: expected a JSON object")
+    return config
+
+
+def is_encoder_config(config: dict[str, Any]) -> bool:
+    """An encoder (BERT family) folder, served by ``localllm.embeddings`` rather than the decoder."""
+    return config.get("model_type") in HF_MODEL_TYPES
+
+
+def architecture_of(config: dict[str, Any], where: str | Path = "config.json") -> str:
+    """The localllm architecture of a decoder ``config.json``; UnsupportedArchitecture naming it otherwise."""
+    names = config.get("architectures") or []
+    for name in names:
+        if name in HF_ARCHITECTURES:
+            return HF_ARCHITECTURES[name]
+    named = names[0] if names else f"model_type={config.get('model_type')!r}"
+    supported = (*HF_ARCHITECTURES, *(f"model_type={t}" for t in HF_MODEL_TYPES))
+    raise UnsupportedArchitecture(str(named), str(where), supported)
+
+
+def read_hf_decoder(folder: str | Path) -> HFDecoderFolder:
+    """Read a decoder folder: config (checked first), then the weights as memory-mapped GGUF-named tensors.
+
+    Raises FileNotFoundError for a missing folder, ``config.json`` or ``tokenizer.json``,
+    UnsupportedArchitecture for an architecture localllm does not run, UnsupportedModelFeature for a
+    config or tensor it would have to ignore, HFFolderError for unreadable files.
+    """
+    folder = Path(folder)
+    hf_config = read_config(folder)
+    architecture = architecture_of(hf_config, folder / "config.json")
+    config = arch.lookup(architecture).config_from_hf(hf_config)
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{folder}: no tokenizer.json (localllm reads the tokenizer from it)")
+    hf_tensors: dict[str, QTensor] = {}
+    for path in safetensors_files(folder):
+        hf_tensors.update(read_safetensors(path))
+    return HFDecoderFolder(folder, hf_config, config, gguf_named_tensors(hf_tensors, config))
+
+
+def gguf_named_tensors(hf_tensors: dict[str, QTensor], config: ModelConfig) -> dict[str, QTensor]:
+    """transformers' tensor names -> llama.cpp's (gguf-py's TensorNameMap for the architecture), views kept.
+
+    ``lm_head.weight`` is dropped when the config ties it to the embeddings (transformers then uses the
+    embeddings); Gemma's norm scales get +1. A tensor the map does not know is UnsupportedModelFeature.
+    """
+    import gguf
+
+    arch_ids = {name: arch_id for arch_id, name in gguf.MODEL_ARCH_NAMES.items()}
+    name_map = gguf.get_tensor_name_map(arch_ids[config.architecture], config.n_layers)
+    renamed: dict[str, QTensor] = {}
+    sources: dict[str, str] = {}
+    unknown = []
+    for hf_name, tensor in hf_tensors.items():
+        if hf_name.endswith(IGNORED_SUFFIXES) or (hf_name == "lm_head.weight" and config.tie_embeddings):
+            continue
+        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            unknown.append(hf_name)
+            continue
+        if name in renamed:
+            raise UnsupportedModelFeature(f"tensors '{sources[name]}' and '{hf_name}' both map to '{name}'")
+        if config.architecture in NORM_PLUS_ONE and hf_name.endswith("norm.weight"):
+            from ..quants.ref import dequantize
+            scale = np.asarray(dequantize(tensor), dtype=np.float32).reshape(tensor.shape) + np.float32(1.0)
+            renamed[name] = QTensor.from_float(name, scale)
+        else:
+            renamed[name] = QTensor(name, tensor.ggml_type, tensor.shape, tensor.data)
+        sources[name] = hf_name
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:6]) + (f" and {len(unknown) - 6} more" if len(unknown) > 6 else "")
+        raise UnsupportedModelFeature(f"tensors the '{config.architecture}' dataflow does not know: {shown}")
+    return renamed
+
+
+def generation_defaults(folder: str | Path) -> dict[str, Any]:
+    """Sampling defaults from ``generation_config.json`` as Modelfile parameters (temperature, top_p, top_k,
+    min_p); ``do_sample: false`` means greedy, as in transformers (temperature 0). End-of-generation ids are
+    the tokenizer's business (``Tokenizer.from_hf_folder`` reads them from the same file)."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HFFolderError(f"cannot read {path}: {exc}") from None
+    if values.get("do_sample") is False:
+        return {"temperature": 0.0}
+    return {key: kind(values[key]) for key, kind in GENERATION_KEYS.items() if values.get(key) is not None}
