@@ -83,3 +83,20 @@ def tiny_llama_path(tmp_path_factory) -> Path:
     from tests.tiny_models import write_tiny_llama
 
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_source() -> Path:
+    """``vendor/llama.cpp`` of the llama-cpp-python 0.3.36 sdist (its ``convert_hf_to_gguf.py`` and gguf-py):
+    ``LOCALLLM_LLAMA_CPP_SOURCE`` (an unpacked sdist), else downloaded once with pip into
+    ``LOCALLLM_TEST_CACHE`` (default ~/.cache/localllm-test). Not obtainable: a failure in CI, a skip elsewhere."""
+    from tests.tiny_archs import llama_cpp_source as locate
+
+    cache_dir = Path(os.environ.get("LOCALLLM_TEST_CACHE", Path.home() / ".cache" / "localllm-test"))
+    try:
+        return locate(cache_dir)
+    except RuntimeError as exc:
+        message = f"llama.cpp's convert_hf_to_gguf.py is not available: {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
