@@ -21,6 +21,7 @@ from ..formats.gguf import GGUFError, GGUFFile
 from ..kv_cache import ContextLengthExceeded, KVCache
 from ..ops import get_backend
 from ..ops.ref import soft_cap
+from ..progress import slow_step
 from ..quants import QTensor
 
 MAX_BATCH_TOKENS = 128
@@ -149,6 +150,7 @@ class DecoderModel:
         self.max_batch_tokens = MAX_BATCH_TOKENS
         self._step = None  # the one-launch forward pass for small batches (ops.decoder_step), made on first use
         self._step_checked = False
+        self._paths_run: set[str] = set()  # "decode step" / "per-op layers": run once (their kernels compiled)
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, backend: str = "auto") -> "DecoderModel":
@@ -188,10 +190,29 @@ class DecoderModel:
         if n > self.max_batch_tokens:
             return self._forward_in_chunks(tokens, positions, slots, cache, logits_for)
 
+        step = self._one_launch_layers(n)
+        path = "decode step" if step is not None else "per-op layers"
+        if path in self._paths_run or self.backend.name != "fast":
+            return self._forward(tokens, positions, slots, cache, logits_for, step)
+        # numba compiles a path's kernels on its first call (a fresh install: tens of seconds) and loads them
+        # from its cache after: a slow first call says what it is doing
+        with slow_step(f"preparing the {path} kernels for {self._weight_types()} weights (compiled on the first "
+                       "run, loaded from the kernel cache after)"):
+            logits = self._forward(tokens, positions, slots, cache, logits_for, step)
+        self._paths_run.add(path)
+        return logits
+
+    def _weight_types(self) -> str:
+        return "/".join(sorted({w.ggml_type for layer in self.layers
+                                for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up,
+                                          layer.w_down)}))
+
+    def _forward(self, tokens, positions, slots, cache: KVCache, logits_for, step) -> np.ndarray:
+        """``forward`` of a batch of at most max_batch_tokens tokens (``step``: the one-launch layers or None)."""
+        c, ops = self.config, self.backend
         x = ops.embedding_rows(self.token_embd, tokens)                         # (n, dim)
         if c.embedding_scale != 1.0:
             x *= np.float32(c.embedding_scale)
-        step = self._one_launch_layers(n)
         if step is not None:  # decode: the layer loop as one parallel launch (same ops, same bits)
             step.run(x, positions, slots, cache)                                 # x updated in place
         else:
