@@ -16,8 +16,8 @@ from pathlib import Path
 
 from .download import TqdmPullProgress
 from .model_info import InvalidModelFile
-from .modelfile import (LIST_PARAMETERS, ModelfileError, create_model, format_parameters, parse_modelfile,
-                        parse_parameter, render_modelfile)
+from .modelfile import (LIST_PARAMETERS, ModelfileError, create_model, format_parameters, is_path_reference,
+                        parse_modelfile, parse_parameter, render_modelfile)
 from .store import InvalidModelName, ModelNotFound, ModelStore, PullError
 
 CHAT_HELP = """Available commands:
@@ -190,7 +190,8 @@ def cmd_create(args) -> int:
 # ---- run: one-shot and interactive chat ----------------------------------------------------------------
 
 def cmd_run(args) -> int:
-    model = RemoteModel.connect(args.model) if server_available() else load_in_process(args.model)
+    local_path = is_path_reference(args.model)   # a .gguf file or a Hugging Face folder: run here
+    model = RemoteModel.connect(args.model) if server_available() and not local_path else load_in_process(args.model)
     prompt = " ".join(args.prompt)
     if not prompt and not sys.stdin.isatty():
         prompt = sys.stdin.read()
@@ -205,17 +206,20 @@ def cmd_run(args) -> int:
 
 
 def load_in_process(name: str):
-    """Pull when missing, then load the model in this process."""
-    progress = TqdmPullProgress(file=sys.stderr)
-    try:
-        entry = ModelStore().ensure(name, progress=progress)
-    finally:
-        progress.close()
+    """Pull when missing, then load the model in this process (a path to a .gguf file or HF folder as it is)."""
     import localllm
 
-    model = localllm.load(entry)
+    if is_path_reference(name):
+        model = localllm.load(Path(name).expanduser())
+    else:
+        progress = TqdmPullProgress(file=sys.stderr)
+        try:
+            entry = ModelStore().ensure(name, progress=progress)
+        finally:
+            progress.close()
+        model = localllm.load(entry)
     if not hasattr(model, "chat"):
-        raise CLIError(f"model '{entry.name}' is an embedding model and does not support chat")
+        raise CLIError(f"model '{model.name}' is an embedding model and does not support chat")
     return model
 
 

@@ -57,15 +57,16 @@ ARCHITECTURES = tuple(_configs())
 GGUF_ARCHITECTURE = {"mistral": "llama"}
 
 
-def hf_tiny_model(kind: str, seed: int = 0):
-    """A random transformers causal LM of architecture ``kind`` (see ARCHITECTURES), float32, eval mode."""
+def hf_tiny_model(kind: str, seed: int = 0, **overrides):
+    """A random transformers causal LM of architecture ``kind`` (see ARCHITECTURES), float32, eval mode;
+    ``overrides`` replace config values."""
     import torch
     import transformers
 
     prefix, extra = _configs()[kind]
     config_class = getattr(transformers, f"{prefix}TextConfig" if kind == "gemma3" else f"{prefix}Config")
     model_class = getattr(transformers, f"{prefix}ForCausalLM")
-    config = config_class(vocab_size=len(byte_level_vocab()[0]), **{**COMMON, **extra})
+    config = config_class(vocab_size=len(byte_level_vocab()[0]), **{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = model_class(config).float().eval()
     with torch.no_grad():
