@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     create = command("create", cmd_create, "create a model from a Modelfile")
     create.add_argument("model")
     create.add_argument("-f", "--file", default="Modelfile", help="the Modelfile (default: ./Modelfile)")
+    create.add_argument("-q", "--quantize", metavar="TYPE",
+                        help="convert FROM a Hugging Face folder to a GGUF of this type: q8_0, q4_0, q4_1, q5_0, "
+                             "q5_1")
     command("ps", cmd_ps, "list models loaded by the running server")
     stop = command("stop", cmd_stop, "unload a model from the running server")
     stop.add_argument("model")
@@ -176,12 +179,13 @@ def cmd_create(args) -> int:
     modelfile = parse_modelfile(text)
     progress = TqdmPullProgress(file=sys.stderr)
     try:
-        if server_available():
+        if server_available() and not args.quantize:     # converting runs here, into the same store
             body = dict(modelfile.create_request(args.model, base_dir=path.parent), stream=True)
             for event in server_stream("/api/create", body):
                 progress(event)
         else:
-            create_model(ModelStore(), args.model, modelfile, base_dir=path.parent, progress=progress)
+            create_model(ModelStore(), args.model, modelfile, base_dir=path.parent, progress=progress,
+                         quantize=args.quantize)
     finally:
         progress.close()
     return 0

@@ -397,12 +397,15 @@ def _resolve_path(value: str, base_dir: str | os.PathLike | None) -> Path:
 
 
 def create_model(store, name: str, modelfile: Modelfile, *, base_dir: str | os.PathLike | None = None,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, quantize: str | None = None):
     """Create store model ``name`` as ``modelfile`` describes; returns its store entry.
 
     ``modelfile.from_`` names a store model (pulled first when missing and the registry
     knows it; its parameters are kept and the Modelfile's override them) or a ``.gguf``
     file / HF folder (relative paths start at ``base_dir``, the Modelfile's folder).
+    ``quantize`` (``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``; Ollama's ``--quantize``) converts a
+    Hugging Face decoder folder into a GGUF file of that type in the store (``formats.gguf_export``), its
+    ``generation_config.json`` sampling defaults kept under the Modelfile's PARAMETERs.
     ``progress`` gets Ollama create status events (``{"status": ...}``), pull events
     included. A corrupt or truncated model file raises ``InvalidModelFile`` and leaves
     nothing in the store; bad fields raise :class:`ModelfileError`.
@@ -414,7 +417,9 @@ def create_model(store, name: str, modelfile: Modelfile, *, base_dir: str | os.P
     checked = validate(modelfile)
     if checked.adapters:
         raise ModelfileError("ADAPTER (LoRA adapters) is not supported")
-    if is_path_reference(checked.from_, base_dir):
+    if quantize is not None:
+        entry = _create_quantized(store, canonical, checked, quantize, base_dir, emit)
+    elif is_path_reference(checked.from_, base_dir):
         path = _resolve_path(checked.from_, base_dir)
         if not path.exists():
             raise ModelfileError(f"FROM {checked.from_}: no such file or folder")
@@ -429,6 +434,35 @@ def create_model(store, name: str, modelfile: Modelfile, *, base_dir: str | os.P
     emit({"status": "writing manifest"})
     emit({"status": "success"})
     return entry
+
+
+def _create_quantized(store, canonical: str, checked: Modelfile, quantize: str,
+                      base_dir: str | os.PathLike | None, emit: Progress):
+    """``create --quantize``: FROM a Hugging Face decoder folder -> a quantized GGUF file in the store."""
+    from .arch.spec import UnsupportedArchitecture, UnsupportedModelFeature
+    from .formats.gguf_export import quantize_type, write_gguf
+    from .formats.hf_decoder import read_hf_decoder
+    from .formats.safetensors import HFFolderError
+    from .model_info import InvalidModelFile
+
+    try:
+        ggml_type = quantize_type(quantize)
+    except ValueError as exc:
+        raise ModelfileError(str(exc)) from None
+    path = _resolve_path(checked.from_, base_dir)
+    if not (is_path_reference(checked.from_, base_dir) and path.is_dir()):
+        raise ModelfileError(f"--quantize converts a Hugging Face folder; FROM {checked.from_} is not one "
+                             "(quantizing a GGUF file or a store model again is not supported)")
+    try:
+        folder = read_hf_decoder(path)               # architecture, config and tensors checked first
+        emit({"status": f"converting {path.name} ({folder.architecture}) to {ggml_type}"})
+        parameters = {**folder.generation_defaults, **checked.parameters}
+        return store.add_written(canonical, f"{path.name}-{ggml_type}.gguf",
+                                 lambda target: write_gguf(folder, target, ggml_type, name=path.name),
+                                 parameters=parameters, template=checked.template, system=checked.system,
+                                 messages=checked.messages, license=checked.license)
+    except (UnsupportedArchitecture, UnsupportedModelFeature, HFFolderError) as exc:
+        raise InvalidModelFile(f"{path}: {exc}") from exc
 
 
 def modelfile_from_request(body: Mapping[str, Any]) -> Modelfile:

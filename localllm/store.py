@@ -341,6 +341,20 @@ class ModelStore:
             return self._commit(canonical, format, staged, work, parameters=dict(parameters or {}),
                                 template=template, system=system, messages=list(messages or []), license=license)
 
+    def add_written(self, name: str, file_name: str, write: Callable[[Path], object],
+                    parameters: dict | None = None, template: str | None = None, system: str | None = None,
+                    messages: list | None = None, license: str | None = None) -> ModelEntry:
+        """Register a GGUF file that ``write(path)`` writes straight into the store's work area (``create
+        --quantize``: no second copy), then hashed and committed as ``add_local`` commits a file."""
+        canonical = canonical_name(name)
+        with self._work_dir() as work:
+            target = work / "files" / file_name
+            target.parent.mkdir(parents=True)
+            write(target)
+            staged = {file_name: _Staged(target, sha256_file(target), target.stat().st_size)}
+            return self._commit(canonical, "gguf", staged, work, parameters=dict(parameters or {}),
+                                template=template, system=system, messages=list(messages or []), license=license)
+
     def derive(self, name: str, base: str, parameters: dict | None = None, template: str | None = None,
                system: str | None = None, messages: list | None = None, license: str | None = None) -> ModelEntry:
         """A new name over the files of ``base`` with its own defaults (Modelfile ``FROM <model>``).
