@@ -243,10 +243,13 @@ def converted(llama_cpp_source, smollm2_gguf, tmp_path_factory):
         jobs.append((hf_folder, folder / f"{name}-converter.gguf"))
         ours[name] = write_gguf(hf, arch, folder / f"{name}-ours.gguf",
                                 vocabulary=smollm2_vocabulary if smollm2 else None)
+        if not smollm2:  # localllm reads a folder's tokenizer.json (the converter reads the tokenizer.model)
+            Tokenizer.from_gguf_metadata(read_gguf(ours[name]).metadata).hf_tokenizer.save(
+                str(hf_folder / "tokenizer.json"))
         models[name] = hf
     run_converter(llama_cpp_source, jobs)
-    return {name: (models[name], read_gguf(folder / f"{name}-converter.gguf"), read_gguf(ours[name]))
-            for name in names}
+    return {name: (models[name], read_gguf(folder / f"{name}-converter.gguf"), read_gguf(ours[name]),
+                   folder / f"hf-{name}") for name in names}
 
 
 @pytest.fixture(params=list(CONVERTED))
@@ -258,19 +261,25 @@ def converted_model(request, converted):
 
 
 def test_converter_file_gives_transformers_logits(converted_model):
-    hf, converter_file, our_file = converted_model
+    """The converter's file gives transformers' logits, and those of our writer's file and of the Hugging Face
+    folder it was converted from, loaded by localllm."""
+    from localllm.formats.hf_decoder import read_hf_decoder
+    hf, converter_file, our_file, hf_folder = converted_model
     tokens = _tokens(PROMPT, seed=6)
     expected = hf_logits(hf, tokens)
-    theirs, ours = (_run(model, tokens, model.new_cache(1, 64))
-                    for model in (DecoderModel.from_gguf(f, backend="ref") for f in (converter_file, our_file)))
+    folder = read_hf_decoder(hf_folder)
+    models = [DecoderModel.from_gguf(converter_file, backend="ref"), DecoderModel.from_gguf(our_file, backend="ref"),
+              DecoderModel(folder.config, folder.tensors, backend="ref")]
+    theirs, ours, from_folder = (_run(model, tokens, model.new_cache(1, 64)) for model in models)
     np.testing.assert_allclose(theirs, expected, rtol=0, atol=REF_TOLERANCE)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(from_folder, theirs, rtol=0, atol=1e-5)
 
 
 def test_converter_layout_equals_our_writer(converted_model):
     """Same tensors (names, shapes, types, values: the Q/K permutation, Gemma's +1, fused Phi-3 matrices, RoPE
     factor tensors) and the same architecture metadata keys and values as the converter's."""
-    _, converter_file, our_file = converted_model
+    _, converter_file, our_file, _ = converted_model
     assert sorted(our_file.tensors) == sorted(converter_file.tensors)
     for name, theirs in converter_file.tensors.items():
         ours = our_file.tensors[name]
