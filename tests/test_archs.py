@@ -121,7 +121,8 @@ def test_fast_logits_close_to_transformers(tiny, name):
     tokens = _tokens(PROMPT)
     expected = hf_logits(tiny.hf(name), tokens)
     ours = _run(model, tokens, model.new_cache(1, 64))                          # float16 cache, int16 activations
-    np.testing.assert_allclose(ours, expected, rtol=0, atol=0.03 * np.abs(expected).max())
+    # measured: at most 0.001 of the largest logit on every architecture here
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=0.005 * np.abs(expected).max())
     assert np.mean(ours.argmax(-1) == expected.argmax(-1)) >= 0.95
 
 
