@@ -108,3 +108,21 @@ class LlamaBench:
         result["peak_rss_mb"] = int(peak_kib) / 1024 if peak_kib else float("nan")  # ru_maxrss: KiB on Linux
         result["wall_s"] = wall
         return result
+
+
+# llama.cpp's quantizer (benchmarks that make their own files): (command-line option, environment variable)
+QUANTIZE = ("--llama-quantize", "LOCALLLM_LLAMA_QUANTIZE")
+
+
+def locate_quantize(option_value: str | None, llama_cpp: LlamaBench | None = None) -> tuple[Path | None, str]:
+    """llama.cpp's ``llama-quantize``: given (``QUANTIZE``), else the one beside llama.cpp's llama-bench (one
+    build directory), else (None, why not)."""
+    path, how = locate(option_value, QUANTIZE[1])
+    if path is not None or option_value or os.environ.get(QUANTIZE[1]):
+        return path, how
+    if llama_cpp is not None:
+        beside = llama_cpp.path.parent / "llama-quantize"
+        if beside.is_file() and os.access(beside, os.X_OK):
+            return beside, f"beside {llama_cpp.path}"
+        return None, f"not given, and no llama-quantize beside {llama_cpp.path}"
+    return None, how
