@@ -66,7 +66,7 @@ def hf_tiny_model(kind: str, seed: int = 0, **overrides):
     prefix, extra = _configs()[kind]
     config_class = getattr(transformers, f"{prefix}TextConfig" if kind == "gemma3" else f"{prefix}Config")
     model_class = getattr(transformers, f"{prefix}ForCausalLM")
-    config = config_class(vocab_size=len(byte_level_vocab()[0]), **{**COMMON, **extra, **overrides})
+    config = config_class(**{"vocab_size": len(byte_level_vocab()[0]), **COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = model_class(config).float().eval()
     with torch.no_grad():
