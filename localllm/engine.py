@@ -261,6 +261,11 @@ class Engine:
             worker.stop()
         return bool(worker or embedder)
 
+    def warming_up(self) -> list[str]:
+        """Slow first-use steps under way (kernel compiles), as ``progress.slow_step`` names them."""
+        from .progress import state
+        return state()
+
     def loaded(self) -> list[dict]:
         """What /api/ps reports: name, model handle, expiry (unix seconds)."""
         now_wall, now_mono = time.time(), time.monotonic()

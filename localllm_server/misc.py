@@ -17,8 +17,15 @@ class Root:
 
 
 class Health:
+    """``{"status": "ok"}``, or ``{"status": "warming up", "steps": [...]}`` while a model's kernels are being
+    compiled on their first use (a fresh install: tens of seconds)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = {"status": "ok"}
+        steps = self.engine.warming_up()
+        resp.media = {"status": "warming up", "steps": steps} if steps else {"status": "ok"}
 
 
 class Tokenize:
@@ -134,7 +141,7 @@ def render_metrics(metrics, engine) -> str:
 
 def register(app, engine, settings) -> None:
     app.add_route("/", Root())
-    app.add_route("/health", Health())
+    app.add_route("/health", Health(engine))
     app.add_route("/tokenize", Tokenize(engine, settings))
     app.add_route("/detokenize", Detokenize(engine, settings))
     app.add_route("/openapi.json", OpenAPI(app))

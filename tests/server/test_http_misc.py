@@ -17,6 +17,31 @@ def test_health(http):
     assert response.status == 200 and response.json() == {"status": "ok"}
 
 
+def test_health_says_when_kernels_are_being_prepared(http):
+    import threading
+
+    from localllm.progress import slow_step
+    inside, leave = threading.Event(), threading.Event()
+
+    def first_use():
+        with slow_step("preparing the decode step kernels for Q4_1 weights", after=60):
+            inside.set()
+            leave.wait(30)
+
+    worker = threading.Thread(target=first_use)
+    worker.start()
+    try:
+        inside.wait(30)
+        response = http.get("/health")
+        assert response.status == 200
+        assert response.json() == {"status": "warming up",
+                                   "steps": ["preparing the decode step kernels for Q4_1 weights"]}
+    finally:
+        leave.set()
+        worker.join()
+    assert http.get("/health").json() == {"status": "ok"}
+
+
 def test_tokenize_a_conversation_gives_the_golden_prompt_tokens(http, golden_case):
     case = golden_case("chat_sky")
     response = http.post("/tokenize", {"model": SMOLLM2, "messages": case["messages"]})
