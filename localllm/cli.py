@@ -221,9 +221,9 @@ def load_in_process(name: str):
             entry = ModelStore().ensure(name, progress=progress)
         finally:
             progress.close()
-        model = localllm.load(entry)
+        model, name = localllm.load(entry), entry.name
     if not hasattr(model, "chat"):
-        raise CLIError(f"model '{model.name}' is an embedding model and does not support chat")
+        raise CLIError(f"model '{name}' is an embedding model and does not support chat")
     return model
 
 
