@@ -3,7 +3,7 @@
     python benchmarks/bench_archs.py [--archs llama,qwen2,qwen3,phi3,gemma2,gemma3] [--mixes q4_k_m,q8_0]
         [--cache-dir DIR] [--threads 2] [--prompt-tokens 512] [--decode-tokens 64] [--rounds 2]
         [--repetitions 1] [--quick] [--tiny] [--llama-bench PATH] [--ik-llama-bench PATH]
-        [--llama-quantize PATH] [--avx2-only] [--make-only] [--keep-source]
+        [--llama-quantize PATH] [--avx2-only] [--make-only] [--keep-source] [--quiet-below 0.3] [--max-wait 300]
 
 For each architecture, a GGUF with seeded random weights in the shape of a real
 small model (``SHAPES``): every matrix the real file has, its dims, heads, KV heads,
@@ -40,6 +40,10 @@ later) and keep each engine's median:
   ``--ik-llama-bench`` / ``$LOCALLLM_IK_LLAMA_BENCH``), same file. A peer that
   refuses a file (an architecture or a type it lacks) is that entry's error.
 
+Before each measurement the script waits (``--quiet-below``, ``--max-wait``) until the
+other processes on the machine leave the CPUs nearly idle, and every round records how
+busy they were in the 2 s before it (``busy_before``) and the load average.
+
 ``--avx2-only`` compiles localllm's workers as for an AVX2-only CPU, as in
 ``bench_generate.py``. ``--quick``: prompt 128, decode 16, one round. ``--tiny``:
 the same architectures in toy shapes (for tests of this script).
@@ -63,7 +67,7 @@ import tempfile
 import time
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -388,6 +392,15 @@ def ensure_files(shape: Shape, mixes: list[str], cache_dir: Path, quantize: Path
     return files
 
 
+def localllm_source() -> dict:
+    """Where the measured localllm comes from, and its git commit when that is a checkout (``-dirty``: edited)."""
+    import localllm
+    folder = Path(localllm.__file__).resolve().parent.parent
+    done = subprocess.run(["git", "-C", str(folder), "describe", "--always", "--dirty", "--abbrev=12"],
+                          capture_output=True, text=True)
+    return {"path": str(folder), "git": done.stdout.strip() if done.returncode == 0 else "not a git checkout"}
+
+
 def describe_file(path: Path) -> dict:
     """Size, parameter count and how many tensors of each ggml type the file holds."""
     from localllm.formats.gguf import read_gguf
@@ -541,6 +554,33 @@ class Worker:
 
 # --------------------------------------------------------------------------- driver
 
+def cpu_busy_fraction(seconds: float = 2.0) -> float:
+    """Share of all CPUs' time spent busy (not idle, not waiting on I/O) over the next ``seconds`` (/proc/stat)."""
+    def sample():
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]                 # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_for_quiet(threshold: float, max_wait_s: float, log) -> dict:
+    """Wait (at most ``max_wait_s``) until the others' processes keep the CPUs at most ``threshold`` busy: the
+    spinning thread pools of every engine here collapse when another process takes a core."""
+    t0 = time.perf_counter()
+    while True:
+        busy = cpu_busy_fraction()
+        waited = time.perf_counter() - t0
+        if busy <= threshold or waited >= max_wait_s:
+            if busy > threshold:
+                log(f"still {busy:.0%} busy after {waited:.0f} s: measuring anyway")
+            return {"busy_before": round(busy, 2), "waited_s": round(waited),
+                    "load_1min": round(os.getloadavg()[0], 2)}
+
 def median_summary(rounds: list[dict]) -> dict:
     out = {}
     for kind in ("prefill", "decode"):
@@ -548,7 +588,7 @@ def median_summary(rounds: list[dict]) -> dict:
     return out
 
 
-def measure_file(path: Path, args, benches: dict) -> dict:
+def measure_file(path: Path, args, benches: dict, log) -> dict:
     """Rounds over localllm and the peers on one file; medians, ratios, errors."""
     entry = {"load_average_1min": {"start": round(os.getloadavg()[0], 2)}}
     worker = Worker(path, args)
@@ -565,16 +605,17 @@ def measure_file(path: Path, args, benches: dict) -> dict:
         for name in engines[start:] + engines[:start]:
             if name in errors:
                 continue
+            quiet = wait_for_quiet(args.quiet_below, args.max_wait, log)
             if name == LOCAL:
                 answer = worker.ask("run")
                 if "error" in answer:
                     errors[name] = answer["error"]
                 else:
-                    rounds[name].append(answer)
+                    rounds[name].append({**answer, **quiet})
                 continue
             try:
-                rounds[name].append(benches[name].run(path, args.threads, args.prompt_tokens, args.decode_tokens,
-                                                      args.repetitions))
+                rounds[name].append({**benches[name].run(path, args.threads, args.prompt_tokens, args.decode_tokens,
+                                                         args.repetitions), **quiet})
             except (RuntimeError, ValueError, KeyError, OSError) as error:
                 errors[name] = str(error)
     info = worker.close()
@@ -586,8 +627,8 @@ def measure_file(path: Path, args, benches: dict) -> dict:
         if name == LOCAL:
             result.update(info)
             result["first_tokens"] = rounds[name][0]["first_tokens"]
-        result["rounds"] = [{key: round(r[key], 2) for key in ("prefill_tok_s", "decode_tok_s")}
-                            for r in rounds[name]]
+        result["rounds"] = [{key: round(r[key], 2) for key in ("prefill_tok_s", "decode_tok_s", "busy_before",
+                                                               "waited_s", "load_1min")} for r in rounds[name]]
         entry[name] = result
     entry["load_average_1min"]["end"] = round(os.getloadavg()[0], 2)
 
@@ -651,6 +692,11 @@ def main() -> None:
     option, env_name = peers.QUANTIZE
     parser.add_argument(option, metavar="PATH", help=f"llama.cpp's llama-quantize (else ${env_name}, else beside "
                                                      "llama.cpp's llama-bench)")
+    parser.add_argument("--quiet-below", type=float, default=0.3, metavar="FRACTION",
+                        help="before each measurement, wait until other processes keep at most this share of the "
+                             "CPUs busy (default %(default)s; 1 never waits)")
+    parser.add_argument("--max-wait", type=float, default=300, metavar="SECONDS",
+                        help="longest wait for such a quiet moment (default %(default)s)")
     parser.add_argument("--avx2-only", action="store_true",
                         help="localllm workers compile for haswell (AVX2, no AVX-512), in a kernel cache of their own")
     parser.add_argument("--worker", metavar="GGUF", help=argparse.SUPPRESS)
@@ -687,9 +733,10 @@ def main() -> None:
             skipped[name] = how
     quantize, quantize_how = peers.locate_quantize(args.llama_quantize, benches.get("llama.cpp"))
 
-    result = {"cpu": cpu_info(), "threads": args.threads, "prompt_tokens": args.prompt_tokens,
-              "decode_tokens": args.decode_tokens, "decode_after_prompt_tokens": SHORT_PROMPT,
+    result = {"localllm_source": localllm_source(), "cpu": cpu_info(), "threads": args.threads,
+              "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens, "decode_after_prompt_tokens": SHORT_PROMPT,
               "rounds": args.rounds, "peer_repetitions": args.repetitions, "goal_ratio": GOAL,
+              "quiet_below": args.quiet_below, "max_wait_s": args.max_wait,
               "avx2_only": {**avx2_only_env(), "peers": "as built"} if args.avx2_only else False,
               "peers": {name: str(bench.path) for name, bench in benches.items()}, "peers_skipped": skipped,
               "llama_quantize": str(quantize) if quantize else quantize_how, "cache_dir": str(cache_dir),
@@ -710,7 +757,7 @@ def main() -> None:
                 result["results"].append(entry)
                 continue
             log(f"measuring {arch} {mix} ({entry['file_mb']} MB)")
-            entry.update(measure_file(files[mix], args, benches))
+            entry.update(measure_file(files[mix], args, benches, log))
             log(json.dumps({name: entry[name] for name in [LOCAL, *benches]}, default=str)[:400])
             result["results"].append(entry)
     result["load_average_1min"]["end"] = round(os.getloadavg()[0], 2)

@@ -93,7 +93,8 @@ def test_script_prints_its_json_without_peers(tmp_path):
     env = {key: value for key, value in os.environ.items()
            if key not in ("LOCALLLM_LLAMA_BENCH", "LOCALLLM_IK_LLAMA_BENCH", "LOCALLLM_LLAMA_QUANTIZE")}
     command = [sys.executable, str(SCRIPT), "--tiny", "--quick", "--archs", "llama", "--mixes", "q8_0,q4_k_m",
-               "--cache-dir", str(tmp_path), "--prompt-tokens", "40", "--decode-tokens", "6", "--threads", "2"]
+               "--cache-dir", str(tmp_path), "--prompt-tokens", "40", "--decode-tokens", "6", "--threads", "2",
+               "--quiet-below", "1"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
