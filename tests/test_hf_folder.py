@@ -58,6 +58,19 @@ def test_fast_logits_close_to_transformers(folders, kind):
     assert np.mean(got.argmax(-1) == expected.argmax(-1)) >= 0.95
 
 
+def test_gemma3_linear_scaling_on_the_global_layers_only(tmp_path):
+    """Gemma 3 4B and larger scale RoPE linearly on the global layers; the sliding ones keep theirs."""
+    hf = hf_tiny_model("gemma3", rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}})
+    model = localllm.load(save_folder(hf, tmp_path / "gemma3-linear"), backend="ref")
+    c = model.config
+    assert c.rope_linear_factor == 8.0 and not c.rope_linear_on_windows
+    assert c.rope(0).factors == () and set(c.rope(2).factors) == {8.0}      # layers 0, 1 slide; layer 2 is global
+    ids = _prompt_ids(model)
+    np.testing.assert_allclose(model.logits(ids), hf_logits(hf, ids), rtol=0, atol=1e-3)
+
+
 def test_phi3_long_factors_past_the_original_context(folders):
     """Past original_max_position_embeddings (64) transformers switches to LongRoPE's long factors; a cache
     longer than that does too."""
@@ -73,7 +86,8 @@ def test_config_read_from_config_json(folders):
     assert c.rope_style == "neox" and c.tie_embeddings and c.rope_freq_factors[0] == 1.0
     assert c.rope_freq_factors[-1] == 8.0 and 1.0 < c.rope_freq_factors[1] < 8.0   # llama3: short, blended, long
     c = read_hf_decoder(folders("mistral")[1]).config
-    assert c.architecture == "llama" and c.layer_windows == (WINDOW,) * 3 and set(c.rope_freq_factors) == {2.0}
+    assert c.architecture == "llama" and c.layer_windows == (WINDOW,) * 3 and c.rope_linear_factor == 2.0
+    assert set(c.rope(0).factors) == {2.0}  # linear scaling on every layer of a model whose layers all slide
     c = read_hf_decoder(folders("phi3")[1]).config
     assert c.rope_dim == 12 and c.n_ctx_orig == 64 and len(c.rope_freq_factors_long) == 6
     assert c.rope_attention_factor == pytest.approx(np.sqrt(1 + np.log(4) / np.log(64)))

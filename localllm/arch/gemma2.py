@@ -43,6 +43,7 @@ def config_from_gguf(gguf) -> ModelConfig:
         attention_scale=1.0 / math.sqrt(query_scale),
         attention_softcap=float(keys.get("attn_logit_softcapping", ATTENTION_SOFTCAP) or 0.0),
         final_logit_softcap=float(keys.get("final_logit_softcapping", FINAL_LOGIT_SOFTCAP) or 0.0),
+        rope_linear_on_windows=False,
     )
 
 
@@ -61,4 +62,5 @@ def config_from_hf(config: dict) -> ModelConfig:
         attention_scale=float(config.get("query_pre_attn_scalar") or head_dim) ** -0.5,
         attention_softcap=float(config.get("attn_logit_softcapping") or 0.0),
         final_logit_softcap=float(config.get("final_logit_softcapping") or 0.0),
+        rope_linear_on_windows=False,
     )

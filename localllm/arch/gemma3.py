@@ -66,6 +66,7 @@ def config_from_gguf(gguf) -> ModelConfig:
         embedding_scale=math.sqrt(dim),
         attention_scale=1.0 / math.sqrt(query_scale),
         final_logit_softcap=float(keys.get("final_logit_softcapping", 0.0) or 0.0),
+        rope_linear_on_windows=False,
     )
 
 
@@ -88,11 +89,12 @@ def config_from_hf(config: dict) -> ModelConfig:
         attention_scale=float(config.get("query_pre_attn_scalar") or head_dim) ** -0.5,
         attention_softcap=float(config.get("attn_logit_softcapping") or 0.0),
         final_logit_softcap=float(config.get("final_logit_softcapping") or 0.0),
+        rope_linear_on_windows=False,
     )
     windows = gemma.layer_windows
-    if any(windows) and (gemma.rope_freq_factors or "rope_freq_factors" in local):
-        raise UnsupportedModelFeature("config.json: RoPE scaling on the global layers only (Gemma 3 4B and "
-                                      "larger) is not implemented")
+    if any(windows) and (gemma.rope_freq_factors or "rope_freq_factors" in local or "rope_linear_factor" in local):
+        raise UnsupportedModelFeature("config.json: RoPE scaling other than linear on the global layers is not "
+                                      "implemented for Gemma 3")
     if not any(windows):
         return gemma
     return replace(gemma, layer_rope_theta=tuple(local["rope_theta"] if window else gemma.rope_theta

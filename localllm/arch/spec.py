@@ -91,6 +91,10 @@ class ModelConfig:
     rope_freq_factors_long: tuple[float, ...] = ()
     n_ctx_orig: int = 0
     rope_attention_factor: float = 1.0
+    # linear RoPE scaling: positions / factor, on every layer or (rope_linear_on_windows False: Gemma 2/3, as
+    # llama.cpp's rope_freq_scale_train_swa = 1 and transformers' per-layer-type rope_parameters) on the global ones
+    rope_linear_factor: float = 1.0
+    rope_linear_on_windows: bool = True
 
     def __post_init__(self):
         if self.rope_style not in ROPE_STYLES:
@@ -124,6 +128,8 @@ class ModelConfig:
         factors = self.rope_freq_factors
         if self.rope_freq_factors_long and self.n_ctx_orig and n_ctx > self.n_ctx_orig:
             factors = self.rope_freq_factors_long
+        if self.rope_linear_factor != 1.0 and (self.rope_linear_on_windows or self.window(layer) == 0):
+            factors = tuple(f * self.rope_linear_factor for f in (factors or (1.0,) * (self.n_rot // 2)))
         return RopeFrequencies(self.theta(layer), factors, self.rope_attention_factor)
 
     @property
@@ -188,8 +194,8 @@ def common_config(gguf, **overrides) -> ModelConfig:
     scaling = str(keys.get("rope.scaling.type", "none"))
     factor = float(keys.get("rope.scaling.factor", 1.0) or 1.0)
     rope_values = {}
-    if scaling == "linear" and factor != 1.0:      # positions / factor: every pair turns factor times slower
-        rope_values["rope_freq_factors"] = (factor,) * (head_rope_dim // 2)
+    if scaling == "linear" and factor != 1.0:      # positions / factor on the global layers
+        rope_values["rope_linear_factor"] = factor
     elif scaling == "longrope":                    # the factors are tensors (rope_factors_short/long)
         pass
     elif scaling not in ("none", "") and factor != 1.0:
@@ -284,7 +290,7 @@ def hf_rope_config(hf: dict, rope: dict, head_dim: int, where: str = "config.jso
     if kind == "default":
         pass
     elif kind == "linear":
-        values["rope_freq_factors"] = (float(rope["factor"]),) * (rope_dim // 2)
+        values["rope_linear_factor"] = float(rope["factor"])
     elif kind == "llama3":
         values["rope_freq_factors"] = llama3_rope_factors(rope, rope_dim)
     elif kind in ("longrope", "su"):
