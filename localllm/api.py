@@ -16,7 +16,7 @@ import numpy as np
 from .chat_template import ChatTemplate, MissingChatTemplate
 from .formats.gguf import read_gguf
 from .generate import GenerationEvent, GenerationParams, GenerationResult, generate, stream_generate
-from . import arch
+from . import arch, reasoning
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -214,7 +214,7 @@ class Model:
         return result if details else result.text
 
     def chat(self, messages: list[dict], stream: bool = False, details: bool = False, tools=None,
-             tool_choice=None, **settings):
+             tool_choice=None, think=None, **settings):
         """Reply to a conversation (rendered with the model's chat template).
 
         Returns the reply text (or a GenerationResult with ``details=True``), or
@@ -223,19 +223,32 @@ class Model:
         "required" or a function name; forced calls go through a grammar):
         with ``details=True`` each choice's ``tool_calls`` holds the parsed calls
         and its ``text`` the content outside them.
+        ``think`` (reasoning models, see :mod:`localllm.reasoning`): None for the model's
+        default, True/False, or an effort "low"/"medium"/"high" ("none" = False). The thought
+        is kept out of the reply text: it is in ``result.thinking`` / each choice's
+        ``thinking`` (``details=True``) and in the events' ``thinking`` when streaming; a
+        ``constraint`` or forced tool call applies to the answer after the thought.
         """
-        if not tools:
-            prompt = self.render_chat(messages, add_generation_prompt=True)
-            if stream:
-                return self.stream(prompt, details=details, **settings)
-            return self.generate(prompt, details=details, **settings)
-        from .tools import prepare_chat
-        plan = prepare_chat(self, messages, tools=tools, tool_choice=tool_choice,
-                            constraint=settings.pop("constraint", None))
+        thinking = reasoning.thinking_request(self.template, think)
+        constraint = settings.pop("constraint", None)
+        plan = None
+        if tools:
+            from .tools import prepare_chat
+            plan = prepare_chat(self, messages, tools=tools, tool_choice=tool_choice, constraint=constraint,
+                                **thinking.template_extra)
+            prompt, constraint = plan.prompt, plan.constraint
+        else:
+            prompt = self.render_chat(messages, add_generation_prompt=True, **thinking.template_extra)
+        prompt, params_reasoning = thinking.finish(prompt)
+        params, num_ctx = self.make_params(constraint=constraint, **settings)
+        params.reasoning = params_reasoning
+        ids = self._prompt_ids(prompt)
         if stream:
-            return self.stream(plan.prompt, details=details, constraint=plan.constraint, **settings)
-        result = self.generate(plan.prompt, details=True, constraint=plan.constraint, **settings)
-        if plan.parses_tool_calls:
+            return self._stream(ids, params, num_ctx, details)
+        with self._lock:
+            self._fit(params, num_ctx)
+            result = generate(self.network, self.cache, self.tokenizer, ids, params, self.n_ctx)
+        if plan is not None and plan.parses_tool_calls:
             for choice in result.choices:
                 choice.text, choice.tool_calls = plan.parse(choice.text)
                 choice.finish_reason = plan.finish_reason(choice.finish_reason, choice.tool_calls)

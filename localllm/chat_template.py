@@ -17,6 +17,10 @@ caller's objects:
 * ``content: None`` (assistant messages that only call tools) becomes "".
 * ``tool_calls[].function.arguments`` given as a JSON string is parsed into an object when
   the template would otherwise JSON-encode the string a second time.
+* The thought of an earlier assistant turn, given as ``thinking`` (Ollama) or ``reasoning``
+  (vLLM, Ollama's /v1), is passed as ``reasoning_content`` (llama.cpp, DeepSeek), the name
+  reasoning templates read (Qwen 3 keeps it only after the last user turn); other templates
+  ignore it.
 
 ``DEFAULT_CHAT_TEMPLATE`` (ChatML) is used when the model has no template::
 
@@ -40,6 +44,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")   # a message's earlier thought, by client
 _PROBE_TEXT = "localllm-typed-content-probe"
 _PROBE_ARGUMENTS = '{"localllm_probe_arg": "probe value"}'
 
@@ -132,6 +137,11 @@ class ChatTemplate:
             message["content"] = self._prepare_parts(content, index)
         if isinstance(message.get("tool_calls"), list):
             message["tool_calls"] = [self._prepare_tool_call(call) for call in message["tool_calls"]]
+        if not message.get("reasoning_content"):
+            thought = next((message[key] for key in REASONING_KEYS if isinstance(message.get(key), str)
+                            and message[key]), None)
+            if thought is not None:
+                message["reasoning_content"] = thought
         return message
 
     def _prepare_parts(self, parts: list, index: int) -> str | list:

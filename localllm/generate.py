@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence as Seq
 import numpy as np
 
 from .kv_cache import ContextLengthExceeded, KVCache
+from .reasoning import ReasoningStreamParser, constraint_processor
 from .sampling import SampledToken, SamplingParams, TokenSampler, top_logprobs as best_logprobs
 from .stopping import StopStringMatcher
 
@@ -37,6 +38,8 @@ class GenerationParams:
     echo: bool = False                     # include the prompt (text and, with logprobs, its logprobs)
     n: int = 1                             # independent choices sharing the prompt's KV prefix
     constraint: object | None = None       # constrain.Constraint: grammar masks (JSON mode, schema, tool calls)
+    reasoning: object | None = None        # reasoning.ReasoningFormat: split the thought from the answer; the
+                                           # constraint then applies after the thought
 
     def validate(self) -> None:
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
@@ -65,6 +68,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0        # prompt tokens whose K/V came from the cache (not prefilled again)
+    reasoning_tokens: int | None = None   # of the completion tokens, those of the thought (None: not parsed)
 
     @property
     def total_tokens(self) -> int:
@@ -76,12 +80,13 @@ class GenerationEvent:
     """A piece of one choice's output: new text, the tokens behind it, and, at the end, why it stopped."""
 
     index: int                                   # choice index (0 .. n-1)
-    text: str = ""
+    text: str = ""                               # the answer (the thought is in ``thinking``)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None             # "stop" | "length" | None (more to come)
     usage: Usage | None = None                   # on the final event of a choice
     timings: dict | None = None                  # on the final event: prompt/decode seconds and counts
+    thinking: str = ""                           # new thought text (reasoning models; see reasoning.py)
 
 
 @dataclass
@@ -94,6 +99,7 @@ class Choice:
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list | None = None         # tools.ToolCall list when the request had tools (Model.chat)
+    thinking: str = ""                     # the thought before the answer (reasoning models)
 
 
 @dataclass
@@ -109,6 +115,10 @@ class GenerationResult:
     @property
     def finish_reason(self) -> str:
         return self.choices[0].finish_reason
+
+    @property
+    def thinking(self) -> str:
+        return self.choices[0].thinking
 
     @property
     def token_ids(self) -> list[int]:
@@ -135,6 +145,9 @@ class Sequence:
         self.stop_ids = frozenset(tokenizer.eog_ids) | frozenset(params.stop_token_ids) | frozenset(extra_stop_ids)
         self.detokenizer = tokenizer.detokenizer()
         self.stop_matcher = StopStringMatcher(params.stop)
+        self.reasoning = ReasoningStreamParser(params.reasoning) if params.reasoning is not None else None
+        self.thinking = ""
+        self.reasoning_tokens = 0
         self.prefill_from = prefill_from       # n > 1: wait for the leader's prefill, then copy its KV prefix
         self.want_prompt_logprobs = want_prompt_logprobs
         self.prompt_logprobs: list[TokenLogprob] = []
@@ -185,8 +198,8 @@ class Sequence:
         if token in self.stop_ids:
             self.finish_reason = "stop"
             tail = self.stop_matcher.push(self.detokenizer.flush())[0] + self.stop_matcher.flush()
-            self.text += tail
-            return GenerationEvent(self.index, tail, [], None, "stop")
+            thinking, tail = self._split(tail, final=True)
+            return GenerationEvent(self.index, tail, [], None, "stop", thinking=thinking)
         self.tokens.append(token)
         self.generated.append(token)
         piece = self.detokenizer.push(token)
@@ -198,12 +211,30 @@ class Sequence:
         elif len(self.generated) >= self.max_new_tokens:
             self.finish_reason = "length"
             safe += self.stop_matcher.push(self.detokenizer.flush())[0] + self.stop_matcher.flush()
-        self.text += safe
-        return GenerationEvent(self.index, safe, [token], [record] if record else None, self.finish_reason)
+        state_before = self.reasoning.state if self.reasoning is not None else None
+        thinking, safe = self._split(safe, final=self.finished)
+        if "thinking" in (state_before, self.reasoning and self.reasoning.state):
+            self.reasoning_tokens += 1          # a token of the thought (its tags included)
+        return GenerationEvent(self.index, safe, [token], [record] if record else None, self.finish_reason,
+                               thinking=thinking)
+
+    def _split(self, text: str, final: bool) -> tuple[str, str]:
+        """(thought, answer) pieces of new text, recorded in ``thinking`` / ``text``."""
+        if self.reasoning is None:
+            thinking = ""
+        else:
+            thinking, text = self.reasoning.push(text)
+            if final:
+                more_thinking, more_text = self.reasoning.finish()
+                thinking, text = thinking + more_thinking, text + more_text
+        self.thinking += thinking
+        self.text += text
+        return thinking, text
 
     def finish_event(self, event: GenerationEvent) -> GenerationEvent:
         now = time.perf_counter()
-        event.usage = Usage(self.n_prompt, len(self.generated), self.cached_prefix)
+        event.usage = Usage(self.n_prompt, len(self.generated), self.cached_prefix,
+                            self.reasoning_tokens if self.reasoning is not None else None)
         event.timings = {"prompt_seconds": self.prompt_seconds,
                          "decode_seconds": max(0.0, now - self.started - self.prompt_seconds),
                          "prompt_tokens": self.n_prompt, "completion_tokens": len(self.generated),
@@ -297,7 +328,7 @@ def step(model, cache: KVCache, sequences: list[Sequence],
         event = seq.accept(sampled)
         if seq.finished:
             event = seq.finish_event(event)
-        if event.text or event.finish_reason or event.token_ids or event.logprobs:
+        if event.text or event.thinking or event.finish_reason or event.token_ids or event.logprobs:
             events.append((seq, event))
     return events
 
@@ -328,8 +359,8 @@ def make_sequences(prompt: list[int], params: GenerationParams, tokenizer, cache
             if params.n > 1 and sampling.seed is not None:
                 sampling = replace(sampling, seed=(sampling.seed + index) % 2**64)   # distinct, reproducible choices
             extra = list(extra_processors_factory()) if extra_processors_factory else []
-            if params.constraint is not None:       # a fresh grammar state per choice
-                extra.append(params.constraint.make_processor(tokenizer, max_new_tokens=max_new))
+            if params.constraint is not None:       # a fresh grammar state per choice (after the thought, if any)
+                extra.append(constraint_processor(params.reasoning, params.constraint, tokenizer, max_new))
             seq = Sequence(index, prompt, params, tokenizer, slot, max_new, TokenSampler(sampling, extra),
                            prefill_from=leader, cached_prefix=cached if leader is None else 0,
                            want_prompt_logprobs=want_prompt_logprobs and leader is None)
@@ -370,13 +401,16 @@ def generate(model, cache: KVCache, tokenizer, prompt: list[int], params: Genera
              extra_processors_factory=None) -> GenerationResult:
     """Run one request to the end and collect its choices."""
     texts = {i: [] for i in range(params.n)}
+    thoughts = {i: [] for i in range(params.n)}
     tokens = {i: [] for i in range(params.n)}
     records: dict[int, list] = {i: [] for i in range(params.n)}
     finish: dict[int, str] = {}
     timings: dict = {}
     completion_tokens = cached_tokens = 0
+    reasoning_tokens = None
     for event in stream_generate(model, cache, tokenizer, prompt, params, n_ctx, extra_processors_factory):
         texts[event.index].append(event.text)
+        thoughts[event.index].append(event.thinking)
         tokens[event.index].extend(event.token_ids)
         if event.logprobs:
             records[event.index].extend(event.logprobs)
@@ -384,7 +418,10 @@ def generate(model, cache: KVCache, tokenizer, prompt: list[int], params: Genera
             finish[event.index] = event.finish_reason
             completion_tokens += event.usage.completion_tokens
             cached_tokens = max(cached_tokens, event.usage.cached_tokens)
+            if event.usage.reasoning_tokens is not None:
+                reasoning_tokens = (reasoning_tokens or 0) + event.usage.reasoning_tokens
             timings = event.timings
-    choices = [Choice(i, "".join(texts[i]), tokens[i], finish[i], records[i] if params.logprobs else None)
+    choices = [Choice(i, "".join(texts[i]), tokens[i], finish[i], records[i] if params.logprobs else None,
+                      thinking="".join(thoughts[i]))
                for i in range(params.n)]
-    return GenerationResult(choices, Usage(len(prompt), completion_tokens, cached_tokens), timings)
+    return GenerationResult(choices, Usage(len(prompt), completion_tokens, cached_tokens, reasoning_tokens), timings)
