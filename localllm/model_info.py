@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -91,29 +90,8 @@ def _gguf_file_type(file_type: Any) -> str | None:
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:
     """The tensor table of a ``.safetensors`` file (``__metadata__`` dropped), checked against the file size."""
-    path = Path(path)
-    file_size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise InvalidModelFile(f"{path.name} is not a safetensors file: shorter than its 8-byte header length")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > file_size - 8:
-            raise InvalidModelFile(f"{path.name} is truncated: its header claims {header_len} bytes")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidModelFile(f"{path.name} has an unreadable safetensors header: {exc}") from exc
-    header.pop("__metadata__", None)
-    for name, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            info["shape"], info["dtype"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidModelFile(f"{path.name}: tensor '{name}' has a malformed header entry") from exc
-        if not 0 <= begin <= end or 8 + header_len + end > file_size:
-            raise InvalidModelFile(f"{path.name} is truncated: tensor '{name}' ends past the end of the file")
-    return header
+    from .formats.safetensors_header import read_safetensors_header as read_header
+    return read_header(Path(path), InvalidModelFile)[0]
 
 
 def describe_hf_folder(folder: Path) -> tuple[dict, dict]:

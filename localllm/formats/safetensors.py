@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ..quants import QTensor, UnsupportedTensorType
+from .safetensors_header import read_safetensors_header as _read_header
 
 # model_type in config.json -> localllm dataflow (models/<name>.py)
 HF_MODEL_TYPES = {"bert": "bert"}
@@ -106,42 +106,8 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
-    """The tensor table of a ``.safetensors`` file (``__metadata__`` dropped) and where its data starts.
-
-    Layout: an 8-byte little-endian header length n, n bytes of JSON
-    (``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``, offsets from the end of the header),
-    then the tensor bytes. Every tensor is checked to lie inside the file.
-    """
-    file_size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise HFFolderError(f"{path.name} is not a safetensors file (shorter than its 8-byte header length)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > file_size - 8:
-            raise HFFolderError(f"{path.name} is truncated: its header claims {header_len} bytes")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HFFolderError(f"{path.name} has an unreadable safetensors header: {exc}") from None
-    if not isinstance(header, dict):
-        raise HFFolderError(f"{path.name} has an unreadable safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    data_start = 8 + header_len
-    for name, info in header.items():
-        try:
-            begin, end = (int(x) for x in info["data_offsets"])
-            shape = [int(d) for d in info["shape"]]
-            dtype = str(info["dtype"])
-        except (KeyError, TypeError, ValueError):
-            raise HFFolderError(f"{path.name}: tensor '{name}' has a malformed header entry") from None
-        if not 0 <= begin <= end or data_start + end > file_size:
-            raise HFFolderError(f"{path.name} is truncated: tensor '{name}' ends past the end of the file")
-        itemsize = _ITEM_SIZES.get(dtype)
-        if itemsize is not None and end - begin != itemsize * math.prod(shape):
-            raise HFFolderError(f"{path.name}: tensor '{name}' holds {end - begin} bytes for shape {shape} of "
-                                f"{dtype}")
-    return header, data_start
+    """``safetensors_header.read_safetensors_header`` raising HFFolderError."""
+    return _read_header(path, HFFolderError)
 
 
 def read_safetensors(path: str | Path) -> dict[str, QTensor]:
