@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("-q", "--quantize", metavar="TYPE",
                         help="convert FROM a Hugging Face folder to a GGUF of this type: q8_0, q4_0, q4_1, q5_0, "
                              "q5_1")
+    warmup = command("warmup", cmd_warmup, "compile a model's kernels ahead of its first answer (cached on disk)")
+    warmup.add_argument("models", nargs="+")
     command("ps", cmd_ps, "list models loaded by the running server")
     stop = command("stop", cmd_stop, "unload a model from the running server")
     stop.add_argument("model")
@@ -371,6 +373,27 @@ def cmd_serve(args) -> int:
     from localllm_server.server import serve
 
     serve()
+    return 0
+
+
+def cmd_warmup(args) -> int:
+    """Run each model's two forward paths once (the one-launch decode step, the per-op prefill), so that their
+    kernels are compiled into the kernel cache before a first request waits for them."""
+    import time
+
+    import numpy as np
+
+    for name in args.models:
+        model = load_in_process(name)
+        network = model.network
+        cache = network.new_cache(1, 64)
+        timings = []
+        for what, n in (("decode step", 1), ("prefill", 24)):   # 24 > the one-launch step's largest batch
+            started = time.perf_counter()
+            network.forward(np.arange(1, n + 1) % network.config.vocab_size, np.arange(n), np.zeros(n, np.int64),
+                            cache, logits_for=[n - 1])
+            timings.append(f"{what} {time.perf_counter() - started:.1f} s")
+        print(f"{model.name}: ready ({', '.join(timings)})")
     return 0
 
 

@@ -249,3 +249,10 @@ def test_output_piped_into_a_closed_reader_exits_quietly(echo_model, monkeypatch
         assert cli.main(["run", "echo", "hi"]) == 0
     finally:
         os.close(scratch)
+
+
+def test_warmup_runs_both_paths_of_a_model(tiny_llama_path, capsys):
+    from localllm.cli import main
+    assert main(["warmup", str(tiny_llama_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ready (decode step " in out and ", prefill " in out
