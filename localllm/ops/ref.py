@@ -7,6 +7,7 @@ KV-cache slot and its position. One layer's cache is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -43,13 +44,22 @@ class RopeFrequencies:
     attention_factor: float = 1.0
 
     def inverse_frequencies(self, rope_dim: int) -> np.ndarray:
-        """(rope_dim/2,) float64 radians a position."""
+        """(rope_dim/2,) float64 radians a position (read-only; worked out once per scheme and width)."""
+        return _inverse_frequencies(self, rope_dim)
+
+    def _compute(self, rope_dim: int) -> np.ndarray:
         inv_freq = 1.0 / (self.theta ** (np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim))
         if self.factors:
             if len(self.factors) != rope_dim // 2:
                 raise ValueError(f"RoPE: {len(self.factors)} frequency factors for {rope_dim // 2} pairs of dims")
             inv_freq = inv_freq / np.asarray(self.factors, dtype=np.float64)
+        inv_freq.flags.writeable = False
         return inv_freq
+
+
+@lru_cache(maxsize=64)
+def _inverse_frequencies(frequencies: RopeFrequencies, rope_dim: int) -> np.ndarray:
+    return frequencies._compute(rope_dim)
 
 
 def rope_frequencies(theta: "float | RopeFrequencies") -> RopeFrequencies:
