@@ -20,7 +20,7 @@ SYSTEM_FINGERPRINT = "fp_localllm"
 
 def new_id(prefix: str) -> str:
     """A unique id: ``chatcmpl-<32 hex>``, ``cmpl-<32 hex>``; Responses API ids take "_" (``resp_``, ``msg_``)."""
-    separator = "_" if prefix in ("resp", "msg", "fc") else "-"
+    separator = "_" if prefix in ("resp", "msg", "fc", "rs") else "-"
     return f"{prefix}{separator}{uuid.uuid4().hex}"
 
 
@@ -37,11 +37,16 @@ class ResponseHeader:
         return cls(new_id(prefix), int(time.time()), model)
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """OpenAI's usage object; ``cached_tokens``: prompt tokens served from the KV cache (not prefilled again)."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+          reasoning_tokens: int | None = None) -> dict:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens served from the KV cache (not prefilled again);
+    ``reasoning_tokens`` (the thought's share of the completion) when the thought was parsed."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    if reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return out
 
 
 # --------------------------------------------------------------------------- collecting events
@@ -49,6 +54,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 @dataclass
 class ChoiceState:
     text: list[str] = field(default_factory=list)
+    thinking: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
@@ -61,10 +67,12 @@ class Collector:
         self.choices = [ChoiceState() for _ in range(n_choices)]
         self.completion_tokens = 0
         self.cached_tokens = 0
+        self.reasoning_tokens: int | None = None     # None unless the thought was parsed
 
     def add(self, index: int, event) -> None:
         choice = self.choices[index]
         choice.text.append(event.text)
+        choice.thinking.append(getattr(event, "thinking", ""))
         choice.token_ids.extend(event.token_ids)
         if event.logprobs:
             choice.logprobs.extend(event.logprobs)
@@ -72,6 +80,13 @@ class Collector:
             choice.finish_reason = event.finish_reason
             self.completion_tokens += final_completion_tokens(event)
             self.cached_tokens = max(self.cached_tokens, final_cached_tokens(event))
+            self.reasoning_tokens = add_reasoning_tokens(self.reasoning_tokens, event)
+
+
+def add_reasoning_tokens(total: int | None, event) -> int | None:
+    """``total`` plus the reasoning tokens of the choice a final event closes (None while none were parsed)."""
+    count = getattr(event.usage, "reasoning_tokens", None) if event.usage is not None else None
+    return total if count is None else (total or 0) + count
 
 
 def final_completion_tokens(event) -> int:
@@ -140,9 +155,16 @@ def with_calls(finish_reason: str | None, calls: list) -> str | None:
     return "tool_calls" if calls and finish_reason == "stop" else finish_reason
 
 
-def chat_message(content: str, calls: list) -> dict:
-    """The assistant message: ``content`` (null when there are only calls) and ``tool_calls`` when there are."""
-    message = {"role": "assistant", "content": content if content or not calls else None}
+def thinking_fields(thinking: str) -> dict:
+    """The thought under both names clients read: ``reasoning_content`` (llama.cpp, DeepSeek) and
+    ``reasoning`` (Ollama, vLLM); nothing when there is none."""
+    return {"reasoning_content": thinking, "reasoning": thinking} if thinking else {}
+
+
+def chat_message(content: str, calls: list, thinking: str = "") -> dict:
+    """The assistant message: ``content`` (null when there are only calls), the thought when there is one,
+    and ``tool_calls`` when there are."""
+    message = {"role": "assistant", "content": content if content or not calls else None, **thinking_fields(thinking)}
     if calls:
         message["tool_calls"] = [tool_call_object(call) for call in calls]
     return message
@@ -160,12 +182,13 @@ def chat_completion(header: ResponseHeader, collector: Collector, prompt_tokens:
         content, calls = parse_calls("".join(choice.text), make_parser)
         choices.append({
             "index": index,
-            "message": chat_message(content, calls),
+            "message": chat_message(content, calls, "".join(choice.thinking)),
             "logprobs": {"content": chat_logprob_content(choice.logprobs)} if want_logprobs else None,
             "finish_reason": with_calls(choice.finish_reason, calls),
         })
     return dict(envelope(header, "chat.completion", choices), usage=usage(prompt_tokens, collector.completion_tokens,
-                                                                      collector.cached_tokens))
+                                                                      collector.cached_tokens,
+                                                                      collector.reasoning_tokens))
 
 
 def envelope(header: ResponseHeader, object_type: str, choices: list[dict]) -> dict:
@@ -230,12 +253,15 @@ def chat_stream(header: ResponseHeader, events, n_choices: int, prompt_tokens: i
     parsers = [make_parser() for _ in range(n_choices)] if make_parser is not None else None
     pending = [[] for _ in range(n_choices)]
     completion_tokens = cached_tokens = 0
+    reasoning_tokens = None
     for index, event in events:
         pending[index] += event.logprobs or []
+        thinking = getattr(event, "thinking", "")
+        deltas = [thinking_fields(thinking)] if thinking else []
         if parsers is None:
-            deltas = [{"content": event.text}] if event.text or event.logprobs else []
+            deltas += [{"content": event.text}] if event.text or (event.logprobs and not thinking) else []
         else:
-            deltas = tool_call_deltas(parsers[index].push(event.text) if event.text else [])
+            deltas += tool_call_deltas(parsers[index].push(event.text) if event.text else [])
             if event.finish_reason:
                 deltas += tool_call_deltas(parsers[index].finish())
         for delta in deltas:
@@ -244,12 +270,13 @@ def chat_stream(header: ResponseHeader, events, n_choices: int, prompt_tokens: i
         if event.finish_reason:
             completion_tokens += final_completion_tokens(event)
             cached_tokens = max(cached_tokens, final_cached_tokens(event))
+            reasoning_tokens = add_reasoning_tokens(reasoning_tokens, event)
             calls = parsers[index].calls if parsers is not None else []
             yield chat_chunk(header, [chat_delta(index, {}, with_calls(event.finish_reason, calls),
                                                  logprobs=pending[index])], include_usage)
             pending[index] = []
     if include_usage:
-        yield chat_chunk(header, [], True, usage(prompt_tokens, completion_tokens, cached_tokens))
+        yield chat_chunk(header, [], True, usage(prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens))
 
 
 # --------------------------------------------------------------------------- completions
@@ -290,9 +317,10 @@ def completion_stream(header: ResponseHeader, events, n_choices: int, prompt_tok
 
 # --------------------------------------------------------------------------- responses (/v1/responses)
 
-def response_usage(input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> dict:
+def response_usage(input_tokens: int, output_tokens: int, cached_tokens: int = 0,
+                   reasoning_tokens: int | None = None) -> dict:
     return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens or 0},
             "total_tokens": input_tokens + output_tokens}
 
 
@@ -301,7 +329,8 @@ def response_fields(request, params) -> dict:
     ``params`` (the GenerationParams used) gives the effective temperature and top_p."""
     return {"instructions": request.instructions, "max_output_tokens": request.max_output_tokens,
             "metadata": request.metadata, "parallel_tool_calls": request.parallel_tool_calls,
-            "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
+            "previous_response_id": None,
+            "reasoning": {"effort": getattr(request, "reasoning_effort", None), "summary": None}, "store": False,
             "temperature": params.sampling.temperature, "text": {"format": request.text_format},
             "tool_choice": request.tool_choice, "tools": request.tools, "top_p": params.sampling.top_p,
             "truncation": "disabled", "user": request.user}
@@ -320,6 +349,12 @@ def message_item(item_id: str, text: str, status: str) -> dict:
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
 
 
+def reasoning_item(item_id: str, thinking: str, status: str) -> dict:
+    """The thought as a ``reasoning`` output item: its text in ``content[0]`` (``reasoning_text``), no summary."""
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": [{"type": "reasoning_text", "text": thinking}],
+            "status": status}
+
+
 def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
     return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
             "status": status}
@@ -329,11 +364,13 @@ def item_status(finish_reason: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-def response_output(text: str, finish_reason: str | None, make_parser=None) -> list[dict]:
-    """The ``output`` items of a whole generation: the message (unless there are only calls), then the calls."""
+def response_output(text: str, finish_reason: str | None, make_parser=None, thinking: str = "") -> list[dict]:
+    """The ``output`` items of a whole generation: the thought (if any), the message (unless there are only
+    calls), then the calls."""
     content, calls = parse_calls(text, make_parser)
     status = item_status(finish_reason)
-    items = [message_item(new_id("msg"), content, status)] if content or not calls else []
+    items = [reasoning_item(new_id("rs"), thinking, status)] if thinking else []
+    items += [message_item(new_id("msg"), content, status)] if content or not calls else []
     items += [function_call_item(new_id("fc"), call.id, call.name, call.arguments_json, status) for call in calls]
     return items
 
@@ -341,7 +378,8 @@ def response_output(text: str, finish_reason: str | None, make_parser=None) -> l
 class ResponseStream:
     """The events of a streamed response, as the OpenAI Responses API sends them.
 
-    ``response.created``, ``response.in_progress``; per message item ``output_item.added``,
+    ``response.created``, ``response.in_progress``; for the thought a ``reasoning`` item: ``output_item.added``,
+    ``reasoning_text.delta`` ..., ``reasoning_text.done``, ``output_item.done``; per message item ``output_item.added``,
     ``content_part.added``, ``output_text.delta`` ..., ``output_text.done``, ``content_part.done``,
     ``output_item.done``; per function call ``output_item.added`` (name, empty arguments),
     ``function_call_arguments.delta`` ..., ``function_call_arguments.done``, ``output_item.done``;
@@ -355,27 +393,50 @@ class ResponseStream:
         self.sequence = 0
         self.output: list[dict] = []
         self.message: dict | None = None          # the open message item
+        self.reasoning: dict | None = None        # the open reasoning item
         self.calls: dict[int, dict] = {}          # open function call items by the parser's call index
 
     def events(self, events, input_tokens: int):
         """Event dicts for ``(index, GenerationEvent)`` pairs (one choice)."""
         yield self._event("response.created", response=self._response("in_progress", None))
         yield self._event("response.in_progress", response=self._response("in_progress", None))
+        reasoning_tokens = None
         for _, event in events:
+            if getattr(event, "thinking", ""):
+                yield from self._thinking(event.thinking)
             pieces = self.parser.push(event.text) if self.parser is not None and event.text else \
                 ([event.text] if event.text else [])
             if event.finish_reason and self.parser is not None:
                 pieces += self.parser.finish()
             for piece in pieces:
+                yield from self._close_reasoning("completed")
                 yield from self._piece(piece)
             if event.finish_reason:
                 status = item_status(event.finish_reason)
                 yield from self._close_all(status)
                 kind = "response.completed" if status == "completed" else "response.incomplete"
-                usage_value = response_usage(input_tokens, final_completion_tokens(event), final_cached_tokens(event))
+                reasoning_tokens = add_reasoning_tokens(reasoning_tokens, event)
+                usage_value = response_usage(input_tokens, final_completion_tokens(event), final_cached_tokens(event),
+                                             reasoning_tokens)
                 yield self._event(kind, response=self._response(status, usage_value))
 
     # ---------------------------------------------------------------- items
+    def _thinking(self, text: str):
+        if self.reasoning is None:
+            self.reasoning = reasoning_item(new_id("rs"), "", "in_progress")
+            yield from self._add(self.reasoning)
+        self.reasoning["content"][0]["text"] += text
+        yield self._event("response.reasoning_text.delta", **self._where(self.reasoning), content_index=0, delta=text)
+
+    def _close_reasoning(self, status: str):
+        item, self.reasoning = self.reasoning, None
+        if item is None:
+            return
+        item["status"] = status
+        yield self._event("response.reasoning_text.done", **self._where(item), content_index=0,
+                          text=item["content"][0]["text"])
+        yield self._event("response.output_item.done", output_index=self.output.index(item), item=item)
+
     def _piece(self, piece):
         if isinstance(piece, str):
             if self.message is None:
@@ -424,8 +485,9 @@ class ResponseStream:
             yield self._event("response.output_item.done", output_index=self.output.index(item), item=item)
 
     def _close_all(self, status: str):
-        if not self.output:                        # nothing was generated: an empty message, as non-streamed
-            self.message = message_item(new_id("msg"), "", "in_progress")
+        yield from self._close_reasoning(status)
+        if not any(item["type"] != "reasoning" for item in self.output):   # no answer: an empty message, as
+            self.message = message_item(new_id("msg"), "", "in_progress")   # non-streamed
             yield from self._add(self.message)
         yield from self._close_message(status)
         yield from self._close_calls(status)

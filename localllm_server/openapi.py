@@ -43,7 +43,7 @@ OLLAMA_BODIES = {
         "model": {"type": "string"}, "prompt": {"type": "string"}, "suffix": {"type": "string"},
         "system": {"type": "string"}, "template": {"type": "string"}, "context": {"type": "array"},
         "raw": {"type": "boolean"}, "format": _ANY, "images": {"type": "array"}, "options": _OPTIONS,
-        "stream": {"type": "boolean"}, "keep_alive": _ANY}, ["model"]),
+        "stream": {"type": "boolean"}, "keep_alive": _ANY, "think": _ANY}, ["model"]),
     ("POST", "/api/embed"): ("Embed (Ollama)", {
         "model": {"type": "string"}, "input": _ANY, "truncate": {"type": "boolean"},
         "dimensions": {"type": "integer"}, "options": _OPTIONS, "keep_alive": _ANY}, ["model", "input"]),

@@ -23,6 +23,8 @@ MAX_N = 128
 MAX_TOP_LOGPROBS = 20
 MAX_PROMPTS = 128
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
+REASONING_MESSAGE_KEYS = ("reasoning_content", "reasoning", "thinking")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 
 
 @dataclass(frozen=True)
@@ -325,6 +327,11 @@ def _parse_message(message, param) -> tuple[dict, int]:
             raise bad_request(f"{param}.tool_calls must be a list, on an assistant message", f"{param}.tool_calls")
         parsed["tool_calls"] = [parse_tool_call(call, f"{param}.tool_calls[{i}]")
                                 for i, call in enumerate(message["tool_calls"])]
+    for key in REASONING_MESSAGE_KEYS:           # an earlier turn's thought, as each client names it
+        if message.get(key) is not None:
+            if not isinstance(message[key], str):
+                raise bad_request(f"{param}.{key} must be a string", f"{param}.{key}")
+            parsed[key] = message[key]
     if role == "tool" and "tool_call_id" not in parsed:
         raise bad_request(f"{param}.tool_call_id is required for role 'tool'", f"{param}.tool_call_id")
     return parsed, n_images
@@ -361,6 +368,9 @@ CHAT_FIELDS = [
                                "is forced by the grammar; a named function: that call is forced, its arguments "
                                "constrained by its parameters schema")),
     make_field("parallel_tool_calls", boolean("required: allow several forced calls (default: one)")),
+    make_field("reasoning_effort", choice("reasoning models: none turns thinking off; other values turn it on "
+                                          "(the template sees reasoning_effort); default: the model's",
+                                          REASONING_EFFORTS)),
 ]
 
 
@@ -376,6 +386,7 @@ class ChatRequest:
     tools: list[dict] = field(default_factory=list)     # [{"type": "function", "function": {...}}], checked
     tool_choice: str = "none"                           # "none", "auto", "required" or the forced function's name
     parallel_tool_calls: bool = False
+    reasoning_effort: str | None = None                 # None: the model's default
 
 
 def parse_chat(body: dict) -> ChatRequest:
@@ -395,7 +406,8 @@ def parse_chat(body: dict) -> ChatRequest:
                        stream=bool(values["stream"]),
                        include_usage=bool((values["stream_options"] or {}).get("include_usage")),
                        settings=settings, response_format=values["response_format"], tools=tools,
-                       tool_choice=tool_choice, parallel_tool_calls=bool(values["parallel_tool_calls"]))
+                       tool_choice=tool_choice, parallel_tool_calls=bool(values["parallel_tool_calls"]),
+                       reasoning_effort=values["reasoning_effort"])
 
 
 # --------------------------------------------------------------------------- completions

@@ -8,7 +8,9 @@ system message; ``input`` (a string, or items) becomes the conversation:
   is counted (refused by text-only models), ``input_file`` / ``input_audio`` are refused;
 * ``function_call`` items ``{call_id, name, arguments}`` -> an assistant message's
   ``tool_calls`` (consecutive calls, and an assistant message just before them, share one);
-* ``function_call_output`` items ``{call_id, output}`` -> ``tool`` messages.
+* ``function_call_output`` items ``{call_id, output}`` -> ``tool`` messages;
+* ``reasoning`` items (a thought sent back, its ``content`` reasoning_text or its ``summary``)
+  -> the ``reasoning_content`` of the assistant turn that follows them.
 
 Function tools come flattened (``{"type": "function", "name", "parameters", ...}``) and
 ``tool_choice`` names a function as ``{"type": "function", "name"}``; ``text.format``
@@ -21,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import bad_request
-from .schemas import (MODEL, OPTIONS, ChatRequest, boolean, generation_settings, integer, make_field, number,
-                      parse_fields, string)
+from .schemas import (MODEL, OPTIONS, REASONING_EFFORTS, ChatRequest, boolean, generation_settings, integer,
+                      make_field, number, parse_fields, string)
 from .schemas_tools import (FUNCTION_SCHEMA, NamedFunction, check_format_and_tools, check_tool_names, parse_function,
                             resolve_tool_choice)
 
@@ -31,7 +33,7 @@ TEXT_PARTS = ("input_text", "output_text")
 UNSUPPORTED_PARTS = ("input_file", "input_audio")
 
 INPUT_ITEM_SCHEMA = {"type": "object", "properties": {
-    "type": {"type": "string", "enum": ["message", "function_call", "function_call_output"]},
+    "type": {"type": "string", "enum": ["message", "function_call", "function_call_output", "reasoning"]},
     "role": {"type": "string", "enum": list(MESSAGE_ROLES)},
     "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
     "call_id": {"type": "string"}, "name": {"type": "string"}, "arguments": {"type": "string"},
@@ -107,13 +109,19 @@ def parse_input(value, param: str = "input") -> tuple[list[dict], int]:
     messages: list[dict] = []
     n_images = 0
     calls_open = False                      # the last message is an assistant message that may take more calls
+    thought = None                          # a reasoning item's text, for the next assistant turn
     for index, item in enumerate(value):
         where = f"{param}[{index}]"
         if not isinstance(item, dict):
             raise bad_request(f"{where} must be an object", param)
         kind = item.get("type", "message")
+        if kind == "reasoning":
+            thought = _reasoning_text(item, where)
+            continue
         if kind == "message":
             message, images = _message(item, where)
+            if message["role"] == "assistant" and thought:
+                message["reasoning_content"] = thought
             messages.append(message)
             n_images += images
             calls_open = message["role"] == "assistant"
@@ -123,6 +131,8 @@ def parse_input(value, param: str = "input") -> tuple[list[dict], int]:
                                  "arguments": _string(item, "arguments", where)}}
             if not calls_open:
                 messages.append({"role": "assistant", "content": None})
+                if thought:
+                    messages[-1]["reasoning_content"] = thought
             messages[-1].setdefault("tool_calls", []).append(call)
             calls_open = True
         elif kind == "function_call_output":
@@ -132,9 +142,35 @@ def parse_input(value, param: str = "input") -> tuple[list[dict], int]:
         elif kind == "item_reference":
             raise bad_request(f"{where}: item_reference is not supported (the server keeps no state)", param)
         else:
-            raise bad_request(f"{where}.type must be 'message', 'function_call' or 'function_call_output', "
-                              f"got {kind!r}", param)
+            raise bad_request(f"{where}.type must be 'message', 'function_call', 'function_call_output' or "
+                              f"'reasoning', got {kind!r}", param)
+        thought = None
     return messages, n_images
+
+
+def _reasoning_text(item: dict, param: str) -> str:
+    """The text of a ``reasoning`` input item: its ``content`` (reasoning_text parts), else its ``summary``."""
+    texts = []
+    for key in ("content", "summary"):
+        parts = item.get(key) or []
+        if not isinstance(parts, list) or not all(isinstance(p, dict) and isinstance(p.get("text"), str)
+                                                  for p in parts):
+            raise bad_request(f"{param}.{key} must be a list of parts with text", "input")
+        texts = [p["text"] for p in parts]
+        if texts:
+            break
+    return "\n".join(texts)
+
+
+def _parse_reasoning(value, param):
+    """``reasoning``: ``{"effort": none|minimal|low|medium|high, "summary": ...}`` -> the effort (or None)."""
+    if not isinstance(value, dict):
+        raise bad_request(f"{param} must be an object", param)
+    effort = value.get("effort")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise bad_request(f"{param}.effort must be one of {', '.join(repr(e) for e in REASONING_EFFORTS)}",
+                          f"{param}.effort")
+    return effort
 
 
 # --------------------------------------------------------------------------- tools, tool_choice, text
@@ -223,6 +259,10 @@ RESPONSES_FIELDS = [
                                         "not supported: 400 (stateless)")),
     make_field("conversation", ({}, _stateless("send the whole conversation as input"),
                                 "not supported: 400 (stateless)")),
+    make_field("reasoning", ({"type": "object", "properties": {"effort": {"type": "string",
+                                                                          "enum": list(REASONING_EFFORTS)}}},
+                             _parse_reasoning, "reasoning models: effort none turns thinking off, other values on "
+                                               "(default: the model's); summary is accepted, not produced")),
     make_field("seed", integer("extension: random seed for reproducible sampling")),
     make_field("top_k", integer("extension: keep the k most likely tokens", 0)),
     make_field("min_p", number("extension: minimum probability relative to the best token", 0, 1)),
@@ -242,6 +282,7 @@ class ResponsesRequest:
     parallel_tool_calls: bool = False
     metadata: dict = field(default_factory=dict)
     user: str | None = None
+    reasoning_effort: str | None = None
 
     @property
     def model(self) -> str:
@@ -261,7 +302,8 @@ def parse_responses(body: dict) -> ResponsesRequest:
     values["max_tokens"], values["logprobs"] = values["max_output_tokens"], False
     chat = ChatRequest(model=values["model"], messages=messages, n_images=n_images, stream=bool(values["stream"]),
                        include_usage=False, settings=generation_settings(values), response_format=response_format,
-                       tools=tools, tool_choice=tool_choice, parallel_tool_calls=bool(values["parallel_tool_calls"]))
+                       tools=tools, tool_choice=tool_choice, parallel_tool_calls=bool(values["parallel_tool_calls"]),
+                       reasoning_effort=values["reasoning"])
     choice = values["tool_choice"]
     flat_tools = [{"type": "function", **tool["function"], "strict": bool(given.get("strict"))}
                   for tool, given in zip(tools, body.get("tools") or [])]
@@ -270,7 +312,7 @@ def parse_responses(body: dict) -> ResponsesRequest:
         tools=flat_tools, tool_choice={"type": "function", "name": choice.name} if isinstance(choice, NamedFunction)
         else (choice or "auto"), text_format=_text_format(response_format),
         parallel_tool_calls=bool(values["parallel_tool_calls"]), metadata=values["metadata"] or {},
-        user=values["user"])
+        user=values["user"], reasoning_effort=values["reasoning"])
 
 
 def _text_format(response_format: dict | None) -> dict:

@@ -4,6 +4,9 @@
 format (``localllm.tools``); calls the model writes come back as ``message.tool_calls``
 (``{"function": {"name", "arguments": {...}}}``), sent whole, after the text.
 ``format`` ("json" or a JSON schema) constrains the output with a grammar.
+``think`` (true/false, "low"/"medium"/"high"; absent: the model's default) switches a reasoning
+model's thought; the thought comes apart from the answer in ``message.thinking`` (streamed in
+lines of its own), and ``format`` / tool calls apply to the answer after it.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ class ChatResource(Resource):
         messages = parsing.messages(body, name)
         constraint = parsing.constraint(body)
         tools = tooling.validate_tools(parsing.tools(body))          # ValueError: 400 naming the bad entry
-        think = body.get("think")
+        think = parsing.think(body)
         entry = self.engine.store.get(name)
         require_text_model(entry, name, "chat")
 
@@ -38,12 +41,14 @@ class ChatResource(Resource):
         run = Run(self.engine, entry, keep_alive, name)
         model = run.model
         params, num_ctx = model.make_params(**settings, constraint=constraint)
-        extra = {"enable_thinking": bool(think)} if think is not None else {}
+        thinking = parsing.thinking(model, think, name)
+        extra = thinking.template_extra
         conversation = [dict(m) for m in entry.messages or []] + messages     # Modelfile MESSAGEs come first
         if tools:
             prompt = tooling.render_tools_prompt(model, conversation, tools, "auto", **extra)
         else:
             prompt = model.render_chat(conversation, add_generation_prompt=True, **extra)
+        prompt, params.reasoning = thinking.finish(prompt)
         events = run.submit(model.tokenize(prompt), params, num_ctx)
         respond(req, resp, run, events, stream, ChatOutput(run, tools, stream), "api_chat")
 
@@ -63,11 +68,12 @@ class ChatOutput(Output):
         text = event.text
         if self.parser is not None and text:
             text = "".join(d for d in self.parser.push(text) if isinstance(d, str))
-        if not text and not event.logprobs:
+        thinking = getattr(event, "thinking", "")
+        if not text and not thinking and not event.logprobs:
             return []
-        return [self._fields(text, event.logprobs)]
+        return [self._fields(text, event.logprobs, thinking)]
 
-    def end(self, text, event, token_ids, records) -> list[dict]:
+    def end(self, text, event, token_ids, records, thinking: str = "") -> list[dict]:
         lines, calls = [], []
         if self.parser is not None:
             if text:                                   # not streamed: the whole output at once
@@ -79,15 +85,15 @@ class ChatOutput(Output):
                 lines += [{"message": {"role": "assistant", "content": "", "tool_calls": calls}}] if calls else []
             else:
                 text = self.parser.content
-        final = self._fields(text, records)
+        final = self._fields(text, records, thinking)
         if calls and not self.stream:
             final["message"]["tool_calls"] = calls
         final.update(done_reason=event.finish_reason if event else "stop", **self.run.metrics(event))
         return lines + [final]
 
     @staticmethod
-    def _fields(text: str, records) -> dict:
-        fields = {"message": {"role": "assistant", "content": text}}
+    def _fields(text: str, records, thinking: str = "") -> dict:
+        fields = {"message": {"role": "assistant", "content": text, **({"thinking": thinking} if thinking else {})}}
         if records:
             fields["logprobs"] = responses.logprobs(records)
         return fields

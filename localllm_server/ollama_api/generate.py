@@ -6,6 +6,8 @@ see (``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``) plus
 final line) is put before the new prompt, and the final line's ``context`` is
 prompt ids + generated ids, so passing it back continues the conversation.
 ``suffix`` asks for fill-in-the-middle and needs a model with FIM tokens.
+``think`` works as on /api/chat (the thought in ``thinking``) for prompts rendered with the
+model's own template; ``raw`` prompts and a request ``template`` are sent as they are.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class GenerateResource(Resource):
         system = parsing.optional_string(body, "system")
         template = parsing.optional_string(body, "template")
         context = parsing.token_ids(body, "context")
+        think = parsing.think(body)
         parsing.images_absent(body.get("images"), "images", name)
         entry = self.engine.store.get(name)
         require_text_model(entry, name, "generate")
@@ -47,8 +50,14 @@ class GenerateResource(Resource):
             raise APIError(400, f"context token ids must be in [0, {model.config.vocab_size})", param="context")
         if suffix:
             prompt_ids += fill_in_the_middle(model, name, prompt, suffix, add_bos=not prompt_ids)
-        else:
+        elif raw or template is not None or not getattr(model, "has_chat_template", True):
             text = prompt if raw else render(model, entry, prompt, system, template, suffix, with_history=not context)
+            prompt_ids += model.tokenize(text, add_bos=False if prompt_ids else None)
+        else:
+            thinking = parsing.thinking(model, think, name)
+            text = render(model, entry, prompt, system, None, suffix, with_history=not context,
+                          template_extra=thinking.template_extra)
+            text, params.reasoning = thinking.finish(text)
             prompt_ids += model.tokenize(text, add_bos=False if prompt_ids else None)
         events = run.submit(prompt_ids, params, num_ctx)
         respond(req, resp, run, events, stream, GenerateOutput(run, prompt_ids), "api_generate")
@@ -62,26 +71,27 @@ class GenerateOutput(Output):
         self.prompt_ids = prompt_ids
 
     def piece(self, event) -> list[dict]:
-        if not event.text and not event.logprobs:
+        thinking = getattr(event, "thinking", "")
+        if not event.text and not thinking and not event.logprobs:
             return []
-        return [self._fields(event.text, event.logprobs)]
+        return [self._fields(event.text, event.logprobs, thinking)]
 
-    def end(self, text, event, token_ids, records) -> list[dict]:
-        final = self._fields(text, records)
+    def end(self, text, event, token_ids, records, thinking: str = "") -> list[dict]:
+        final = self._fields(text, records, thinking)
         final.update(done_reason=event.finish_reason if event else "stop", context=self.prompt_ids + token_ids,
                      **self.run.metrics(event))
         return [final]
 
     @staticmethod
-    def _fields(text: str, records) -> dict:
-        fields = {"response": text}
+    def _fields(text: str, records, thinking: str = "") -> dict:
+        fields = {"response": text, **({"thinking": thinking} if thinking else {})}
         if records:
             fields["logprobs"] = responses.logprobs(records)
         return fields
 
 
 def render(model, entry, prompt: str, system: str | None, template: str | None, suffix: str | None,
-           with_history: bool) -> str:
+           with_history: bool, template_extra: dict | None = None) -> str:
     """The prompt text: system + the Modelfile's MESSAGEs + the prompt as a user turn, through a chat template."""
     from localllm.chat_template import ChatTemplate
 
@@ -93,7 +103,7 @@ def render(model, entry, prompt: str, system: str | None, template: str | None, 
     if template is None and not getattr(model, "has_chat_template", True):
         return f"{system}\n\n{prompt}" if system else prompt   # Ollama's default template: the prompt itself
     if template is None:
-        return model.render_chat(messages, add_generation_prompt=True)
+        return model.render_chat(messages, add_generation_prompt=True, **(template_extra or {}))
     tokenizer = model.tokenizer
     return ChatTemplate(template, tokenizer.bos_token, tokenizer.eos_token).render(
         messages, add_generation_prompt=True, prompt=prompt, system=system or "", suffix=suffix or "")

@@ -194,6 +194,27 @@ def messages(body: dict, model: str) -> list[dict]:
     return checked
 
 
+def think(body: dict) -> bool | str | None:
+    """``think``: true, false, "low", "medium", "high" (also "none", "minimal"); None when absent (the model's default)."""
+    from localllm.reasoning import normalize_think
+
+    try:
+        return normalize_think(body.get("think"))
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="think") from None
+
+
+def thinking(model, think_value, name: str):
+    """The request's ``localllm.reasoning.ThinkingRequest`` on ``model``; 400 when a model that does not
+    think is asked to (as Ollama answers)."""
+    from localllm import reasoning
+
+    try:
+        return reasoning.thinking_request(model.template, think_value)
+    except reasoning.ThinkingNotSupported:
+        raise APIError(400, f'"{name}" does not support thinking', param="think") from None
+
+
 def tools(body: dict) -> list[dict] | None:
     value = body.get("tools")
     if value is None or value == []:

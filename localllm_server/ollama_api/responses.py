@@ -82,12 +82,17 @@ def architecture(entry) -> str:
 
 
 def capabilities(entry) -> list[str]:
-    """``["embedding"]`` for encoders, else ``["completion"]`` (plus ``"tools"`` when the template uses tools)."""
+    """``["embedding"]`` for encoders, else ``["completion"]`` plus ``"tools"`` when the template uses tools
+    and ``"thinking"`` when it has a thought block (``localllm.reasoning.thinking_support``)."""
+    from localllm.reasoning import thinking_support
+
     if architecture(entry) in EMBEDDING_FAMILIES:
         return ["embedding"]
     found = ["completion"]
     if "tools" in (entry.chat_template or ""):
         found.append("tools")
+    if thinking_support(entry.chat_template) is not None:
+        found.append("thinking")
     return found
 
 

@@ -64,11 +64,11 @@ class Output:
         """Streaming: the lines (0 or more) for an event's new text and logprobs."""
         raise NotImplementedError
 
-    def end(self, text: str, event, token_ids: list[int], records: list) -> list[dict]:
+    def end(self, text: str, event, token_ids: list[int], records: list, thinking: str = "") -> list[dict]:
         """The last lines: any not yet sent, then the final line's fields (``done_reason``, metrics...).
 
-        Streaming: ``text`` is "" and ``records`` empty (already sent); otherwise they are
-        the whole output. ``event`` is the final engine event (None if the request was
+        Streaming: ``text``, ``thinking`` are "" and ``records`` empty (already sent); otherwise they
+        are the whole output (``thinking``: the thought of a reasoning model). ``event`` is the final engine event (None if the request was
         cancelled); ``token_ids`` every generated id.
         """
         raise NotImplementedError
@@ -96,9 +96,10 @@ def respond(req, resp, run: Run, events: Iterator, stream: bool, output: Output,
 
     if not stream:
         try:
-            texts, token_ids, records, last = [], [], [], None
+            texts, thoughts, token_ids, records, last = [], [], [], [], None
             for event in all_events():
                 texts.append(event.text)
+                thoughts.append(getattr(event, "thinking", ""))
                 token_ids.extend(event.token_ids)
                 records.extend(event.logprobs or [])
                 last = event if event.finish_reason else last
@@ -108,7 +109,8 @@ def respond(req, resp, run: Run, events: Iterator, stream: bool, output: Output,
             run.finish()
         count(req, route, last)
         resp.content_type = falcon.MEDIA_JSON
-        resp.media = line(model, output.end("".join(texts), last, token_ids, records)[-1], done=True)
+        resp.media = line(model, output.end("".join(texts), last, token_ids, records, "".join(thoughts))[-1],
+                          done=True)
         return
 
     def lines():

@@ -15,6 +15,14 @@ Calls come back as ``message.tool_calls`` (``arguments`` a JSON string) with
 then the argument text). ``response_format`` json_object / json_schema constrain the
 answer to JSON; combined with tools they are refused (400) unless tool_choice is "none".
 :func:`prepare` is shared with /v1/responses.
+
+Reasoning models (``localllm.reasoning``): ``reasoning_effort`` "none" turns thinking off (the
+template's ``enable_thinking`` switch, or a closed empty thought in the prompt), other values
+turn it on; absent, the model's default (it thinks). The thought comes back apart from the
+answer as ``message.reasoning_content`` and ``message.reasoning`` (streamed: the same fields
+of ``delta``), counted in ``usage.completion_tokens_details.reasoning_tokens``; JSON formats
+and forced calls constrain the answer after the thought. ``reasoning_effort`` on a model that
+does not think is accepted and has no effect.
 """
 from __future__ import annotations
 
@@ -52,9 +60,19 @@ class Prepared:
     """A chat request made ready for the engine on one model."""
 
     prompt_ids: list[int]
-    params: object                       # localllm.generate.GenerationParams
+    params: object                       # localllm.generate.GenerationParams (``reasoning``: the thought is parsed)
     num_ctx: int
     make_parser: Callable | None         # a fresh tool-call parser per choice (None: the text goes out as it is)
+
+
+def thinking(model, effort: str | None):
+    """The request's ``localllm.reasoning.ThinkingRequest`` (a model that does not think ignores the effort)."""
+    from localllm import reasoning
+
+    try:
+        return reasoning.thinking_request(getattr(model, "template", None), effort, param="reasoning_effort")
+    except reasoning.ThinkingNotSupported:
+        return reasoning.ThinkingRequest(None, None)
 
 
 def prepare(model, request: schemas.ChatRequest) -> Prepared:
@@ -64,11 +82,13 @@ def prepare(model, request: schemas.ChatRequest) -> Prepared:
     prompt and builds the forced-call grammar; otherwise the plain chat template is used.
     """
     check_supported(request, model)
+    think = thinking(model, request.reasoning_effort)
     if not uses_tools(request):
         params, num_ctx = model.make_params(**request.settings,
                                             constraint=response_constraint(request.response_format))
-        return Prepared(model.tokenize(model.render_chat(request.messages, add_generation_prompt=True)), params,
-                        num_ctx, None)
+        prompt, params.reasoning = think.finish(
+            model.render_chat(request.messages, add_generation_prompt=True, **think.template_extra))
+        return Prepared(model.tokenize(prompt), params, num_ctx, None)
     from localllm import constrain, tools as tooling
     choice = request.tool_choice
     if choice not in tooling.TOOL_CHOICES:                   # a function name
@@ -76,11 +96,13 @@ def prepare(model, request: schemas.ChatRequest) -> Prepared:
     answer_format = response_constraint(request.response_format)     # tool_choice "none" only (schemas)
     try:
         plan = tooling.prepare_chat(model, request.messages, tools=request.tools, tool_choice=choice,
-                                    parallel_tool_calls=request.parallel_tool_calls, constraint=answer_format)
+                                    parallel_tool_calls=request.parallel_tool_calls, constraint=answer_format,
+                                    **think.template_extra)
     except constrain.UnsupportedSchema as exc:               # a tool's parameters: the field is `tools`
         raise APIError(400, str(exc), param="tools") from None
     params, num_ctx = model.make_params(**request.settings, constraint=plan.constraint)
-    return Prepared(model.tokenize(plan.prompt), params, num_ctx,
+    prompt, params.reasoning = think.finish(plan.prompt)
+    return Prepared(model.tokenize(prompt), params, num_ctx,
                     plan.stream_parser if plan.parses_tool_calls else None)
 
 

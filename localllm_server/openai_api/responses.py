@@ -2,7 +2,8 @@
 
 ``schemas_responses`` turns the body into the chat request it means (instructions,
 input items, function tools, tool_choice, text.format); generation is the chat route's
-(:func:`chat.prepare`: tools rendered, calls forced or parsed, JSON constrained);
+(:func:`chat.prepare`: tools rendered, calls forced or parsed, JSON constrained, ``reasoning.effort``
+as the chat's ``reasoning_effort``); the thought of a reasoning model is a ``reasoning`` output item;
 ``formatting`` shapes the ``response`` object and, streamed, the named SSE events
 (``event: response.created`` ... ``event: response.completed``; no ``[DONE]``).
 """
@@ -67,7 +68,9 @@ class Responses:
         for index, event in events:
             collector.add(index, event)
         [choice] = collector.choices
-        output = formatting.response_output("".join(choice.text), choice.finish_reason, prepared.make_parser)
+        output = formatting.response_output("".join(choice.text), choice.finish_reason, prepared.make_parser,
+                                            thinking="".join(choice.thinking))
         resp.media = formatting.response_object(
             header, fields, formatting.item_status(choice.finish_reason), output,
-            formatting.response_usage(submission.prompt_tokens, collector.completion_tokens, collector.cached_tokens))
+            formatting.response_usage(submission.prompt_tokens, collector.completion_tokens, collector.cached_tokens,
+                                      collector.reasoning_tokens))
