@@ -24,6 +24,7 @@ CHAT_HELP = """Available commands:
   /set parameter NAME VALUE   set a generation option (temperature, top_k, top_p, min_p, num_ctx,
                               seed, num_predict, repeat_penalty, repeat_last_n, stop WORD...)
   /set system TEXT            set the system message
+  /set think, /set nothink    turn a reasoning model's thinking on or off
   /show parameters            show the options set in this session
   /clear                      forget the conversation so far
   /bye                        exit
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     global _server_available
     _server_available = None
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(run_flags_first(sys.argv[1:] if argv is None else list(argv)))
     if args.command is None:
         parser.print_help()
         return 0
@@ -62,6 +63,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+RUN_FLAGS = ("--think", "--no-think", "--hide-thinking")
+
+
+def run_flags_first(argv: list[str]) -> list[str]:
+    """``run MODEL PROMPT... --no-think`` as ``run --no-think MODEL PROMPT...`` (the prompt words come last
+    for argparse; Ollama's CLI takes the flags anywhere). Words after ``--`` stay prompt words."""
+    if not argv or argv[0] != "run":
+        return argv
+    rest = argv[1:]
+    end = rest.index("--") if "--" in rest else len(rest)
+    flags = [word for word in rest[:end] if word in RUN_FLAGS]
+    return ["run", *flags, *[word for word in rest[:end] if word not in RUN_FLAGS], *rest[end:]]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="localllm", description="Run language models locally.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -76,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = command("run", cmd_run, "chat with a model (pulled first when missing)")
     run.add_argument("model")
     run.add_argument("prompt", nargs="*", help="a one-shot prompt; without it, an interactive chat")
+    think = run.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="think", action="store_const", const=True, default=None,
+                       help="reasoning models: think before answering (default: the model's)")
+    think.add_argument("--no-think", dest="think", action="store_const", const=False,
+                       help="reasoning models: answer without thinking")
+    run.add_argument("--hide-thinking", action="store_true", help="do not print the thought, only the answer")
     pull = command("pull", cmd_pull, "fetch a model into the store")
     pull.add_argument("model")
     command("list", cmd_list, "list stored models", aliases=["ls"])
@@ -203,11 +224,12 @@ def cmd_run(args) -> int:
         prompt = sys.stdin.read()
     if prompt:
         try:
-            stream_reply(model, [{"role": "user", "content": prompt}], {}, sys.stdout)
-        except ValueError as exc:  # the library's precise messages (context exceeded, bad option)
+            stream_reply(model, [{"role": "user", "content": prompt}], {}, sys.stdout, think=args.think,
+                         hide_thinking=args.hide_thinking)
+        except ValueError as exc:  # the library's precise messages (context exceeded, bad option, no thinking)
             raise CLIError(str(exc)) from None
         return 0
-    ChatSession(model).loop()
+    ChatSession(model, think=args.think, hide_thinking=args.hide_thinking).loop()
     return 0
 
 
@@ -255,20 +277,61 @@ class RemoteModel:
         return cls(name)
 
     def chat(self, messages: list[dict], stream: bool = True, **options):
-        body = {"model": self.name, "messages": messages, "stream": True, "options": options}
-        for line in server_stream("/api/chat", body):
-            content = (line.get("message") or {}).get("content")
+        for _, content in self.chat_parts(messages, None, options):
             if content:
                 yield content
 
+    def chat_parts(self, messages: list[dict], think, options: dict):
+        """(thought, answer) pieces of the streamed reply (``think`` as /api/chat takes it; None: the model's)."""
+        body = {"model": self.name, "messages": messages, "stream": True, "options": options}
+        if think is not None:
+            body["think"] = think
+        for line in server_stream("/api/chat", body):
+            message = line.get("message") or {}
+            if message.get("thinking") or message.get("content"):
+                yield message.get("thinking") or "", message.get("content") or ""
 
-def stream_reply(model, messages: list[dict], options: dict, out) -> str:
-    """Print the model's reply as it streams; returns the whole reply."""
+
+def reply_parts(model, messages: list[dict], options: dict, think=None):
+    """(thought, answer) pieces of a streamed reply: from the server, a loaded model, or any object whose
+    ``chat(messages, stream=True, **options)`` yields text (no thought)."""
+    if isinstance(model, RemoteModel):
+        yield from model.chat_parts(messages, think, options)
+        return
+    from .api import Model
+
+    if isinstance(model, Model):
+        for event in model.chat(messages, stream=True, details=True, think=think, **options):
+            if event.thinking or event.text:
+                yield event.thinking, event.text
+    else:
+        for piece in model.chat(messages, stream=True, **options):
+            yield "", piece
+
+
+THINKING_START, THINKING_END = "Thinking...\n", "\n...done thinking.\n\n"
+
+
+def stream_reply(model, messages: list[dict], options: dict, out, think=None, hide_thinking: bool = False) -> str:
+    """Print the model's reply as it streams (a thought between "Thinking..." and "...done thinking.",
+    unless ``hide_thinking``); returns the answer."""
     pieces = []
-    for piece in model.chat(messages, stream=True, **options):
-        pieces.append(piece)
-        out.write(piece)
+    thinking_open = False
+    for thought, content in reply_parts(model, messages, options, think):
+        if thought and not hide_thinking:
+            if not thinking_open:
+                out.write(THINKING_START)
+                thinking_open = True
+            out.write(thought)
+        if content:
+            if thinking_open:
+                out.write(THINKING_END)
+                thinking_open = False
+            pieces.append(content)
+            out.write(content)
         out.flush()
+    if thinking_open:
+        out.write(THINKING_END)
     out.write("\n")
     return "".join(pieces)
 
@@ -276,8 +339,10 @@ def stream_reply(model, messages: list[dict], options: dict, out) -> str:
 class ChatSession:
     """An interactive chat that keeps the conversation; ``/?`` lists the commands."""
 
-    def __init__(self, model, input_fn=input, out=None, err=None):
+    def __init__(self, model, input_fn=input, out=None, err=None, think=None, hide_thinking: bool = False):
         self.model = model
+        self.think = think
+        self.hide_thinking = hide_thinking
         self.input = input_fn
         self.out = out or sys.stdout
         self.err = err or sys.stderr
@@ -324,7 +389,8 @@ class ChatSession:
         history = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
         history.append({"role": "user", "content": line})
         try:
-            reply = stream_reply(self.model, history, self.options, self.out)
+            reply = stream_reply(self.model, history, self.options, self.out, think=self.think,
+                                 hide_thinking=self.hide_thinking)
         except KeyboardInterrupt:
             self.out.write("\n")
             return
@@ -346,6 +412,9 @@ class ChatSession:
         elif words[:2] == ["/set", "system"] and len(words) >= 3:
             self.system = line.split(None, 2)[2]
             print("Set system message.", file=self.out)
+        elif words[:2] in (["/set", "think"], ["/set", "nothink"]):
+            self.think = words[1] == "think"
+            print(f"Set '{words[1]}' mode.", file=self.out)
         elif words[:2] == ["/show", "parameters"]:
             print(format_parameters(self.options) or "No parameters set.", file=self.out)
         else:

@@ -378,3 +378,42 @@ def test_think_on_a_model_that_does_not_think(tmp_path):
         model.chat(USER, think=True, max_tokens=2)
     result = model.chat(USER, details=True, think=False, max_tokens=3)
     assert result.thinking == "" and result.usage.reasoning_tokens is None and len(result.token_ids) <= 3
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_cli_run_flags():
+    from localllm import cli
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["run", "m"]).think is None
+    args = parser.parse_args(cli.run_flags_first(["run", "m", "--no-think", "hi", "--hide-thinking", "there"]))
+    assert (args.think, args.hide_thinking, args.model, args.prompt) == (False, True, "m", ["hi", "there"])
+    assert cli.run_flags_first(["run", "m", "--", "--think"]) == ["run", "m", "--", "--think"]
+    assert parser.parse_args(["run", "m", "--think"]).think is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "m", "--think", "--no-think"])
+
+
+def test_cli_prints_the_thought_apart_or_hides_it(thinking_models):
+    import io
+
+    from localllm import cli
+
+    model = thinking_models["qwen3"]
+    out = io.StringIO()
+    assert cli.stream_reply(model, USER, {"num_predict": 20}, out) == ANSWER
+    assert out.getvalue() == f"Thinking...\n{THOUGHT}\n...done thinking.\n\n{ANSWER}\n"
+    hidden = io.StringIO()
+    assert cli.stream_reply(model, USER, {"num_predict": 20}, hidden, hide_thinking=True) == ANSWER
+    assert hidden.getvalue() == ANSWER + "\n"
+    off = io.StringIO()
+    cli.stream_reply(thinking_models["r1"], USER, {"num_predict": 20}, off, think=False)
+    assert off.getvalue() == ANSWER + "\n"
+    lines = iter(["/set nothink", "What is 2+2?", "/bye"])
+    session_out = io.StringIO()
+    session = cli.ChatSession(model, input_fn=lambda prompt: next(lines), out=session_out, think=True)
+    session.loop()
+    assert session.think is False and "Thinking..." not in session_out.getvalue()
+    assert session.messages[-1] == {"role": "assistant", "content": ANSWER}

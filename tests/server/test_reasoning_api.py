@@ -264,3 +264,19 @@ def test_ollama_think_errors(ollama_client, reasoning_server):
         is None
     bad = RawHTTP(reasoning_server).post("/api/chat", {"model": QWEN3, "messages": USER, "think": "max"})
     assert bad.status == 400 and "think must be true, false or one of" in bad.json()["error"]
+
+
+def test_cli_run_against_the_server_prints_the_thought(reasoning_server, monkeypatch):
+    import io
+
+    from localllm import cli
+
+    monkeypatch.setenv("LOCALLLM_HOST", reasoning_server.removeprefix("http://"))
+    out = io.StringIO()
+    assert cli.stream_reply(cli.RemoteModel(R1), USER, {"num_predict": 20}, out) == ANSWER
+    assert out.getvalue() == f"Thinking...\n{THOUGHT}\n...done thinking.\n\n{ANSWER}\n"
+    hidden = io.StringIO()
+    cli.stream_reply(cli.RemoteModel(QWEN3), USER, {"num_predict": 20}, hidden, think=False)
+    assert hidden.getvalue() == ANSWER + "\n"
+    with pytest.raises(cli.CLIError, match="does not support thinking"):
+        cli.stream_reply(cli.RemoteModel(PLAIN), USER, {"num_predict": 2}, io.StringIO(), think=True)
