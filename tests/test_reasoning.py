@@ -417,3 +417,60 @@ def test_cli_prints_the_thought_apart_or_hides_it(thinking_models):
     session.loop()
     assert session.think is False and "Thinking..." not in session_out.getvalue()
     assert session.messages[-1] == {"role": "assistant", "content": ANSWER}
+
+
+# ----------------------------------------------------------------------------- the grammar gate, token by token
+
+
+class _Vocabulary:
+    """A tokenizer stand-in: the token bytes are all the gate reads."""
+
+    PIECES = [b"<think>", b"</think>", b"</think>{", b"nk>", b"nk> x", b"nk>\n", b"</thi", b"a", b"{", b"<think>hm"]
+    vocab_size = len(PIECES)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.PIECES[token_id]
+
+
+class _RecordingConstraint:
+    """A constraint whose processor records what it is given and lowers every logit by 1."""
+
+    def __init__(self):
+        self.budgets, self.seen = [], []
+
+    def make_processor(self, tokenizer, max_new_tokens=None):
+        self.budgets.append(max_new_tokens)
+
+        def processor(logits, history, n_prompt):
+            self.seen.append(list(history[n_prompt:]))
+            return logits - 1.0
+        return processor
+
+
+def _ids(*pieces: bytes) -> list[int]:
+    return [_Vocabulary.PIECES.index(p) for p in pieces]
+
+
+def test_gate_first_token_is_the_grammars_or_opens_the_thought():
+    constraint = _RecordingConstraint()
+    gate = reasoning.ConstraintAfterThought(ReasoningFormat(), constraint, _Vocabulary(), max_new_tokens=10)
+    logits = np.zeros(_Vocabulary.vocab_size)
+    out = gate(logits, [7, 7], 2)                                    # prompt of two tokens, nothing generated
+    opening = _ids(b"<think>", b"<think>hm")
+    assert np.all(out[opening] == 0) and np.all(np.delete(out, opening) == -1)
+    gate(logits, [7, 7] + _ids(b"{"), 2)                              # not a thought: the grammar saw "{"
+    assert constraint.seen[-1] == _ids(b"{") and constraint.budgets == [10]
+
+
+def test_gate_thought_split_tag_and_glued_text():
+    constraint = _RecordingConstraint()
+    gate = reasoning.ConstraintAfterThought(ReasoningFormat(starts_open=True), constraint, _Vocabulary(),
+                                            max_new_tokens=10)
+    logits = np.zeros(_Vocabulary.vocab_size)
+    out = gate(logits, _ids(b"a", b"</thi"), 0)                       # inside the thought, the tag half written
+    forbidden = _ids(b"</think>{", b"nk> x")                          # would glue answer text to the tag
+    assert np.all(out[forbidden] == -np.inf)
+    assert np.all(np.delete(out, forbidden) == 0) and constraint.seen == []   # free otherwise, no grammar yet
+    history = _ids(b"a", b"</thi", b"nk>\n", b"{")
+    gate(logits, history, 0)
+    assert constraint.seen == [_ids(b"{")] and constraint.budgets == [7]      # the answer, with the budget left
