@@ -16,8 +16,8 @@ at a byte offset of an array, nibble and bit unpacking, widening bytes to
 atomics that let the workers of one parallel region share work
 (``atomic_add``, ``atomic_load``, ``spin_pause``; used by ``ops.decoder_step``).
 
-Only ``dot_i16``, ``sum_lanes_by8`` and ``spin_pause`` use x86 instructions; everything else is generic
-LLVM IR that any target compiles (the portable kernels use ``load_u8`` and ``float32_from_bits``).
+Only ``dot_i16``, ``sum_lanes_by8``, ``sum_halves_by8`` and ``spin_pause`` use x86 instructions; everything
+else is generic LLVM IR that any target compiles (the portable kernels use ``load_u8`` and ``float32_from_bits``).
 Importing this module is safe anywhere: intrinsics are compiled only when a
 kernel that calls them is, and ``quants.kernels`` compiles the ``dot_i16`` users
 only on CPUs with AVX2.
@@ -514,3 +514,160 @@ def spin_pause(typingctx):
         _call(builder, "llvm.x86.sse2.pause", ir.VoidType(), [])
         return context.get_dummy_value()
     return types.none(), codegen
+
+
+# --------------------------------------------------------------------------- 32-bit lanes: scale fields of eight rows
+
+@intrinsic
+def load_u32x8_strided(typingctx, array, offset, stride):
+    """The eight little-endian 32-bit words at bytes ``offset + k * stride`` (k = 0..7) as int32 lanes: four
+    packed scale bytes of each of eight weight rows, side by side."""
+    def codegen(context, builder, sig, args):
+        array_value, start, step = args
+        words = ir.Constant(I32x8.llvm_type, ir.Undefined)
+        for lane in range(8):
+            at = builder.add(start, builder.mul(step, ir.Constant(step.type, lane)))
+            word = _load(builder, _byte_pointer(context, builder, sig.args[0], array_value, at), _i32)
+            words = builder.insert_element(words, word, ir.Constant(_i32, lane))
+        return words
+    return i32x8(array, types.int64, types.int64), codegen
+
+
+@intrinsic
+def bits_i32x8(typingctx, v, shift, mask):
+    """``(v >> shift) & mask`` lane-wise on unsigned 32-bit lanes (shift 0..31)."""
+    def codegen(context, builder, sig, args):
+        v8 = I32x8.llvm_type
+        shift_v = _splat(builder, _as_lane(builder, args[1], _i32), v8)
+        mask_v = _splat(builder, _as_lane(builder, args[2], _i32), v8)
+        return builder.and_(builder.lshr(args[0], shift_v), mask_v)
+    return i32x8(v, shift, mask), codegen
+
+
+@intrinsic
+def signed_byte_i32x8(typingctx, v, byte):
+    """Byte ``byte`` (0..3) of each 32-bit lane, sign-extended to int32."""
+    def codegen(context, builder, sig, args):
+        v8 = I32x8.llvm_type
+        up = builder.sub(ir.Constant(_i32, 24), builder.mul(_as_lane(builder, args[1], _i32), ir.Constant(_i32, 8)))
+        return builder.ashr(builder.shl(args[0], _splat(builder, up, v8)), _const_vector(v8, 24))
+    return i32x8(v, byte), codegen
+
+
+@intrinsic
+def or_i32x8(typingctx, a, b):
+    """Lane-wise bitwise or of two int32 vectors."""
+    def codegen(context, builder, sig, args):
+        return builder.or_(args[0], args[1])
+    return i32x8(a, b), codegen
+
+
+@intrinsic
+def add_i32x8(typingctx, a, b):
+    """Lane-wise int32 sum (wraps like the integer sums of ``dot_i16``)."""
+    def codegen(context, builder, sig, args):
+        return builder.add(args[0], args[1])
+    return i32x8(a, b), codegen
+
+
+@intrinsic
+def mul_i32x8(typingctx, a, b):
+    """Lane-wise int32 product, low 32 bits (``vpmulld``)."""
+    def codegen(context, builder, sig, args):
+        return builder.mul(args[0], args[1])
+    return i32x8(a, b), codegen
+
+
+@intrinsic
+def splat_i32x8(typingctx, value):
+    """Eight lanes of the integer ``value`` (truncated to 32 bits)."""
+    def codegen(context, builder, sig, args):
+        return _splat(builder, _as_lane(builder, args[0], _i32), I32x8.llvm_type)
+    return i32x8(value), codegen
+
+
+@intrinsic
+def negate_f32x8(typingctx, v):
+    """Lane-wise ``-v`` (exact: the sign bit flipped)."""
+    def codegen(context, builder, sig, args):
+        return builder.fsub(_const_vector(F32x8.llvm_type, -0.0), args[0])
+    return f32x8(v), codegen
+
+
+
+# --------------------------------------------------------------------------- 16-bit lanes of packed weight bytes
+
+@intrinsic
+def bits_i16x16(typingctx, v, shift, mask):
+    """``(v >> shift) & mask`` lane-wise on unsigned 16-bit lanes (shift 0..15): with 32 weight bytes loaded as
+    16 words, the field of the even bytes (``shift`` < 8) or of the odd ones (``shift`` >= 8), one per lane."""
+    def codegen(context, builder, sig, args):
+        v16 = I16x16.llvm_type
+        shift_v = _splat(builder, _as_lane(builder, args[1], _i16), v16)
+        mask_v = _splat(builder, _as_lane(builder, args[2], _i16), v16)
+        return builder.and_(builder.lshr(args[0], shift_v), mask_v)
+    return i16x16(v, shift, mask), codegen
+
+
+@intrinsic
+def shift_left_i16x16(typingctx, v, shift):
+    """``v << shift`` lane-wise on 16-bit lanes (shift 0..15)."""
+    def codegen(context, builder, sig, args):
+        return builder.shl(args[0], _splat(builder, _as_lane(builder, args[1], _i16), I16x16.llvm_type))
+    return i16x16(v, shift), codegen
+
+
+@intrinsic
+def or_i16x16(typingctx, a, b):
+    """Lane-wise bitwise or of two int16 vectors."""
+    def codegen(context, builder, sig, args):
+        return builder.or_(args[0], args[1])
+    return i16x16(a, b), codegen
+
+
+@intrinsic
+def even_odd_i16(typingctx, low, high):
+    """A block of 32 int16 values (elements 0..15 in ``low``, 16..31 in ``high``) as (its even elements 0, 2, ..,
+    30; its odd elements 1, 3, .., 31): the order of weights unpacked as (even bytes, odd bytes) of 16 words."""
+    def codegen(context, builder, sig, args):
+        mask = ir.VectorType(_i32, 16)
+        even = builder.shuffle_vector(args[0], args[1], ir.Constant(mask, list(range(0, 32, 2))))
+        odd = builder.shuffle_vector(args[0], args[1], ir.Constant(mask, list(range(1, 32, 2))))
+        return context.make_tuple(builder, sig.return_type, (even, odd))
+    return types.UniTuple(i16x16, 2)(low, high), codegen
+
+
+@intrinsic
+def sum_halves_by8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
+    """``sum_lanes_by8`` in two parts: (lane l = the sum of lanes 0-3 of ``a_l``, lane l = the sum of lanes 4-7):
+    with even/odd weights, ``vpmaddwd`` lanes 0-3 hold a block's first 16 elements and lanes 4-7 its last 16."""
+    def codegen(context, builder, sig, args):
+        def hadd(x, y):
+            return _call(builder, "llvm.x86.avx2.phadd.d", I32x8.llvm_type, [x, y])
+
+        q0123 = hadd(hadd(args[0], args[1]), hadd(args[2], args[3]))
+        q4567 = hadd(hadd(args[4], args[5]), hadd(args[6], args[7]))
+        mask = ir.VectorType(_i32, 8)
+        low = builder.shuffle_vector(q0123, q4567, ir.Constant(mask, [0, 1, 2, 3, 8, 9, 10, 11]))
+        high = builder.shuffle_vector(q0123, q4567, ir.Constant(mask, [4, 5, 6, 7, 12, 13, 14, 15]))
+        return context.make_tuple(builder, sig.return_type, (low, high))
+    return types.UniTuple(i32x8, 2)(a0, a1, a2, a3, a4, a5, a6, a7), codegen
+
+
+@intrinsic
+def signed_bytes_i16x16(typingctx, v):
+    """16 words of two int8 each -> (the low bytes, the high bytes) sign-extended to 16-bit lanes."""
+    def codegen(context, builder, sig, args):
+        eight = _const_vector(I16x16.llvm_type, 8)
+        even = builder.ashr(builder.shl(args[0], eight), eight)
+        odd = builder.ashr(args[0], eight)
+        return context.make_tuple(builder, sig.return_type, (even, odd))
+    return types.UniTuple(i16x16, 2)(v), codegen
+
+
+@intrinsic
+def shift_left_i32x8(typingctx, v, shift):
+    """``v << shift`` lane-wise on 32-bit lanes (shift 0..31)."""
+    def codegen(context, builder, sig, args):
+        return builder.shl(args[0], _splat(builder, _as_lane(builder, args[1], _i32), I32x8.llvm_type))
+    return i32x8(v, shift), codegen

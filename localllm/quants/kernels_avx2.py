@@ -16,6 +16,9 @@ prefill equals one-shot prefill bit for bit).
 
 Decode reads eight weight rows side by side, which the hardware prefetcher
 follows poorly: each task prefetches the next task's rows (``intrinsics.prefetch``).
+K types and Q8_0 have an eight-row decode form of their own (``eight_rows_<TYPE>``):
+scale fields unpacked for eight rows at once, quants unpacked in 16-bit lanes
+straight from the packed bytes, the same arithmetic.
 Tasks run in up to ``TASK_GROUPS`` parallel groups of consecutive tasks.
 """
 from __future__ import annotations
@@ -23,11 +26,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .intrinsics import (add_f32x8, dot_i16, fma_f32, fma_f32x8, lane_f32, load_bits, load_f16, load_f16x8_strided,
-                         load_f32x8, load_i8, load_i16x16, load_i8x32, load_nibbles, load_nibbles_i16, load_u8,
-                         mul_f32x8, or_shifted, pack_f32x8, prefetch, scale_i16, shift_right_and, splat_f32x8,
-                         sum_lanes_by8, sum_lanes_i32, to_f32x8, widen_high, widen_high_signed, widen_low,
-                         widen_low_signed, zeros_f32x8)
+from .intrinsics import (add_f32x8, add_i32x8, bits_i16x16, bits_i32x8, dot_i16, even_odd_i16, fma_f32, fma_f32x8,
+                         lane_f32, load_bits, load_f16, load_f16x8_strided, load_f32x8, load_i16x16, load_i8,
+                         load_i8x32, load_nibbles, load_nibbles_i16, load_u32x8_strided, load_u8, mul_f32x8,
+                         mul_i32x8, negate_f32x8, or_i16x16, or_i32x8, or_shifted, pack_f32x8, prefetch, scale_i16,
+                         shift_left_i16x16, shift_left_i32x8, shift_right_and, signed_byte_i32x8, signed_bytes_i16x16,
+                         splat_f32x8, splat_i32x8, sum_halves_by8, sum_lanes_by8, sum_lanes_i32, to_f32x8, widen_high,
+                         widen_high_signed, widen_low, widen_low_signed, zeros_f32x8)
 from .portable import BLOCK, count_tasks, k4_scale_min, prepare_activations, store, task_location
 
 ROWS_PER_TASK = 8   # weight rows per task: the eight lanes of the decode path
@@ -125,38 +130,349 @@ def decode_Q3_K(w, row, b):
             np.float32(-4 * scale0) * d, np.float32(-4 * scale1) * d)
 
 
+@njit(inline="always")
+def q4_k_quants(w, o, s):
+    """The 32 four-bit quants (0..15) of sub-block s of the Q4_K super-block at byte o."""
+    return shift_right_and(load_i8x32(w, o + 16 + 32 * (s >> 1)), 4 * (s & 1), 0x0F)
+
+
+@njit(inline="always")
+def q5_k_quants(w, o, s):
+    """The 32 five-bit quants (0..31) of sub-block s of the Q5_K super-block at byte o."""
+    low = shift_right_and(load_i8x32(w, o + 48 + 32 * (s >> 1)), 4 * (s & 1), 0x0F)
+    high = shift_right_and(load_i8x32(w, o + 16), s, 1)
+    return or_shifted(low, high, 4)
+
+
+@njit(inline="always")
+def q6_k_quants(w, o, s):
+    """The 32 six-bit quants (q + 32, 0..63) of 32-sub-block s of the Q6_K super-block at byte o."""
+    half, k = s >> 2, s & 3
+    low = shift_right_and(load_i8x32(w, o + 64 * half + 32 * (k & 1)), 4 * (k >> 1), 0x0F)
+    high = shift_right_and(load_i8x32(w, o + 128 + 32 * half), 2 * k, 3)
+    return or_shifted(low, high, 4)
+
+
 @njit(cache=True)
 def decode_Q4_K(w, row, b):
     o, s = row + (b >> 3) * 144, b & 7
-    q = shift_right_and(load_i8x32(w, o + 16 + 32 * (s >> 1)), 4 * (s & 1), 0x0F)
     scale, minimum = k4_scale_min(w, o, s)
     m = -load_f16(w, o + 2) * np.float32(minimum)
-    return q, 1, 1, load_f16(w, o) * np.float32(scale), m, m
+    return q4_k_quants(w, o, s), 1, 1, load_f16(w, o) * np.float32(scale), m, m
 
 
 @njit(cache=True)
 def decode_Q5_K(w, row, b):
     o, s = row + (b >> 3) * 176, b & 7
-    low = shift_right_and(load_i8x32(w, o + 48 + 32 * (s >> 1)), 4 * (s & 1), 0x0F)
-    high = shift_right_and(load_i8x32(w, o + 16), s, 1)
     scale, minimum = k4_scale_min(w, o, s)
     m = -load_f16(w, o + 2) * np.float32(minimum)
-    return or_shifted(low, high, 4), 1, 1, load_f16(w, o) * np.float32(scale), m, m
+    return q5_k_quants(w, o, s), 1, 1, load_f16(w, o) * np.float32(scale), m, m
 
 
 @njit(cache=True)
 def decode_Q6_K(w, row, b):
     o, s = row + (b >> 3) * 210, b & 7
-    half, k = s >> 2, s & 3
-    low = shift_right_and(load_i8x32(w, o + 64 * half + 32 * (k & 1)), 4 * (k >> 1), 0x0F)
-    high = shift_right_and(load_i8x32(w, o + 128 + 32 * half), 2 * k, 3)
     scale0, scale1 = load_i8(w, o + 192 + 2 * s), load_i8(w, o + 193 + 2 * s)
     d = load_f16(w, o + 208)
-    return (or_shifted(low, high, 4), scale0, scale1, d,
+    return (q6_k_quants(w, o, s), scale0, scale1, d,
             np.float32(-32 * scale0) * d, np.float32(-32 * scale1) * d)
 
 
+# --------------------------------------------------------------------------- eight weight rows of one token
+# Decode of a K type (and of Q8_0) reads eight rows' blocks side by side, as ``make_rows_task``'s
+# loop does, with the same arithmetic per (row, token), operation for operation, so that every
+# path gives the same bits. What differs is how the numbers are found:
+#
+# * the scale fields of a super-block are unpacked for the eight rows at once (one 32-bit lane
+#   per row, four packed bytes in it) once per super-block, not per row and 32-block, and the
+#   offsets (-dmin * min, -32 * scale * d, ...) come from them too (no offset table);
+# * the quants are unpacked in 16-bit lanes straight from the packed bytes: 32 bytes loaded as 16
+#   words give the fields of the even bytes (a mask) and of the odd bytes (a shift), and the
+#   activations are reordered once per block to match (``even_odd_i16``): ``vpmaddwd`` sums the
+#   same products in another order, the same exact integer, with no byte-to-word widening.
+
+@njit(inline="always")
+def q4_k_even_odd(w, o, s):
+    """Sub-block s of the Q4_K super-block at byte o: (its quants at even positions, at odd positions), 0..15."""
+    v = load_i16x16(w, o + 16 + 32 * (s >> 1))
+    shift = 4 * (s & 1)
+    return bits_i16x16(v, shift, 0x0F), bits_i16x16(v, shift + 8, 0x0F)
+
+
+@njit(inline="always")
+def _moved_bits(v, right, mask):
+    """``(v >> right) & mask`` on 16-bit lanes, a negative ``right`` shifting left (a constant once inlined)."""
+    if right >= 0:
+        return bits_i16x16(v, right, mask)
+    return bits_i16x16(shift_left_i16x16(v, -right), 0, mask)
+
+
+@njit(inline="always")
+def _split_bytes(q):
+    """16 words of two small quants each -> (the low bytes, the high bytes) as 16-bit lanes."""
+    return bits_i16x16(q, 0, 0xFF), bits_i16x16(q, 8, 0xFF)
+
+
+@njit(inline="always")
+def q5_k_even_odd(w, o, s):
+    """Sub-block s of the Q5_K super-block at byte o: (even, odd) quants 0..31, bit 4 = bit s of the qh bytes
+    (both bytes of a word assembled at once, then split)."""
+    v, high = load_i16x16(w, o + 48 + 32 * (s >> 1)), load_i16x16(w, o + 16)
+    return _split_bytes(or_i16x16(bits_i16x16(v, 4 * (s & 1), 0x0F0F), _moved_bits(high, s - 4, 0x1010)))
+
+
+@njit(inline="always")
+def q6_k_even_odd(w, o, s):
+    """32-sub-block s of the Q6_K super-block at byte o: (even, odd) quants + 32, 0..63: four bits from ql, bits
+    4-5 from bits 2k, 2k + 1 of the qh bytes (k = s % 4)."""
+    half, k = s >> 2, s & 3
+    v, high = load_i16x16(w, o + 64 * half + 32 * (k & 1)), load_i16x16(w, o + 128 + 32 * half)
+    return _split_bytes(or_i16x16(bits_i16x16(v, 4 * (k >> 1), 0x0F0F), _moved_bits(high, 2 * k - 4, 0x3030)))
+
+
+def make_eight_row_dots(even_odd):
+    """``dots(w, o, stride, s, x_even, x_odd)``: the eight rows' (from byte o, ``stride`` apart) products of
+    sub-block s with the activation block (reordered by ``even_odd_i16``) as int32x8 vectors, one per row,
+    whose lanes 0-3 hold the first 16 elements' products and lanes 4-7 the last 16's."""
+
+    @njit(inline="always")
+    def row_dot(w, o, s, x_even, x_odd):
+        even, odd = even_odd(w, o, s)
+        return dot_i16(even, x_even, odd, x_odd)
+
+    @njit(inline="always")
+    def eight_row_dots(w, o, stride, s, x_even, x_odd):
+        return (row_dot(w, o, s, x_even, x_odd), row_dot(w, o + stride, s, x_even, x_odd),
+                row_dot(w, o + 2 * stride, s, x_even, x_odd), row_dot(w, o + 3 * stride, s, x_even, x_odd),
+                row_dot(w, o + 4 * stride, s, x_even, x_odd), row_dot(w, o + 5 * stride, s, x_even, x_odd),
+                row_dot(w, o + 6 * stride, s, x_even, x_odd), row_dot(w, o + 7 * stride, s, x_even, x_odd))
+
+    return eight_row_dots
+
+
+@njit(inline="always")
+def _activation_block(xq, xo):
+    """The int16 activation block at byte xo as (even elements, odd elements)."""
+    return even_odd_i16(load_i16x16(xq, xo), load_i16x16(xq, xo + 32))
+
+
+@njit(inline="always")
+def _prefetch_share(w, at, share):
+    """Eight rows read side by side defeat the hardware prefetcher: ``share`` bytes from ``at`` (of the next
+    task's rows) are fetched ahead."""
+    for line in range(0, share + 63, 64):
+        prefetch(w, at + line)
+
+
+def make_eight_rows_k4(even_odd, block_bytes):
+    """``eight_rows(w, row, stride, xq, j, xd, xds16)`` for Q4_K / Q5_K: float32 lanes = the dots of the
+    rows from byte ``row`` (``stride`` apart) with token j. Per super-block: the eight rows' d and dmin, and
+    their six-bit scales and mins from the 12 packed bytes (bytes 0-3: scales 0-3, and in bits 6-7 bits 4-5
+    of scales 4-7; bytes 4-7: the same for the mins; bytes 8-11: bits 0-3 of scales 4-7, and in bits 4-7
+    those of mins 4-7), four bytes a lane."""
+    dots = make_eight_row_dots(even_odd)
+
+    @njit(inline="always")
+    def sub_block(w, o, stride, s, i, xq, j, xd, xds16, d, minus_dmin, packed_scales, packed_mins, sums):
+        """Sub-block s of super-block i (at byte o of the first row): the sums (acc, low, high) go on."""
+        acc, low_sum, high_sum = sums
+        b = 8 * i + s
+        x_even, x_odd = _activation_block(xq, j * 2 * xq.shape[1] + b * 2 * BLOCK)
+        dot = sum_lanes_by8(*dots(w, o, stride, s, x_even, x_odd))
+        scale = to_f32x8(bits_i32x8(packed_scales, 8 * (s & 3), 0xFF))
+        offset = mul_f32x8(minus_dmin, to_f32x8(bits_i32x8(packed_mins, 8 * (s & 3), 0xFF)))
+        return (fma_f32x8(mul_f32x8(to_f32x8(dot), splat_f32x8(xd[j, b])), mul_f32x8(d, scale), acc),
+                fma_f32x8(offset, splat_f32x8(xds16[j, 2 * b]), low_sum),
+                fma_f32x8(offset, splat_f32x8(xds16[j, 2 * b + 1]), high_sum))
+
+    @njit(inline="always")
+    def eight_rows(w, row, stride, xq, j, xd, xds16):
+        n_super = xd.shape[1] // 8
+        share = 8 * stride // n_super
+        sums = (zeros_f32x8(), zeros_f32x8(), zeros_f32x8())      # (acc, low, high) of make_rows_task
+        for i in range(n_super):
+            o = row + i * block_bytes
+            _prefetch_share(w, row + 8 * stride + i * share, share)
+            d = load_f16x8_strided(w, o, stride)
+            minus_dmin = negate_f32x8(load_f16x8_strided(w, o + 2, stride))
+            packed0, packed1 = load_u32x8_strided(w, o + 4, stride), load_u32x8_strided(w, o + 8, stride)
+            packed2 = load_u32x8_strided(w, o + 12, stride)
+            scales_low, mins_low = bits_i32x8(packed0, 0, 0x3F3F3F3F), bits_i32x8(packed1, 0, 0x3F3F3F3F)
+            scales_high = or_i32x8(bits_i32x8(packed2, 0, 0x0F0F0F0F), bits_i32x8(packed0, 2, 0x30303030))
+            mins_high = or_i32x8(bits_i32x8(packed2, 4, 0x0F0F0F0F), bits_i32x8(packed1, 2, 0x30303030))
+            # the eight sub-blocks written out, so that their shifts are constants
+            sums = sub_block(w, o, stride, 0, i, xq, j, xd, xds16, d, minus_dmin, scales_low, mins_low, sums)
+            sums = sub_block(w, o, stride, 1, i, xq, j, xd, xds16, d, minus_dmin, scales_low, mins_low, sums)
+            sums = sub_block(w, o, stride, 2, i, xq, j, xd, xds16, d, minus_dmin, scales_low, mins_low, sums)
+            sums = sub_block(w, o, stride, 3, i, xq, j, xd, xds16, d, minus_dmin, scales_low, mins_low, sums)
+            sums = sub_block(w, o, stride, 4, i, xq, j, xd, xds16, d, minus_dmin, scales_high, mins_high, sums)
+            sums = sub_block(w, o, stride, 5, i, xq, j, xd, xds16, d, minus_dmin, scales_high, mins_high, sums)
+            sums = sub_block(w, o, stride, 6, i, xq, j, xd, xds16, d, minus_dmin, scales_high, mins_high, sums)
+            sums = sub_block(w, o, stride, 7, i, xq, j, xd, xds16, d, minus_dmin, scales_high, mins_high, sums)
+        acc, low_sum, high_sum = sums
+        return add_f32x8(acc, add_f32x8(low_sum, high_sum))
+
+    return eight_rows
+
+
+@njit(inline="always")
+def q2_k_even_odd(w, o, s):
+    """Sub-block s of the Q2_K super-block at byte o: (even, odd) two-bit quants 0..3."""
+    return _split_bytes(bits_i16x16(load_i16x16(w, o + 16 + 32 * (s >> 2)), 2 * (s & 3), 0x0303))
+
+
+@njit(inline="always")
+def q3_k_even_odd(w, o, s):
+    """Sub-block s of the Q3_K super-block at byte o: (even, odd) quants + 4, 0..7: two bits from qs, bit 2 = bit
+    s of the hmask bytes."""
+    v, high = load_i16x16(w, o + 32 + 32 * (s >> 2)), load_i16x16(w, o)
+    return _split_bytes(or_i16x16(bits_i16x16(v, 2 * (s & 3), 0x0303), _moved_bits(high, s - 2, 0x0404)))
+
+
+@njit(inline="always")
+def q2_k_fields(w, o, stride):
+    """Per super-block of eight Q2_K rows: (d, -dmin, the 16 scale bytes as four vectors of four a lane)."""
+    packed = (load_u32x8_strided(w, o, stride), load_u32x8_strided(w, o + 4, stride),
+              load_u32x8_strided(w, o + 8, stride), load_u32x8_strided(w, o + 12, stride))
+    return load_f16x8_strided(w, o + 80, stride), negate_f32x8(load_f16x8_strided(w, o + 82, stride)), packed
+
+
+@njit(inline="always")
+def q2_k_scales(packed, s):
+    """Sub-block s: (scale of its first 16, of its last 16, their offsets / -dmin): four-bit scales and mins of
+    scale byte 2s and 2s + 1."""
+    word, byte = packed[s >> 1], 2 * (s & 1)
+    return (bits_i32x8(word, 8 * byte, 0x0F), bits_i32x8(word, 8 * byte + 8, 0x0F),
+            bits_i32x8(word, 8 * byte + 4, 0x0F), bits_i32x8(word, 8 * byte + 12, 0x0F))
+
+
+@njit(inline="always")
+def q3_k_fields(w, o, stride):
+    """Per super-block of eight Q3_K rows: (d, d, the 12 packed scale bytes as three vectors of four a lane)."""
+    d = load_f16x8_strided(w, o + 108, stride)
+    low = load_u32x8_strided(w, o + 96, stride)
+    return d, d, (low, load_u32x8_strided(w, o + 100, stride), load_u32x8_strided(w, o + 104, stride), low)
+
+
+@njit(inline="always")
+def _q3_k_scale_lanes(packed, i):
+    """Six-bit scale of 16-sub-block i, bias removed (-32..31): bits 0-3 from byte i % 8 of bytes 0-7 (its low
+    nibble for i < 8, else its high one), bits 4-5 from byte 8 + i % 4, bits 2 (i // 4), 2 (i // 4) + 1."""
+    low = bits_i32x8(packed[(i >> 2) & 1], 8 * (i & 3) + 4 * (i >> 3), 0x0F)
+    high = shift_left_i32x8(bits_i32x8(packed[2], 8 * (i & 3) + 2 * (i >> 2), 3), 4)
+    return add_i32x8(or_i32x8(low, high), splat_i32x8(-32))
+
+
+@njit(inline="always")
+def q3_k_scales(packed, s):
+    """Sub-block s: (scale of its first 16, of its last 16, their offsets / d: -4 scale)."""
+    scale0, scale1 = _q3_k_scale_lanes(packed, 2 * s), _q3_k_scale_lanes(packed, 2 * s + 1)
+    minus_4 = splat_i32x8(-4)
+    return scale0, scale1, mul_i32x8(scale0, minus_4), mul_i32x8(scale1, minus_4)
+
+
+@njit(inline="always")
+def q6_k_fields(w, o, stride):
+    """Per super-block of eight Q6_K rows: (d, d, the 16 signed scale bytes as four vectors of four a lane)."""
+    d = load_f16x8_strided(w, o + 208, stride)
+    packed = (load_u32x8_strided(w, o + 192, stride), load_u32x8_strided(w, o + 196, stride),
+              load_u32x8_strided(w, o + 200, stride), load_u32x8_strided(w, o + 204, stride))
+    return d, d, packed
+
+
+@njit(inline="always")
+def q6_k_scales(packed, s):
+    """Sub-block s: (scale of its first 16, of its last 16, their offsets / d: -32 scale)."""
+    scale0 = signed_byte_i32x8(packed[s >> 1], 2 * (s & 1))
+    scale1 = signed_byte_i32x8(packed[s >> 1], 2 * (s & 1) + 1)
+    minus_32 = splat_i32x8(-32)
+    return scale0, scale1, mul_i32x8(scale0, minus_32), mul_i32x8(scale1, minus_32)
+
+
+def make_eight_rows_scaled(even_odd, block_bytes, fields, scales):
+    """``eight_rows`` (see ``make_eight_rows_k4``) for the K types with a scale per 16 weights (Q2_K, Q3_K,
+    Q6_K): per super-block, ``fields(w, o, stride)`` -> (d, offset scale, packed scale bytes) of the eight rows;
+    per sub-block, ``scales(packed, s)`` -> (scale0, scale1, offset0, offset1) int32 vectors, so that
+    ``offset_h = offset_scale * float(offset_h)``. The two 16-halves' dots are scaled in int32 (the same integer
+    as scaling the quants first, as ``make_rows_task`` does)."""
+    dots = make_eight_row_dots(even_odd)
+
+    @njit(inline="always")
+    def sub_block(w, o, stride, s, i, xq, j, xd, xds16, d, offset_scale, packed, sums):
+        """Sub-block s of super-block i (at byte o of the first row): the sums (acc, low, high) go on."""
+        acc, low_sum, high_sum = sums
+        b = 8 * i + s
+        x_even, x_odd = _activation_block(xq, j * 2 * xq.shape[1] + b * 2 * BLOCK)
+        low_dots, high_dots = sum_halves_by8(*dots(w, o, stride, s, x_even, x_odd))
+        scale0, scale1, offset0, offset1 = scales(packed, s)
+        dot = add_i32x8(mul_i32x8(low_dots, scale0), mul_i32x8(high_dots, scale1))
+        return (fma_f32x8(mul_f32x8(to_f32x8(dot), splat_f32x8(xd[j, b])), d, acc),
+                fma_f32x8(mul_f32x8(offset_scale, to_f32x8(offset0)), splat_f32x8(xds16[j, 2 * b]), low_sum),
+                fma_f32x8(mul_f32x8(offset_scale, to_f32x8(offset1)), splat_f32x8(xds16[j, 2 * b + 1]), high_sum))
+
+    @njit(inline="always")
+    def eight_rows(w, row, stride, xq, j, xd, xds16):
+        n_super = xd.shape[1] // 8
+        share = 8 * stride // n_super
+        sums = (zeros_f32x8(), zeros_f32x8(), zeros_f32x8())      # (acc, low, high) of make_rows_task
+        for i in range(n_super):
+            o = row + i * block_bytes
+            _prefetch_share(w, row + 8 * stride + i * share, share)
+            d, offset_scale, packed = fields(w, o, stride)
+            # the eight sub-blocks written out, so that their shifts are constants
+            sums = sub_block(w, o, stride, 0, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
+            sums = sub_block(w, o, stride, 1, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
+            sums = sub_block(w, o, stride, 2, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
+            sums = sub_block(w, o, stride, 3, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
+            sums = sub_block(w, o, stride, 4, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
+            sums = sub_block(w, o, stride, 5, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
+            sums = sub_block(w, o, stride, 6, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
+            sums = sub_block(w, o, stride, 7, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
+        acc, low_sum, high_sum = sums
+        return add_f32x8(acc, add_f32x8(low_sum, high_sum))
+
+    return eight_rows
+
+
+eight_rows_Q2_K = make_eight_rows_scaled(q2_k_even_odd, 84, q2_k_fields, q2_k_scales)
+eight_rows_Q3_K = make_eight_rows_scaled(q3_k_even_odd, 110, q3_k_fields, q3_k_scales)
+eight_rows_Q6_K = make_eight_rows_scaled(q6_k_even_odd, 210, q6_k_fields, q6_k_scales)
+
+
+@njit(inline="always")
+def q8_0_even_odd(w, o, s):
+    """The Q8_0 block at byte o: (its even int8 quants, its odd ones) as 16-bit lanes (s unused)."""
+    return signed_bytes_i16x16(load_i16x16(w, o + 2))
+
+
+_q8_0_dots = make_eight_row_dots(q8_0_even_odd)
+
+
+@njit(inline="always")
+def eight_rows_Q8_0(w, row, stride, xq, j, xd, xds16):
+    """Q8_0's ``eight_rows`` (see above): the quants sign-extended in 16-bit lanes straight from the bytes."""
+    n_blocks = xd.shape[1]
+    share = 8 * stride // n_blocks
+    acc = zeros_f32x8()
+    for b in range(n_blocks):
+        o = row + b * 34
+        _prefetch_share(w, row + 8 * stride + b * share, share)
+        x_even, x_odd = _activation_block(xq, j * 2 * xq.shape[1] + b * 2 * BLOCK)
+        dot = sum_lanes_by8(*_q8_0_dots(w, o, stride, 0, x_even, x_odd))
+        acc = fma_f32x8(mul_f32x8(to_f32x8(dot), splat_f32x8(xd[j, b])), load_f16x8_strided(w, o, stride), acc)
+    return acc
+
+
+eight_rows_Q4_K = make_eight_rows_k4(q4_k_even_odd, 144)
+eight_rows_Q5_K = make_eight_rows_k4(q5_k_even_odd, 176)
+
+
 # --------------------------------------------------------------------------- row kernels
+
+@njit(inline="always")
+def _no_eight_rows(w, row, stride, xq, j, xd, xds16):
+    return zeros_f32x8()
+
 
 @njit(inline="always")
 def two_row_dots(low0, high0, low1, high1, xq, xo):
@@ -166,7 +482,8 @@ def two_row_dots(low0, high0, low1, high1, xq, xo):
 
 
 def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offsets: bool = True,
-                   f16_scale_block_bytes: int = 0, f16_min_at: int = 0, offset_per_scale: float = 0.0):
+                   f16_scale_block_bytes: int = 0, f16_min_at: int = 0, offset_per_scale: float = 0.0,
+                   eight_rows=None):
     """``rows_task(w, r_start, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table)``:
     ``out[:, r] = x @ W[r]`` for ROWS_PER_TASK weight rows from ``r_start``.
 
@@ -190,8 +507,9 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
     starts with its scale ``d`` as a plain half (``f16_scale_block_bytes`` = the
     block size), decode reads the eight rows' scales into one vector at once, and
     their offsets too: the half at byte ``f16_min_at`` of the block (Q4_1, Q5_1)
-    or ``offset_per_scale * d`` (Q4_0, Q5_0); other types decode the offsets
-    of a task's rows once into a table.
+    or ``offset_per_scale * d`` (Q4_0, Q5_0). Types with an ``eight_rows`` form
+    (K types: ``eight_rows(w, row, stride, xq, j, xd, xds16)`` -> the eight lanes)
+    decode that way; the others decode the offsets of a task's rows once into a table.
     """
 
     @njit(inline="always")
@@ -209,7 +527,71 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
         return low, high, d, offset0, offset1
 
     weights = wide_weights if wide else widened_weights
+    has_eight_rows = eight_rows is not None
+    if not has_eight_rows:
+        eight_rows = _no_eight_rows
     vector_offsets = bool(f16_scale_block_bytes and (f16_min_at or offset_per_scale))
+
+    @njit(inline="always")
+    def decoded_eight_rows(w, row, stride, xq, j, xd, xds16, offset_table, fill_table):
+        """Float32 lanes = the dots of the eight rows from byte ``row`` with token j, each block of each row
+        through the decoder; the offsets of types without a vector form are first put into ``offset_table``
+        (when ``fill_table``: once per task)."""
+        n_blocks = xd.shape[1]
+        row_bytes = 2 * xq.shape[1]  # int16 activations
+        if offsets and not vector_offsets and fill_table:  # offsets side by side, once per task
+            # (a task has ROWS_PER_TASK == 8 rows: one table)
+            for lane in range(8):
+                for b in range(n_blocks):
+                    _, _, _, offset_table[2 * b, lane], offset_table[2 * b + 1, lane] = \
+                        weights(w, row + lane * stride, b)
+        acc, low_sum, high_sum = zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
+        # eight rows read side by side defeat the hardware prefetcher: fetch the next
+        # eight rows (this thread's next task) ahead, a share of them per block
+        share = 8 * stride // n_blocks
+        for b in range(n_blocks):
+            ahead = row + 8 * stride + b * share
+            for line in range(0, share + 63, 64):
+                prefetch(w, ahead + line)
+            xo = j * row_bytes + b * 2 * BLOCK
+            x_low, x_high = load_i16x16(xq, xo), load_i16x16(xq, xo + 32)
+            low, high, d0, _, _ = weights(w, row, b)
+            s0 = dot_i16(low, x_low, high, x_high)
+            low, high, d1, _, _ = weights(w, row + stride, b)
+            s1 = dot_i16(low, x_low, high, x_high)
+            low, high, d2, _, _ = weights(w, row + 2 * stride, b)
+            s2 = dot_i16(low, x_low, high, x_high)
+            low, high, d3, _, _ = weights(w, row + 3 * stride, b)
+            s3 = dot_i16(low, x_low, high, x_high)
+            low, high, d4, _, _ = weights(w, row + 4 * stride, b)
+            s4 = dot_i16(low, x_low, high, x_high)
+            low, high, d5, _, _ = weights(w, row + 5 * stride, b)
+            s5 = dot_i16(low, x_low, high, x_high)
+            low, high, d6, _, _ = weights(w, row + 6 * stride, b)
+            s6 = dot_i16(low, x_low, high, x_high)
+            low, high, d7, _, _ = weights(w, row + 7 * stride, b)
+            s7 = dot_i16(low, x_low, high, x_high)
+            scaled_sums = mul_f32x8(to_f32x8(sum_lanes_by8(s0, s1, s2, s3, s4, s5, s6, s7)),
+                                    splat_f32x8(xd[j, b]))
+            if f16_scale_block_bytes:
+                row_scales = load_f16x8_strided(w, row + b * f16_scale_block_bytes, stride)
+            else:
+                row_scales = pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7)
+            acc = fma_f32x8(scaled_sums, row_scales, acc)
+            if offsets:
+                if f16_min_at:
+                    offset0 = offset1 = load_f16x8_strided(
+                        w, row + b * f16_scale_block_bytes + f16_min_at, stride)
+                elif offset_per_scale:
+                    offset0 = offset1 = mul_f32x8(splat_f32x8(np.float32(offset_per_scale)), row_scales)
+                else:
+                    offset0 = load_f32x8(offset_table, 4 * 8 * (2 * b))
+                    offset1 = load_f32x8(offset_table, 4 * 8 * (2 * b + 1))
+                low_sum = fma_f32x8(offset0, splat_f32x8(xds16[j, 2 * b]), low_sum)
+                high_sum = fma_f32x8(offset1, splat_f32x8(xds16[j, 2 * b + 1]), high_sum)
+        if offsets:
+            acc = add_f32x8(acc, add_f32x8(low_sum, high_sum))
+        return acc
 
     @njit  # no fastmath: every path must round alike (batch-invariant)
     def rows_task(w, r_start, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
@@ -263,58 +645,10 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
             r = r_start
             while r + 8 <= r_stop:
                 row = r * stride
-                if offsets and not vector_offsets and j == first_single:  # offsets side by side, once per task
-                    # (a task has ROWS_PER_TASK == 8 rows: one table)
-                    for lane in range(8):
-                        for b in range(n_blocks):
-                            _, _, _, offset_table[2 * b, lane], offset_table[2 * b + 1, lane] = \
-                                weights(w, row + lane * stride, b)
-                acc, low_sum, high_sum = zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
-                # eight rows read side by side defeat the hardware prefetcher: fetch the next
-                # eight rows (this thread's next task) ahead, a share of them per block
-                share = 8 * stride // n_blocks
-                for b in range(n_blocks):
-                    ahead = row + 8 * stride + b * share
-                    for line in range(0, share + 63, 64):
-                        prefetch(w, ahead + line)
-                    xo = j * row_bytes + b * 2 * BLOCK
-                    x_low, x_high = load_i16x16(xq, xo), load_i16x16(xq, xo + 32)
-                    low, high, d0, _, _ = weights(w, row, b)
-                    s0 = dot_i16(low, x_low, high, x_high)
-                    low, high, d1, _, _ = weights(w, row + stride, b)
-                    s1 = dot_i16(low, x_low, high, x_high)
-                    low, high, d2, _, _ = weights(w, row + 2 * stride, b)
-                    s2 = dot_i16(low, x_low, high, x_high)
-                    low, high, d3, _, _ = weights(w, row + 3 * stride, b)
-                    s3 = dot_i16(low, x_low, high, x_high)
-                    low, high, d4, _, _ = weights(w, row + 4 * stride, b)
-                    s4 = dot_i16(low, x_low, high, x_high)
-                    low, high, d5, _, _ = weights(w, row + 5 * stride, b)
-                    s5 = dot_i16(low, x_low, high, x_high)
-                    low, high, d6, _, _ = weights(w, row + 6 * stride, b)
-                    s6 = dot_i16(low, x_low, high, x_high)
-                    low, high, d7, _, _ = weights(w, row + 7 * stride, b)
-                    s7 = dot_i16(low, x_low, high, x_high)
-                    scaled_sums = mul_f32x8(to_f32x8(sum_lanes_by8(s0, s1, s2, s3, s4, s5, s6, s7)),
-                                            splat_f32x8(xd[j, b]))
-                    if f16_scale_block_bytes:
-                        row_scales = load_f16x8_strided(w, row + b * f16_scale_block_bytes, stride)
-                    else:
-                        row_scales = pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7)
-                    acc = fma_f32x8(scaled_sums, row_scales, acc)
-                    if offsets:
-                        if f16_min_at:
-                            offset0 = offset1 = load_f16x8_strided(
-                                w, row + b * f16_scale_block_bytes + f16_min_at, stride)
-                        elif offset_per_scale:
-                            offset0 = offset1 = mul_f32x8(splat_f32x8(np.float32(offset_per_scale)), row_scales)
-                        else:
-                            offset0 = load_f32x8(offset_table, 4 * 8 * (2 * b))
-                            offset1 = load_f32x8(offset_table, 4 * 8 * (2 * b + 1))
-                        low_sum = fma_f32x8(offset0, splat_f32x8(xds16[j, 2 * b]), low_sum)
-                        high_sum = fma_f32x8(offset1, splat_f32x8(xds16[j, 2 * b + 1]), high_sum)
-                if offsets:
-                    acc = add_f32x8(acc, add_f32x8(low_sum, high_sum))
+                if has_eight_rows:  # the type's own eight-row form (K types)
+                    acc = eight_rows(w, row, stride, xq, j, xd, xds16)
+                else:
+                    acc = decoded_eight_rows(w, row, stride, xq, j, xd, xds16, offset_table, j == first_single)
                 for lane in range(8):
                     store(out, j, r + lane, lane_f32(acc, lane), accumulate)
                 r += 8
@@ -345,12 +679,12 @@ rows_Q5_0 = make_rows_task(decode_Q5_0, signed=False, scaled=False, f16_scale_bl
                             offset_per_scale=-16.0)
 rows_Q5_1 = make_rows_task(decode_Q5_1, signed=False, scaled=False, f16_scale_block_bytes=24, f16_min_at=2)
 rows_Q8_0 = make_rows_task(decode_Q8_0, signed=True, scaled=False, offsets=False,
-                            f16_scale_block_bytes=34)
-rows_Q2_K = make_rows_task(decode_Q2_K, signed=False, scaled=True)
-rows_Q3_K = make_rows_task(decode_Q3_K, signed=False, scaled=True)
-rows_Q4_K = make_rows_task(decode_Q4_K, signed=False, scaled=False)
-rows_Q5_K = make_rows_task(decode_Q5_K, signed=False, scaled=False)
-rows_Q6_K = make_rows_task(decode_Q6_K, signed=False, scaled=True)
+                            f16_scale_block_bytes=34, eight_rows=eight_rows_Q8_0)
+rows_Q2_K = make_rows_task(decode_Q2_K, signed=False, scaled=True, eight_rows=eight_rows_Q2_K)
+rows_Q3_K = make_rows_task(decode_Q3_K, signed=False, scaled=True, eight_rows=eight_rows_Q3_K)
+rows_Q4_K = make_rows_task(decode_Q4_K, signed=False, scaled=False, eight_rows=eight_rows_Q4_K)
+rows_Q5_K = make_rows_task(decode_Q5_K, signed=False, scaled=False, eight_rows=eight_rows_Q5_K)
+rows_Q6_K = make_rows_task(decode_Q6_K, signed=False, scaled=True, eight_rows=eight_rows_Q6_K)
 
 
 # One parallel entry per type (module-level, so that each has its own cache entry):
