@@ -345,11 +345,12 @@ def test_json_with_thinking_off_and_cut_thought(thinking_models):
     assert (cut.thinking, cut.text, cut.finish_reason) == (THOUGHT, "", "length")
 
 
-def test_forced_tool_call_after_the_thought(thinking_models):
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "add"}}])
+def test_forced_tool_call_after_the_thought(thinking_models, tool_choice):
     tools = [{"type": "function", "function": {"name": "add", "parameters": {
         "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
         "required": ["a", "b"], "additionalProperties": False}}}]
-    result = thinking_models["qwen3"].chat(USER, details=True, tools=tools, tool_choice="required", max_tokens=120,
+    result = thinking_models["qwen3"].chat(USER, details=True, tools=tools, tool_choice=tool_choice, max_tokens=120,
                                            temperature=0)
     [choice] = result.choices
     assert choice.thinking == THOUGHT
