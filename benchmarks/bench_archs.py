@@ -4,6 +4,7 @@
         [--cache-dir DIR] [--threads 2] [--prompt-tokens 512] [--decode-tokens 64] [--rounds 2]
         [--repetitions 1] [--quick] [--tiny] [--llama-bench PATH] [--ik-llama-bench PATH]
         [--llama-quantize PATH] [--avx2-only] [--make-only] [--keep-source] [--quiet-below 0.3] [--max-wait 300]
+        [--output JSON]
 
 For each architecture, a GGUF with seeded random weights in the shape of a real
 small model (``SHAPES``): every matrix the real file has, its dims, heads, KV heads,
@@ -687,6 +688,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="toy shapes of the same architectures (tests)")
     parser.add_argument("--keep-source", action="store_true", help="keep the F16 source files")
     parser.add_argument("--make-only", action="store_true", help="make the files (and describe them), measure nothing")
+    parser.add_argument("--output", metavar="JSON", help="also write the JSON here, rewritten after every file (a "
+                                                         "long run cut short keeps what it measured)")
     for name, (option, env_name) in peers.PEERS.items():
         parser.add_argument(option, metavar="PATH", help=f"{name}'s llama-bench (else ${env_name}; none: skipped)")
     option, env_name = peers.QUANTIZE
@@ -760,10 +763,14 @@ def main() -> None:
             entry.update(measure_file(files[mix], args, benches, log))
             log(json.dumps({name: entry[name] for name in [LOCAL, *benches]}, default=str)[:400])
             result["results"].append(entry)
+            if args.output:
+                Path(args.output).write_text(json.dumps(result, indent=2))
     result["load_average_1min"]["end"] = round(os.getloadavg()[0], 2)
     if max(e.get("load_average_1min", {}).get("start", 0) for e in result["results"] or [{}]) > 1:
         result["warning"] = "the machine was busy (load average above 1 at the start of a file): compare with care"
     print(json.dumps(result, indent=2))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
     print(markdown_table(result), file=sys.stderr)
 
 

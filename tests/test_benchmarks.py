@@ -94,10 +94,11 @@ def test_script_prints_its_json_without_peers(tmp_path):
            if key not in ("LOCALLLM_LLAMA_BENCH", "LOCALLLM_IK_LLAMA_BENCH", "LOCALLLM_LLAMA_QUANTIZE")}
     command = [sys.executable, str(SCRIPT), "--tiny", "--quick", "--archs", "llama", "--mixes", "q8_0,q4_k_m",
                "--cache-dir", str(tmp_path), "--prompt-tokens", "40", "--decode-tokens", "6", "--threads", "2",
-               "--quiet-below", "1"]
+               "--quiet-below", "1", "--output", str(tmp_path / "out.json")]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
+    assert json.loads((tmp_path / "out.json").read_text()) == result
     assert set(result["peers_skipped"]) == {"llama.cpp", "ik_llama.cpp"} and result["peers"] == {}
     assert (result["prompt_tokens"], result["decode_tokens"], result["rounds"]) == (40, 6, 1)
     q8, q4 = result["results"]
