@@ -97,6 +97,10 @@ class Model:
         self.has_chat_template = template is not None
         self.template = (ChatTemplate(template, self.tokenizer.bos_token, self.tokenizer.eos_token)
                          if template is not None else MissingChatTemplate())
+        # what /api/show lists for a store entry, for this model: tools and thinking as its template has them
+        from .reasoning import thinking_support
+        self.capabilities = ("completion",) + (("tools",) if "tools" in (template or "") else ()) + \
+            (("thinking",) if thinking_support(template) is not None else ())
         self.system = entry.system if entry else None
         self.defaults: dict[str, Any] = dict(defaults or {})       # the folder's generation_config.json, then
         self.defaults.update(entry.parameters if entry and entry.parameters else {})   # the Modelfile's PARAMETERs

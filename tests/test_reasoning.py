@@ -275,6 +275,12 @@ def test_parser_streams_the_thought_as_it_comes():
 # ----------------------------------------------------------------------------- the library
 
 
+def test_library_models_list_thinking_among_their_capabilities(thinking_models, tiny_llama_path):
+    import localllm
+    assert "thinking" in thinking_models["qwen3"].capabilities and "thinking" in thinking_models["r1"].capabilities
+    assert localllm.load(tiny_llama_path).capabilities == ("completion",)     # ChatML without a thought block
+
+
 def test_qwen3_thinks_by_default_and_the_thought_is_separated(thinking_models):
     model = thinking_models["qwen3"]
     result = model.chat(USER, details=True, max_tokens=20, temperature=0)
