@@ -202,8 +202,10 @@ def cmd_create(args) -> int:
     modelfile = parse_modelfile(text)
     progress = TqdmPullProgress(file=sys.stderr)
     try:
-        if server_available() and not args.quantize:     # converting runs here, into the same store
+        if server_available():                   # the server converts into its store and unloads the old model
             body = dict(modelfile.create_request(args.model, base_dir=path.parent), stream=True)
+            if args.quantize:
+                body["quantize"] = args.quantize
             for event in server_stream("/api/create", body):
                 progress(event)
         else:

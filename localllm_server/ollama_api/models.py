@@ -94,16 +94,17 @@ class CreateResource(Resource):
         name = parsing.model_name(body)
         stream = parsing.flag(body, "stream", True)
         canonical_name(name)
-        for field, why in (("quantize", "quantizing is not supported; create from a quantized .gguf"),
-                           ("files", "uploaded files (blobs) are not supported; give `from` a model name or a "
-                                     "path to a .gguf file or Hugging Face folder on the server")):
-            if body.get(field):
-                raise APIError(400, f"{field}: {why}", param=field)
+        if body.get("files"):
+            raise APIError(400, "files: uploaded files (blobs) are not supported; give `from` a model name or a "
+                                "path to a .gguf file or Hugging Face folder on the server", param="files")
+        quantize = body.get("quantize")
+        if quantize is not None and not isinstance(quantize, str):
+            raise APIError(400, "quantize: expected a string such as \"q8_0\"", param="quantize")
         modelfile = modelfile_from_request(body)
         events: list[dict] = []
         if body.get("modelfile") is not None:
             events.append({"status": "parsing modelfile"})
-        create_model(self.engine.store, name, modelfile, progress=events.append)
+        create_model(self.engine.store, name, modelfile, progress=events.append, quantize=quantize or None)
         unload_quietly(self.engine, name)
         if not stream:
             resp.media = events[-1]

@@ -214,6 +214,23 @@ def test_create_errors(server, client, body, message):
     assert "x:latest" not in model_names(client)
 
 
+def test_create_quantizes_a_hugging_face_folder(server, client, tmp_path):
+    pytest.importorskip("torch")
+    from tests.tiny_hf import hf_tiny_model, save_folder
+    folder = save_folder(hf_tiny_model("qwen2"), tmp_path / "tiny-qwen2")
+    response = httpx.post(f"{server}/api/create", json={"model": "tiny-q8", "from": str(folder), "quantize": "q8_0",
+                                                        "stream": False}, timeout=300)
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "success"
+    try:
+        assert client.show("tiny-q8").details.quantization_level == "Q8_0"
+        assert client.generate("tiny-q8", "hello", options={"num_predict": 3, "temperature": 0}).done
+    finally:
+        client.delete("tiny-q8")
+    bad = httpx.post(f"{server}/api/create", json={"model": "x", "from": str(folder), "quantize": 8}, timeout=60)
+    assert bad.status_code == 400 and "quantize" in bad.json()["error"]
+
+
 def test_create_from_a_missing_model_is_404(server):
     response = httpx.post(f"{server}/api/create", json={"model": "x", "from": "nothing:here"}, timeout=60)
     assert response.status_code == 404
