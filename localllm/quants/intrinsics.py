@@ -655,17 +655,6 @@ def sum_halves_by8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
 
 
 @intrinsic
-def signed_bytes_i16x16(typingctx, v):
-    """16 words of two int8 each -> (the low bytes, the high bytes) sign-extended to 16-bit lanes."""
-    def codegen(context, builder, sig, args):
-        eight = _const_vector(I16x16.llvm_type, 8)
-        even = builder.ashr(builder.shl(args[0], eight), eight)
-        odd = builder.ashr(args[0], eight)
-        return context.make_tuple(builder, sig.return_type, (even, odd))
-    return types.UniTuple(i16x16, 2)(v), codegen
-
-
-@intrinsic
 def shift_left_i32x8(typingctx, v, shift):
     """``v << shift`` lane-wise on 32-bit lanes (shift 0..31)."""
     def codegen(context, builder, sig, args):

@@ -16,7 +16,7 @@ prefill equals one-shot prefill bit for bit).
 
 Decode reads eight weight rows side by side, which the hardware prefetcher
 follows poorly: each task prefetches the next task's rows (``intrinsics.prefetch``).
-K types and Q8_0 have an eight-row decode form of their own (``eight_rows_<TYPE>``):
+K types have an eight-row decode form of their own (``eight_rows_<TYPE>``):
 scale fields unpacked for eight rows at once, quants unpacked in 16-bit lanes
 straight from the packed bytes, the same arithmetic.
 Tasks run in up to ``TASK_GROUPS`` parallel groups of consecutive tasks.
@@ -30,7 +30,7 @@ from .intrinsics import (add_f32x8, add_i32x8, bits_i16x16, bits_i32x8, dot_i16,
                          lane_f32, load_bits, load_f16, load_f16x8_strided, load_f32x8, load_i16x16, load_i8,
                          load_i8x32, load_nibbles, load_nibbles_i16, load_u32x8_strided, load_u8, mul_f32x8,
                          mul_i32x8, negate_f32x8, or_i16x16, or_i32x8, or_shifted, pack_f32x8, prefetch, scale_i16,
-                         shift_left_i16x16, shift_left_i32x8, shift_right_and, signed_byte_i32x8, signed_bytes_i16x16,
+                         shift_left_i16x16, shift_left_i32x8, shift_right_and, signed_byte_i32x8,
                          splat_f32x8, splat_i32x8, sum_halves_by8, sum_lanes_by8, sum_lanes_i32, to_f32x8, widen_high,
                          widen_high_signed, widen_low, widen_low_signed, zeros_f32x8)
 from .portable import BLOCK, count_tasks, k4_scale_min, prepare_activations, store, task_location
@@ -179,7 +179,7 @@ def decode_Q6_K(w, row, b):
 
 
 # --------------------------------------------------------------------------- eight weight rows of one token
-# Decode of a K type (and of Q8_0) reads eight rows' blocks side by side, as ``make_rows_task``'s
+# Decode of a K type reads eight rows' super-blocks side by side, as ``make_rows_task``'s
 # loop does, with the same arithmetic per (row, token), operation for operation, so that every
 # path gives the same bits. What differs is how the numbers are found:
 #
@@ -439,30 +439,6 @@ eight_rows_Q3_K = make_eight_rows_scaled(q3_k_even_odd, 110, q3_k_fields, q3_k_s
 eight_rows_Q6_K = make_eight_rows_scaled(q6_k_even_odd, 210, q6_k_fields, q6_k_scales)
 
 
-@njit(inline="always")
-def q8_0_even_odd(w, o, s):
-    """The Q8_0 block at byte o: (its even int8 quants, its odd ones) as 16-bit lanes (s unused)."""
-    return signed_bytes_i16x16(load_i16x16(w, o + 2))
-
-
-_q8_0_dots = make_eight_row_dots(q8_0_even_odd)
-
-
-@njit(inline="always")
-def eight_rows_Q8_0(w, row, stride, xq, j, xd, xds16):
-    """Q8_0's ``eight_rows`` (see above): the quants sign-extended in 16-bit lanes straight from the bytes."""
-    n_blocks = xd.shape[1]
-    share = 8 * stride // n_blocks
-    acc = zeros_f32x8()
-    for b in range(n_blocks):
-        o = row + b * 34
-        _prefetch_share(w, row + 8 * stride + b * share, share)
-        x_even, x_odd = _activation_block(xq, j * 2 * xq.shape[1] + b * 2 * BLOCK)
-        dot = sum_lanes_by8(*_q8_0_dots(w, o, stride, 0, x_even, x_odd))
-        acc = fma_f32x8(mul_f32x8(to_f32x8(dot), splat_f32x8(xd[j, b])), load_f16x8_strided(w, o, stride), acc)
-    return acc
-
-
 eight_rows_Q4_K = make_eight_rows_k4(q4_k_even_odd, 144)
 eight_rows_Q5_K = make_eight_rows_k4(q5_k_even_odd, 176)
 
@@ -679,7 +655,7 @@ rows_Q5_0 = make_rows_task(decode_Q5_0, signed=False, scaled=False, f16_scale_bl
                             offset_per_scale=-16.0)
 rows_Q5_1 = make_rows_task(decode_Q5_1, signed=False, scaled=False, f16_scale_block_bytes=24, f16_min_at=2)
 rows_Q8_0 = make_rows_task(decode_Q8_0, signed=True, scaled=False, offsets=False,
-                            f16_scale_block_bytes=34, eight_rows=eight_rows_Q8_0)
+                            f16_scale_block_bytes=34)
 rows_Q2_K = make_rows_task(decode_Q2_K, signed=False, scaled=True, eight_rows=eight_rows_Q2_K)
 rows_Q3_K = make_rows_task(decode_Q3_K, signed=False, scaled=True, eight_rows=eight_rows_Q3_K)
 rows_Q4_K = make_rows_task(decode_Q4_K, signed=False, scaled=False, eight_rows=eight_rows_Q4_K)
