@@ -80,15 +80,25 @@ def _chunk_scores(q, i, h0, keys, start, count, scores):
             row[l] += tail
 
 
+@njit(cache=True)  # no fastmath, no libm: every kernel that calls it rounds alike (the step = the per-op path)
+def _soft_cap_scores(scores, count, scale, softcap):
+    """scores[hh, :count] -> softcap * tanh(scores * scale / softcap), tanh(t) = sign(t) (1 - e) / (1 + e) with
+    e = exp(-2 |t|) by ``fast_exp`` (about 1e-7 from numpy's tanh)."""
+    for hh in range(scores.shape[0]):
+        for l in range(count):
+            t = scores[hh, l] * scale / softcap
+            e = fast_exp(np.float32(-2.0) * abs(t))
+            magnitude = (_ONE - e) / (_ONE + e)
+            scores[hh, l] = (magnitude if t >= 0 else -magnitude) * softcap
+
+
 @njit(cache=True, fastmath=True)
 def _chunk_softmax(scores, count, scale, softcap, chunk_max, chunk_sum):
     """scores[hh, :count] * scale [-> softcap * tanh(. / softcap)] -> exp(. - max); chunk_max, chunk_sum per head."""
     taken = scale
     if softcap > 0:  # capped in place, then taken as they are
         taken = _ONE
-        for hh in range(scores.shape[0]):
-            for l in range(count):
-                scores[hh, l] = np.tanh(scores[hh, l] * scale / softcap) * softcap
+        _soft_cap_scores(scores, count, scale, softcap)
     for hh in range(scores.shape[0]):
         row = scores[hh]
         best = _LOWEST
