@@ -12,6 +12,7 @@ from localllm.formats.gguf import read_gguf
 from localllm.kv_cache import KVCache
 from localllm.models.decoder import DecoderModel
 from localllm.quants.kernels import cpu_has_avx2
+from tests.test_decoder_step import forward as _per_op_or_one_launch  # the step on or off, same call
 from tests.tiny_archs import (ARCHS, BYTE_VOCAB_SIZE, GEMMA_TEMPLATE, PHI3_LONGROPE, LLAMA3_ROPE, hf_logits, hf_tiny,
                               llama3_rope_factors, run_converter, save_hf_folder, write_gguf)
 
@@ -127,15 +128,6 @@ def test_fast_logits_close_to_transformers(tiny, name):
 
 
 # ---------------------------------------------------------------------------- the fast path agrees with itself
-def _per_op_or_one_launch(model, one_launch: bool, cache, tokens, positions, slots):
-    model._one_launch_layers(1)                                                   # made once
-    step, model._step = model._step, (model._step if one_launch else None)
-    try:
-        return model.forward(tokens, positions, slots, cache)
-    finally:
-        model._step = step
-
-
 @pytest.mark.skipif(not cpu_has_avx2(), reason="the one-launch layers use the AVX2 row tasks")
 @pytest.mark.parametrize("name", NAMES)
 def test_one_launch_decode_equals_per_op(tiny, name):

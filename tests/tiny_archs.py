@@ -30,7 +30,7 @@ import gguf
 import numpy as np
 
 from localllm.tokenizer import bytes_to_unicode
-from tests.tiny_models import _store
+from tests.tiny_models import _store, hf_logits  # noqa: F401  (hf_logits: the tests take it from here)
 
 # ---------------------------------------------------------------------------- vocabulary
 SPECIAL_TOKENS = (  # the turn markers of the chat formats under test, after the 256 byte tokens
@@ -184,13 +184,6 @@ def hf_tiny(arch: TinyArch, vocab_size: int = BYTE_VOCAB_SIZE, seed: int = 0):
             else:
                 parameter.copy_(torch.randn_like(parameter) / math.sqrt(parameter.shape[-1]))
     return model
-
-
-def hf_logits(model, tokens) -> np.ndarray:
-    """(n, vocab) float32 logits of one sequence."""
-    import torch
-    with torch.no_grad():
-        return model(torch.tensor([list(map(int, tokens))])).logits[0].float().numpy()
 
 
 # ---------------------------------------------------------------------------- our GGUF writer

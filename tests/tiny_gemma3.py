@@ -8,7 +8,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from tests.tiny_models import _store, add_byte_level_tokenizer, byte_level_vocab
+from tests.tiny_models import _store, add_byte_level_tokenizer, byte_level_vocab, hf_logits  # noqa: F401
 
 
 def hf_tiny_gemma3(*, dim: int = 64, hidden_dim: int = 96, n_layers: int = 3, n_heads: int = 4, n_kv_heads: int = 2,
@@ -35,12 +35,6 @@ def hf_tiny_gemma3(*, dim: int = 64, hidden_dim: int = 96, n_layers: int = 3, n_
             else:
                 parameter.copy_(torch.randn_like(parameter) / np.sqrt(parameter.shape[-1]))
     return model
-
-
-def hf_logits(model, tokens: list[int]) -> np.ndarray:
-    import torch
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].float().numpy()
 
 
 GGUF_NAMES = {  # transformers' names in a layer -> llama.cpp's

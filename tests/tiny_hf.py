@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from localllm.arch.gemma3 import DEFAULT_CHAT_TEMPLATE as GEMMA_TEMPLATE
-from tests.tiny_models import CHATML_TEMPLATE, byte_level_vocab
+from tests.tiny_models import CHATML_TEMPLATE, byte_level_vocab, hf_logits  # noqa: F401
 
 WINDOW = 8
 PROMPT_LENGTH = 24          # longer than any window
@@ -81,12 +81,6 @@ def hf_tiny_model(kind: str, seed: int = 0, **overrides):
             else:
                 parameter.copy_(torch.randn_like(parameter) / np.sqrt(parameter.shape[-1]))
     return model
-
-
-def hf_logits(model, tokens: list[int]) -> np.ndarray:
-    import torch
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].float().numpy()
 
 
 def write_byte_level_tokenizer(folder: Path, chat_template: str, generation: dict | None = None) -> None:

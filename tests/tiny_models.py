@@ -98,3 +98,10 @@ def write_tiny_llama(path: str | Path, *, dim: int = 64, hidden_dim: int = 96, n
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def hf_logits(model, tokens) -> np.ndarray:
+    """(n, vocab) float32 logits of a transformers model on one sequence of token ids (the float oracle)."""
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor([list(map(int, tokens))])).logits[0].float().numpy()
