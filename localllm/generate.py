@@ -161,6 +161,7 @@ class Sequence:
         self.prompt_seconds = 0.0
         self.cancelled = False
         self.echo_sent = False
+        self.request_sequences: list[Sequence] = [self]   # every choice of the same request (make_sequences)
 
     @property
     def finished(self) -> bool:
@@ -257,14 +258,19 @@ def plan_context(n_prompt: int, max_tokens: int | None, n_ctx: int) -> int:
 
 
 def step(model, cache: KVCache, sequences: list[Sequence],
-         prefill_chunk: int = PREFILL_CHUNK) -> list[tuple[Sequence, GenerationEvent]]:
+         prefill_chunk: int = PREFILL_CHUNK) -> list[tuple[Sequence, GenerationEvent | Exception]]:
     """One forward call over every live sequence; returns (sequence, event) for the events it produced.
 
     Decoding sequences contribute their last sampled token; prefilling ones up
     to ``prefill_chunk`` prompt tokens (the budget is shared). Followers of an
     n > 1 group copy their leader's KV prefix once the leader's prefill is done.
+
+    A sequence whose own logits processing, sampling or grammar fails (extreme
+    sampling values, a grammar with no way on) gives ``(sequence, exception)``
+    in place of an event, and it and the other choices of its request end with
+    finish_reason ``"error"``: the other requests in the batch go on untouched.
     """
-    events: list[tuple[Sequence, GenerationEvent]] = []
+    events: list[tuple[Sequence, GenerationEvent | Exception]] = []
     tokens, positions, slots, logit_rows, owners = [], [], [], [], []
     budget = prefill_chunk
     for seq in sequences:
@@ -323,9 +329,16 @@ def step(model, cache: KVCache, sequences: list[Sequence],
             seq.finish_reason = "length"
             events.append((seq, seq.finish_event(GenerationEvent(seq.index, finish_reason="length"))))
             continue
-        sampled = seq.sampler(seq.last_logits, seq.tokens, seq.n_prompt)
-        seq.last_logits = None
-        event = seq.accept(sampled)
+        try:
+            sampled = seq.sampler(seq.last_logits, seq.tokens, seq.n_prompt)
+            seq.last_logits = None
+            event = seq.accept(sampled)
+        except Exception as exc:                    # its processors, sampler or grammar failed: that request alone ends
+            seq.last_logits = None
+            for choice in seq.request_sequences:
+                choice.finish_reason = choice.finish_reason or "error"
+            events.append((seq, exc))
+            continue
         if seq.finished:
             event = seq.finish_event(event)
         if event.text or event.thinking or event.finish_reason or event.token_ids or event.logprobs:
@@ -369,6 +382,8 @@ def make_sequences(prompt: list[int], params: GenerationParams, tokenizer, cache
     except BaseException:
         release(cache, sequences)
         raise
+    for seq in sequences:
+        seq.request_sequences = sequences
     return sequences
 
 
@@ -392,6 +407,8 @@ def stream_generate(model, cache: KVCache, tokenizer, prompt: list[int], params:
     try:
         while not all(seq.finished for seq in sequences):
             for _, event in step(model, cache, sequences):
+                if isinstance(event, Exception):
+                    raise event
                 yield event
     finally:
         release(cache, sequences)

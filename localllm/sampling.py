@@ -166,10 +166,24 @@ def make_repetition_penalty(penalty: float, last_n: int) -> LogitsProcessor:
         ids = np.unique(_token_ids(window, logits.shape[-1], "history"))
         out = np.array(logits, copy=True)
         seen = out[..., ids]
-        out[..., ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+        wide = seen.astype(np.float64)                  # float32(5e-324) would be 0, float32(1e300) inf
+        with np.errstate(over="ignore", under="ignore"):
+            penalised = np.where(wide > 0, wide / penalty, wide * penalty)
+        out[..., ids] = _saturate(penalised, seen, out.dtype)
         return out
 
     return repetition_penalty
+
+
+def _saturate(values: np.ndarray, before: np.ndarray, dtype) -> np.ndarray:
+    """``values`` as ``dtype``, the finite entries of ``before`` that overflowed held at its largest magnitude.
+
+    Every penalty value the API accepts is finite, but a tiny or huge one (repeat_penalty 5e-324)
+    sends a finite logit past float range; a saturated logit still ranks first (or last) and
+    keeps the distribution defined, where an inf would leave it NaN.
+    """
+    limit = np.finfo(dtype).max
+    return np.where(np.isfinite(before), np.clip(values, -limit, limit), values).astype(dtype)
 
 
 def make_frequency_presence_penalty(frequency: float, presence: float) -> LogitsProcessor:
@@ -234,7 +248,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     if not np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float64)
     row_max = np.max(x, axis=-1, keepdims=True)
-    row_sum = np.sum(np.exp(x - row_max), axis=-1, keepdims=True, dtype=np.float64)
+    with np.errstate(over="ignore"):             # -max - max overflows to -inf: probability 0, as it should
+        row_sum = np.sum(np.exp(x - row_max), axis=-1, keepdims=True, dtype=np.float64)
     return x.astype(np.float64) - (row_max.astype(np.float64) + np.log(row_sum))
 
 
@@ -345,12 +360,14 @@ def _sorted_alive(logits: np.ndarray, k: int) -> np.ndarray:
 
 def _logsumexp(values: np.ndarray) -> float:
     top = values.max()
-    return float(top) + math.log(float(np.sum(np.exp(values - top), dtype=np.float64)))
+    with np.errstate(over="ignore"):
+        return float(top) + math.log(float(np.sum(np.exp(values - top), dtype=np.float64)))
 
 
 def categorical(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
     """Index drawn from softmax(logits / temperature), using exactly one ``rng.random()``."""
-    weights = np.exp((logits - logits.max()) / temperature)  # float64; the max has weight 1
+    with np.errstate(over="ignore", under="ignore"):        # a tiny temperature: weights 0 below the max
+        weights = np.exp((logits - logits.max()) / temperature)  # float64; the max has weight 1
     cumulative = np.cumsum(weights)
     u = rng.random() * cumulative[-1]
     index = int(np.searchsorted(cumulative, u, side="right"))  # zero-weight entries are never hit

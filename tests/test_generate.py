@@ -125,3 +125,41 @@ def test_bad_settings_name_the_parameter(model):
         model.generate("a", n=0)
     with pytest.raises(ValueError, match="unknown generation setting"):
         model.generate("a", temprature=0.5)
+
+
+def test_a_failing_sequence_ends_its_request_alone(model):
+    """A processor that raises (a grammar with no way on, a bad bias) ends that request's choices only."""
+    from localllm.generate import GenerationParams, make_sequences, release, step, stream_generate
+    from localllm.sampling import SamplingParams
+
+    def broken_after_three(logits, history, n_prompt):
+        if len(history) - n_prompt >= 3:
+            raise ValueError("every token is banned: all logits are -inf after the logits processors")
+        return logits
+
+    prompt = model.tokenize("hello world")
+    greedy = GenerationParams(SamplingParams(temperature=0), max_tokens=10)
+    two_choices = GenerationParams(SamplingParams(temperature=0), max_tokens=10, n=2)
+    innocent = make_sequences(prompt, greedy, model.tokenizer, model.cache, 64)
+    hostile = make_sequences(model.tokenize("abc"), two_choices, model.tokenizer, model.cache, 64,
+                             extra_processors_factory=lambda: [broken_after_three])
+    live = innocent + hostile
+    tokens, failures = [], []
+    try:
+        while not all(seq.finished for seq in live):
+            for seq, event in step(model.network, model.cache, live):
+                if isinstance(event, Exception):
+                    failures.append((seq, event))
+                elif seq is innocent[0]:
+                    tokens += event.token_ids
+    finally:
+        release(model.cache, live)
+    assert tokens == greedy_by_recompute(model, prompt, 10)            # as if alone
+    assert len(failures) == 1 and failures[0][0] is hostile[0]         # one error for the request
+    assert "every token is banned" in str(failures[0][1])
+    assert [seq.finish_reason for seq in hostile] == ["error", "error"]  # its other choice ended with it
+    assert len(hostile[0].generated) == 3
+    with pytest.raises(ValueError, match="every token is banned"):      # one request alone: the error is raised
+        list(stream_generate(model.network, model.cache, model.tokenizer, model.tokenize("abc"), greedy, 64,
+                             extra_processors_factory=lambda: [broken_after_three]))
+    assert model.cache.free_slots == model.cache.n_slots                # and its slot is given back

@@ -382,3 +382,65 @@ def test_from_options_merges_defaults_and_overrides():
         SamplingParams.from_options(top_p=2)
     assert {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed",
             "frequency_penalty", "presence_penalty", "logit_bias"} == SAMPLING_OPTIONS
+
+
+# ----------------------------------------------------------------------------- numerical edges
+# Every finite value the schemas accept, at the edges of float range: the sampler must still pick a
+# token with a finite logprob (or, only when the request itself bans every token, say so clearly).
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+TINY = (5e-324, 1e-300, 1e-30)
+HUGE = (1e30, 1e300, float(np.finfo(np.float64).max))
+EDGES = {
+    "temperature": (0.0, *TINY, 0.5, 2.0, *HUGE),
+    "top_k": (0, 1, 2, 63, 64, 2**31, 2**63 - 1),
+    "top_p": (0.0, *TINY, 0.5, 1.0 - 1e-16, 1.0),
+    "min_p": (0.0, *TINY, 0.5, 1.0 - 1e-16, 1.0),
+    "repeat_penalty": (*TINY, 1.0, *HUGE),
+    "repeat_last_n": (-1, 0, 1, 2**31),
+    "frequency_penalty": (-2.0, -1e-300, 0.0, 1e-300, 2.0),
+    "presence_penalty": (-2.0, -1e-300, 0.0, 1e-300, 2.0),
+}
+
+
+def _edge_logits(vocab: int, rng: np.random.Generator) -> np.ndarray:
+    logits = (rng.standard_normal(vocab) * 8).astype(np.float32)
+    logits[:3] = [30.0, -30.0, 0.0]                    # the seen ids below cover both signs and zero
+    return logits
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.fixed_dictionaries({name: st.sampled_from(values) for name, values in EDGES.items()}),
+       st.sampled_from([None, {0: -100.0}, {0: 100.0}, {1: 100.0, 2: -100.0}, {5: 1e-300}]),
+       st.integers(0, 2**32))
+def test_extreme_sampling_values_still_pick_a_token(values, logit_bias, seed):
+    vocab = 64
+    params = SamplingParams(**values, logit_bias=logit_bias, seed=seed)
+    sampler = TokenSampler(params)
+    history = [0, 1, 2, 0, 7, 2]
+    sampled = sampler(_edge_logits(vocab, np.random.default_rng(seed)), history, n_prompt=3)
+    assert 0 <= sampled.token_id < vocab
+    assert math.isfinite(sampled.logprob)
+    assert not np.isnan(sampled.logprobs).any()
+    if logit_bias and 0 in logit_bias and logit_bias[0] == -100.0:
+        assert sampled.token_id != 0
+
+
+def test_tiny_repeat_penalty_saturates_instead_of_overflowing():
+    # 30 / 5e-324 overflows float32: held at the largest float32, so the seen positive token ranks first.
+    sampler = TokenSampler(SamplingParams(temperature=0, repeat_penalty=5e-324, repeat_last_n=-1))
+    logits = np.array([30.0, -30.0, 0.0, 40.0], dtype=np.float32)
+    sampled = sampler(logits, [0, 1, 2], n_prompt=3)
+    assert sampled.token_id == 0 and math.isfinite(sampled.logprob)
+    # huge penalty: the seen positive logit falls to ~0, the seen negative one is held at -max (never +-inf)
+    sampler = TokenSampler(SamplingParams(temperature=0, repeat_penalty=1e300, repeat_last_n=-1))
+    out = sampler.processors[0](logits, [0, 1], 2)
+    assert out[0] == 0.0 and out[1] == -np.finfo(np.float32).max and out[3] == 40.0
+
+
+def test_banned_logits_stay_banned_under_a_saturating_penalty():
+    ban_then_penalise = [lambda logits, h, n: np.where(np.arange(logits.size) == 1, -np.inf, logits)]
+    sampler = TokenSampler(SamplingParams(temperature=1.0, repeat_penalty=5e-324, seed=1), ban_then_penalise)
+    logits = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    assert sampler(logits, [1], 1).logprobs[1] == -np.inf
