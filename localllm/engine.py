@@ -6,6 +6,14 @@ worker admits them as sequence slots free up and advances *all* live
 sequences of its model with one batched ``generate.step`` per iteration
 (continuous batching). Each request gets its events through its own queue.
 A model that is loading never blocks the workers of models already loaded.
+
+Limits: at most ``max_queue`` requests wait per model (more get ``ServerBusy``);
+a request may carry a timeout (``LOCALLLM_REQUEST_TIMEOUT`` by default) after
+which it ends with ``RequestTimeout`` and frees its slots. A request's event
+queue is filled by the worker and never blocks it: a reader that falls behind
+holds at most its own request's events (``n * max_tokens`` of them).
+``begin_shutdown()`` refuses new requests while the running ones finish;
+``close(error)`` ends whatever still runs with ``error``.
 """
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from . import api
@@ -36,34 +44,82 @@ class ServerBusy(RuntimeError):
     """Too many requests are waiting (HTTP 503)."""
 
 
+class ServerShuttingDown(ServerBusy):
+    """The engine is shutting down: new requests are refused, and those still running at the end are stopped."""
+
+
 class RequestCancelled(RuntimeError):
     pass
 
 
+class RequestTimeout(RuntimeError):
+    """A request ran past its timeout; it was stopped and its slots freed."""
+
+
+def env_number(name: str, default: str, kind=int):
+    """The environment variable ``name`` read as ``kind`` (a ValueError naming the variable if it is not one)."""
+    value = os.environ.get(name, "").strip() or default
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+
+
+def check_timeout(timeout: float | None, name: str = "timeout") -> float | None:
+    """``timeout`` as positive seconds, or None for no limit (0 means none too)."""
+    if timeout is None or timeout == 0:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0 \
+            or timeout == float("inf"):
+        raise ValueError(f"{name} must be a positive number of seconds (or 0 for none), got {timeout!r}")
+    return float(timeout)
+
+
 @dataclass
 class EngineSettings:
-    n_slots: int = int(os.environ.get("LOCALLLM_NUM_PARALLEL", "4"))      # sequences decoded together per model
-    max_queue: int = int(os.environ.get("LOCALLLM_MAX_QUEUE", "64"))      # waiting requests before 503
-    keep_alive: float = float(os.environ.get("LOCALLLM_KEEP_ALIVE", DEFAULT_KEEP_ALIVE))
+    """How the engine schedules; the defaults come from the environment when the settings are made."""
+
+    n_slots: int = field(default_factory=lambda: env_number("LOCALLLM_NUM_PARALLEL", "4"))   # decoded together
+    max_queue: int = field(default_factory=lambda: env_number("LOCALLLM_MAX_QUEUE", "64"))   # waiting before 503
+    keep_alive: float = field(default_factory=lambda: env_number("LOCALLLM_KEEP_ALIVE", str(DEFAULT_KEEP_ALIVE),
+                                                                 float))
     backend: str = "auto"
     num_ctx: int | None = None
     prefill_chunk: int = 256
+    request_timeout: float | None = field(                    # seconds a request may run (None, 0: no limit)
+        default_factory=lambda: env_number("LOCALLLM_REQUEST_TIMEOUT", "0", float))
+
+    def __post_init__(self):
+        self.request_timeout = check_timeout(self.request_timeout, "request_timeout (LOCALLLM_REQUEST_TIMEOUT)")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue (LOCALLLM_MAX_QUEUE) must be 0 or more, got {self.max_queue}")
+        if self.n_slots < 1:
+            raise ValueError(f"n_slots (LOCALLLM_NUM_PARALLEL) must be at least 1, got {self.n_slots}")
 
 
 class RequestHandle:
     """Iterate to receive a request's GenerationEvents; ``cancel()`` stops it within one step."""
 
-    def __init__(self, prompt: list[int], params: GenerationParams, num_ctx: int):
+    def __init__(self, prompt: list[int], params: GenerationParams, num_ctx: int, timeout: float | None = None):
         self.prompt = prompt
         self.params = params
         self.num_ctx = num_ctx
+        # Unbounded on purpose: the worker must never wait for a reader. At most n * max_tokens events + the end.
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.sequences = []
         self.submitted_at = time.perf_counter()
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def timed_out(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def timeout_error(self) -> RequestTimeout:
+        return RequestTimeout(f"the request ran past its timeout of {self.timeout:g} seconds and was stopped")
 
     def __iter__(self) -> Iterator[GenerationEvent]:
         while True:
@@ -87,6 +143,7 @@ class ModelWorker:
         self.keep_alive = settings.keep_alive
         self.last_used = time.monotonic()
         self.stopped = False
+        self.stop_error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name=f"localllm-{model.name}", daemon=True)
         self.thread.start()
 
@@ -102,9 +159,12 @@ class ModelWorker:
             self.last_used = time.monotonic()
             self.condition.notify()
 
-    def stop(self) -> None:
+    def stop(self, error: BaseException | None = None) -> None:
+        """End the worker after its current step; requests still queued or running get ``error``
+        (default: RequestCancelled, the model was unloaded)."""
         with self.condition:
             self.stopped = True
+            self.stop_error = error
             self.condition.notify()
 
     def busy(self) -> bool:
@@ -155,6 +215,16 @@ class ModelWorker:
         self.active.remove(handle)
         self.last_used = time.monotonic()
 
+    def _expire(self) -> None:
+        """End the requests past their deadline, running or still waiting."""
+        now = time.monotonic()
+        for handle in [h for h in self.active if h.timed_out(now)]:
+            self._finish(handle, handle.timeout_error())
+        for handle in [h for h in self.pending if h.timed_out(now)]:
+            self.pending.remove(handle)
+            handle.events.put(handle.timeout_error())
+            handle.events.put(_DONE)
+
     def _run(self) -> None:
         while True:
             with self.condition:
@@ -162,6 +232,7 @@ class ModelWorker:
                     break
                 for handle in [h for h in self.active if h.cancelled.is_set()]:
                     self._finish(handle)           # a client went away: free its slots now
+                self._expire()
                 self._admit()
                 if not self.active:
                     self.condition.wait(timeout=0.5)
@@ -184,7 +255,7 @@ class ModelWorker:
                         self._finish(handle)
         with self.condition:
             for handle in self.pending + self.active:
-                handle.events.put(RequestCancelled("the model was unloaded"))
+                handle.events.put(self.stop_error or RequestCancelled("the model was unloaded"))
                 handle.events.put(_DONE)
             self.pending, self.active = [], []
 
@@ -202,6 +273,7 @@ class Engine:
         self._lock = threading.Lock()
         self._reaper = threading.Thread(target=self._reap, name="localllm-keepalive", daemon=True)
         self._closed = threading.Event()
+        self._shutting_down = threading.Event()
         self._reaper.start()
 
     # -- models ------------------------------------------------------------------------------------------
@@ -231,6 +303,8 @@ class Engine:
                     embedder.keep_alive = keep_alive
                 embedder.last_used = time.monotonic()
                 return embedder
+            if self._shutting_down.is_set():
+                raise ServerShuttingDown("the server is shutting down: no model is loaded any more")
             lock = self._loading.setdefault(key, threading.Lock())
         with lock:                                       # only requests for this model wait for its load
             with self._lock:
@@ -282,28 +356,44 @@ class Engine:
         return rows
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Requests per loaded text model: ``{name: {"active": decoding, "pending": waiting for a slot}}``."""
+        """Requests per loaded text model: ``{name: {"active": decoding, "pending": waiting for a slot,
+        "sequences": live sequences holding a KV-cache slot, "free_slots": slots free}}``."""
         with self._lock:
             workers = dict(self.workers)
         stats = {}
         for key, worker in workers.items():
             with worker.condition:
-                stats[key] = {"active": len(worker.active), "pending": len(worker.pending)}
+                stats[key] = {"active": len(worker.active), "pending": len(worker.pending),
+                              "sequences": sum(len(h.sequences) for h in worker.active),
+                              "free_slots": worker.model.cache.free_slots}
         return stats
+
+    def busy(self) -> bool:
+        """Whether any request is queued or running."""
+        with self._lock:
+            workers = list(self.workers.values())
+        return any(worker.busy() for worker in workers)
 
     # -- requests ----------------------------------------------------------------------------------------
     def submit(self, name: str, prompt: list[int], params: GenerationParams, num_ctx: int | None = None,
-               keep_alive: float | None = None) -> RequestHandle:
+               keep_alive: float | None = None, timeout: float | None = None) -> RequestHandle:
         """Queue a generation request; iterate the returned handle for its events.
 
         ``keep_alive`` applies once the request is queued, so a 0 unloads the
-        model after this request instead of racing it.
+        model after this request instead of racing it. ``timeout``: seconds the
+        request may take from now, waiting included (default: the settings'
+        ``request_timeout``); past it the handle raises ``RequestTimeout`` after
+        the events sent so far. Raises ``ServerBusy`` when the model's queue is
+        full and ``ServerShuttingDown`` after ``begin_shutdown()``.
         """
+        timeout = self.settings.request_timeout if timeout is None else check_timeout(timeout)
+        if self._shutting_down.is_set():
+            raise ServerShuttingDown("the server is shutting down and takes no new requests")
         model = self.load(name)
         if not isinstance(model, api.Model):
             raise TypeError(f"model '{name}' is an embedding model and cannot generate text")
         params.validate()
-        handle = RequestHandle(prompt, params, num_ctx or model.n_ctx)
+        handle = RequestHandle(prompt, params, num_ctx or model.n_ctx, timeout)
         if handle.num_ctx > model.config.n_ctx_train:
             raise ValueError(f"num_ctx {handle.num_ctx} is larger than the model's training context "
                              f"{model.config.n_ctx_train}")
@@ -347,11 +437,18 @@ class Engine:
             for worker in workers:
                 worker.stop()
 
-    def close(self) -> None:
+    def begin_shutdown(self) -> None:
+        """Refuse new requests (``ServerShuttingDown``); those queued or running go on."""
+        self._shutting_down.set()
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Stop every worker; requests still queued or running end with ``error``
+        (default: RequestCancelled, the model was unloaded)."""
+        self._shutting_down.set()
         self._closed.set()
         with self._lock:
             workers = list(self.workers.values())
             self.workers.clear()
             self.embedders.clear()
         for worker in workers:
-            worker.stop()
+            worker.stop(error)
