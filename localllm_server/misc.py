@@ -4,6 +4,7 @@ from __future__ import annotations
 import falcon
 
 from . import openapi, schemas
+from .body import Resource
 from .errors import APIError
 from .openai_api.common import load_model
 
@@ -16,27 +17,20 @@ class Root:
     on_head = on_get
 
 
-class Health:
+class Health(Resource):
     """``{"status": "ok"}``, or ``{"status": "warming up", "steps": [...]}`` while a model's kernels are being
     compiled on their first use (a fresh install: tens of seconds)."""
-
-    def __init__(self, engine):
-        self.engine = engine
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         steps = self.engine.warming_up()
         resp.media = {"status": "warming up", "steps": steps} if steps else {"status": "ok"}
 
 
-class Tokenize:
+class Tokenize(Resource):
     """``{model, prompt | messages}`` -> ``{tokens, count, max_model_len}``."""
 
-    def __init__(self, engine, settings):
-        self.engine = engine
-        self.settings = settings
-
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        request = schemas.parse_tokenize(schemas.read_json(req, self.settings.max_body_bytes))
+        request = schemas.parse_tokenize(self.body(req))
         _, model = load_model(self.engine, request.model)
         if hasattr(model, "render_chat"):
             if request.messages is not None:
@@ -56,15 +50,11 @@ class Tokenize:
         resp.media = {"tokens": tokens, "count": len(tokens), "max_model_len": limit}
 
 
-class Detokenize:
+class Detokenize(Resource):
     """``{model, tokens}`` -> ``{prompt}``."""
 
-    def __init__(self, engine, settings):
-        self.engine = engine
-        self.settings = settings
-
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        name, tokens = schemas.parse_detokenize(schemas.read_json(req, self.settings.max_body_bytes))
+        name, tokens = schemas.parse_detokenize(self.body(req))
         _, model = load_model(self.engine, name)
         vocab_size = model.tokenizer.vocab_size
         if any(t >= vocab_size for t in tokens):
@@ -85,11 +75,8 @@ class OpenAPI:
         resp.media = openapi.document(self.app, __version__)
 
 
-class Metrics:
+class Metrics(Resource):
     """Prometheus text format: HTTP counters from the middleware, token counters, engine gauges."""
-
-    def __init__(self, engine):
-        self.engine = engine
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
@@ -141,8 +128,8 @@ def render_metrics(metrics, engine) -> str:
 
 def register(app, engine, settings) -> None:
     app.add_route("/", Root())
-    app.add_route("/health", Health(engine))
+    app.add_route("/health", Health(engine, settings))
     app.add_route("/tokenize", Tokenize(engine, settings))
     app.add_route("/detokenize", Detokenize(engine, settings))
     app.add_route("/openapi.json", OpenAPI(app))
-    app.add_route("/metrics", Metrics(engine))
+    app.add_route("/metrics", Metrics(engine, settings))

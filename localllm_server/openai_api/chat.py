@@ -32,6 +32,7 @@ from typing import Callable
 import falcon
 
 from .. import formatting, schemas, streaming
+from ..body import Resource
 from ..errors import APIError
 from . import common
 
@@ -106,13 +107,9 @@ def prepare(model, request: schemas.ChatRequest) -> Prepared:
                     plan.stream_parser if plan.parses_tool_calls else None)
 
 
-class ChatCompletions:
-    def __init__(self, engine, settings):
-        self.engine = engine
-        self.settings = settings
-
+class ChatCompletions(Resource):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        request = schemas.parse_chat(schemas.read_json(req, self.settings.max_body_bytes))
+        request = schemas.parse_chat(self.body(req))
         entry, model = common.text_model(self.engine, request.model)
         prepared = prepare(model, request)
         params = prepared.params

@@ -4,6 +4,7 @@ from __future__ import annotations
 import falcon
 
 from .. import formatting, schemas, streaming
+from ..body import Resource
 from ..errors import APIError
 from . import common
 
@@ -32,13 +33,9 @@ def prompt_ids(model, prompt, suffix: str | None, param: str = "prompt") -> list
     return [bos, *ids] if model.tokenizer.add_bos and bos is not None else ids
 
 
-class Completions:
-    def __init__(self, engine, settings):
-        self.engine = engine
-        self.settings = settings
-
+class Completions(Resource):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        request = schemas.parse_completion(schemas.read_json(req, self.settings.max_body_bytes))
+        request = schemas.parse_completion(self.body(req))
         entry, model = common.text_model(self.engine, request.model)
         params, num_ctx = model.make_params(**request.settings)
         many = len(request.prompts) > 1

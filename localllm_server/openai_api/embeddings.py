@@ -4,17 +4,14 @@ from __future__ import annotations
 import falcon
 
 from .. import formatting, schemas
+from ..body import Resource
 from ..errors import APIError
 from . import common
 
 
-class Embeddings:
-    def __init__(self, engine, settings):
-        self.engine = engine
-        self.settings = settings
-
+class Embeddings(Resource):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        request = schemas.parse_embeddings(schemas.read_json(req, self.settings.max_body_bytes))
+        request = schemas.parse_embeddings(self.body(req))
         entry, model = common.load_model(self.engine, request.model)
         if "embedding" not in model.capabilities:
             raise APIError(400, f"model '{request.model}' does not support embeddings", param="model",
@@ -24,8 +21,6 @@ class Embeddings:
         counts = model.count_tokens(request.input)
         if request.truncate:
             counts = [min(c, model.max_seq_length) for c in counts]
-        metrics = getattr(req.context, "metrics", None)
-        if metrics is not None:
-            metrics.add_tokens("embeddings", sum(counts), 0)
+        self.count_tokens(req, "embeddings", sum(counts), 0)
         resp.media = formatting.embeddings_response(request.model, vectors.tolist(), request.encoding_format,
                                                     sum(counts))

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 import falcon
 
 from .. import formatting, schemas, schemas_responses, streaming
+from ..body import Resource
 from ..errors import APIError, to_api_error
 from . import chat, common
 
@@ -40,13 +41,9 @@ def _named_event(event: dict) -> bytes:
     return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode("utf-8")
 
 
-class Responses:
-    def __init__(self, engine, settings):
-        self.engine = engine
-        self.settings = settings
-
+class Responses(Resource):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        request = schemas_responses.parse_responses(schemas.read_json(req, self.settings.max_body_bytes))
+        request = schemas_responses.parse_responses(self.body(req))
         entry, model = common.text_model(self.engine, request.model)
         if request.chat.n_images and "vision" not in getattr(model, "capabilities", ()):
             raise APIError(400, f"model '{request.model}' does not support images", param="input")
