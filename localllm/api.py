@@ -22,7 +22,8 @@ from .tokenizer import Tokenizer
 
 DEFAULT_NUM_CTX = 4096
 SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))
-GENERATION_KEYS = ("max_tokens", "stop", "stop_token_ids", "logprobs", "top_logprobs", "echo", "n", "constraint")
+GENERATION_KEYS = ("max_tokens", "stop", "stop_token_ids", "logprobs", "top_logprobs", "echo", "n", "constraint",
+                   "context_shift", "num_keep")
 # Ollama option names that map onto the keys above
 OPTION_ALIASES = {"num_predict": "max_tokens"}
 
@@ -176,7 +177,10 @@ class Model:
             sampling=sampling, max_tokens=max_tokens, stop=list(stop),
             stop_token_ids=list(merged.get("stop_token_ids") or []),
             logprobs=bool(merged.get("logprobs", False)), top_logprobs=int(merged.get("top_logprobs") or 0),
-            echo=bool(merged.get("echo", False)), n=int(merged.get("n", 1)), constraint=merged.get("constraint"))
+            echo=bool(merged.get("echo", False)), n=int(merged.get("n", 1)), constraint=merged.get("constraint"),
+            context_shift=bool(merged.get("context_shift", False)))
+        if merged.get("num_keep") is not None:
+            params.num_keep = merged["num_keep"]
         params.validate()
         return params, int(num_ctx)
 

@@ -398,7 +398,7 @@ class Engine:
             raise ValueError(f"num_ctx {handle.num_ctx} is larger than the model's training context "
                              f"{model.config.n_ctx_train}")
         from .generate import plan_context
-        plan_context(len(prompt), params.max_tokens, handle.num_ctx)   # ContextLengthExceeded before queueing
+        plan_context(len(prompt), params.max_tokens, handle.num_ctx, params.context_shift)   # before queueing
         if params.n > model.cache.n_slots:
             raise ValueError(f"n must be at most {model.cache.n_slots} (the number of parallel sequences)")
         key, _ = self._canonical(name)

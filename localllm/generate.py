@@ -22,6 +22,8 @@ from .sampling import SampledToken, SamplingParams, TokenSampler, top_logprobs a
 from .stopping import StopStringMatcher
 
 PREFILL_CHUNK = 512
+DEFAULT_NUM_KEEP = 4             # Ollama's default num_keep
+SHIFT_PREDICT_WINDOWS = 10       # with context_shift and no max_tokens: stop after 10 windows (Ollama's limit)
 MAX_TOP_LOGPROBS = 20
 
 
@@ -40,6 +42,8 @@ class GenerationParams:
     constraint: object | None = None       # constrain.Constraint: grammar masks (JSON mode, schema, tool calls)
     reasoning: object | None = None        # reasoning.ReasoningFormat: split the thought from the answer; the
                                            # constraint then applies after the thought
+    context_shift: bool = False            # a full window drops older tokens and goes on (Ollama's native API)
+    num_keep: int = DEFAULT_NUM_KEEP       # with context_shift: leading tokens always kept (Ollama's num_keep)
 
     def validate(self) -> None:
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
@@ -50,6 +54,8 @@ class GenerationParams:
             raise ValueError("n must be a positive integer")
         if any(not isinstance(s, str) for s in self.stop):
             raise ValueError("stop must be a string or a list of strings")
+        if isinstance(self.num_keep, bool) or not isinstance(self.num_keep, int) or self.num_keep < -1:
+            raise ValueError("num_keep must be an integer >= -1 (-1: keep the whole prompt)")
 
 
 @dataclass
@@ -130,7 +136,8 @@ class Sequence:
 
     def __init__(self, index: int, prompt: list[int], params: GenerationParams, tokenizer, slot: int,
                  max_new_tokens: int, sampler: TokenSampler, extra_stop_ids: Seq[int] = (),
-                 prefill_from: "Sequence | None" = None, cached_prefix: int = 0, want_prompt_logprobs=False):
+                 prefill_from: "Sequence | None" = None, cached_prefix: int = 0, want_prompt_logprobs=False,
+                 n_ctx: int | None = None):
         self.index = index
         self.params = params
         self.tokenizer = tokenizer
@@ -138,6 +145,10 @@ class Sequence:
         self.prompt = list(prompt)
         self.tokens = list(prompt)             # prompt + generated
         self.n_prompt = len(prompt)
+        self.n_prefill = len(prompt)           # tokens to compute before sampling: the prompt, or after a shift the window
+        self.prompt_end = len(prompt)          # where the generated tokens start in ``tokens`` (moves on a shift)
+        self.n_ctx = n_ctx                     # the window; with params.context_shift a full one is shifted
+        self.shifted_tokens = 0                # tokens dropped by context shifts
         self.n_computed = cached_prefix        # tokens whose K/V are in the cache
         self.cached_prefix = cached_prefix     # of them, reused from an earlier request
         self.max_new_tokens = max_new_tokens
@@ -169,7 +180,30 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.n_computed < self.n_prompt
+        return self.n_computed < self.n_prefill
+
+    def needs_shift(self) -> bool:
+        """The next token to decode would not fit the window (only asked with params.context_shift)."""
+        return (self.params.context_shift and self.n_ctx is not None and not self.prefilling
+                and self.last_logits is None and len(self.tokens) > self.n_ctx)
+
+    def shift_context(self, cache: KVCache) -> None:
+        """Drop older tokens as Ollama does: keep ``num_keep`` leading ones, discard half of the rest.
+
+        The kept tokens move to new positions, so their K/V are recomputed (the next steps prefill
+        them): exact, where llama.cpp re-rotates the cached keys. The slot's leading tokens that
+        are still valid (at least the kept ones, unless a sliding-window ring overwrote them) stay.
+        """
+        keep = self.n_prompt if self.params.num_keep == -1 else self.params.num_keep
+        keep = min(keep, self.n_prompt, self.n_ctx - 2)
+        discard = (self.n_ctx - keep) // 2
+        self.tokens = self.tokens[:keep] + self.tokens[keep + discard:]
+        if self.prompt_end > keep:
+            self.prompt_end = keep + max(0, self.prompt_end - keep - discard)
+        self.n_prefill = len(self.tokens)
+        self.n_computed = cache.usable_prefix(self.slot, self.tokens, limit=len(self.tokens) - 1)
+        self.want_prompt_logprobs = False
+        self.shifted_tokens += discard
 
     def describe_token(self, token_id: int, logprob: float | None) -> TokenLogprob:
         return TokenLogprob(token_id, self.tokenizer.token_text(token_id), self.tokenizer.token_bytes(token_id),
@@ -243,10 +277,18 @@ class Sequence:
         return event
 
 
-def plan_context(n_prompt: int, max_tokens: int | None, n_ctx: int) -> int:
-    """How many tokens may be generated; raises ContextLengthExceeded before any work if it cannot fit."""
+def plan_context(n_prompt: int, max_tokens: int | None, n_ctx: int, context_shift: bool = False) -> int:
+    """How many tokens may be generated; raises ContextLengthExceeded before any work if it cannot fit.
+
+    With ``context_shift`` only the prompt must fit: generation goes past the window by shifting
+    it, up to ``max_tokens`` or, without one, ten windows (as Ollama).
+    """
     if n_prompt == 0:
         raise ValueError("the prompt is empty: nothing to condition on")
+    if context_shift:
+        if n_prompt >= n_ctx:
+            raise ContextLengthExceeded(n_prompt, n_ctx, "prompt")
+        return SHIFT_PREDICT_WINDOWS * n_ctx if max_tokens is None else max_tokens
     if max_tokens is None:
         if n_prompt >= n_ctx:
             raise ContextLengthExceeded(n_prompt, n_ctx, "prompt")
@@ -276,6 +318,8 @@ def step(model, cache: KVCache, sequences: list[Sequence],
     for seq in sequences:
         if seq.finished:
             continue
+        if seq.needs_shift():
+            seq.shift_context(cache)
         if seq.prefill_from is not None:
             leader = seq.prefill_from
             if leader.prefilling:
@@ -288,7 +332,7 @@ def step(model, cache: KVCache, sequences: list[Sequence],
             seq.prefill_from = None
             continue
         if seq.prefilling:
-            take = min(budget, seq.n_prompt - seq.n_computed) if budget > 0 else 0
+            take = min(budget, seq.n_prefill - seq.n_computed) if budget > 0 else 0
             if take == 0:
                 continue
             budget -= take
@@ -309,11 +353,11 @@ def step(model, cache: KVCache, sequences: list[Sequence],
                                logits_for=np.array(logit_rows))
         for row, (seq, pos) in enumerate(owners):
             seq.n_computed = max(seq.n_computed, pos + 1)
-            if pos + 1 < seq.n_prompt:          # a prompt position: only its logprob of the next prompt token
+            if pos + 1 < seq.n_prefill:         # a prompt position: only its logprob of the next prompt token
                 seq.prompt_logprobs.append(_prompt_logprob(seq, logits[row], pos + 1))
                 continue
             seq.last_logits = logits[row]
-            if pos + 1 == seq.n_prompt:
+            if pos + 1 == seq.n_prompt and not seq.shifted_tokens:
                 seq.prompt_last_logits = logits[row]
                 seq.prompt_seconds = time.perf_counter() - seq.started
         for seq in sequences:
@@ -330,7 +374,7 @@ def step(model, cache: KVCache, sequences: list[Sequence],
             events.append((seq, seq.finish_event(GenerationEvent(seq.index, finish_reason="length"))))
             continue
         try:
-            sampled = seq.sampler(seq.last_logits, seq.tokens, seq.n_prompt)
+            sampled = seq.sampler(seq.last_logits, seq.tokens, seq.prompt_end)
             seq.last_logits = None
             event = seq.accept(sampled)
         except Exception as exc:                    # its processors, sampler or grammar failed: that request alone ends
@@ -361,7 +405,7 @@ def make_sequences(prompt: list[int], params: GenerationParams, tokenizer, cache
                    reuse_prefix: bool = True) -> list[Sequence]:
     """Allocate slots and build the n sequences of one request (raises before any work if it cannot fit)."""
     params.validate()
-    max_new = plan_context(len(prompt), params.max_tokens, n_ctx)
+    max_new = plan_context(len(prompt), params.max_tokens, n_ctx, params.context_shift)
     want_prompt_logprobs = params.echo and params.logprobs
     sequences: list[Sequence] = []
     leader = None
@@ -376,7 +420,7 @@ def make_sequences(prompt: list[int], params: GenerationParams, tokenizer, cache
                 extra.append(constraint_processor(params.reasoning, params.constraint, tokenizer, max_new))
             seq = Sequence(index, prompt, params, tokenizer, slot, max_new, TokenSampler(sampling, extra),
                            prefill_from=leader, cached_prefix=cached if leader is None else 0,
-                           want_prompt_logprobs=want_prompt_logprobs and leader is None)
+                           want_prompt_logprobs=want_prompt_logprobs and leader is None, n_ctx=n_ctx)
             leader = leader or seq
             sequences.append(seq)
     except BaseException:
