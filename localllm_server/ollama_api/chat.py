@@ -7,6 +7,15 @@ format (``localllm.tools``); calls the model writes come back as ``message.tool_
 ``think`` (true/false, "low"/"medium"/"high"; absent: the model's default) switches a reasoning
 model's thought; the thought comes apart from the answer in ``message.thinking`` (streamed in
 lines of its own), and ``format`` / tool calls apply to the answer after it.
+
+A conversation longer than the context window keeps going, as on Ollama: its oldest non-system
+messages are left out (a tool call with its results; the system messages, the tools and the newest
+message always stay) until the prompt leaves the answer ``num_predict`` tokens, or half the window
+when ``num_predict`` is unset (``localllm.context_window``). The final line then says how much was
+left out: ``truncated_prompt_tokens`` (prompt tokens of the whole conversation not sent to the model)
+and ``truncated_messages``; the ``X-Localllm-Prompt-Truncated`` header carries the token count. A
+conversation that fits is sent whole. ``truncate: false`` turns this off (a too-long conversation is a
+400), and a newest message too long to fit with the system prompt and tools is a 400 either way.
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ from .runner import Output, Run, expire, load_only, require_text_model, respond
 class ChatResource(Resource):
     def on_post(self, req, resp):
         from localllm import tools as tooling
+        from localllm.context_window import fit_conversation
 
         body = self.body(req)
         name = parsing.model_name(body)
@@ -28,6 +38,7 @@ class ChatResource(Resource):
         constraint = parsing.constraint(body)
         tools = tooling.validate_tools(parsing.tools(body))          # ValueError: 400 naming the bad entry
         think = parsing.think(body)
+        truncate = parsing.flag(body, "truncate", True)
         entry = self.engine.store.get(name)
         require_text_model(entry, name, "chat")
 
@@ -44,12 +55,24 @@ class ChatResource(Resource):
         thinking = parsing.thinking(model, think, name)
         extra = thinking.template_extra
         conversation = [dict(m) for m in entry.messages or []] + messages     # Modelfile MESSAGEs come first
-        if tools:
-            prompt = tooling.render_tools_prompt(model, conversation, tools, "auto", **extra)
+
+        def prompt_text(kept: list[dict], tools) -> tuple:
+            """(the prompt text of ``kept`` messages, the thought parser's format)."""
+            if tools:
+                return thinking.finish(tooling.render_tools_prompt(model, kept, tools, "auto", **extra))
+            return thinking.finish(model.render_chat(kept, add_generation_prompt=True, **extra))
+
+        def render(kept: list[dict], tools) -> list[int]:
+            return model.tokenize(prompt_text(kept, tools)[0])
+
+        if truncate:
+            fitted = fit_conversation(conversation, tools, render, num_ctx, params.max_tokens)  # 400 if too long
+            conversation, prompt_ids = fitted.messages, fitted.prompt_ids
+            run.truncated(fitted.dropped_tokens, fitted.dropped_messages)
         else:
-            prompt = model.render_chat(conversation, add_generation_prompt=True, **extra)
-        prompt, params.reasoning = thinking.finish(prompt)
-        events = run.submit(model.tokenize(prompt), params, num_ctx)
+            prompt_ids = render(conversation, tools)
+        params.reasoning = prompt_text(conversation, tools)[1]
+        events = run.submit(prompt_ids, params, num_ctx)
         respond(req, resp, run, events, stream, ChatOutput(run, tools, stream), "api_chat")
 
 

@@ -8,6 +8,14 @@ prompt ids + generated ids, so passing it back continues the conversation.
 ``suffix`` asks for fill-in-the-middle and needs a model with FIM tokens.
 ``think`` works as on /api/chat (the thought in ``thinking``) for prompts rendered with the
 model's own template; ``raw`` prompts and a request ``template`` are sent as they are.
+
+A prompt (``context`` + the new prompt) longer than the context window is cut in its middle,
+as Ollama's runner cuts it: its first ``options.num_keep`` tokens (default 4, after BOS; -1 keeps
+the start) and its newest tokens are kept, leaving the answer ``num_predict`` tokens or half the
+window (``localllm.context_window``). The final line's ``truncated_prompt_tokens`` and the
+``X-Localllm-Prompt-Truncated`` header say how many tokens were left out, and its ``context`` holds
+the ids actually run. A prompt that fits is sent whole; ``truncate: false`` turns the cut off (a
+too-long prompt is a 400), and a fill-in-the-middle (``suffix``) prompt is never cut.
 """
 from __future__ import annotations
 
@@ -18,6 +26,8 @@ from .runner import Output, Run, expire, load_only, require_text_model, respond
 
 class GenerateResource(Resource):
     def on_post(self, req, resp):
+        from localllm.context_window import fit_prompt_ids
+
         body = self.body(req)
         name = parsing.model_name(body)
         stream = parsing.flag(body, "stream", True)
@@ -31,6 +41,8 @@ class GenerateResource(Resource):
         template = parsing.optional_string(body, "template")
         context = parsing.token_ids(body, "context")
         think = parsing.think(body)
+        truncate = parsing.flag(body, "truncate", True)
+        num_keep = num_keep_option(body)
         parsing.images_absent(body.get("images"), "images", name)
         entry = self.engine.store.get(name)
         require_text_model(entry, name, "generate")
@@ -59,6 +71,10 @@ class GenerateResource(Resource):
                           template_extra=thinking.template_extra)
             text, params.reasoning = thinking.finish(text)
             prompt_ids += model.tokenize(text, add_bos=False if prompt_ids else None)
+        if truncate and not suffix:
+            prompt_ids, dropped = fit_prompt_ids(prompt_ids, num_ctx, params.max_tokens, num_keep,
+                                                 model.tokenizer.bos_id)
+            run.truncated(dropped)
         events = run.submit(prompt_ids, params, num_ctx)
         respond(req, resp, run, events, stream, GenerateOutput(run, prompt_ids), "api_generate")
 
@@ -88,6 +104,22 @@ class GenerateOutput(Output):
         if records:
             fields["logprobs"] = responses.logprobs(records)
         return fields
+
+
+def num_keep_option(body: dict) -> int:
+    """``options.num_keep``: prompt tokens after BOS a cut keeps (Ollama's default 4; -1 keeps the start)."""
+    from localllm.context_window import DEFAULT_NUM_KEEP
+
+    options = body.get("options")
+    value = options.get("num_keep") if isinstance(options, dict) else None
+    if value is None:
+        return DEFAULT_NUM_KEEP
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise APIError(400, "options.num_keep must be an integer >= -1 (-1 keeps the start of the prompt)",
+                       param="options.num_keep")
+    return value
 
 
 def render(model, entry, prompt: str, system: str | None, template: str | None, suffix: str | None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 
+TRUNCATED_HEADER = "X-Localllm-Prompt-Truncated"   # prompt tokens left out to fit the context window
 FOREVER_SECONDS = 292 * 365.25 * 86400        # Go's longest duration, what Ollama shows for keep_alive < 0
 EMBEDDING_FAMILIES = ("bert", "nomic-bert", "jina-bert-v2", "xlm-roberta", "roberta", "distilbert", "mpnet",
                       "new", "gte")
@@ -55,6 +56,20 @@ def metrics(total_seconds: float, load_seconds: float, usage, timings: dict | No
             "prompt_eval_duration": ns(timings.get("prompt_seconds")),
             "eval_count": usage.completion_tokens if usage else 0,
             "eval_duration": ns(timings.get("decode_seconds"))}
+
+
+def truncation(tokens: int, messages: int | None = None) -> dict:
+    """The final line's fields for a prompt cut to fit the context window (none when nothing was cut).
+
+    ``truncated_prompt_tokens``: prompt tokens left out (the whole request's prompt minus the one run);
+    ``truncated_messages`` (/api/chat): how many of the oldest non-system messages were left out.
+    """
+    if not tokens and not messages:
+        return {}
+    fields = {"truncated_prompt_tokens": int(tokens)}
+    if messages is not None:
+        fields["truncated_messages"] = int(messages)
+    return fields
 
 
 def logprobs(records) -> list[dict]:

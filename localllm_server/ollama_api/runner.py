@@ -3,7 +3,8 @@
 The first engine event is awaited before the response starts, so errors found while
 the prompt is admitted still get their own status code. Streams cancel the engine
 request when the client goes away (``ClosingStream``). ``keep_alive: 0`` asks for
-the model to be unloaded once it is idle after this request.
+the model to be unloaded once it is idle after this request. A prompt cut to fit the
+context window (``Run.truncated``) says so in the final line and in a response header.
 """
 from __future__ import annotations
 
@@ -33,15 +34,22 @@ class Run:
         self.model = engine.load(entry, keep_alive=self.keep_alive)
         self.load_seconds = time.perf_counter() - self.started
         self.handle = None
+        self.truncation: dict = {}            # the final line's truncation fields, when the prompt was cut
+
+    def truncated(self, tokens: int, messages: int | None = None) -> None:
+        """Record that ``tokens`` prompt tokens (``messages`` chat messages) were left out to fit the window."""
+        self.truncation = responses.truncation(tokens, messages)
 
     def submit(self, prompt_ids: list[int], params, num_ctx: int) -> Iterator:
         self.handle = self.engine.submit(self.entry, prompt_ids, params, num_ctx=num_ctx, keep_alive=self.keep_alive)
         return iter(self.handle)
 
     def metrics(self, final_event) -> dict:
-        return responses.metrics(time.perf_counter() - self.started, self.load_seconds,
-                                 final_event.usage if final_event else None,
-                                 final_event.timings if final_event else None)
+        """The final line's durations and counts (and truncation fields, if the prompt was cut)."""
+        return {**responses.metrics(time.perf_counter() - self.started, self.load_seconds,
+                                    final_event.usage if final_event else None,
+                                    final_event.timings if final_event else None),
+                **self.truncation}
 
     def finish(self) -> None:
         """Cancel the engine request if it still runs; unload the model when idle if keep_alive was 0."""
@@ -79,7 +87,7 @@ def respond(req, resp, run: Run, events: Iterator, stream: bool, output: Output,
 
     A client that goes away cancels the engine request (``ClosingStream`` when streaming;
     waitress's disconnect check between events otherwise). The tokens count in the app's
-    metrics under ``route``.
+    metrics under ``route``. A cut prompt (``run.truncation``) sets ``X-Localllm-Prompt-Truncated``.
     """
     model = run.name
     disconnected = req.env.get("waitress.client_disconnected")
@@ -88,6 +96,9 @@ def respond(req, resp, run: Run, events: Iterator, stream: bool, output: Output,
     except BaseException:
         run.finish()
         raise
+
+    if run.truncation:
+        resp.set_header(responses.TRUNCATED_HEADER, str(run.truncation["truncated_prompt_tokens"]))
 
     def all_events():
         if first is not None:
