@@ -64,7 +64,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from collections import Counter
@@ -75,7 +74,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (benchmarks/peers.py)
-from bench_generate import avx2_only_env, cpu_info  # noqa: E402
+from bench_generate import cpu_info  # noqa: E402
+from workers import WorkerDied, WorkerProcess, avx2_only_env, localllm_env  # noqa: E402
 
 LOCAL = "localllm"
 GOAL = 1.1                       # issue 16: decode and prefill at least 1.1x the faster peer
@@ -514,43 +514,18 @@ def worker_info(runner: LocalRunner) -> dict:
             "one_launch_decode": step is not None}
 
 
-class Worker:
-    """A localllm worker process on one file; its stderr kept for the report when it dies."""
+class Worker(WorkerProcess):
+    """A localllm worker process on one file."""
 
     def __init__(self, path: Path, args):
-        env = dict(os.environ)
-        env["NUMBA_NUM_THREADS"] = str(args.threads)
-        if args.avx2_only:
-            env.pop("NUMBA_CACHE_DIR", None)    # it would win over LOCALLLM_KERNEL_CACHE
-            env.update(avx2_only_env())
-        self.stderr = tempfile.TemporaryFile("w+")
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(path), "--prompt-tokens", str(args.prompt_tokens),
-             "--decode-tokens", str(args.decode_tokens)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
+        super().__init__([sys.executable, __file__, "--worker", str(path), "--prompt-tokens", str(args.prompt_tokens),
+                          "--decode-tokens", str(args.decode_tokens)], env=localllm_env(args.threads, args.avx2_only))
 
     def ask(self, command: str | None = None) -> dict:
-        if command:
-            self.process.stdin.write(command + "\n")
-            self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            code = self.process.wait()
-            self.stderr.seek(0)
-            tail = "\n".join(self.stderr.read().strip().splitlines()[-8:])
-            return {"error": f"localllm worker died (exit code {code}): {tail}"}
-        return json.loads(line)
-
-    def close(self) -> dict:
-        info = {}
-        if self.process.poll() is None:
-            try:
-                info = self.ask("quit")
-            except OSError:                     # it exited after its error, between poll and write
-                pass
-        self.process.wait()
-        self.stderr.close()
-        return info
+        try:
+            return super().ask(command)
+        except WorkerDied as exc:               # reported in the JSON beside the peers' figures
+            return {"error": str(exc).replace("benchmark worker", "localllm worker")}
 
 
 # --------------------------------------------------------------------------- driver

@@ -52,7 +52,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +60,7 @@ from pathlib import Path
 START = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (benchmarks/peers.py)
+from workers import WorkerProcess, avx2_only_env, localllm_env  # noqa: E402
 
 DEFAULT_MODEL = "smollm2:135m"
 LOCAL = "localllm"
@@ -221,48 +221,16 @@ def run_worker(args) -> None:
 
 # --------------------------------------------------------------------------- driver
 
-def avx2_only_env() -> dict:
-    """Environment of localllm workers compiled as for an AVX2-only CPU (Haswell), in a kernel cache of their own."""
-    base = os.environ.get("LOCALLLM_KERNEL_CACHE")
-    cache = (Path(base + "-haswell") if base else
-             Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "localllm" / "kernels-haswell")
-    # NUMBA_CPU_FEATURES empty: LLVM takes haswell's own features (with the name alone numba passes the host's
-    # feature flags, AVX-512 included, and haswell-tuned code then uses zmm registers on an AVX-512 host)
-    return {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "", "LOCALLLM_KERNEL_CACHE": str(cache)}
-
-
-def localllm_env(args) -> dict:
-    return {"NUMBA_NUM_THREADS": str(args.threads), **(avx2_only_env() if args.avx2_only else {})}
-
-
-class Worker:
+class Worker(WorkerProcess):
     def __init__(self, engine: str, args, env: dict | None = None, startup: bool = False, prime: bool = False):
         command = [sys.executable, __file__, "--worker", engine, "--model", str(args.model_path), "--threads",
                    str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
                    "--decode-tokens", str(args.decode_tokens)] + (["--startup"] if startup else []) + (["--prime"] if prime else [])
-        base = dict(os.environ)
-        if engine == "localllm" and args.avx2_only:
-            base.pop("NUMBA_CACHE_DIR", None)  # it would win over LOCALLLM_KERNEL_CACHE (localllm.kernel_cache)
         if engine == "localllm":
-            base.update(localllm_env(args))
+            base = localllm_env(args.threads, args.avx2_only)
         else:
-            base["NUMBA_NUM_THREADS"] = str(args.threads)
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        env={**base, **(env or {})})
-
-    def ask(self, command: str | None = None) -> dict:
-        if command:
-            self.process.stdin.write(command + "\n")
-            self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"benchmark worker died (exit code {self.process.wait()})")
-        return json.loads(line)
-
-    def close(self) -> dict:
-        result = self.ask("quit")
-        self.process.wait()
-        return result
+            base = {**os.environ, "NUMBA_NUM_THREADS": str(args.threads)}
+        super().__init__(command, env={**base, **(env or {})})
 
 
 def llama_cpp_python_available() -> bool:

@@ -46,6 +46,7 @@ from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workers import WorkerProcess, localllm_env  # noqa: E402  (benchmarks/workers.py)
 
 DEFAULT_TYPES = "Q4_K,Q6_K,Q5_K,Q5_0,Q8_0"
 HOT_BYTES = 1 << 20            # the in-cache matrix
@@ -245,29 +246,14 @@ def run_worker(args) -> None:
 
 # --------------------------------------------------------------------------- driver
 
-class Worker:
+class Worker(WorkerProcess):
     def __init__(self, source: Path, args, env: dict):
         command = [sys.executable, __file__, "--worker", "--source", str(source), "--cpu", str(args.cpu),
                    "--types", args.types, "--stream-mb", str(args.stream_mb)]
         if args.model_path:
             command += ["--model-path", args.model_path]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        env=env, cwd=tempfile.gettempdir())
+        super().__init__(command, env=env, cwd=tempfile.gettempdir())
         self.ask()  # ready
-
-    def ask(self, command: str | None = None) -> dict:
-        if command:
-            self.process.stdin.write(command + "\n")
-            self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"benchmark worker died (exit code {self.process.wait()})")
-        return json.loads(line)
-
-    def close(self) -> dict:
-        info = self.ask("quit")
-        self.process.wait()
-        return info
 
 
 def extract_revision(revision: str, folder: Path) -> str:
@@ -326,11 +312,8 @@ def main() -> None:
         except Exception as error:  # a model that is not there skips the step figures, with the reason
             model_note = f"skipped: {error}"
 
-    from bench_generate import avx2_only_env, cpu_info
-    env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    if args.avx2_only:
-        env.pop("NUMBA_CACHE_DIR", None)  # it would win over LOCALLLM_KERNEL_CACHE
-        env.update(avx2_only_env())
+    from bench_generate import cpu_info
+    env = {**localllm_env(1, args.avx2_only), "OMP_NUM_THREADS": "1"}
     result = {"cpu": cpu_info(), "pinned_cpu": args.cpu, "types": args.types.split(","), "rounds": args.rounds,
               "avx2_only": bool(args.avx2_only), "model": args.model_path or model_note,
               "load_average_1min": {"start": round(os.getloadavg()[0], 2)}}
