@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command("serve", cmd_serve,
-            "start the OpenAI- and Ollama-compatible server (LOCALLLM_HOST, default 127.0.0.1:11434)")
+            "start the OpenAI- and Ollama-compatible server (LOCALLLM_HOST, default 127.0.0.1:11434); "
+            "SIGTERM lets in-flight requests finish for LOCALLLM_SHUTDOWN_GRACE seconds (default 10)")
     run = command("run", cmd_run, "chat with a model (pulled first when missing)")
     run.add_argument("model")
     run.add_argument("prompt", nargs="*", help="a one-shot prompt; without it, an interactive chat")
@@ -439,11 +440,19 @@ class ChatSession:
 # ---- server commands ---------------------------------------------------------------------------------
 
 def cmd_serve(args) -> int:
+    """Serve until SIGTERM or Ctrl-C; in-flight requests get LOCALLLM_SHUTDOWN_GRACE seconds, then exit 0."""
     if not module_exists("localllm_server.app"):
         return not_available("serve")
+    from localllm_server.app import Settings
     from localllm_server.server import serve
 
-    serve()
+    from .engine import EngineSettings
+    try:
+        settings = Settings.from_env()
+        EngineSettings()                          # its environment variables checked before binding
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    serve(settings)
     return 0
 
 
