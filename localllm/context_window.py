@@ -2,12 +2,14 @@
 
 Ollama keeps a chat going past its window: ``/api/chat`` drops the oldest messages that do not
 fit ``num_ctx`` (keeping the system messages and the newest message, and never leaving a tool
-result without the assistant turn that called the tool), and when generation reaches the end of
+result without the assistant turn that called the tool; localllm also starts the kept messages at a
+user turn, as strict templates require), and when generation reaches the end of
 the window its runner shifts the context, freeing half of it. A ``/api/generate`` prompt that does
 not fit is cut in the middle: its first ``num_keep`` tokens (after BOS) and its end are kept.
 
-localllm cannot shift the context in the middle of an answer yet, so the room for the answer is
-set aside when the prompt is cut:
+The routes that fit prompts here do not shift the context in the middle of an answer (the
+library's ``context_shift`` is off for them), so the room for the answer is set aside when the
+prompt is cut:
 
 - ``prompt_limit(n_ctx, max_tokens)``: the most prompt tokens a request can run with
   (``n_ctx - max_tokens``; without ``max_tokens``, ``n_ctx - 1``, room for one token). A prompt
@@ -82,10 +84,10 @@ def fit_conversation(messages: list[dict], tools: Sequence[dict] | None, render:
     template, generation prompt, thinking switch); tools are always rendered. A conversation
     within :func:`prompt_limit` comes back whole. Otherwise the kept messages are every system
     message (in place, at the front) and the newest messages from the first start that brings
-    the prompt within :func:`prompt_budget`: a start never falls on a tool result whose assistant
-    tool-call turn would be dropped (the call and its results go together), and the newest message
-    (with its tool-call turn, if it is a tool result) is always kept. If even those kept parts alone
-    exceed the limit: :class:`ConversationTooLong`. Renders O(log n) times for n messages.
+    the prompt within :func:`prompt_budget`. A start is a user message (:func:`kept_starts`: a tool
+    call and its results, a question and its answer go together), and the newest message (with its
+    tool-call turn, if it is a tool result) is always kept. If even those kept parts alone exceed
+    the limit: :class:`ConversationTooLong`. Renders O(log n) times for n messages.
     """
     if not messages:
         raise ValueError("messages is empty: nothing to fit")
@@ -126,14 +128,15 @@ def kept_from(messages: Sequence[dict], start: int) -> list[dict]:
 def kept_starts(messages: Sequence[dict]) -> list[int]:
     """The indices (> 0) the kept messages may start at, ascending, the last one keeping only the newest message.
 
-    A system message is never a start (it is kept anyway); a tool result that follows an assistant
-    turn with ``tool_calls`` (directly or after other results) starts at that assistant turn instead.
+    Every start but the last is a user message: a question goes with its answer and a tool call with its
+    results, and the kept conversation opens with a user turn as templates expect (Gemma's and Mistral's
+    refuse one that opens with the assistant). The last start is the newest message, or for a tool result
+    the assistant turn whose ``tool_calls`` it answers. [0] when that is the first message.
     """
     newest = tool_block_start(messages, len(messages) - 1)
     if newest == 0:
         return [0]
-    starts = {tool_block_start(messages, i) for i in range(1, newest) if messages[i].get("role") != "system"}
-    return sorted(starts - {0}) + [newest]
+    return [i for i in range(1, newest) if messages[i].get("role") == "user"] + [newest]
 
 
 def tool_block_start(messages: Sequence[dict], index: int) -> int:

@@ -3,7 +3,8 @@
 A fake renderer stands in for the chat template: every message costs its words plus two
 tokens (role, end of turn), each tool five, the prompt starts with BOS and ends with a two-token
 generation prompt. The message choice is checked against a linear scan written out here (the
-way Ollama's chatPrompt walks the conversation), on hand-made and generated conversations.
+way Ollama's chatPrompt walks the conversation, from user turns only), on hand-made and generated
+conversations.
 """
 from __future__ import annotations
 
@@ -55,14 +56,8 @@ def linear_oracle(messages, tools, render, n_ctx, max_tokens):
         if first > 0 and messages[first - 1].get("tool_calls"):
             newest = first - 1
     for start in range(1, newest + 1):
-        if start < newest and messages[start]["role"] == "system":
-            continue
-        if start < newest and messages[start]["role"] == "tool":
-            before = start - 1
-            while before >= 0 and messages[before]["role"] == "tool":
-                before -= 1
-            if before >= 0 and messages[before].get("tool_calls"):
-                continue                                   # would orphan this result: its caller starts instead
+        if start < newest and messages[start]["role"] != "user":
+            continue                                       # the kept turns open with a user message
         kept = [m for m in messages[:start] if m["role"] == "system"] + messages[start:]
         size = len(render(kept, tools))
         if size <= budget or (start == newest and size <= limit):
@@ -132,11 +127,13 @@ def test_tools_are_always_rendered_and_count():
 
 def test_a_tool_call_and_its_results_are_dropped_together():
     render = FakeTemplate()
-    messages = [msg("user", 10), call(10), msg("tool", 30), msg("tool", 30), msg("assistant", 5), msg("user", 5)]
-    assert len(render(messages, None)) == 106
-    assert len(render(messages[3:], None)) == 49          # the second result onwards would fit 50...
-    fitted = fit_conversation(messages, None, render, n_ctx=100, max_tokens=50)     # limit = budget = 50
-    assert fitted.messages == messages[4:]                # ...but never a result without its call
+    messages = [msg("user", 10), call(10), msg("tool", 30), msg("tool", 30), msg("assistant", 5), msg("user", 5),
+                call(2), msg("tool", 3), msg("assistant", 3), msg("user", 2)]
+    assert len(render(messages, None)) == 125
+    assert len(render(messages[3:], None)) == 68          # from the second result on, 68 tokens would fit...
+    fitted = fit_conversation(messages, None, render, n_ctx=150, max_tokens=80)     # limit = budget = 70
+    assert fitted.messages == messages[5:]                # ...but never a result without its call
+    assert fitted.messages[1]["tool_calls"] and len(fitted.prompt_ids) == 29       # (the newer call stays whole)
     assert fit_conversation(messages, None, render, n_ctx=200, max_tokens=20).messages == messages   # fits
 
 
@@ -148,11 +145,13 @@ def test_a_tool_result_as_newest_message_keeps_its_call():
     assert fitted.messages[0]["tool_calls"]
 
 
-def test_an_orphan_tool_result_may_start_the_kept_messages():
+def test_the_kept_messages_open_with_a_user_turn():
     render = FakeTemplate()
-    messages = [msg("user", 50), msg("tool", 3), msg("assistant", 3), msg("user", 3)]
+    messages = [msg("user", 50), msg("tool", 3), msg("assistant", 3), msg("user", 3), msg("assistant", 3),
+                msg("user", 3)]
+    assert len(render(messages[2:], None)) == 23 and len(render(messages[3:], None)) == 18
     fitted = fit_conversation(messages, None, render, n_ctx=64, max_tokens=None)    # budget 32
-    assert fitted.messages == messages[1:]
+    assert fitted.messages == messages[3:]                # not the orphan result, not the assistant
 
 
 def test_a_newest_message_too_long_alone_is_refused():

@@ -32,13 +32,14 @@ def chat_ids(model, messages: list[dict]) -> list[int]:
 
 
 def expected_kept(model, messages: list[dict], num_predict: int | None = None) -> list[dict]:
-    """Ollama's walk from the oldest message: the system prompt plus the newest messages that leave the answer
-    its room (num_predict, or half the window); the whole conversation when it fits."""
+    """Ollama's walk from the oldest message (from user turns): the system prompt plus the newest messages that
+    leave the answer its room (num_predict, or half the window); the whole conversation when it fits."""
     limit = NUM_CTX - num_predict if num_predict is not None else NUM_CTX - 1
     budget = limit if num_predict is not None else HALF
     if len(chat_ids(model, messages)) <= limit:
         return messages
-    for start in range(2, len(messages)):
+    for start in range(3, len(messages), 2):                    # SYSTEM, then user/assistant pairs
+        assert messages[start]["role"] == "user"
         kept = messages[:1] + messages[start:]
         if len(chat_ids(model, kept)) <= budget or start == len(messages) - 1:
             return kept
