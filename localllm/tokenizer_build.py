@@ -22,8 +22,18 @@ from numba import njit
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from .formats.errors import ModelFormatError
+
 # GGUF token types (tokenizer.ggml.token_type), as llama.cpp names them.
 TOKEN_UNDEFINED, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = range(7)
+
+
+
+class TokenizerMetadataError(ModelFormatError):
+    """GGUF ``tokenizer.ggml.*`` metadata that cannot make a tokenizer: a missing or empty vocabulary, lists
+    whose lengths do not match it, token types or special ids out of range, malformed merges, values of the
+    wrong type. Raised before ``tokenizers`` sees the vocabulary (it panics on some of these)."""
+
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SPACE_MARK = "\u2581"  # "▁", SentencePiece's space
@@ -161,28 +171,32 @@ def gguf_tokenizer_args(metadata: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments of ``Tokenizer`` for GGUF metadata (``tokenizer.ggml.*`` keys as plain values)."""
     model = metadata.get("tokenizer.ggml.model")
     if model is None:
-        raise ValueError("GGUF metadata has no 'tokenizer.ggml.model'")
+        raise TokenizerMetadataError("GGUF metadata has no 'tokenizer.ggml.model'")
     if model not in ("gpt2", "llama"):
-        raise ValueError(f"unsupported tokenizer.ggml.model '{model}' (supported: 'gpt2', 'llama')")
+        raise TokenizerMetadataError(f"unsupported tokenizer.ggml.model {model!r} (supported: 'gpt2', 'llama')")
     tokens, vocab = _vocabulary(metadata)
     n_tokens = len(tokens)
-    token_types = _per_token(metadata, "tokenizer.ggml.token_type", n_tokens, TOKEN_NORMAL)
+    token_types = _per_token(metadata, "tokenizer.ggml.token_type", n_tokens, TOKEN_NORMAL, _is_token_type,
+                             f"a token type {TOKEN_UNDEFINED}..{TOKEN_BYTE}")
+    template = metadata.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerMetadataError(f"GGUF metadata 'tokenizer.chat_template' is a {type(template).__name__}, "
+                                     "not a string")
 
     special = _special_ids(metadata, model, n_tokens)
     eog_ids = _eog_ids(tokens, vocab, token_types, special)  # may mark more tokens CONTROL, as llama.cpp does
 
     if model == "gpt2":
         pre = metadata.get("tokenizer.ggml.pre") or "default"
-        if pre not in _PRE_TYPES:
-            raise ValueError(f"unknown tokenizer.ggml.pre '{pre}' for a 'gpt2' vocabulary "
-                             f"(known: {', '.join(sorted(_PRE_TYPES))})")
+        if not isinstance(pre, str) or pre not in _PRE_TYPES:
+            raise TokenizerMetadataError(f"unknown tokenizer.ggml.pre {pre!r} for a 'gpt2' vocabulary "
+                                         f"(known: {', '.join(sorted(_PRE_TYPES))})")
         regex_key, ignore_merges, add_bos = _PRE_TYPES[pre]
-        hf_tokenizer = _byte_level_bpe(vocab, metadata.get("tokenizer.ggml.merges") or [],
-                                       PRE_TOKENIZERS[regex_key], ignore_merges)
+        hf_tokenizer = _byte_level_bpe(vocab, _merges(metadata, vocab), PRE_TOKENIZERS[regex_key], ignore_merges)
         pieces = _gguf_pieces(tokens, token_types, list(map(byte_level_token_bytes, tokens)))
         add_space_prefix = False
     else:
-        scores = _per_token(metadata, "tokenizer.ggml.scores", n_tokens, 0.0)
+        scores = _per_token(metadata, "tokenizer.ggml.scores", n_tokens, 0.0, _is_number, "a number")
         add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
         unk_id = special["unknown"]
         hf_tokenizer = _sentencepiece_bpe(tokens, vocab, scores, add_space_prefix,
@@ -206,9 +220,9 @@ def _fim_ids(metadata: dict[str, Any], special: dict[str, int | None]) -> dict[s
     for name, old in (("fim_pre", "prefix"), ("fim_suf", "suffix"), ("fim_mid", "middle")):
         value = special.get(name)
         if value is None:
-            value = metadata.get(f"tokenizer.ggml.{old}_token_id")
+            value = _token_id(metadata, f"tokenizer.ggml.{old}_token_id")
         if value is not None:
-            ids[name] = int(value)
+            ids[name] = value
     return ids if len(ids) == 3 else None
 
 
@@ -216,7 +230,9 @@ def _vocabulary(metadata: dict[str, Any]) -> tuple[list[str], dict[str, int]]:
     """The token texts (an empty text becomes "[EMPTY_<id>]") and the text -> id map; texts must be unique."""
     tokens = metadata.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
-        raise ValueError("GGUF metadata 'tokenizer.ggml.tokens' is missing or empty")
+        raise TokenizerMetadataError("GGUF metadata 'tokenizer.ggml.tokens' is missing or empty")
+    if not all(isinstance(text, str) for text in tokens):
+        raise TokenizerMetadataError("GGUF metadata 'tokenizer.ggml.tokens' holds values that are not strings")
     if "" in tokens:
         tokens = [text if text else f"[EMPTY_{i}]" for i, text in enumerate(tokens)]
     vocab = dict(zip(tokens, range(len(tokens))))
@@ -224,30 +240,78 @@ def _vocabulary(metadata: dict[str, Any]) -> tuple[list[str], dict[str, int]]:
         seen: dict[str, int] = {}
         for token_id, text in enumerate(tokens):
             if text in seen:
-                raise ValueError(f"tokenizer.ggml.tokens: duplicate token {text!r} at ids {seen[text]} and {token_id}")
+                raise TokenizerMetadataError(f"tokenizer.ggml.tokens: duplicate token {text!r} at ids {seen[text]} "
+                                             f"and {token_id}")
             seen[text] = token_id
     return tokens, vocab
 
 
-def _per_token(metadata: dict[str, Any], key: str, n_tokens: int, default: Any) -> list:
+def _is_token_type(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and TOKEN_UNDEFINED <= value <= TOKEN_BYTE
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _per_token(metadata: dict[str, Any], key: str, n_tokens: int, default: Any, valid, expected: str) -> list:
+    """One value a token (``default`` for each when the key is absent): exactly n_tokens of them, each
+    ``valid``, or TokenizerMetadataError."""
     values = metadata.get(key)
     if values is None:
         return [default] * n_tokens
-    if len(values) < n_tokens:
-        raise ValueError(f"GGUF metadata '{key}' has {len(values)} entries for {n_tokens} tokens")
-    return list(values[:n_tokens])
+    if not isinstance(values, list) or len(values) != n_tokens:
+        count = f"{len(values)} entries" if isinstance(values, list) else f"a {type(values).__name__}"
+        raise TokenizerMetadataError(f"GGUF metadata '{key}' has {count} for {n_tokens} tokens")
+    bad = next((i for i, value in enumerate(values) if not valid(value)), None)
+    if bad is not None:
+        raise TokenizerMetadataError(f"GGUF metadata '{key}' entry {bad} is {values[bad]!r}, expected {expected}")
+    return list(values)
+
+
+def _token_id(metadata: dict[str, Any], key: str) -> int | None:
+    """An id key's value (None when absent); an integer or TokenizerMetadataError."""
+    value = metadata.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise TokenizerMetadataError(f"GGUF metadata '{key}' is {value!r}, expected a token id")
+    return value
+
+
+def _merges(metadata: dict[str, Any], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """``tokenizer.ggml.merges`` as (left, right) pairs: each "left right" (split at the first space after
+    the first character, as llama.cpp splits them) with left, right and left + right in the vocabulary;
+    TokenizerMetadataError naming the first that is not (``tokenizers`` panics on a merged text it lacks)."""
+    merges = metadata.get("tokenizer.ggml.merges") or []
+    if not isinstance(merges, list):
+        raise TokenizerMetadataError("GGUF metadata 'tokenizer.ggml.merges' is not a list")
+    pairs = []
+    for index, merge in enumerate(merges):
+        split = merge.find(" ", 1) if isinstance(merge, str) else -1
+        left, right = (merge[:split], merge[split + 1:]) if split > 0 else ("", "")
+        if not right or left not in vocab or right not in vocab or left + right not in vocab:
+            raise TokenizerMetadataError(f"GGUF metadata 'tokenizer.ggml.merges' entry {index} ({merge!r}) is not "
+                                         "two tokens of the vocabulary whose concatenation is one")
+        pairs.append((left, right))
+    return pairs
 
 
 def _special_ids(metadata: dict[str, Any], model: str, n_tokens: int) -> dict[str, int | None]:
-    """Special ids from the metadata; llama.cpp's SentencePiece defaults (bos 1, eos 2, unk 0)."""
+    """Special ids from the metadata; llama.cpp's SentencePiece defaults (bos 1, eos 2, unk 0).
+
+    A BOS or EOS id outside the vocabulary is an error (generation needs them); other ids outside it are
+    ignored, as llama.cpp ignores them (it warns), falling back to the default.
+    """
     defaults = {"bos": 1, "eos": 2, "unknown": 0} if model == "llama" else {}
     special: dict[str, int | None] = {}
     for name, key in _SPECIAL_ID_KEYS.items():
         default = defaults.get(name)
-        value = metadata.get(key, default)
-        if value is None or not 0 <= int(value) < n_tokens:
+        value = _token_id(metadata, key)
+        if value is not None and not 0 <= value < n_tokens and name in ("bos", "eos"):
+            raise TokenizerMetadataError(f"GGUF metadata '{key}' is {value}, outside the vocabulary of "
+                                         f"{n_tokens} tokens")
+        if value is None or not 0 <= value < n_tokens:
             value = default if default is not None and default < n_tokens else None
-        special[name] = None if value is None else int(value)
+        special[name] = value
     return special
 
 
@@ -307,13 +371,8 @@ def _gguf_pieces(tokens: list[str], token_types: list[int], normal_pieces: list[
     return pieces
 
 
-def _byte_level_bpe(vocab: dict[str, int], merges: list[str], regexes: tuple[str, ...],
+def _byte_level_bpe(vocab: dict[str, int], pairs: list[tuple[str, str]], regexes: tuple[str, ...],
                     ignore_merges: bool) -> HFTokenizer:
-    pairs = []
-    for merge in merges:
-        split = merge.find(" ", 1)
-        if split > 0:
-            pairs.append((merge[:split], merge[split + 1:]))
     tokenizer = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in regexes]
