@@ -10,14 +10,17 @@ decode of one sequence and decode of many sequences are the same call.
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..arch import lookup
 from ..arch.spec import ModelConfig, UnsupportedModelFeature
-from ..formats.gguf import GGUFError, GGUFFile
+from ..formats.errors import ModelFormatError
+from ..formats.gguf import GGUFError, GGUFFile, check_hyperparameters
 from ..kv_cache import ContextLengthExceeded, KVCache
 from ..ops import get_backend
 from ..ops.ref import soft_cap
@@ -91,10 +94,102 @@ class _Weights:
                 "running without them would give wrong answers")
 
 
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def expected_shapes(config: ModelConfig, layer_names: set[str]) -> tuple[dict[str, tuple[int, ...]],
+                                                                           dict[str, tuple[int, ...]]]:
+    """(model-wide, per-layer) tensor name -> the shape the config asks for (numpy order: rows first).
+
+    Per-layer names are without their ``blk.N.`` prefix; ``layer_names`` (the suffixes present) says whether
+    ``ffn_up`` is the up matrix beside a separate ``ffn_gate`` or the fused gate + up rows (Phi-3).
+    """
+    c = config
+    dim, hidden_dim, q_dim, kv_dim = c.dim, c.hidden_dim, c.q_dim, c.kv_dim
+    pairs = (c.n_rot // 2,)
+    model = {"token_embd.weight": (c.vocab_size, dim), "output.weight": (c.vocab_size, dim),
+             "output_norm.weight": (dim,), "rope_freqs.weight": pairs, "rope_factors_short.weight": pairs,
+             "rope_factors_long.weight": pairs}
+    fused_gate_up = "ffn_gate.weight" not in layer_names
+    layer = {
+        "attn_norm.weight": (dim,), "ffn_norm.weight": (dim,),
+        "attn_q.weight": (q_dim, dim), "attn_k.weight": (kv_dim, dim), "attn_v.weight": (kv_dim, dim),
+        "attn_qkv.weight": (q_dim + 2 * kv_dim, dim), "attn_output.weight": (dim, q_dim),
+        "ffn_gate.weight": (hidden_dim, dim), "ffn_up.weight": ((2 if fused_gate_up else 1) * hidden_dim, dim),
+        "ffn_down.weight": (dim, hidden_dim),
+        "attn_q_norm.weight": (c.head_dim,), "attn_k_norm.weight": (c.head_dim,),
+        "attn_q.bias": (q_dim,), "attn_k.bias": (kv_dim,), "attn_v.bias": (kv_dim,),
+        "post_attention_norm.weight": (dim,), "post_ffw_norm.weight": (dim,),
+    }
+    return model, layer
+
+
+def check_config(config: ModelConfig, source: str = "model") -> None:
+    """The hyperparameters hold together (sizes positive, heads grouped evenly, RoPE within a head, finite
+    numbers), or ModelFormatError saying which does not: the kernels index by these numbers."""
+    c = config
+
+    def refuse(problem: str) -> ModelFormatError:
+        return ModelFormatError(f"{source}: {problem}")
+
+    for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "n_ctx_train"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or value < 1:
+            raise refuse(f"{name} is {value!r}, expected a positive integer")
+    if c.n_heads % c.n_kv_heads:
+        raise refuse(f"{c.n_heads} attention heads cannot share {c.n_kv_heads} key/value heads evenly")
+    if c.n_rot % 2 or not 0 < c.n_rot <= c.head_dim:
+        raise refuse(f"RoPE over {c.n_rot} dims of {c.head_dim}-wide heads (an even number up to the head width)")
+    if any(not isinstance(w, int) or w < 0 for w in c.layer_windows):
+        raise refuse(f"sliding windows {c.layer_windows} (each an integer >= 0)")
+    numbers = {"rope_theta": c.rope_theta, "norm_eps": c.norm_eps, "embedding_scale": c.embedding_scale,
+               "attention_scale": c.attention_scale, "attention_softcap": c.attention_softcap,
+               "final_logit_softcap": c.final_logit_softcap, "rope_attention_factor": c.rope_attention_factor,
+               "rope_linear_factor": c.rope_linear_factor}
+    numbers.update({f"layer_rope_theta[{i}]": theta for i, theta in enumerate(c.layer_rope_theta)})
+    for name, value in numbers.items():
+        if not math.isfinite(value) or value < 0:
+            raise refuse(f"{name} is {value}, expected a finite number >= 0")
+    if c.rope_theta <= 0 or any(theta <= 0 for theta in c.layer_rope_theta):
+        raise refuse("a RoPE base of 0")
+    for name in ("rope_freq_factors", "rope_freq_factors_long"):
+        factors = getattr(c, name)
+        if factors and len(factors) != c.n_rot // 2:
+            raise refuse(f"{name} has {len(factors)} values for {c.n_rot // 2} pairs of rotated dims")
+        if any(not math.isfinite(f) or f <= 0 for f in factors):
+            raise refuse(f"{name} holds values that are not finite numbers > 0")
+
+
+def check_tensor_shapes(config: ModelConfig, tensors: dict[str, QTensor], source: str = "model") -> None:
+    """Every tensor the dataflow reads has the shape the config asks for (``expected_shapes``), checked before
+    any kernel runs: a wrong width or height is a ModelFormatError naming the tensor, not a read past its
+    end. Names the dataflow does not read are left for ``_Weights.check_all_taken``; missing ones for
+    ``_Weights.matrix``."""
+    layer_names = {match.group(2) for match in map(_LAYER_TENSOR.fullmatch, tensors) if match}
+    model_shapes, layer_shapes = expected_shapes(config, layer_names)
+    for name, tensor in tensors.items():
+        match = _LAYER_TENSOR.fullmatch(name)
+        if match and int(match.group(1)) < config.n_layers:
+            expected = layer_shapes.get(match.group(2))
+        else:
+            expected = model_shapes.get(name)
+        if expected is not None and tuple(tensor.shape) != expected:
+            why = (f"RoPE frequency factors, one for each of {config.n_rot // 2} pairs of rotated dims"
+                   if name.startswith("rope_") else
+                   f"dim {config.dim}, hidden_dim {config.hidden_dim}, {config.n_heads} heads / "
+                   f"{config.n_kv_heads} kv heads of {config.head_dim}, vocab_size {config.vocab_size}")
+            raise ModelFormatError(f"{source}: tensor '{name}' has shape {tuple(tensor.shape)}, the model's "
+                                   f"config asks for {expected} ({why})")
+
+
 class DecoderModel:
     """Weights (memory-mapped QTensors) + the forward pass. Stateless apart from the cache it is given."""
 
-    def __init__(self, config: ModelConfig, tensors: dict[str, QTensor], backend: str = "auto"):
+    def __init__(self, config: ModelConfig, tensors: dict[str, QTensor], backend: str = "auto",
+                 source: str = "model"):
+        """``source`` names the file or folder in errors. Checks the config and every tensor's shape first."""
+        check_config(config, source)
+        check_tensor_shapes(config, tensors, source)
         self.backend = get_backend(backend)
         block = config.block
         weights = _Weights(tensors)
@@ -155,8 +250,14 @@ class DecoderModel:
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, backend: str = "auto") -> "DecoderModel":
         """The model of a GGUF file whose architecture is registered (``localllm.arch``)."""
-        config = lookup(gguf.architecture, gguf.path.name).config_from_gguf(gguf)
-        return cls(config, gguf.tensors, backend)
+        module = lookup(gguf.architecture, gguf.path.name)
+        check_hyperparameters(gguf)
+        config = module.config_from_gguf(gguf)
+        tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+        if isinstance(tokens, list) and len(tokens) != config.vocab_size:
+            raise GGUFError(f"{gguf.path.name} is corrupt: {len(tokens)} tokens in tokenizer.ggml.tokens for a "
+                            f"vocabulary of {config.vocab_size}", gguf.path)
+        return cls(config, gguf.tensors, backend, source=gguf.path.name)
 
     def new_cache(self, n_slots: int, n_ctx: int, dtype=None) -> KVCache:
         """An empty KV cache for ``n_slots`` sequences of up to ``n_ctx`` tokens (rings on sliding-window layers).
