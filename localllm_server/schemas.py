@@ -9,19 +9,19 @@ defaults (Modelfile ``PARAMETER`` lines) apply.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import APIError, bad_request
-from .schemas_tools import (CHAT_TOOL_SCHEMA, TOOL_CHOICE_SCHEMA, check_format_and_tools, parse_tool_call,
+from .schemas_tools import (CHAT_TOOL_SCHEMA, TOOL_CALL_SCHEMA, TOOL_CHOICE_SCHEMA, check_format_and_tools, parse_tool_call,
                             parse_tool_choice, parse_tools, resolve_tool_choice)
 
 MAX_STOP = 16
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
 MAX_PROMPTS = 128
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1          # what the sampler's generator takes
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 REASONING_MESSAGE_KEYS = ("reasoning_content", "reasoning", "thinking")
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
@@ -63,9 +63,8 @@ def number(description: str, low: float | None = None, high: float | None = None
 
 def integer(description: str, low: int | None = None, high: int | None = None, **schema) -> tuple:
     def parse(value, param):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
+        value = as_integer(value)
+        if value is None:
             raise bad_request(f"{param} must be an integer", param)
         if (low is not None and value < low) or (high is not None and value > high):
             raise bad_request(_range_message(param, low, high), param)
@@ -120,22 +119,6 @@ def parse_fields(body: dict, fields: list[Field], prefix: str = "") -> dict:
     return values
 
 
-def read_json(req, max_bytes: int) -> dict:
-    """The request body as a JSON object; 413 past ``max_bytes``, 400 if it is not a JSON object."""
-    raw = req.bounded_stream.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise APIError(413, f"request body is larger than the limit of {max_bytes} bytes")
-    if not raw.strip():
-        raise bad_request("request body must be a JSON object")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"invalid JSON in request body: {exc}") from None
-    if not isinstance(body, dict):
-        raise bad_request("request body must be a JSON object")
-    return body
-
-
 # --------------------------------------------------------------------------- structured parsers
 
 def _parse_model(value, param):
@@ -144,7 +127,12 @@ def _parse_model(value, param):
     return value.strip()
 
 
-MODEL = make_field("model", ({"type": "string"}, _parse_model, "model name, e.g. smollm2:135m"), required=True)
+# localllm.store's names (NAME_PART, TAG, MAX_NAME_PARTS): [namespace/...]name[:tag], no paths
+_NAME_PART, _TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}", r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+MODEL_NAME_PATTERN = rf"^(?:{_NAME_PART}/){{0,4}}{_NAME_PART}(?::{_TAG})?$"
+MODEL_SCHEMA = {"type": "string", "pattern": MODEL_NAME_PATTERN}
+MODEL = make_field("model", (MODEL_SCHEMA, _parse_model, "a model name of the store (name[:tag], e.g. smollm2:135m)"),
+                   required=True)
 
 
 def _parse_stop(value, param):
@@ -156,6 +144,10 @@ def _parse_stop(value, param):
     if any(not s for s in stops):
         raise bad_request(f"{param} strings must not be empty", param)
     return stops or None                          # [] = not given: the model's own stop strings stay
+
+
+STOP_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
+                         {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1}}]}
 
 
 def _parse_logit_bias(value, param):
@@ -175,9 +167,18 @@ def _parse_logit_bias(value, param):
     return bias
 
 
+def as_integer(value):
+    """``value`` as an int if it is one in JSON Schema's sense (``3`` or ``3.0``, not ``true``), else None."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _parse_token_ids(value, param):
-    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+    ids = [as_integer(t) for t in value] if isinstance(value, list) else None
+    if ids is None or any(t is None for t in ids):
         raise bad_request(f"{param} must be a list of integer token ids", param)
+    value = ids
     if any(t < 0 for t in value):
         raise bad_request(f"{param} token ids must be non-negative", param)
     return value
@@ -214,9 +215,8 @@ OPTION_FIELDS = [
     make_field("repeat_last_n", integer("tokens the repeat penalty looks back (-1: whole context)", -1)),
     make_field("frequency_penalty", number("OpenAI frequency penalty", -2, 2)),
     make_field("presence_penalty", number("OpenAI presence penalty", -2, 2)),
-    make_field("seed", integer("random seed (-1: random)")),
-    make_field("stop", ({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-                        _parse_stop, "stop sequences")),
+    make_field("seed", integer("random seed (-1: random)", MIN_SEED, MAX_SEED)),
+    make_field("stop", (STOP_SCHEMA, _parse_stop, "stop sequences")),
 ]
 
 
@@ -239,19 +239,17 @@ OPTIONS = make_field("options", ({"type": "object", "properties": {f.name: f.sch
                                  _parse_options, "Ollama-style options (extension): num_ctx, top_k, min_p, "
                                                  "repeat_penalty, repeat_last_n, ..."))
 
-STOP = make_field("stop", ({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
-                                                           "maxItems": MAX_STOP}]},
-                           _parse_stop, "stop sequences (not included in the output)"))
+STOP = make_field("stop", (STOP_SCHEMA, _parse_stop, "stop sequences (not included in the output)"))
 
 SAMPLING_FIELDS = [
     make_field("temperature", number("sampling temperature (0: greedy); default: the model's", 0, 2)),
     make_field("top_p", number("nucleus sampling mass; default: the model's", 0, 1)),
     make_field("frequency_penalty", number("penalty per earlier occurrence in the output", -2, 2)),
     make_field("presence_penalty", number("penalty for any earlier occurrence in the output", -2, 2)),
-    make_field("seed", integer("random seed for reproducible sampling")),
-    make_field("n", integer("number of choices", 1, MAX_N)),
-    make_field("logit_bias", ({"type": "object", "additionalProperties": {"type": "number", "minimum": -100,
-                                                                          "maximum": 100}},
+    make_field("seed", integer("random seed for reproducible sampling", MIN_SEED, MAX_SEED)),
+    make_field("n", integer("number of choices (at most the server's parallel sequences, else 400)", 1, MAX_N)),
+    make_field("logit_bias", ({"type": "object", "propertyNames": {"pattern": r"^\s*-?[0-9]+\s*$"},
+                               "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
                               _parse_logit_bias, "token id (as a string) -> bias in -100..100")),
     STOP,
     make_field("stream", boolean("stream the answer as server-sent events")),
@@ -345,10 +343,39 @@ def _parse_messages(value, param):
     return [_parse_message(m, f"{param}[{i}]") for i, m in enumerate(value)]
 
 
-MESSAGES = make_field("messages", ({"type": "array", "minItems": 1, "items": {"type": "object", "properties": {
-    "role": {"type": "string", "enum": list(MESSAGE_ROLES)},
-    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}}}},
-    _parse_messages, "the conversation"), required=True)
+TEXT_PART_SCHEMA = {"type": "object", "required": ["type", "text"],
+                    "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+IMAGE_PART_SCHEMA = {"type": "object", "required": ["type", "image_url"], "properties": {
+    "type": {"const": "image_url"},
+    "image_url": {"anyOf": [{"type": "string", "minLength": 1, "description": "a data: URL"},
+                            {"type": "object", "required": ["url"],
+                             "properties": {"url": {"type": "string", "minLength": 1}}}]}},
+    "description": "an image (refused with 400 by models without a vision encoder)"}
+CONTENT_SCHEMA = {"anyOf": [{"type": "string"},
+                            {"type": "array", "items": {"anyOf": [TEXT_PART_SCHEMA, IMAGE_PART_SCHEMA]}}]}
+_OPTIONAL_STRING = {"type": ["string", "null"]}
+_MESSAGE_EXTRAS = {"name": _OPTIONAL_STRING, **{key: _OPTIONAL_STRING for key in REASONING_MESSAGE_KEYS}}
+MESSAGE_SCHEMA = {"anyOf": [
+    {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": ["system", "developer", "user"]}, "content": CONTENT_SCHEMA, **_MESSAGE_EXTRAS,
+        "tool_call_id": _OPTIONAL_STRING, "tool_calls": {"type": "null"}}},
+    {"type": "object", "required": ["role"], "properties": {
+        "role": {"const": "assistant"}, "content": {"anyOf": [CONTENT_SCHEMA, {"type": "null"}]}, **_MESSAGE_EXTRAS,
+        "tool_call_id": _OPTIONAL_STRING,
+        "tool_calls": {"anyOf": [{"type": "array", "items": TOOL_CALL_SCHEMA}, {"type": "null"}]}}},
+    {"type": "object", "required": ["role", "content", "tool_call_id"], "properties": {
+        "role": {"const": "tool"}, "content": CONTENT_SCHEMA, "tool_call_id": {"type": "string"}, **_MESSAGE_EXTRAS,
+        "tool_calls": {"type": "null"}},
+     "description": "a tool's result: tool_call_id names the call it answers"}]}
+MESSAGES = make_field("messages", ({"type": "array", "minItems": 1, "items": MESSAGE_SCHEMA},
+                                   _parse_messages, "the conversation"), required=True)
+RESPONSE_FORMAT_SCHEMA = {"anyOf": [
+    {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+    {"type": "object", "required": ["type", "json_schema"], "properties": {
+        "type": {"const": "json_schema"},
+        "json_schema": {"type": "object", "properties": {
+            "name": {"type": "string"}, "description": {"type": "string"}, "schema": {"type": "object"},
+            "strict": {"type": ["boolean", "null"]}}}}}]}
 
 CHAT_FIELDS = [
     MODEL, MESSAGES,
@@ -357,8 +384,7 @@ CHAT_FIELDS = [
     *SAMPLING_FIELDS,
     make_field("logprobs", boolean("return the log-probability of each output token")),
     make_field("top_logprobs", integer("alternatives per token (needs logprobs)", 0, MAX_TOP_LOGPROBS)),
-    make_field("response_format", ({"type": "object", "properties": {"type": {
-        "type": "string", "enum": ["text", "json_object", "json_schema"]}}},
+    make_field("response_format", (RESPONSE_FORMAT_SCHEMA,
         _parse_response_format, "output format: text, json_object, json_schema {name, schema, strict}; with tools "
                                 "only when tool_choice is 'none' (else 400)")),
     make_field("tools", ({"type": "array", "items": CHAT_TOOL_SCHEMA}, parse_tools,
@@ -418,7 +444,7 @@ def _parse_prompt(value, param):
         return [value]
     if not isinstance(value, list) or not value:
         raise bad_request(f"{param} must be a string, a list of strings, or token id arrays", param)
-    if all(isinstance(p, int) and not isinstance(p, bool) for p in value):
+    if all(as_integer(p) is not None for p in value):
         return [_parse_token_ids(value, param)]
     if all(isinstance(p, str) for p in value):
         prompts = list(value)
@@ -431,9 +457,15 @@ def _parse_prompt(value, param):
     return prompts
 
 
-PROMPT_SCHEMA = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
-                           {"type": "array", "items": {"type": "integer"}},
-                           {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}]}
+TOKEN_IDS_SCHEMA = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0},
+                    "description": "token ids, each below the model's vocabulary size"}
+PROMPT_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
+                           {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS,
+                            "items": {"type": "string", "minLength": 1}},
+                           TOKEN_IDS_SCHEMA,
+                           {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": TOKEN_IDS_SCHEMA}]}
+INPUT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                          TOKEN_IDS_SCHEMA, {"type": "array", "minItems": 1, "items": TOKEN_IDS_SCHEMA}]}
 
 COMPLETION_FIELDS = [
     MODEL,
@@ -484,7 +516,7 @@ def _parse_input(value, param):
         raise bad_request(f"{param} must be a non-empty string list, a string, or token id arrays", param)
     if all(isinstance(p, str) for p in value):
         return list(value)
-    if all(isinstance(p, int) and not isinstance(p, bool) for p in value):
+    if all(as_integer(p) is not None for p in value):
         return [_parse_token_ids(value, param)]
     if all(isinstance(p, list) for p in value):
         return [_parse_token_ids(p, f"{param}[{i}]") for i, p in enumerate(value)]
@@ -493,9 +525,9 @@ def _parse_input(value, param):
 
 EMBEDDING_FIELDS = [
     MODEL,
-    make_field("input", (PROMPT_SCHEMA, _parse_input, "text(s) or token id array(s) to embed"), required=True),
+    make_field("input", (INPUT_SCHEMA, _parse_input, "text(s) or token id array(s) to embed"), required=True),
     make_field("encoding_format", choice("float list, or base64 of little-endian float32", ("float", "base64"))),
-    make_field("dimensions", integer("keep the first n components, then renormalize", 1)),
+    make_field("dimensions", integer("keep the first n components, then renormalize (at most the model's)", 1)),
     make_field("truncate", boolean("extension: cut inputs longer than the model's limit (default true)")),
     make_field("user", string("end-user id (accepted, not used)")),
 ]
@@ -522,15 +554,18 @@ def parse_embeddings(body: dict) -> EmbeddingsRequest:
 TOKENIZE_FIELDS = [
     MODEL,
     make_field("prompt", string("text to tokenize")),
-    make_field("messages", ({"type": "array", "items": {"type": "object"}}, _parse_messages,
+    make_field("messages", ({"type": "array", "minItems": 1, "items": MESSAGE_SCHEMA}, _parse_messages,
                             "a conversation, rendered with the model's chat template first")),
     make_field("add_special_tokens", boolean("add the model's BOS/CLS tokens (prompt only; default true)")),
     make_field("add_generation_prompt", boolean("messages only: end with the assistant header (default true)")),
 ]
 
+TOKENIZE_RULES = {"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}   # exactly one of them
+
 DETOKENIZE_FIELDS = [
     MODEL,
-    make_field("tokens", ({"type": "array", "items": {"type": "integer"}}, _parse_token_ids, "token ids"),
+    make_field("tokens", ({"type": "array", "items": {"type": "integer", "minimum": 0}}, _parse_token_ids,
+                          "token ids, each below the model's vocabulary size"),
                required=True),
 ]
 
@@ -561,11 +596,12 @@ def parse_detokenize(body: dict) -> tuple[str, list[int]]:
     return values["model"], values["tokens"]
 
 
-def request_schema(fields: list[Field]) -> dict:
-    """The JSON schema of a body described by ``fields`` (for /openapi.json)."""
+def request_schema(fields: list[Field], **rules) -> dict:
+    """The JSON schema of a body described by ``fields`` (for /openapi.json); ``rules``: schema keywords about
+    several fields (``TOKENIZE_RULES``)."""
     properties = {f.name: {**f.schema, "description": f.description} if f.description else f.schema
                   for f in fields}
-    schema = {"type": "object", "properties": properties}
+    schema = {"type": "object", "properties": properties, **rules}
     required = [f.name for f in fields if f.required]
     if required:
         schema["required"] = required

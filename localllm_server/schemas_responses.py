@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import bad_request
-from .schemas import (MODEL, OPTIONS, REASONING_EFFORTS, ChatRequest, boolean, generation_settings, integer,
-                      make_field, number, parse_fields, string)
+from .schemas import (MAX_SEED, MIN_SEED, MODEL, OPTIONS, REASONING_EFFORTS, ChatRequest, boolean,
+                      generation_settings, integer, make_field, number, parse_fields, string)
 from .schemas_tools import (FUNCTION_SCHEMA, NamedFunction, check_format_and_tools, check_tool_names, parse_function,
                             resolve_tool_choice)
 
@@ -32,22 +32,39 @@ MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 TEXT_PARTS = ("input_text", "output_text")
 UNSUPPORTED_PARTS = ("input_file", "input_audio")
 
-INPUT_ITEM_SCHEMA = {"type": "object", "properties": {
-    "type": {"type": "string", "enum": ["message", "function_call", "function_call_output", "reasoning"]},
-    "role": {"type": "string", "enum": list(MESSAGE_ROLES)},
-    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
-    "call_id": {"type": "string"}, "name": {"type": "string"}, "arguments": {"type": "string"},
-    "output": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}}}
-INPUT_SCHEMA = {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": INPUT_ITEM_SCHEMA}]}
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"enum": list(TEXT_PARTS)}, "text": {"type": "string"}}}
+_REFUSAL_PART = {"type": "object", "required": ["type", "refusal"],
+                 "properties": {"type": {"const": "refusal"}, "refusal": {"type": "string"}}}
+_IMAGE_PART = {"type": "object", "required": ["type"], "properties": {"type": {"const": "input_image"}},
+               "description": "an image (refused with 400 by models without a vision encoder)"}
+_REASONING_PARTS = {"type": ["array", "null"], "items": {"type": "object", "required": ["text"],
+                                                         "properties": {"text": {"type": "string"}}}}
+INPUT_ITEM_SCHEMA = {"anyOf": [
+    {"type": "object", "required": ["role", "content"], "properties": {
+        "type": {"const": "message"}, "role": {"enum": list(MESSAGE_ROLES)},
+        "content": {"anyOf": [{"type": "string"},
+                              {"type": "array", "items": {"anyOf": [_TEXT_PART, _REFUSAL_PART, _IMAGE_PART]}}]}}},
+    {"type": "object", "required": ["type", "call_id", "name", "arguments"], "properties": {
+        "type": {"const": "function_call"}, "call_id": {"type": "string"}, "name": {"type": "string"},
+        "arguments": {"type": "string"}}},
+    {"type": "object", "required": ["type", "call_id", "output"], "properties": {
+        "type": {"const": "function_call_output"}, "call_id": {"type": "string"},
+        "output": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}},
+    {"type": "object", "required": ["type"], "properties": {
+        "type": {"const": "reasoning"}, "content": _REASONING_PARTS, "summary": _REASONING_PARTS}}]}
+INPUT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": INPUT_ITEM_SCHEMA}]}
 RESPONSE_TOOL_SCHEMA = {**FUNCTION_SCHEMA, "required": ["type", "name"],
-                        "properties": {"type": {"type": "string", "enum": ["function"]},
-                                       **FUNCTION_SCHEMA["properties"]}}
-RESPONSE_TOOL_CHOICE_SCHEMA = {"oneOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {
+                        "properties": {"type": {"const": "function"}, **FUNCTION_SCHEMA["properties"]}}
+RESPONSE_TOOL_CHOICE_SCHEMA = {"anyOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {
     "type": "object", "required": ["type", "name"],
     "properties": {"type": {"type": "string", "enum": ["function"]}, "name": {"type": "string"}}}]}
-TEXT_SCHEMA = {"type": "object", "properties": {"format": {"type": "object", "required": ["type"], "properties": {
-    "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]}, "name": {"type": "string"},
-    "schema": {"type": "object"}, "strict": {"type": "boolean"}, "description": {"type": "string"}}}}}
+TEXT_SCHEMA = {"type": "object", "properties": {"format": {"anyOf": [
+    {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+    {"type": "object", "required": ["type", "schema"], "properties": {
+        "type": {"const": "json_schema"}, "name": {"type": ["string", "null"]}, "schema": {"type": "object"},
+        "strict": {"type": ["boolean", "null"]}, "description": {"type": "string"}}},
+    {"type": "null"}]}}}
 
 
 # --------------------------------------------------------------------------- input
@@ -255,15 +272,14 @@ RESPONSES_FIELDS = [
     make_field("metadata", ({"type": "object", "additionalProperties": {"type": "string"}}, _parse_metadata,
                             "repeated in the response")),
     make_field("user", string("end-user id (accepted, not used)")),
-    make_field("previous_response_id", ({"type": "string"}, _stateless("send the whole conversation as input"),
+    make_field("previous_response_id", ({"type": "null"}, _stateless("send the whole conversation as input"),
                                         "not supported: 400 (stateless)")),
-    make_field("conversation", ({}, _stateless("send the whole conversation as input"),
+    make_field("conversation", ({"type": "null"}, _stateless("send the whole conversation as input"),
                                 "not supported: 400 (stateless)")),
-    make_field("reasoning", ({"type": "object", "properties": {"effort": {"type": "string",
-                                                                          "enum": list(REASONING_EFFORTS)}}},
+    make_field("reasoning", ({"type": "object", "properties": {"effort": {"enum": [*REASONING_EFFORTS, None]}}},
                              _parse_reasoning, "reasoning models: effort none turns thinking off, other values on "
                                                "(default: the model's); summary is accepted, not produced")),
-    make_field("seed", integer("extension: random seed for reproducible sampling")),
+    make_field("seed", integer("extension: random seed for reproducible sampling", MIN_SEED, MAX_SEED)),
     make_field("top_k", integer("extension: keep the k most likely tokens", 0)),
     make_field("min_p", number("extension: minimum probability relative to the best token", 0, 1)),
     make_field("repeat_penalty", number("extension: llama.cpp repetition penalty", 0, exclusiveMinimum=0)),

@@ -12,13 +12,23 @@ from dataclasses import dataclass
 
 from .errors import bad_request
 
+PARAMETERS_SCHEMA = {"type": "object", "required": ["type"], "properties": {
+    "type": {"anyOf": [{"const": "object"}, {"type": "array", "contains": {"const": "object"}}]}},
+    "description": "JSON schema of the arguments object (\"type\": \"object\"); a forced call (tool_choice "
+                   "required or named) needs one the grammar can enforce (else 400)"}
 FUNCTION_SCHEMA = {"type": "object", "required": ["name"], "properties": {
-    "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}, "description": {"type": "string"},
-    "parameters": {"type": "object", "description": "JSON schema of the arguments object (\"type\": \"object\")"},
-    "strict": {"type": "boolean"}}}
+    "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}, "description": {"type": ["string", "null"]},
+    "parameters": {"anyOf": [PARAMETERS_SCHEMA, {"type": "null"}]}, "strict": {"type": ["boolean", "null"]}},
+    "description": "function names must differ within tools (else 400)"}
 CHAT_TOOL_SCHEMA = {"type": "object", "required": ["function"], "properties": {
-    "type": {"type": "string", "enum": ["function"]}, "function": FUNCTION_SCHEMA}}
-TOOL_CHOICE_SCHEMA = {"oneOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {
+    "type": {"const": "function"}, "function": FUNCTION_SCHEMA}}
+TOOL_CALL_SCHEMA = {"type": "object", "required": ["function"], "properties": {
+    "id": {"type": ["string", "null"]}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "arguments": {"anyOf": [{"type": "string", "description": "the arguments object as JSON text"},
+                                {"type": "object"}, {"type": "null"}]}}}}}
+TOOL_CHOICE_SCHEMA = {"anyOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {
     "type": "object", "required": ["function"], "properties": {
         "type": {"type": "string", "enum": ["function"]},
         "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}]}

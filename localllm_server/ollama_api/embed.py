@@ -6,6 +6,7 @@ import time
 import falcon
 
 from ..errors import APIError
+from ..schemas import as_integer
 from . import parsing, responses
 from .base import Resource, count_tokens
 
@@ -18,8 +19,10 @@ class EmbedResource(Resource):
         texts = inputs(body.get("input"))
         truncate = parsing.flag(body, "truncate", True)
         dimensions = body.get("dimensions")
-        if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)):
-            raise APIError(400, "dimensions must be an integer", param="dimensions")
+        if dimensions is not None:
+            dimensions = as_integer(dimensions)
+            if dimensions is None:
+                raise APIError(400, "dimensions must be an integer", param="dimensions")
         keep_alive = parsing.keep_alive(body)
         entry = self.engine.store.get(name)
         model, load_seconds = load(self.engine, entry, keep_alive)

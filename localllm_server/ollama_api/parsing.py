@@ -6,12 +6,12 @@ seconds or a Go duration string (``"5m"``, ``"1h30m"``, ``"0"``), negative meani
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
 
 from ..errors import APIError
+from ..schemas import as_integer
 
 # Options we apply (Ollama names; ``num_predict`` is max_tokens)
 GENERATION_OPTIONS = ("num_ctx", "num_predict", "temperature", "top_k", "top_p", "min_p", "repeat_penalty",
@@ -24,25 +24,12 @@ IGNORED_OPTIONS = frozenset({"numa", "num_batch", "num_gpu", "main_gpu", "low_vr
 NEUTRAL_OPTIONS = {"mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0}
 MIROSTAT_TUNING = frozenset({"mirostat_tau", "mirostat_eta"})
 
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+# What parse_duration takes (the OpenAPI document's pattern): a number of seconds, or a Go duration
+DURATION_PATTERN = rf"^[+-]?(?:{_NUMBER}(?:[eE][+-]?\d+)?|(?:{_NUMBER}(?:ns|us|µs|μs|ms|s|m|h))+)$"
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 FOREVER = math.inf
-
-
-def read_body(req, max_bytes: int) -> dict:
-    """The JSON object in the request body (413 past ``max_bytes``; 400 when missing, not JSON, or not an object)."""
-    raw = req.bounded_stream.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise APIError(413, f"request body is larger than the limit of {max_bytes} bytes")
-    if not raw or not raw.strip():
-        raise APIError(400, "missing request body")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"invalid JSON in the request body: {exc}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    return body
 
 
 def model_name(body: dict, field: str = "model") -> str:
@@ -93,9 +80,13 @@ def parse_duration(text: str) -> float:
     """A Go duration (``"1h30m"``, ``"300ms"``, ``"-1m"``) or a plain number of seconds (``"10"``), in seconds."""
     value = text.strip()
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        if math.isnan(seconds):
+            raise APIError(400, f"keep_alive: invalid duration {text!r}", param="keep_alive")
+        return seconds
     sign = -1.0 if value.startswith("-") else 1.0
     rest = value.lstrip("+-")
     total, pos = 0.0, 0
@@ -228,18 +219,18 @@ def token_ids(body: dict, field: str) -> list[int] | None:
     value = body.get(field)
     if value is None:
         return None
-    if not isinstance(value, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in value):
+    ids = [as_integer(t) for t in value] if isinstance(value, list) else None
+    if ids is None or any(t is None for t in ids):
         raise APIError(400, f"{field} must be a list of token ids (integers)", param=field)
-    return value
+    return ids
 
 
 def logprob_settings(body: dict) -> dict[str, Any]:
     """``logprobs`` (bool) and ``top_logprobs`` (0..20) as ``make_params`` settings; top_logprobs implies logprobs."""
     want = flag(body, "logprobs", False)
     top = body.get("top_logprobs")
-    if top is None:
-        top = 0
-    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+    top = 0 if top is None else as_integer(top)
+    if top is None or not 0 <= top <= 20:
         raise APIError(400, "top_logprobs must be an integer between 0 and 20", param="top_logprobs")
     if not (want or top):
         return {}
