@@ -58,7 +58,7 @@ def load(name_or_path, *, num_ctx: int | None = None, backend: str = "auto", n_s
             return load_embedding_model(path, name=name, backend=backend)
         from .models.decoder import DecoderModel
         folder = hf_decoder.read_hf_decoder(path)    # UnsupportedArchitecture names the known ones
-        network = DecoderModel(folder.config, folder.tensors, backend=backend)
+        network = DecoderModel(folder.config, folder.tensors, backend=backend, source=str(path))
         return Model(name, path, folder.metadata, network, entry=entry, num_ctx=num_ctx, n_slots=n_slots,
                      tokenizer=folder.tokenizer, defaults=folder.generation_defaults)
     gguf_file = read_gguf(path)

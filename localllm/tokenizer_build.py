@@ -537,9 +537,14 @@ def hf_folder_tokenizer_args(folder: Path) -> dict[str, Any]:
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {folder}")
-    text = path.read_text(encoding="utf-8")
-    spec = json.loads(text)
-    tokenizer = HFTokenizer.from_str(text)
+    try:
+        text = path.read_text(encoding="utf-8")
+        spec = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise TokenizerMetadataError(f"{path} is not readable JSON: {exc}", path) from None
+    if not isinstance(spec, dict):
+        raise TokenizerMetadataError(f"{path}: expected a JSON object", path)
+    tokenizer = _hf_tokenizer_from_str(text, path)
     tokenizer.no_padding()
     tokenizer.no_truncation()
     config = _read_json(folder / "tokenizer_config.json")
@@ -581,6 +586,17 @@ def hf_folder_tokenizer_args(folder: Path) -> dict[str, Any]:
                 pad_id=pad_id, add_bos=add_bos, eog_ids=eog_ids, strip_first_space=strip_first_space,
                 bytes_exact=kind != "other", uses_post_processor=True,
                 chat_template=_hf_chat_template(folder, config))
+
+
+def _hf_tokenizer_from_str(text: str, path: Path) -> HFTokenizer:
+    """``tokenizers.Tokenizer.from_str``, its refusals (an Exception, or a Rust panic, which Python sees as a
+    BaseException named PanicException) as TokenizerMetadataError."""
+    try:
+        return HFTokenizer.from_str(text)
+    except BaseException as exc:
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise       # KeyboardInterrupt, SystemExit: not the file's fault
+        raise TokenizerMetadataError(f"{path}: the tokenizers library cannot build it: {exc}", path) from None
 
 
 def _component_types(node: Any) -> list[dict]:

@@ -121,13 +121,40 @@ def read_hf_decoder(folder: str | Path) -> HFDecoderFolder:
     folder = Path(folder)
     hf_config = read_config(folder)
     architecture = architecture_of(hf_config, folder / "config.json")
-    config = arch.lookup(architecture).config_from_hf(hf_config)
+    module = arch.lookup(architecture)
     if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{folder}: no tokenizer.json (localllm reads the tokenizer from it)")
     hf_tensors: dict[str, QTensor] = {}
     for path in safetensors_files(folder):
         hf_tensors.update(read_safetensors(path))
+    check_config_sizes(hf_config, len(hf_tensors), folder / "config.json")
+    config = module.config_from_hf(hf_config)
     return HFDecoderFolder(folder, hf_config, config, gguf_named_tensors(hf_tensors, config))
+
+
+# config.json sizes a decoder reads: positive integers when given (JSON numbers without a fraction)
+CONFIG_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
+
+
+def check_config_sizes(hf_config: dict[str, Any], n_tensors: int, where: str | Path = "config.json") -> None:
+    """The sizes of a decoder ``config.json`` are positive integers, ``sliding_window`` null or an integer
+    >= 0, and ``num_hidden_layers`` no more than the folder's tensors (each layer has several): HFFolderError
+    naming the key otherwise, before any loop or allocation takes its length from them."""
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for key in CONFIG_SIZES:
+        value = hf_config.get(key)
+        if value is not None and (not is_int(value) or value < 1):
+            raise HFFolderError(f"{where}: '{key}' is {value!r}, expected a positive integer", where)
+    window = hf_config.get("sliding_window")
+    if window is not None and (not is_int(window) or window < 0):
+        raise HFFolderError(f"{where}: 'sliding_window' is {window!r}, expected null or an integer >= 0", where)
+    n_layers = hf_config.get("num_hidden_layers")
+    if n_layers is not None and n_layers > n_tensors:
+        raise HFFolderError(f"{where}: 'num_hidden_layers' is {n_layers}, more layers than the folder's "
+                            f"{n_tensors} tensors", where)
 
 
 def gguf_named_tensors(hf_tensors: dict[str, QTensor], config: ModelConfig) -> dict[str, QTensor]:

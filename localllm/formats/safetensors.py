@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from ..quants import QTensor, UnsupportedTensorType
+from .errors import ModelFormatError
 from .safetensors_header import read_safetensors_header as _read_header
 
 # model_type in config.json -> localllm dataflow (models/<name>.py)
@@ -38,7 +39,7 @@ _ITEM_SIZES = {"F32": 4, "F16": 2, "BF16": 2}        # safetensors dtypes read a
 _SKIPPED_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")
 
 
-class HFFolderError(ValueError):
+class HFFolderError(ModelFormatError):
     """A Hugging Face folder is missing a file or holds something unreadable."""
 
 
@@ -131,6 +132,8 @@ def read_safetensors(path: str | Path) -> dict[str, QTensor]:
             raise UnsupportedTensorType(dtype, name)
         begin, end = info["data_offsets"]
         raw = mapping[data_start + begin:data_start + end]
+        if (data_start + begin) % _ITEM_SIZES[dtype]:
+            raw = np.array(raw)     # a fresh (aligned) copy: kernels read floats at their natural alignment
         cols = shape[-1] if shape else 1
         rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
         if dtype == "BF16":
