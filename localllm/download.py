@@ -85,13 +85,14 @@ class HashingWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_from:
             self._file = open(self.path, "r+b")
+            held = os.fstat(self._file.fileno()).st_size
+            if held < resume_from:  # (truncate would pad it with zeros)
+                self._file.close()
+                raise ValueError(f"{self.path} holds {held} bytes, cannot resume from {resume_from}")
             self._file.truncate(resume_from)
             while self.size < resume_from and (block := self._file.read(min(chunk, resume_from - self.size))):
                 self._digest.update(block)
                 self.size += len(block)
-            if self.size != resume_from:
-                self._file.close()
-                raise ValueError(f"{self.path} holds {self.size} bytes, cannot resume from {resume_from}")
             self._file.seek(resume_from)
         else:
             self._file = open(self.path, "wb")

@@ -57,7 +57,7 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 Progress = Callable[[dict], None]
 
 __all__ = ["ModelStore", "ModelEntry", "ModelNotFound", "UnknownModel", "InvalidModelName", "InvalidModelFile",
-           "PullError", "DiskFull", "parse_model_name", "canonical_name"]
+           "PullError", "DownloadFailed", "DiskFull", "parse_model_name", "canonical_name"]
 
 
 class ModelNotFound(LookupError):

@@ -169,3 +169,18 @@ def test_hashing_writer_concatenates_streams_in_chunks(tmp_path):
     assert all(n == 4096 for stream in streams for n in stream.reads)  # never more than a chunk in memory
     assert reported[-1] == len(DATA) and reported == sorted(reported)
     assert max(b - a for a, b in zip(reported, reported[1:])) <= 4096
+
+
+def test_hashing_writer_resumes_after_a_prefix_and_cuts_what_follows(tmp_path):
+    """What an interrupted writer left: the first 100000 bytes are kept (hashed again), the torn tail is cut."""
+    path = tmp_path / "assembly"
+    path.write_bytes(DATA[:100_000] + b"torn tail of an interrupted part")
+    reported = []
+    with HashingWriter(path, chunk=4096, report=reported.append, resume_from=100_000) as out:
+        assert out.size == 100_000
+        assert out.write_from(io.BytesIO(DATA[100_000:])) == len(DATA) - 100_000
+    assert path.read_bytes() == DATA
+    assert out.sha256 == SHA and out.size == len(DATA)
+    assert reported[0] == 100_000 + 4096 and reported[-1] == len(DATA)
+    with pytest.raises(ValueError, match="holds 300000 bytes, cannot resume from 400000"):
+        HashingWriter(path, resume_from=400_000)
