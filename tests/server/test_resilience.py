@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -28,7 +27,7 @@ pytestmark = pytest.mark.real_model
 
 NO_END_OF_TEXT = {"0": -100, "2": -100}     # SmolLM2's end tokens banned: only max_tokens ends a completion
 COUNTING = "1, 2, 3, 4, 5,"                  # a raw prompt greedy SmolLM2 continues past 600 tokens (checked)
-WAIT = 120                                   # generous bound on any wait for the server
+WAIT = 300                                   # generous bound on any wait for the server (2 cores, shared)
 NUM_CTX = 1024                               # the context of this module's engines
 ENDLESS = 1000                               # max_tokens of a generation no test waits for
 
@@ -170,12 +169,12 @@ def storm_port(storm_engine):
 # ---- disconnect storm ------------------------------------------------------------------------------------
 
 STORM_CLIENTS = 64
-STORM_TOKENS = 6
+STORM_TOKENS = 4
 
 
 def storm_request(i: int) -> tuple[str, dict]:
     """Client ``i``'s request: even ones stream SSE completions, odd ones NDJSON /api/generate."""
-    prompt = f"Question {i}: what is {i} times {i + 1}? Answer:"
+    prompt = f"{i} times {i + 1} is"
     if i % 2 == 0:
         return "/v1/completions", completion_body(prompt, STORM_TOKENS, logit_bias=NO_END_OF_TEXT)
     return "/api/generate", generate_body(prompt, STORM_TOKENS)
@@ -209,7 +208,7 @@ def test_disconnect_storm_leaves_nothing_behind(storm_engine, storm_port):
     wait_until(lambda: engine_idle(storm_engine), "the engine is idle after the warm-up")
     gc.collect()
     process = psutil.Process()
-    rss_before, threads_before = process.memory_info().rss, threading.active_count()
+    rss_before, threads_before = process.memory_info().rss, process.num_threads()     # OS threads, numba's too
 
     rng = random.Random(19)
     leaving = rng.sample(range(STORM_CLIENTS), STORM_CLIENTS // 2)
@@ -225,7 +224,7 @@ def test_disconnect_storm_leaves_nothing_behind(storm_engine, storm_port):
     wait_until(lambda: engine_idle(storm_engine), "every request of the storm has left the engine")
     [stats] = storm_engine.stats().values()
     assert stats == {"active": 0, "pending": 0, "sequences": 0, "free_slots": storm_engine.settings.n_slots}
-    wait_until(lambda: threading.active_count() == threads_before, "the thread count is back")
+    wait_until(lambda: process.num_threads() == threads_before, "the thread count is back")
     gc.collect()
     rss_after = process.memory_info().rss
     assert abs(rss_after - rss_before) <= 0.10 * rss_before, (rss_before, rss_after)
