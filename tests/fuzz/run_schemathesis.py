@@ -93,17 +93,19 @@ def _error_message(response) -> str:
 
 
 def fuzz(base_url: str, examples: int, seed: int = 0, timeout: float = 60.0, document: dict | None = None,
-         operations: set | None = None, log=None) -> dict:
+         operations: set | None = None, log=None, negative: bool = False) -> dict:
     """Run ``examples`` generated requests per operation against ``base_url``; the summary as a dict.
 
     ``document``: the schema to generate from (default: the server's /openapi.json);
-    ``operations``: only these ``(METHOD, path)`` pairs. The summary lists per operation the
+    ``operations``: only these ``(METHOD, path)`` pairs; ``negative``: requests that break the
+    schema (each must get a documented 4xx, never a 5xx). The summary lists per operation the
     calls made, the statuses seen, the 4xx messages (why schema-valid requests were refused) and
     each failure (check, message, request).
     """
     import hypothesis
     import requests
     import schemathesis
+    from schemathesis import GenerationMode
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
                                                    status_code_conformance)
@@ -113,8 +115,10 @@ def fuzz(base_url: str, examples: int, seed: int = 0, timeout: float = 60.0, doc
     if document is None:
         document = requests.get(base_url + "/openapi.json", timeout=timeout).json()
     schema = schemathesis.openapi.from_dict(document)
-    summary: dict = {"base_url": base_url, "examples": examples, "seed": seed, "operations": {}, "failures": 0}
+    summary: dict = {"base_url": base_url, "examples": examples, "seed": seed, "negative": negative,
+                     "operations": {}, "failures": 0}
     session = requests.Session()
+    mode = GenerationMode.NEGATIVE if negative else GenerationMode.POSITIVE
     for result in schema.get_all_operations():
         operation = result.ok()
         key = (operation.method.upper(), operation.path)
@@ -129,7 +133,7 @@ def fuzz(base_url: str, examples: int, seed: int = 0, timeout: float = 60.0, doc
         @hypothesis.settings(max_examples=examples, derandomize=seed == 0, deadline=None, database=None,
                              phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
                              suppress_health_check=list(hypothesis.HealthCheck))
-        @hypothesis.given(case=operation.as_strategy())
+        @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
         def run(case):
             report["calls"] += 1
             call_started = time.perf_counter()
@@ -156,7 +160,10 @@ def fuzz(base_url: str, examples: int, seed: int = 0, timeout: float = 60.0, doc
                     report["failures"].append({"check": check.__name__, "status": response.status_code,
                                                "message": str(exc)[:3000], **_describe(case)})
 
-        run()
+        try:
+            run()
+        except hypothesis.errors.Unsatisfiable:       # negative mode: nothing in the operation to break
+            report["skipped"] = "no request schema to break"
         report["seconds"] = round(time.perf_counter() - started, 2)
         report["call_seconds"] = round(report["call_seconds"], 2)
         summary["operations"][label] = report
@@ -197,6 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a call may take before it is a hang")
     parser.add_argument("--url", help="fuzz this running server (its own document, not narrowed)")
     parser.add_argument("--operation", action="append", help="only 'METHOD /path' (repeatable)")
+    parser.add_argument("--negative", action="store_true", help="requests that break the schema (expect 4xx)")
     args = parser.parse_args(argv)
     operations = {tuple(o.split(" ", 1)) for o in args.operation} if args.operation else None
 
@@ -204,7 +212,8 @@ def main(argv=None) -> int:
         print(line, file=sys.stderr, flush=True)
 
     if args.url:
-        summary = fuzz(args.url.rstrip("/"), args.examples, args.seed, args.timeout, operations=operations, log=log)
+        summary = fuzz(args.url.rstrip("/"), args.examples, args.seed, args.timeout, operations=operations, log=log,
+                       negative=args.negative)
     else:
         import requests
         with tempfile.TemporaryDirectory() as folder:
@@ -212,7 +221,7 @@ def main(argv=None) -> int:
             try:
                 document = narrowed(requests.get(server.url + "/openapi.json", timeout=30).json())
                 summary = fuzz(server.url, args.examples, args.seed, args.timeout, document=document,
-                               operations=operations, log=log)
+                               operations=operations, log=log, negative=args.negative)
             finally:
                 server.close()
     print(json.dumps(summary, indent=1, ensure_ascii=False))

@@ -13,6 +13,7 @@ import pytest
 from tests.fuzz.run_schemathesis import TEXT_MODEL, TinyServer, fuzz, narrowed
 
 EXAMPLES = 5
+NEGATIVE_EXAMPLES = 3
 CALL_TIMEOUT = 120.0
 
 
@@ -143,3 +144,11 @@ def test_fuzzed_requests_get_documented_answers(fuzz_server, document):
     answered = {label for label, report in operations.items() if "200" in report["statuses"]}
     for label in ("POST /v1/chat/completions", "POST /v1/completions", "POST /api/generate", "POST /api/embed"):
         assert label in answered, (label, operations[label]["statuses"])
+
+
+def test_requests_that_break_the_schema_get_documented_4xx(fuzz_server, document):
+    summary = fuzz(fuzz_server, NEGATIVE_EXAMPLES, timeout=CALL_TIMEOUT, document=narrowed(document), negative=True)
+    failures = [(label, failure) for label, report in summary["operations"].items() for failure in report["failures"]]
+    assert not failures, failures[:5]
+    statuses = [status for report in summary["operations"].values() for status in report["statuses"]]
+    assert "400" in statuses and all(not status.startswith("5") for status in statuses)
