@@ -7,9 +7,8 @@ user turn, as strict templates require), and when generation reaches the end of
 the window its runner shifts the context, freeing half of it. A ``/api/generate`` prompt that does
 not fit is cut in the middle: its first ``num_keep`` tokens (after BOS) and its end are kept.
 
-The routes that fit prompts here do not shift the context in the middle of an answer (the
-library's ``context_shift`` is off for them), so the room for the answer is set aside when the
-prompt is cut:
+Without a context shift (``GenerationParams.context_shift`` off) the answer must fit beside the
+prompt, so its room is set aside when the prompt is cut:
 
 - ``prompt_limit(n_ctx, max_tokens)``: the most prompt tokens a request can run with
   (``n_ctx - max_tokens``; without ``max_tokens``, ``n_ctx - 1``, room for one token). A prompt
@@ -17,6 +16,10 @@ prompt is cut:
 - ``prompt_budget(n_ctx, max_tokens)``: what a prompt over the limit is cut down to:
   ``n_ctx - max_tokens`` when the request sets ``max_tokens`` (``num_predict``), else half the
   window (``n_ctx - n_ctx // 2``), the room Ollama's first context shift would free for the answer.
+
+With ``context_shift=True`` the answer goes past the window by shifting it, so only the prompt must
+fit (limit ``n_ctx - 1``, as Ollama's runner), and a cut prompt leaves ``max_tokens`` or half the
+window, whichever is less, before the first shift.
 
 A prompt whose parts that are never dropped (system messages, tools, the newest message) exceed
 the limit raises :class:`ConversationTooLong`, a ``ContextLengthExceeded``.
@@ -46,20 +49,25 @@ class ConversationTooLong(ContextLengthExceeded):
         self.n_ctx = n_ctx
 
 
-def prompt_limit(n_ctx: int, max_tokens: int | None) -> int:
-    """The most prompt tokens a request can run with: room for ``max_tokens``, or for one token without it."""
+def prompt_limit(n_ctx: int, max_tokens: int | None, context_shift: bool = False) -> int:
+    """The most prompt tokens a request can run with: room for ``max_tokens``, or for one token without it
+    or with a context shift (the answer then goes past the window)."""
     if n_ctx < 1:
         raise ValueError(f"n_ctx must be a positive integer, got {n_ctx}")
     if max_tokens is not None and max_tokens < 0:
         raise ValueError(f"max_tokens must be None or >= 0, got {max_tokens}")
-    return n_ctx - max_tokens if max_tokens is not None else n_ctx - 1
+    return n_ctx - max_tokens if max_tokens is not None and not context_shift else n_ctx - 1
 
 
-def prompt_budget(n_ctx: int, max_tokens: int | None) -> int:
-    """The size a prompt over :func:`prompt_limit` is cut down to (``max_tokens`` or half the window left)."""
-    if max_tokens is not None:
-        return prompt_limit(n_ctx, max_tokens)
-    return min(n_ctx - n_ctx // 2, prompt_limit(n_ctx, None))
+def prompt_budget(n_ctx: int, max_tokens: int | None, context_shift: bool = False) -> int:
+    """The size a prompt over :func:`prompt_limit` is cut down to: ``max_tokens`` or half the window left for
+    the answer (with a context shift, the smaller of the two)."""
+    half = n_ctx // 2
+    if context_shift:
+        room = half if max_tokens is None else min(max_tokens, half)
+    else:
+        room = half if max_tokens is None else max_tokens
+    return min(n_ctx - room, prompt_limit(n_ctx, max_tokens, context_shift))
 
 
 @dataclass
@@ -77,7 +85,7 @@ class FittedConversation:
 
 
 def fit_conversation(messages: list[dict], tools: Sequence[dict] | None, render: RenderFunction,
-                     n_ctx: int, max_tokens: int | None = None) -> FittedConversation:
+                     n_ctx: int, max_tokens: int | None = None, context_shift: bool = False) -> FittedConversation:
     """Drop the oldest non-system messages of a conversation that does not fit the window.
 
     ``render(messages, tools) -> token ids`` is the whole prompt the model would see (chat
@@ -87,11 +95,12 @@ def fit_conversation(messages: list[dict], tools: Sequence[dict] | None, render:
     the prompt within :func:`prompt_budget`. A start is a user message (:func:`kept_starts`: a tool
     call and its results, a question and its answer go together), and the newest message (with its
     tool-call turn, if it is a tool result) is always kept. If even those kept parts alone exceed
-    the limit: :class:`ConversationTooLong`. Renders O(log n) times for n messages.
+    the limit: :class:`ConversationTooLong`. Renders O(log n) times for n messages. ``context_shift``:
+    the request's answer may shift the window (see the module's notes on the limit and budget).
     """
     if not messages:
         raise ValueError("messages is empty: nothing to fit")
-    limit, budget = prompt_limit(n_ctx, max_tokens), prompt_budget(n_ctx, max_tokens)
+    limit, budget = prompt_limit(n_ctx, max_tokens, context_shift), prompt_budget(n_ctx, max_tokens, context_shift)
     full_ids = list(render(list(messages), tools))
     if len(full_ids) <= limit:
         return FittedConversation(list(messages), full_ids)
@@ -115,7 +124,7 @@ def fit_conversation(messages: list[dict], tools: Sequence[dict] | None, render:
     start = starts[lo]
     ids = ids_from(start)
     if len(ids) > limit:                                  # only the never-dropped parts are left, and too long
-        raise ConversationTooLong(len(ids), n_ctx, max_tokens)
+        raise ConversationTooLong(len(ids), n_ctx, None if context_shift else max_tokens)
     kept = kept_from(messages, start)
     return FittedConversation(kept, ids, len(full_ids) - len(ids), len(messages) - len(kept))
 
@@ -154,7 +163,7 @@ def tool_block_start(messages: Sequence[dict], index: int) -> int:
 
 
 def fit_prompt_ids(ids: Sequence[int], n_ctx: int, max_tokens: int | None, num_keep: int = DEFAULT_NUM_KEEP,
-                   bos_id: int | None = None) -> tuple[list[int], int]:
+                   bos_id: int | None = None, context_shift: bool = False) -> tuple[list[int], int]:
     """(the prompt ids to run, how many were dropped): a prompt over :func:`prompt_limit` loses tokens from its
     middle, as Ollama's runner truncates a prompt: the first ``num_keep`` tokens (plus a leading ``bos_id``;
     -1 keeps as many as fit) and the newest tokens up to :func:`prompt_budget` are kept.
@@ -162,7 +171,7 @@ def fit_prompt_ids(ids: Sequence[int], n_ctx: int, max_tokens: int | None, num_k
     if num_keep < -1:
         raise ValueError(f"num_keep must be -1 (keep all) or >= 0, got {num_keep}")
     ids = list(ids)
-    limit, budget = prompt_limit(n_ctx, max_tokens), prompt_budget(n_ctx, max_tokens)
+    limit, budget = prompt_limit(n_ctx, max_tokens, context_shift), prompt_budget(n_ctx, max_tokens, context_shift)
     if len(ids) <= limit or budget < 1:                   # fits; or no room at all (refused where submitted)
         return ids, 0
     n_keep = len(ids) if num_keep == -1 else num_keep + (1 if bos_id is not None and ids[0] == bos_id else 0)

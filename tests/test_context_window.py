@@ -42,10 +42,14 @@ def call(words: int = 1) -> dict:
     return msg("assistant", words, tool_calls=[{"function": {"name": "f", "arguments": {}}}])
 
 
-def linear_oracle(messages, tools, render, n_ctx, max_tokens):
+def linear_oracle(messages, tools, render, n_ctx, max_tokens, context_shift=False):
     """The kept messages by trying every start from the oldest (None: refused)."""
-    limit = n_ctx - max_tokens if max_tokens is not None else n_ctx - 1
-    budget = limit if max_tokens is not None else min(limit, n_ctx - n_ctx // 2)
+    if context_shift:                                      # only the prompt must fit; a cut leaves <= half
+        limit = n_ctx - 1
+        budget = min(limit, n_ctx - min(n_ctx // 2, n_ctx // 2 if max_tokens is None else max_tokens))
+    else:
+        limit = n_ctx - max_tokens if max_tokens is not None else n_ctx - 1
+        budget = limit if max_tokens is not None else min(limit, n_ctx - n_ctx // 2)
     if len(render(messages, tools)) <= limit:
         return messages
     newest = len(messages) - 1                             # the newest message, or its tool-call turn
@@ -74,6 +78,28 @@ def test_limits_and_budgets():
         prompt_limit(256, -1)
     with pytest.raises(ValueError, match="n_ctx must be a positive integer"):
         prompt_budget(0, None)
+
+
+def test_limits_and_budgets_with_a_context_shift():
+    assert prompt_limit(256, 1000, context_shift=True) == 255 and prompt_budget(256, 1000, context_shift=True) == 128
+    assert prompt_limit(256, None, context_shift=True) == 255 and prompt_budget(256, None, context_shift=True) == 128
+    assert prompt_budget(256, 4, context_shift=True) == 252
+    assert prompt_budget(256, 0, context_shift=True) == 255
+
+
+def test_with_a_context_shift_num_predict_need_not_fit():
+    render = FakeTemplate()
+    messages = [msg("user", 5)]
+    with pytest.raises(ConversationTooLong):
+        fit_conversation(messages, None, render, n_ctx=32, max_tokens=100)
+    fitted = fit_conversation(messages, None, render, n_ctx=32, max_tokens=100, context_shift=True)
+    assert fitted.messages == messages and fitted.dropped_tokens == 0
+    messages = [msg("user", 30), msg("assistant", 30), msg("user", 5)]              # 1 + 32 + 32 + 7 + 2 = 74
+    fitted = fit_conversation(messages, None, render, n_ctx=64, max_tokens=100, context_shift=True)
+    assert fitted.messages == [messages[2]] and len(fitted.prompt_ids) == 10     # within half the window
+    with pytest.raises(ConversationTooLong, match=r"needs 68 tokens \+ at least 1 to answer but the context "
+                                                  r"window is 64 tokens"):
+        fit_conversation([msg("user", 63)], None, render, n_ctx=64, max_tokens=100, context_shift=True)
 
 
 def test_a_conversation_that_fits_is_sent_whole_even_past_the_budget():
@@ -198,25 +224,26 @@ def conversations(draw):
     entries = draw(st.lists(st.tuples(ROLES, st.integers(0, 40)), min_size=1, max_size=14))
     messages = [call(words) if role == "assistant-call" else msg(role, words) for role, words in entries]
     tools = [{"function": {"name": "f"}}] * draw(st.integers(0, 2))
-    return messages, tools, draw(st.integers(16, 300)), draw(st.one_of(st.none(), st.integers(0, 60)))
+    return (messages, tools, draw(st.integers(16, 300)), draw(st.one_of(st.none(), st.integers(0, 60))),
+            draw(st.booleans()))
 
 
 @settings(max_examples=400, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conversations())
 def test_generated_conversations_match_the_linear_scan(case):
-    messages, tools, n_ctx, max_tokens = case
+    messages, tools, n_ctx, max_tokens, shift = case
     render = FakeTemplate()
-    expected = linear_oracle(messages, tools, render, n_ctx, max_tokens)
+    expected = linear_oracle(messages, tools, render, n_ctx, max_tokens, shift)
     if expected is None:
         with pytest.raises(ContextLengthExceeded):
-            fit_conversation(messages, tools, render, n_ctx, max_tokens)
+            fit_conversation(messages, tools, render, n_ctx, max_tokens, shift)
         return
-    fitted = fit_conversation(messages, tools, render, n_ctx, max_tokens)
+    fitted = fit_conversation(messages, tools, render, n_ctx, max_tokens, shift)
     assert fitted.messages == expected
     assert fitted.prompt_ids == render(expected, tools)
     assert fitted.dropped_tokens == len(render(messages, tools)) - len(fitted.prompt_ids)
     assert fitted.dropped_messages == len(messages) - len(expected)
-    assert len(fitted.prompt_ids) <= prompt_limit(n_ctx, max_tokens)
+    assert len(fitted.prompt_ids) <= prompt_limit(n_ctx, max_tokens, shift)
     assert fitted.messages[-1] is messages[-1]
     assert [m for m in fitted.messages if m["role"] == "system"] == [m for m in messages if m["role"] == "system"]
     for position, message in enumerate(fitted.messages):          # a kept result keeps its kept caller
@@ -259,3 +286,11 @@ def test_num_keep_minus_one_keeps_the_start():
 def test_no_room_for_the_answer_is_left_to_the_engine_to_refuse():
     ids = list(range(10, 40))
     assert fit_prompt_ids(ids, n_ctx=32, max_tokens=40) == (ids, 0)
+
+
+def test_with_a_context_shift_only_the_prompt_must_fit():
+    ids = list(range(10, 40))
+    assert fit_prompt_ids(ids, n_ctx=32, max_tokens=40, context_shift=True) == (ids, 0)
+    ids = [BOS] + list(range(100, 140))
+    kept, dropped = fit_prompt_ids(ids, n_ctx=32, max_tokens=40, bos_id=BOS, context_shift=True)   # budget 16
+    assert kept == [BOS, 100, 101, 102, 103] + list(range(140 - 11, 140)) and dropped == 41 - 16

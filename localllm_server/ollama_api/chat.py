@@ -9,19 +9,22 @@ model's thought; the thought comes apart from the answer in ``message.thinking``
 lines of its own), and ``format`` / tool calls apply to the answer after it.
 
 A conversation longer than the context window keeps going, as on Ollama: its oldest non-system
-messages are left out (a tool call with its results; the system messages, the tools and the newest
-message always stay) until the prompt leaves the answer ``num_predict`` tokens, or half the window
-when ``num_predict`` is unset (``localllm.context_window``). The final line then says how much was
-left out: ``truncated_prompt_tokens`` (prompt tokens of the whole conversation not sent to the model)
-and ``truncated_messages``; the ``X-Localllm-Prompt-Truncated`` header carries the token count. A
-conversation that fits is sent whole. ``truncate: false`` turns this off (a too-long conversation is a
-400), and a newest message too long to fit with the system prompt and tools is a 400 either way.
+messages are left out, whole turns up to a user message (a tool call goes with its results; the
+system messages, the tools and the newest message always stay), until the prompt leaves the answer
+``num_predict`` tokens, or half the window when ``num_predict`` is unset
+(``localllm.context_window``). The final line then says how much was left out:
+``truncated_prompt_tokens`` (prompt tokens of the whole conversation not sent to the model) and
+``truncated_messages``; the ``X-Localllm-Prompt-Truncated`` header carries the token count. A
+conversation that fits is sent whole. ``truncate: false`` turns this off (a too-long conversation
+is a 400), and a newest message too long to fit with the system prompt and tools is a 400 either way.
+``shift: true`` lets the answer go past the window by shifting it (``options.num_keep`` leading
+tokens kept, half of the rest dropped, as Ollama); then only the prompt must fit.
 """
 from __future__ import annotations
 
 from . import parsing, responses
 from .base import Resource
-from .runner import Output, Run, expire, load_only, require_text_model, respond
+from .runner import Output, Run, context_settings, expire, load_only, require_text_model, respond
 
 
 class ChatResource(Resource):
@@ -38,7 +41,7 @@ class ChatResource(Resource):
         constraint = parsing.constraint(body)
         tools = tooling.validate_tools(parsing.tools(body))          # ValueError: 400 naming the bad entry
         think = parsing.think(body)
-        truncate = parsing.flag(body, "truncate", True)
+        truncate, shift, num_keep = context_settings(body)
         entry = self.engine.store.get(name)
         require_text_model(entry, name, "chat")
 
@@ -52,6 +55,7 @@ class ChatResource(Resource):
         run = Run(self.engine, entry, keep_alive, name)
         model = run.model
         params, num_ctx = model.make_params(**settings, constraint=constraint)
+        params.context_shift, params.num_keep = shift, num_keep
         thinking = parsing.thinking(model, think, name)
         extra = thinking.template_extra
         conversation = [dict(m) for m in entry.messages or []] + messages     # Modelfile MESSAGEs come first
@@ -66,7 +70,7 @@ class ChatResource(Resource):
             return model.tokenize(prompt_text(kept, tools)[0])
 
         if truncate:
-            fitted = fit_conversation(conversation, tools, render, num_ctx, params.max_tokens)  # 400 if too long
+            fitted = fit_conversation(conversation, tools, render, num_ctx, params.max_tokens, shift)  # 400: too long
             conversation, prompt_ids = fitted.messages, fitted.prompt_ids
             run.truncated(fitted.dropped_tokens, fitted.dropped_messages)
         else:

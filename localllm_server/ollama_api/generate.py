@@ -16,13 +16,15 @@ window (``localllm.context_window``). The final line's ``truncated_prompt_tokens
 ``X-Localllm-Prompt-Truncated`` header say how many tokens were left out, and its ``context`` holds
 the ids actually run. A prompt that fits is sent whole; ``truncate: false`` turns the cut off (a
 too-long prompt is a 400), and a fill-in-the-middle (``suffix``) prompt is never cut.
+``shift: true`` lets the answer go past the window by shifting it (``num_keep`` leading tokens
+kept, half of the rest dropped, as Ollama); then only the prompt must fit.
 """
 from __future__ import annotations
 
 from ..errors import APIError
 from . import parsing, responses
 from .base import Resource
-from .runner import Output, Run, expire, load_only, require_text_model, respond
+from .runner import Output, Run, context_settings, expire, load_only, require_text_model, respond
 
 class GenerateResource(Resource):
     def on_post(self, req, resp):
@@ -41,8 +43,7 @@ class GenerateResource(Resource):
         template = parsing.optional_string(body, "template")
         context = parsing.token_ids(body, "context")
         think = parsing.think(body)
-        truncate = parsing.flag(body, "truncate", True)
-        num_keep = num_keep_option(body)
+        truncate, shift, num_keep = context_settings(body)
         parsing.images_absent(body.get("images"), "images", name)
         entry = self.engine.store.get(name)
         require_text_model(entry, name, "generate")
@@ -57,6 +58,7 @@ class GenerateResource(Resource):
         run = Run(self.engine, entry, keep_alive, name)
         model = run.model
         params, num_ctx = model.make_params(**settings, constraint=constraint)
+        params.context_shift, params.num_keep = shift, num_keep
         prompt_ids = list(context or [])
         if any(not 0 <= t < model.config.vocab_size for t in prompt_ids):
             raise APIError(400, f"context token ids must be in [0, {model.config.vocab_size})", param="context")
@@ -73,7 +75,7 @@ class GenerateResource(Resource):
             prompt_ids += model.tokenize(text, add_bos=False if prompt_ids else None)
         if truncate and not suffix:
             prompt_ids, dropped = fit_prompt_ids(prompt_ids, num_ctx, params.max_tokens, num_keep,
-                                                 model.tokenizer.bos_id)
+                                                 model.tokenizer.bos_id, context_shift=shift)
             run.truncated(dropped)
         events = run.submit(prompt_ids, params, num_ctx)
         respond(req, resp, run, events, stream, GenerateOutput(run, prompt_ids), "api_generate")
@@ -104,22 +106,6 @@ class GenerateOutput(Output):
         if records:
             fields["logprobs"] = responses.logprobs(records)
         return fields
-
-
-def num_keep_option(body: dict) -> int:
-    """``options.num_keep``: prompt tokens after BOS a cut keeps (Ollama's default 4; -1 keeps the start)."""
-    from localllm.context_window import DEFAULT_NUM_KEEP
-
-    options = body.get("options")
-    value = options.get("num_keep") if isinstance(options, dict) else None
-    if value is None:
-        return DEFAULT_NUM_KEEP
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
-        raise APIError(400, "options.num_keep must be an integer >= -1 (-1 keeps the start of the prompt)",
-                       param="options.num_keep")
-    return value
 
 
 def render(model, entry, prompt: str, system: str | None, template: str | None, suffix: str | None,

@@ -15,7 +15,7 @@ import falcon
 
 from ..errors import APIError, to_api_error
 from ..streaming import ClosingStream, ndjson_line
-from . import responses
+from . import parsing, responses
 from .base import count_tokens
 
 NDJSON = "application/x-ndjson"
@@ -157,6 +157,25 @@ def load_only(resp, model: str, done_reason: str, fields: dict) -> None:
     """The answer to a request with nothing to generate: the model was loaded (or unloaded)."""
     resp.content_type = falcon.MEDIA_JSON
     resp.media = {**line(model, fields, done=True), "done_reason": done_reason}
+
+
+def context_settings(body: dict) -> tuple[bool, bool, int]:
+    """(truncate, shift, num_keep) of a request: cut a prompt that does not fit (``truncate``, default true),
+    let the answer shift the window (``shift``, default false here), and the leading tokens both keep
+    (``options.num_keep``: Ollama's default 4; -1 keeps the start of the prompt)."""
+    from localllm.context_window import DEFAULT_NUM_KEEP
+
+    truncate, shift = parsing.flag(body, "truncate", True), parsing.flag(body, "shift", False)
+    options = body.get("options")
+    num_keep = options.get("num_keep") if isinstance(options, dict) else None
+    if num_keep is None:
+        return truncate, shift, DEFAULT_NUM_KEEP
+    if isinstance(num_keep, float) and num_keep.is_integer():
+        num_keep = int(num_keep)
+    if isinstance(num_keep, bool) or not isinstance(num_keep, int) or num_keep < -1:
+        raise APIError(400, "options.num_keep must be an integer >= -1 (-1 keeps the start of the prompt)",
+                       param="options.num_keep")
+    return truncate, shift, num_keep
 
 
 def require_text_model(entry, name: str, action: str) -> None:

@@ -167,3 +167,27 @@ def test_generate_num_keep_and_truncate_false(server, smollm2):
                      json={**body, "options": {**body["options"], "num_keep": -2}})
     assert bad.status_code == 400 and bad.json() == {
         "error": "options.num_keep must be an integer >= -1 (-1 keeps the start of the prompt)"}
+
+
+def test_shift_lets_the_answer_go_past_the_window(server, smollm2):
+    messages = [SYSTEM, {"role": "user", "content": COUNT}]
+    n_prompt = len(chat_ids(smollm2, messages))
+    body = {"model": SMOLLM2, "messages": messages, "stream": False,
+            "options": {"num_ctx": 64, "num_predict": 40, "temperature": 0}}
+    refused = httpx.post(f"{server}/api/chat", timeout=300, json=body)      # no shift: the answer must fit
+    assert refused.status_code == 400 and "+ num_predict 40 but the context window is 64" in refused.json()["error"]
+    final = httpx.post(f"{server}/api/chat", timeout=300, json={**body, "shift": True}).json()
+    assert n_prompt + 40 > 64 and final["prompt_eval_count"] == n_prompt
+    assert final["eval_count"] == 40 and final["done_reason"] == "length" and "truncated_prompt_tokens" not in final
+
+
+def test_shift_on_generate_sends_a_prompt_that_fits_whole(server, smollm2):
+    prompt = " ".join(str(n) for n in range(24))
+    ids = smollm2.tokenize(prompt)
+    body = {"model": SMOLLM2, "prompt": prompt, "raw": True, "stream": False,
+            "options": {"num_ctx": len(ids) + 8, "num_predict": 12, "temperature": 0}}
+    cut = httpx.post(f"{server}/api/generate", timeout=300, json=body).json()   # no shift: cut to leave 12
+    assert cut["prompt_eval_count"] == len(ids) - 4 and cut["truncated_prompt_tokens"] == 4
+    whole = httpx.post(f"{server}/api/generate", timeout=300, json={**body, "shift": True}).json()
+    assert whole["prompt_eval_count"] == len(ids) and whole["eval_count"] == 12
+    assert "truncated_prompt_tokens" not in whole
