@@ -401,7 +401,7 @@ def _operation(method: str, path: str) -> dict:
         summary, body = OLLAMA_BODIES[(method, path)]
     else:
         summary, body = SUMMARIES.get((method, path), f"{method} {path}"), None
-    operation: dict = {"summary": summary, "operationId": f"{method.lower()} {path}",
+    operation: dict = {"summary": summary, "operationId": re.sub(r"\W+", "_", f"{method.lower()} {path}").strip("_"),
                        "responses": responses_of(method, path, body is not None)}
     if parameters:
         operation["parameters"] = parameters
