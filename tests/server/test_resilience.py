@@ -395,6 +395,19 @@ def test_an_abandoned_half_request_is_closed_after_the_channel_timeout(storm_eng
         running.close()
 
 
+def test_a_huge_declared_body_is_refused_before_it_is_sent(storm_engine):
+    running = run_app(storm_engine, threads=1, max_body_bytes=4096)
+    try:
+        with socket.create_connection(("127.0.0.1", int(running.port)), timeout=30) as sock:
+            # 100 MB announced (below waitress's own default limit of 1 GB), not one byte sent: answered at once
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100000000\r\n\r\n")
+            answer = Response(read_to_end(sock))
+        assert answer.status == 413
+    finally:
+        running.close()
+
+
 # ---- graceful shutdown of `localllm serve` ------------------------------------------------------------------
 
 class ServeProcess:
