@@ -59,3 +59,21 @@ def test_unsupported_tensor_type_names_the_tensor(tmp_path):
     writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
     with pytest.raises(UnsupportedTensorType, match="blk.0.odd.weight.*IQ2_XXS"):
         read_gguf(path)
+
+
+def test_every_ggml_type_size_is_ggmls():
+    from localllm.formats.gguf import GGML_TYPE_NAMES, GGML_TYPE_SIZES
+    for type_id, name in GGML_TYPE_NAMES.items():
+        ggml_type = gguf.GGMLQuantizationType(type_id)
+        assert ggml_type.name == name
+        assert GGML_TYPE_SIZES[name] == gguf.GGML_QUANT_SIZES[ggml_type], name
+
+
+def test_format_errors_are_one_class_naming_the_file(tmp_path, tiny_llama_path):
+    from localllm.formats.errors import ModelFormatError
+    data = tiny_llama_path.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:1000])
+    with pytest.raises(ModelFormatError) as caught:
+        read_gguf(tmp_path / "cut.gguf")
+    assert isinstance(caught.value, (GGUFError, ValueError)) and caught.value.path == tmp_path / "cut.gguf"
+    assert "cut.gguf" in str(caught.value)
