@@ -161,11 +161,11 @@ def load_only(resp, model: str, done_reason: str, fields: dict) -> None:
 
 def context_settings(body: dict) -> tuple[bool, bool, int]:
     """(truncate, shift, num_keep) of a request: cut a prompt that does not fit (``truncate``, default true),
-    let the answer shift the window (``shift``, default false here), and the leading tokens both keep
+    let the answer shift the window (``shift``, default true as in Ollama), and the leading tokens both keep
     (``options.num_keep``: Ollama's default 4; -1 keeps the start of the prompt)."""
     from localllm.context_window import DEFAULT_NUM_KEEP
 
-    truncate, shift = parsing.flag(body, "truncate", True), parsing.flag(body, "shift", False)
+    truncate, shift = parsing.flag(body, "truncate", True), parsing.flag(body, "shift", True)
     options = body.get("options")
     num_keep = options.get("num_keep") if isinstance(options, dict) else None
     if num_keep is None:

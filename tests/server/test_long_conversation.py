@@ -1,8 +1,9 @@
 """A conversation longer than the context window keeps going on the native routes (issue 19).
 
-The `ollama` client loops a chat with SmolLM2 at num_ctx 128 whose answers run to the end of
-the window; /api/chat then leaves out the oldest messages and /api/generate cuts a long context,
-as Ollama does. The prompt each request ran is checked token for token against the messages this
+The `ollama` client loops a chat with SmolLM2 at num_ctx 128 whose answers run past the end of
+the window (the context shifts, as in Ollama); /api/chat then leaves out the oldest messages and
+/api/generate cuts a long context, as Ollama does. ``shift: false`` keeps every answer inside the
+window. The prompt each request ran is checked token for token against the messages this
 file expects kept, rendered here through the model's own template. The OpenAI routes keep their
 400 ``context_length_exceeded``.
 """
@@ -31,11 +32,13 @@ def chat_ids(model, messages: list[dict]) -> list[int]:
     return model.tokenize(model.render_chat(messages, add_generation_prompt=True))
 
 
-def expected_kept(model, messages: list[dict], num_predict: int | None = None) -> list[dict]:
+def expected_kept(model, messages: list[dict], num_predict: int | None = None, shift: bool = False) -> list[dict]:
     """Ollama's walk from the oldest message (from user turns): the system prompt plus the newest messages that
-    leave the answer its room (num_predict, or half the window); the whole conversation when it fits."""
-    limit = NUM_CTX - num_predict if num_predict is not None else NUM_CTX - 1
-    budget = limit if num_predict is not None else HALF
+    leave the answer its room (num_predict, or half the window; with a shift, the smaller of the two); the whole
+    conversation when it fits (with a shift, only the prompt must fit)."""
+    limit = NUM_CTX - num_predict if num_predict is not None and not shift else NUM_CTX - 1
+    room = NUM_CTX // 2 if num_predict is None else (min(num_predict, NUM_CTX // 2) if shift else num_predict)
+    budget = min(NUM_CTX - room, limit)
     if len(chat_ids(model, messages)) <= limit:
         return messages
     for start in range(3, len(messages), 2):                    # SYSTEM, then user/assistant pairs
@@ -63,17 +66,26 @@ def test_the_ollama_client_keeps_a_long_chat_going(client, smollm2):
     messages = [SYSTEM]
     for turn in range(3):
         messages.append({"role": "user", "content": COUNT if turn == 0 else "Go on counting."})
-        kept = expected_kept(smollm2, messages)
-        response = client.chat(model=SMOLLM2, messages=messages, options={"num_ctx": NUM_CTX, "temperature": 0})
+        kept = expected_kept(smollm2, messages, num_predict=160, shift=True)
+        response = client.chat(model=SMOLLM2, messages=messages,
+                               options={"num_ctx": NUM_CTX, "num_predict": 160, "temperature": 0})
         assert response.done and response.message.content
         assert response.prompt_eval_count == len(chat_ids(smollm2, kept))       # the prompt the model saw
         assert kept[0] == SYSTEM and kept[-1] == messages[-1]
-        if turn == 0:                                      # the issue's first answer: it runs to the window's end
-            assert kept == messages and response.done_reason == "length"
-            assert response.prompt_eval_count + response.eval_count == NUM_CTX
+        if turn == 0:                                      # the issue's first answer: longer than the window
+            assert kept == messages and response.done_reason == "length" and response.eval_count == 160
+            assert response.prompt_eval_count + response.eval_count > NUM_CTX      # the context shifted
         else:                                              # then earlier turns go, leaving half the window
             assert len(kept) < len(messages) and response.prompt_eval_count <= HALF
         messages.append({"role": "assistant", "content": response.message.content})
+
+
+def test_without_shift_the_answer_stops_at_the_window(server, smollm2):
+    messages = [SYSTEM, {"role": "user", "content": COUNT}]
+    final = httpx.post(f"{server}/api/chat", timeout=300, json={
+        "model": SMOLLM2, "messages": messages, "stream": False, "shift": False,
+        "options": {"num_ctx": NUM_CTX, "temperature": 0}}).json()
+    assert final["done_reason"] == "length" and final["prompt_eval_count"] + final["eval_count"] == NUM_CTX
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -83,7 +95,7 @@ def test_the_final_line_and_a_header_count_the_dropped_tokens(server, smollm2, s
     full, sent = len(chat_ids(smollm2, messages)), len(chat_ids(smollm2, kept))
     assert full > NUM_CTX - 4 and 2 < len(kept) < len(messages)          # the case cuts, and keeps some history
     response = httpx.post(f"{server}/api/chat", timeout=300, json={
-        "model": SMOLLM2, "messages": messages, "stream": stream,
+        "model": SMOLLM2, "messages": messages, "stream": stream, "shift": False,
         "options": {"num_ctx": NUM_CTX, "num_predict": 4, "temperature": 0}})
     assert response.status_code == 200, response.text
     final = ndjson(response)[-1] if stream else response.json()
@@ -106,7 +118,8 @@ def test_a_conversation_that_fits_is_not_cut_and_says_nothing(server, smollm2):
 def test_truncate_false_keeps_the_400(server):
     messages = history(turns=6, words=15) + [{"role": "user", "content": "Now say hi."}]
     response = httpx.post(f"{server}/api/chat", timeout=300, json={
-        "model": SMOLLM2, "messages": messages, "truncate": False, "options": {"num_ctx": NUM_CTX, "num_predict": 4}})
+        "model": SMOLLM2, "messages": messages, "truncate": False, "shift": False,
+        "options": {"num_ctx": NUM_CTX, "num_predict": 4}})
     assert response.status_code == 400
     assert "the context window is 128 tokens" in response.json()["error"]
 
@@ -174,9 +187,9 @@ def test_shift_lets_the_answer_go_past_the_window(server, smollm2):
     n_prompt = len(chat_ids(smollm2, messages))
     body = {"model": SMOLLM2, "messages": messages, "stream": False,
             "options": {"num_ctx": 64, "num_predict": 40, "temperature": 0}}
-    refused = httpx.post(f"{server}/api/chat", timeout=300, json=body)      # no shift: the answer must fit
+    refused = httpx.post(f"{server}/api/chat", timeout=300, json={**body, "shift": False})   # the answer must fit
     assert refused.status_code == 400 and "+ num_predict 40 but the context window is 64" in refused.json()["error"]
-    final = httpx.post(f"{server}/api/chat", timeout=300, json={**body, "shift": True}).json()
+    final = httpx.post(f"{server}/api/chat", timeout=300, json=body).json()                 # shift: Ollama's default
     assert n_prompt + 40 > 64 and final["prompt_eval_count"] == n_prompt
     assert final["eval_count"] == 40 and final["done_reason"] == "length" and "truncated_prompt_tokens" not in final
 
@@ -186,7 +199,7 @@ def test_shift_on_generate_sends_a_prompt_that_fits_whole(server, smollm2):
     ids = smollm2.tokenize(prompt)
     body = {"model": SMOLLM2, "prompt": prompt, "raw": True, "stream": False,
             "options": {"num_ctx": len(ids) + 8, "num_predict": 12, "temperature": 0}}
-    cut = httpx.post(f"{server}/api/generate", timeout=300, json=body).json()   # no shift: cut to leave 12
+    cut = httpx.post(f"{server}/api/generate", timeout=300, json={**body, "shift": False}).json()  # leave 12
     assert cut["prompt_eval_count"] == len(ids) - 4 and cut["truncated_prompt_tokens"] == 4
     whole = httpx.post(f"{server}/api/generate", timeout=300, json={**body, "shift": True}).json()
     assert whole["prompt_eval_count"] == len(ids) and whole["eval_count"] == 12

@@ -280,7 +280,7 @@ def test_ndjson_framing_and_final_line(server, golden_smollm2):
      "unknown option 'tempreature'"),
     ("chat", {"model": SMOL, "options": {"mirostat": 2}, "messages": [{"role": "user", "content": "hi"}]}, 400,
      "options.mirostat is not supported"),
-    ("chat", {"model": SMOL, "options": {"num_ctx": 32, "num_predict": 100},
+    ("chat", {"model": SMOL, "shift": False, "options": {"num_ctx": 32, "num_predict": 100},
               "messages": [{"role": "user", "content": "hi"}]}, 400, "the context window is 32 tokens"),
     ("chat", {"model": "all-minilm", "messages": [{"role": "user", "content": "hi"}]}, 400,
      "model 'all-minilm' does not support chat"),
