@@ -33,6 +33,7 @@ pad/repo/separator tokens, and every token whose text is one of ``tokenizer_buil
 from __future__ import annotations
 
 import codecs
+import re
 import threading
 from pathlib import Path
 from typing import Any, Iterable
@@ -99,9 +100,13 @@ class Tokenizer:
             folders it runs the tokenizer's post-processor (e.g. BERT's ``[CLS] ... [SEP]``).
         parse_special: special tokens written in the text (``"<|im_start|>"``) become one token;
             false encodes them as plain text (user-defined tokens are always matched).
+
+        A lone surrogate in ``text`` is encoded as U+FFFD. A byte-level vocabulary that lacks a byte
+        (SmolLM2 has no token for 0xF1, the lead byte of U+40000..U+7FFFF) drops it, as llama.cpp does.
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        text = without_lone_surrogates(text)
         add = self.add_bos if add_bos is None else bool(add_bos)
         tokenizer = self.hf_tokenizer if parse_special else self._plain()
         if self._uses_post_processor:
@@ -159,6 +164,21 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
                 f"add_bos={self.add_bos}, eog_ids={sorted(self.eog_ids)})")
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def without_lone_surrogates(text: str) -> str:
+    """``text`` with every lone surrogate (which UTF-8 cannot carry; JSON's "\\ud800" escape makes one)
+    replaced by U+FFFD, as Go's JSON decoder (Ollama) does."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def _sharing_twin(tokenizer: HFTokenizer) -> HFTokenizer:
