@@ -1,13 +1,24 @@
-"""Middleware: request ids, body size limit, API key, and request metrics.
+"""Middleware: request ids, body size limit, CORS, API key, and request metrics.
 
 - ``X-Request-Id``: echoed when the client sends one, else a fresh id; on every response.
 - Bodies declared larger than ``settings.max_body_bytes`` get 413 before they are read
   (``schemas.read_json`` enforces the limit again for bodies without a Content-Length).
+- CORS, as Ollama does it: browsers may call from the origins of ``DEFAULT_ORIGINS`` (localhost,
+  127.0.0.1 and 0.0.0.0 on any port; desktop-app and editor schemes) and from those added with
+  ``LOCALLLM_ORIGINS`` (``settings.cors_origins``: exact origins, ``*`` wildcards, or ``*`` alone for
+  any). A request whose ``Origin`` is not allowed gets 403 (so a web page elsewhere cannot make the
+  server pull, delete or generate, even without reading the answer); an allowed one gets
+  ``Access-Control-Allow-Origin`` and ``Vary: Origin``, and its preflight (``OPTIONS`` with
+  ``Access-Control-Request-Method``) is answered 204 here, without the API key.
 - With ``settings.api_key`` set, every route but ``GET /``, ``HEAD /`` and ``/health``
-  needs ``Authorization: Bearer <key>`` (401 ``Invalid API key`` otherwise).
+  needs ``Authorization: Bearer <key>`` (401 ``Invalid API key`` otherwise, with
+  ``WWW-Authenticate: Bearer``). The key is compared in constant time (SHA-256 digests of the
+  header's bytes and the key's, then ``hmac.compare_digest``), so neither its length nor a
+  matching prefix shows in the time of a refusal.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import threading
@@ -21,6 +32,40 @@ from .errors import APIError
 
 log = logging.getLogger("localllm_server")
 PUBLIC_PATHS = frozenset({"/", "/health"})
+
+# Ollama's envconfig.AllowedOrigins: these are always allowed, LOCALLLM_ORIGINS adds to them.
+DEFAULT_ORIGINS = tuple(f"{scheme}://{host}{port}" for host in ("localhost", "127.0.0.1", "0.0.0.0")
+                        for scheme in ("http", "https") for port in ("", ":*")) + \
+    ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
+# Ollama's CORS configuration (gin-contrib/cors defaults for methods and max age)
+ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
+ALLOW_HEADERS = ", ".join((
+    "Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "X-Request-Id", "OpenAI-Beta",
+    "x-stainless-arch", "x-stainless-async", "x-stainless-custom-poll-interval", "x-stainless-helper-method",
+    "x-stainless-lang", "x-stainless-os", "x-stainless-package-version", "x-stainless-poll-helper",
+    "x-stainless-retry-count", "x-stainless-runtime", "x-stainless-runtime-version", "x-stainless-timeout"))
+PREFLIGHT_MAX_AGE = "43200"   # seconds a browser may cache a preflight answer (12 h)
+
+
+class OriginPolicy:
+    """Which browser origins may call the server: ``DEFAULT_ORIGINS`` plus ``extra`` (exact origins, patterns
+    with one ``*`` matching any text, as gin's AllowWildcard, or ``*`` alone for every origin)."""
+
+    def __init__(self, extra: list[str] | tuple[str, ...] = ()):
+        patterns = [origin.strip() for origin in (*extra, *DEFAULT_ORIGINS) if origin.strip()]
+        self.any_origin = "*" in patterns
+        self.exact = frozenset(p for p in patterns if "*" not in p)
+        self.wildcards = [tuple(p.split("*", 1)) for p in patterns if "*" in p and p != "*"]
+
+    def allows(self, origin: str) -> bool:
+        if self.any_origin or origin in self.exact:
+            return True
+        return any(len(origin) >= len(head) + len(tail) and origin.startswith(head) and origin.endswith(tail)
+                   for head, tail in self.wildcards)
+
+
+def _key_digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
 
 
 class Metrics:
@@ -63,28 +108,47 @@ class RequestMiddleware:
     def __init__(self, settings, metrics: Metrics):
         self.settings = settings
         self.metrics = metrics
+        self.origins = OriginPolicy(settings.cors_origins or ())
+        self._key_digest = _key_digest(settings.api_key.encode("utf-8")) if settings.api_key else None
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.request_id = req.get_header("X-Request-Id") or f"req-{uuid.uuid4().hex}"
         req.context.started = time.perf_counter()
         req.context.metrics = self.metrics
         self.metrics.started()
+        origin = req.get_header("Origin")
+        if origin is not None:
+            if not self.origins.allows(origin):
+                raise APIError(403, f"origin {origin!r} is not allowed to call this server (add it to "
+                                    "LOCALLLM_ORIGINS)", code="origin_not_allowed")
+            req.context.cors_origin = origin
+            if req.method == "OPTIONS" and req.get_header("Access-Control-Request-Method"):
+                resp.status = falcon.HTTP_204          # a preflight: answered here, before routing and the key
+                resp.complete = True
+                return
         length = req.content_length
         if length is not None and length > self.settings.max_body_bytes:
             raise APIError(413, f"request body is larger than the limit of {self.settings.max_body_bytes} bytes")
-        if self.settings.api_key and req.method != "OPTIONS" and req.path not in PUBLIC_PATHS:
+        if self._key_digest is not None and req.method != "OPTIONS" and req.path not in PUBLIC_PATHS:
             self._check_key(req)
 
     def _check_key(self, req: falcon.Request) -> None:
         header = req.get_header("Authorization") or ""
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 self.settings.api_key.encode()):
+        scheme, _, token = header.strip().partition(" ")
+        try:
+            sent = token.strip().encode("latin-1")     # WSGI headers are latin-1 text of the bytes sent
+        except UnicodeEncodeError:
+            sent = b""
+        matches = hmac.compare_digest(_key_digest(sent), self._key_digest)   # constant time, any length
+        if not (scheme.lower() == "bearer" and sent and matches):
             raise APIError(401, "Invalid API key", code="invalid_api_key")
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
         resp.set_header("X-Request-Id", req.context.request_id)
         status = falcon.http_status_to_code(resp.status)
+        self._cors_headers(req, resp)
+        if status == 401 and self._key_digest is not None:
+            resp.set_header("WWW-Authenticate", "Bearer")
         error = getattr(req.context, "error", None)
         if error is not None:
             log.error("%s %s failed (%s)", req.method, req.path, req.context.request_id, exc_info=error)
@@ -92,8 +156,20 @@ class RequestMiddleware:
                               time.perf_counter() - req.context.started)
 
 
+    def _cors_headers(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.append_header("Vary", "Origin")        # the answer depends on the Origin (caches must not share it)
+        origin = getattr(req.context, "cors_origin", None)
+        if origin is None:
+            return
+        resp.set_header("Access-Control-Allow-Origin", "*" if self.origins.any_origin else origin)
+        resp.set_header("Access-Control-Expose-Headers", "*")
+        if req.method == "OPTIONS" and req.get_header("Access-Control-Request-Method"):
+            resp.set_header("Access-Control-Allow-Methods", ALLOW_METHODS)
+            resp.set_header("Access-Control-Allow-Headers", ALLOW_HEADERS)
+            resp.set_header("Access-Control-Max-Age", PREFLIGHT_MAX_AGE)
+            resp.append_header("Vary", "Access-Control-Request-Method")
+            resp.append_header("Vary", "Access-Control-Request-Headers")
+
+
 def middleware_for(settings, metrics: Metrics | None = None) -> list:
-    middleware = [RequestMiddleware(settings, metrics or Metrics())]
-    if settings.cors_origins:
-        middleware.insert(0, falcon.CORSMiddleware(allow_origins=settings.cors_origins, expose_headers="*"))
-    return middleware
+    return [RequestMiddleware(settings, metrics or Metrics())]
