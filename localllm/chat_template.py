@@ -49,6 +49,7 @@ import re
 import reprlib
 import time
 import types
+from collections.abc import ItemsView, KeysView, ValuesView
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
@@ -250,8 +251,10 @@ def value_chars(value: Any, limit: int) -> int:
 
 def _children(value: Any) -> Iterable | None:
     """The parts ``str(value)`` writes, for a container; None for anything else."""
-    if isinstance(value, (list, tuple, set, frozenset)):
+    if isinstance(value, (list, tuple, set, frozenset, KeysView, ValuesView)):
         return value
+    if isinstance(value, ItemsView):
+        return itertools.chain.from_iterable(value)
     if isinstance(value, dict):
         return itertools.chain.from_iterable(value.items())
     if isinstance(value, Namespace):

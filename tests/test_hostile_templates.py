@@ -194,6 +194,15 @@ def test_text_made_over_many_steps_is_capped(source):
     refused(source, r"wrote more than|made more than \d+ characters of text|made a value of more than|for about")
 
 
+@pytest.mark.parametrize("printed", ["big", "[big]", "d", "d.items()", "d.values()", "ns"])
+def test_printing_into_a_captured_block_counts_as_it_goes(printed):
+    """Text printed inside ``{% set %}...{% endset %}`` is kept until the block ends: it is counted as it is
+    printed (a few copies in), not only when the block is joined."""
+    source = ("{% set big = 'x' * 50000 %}{% set d = dict(a=big) %}{% set ns = namespace(a=big) %}{% set x %}"
+              "{% for i in range(1000) %}{{ " + printed + " }}{% endfor %}{% endset %}")
+    refused(source, r"made more than 4008\d\d characters of text in all")
+
+
 def test_the_limits_grow_with_the_input():
     content = "y" * 150_000                       # more than SMALL.max_chars: a template may still print it
     assert ChatTemplate(DEFAULT_CHAT_TEMPLATE, limits=SMALL).render([{"role": "user", "content": content}]) == \
