@@ -41,6 +41,7 @@ ERROR_REASONS = {
     400: "invalid request: bad JSON, a wrong type or value (the message names the parameter), a prompt longer "
          "than the context (code context_length_exceeded), or a feature the model lacks",
     401: "an API key is configured and the request has no valid `Authorization: Bearer` key",
+    403: "the request's Origin header names a web origin the server does not allow (LOCALLLM_ORIGINS)",
     404: "no model of that name in the store",
     413: "request body larger than the server's limit",
     503: "server busy: the queue of pending requests is full; try again",
@@ -226,6 +227,8 @@ _OPTION_SCHEMAS = {f.name: {**f.schema, "description": f.description} for f in s
 OLLAMA_OPTIONS = {"type": "object", "additionalProperties": False, "properties": {
     **{name: _OPTION_SCHEMAS[name] for name in parsing.GENERATION_OPTIONS},
     **{name: {"description": "accepted, no effect here"} for name in sorted(parsing.IGNORED_OPTIONS)},
+    "num_keep": {"type": "integer", "minimum": -1, "description": "leading prompt tokens kept when the window "
+                                                                  "is cut or shifted (-1: the whole prompt start)"},
     **{name: {"description": "accepted, no effect here"} for name in sorted(parsing.MIROSTAT_TUNING)},
     **{name: {"enum": [value, None], "description": "only the value that turns it off"}
        for name, value in parsing.NEUTRAL_OPTIONS.items()}},
@@ -247,6 +250,9 @@ _OLLAMA_TOOLS = {"type": ["array", "null"], "items": {"type": "object", "require
         "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
         "parameters": {"type": ["object", "null"]}}}}}, "description": "function names must differ (else 400)"}
 _STREAM = {"type": "boolean", "description": "NDJSON lines (default true) or one JSON object"}
+_CONTEXT_FIELDS = {
+    "truncate": {"type": "boolean", "description": "cut a prompt longer than the window (default true; false: 400)"},
+    "shift": {"type": "boolean", "description": "let the answer go past the window by shifting it (default true)"}}
 _MODEL_REQUIRED = {"anyOf": [{"required": ["model"]}, {"required": ["name"]}]}
 CREATE_MESSAGE_ROLES = ("system", "user", "assistant")          # localllm.modelfile.MESSAGE_ROLES
 
@@ -266,7 +272,7 @@ OLLAMA_BODIES = {
         "messages": {"type": ["array", "null"], "items": _OLLAMA_MESSAGE,
                      "description": "no messages: the model is loaded (or unloaded with keep_alive 0)"},
         "tools": _OLLAMA_TOOLS, "format": _FORMAT, "options": OLLAMA_OPTIONS, "stream": _STREAM,
-        "keep_alive": _KEEP_ALIVE, "think": _THINK, **_LOGPROB_FIELDS})),
+        "keep_alive": _KEEP_ALIVE, "think": _THINK, **_LOGPROB_FIELDS, **_CONTEXT_FIELDS})),
     ("POST", "/api/generate"): ("Generate (Ollama)", ollama_body({
         "prompt": {"type": "string", "description": "empty: the model is loaded (or unloaded with keep_alive 0)"},
         "suffix": {"type": "string", "description": "fill-in-the-middle (models with FIM tokens; else 400)"},
@@ -274,7 +280,7 @@ OLLAMA_BODIES = {
         "context": {"type": "array", "items": {"type": "integer", "minimum": 0},
                     "description": "an earlier answer's context (token ids below the vocabulary size)"},
         "raw": {"type": "boolean"}, "format": _FORMAT, "images": _NO_IMAGES, "options": OLLAMA_OPTIONS,
-        "stream": _STREAM, "keep_alive": _KEEP_ALIVE, "think": _THINK, **_LOGPROB_FIELDS})),
+        "stream": _STREAM, "keep_alive": _KEEP_ALIVE, "think": _THINK, **_LOGPROB_FIELDS, **_CONTEXT_FIELDS})),
     ("POST", "/api/embed"): ("Embed (Ollama)", ollama_body({
         "input": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
         "truncate": {"type": "boolean"}, "dimensions": {"type": ["integer", "null"], "minimum": 1},
@@ -367,7 +373,7 @@ def _openapi_path(template: str) -> str:
 
 def error_statuses(method: str, path: str, has_body: bool) -> list[int]:
     """The error statuses ``method path`` answers with."""
-    statuses = []
+    statuses = [403]
     if has_body:
         statuses += [400, 413]
     if (method, path) not in PUBLIC:
