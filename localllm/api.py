@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .chat_template import ChatTemplate, MissingChatTemplate
+from .chat_template import ChatTemplate, ChatTemplateError, MissingChatTemplate
 from .formats.gguf import read_gguf
 from .generate import GenerationEvent, GenerationParams, GenerationResult, generate, stream_generate
 from . import arch, reasoning
@@ -96,8 +96,11 @@ class Model:
         template = ((entry.template if entry and entry.template else None) or metadata.get("tokenizer.chat_template")
                     or arch.default_chat_template(self.config.architecture))
         self.has_chat_template = template is not None
-        self.template = (ChatTemplate(template, self.tokenizer.bos_token, self.tokenizer.eos_token)
-                         if template is not None else MissingChatTemplate())
+        try:
+            self.template = (ChatTemplate(template, self.tokenizer.bos_token, self.tokenizer.eos_token)
+                             if template is not None else MissingChatTemplate())
+        except ChatTemplateError as exc:     # a broken template fails chat (a 400), not the model's raw completion
+            self.template = MissingChatTemplate(f"the model's chat template cannot be used: {exc}")
         # what /api/show lists for a store entry, for this model: tools and thinking as its template has them
         from .reasoning import thinking_support
         self.capabilities = ("completion",) + (("tools",) if "tools" in (template or "") else ()) + \

@@ -705,11 +705,13 @@ class ChatTemplate:
 
 
 class MissingChatTemplate(ChatTemplate):
-    """The template of a model that has none: rendering a chat raises ChatTemplateError saying what to do."""
+    """The template of a model that has none, or whose template cannot be compiled: rendering a chat raises
+    ChatTemplateError saying so (the model still loads, and raw completion works)."""
 
-    def __init__(self):
+    def __init__(self, message: str = NO_TEMPLATE_MESSAGE):
         super().__init__("")
+        self.message = message
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
                **extra: Any) -> str:
-        raise ChatTemplateError(NO_TEMPLATE_MESSAGE)
+        raise ChatTemplateError(self.message)

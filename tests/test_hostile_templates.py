@@ -363,3 +363,16 @@ def test_real_templates_render_as_in_a_plain_sandbox(smollm2_gguf):
                 assert ours == reference, (name, conversation, add_generation_prompt)
                 rendered += not reference.startswith("error: ")
     assert rendered >= 80   # most of them render (Gemma's refuses a system role, ...)
+
+
+def test_a_template_that_cannot_compile_fails_chat_not_the_model(tmp_path):
+    """A syntax error (or an oversized source) in a model file's template: the model loads, raw completion
+    works, and chat says what is wrong with the template."""
+    import localllm
+    from tests.tiny_models import write_tiny_llama
+
+    model = localllm.load(write_tiny_llama(tmp_path / "broken-template.gguf", chat_template="{% for %}"),
+                          backend="ref", num_ctx=64)
+    assert model.generate("hello", temperature=0, max_tokens=3)
+    with pytest.raises(ChatTemplateError, match="the model's chat template cannot be used"):
+        model.chat([{"role": "user", "content": "hi"}], max_tokens=3)
