@@ -12,9 +12,10 @@ import re
 
 import falcon
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-               429: "rate_limit_error", 503: "api_error", 500: "api_error"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               422: "invalid_request_error", 429: "rate_limit_error", 500: "api_error", 502: "api_error",
+               503: "api_error", 504: "api_error", 507: "api_error"}
 
 # Library ValueErrors start with the parameter they concern ("top_logprobs must be between 0 and 20").
 _LEADING_PARAM = re.compile(r"^`?([a-z_]+(?:\[[^\]]*\])?)`? (?:must|is|are|needs|values|keys|token)\b")
@@ -75,9 +76,10 @@ def to_api_error(exc: BaseException, prompt_param: str = "messages") -> APIError
     ``prompt_param`` names the request field a too-long prompt came from
     (``messages`` for chat, ``prompt`` for completions).
     """
-    from localllm.engine import ServerBusy
+    from localllm.engine import RequestTimeout, ServerBusy, ServerShuttingDown
+    from localllm.formats.errors import ModelFormatError
     from localllm.kv_cache import ContextLengthExceeded
-    from localllm.store import InvalidModelName, ModelNotFound, PullError
+    from localllm.store import DiskFull, DownloadFailed, InvalidModelName, ModelNotFound, PullError
 
     if isinstance(exc, APIError):
         return exc
@@ -85,14 +87,24 @@ def to_api_error(exc: BaseException, prompt_param: str = "messages") -> APIError
         return APIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, ContextLengthExceeded):
         return APIError(400, str(exc), param=prompt_param, code="context_length_exceeded")
+    if isinstance(exc, ServerShuttingDown):
+        return APIError(503, str(exc), code="server_shutting_down")
     if isinstance(exc, ServerBusy):
         return APIError(503, str(exc), code="server_busy")
+    if isinstance(exc, RequestTimeout):
+        return APIError(504, str(exc), code="request_timeout")
     if isinstance(exc, InvalidModelName):
         return APIError(400, str(exc), param="model", code="invalid_model_name")
+    if isinstance(exc, ModelFormatError):      # a broken model file: the request named a model that cannot load
+        return APIError(400, str(exc), param="model", code="invalid_model_file")
     if isinstance(exc, ValueError) and type(exc).__name__ in PARAM_OF_ERROR:
         return APIError(400, str(exc), param=PARAM_OF_ERROR[type(exc).__name__])
     if isinstance(exc, (ValueError, TypeError)):
         return APIError(400, str(exc), param=param_of(str(exc)))
+    if isinstance(exc, DiskFull):
+        return APIError(507, str(exc), param="model", code="insufficient_storage")
+    if isinstance(exc, DownloadFailed):          # the package index or URL failed: a bad gateway, not us
+        return APIError(502, str(exc), param="model", code="download_failed")
     if isinstance(exc, PullError):
         return APIError(500, str(exc), param="model", code="pull_failed", error_type="api_error")
     if isinstance(exc, FileNotFoundError):

@@ -2,7 +2,7 @@
 
 - ``X-Request-Id``: echoed when the client sends one, else a fresh id; on every response.
 - Bodies declared larger than ``settings.max_body_bytes`` get 413 before they are read
-  (``schemas.read_json`` enforces the limit again for bodies without a Content-Length).
+  (``body.read_json`` enforces the limit again for bodies without a Content-Length).
 - CORS, as Ollama does it: browsers may call from the origins of ``DEFAULT_ORIGINS`` (localhost,
   127.0.0.1 and 0.0.0.0 on any port; desktop-app and editor schemes) and from those added with
   ``LOCALLLM_ORIGINS`` (``settings.cors_origins``: exact origins, ``*`` wildcards, or ``*`` alone for

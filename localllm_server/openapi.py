@@ -44,8 +44,12 @@ ERROR_REASONS = {
     403: "the request's Origin header names a web origin the server does not allow (LOCALLLM_ORIGINS)",
     404: "no model of that name in the store",
     413: "request body larger than the server's limit",
-    503: "server busy: the queue of pending requests is full; try again",
+    502: "the model's download source (the package index or URL) failed; a later pull resumes",
+    503: "server busy (the queue of pending requests is full) or shutting down; try again after Retry-After",
+    504: "the request ran past LOCALLLM_REQUEST_TIMEOUT",
+    507: "the disk is full (or a file size limit was hit) while pulling or creating a model; the store is as it was",
 }
+PULLING = {("POST", "/api/pull"), ("POST", "/api/create")}
 
 # --------------------------------------------------------------------------- OpenAI answers
 
@@ -381,7 +385,9 @@ def error_statuses(method: str, path: str, has_body: bool) -> list[int]:
     if (method, path) not in NO_MODEL:
         statuses += [400, 404]
     if (method, path) in GENERATING:
-        statuses.append(503)
+        statuses += [503, 504]
+    if (method, path) in PULLING:
+        statuses += [502, 507]
     return sorted(set(statuses))
 
 

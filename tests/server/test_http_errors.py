@@ -205,3 +205,21 @@ def test_queue_full_is_503(server_store):
     finally:
         running.close()
         busy_engine.close()
+
+
+def test_library_errors_map_to_their_documented_status():
+    from localllm.engine import RequestTimeout, ServerShuttingDown
+    from localllm.formats.errors import ModelFormatError
+    from localllm.store import DiskFull, DownloadFailed
+    from localllm_server.errors import to_api_error
+    from localllm_server.openapi import ERROR_REASONS
+
+    cases = [(DiskFull("pulling x: no space left on the device", errno=28), 507, "insufficient_storage"),
+             (DownloadFailed("pip download failed"), 502, "download_failed"),
+             (RequestTimeout("ran past its timeout"), 504, "request_timeout"),
+             (ServerShuttingDown("the server is shutting down"), 503, "server_shutting_down"),
+             (ModelFormatError("tensor data past the end", "/m.gguf"), 400, "invalid_model_file")]
+    for exc, status, code in cases:
+        error = to_api_error(exc)
+        assert (error.status, error.code) == (status, code), exc
+        assert error.status in ERROR_REASONS
