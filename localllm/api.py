@@ -104,6 +104,7 @@ class Model:
         # what /api/show lists for a store entry, for this model: tools and thinking as its template has them
         from .reasoning import thinking_support
         self.capabilities = ("completion",) + (("tools",) if "tools" in (template or "") else ()) + \
+            (("insert",) if getattr(self.tokenizer, "fim_ids", None) else ()) + \
             (("thinking",) if thinking_support(template) is not None else ())
         self.system = entry.system if entry else None
         self.defaults: dict[str, Any] = dict(defaults or {})       # the folder's generation_config.json, then

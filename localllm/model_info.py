@@ -8,6 +8,7 @@ Only headers are read; weights are never loaded.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import Counter
@@ -142,3 +143,24 @@ def describe_hf_folder(folder: Path) -> tuple[dict, dict]:
         "quantization_level": elements_by_dtype.most_common(1)[0][0] if elements_by_dtype else "unknown",
     }
     return details, model_info
+
+
+def supports_insert(path: Path, format: str) -> bool:
+    """Whether the model has fill-in-the-middle tokens (``suffix`` on /api/generate and /v1/completions):
+    Ollama's ``insert`` capability. Read from the GGUF's vocabulary once per file (cached)."""
+    if format != "gguf":
+        return False
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    return _gguf_supports_insert(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _gguf_supports_insert(path: str, size: int, mtime_ns: int) -> bool:
+    from .formats.gguf import read_gguf
+    from .tokenizer_build import gguf_fim_ids
+
+    return gguf_fim_ids(read_gguf(path).metadata) is not None

@@ -213,6 +213,22 @@ def gguf_tokenizer_args(metadata: dict[str, Any]) -> dict[str, Any]:
                 chat_template=metadata.get("tokenizer.chat_template"), fim_ids=_fim_ids(metadata, special))
 
 
+def gguf_fim_ids(metadata: dict[str, Any]) -> dict[str, int] | None:
+    """The fill-in-the-middle ids a tokenizer built from this GGUF metadata has, without building it
+    (what ``/api/show`` needs to list ``insert``): the same keys, then the same token texts."""
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        return None
+    special = _special_ids(metadata, metadata.get("tokenizer.ggml.model"), len(tokens))
+    wanted = {text for name in ("fim_pre", "fim_suf", "fim_mid") for text in _FIM_TEXTS[name]}
+    vocab = {text: i for i, text in enumerate(tokens) if text in wanted}    # token texts are unique
+    for name in ("fim_pre", "fim_suf", "fim_mid"):
+        match = next((vocab[t] for t in _FIM_TEXTS[name] if t in vocab), None)
+        if special.get(name) is None and match is not None:
+            special[name] = match
+    return _fim_ids(metadata, special)
+
+
 def _fim_ids(metadata: dict[str, Any], special: dict[str, int | None]) -> dict[str, int] | None:
     """Prefix/suffix/middle ids (``fim_*_token_id``, the older ``prefix/suffix/middle_token_id`` keys, or
     the token texts llama.cpp recognises, already folded into ``special``); None unless all three exist."""

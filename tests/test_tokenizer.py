@@ -297,3 +297,25 @@ def test_fill_in_the_middle_ids_from_token_texts_and_metadata():
     assert Tokenizer.from_gguf_metadata(by_key).fim_ids == {"fim_pre": 5, "fim_suf": 6, "fim_mid": 7}
     plain = dict(metadata, **{"tokenizer.ggml.tokens": tokens[:-3], "tokenizer.ggml.token_type": types[:-3]})
     assert Tokenizer.from_gguf_metadata(plain).fim_ids is None
+    # what /api/show reads without building the tokenizer: the same ids in every case
+    from localllm.tokenizer_build import gguf_fim_ids
+    for case in (metadata, by_key, plain):
+        assert gguf_fim_ids(case) == Tokenizer.from_gguf_metadata(case).fim_ids
+
+
+def test_insert_capability_follows_the_fim_tokens(tmp_path):
+    """Ollama's ``insert`` capability: listed by /api/show (from the file) and the loaded Model alike."""
+    import localllm
+    from localllm.model_info import supports_insert
+    from localllm.store import ModelStore
+    from localllm_server.ollama_api.responses import capabilities
+    from tests.tiny_models import write_tiny_llama
+
+    plain = write_tiny_llama(tmp_path / "plain.gguf")
+    fim = write_tiny_llama(tmp_path / "fim.gguf", extra_tokens=("<fim_prefix>", "<fim_suffix>", "<fim_middle>"))
+    store = ModelStore(tmp_path / "store")
+    for name, path, expected in (("plain", plain, False), ("fim", fim, True)):
+        entry = store.add_local(name, path)
+        assert supports_insert(entry.path, entry.format) is expected
+        assert ("insert" in capabilities(entry)) is expected
+        assert ("insert" in localllm.load(path, backend="ref").capabilities) is expected

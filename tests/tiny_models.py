@@ -22,9 +22,12 @@ def byte_level_vocab() -> tuple[list[str], list[int]]:
     return tokens, token_types
 
 
-def add_byte_level_tokenizer(writer: gguf.GGUFWriter, chat_template: str | None = CHATML_TEMPLATE) -> None:
-    """The byte-level vocabulary's tokenizer keys (BOS <|endoftext|>, EOS <|im_end|>) and a chat template."""
+def add_byte_level_tokenizer(writer: gguf.GGUFWriter, chat_template: str | None = CHATML_TEMPLATE,
+                             extra_tokens: tuple[str, ...] = ()) -> None:
+    """The byte-level vocabulary's tokenizer keys (BOS <|endoftext|>, EOS <|im_end|>) and a chat template;
+    ``extra_tokens`` are appended as CONTROL tokens (e.g. fill-in-the-middle ones)."""
     tokens, token_types = byte_level_vocab()
+    tokens, token_types = tokens + list(extra_tokens), token_types + [3] * len(extra_tokens)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -53,11 +56,11 @@ def _store(writer: gguf.GGUFWriter, name: str, array: np.ndarray, weight_type: s
 def write_tiny_llama(path: str | Path, *, dim: int = 64, hidden_dim: int = 96, n_layers: int = 2,
                      n_heads: int = 4, n_kv_heads: int = 2, n_ctx: int = 256, weight_type: str = "F32",
                      tie_embeddings: bool = True, seed: int = 0, rope_theta: float = 10000.0,
-                     chat_template: str | None = CHATML_TEMPLATE) -> Path:
+                     chat_template: str | None = CHATML_TEMPLATE, extra_tokens: tuple[str, ...] = ()) -> Path:
     """Write a random llama model; returns the path. ``weight_type`` applies to 2-D matrices."""
     path = Path(path)
     rng = np.random.default_rng(seed)
-    vocab_size = len(byte_level_vocab()[0])
+    vocab_size = len(byte_level_vocab()[0]) + len(extra_tokens)
     head_dim = dim // n_heads
 
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -72,7 +75,7 @@ def write_tiny_llama(path: str | Path, *, dim: int = 64, hidden_dim: int = 96, n
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(vocab_size)
-    add_byte_level_tokenizer(writer, chat_template)
+    add_byte_level_tokenizer(writer, chat_template, extra_tokens)
 
     def matrix(rows, cols, scale=None):
         scale = scale if scale is not None else 1.0 / np.sqrt(cols)

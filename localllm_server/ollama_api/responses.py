@@ -97,8 +97,10 @@ def architecture(entry) -> str:
 
 
 def capabilities(entry) -> list[str]:
-    """``["embedding"]`` for encoders, else ``["completion"]`` plus ``"tools"`` when the template uses tools
-    and ``"thinking"`` when it has a thought block (``localllm.reasoning.thinking_support``)."""
+    """``["embedding"]`` for encoders, else ``["completion"]`` plus ``"tools"`` when the template uses tools,
+    ``"insert"`` when the vocabulary has fill-in-the-middle tokens (``suffix``) and ``"thinking"`` when the
+    template has a thought block (``localllm.reasoning.thinking_support``), in Ollama's order."""
+    from localllm.model_info import supports_insert
     from localllm.reasoning import thinking_support
 
     if architecture(entry) in EMBEDDING_FAMILIES:
@@ -106,6 +108,8 @@ def capabilities(entry) -> list[str]:
     found = ["completion"]
     if "tools" in (entry.chat_template or ""):
         found.append("tools")
+    if supports_insert(entry.path, entry.format):
+        found.append("insert")
     if thinking_support(entry.chat_template) is not None:
         found.append("thinking")
     return found
