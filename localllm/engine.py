@@ -381,12 +381,13 @@ class Engine:
 
         ``keep_alive`` applies once the request is queued, so a 0 unloads the
         model after this request instead of racing it. ``timeout``: seconds the
-        request may take from now, waiting included (default: the settings'
-        ``request_timeout``); past it the handle raises ``RequestTimeout`` after
+        request may take from now, waiting included (the settings'
+        ``request_timeout``, when set, still bounds it); past it the handle raises ``RequestTimeout`` after
         the events sent so far. Raises ``ServerBusy`` when the model's queue is
         full and ``ServerShuttingDown`` after ``begin_shutdown()``.
         """
-        timeout = self.settings.request_timeout if timeout is None else check_timeout(timeout)
+        limits = [self.settings.request_timeout, None if timeout is None else check_timeout(timeout)]
+        timeout = min((t for t in limits if t is not None), default=None)   # the server's limit still holds
         if self._shutting_down.is_set():
             raise ServerShuttingDown("the server is shutting down and takes no new requests")
         model = self.load(name)

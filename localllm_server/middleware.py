@@ -115,6 +115,7 @@ class RequestMiddleware:
         req.context.request_id = req.get_header("X-Request-Id") or f"req-{uuid.uuid4().hex}"
         req.context.started = time.perf_counter()
         req.context.metrics = self.metrics
+        req.context.request_timeout = None
         self.metrics.started()
         origin = req.get_header("Origin")
         if origin is not None:
@@ -131,6 +132,7 @@ class RequestMiddleware:
             raise APIError(413, f"request body is larger than the limit of {self.settings.max_body_bytes} bytes")
         if self._key_digest is not None and req.method != "OPTIONS" and req.path not in PUBLIC_PATHS:
             self._check_key(req)
+        req.context.request_timeout = request_timeout(req.get_header(TIMEOUT_HEADER))
 
     def _check_key(self, req: falcon.Request) -> None:
         header = req.get_header("Authorization") or ""
@@ -169,6 +171,24 @@ class RequestMiddleware:
             resp.set_header("Access-Control-Max-Age", PREFLIGHT_MAX_AGE)
             resp.append_header("Vary", "Access-Control-Request-Method")
             resp.append_header("Vary", "Access-Control-Request-Headers")
+
+
+TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+def request_timeout(header: str | None) -> float | None:
+    """Seconds from ``X-Request-Timeout`` (a request's own limit, below the server's LOCALLLM_REQUEST_TIMEOUT
+    when that is set: the engine takes the smaller); None when the header is absent."""
+    if header is None:
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        seconds = float("nan")
+    if not (0 < seconds < float("inf")):
+        raise APIError(400, f"{TIMEOUT_HEADER} must be a positive number of seconds, got {header!r}",
+                       param=TIMEOUT_HEADER)
+    return seconds
 
 
 def middleware_for(settings, metrics: Metrics | None = None) -> list:

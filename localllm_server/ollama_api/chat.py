@@ -76,7 +76,7 @@ class ChatResource(Resource):
         else:
             prompt_ids = render(conversation, tools)
         params.reasoning = prompt_text(conversation, tools)[1]
-        events = run.submit(prompt_ids, params, num_ctx)
+        events = run.submit(prompt_ids, params, num_ctx, timeout=req.context.request_timeout)
         respond(req, resp, run, events, stream, ChatOutput(run, tools, stream), "api_chat")
 
 

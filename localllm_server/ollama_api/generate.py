@@ -77,7 +77,7 @@ class GenerateResource(Resource):
             prompt_ids, dropped = fit_prompt_ids(prompt_ids, num_ctx, params.max_tokens, num_keep,
                                                  model.tokenizer.bos_id, context_shift=shift)
             run.truncated(dropped)
-        events = run.submit(prompt_ids, params, num_ctx)
+        events = run.submit(prompt_ids, params, num_ctx, timeout=req.context.request_timeout)
         respond(req, resp, run, events, stream, GenerateOutput(run, prompt_ids), "api_generate")
 
 

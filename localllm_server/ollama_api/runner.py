@@ -40,8 +40,10 @@ class Run:
         """Record that ``tokens`` prompt tokens (``messages`` chat messages) were left out to fit the window."""
         self.truncation = responses.truncation(tokens, messages)
 
-    def submit(self, prompt_ids: list[int], params, num_ctx: int) -> Iterator:
-        self.handle = self.engine.submit(self.entry, prompt_ids, params, num_ctx=num_ctx, keep_alive=self.keep_alive)
+    def submit(self, prompt_ids: list[int], params, num_ctx: int, timeout: float | None = None) -> Iterator:
+        """Queue the generation; ``timeout``: the request's own limit in seconds (None: the server's)."""
+        self.handle = self.engine.submit(self.entry, prompt_ids, params, num_ctx=num_ctx, keep_alive=self.keep_alive,
+                                         timeout=timeout)
         return iter(self.handle)
 
     def metrics(self, final_event) -> dict:

@@ -114,7 +114,8 @@ class ChatCompletions(Resource):
         prepared = prepare(model, request)
         params = prepared.params
         submission = common.Submission(self.engine, entry, [prepared.prompt_ids], params, prepared.num_ctx,
-                                       params.n, on_finish=common.metrics_hook(req, "chat"))
+                                       params.n, on_finish=common.metrics_hook(req, "chat"),
+                                       timeout=req.context.request_timeout)
         header = formatting.ResponseHeader.new("chatcmpl", request.model)
         events = submission.events(common.client_disconnected(req))
         if request.stream:

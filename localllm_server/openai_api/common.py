@@ -46,11 +46,12 @@ class Submission:
     choice ``j`` has index ``i * n + j``. Prompts are generated concurrently
     (the engine batches them); their events are read prompt after prompt.
     Every request is cancelled when the stream ends early, fails, or the
-    client goes away; ``on_finish(prompt_tokens, completion_tokens)`` runs once at the end.
+    client goes away; ``on_finish(prompt_tokens, completion_tokens)`` runs once at the end. ``timeout``:
+    the request's own limit in seconds (``X-Request-Timeout``), None for the server's.
     """
 
     def __init__(self, engine, entry, prompts: list[list[int]], params, num_ctx: int, n: int,
-                 on_finish: Callable[[int, int], None] | None = None):
+                 on_finish: Callable[[int, int], None] | None = None, timeout: float | None = None):
         self.n = n
         self.prompt_tokens = sum(len(ids) for ids in prompts)
         self.completion_tokens = 0
@@ -58,7 +59,7 @@ class Submission:
         self._on_finish = on_finish
         try:
             for ids in prompts:
-                self.handles.append(engine.submit(entry, ids, params, num_ctx))
+                self.handles.append(engine.submit(entry, ids, params, num_ctx, timeout=timeout))
         except BaseException:
             self.cancel()
             raise

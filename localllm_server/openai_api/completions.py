@@ -42,7 +42,8 @@ class Completions(Resource):
         prompts = [prompt_ids(model, p, request.suffix, f"prompt[{i}]" if many else "prompt")
                    for i, p in enumerate(request.prompts)]
         submission = common.Submission(self.engine, entry, prompts, params, num_ctx, params.n,
-                                       on_finish=common.metrics_hook(req, "completions"))
+                                       on_finish=common.metrics_hook(req, "completions"),
+                                       timeout=req.context.request_timeout)
         header = formatting.ResponseHeader.new("cmpl", request.model)
         n_choices = len(prompts) * params.n
         events = submission.events(common.client_disconnected(req))

@@ -49,7 +49,8 @@ class Responses(Resource):
             raise APIError(400, f"model '{request.model}' does not support images", param="input")
         prepared = chat.prepare(model, request.chat)
         submission = common.Submission(self.engine, entry, [prepared.prompt_ids], prepared.params,
-                                       prepared.num_ctx, 1, on_finish=common.metrics_hook(req, "responses"))
+                                       prepared.num_ctx, 1, on_finish=common.metrics_hook(req, "responses"),
+                                       timeout=req.context.request_timeout)
         header = formatting.ResponseHeader.new("resp", request.model)
         fields = formatting.response_fields(request, prepared.params)
         events = submission.events(common.client_disconnected(req))

@@ -324,10 +324,10 @@ def test_request_timeout_ends_streams_with_an_error_event_and_frees_the_slot(tim
     assert answer.status == 504 and "ran past its timeout of 1 seconds" in answer.json()["error"]["message"]
 
 
-def test_a_waiting_request_times_out_too(timeout_server):
+def test_a_waiting_request_times_out_too(server_store):
     from localllm.engine import RequestTimeout
 
-    engine, _ = timeout_server
+    engine = make_engine(server_store, n_slots=2, max_queue=4)         # no server-wide limit: only the request's
     model = engine.load(SMOLLM2)
     params, num_ctx = model.make_params(temperature=0, max_tokens=ENDLESS)
     ids = model.tokenize(COUNTING)
@@ -343,6 +343,26 @@ def test_a_waiting_request_times_out_too(timeout_server):
     wait_until(lambda: engine_idle(engine), "the cancelled requests left the engine")
     with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
         engine.submit(SMOLLM2, ids, params, num_ctx, timeout=-1)
+    engine.close()
+
+
+def test_the_x_request_timeout_header_sets_a_request_s_own_limit(server, timeout_server):
+    """A request may ask for less time than the server allows (X-Request-Timeout), never for more."""
+    port = int(server.rsplit(":", 1)[1])                                 # a server without a limit of its own
+    slow = completion_body(COUNTING, ENDLESS, stream=False, logit_bias=NO_END_OF_TEXT)
+    answer = request(port, "POST", "/v1/completions", slow, headers={"X-Request-Timeout": "0.5"})
+    assert answer.status == 504 and answer.json()["error"]["code"] == "request_timeout"
+    assert "ran past its timeout of 0.5 seconds" in answer.json()["error"]["message"]
+    stream = request(port, "POST", "/api/generate", generate_body(COUNTING, ENDLESS),
+                     headers={"X-Request-Timeout": "0.5"})
+    assert stream.status == 200 and "ran past its timeout of 0.5 seconds" in stream.body.decode().splitlines()[-1]
+    for bad in ("soon", "0", "-1", "nan", "inf"):
+        refused = request(port, "POST", "/v1/completions", slow, headers={"X-Request-Timeout": bad})
+        assert refused.status == 400 and "X-Request-Timeout must be a positive number" in \
+            refused.json()["error"]["message"]
+    _, limited_port = timeout_server                                    # the server's 1 s still holds
+    longer = request(limited_port, "POST", "/v1/completions", slow, headers={"X-Request-Timeout": "600"})
+    assert longer.status == 504 and "ran past its timeout of 1 seconds" in longer.json()["error"]["message"]
 
 
 # ---- slow clients ------------------------------------------------------------------------------------------
