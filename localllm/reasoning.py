@@ -25,6 +25,20 @@ Three pieces, used by the library (``Model.chat(..., think=...)``) and every ser
   :class:`ConstraintAfterThought` lets the thought run free and applies a grammar
   (``constrain.Constraint``: JSON, JSON schema, forced tool calls) only to what follows it.
 
+gpt-oss writes OpenAI's Harmony channel format instead of tags (the template renders
+``<|start|>assistant`` as the generation prompt)::
+
+    <|channel|>analysis<|message|>THOUGHT<|end|><|start|>assistant<|channel|>final<|message|>ANSWER<|return|>
+
+The same pieces describe it as data (:data:`HARMONY`): the thought is opened by
+``<|channel|>analysis<|message|>`` and closed by ``<|end|>``; the answer is introduced by the
+header ``<|channel|>final<|message|>`` (after a thought, by the next message's start
+``<|start|>assistant`` and that header), which is stripped, and ends at ``<|end|>``
+(``<|return|>`` ends the generation). A template with ``<|channel|>`` in it is detected as
+Harmony. Its thought cannot be turned off (as in Ollama and llama.cpp, ``think`` false or
+True keeps the template's default effort, "medium"); an effort goes to the template's
+``reasoning_effort`` variable ("minimal" as "low", the nearest level it knows).
+
 Whitespace: the thought is given without the whitespace that surrounds it inside the tags,
 and the answer after a thought without its leading whitespace.
 """
@@ -32,12 +46,13 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
 
 TAG_PAIRS = (("<think>", "</think>"), ("[THINK]", "[/THINK]"))
+HARMONY_MARKER = "<|channel|>"          # a chat template with it writes the Harmony channel format
 THINK_SWITCH = "enable_thinking"
 EFFORTS = ("none", "minimal", "low", "medium", "high")
 _WHITESPACE = " \t\r\n"
@@ -48,34 +63,72 @@ class ThinkingNotSupported(ValueError):
 
 
 @dataclass(frozen=True)
-class ThinkingSupport:
-    """How a chat template thinks: its tags and whether it has the ``enable_thinking`` switch."""
-
-    open_tag: str
-    close_tag: str
-    has_switch: bool
-
-
-@dataclass(frozen=True)
 class ReasoningFormat:
     """What the thought parser of one request needs (``GenerationParams.reasoning``).
 
+    open_tag, close_tag: what opens and closes the thought.
     starts_open: the prompt already opened the thought (the output begins inside it).
+    answer_header: what introduces the answer ("" for tag formats: the answer is what follows
+        the thought); stripped. When set, the answer at the start of the output, or after the
+        thought with ``message_start`` before it, must come with it: other text there is given
+        as it is (a tool call in another channel, say).
+    message_start: what begins each message after the first (Harmony ``<|start|>assistant``);
+        a thought may be followed by more thoughts, each ``message_start + open_tag``.
+    answer_end: tags that end the answer; what follows them is not given out.
     """
 
     open_tag: str = "<think>"
     close_tag: str = "</think>"
     starts_open: bool = False
+    answer_header: str = ""
+    message_start: str = ""
+    answer_end: tuple[str, ...] = ()
+
+
+HARMONY = ReasoningFormat(open_tag="<|channel|>analysis<|message|>", close_tag="<|end|>",
+                          answer_header="<|channel|>final<|message|>", message_start="<|start|>assistant",
+                          answer_end=("<|end|>", "<|return|>"))
+
+
+@dataclass(frozen=True)
+class ThinkingSupport:
+    """How a chat template thinks.
+
+    open_tag, close_tag: its thought tags (the format's).
+    has_switch: it has Qwen 3's ``enable_thinking`` switch.
+    fmt: the parser format when thinking (the tags alone unless the template writes another format).
+    can_disable: thinking can be turned off (False: think false keeps the model's default).
+    efforts: the efforts the template's ``reasoning_effort`` takes, each request value mapped to
+        one (None: passed as they are).
+    """
+
+    open_tag: str
+    close_tag: str
+    has_switch: bool
+    fmt: ReasoningFormat | None = None
+    can_disable: bool = True
+    efforts: dict | None = None
+
+    @property
+    def format(self) -> ReasoningFormat:
+        return self.fmt or ReasoningFormat(self.open_tag, self.close_tag)
+
+
+HARMONY_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high"}
 
 
 def thinking_support(template_source: str | None) -> ThinkingSupport | None:
     """The thinking support of a chat template's source text, or None when it has no thought block.
 
     A template thinks when it writes a known tag pair (``<think>`` ... ``</think>``), or has
-    Qwen 3's ``enable_thinking`` switch (then ``<think>`` tags are assumed).
+    Qwen 3's ``enable_thinking`` switch (then ``<think>`` tags are assumed), or writes Harmony
+    channels (``<|channel|>``, gpt-oss: :data:`HARMONY`, which cannot be turned off).
     """
     if not template_source:
         return None
+    if HARMONY_MARKER in template_source:
+        return ThinkingSupport(HARMONY.open_tag, HARMONY.close_tag, has_switch=False, fmt=HARMONY,
+                               can_disable=False, efforts=HARMONY_EFFORTS)
     has_switch = THINK_SWITCH in template_source
     for open_tag, close_tag in TAG_PAIRS:
         if open_tag in template_source or close_tag in template_source:
@@ -111,7 +164,7 @@ class ThinkingRequest:
 
     @property
     def enabled(self) -> bool:
-        return self.support is not None and self.think is not False
+        return self.support is not None and (self.think is not False or not self.support.can_disable)
 
     def finish(self, prompt: str) -> tuple[str, ReasoningFormat | None]:
         """(the prompt to generate from, the parser format or None when no thought is parsed).
@@ -123,14 +176,15 @@ class ThinkingRequest:
         if support is None:
             return prompt, None
         tail = prompt.rstrip(_WHITESPACE)
+        if not support.can_disable:                 # Harmony: the model thinks whatever was asked
+            return prompt, replace(support.format, starts_open=tail.endswith(support.open_tag))
         if not self.enabled:
             if tail.endswith(support.close_tag):
                 return prompt, None
             if tail.endswith(support.open_tag):
                 return tail + "\n\n" + support.close_tag + "\n\n", None
             return prompt + support.open_tag + "\n\n" + support.close_tag + "\n\n", None
-        return prompt, ReasoningFormat(support.open_tag, support.close_tag,
-                                       starts_open=tail.endswith(support.open_tag))
+        return prompt, replace(support.format, starts_open=tail.endswith(support.open_tag))
 
 
 def thinking_request(template, think: Any = None, param: str = "think") -> ThinkingRequest:
@@ -151,7 +205,7 @@ def thinking_request(template, think: Any = None, param: str = "think") -> Think
     if think is not None and support.has_switch:
         extra[THINK_SWITCH] = think is not False
     if isinstance(think, str):
-        extra["reasoning_effort"] = think
+        extra["reasoning_effort"] = think if support.efforts is None else support.efforts[think]
     return ThinkingRequest(support, think, extra)
 
 
@@ -174,24 +228,31 @@ class ReasoningStreamParser:
     so far. The thought is recognised at the start of the output (after whitespace) when it
     opens with the open tag, or from the first character when ``starts_open``; it ends at the
     first close tag. A thought cut short (``max_tokens``) stays a thought; output that does
-    not start with the open tag is all answer. Text that may be the beginning of a tag is held
-    back until the next piece decides, so the split does not depend on how the text was cut.
+    not start with the open tag (or the format's answer header) is all answer. With an answer
+    header (Harmony), a thought is followed by ``message_start`` and either the header (then
+    the answer, up to an ``answer_end`` tag) or another thought (joined to the first by a blank
+    line); anything else there is answer text as it is. Text that may be the beginning of a
+    tag is held back until the next piece decides, so the split does not depend on how the
+    text was cut.
     """
 
     def __init__(self, fmt: ReasoningFormat):
         self.fmt = fmt
-        self.state = "thinking" if fmt.starts_open else "start"   # start -> thinking -> answer, or start -> answer
+        # start -> thinking -> [between -> thinking ... between ->] answer [-> done], or start -> answer
+        self.state = "thinking" if fmt.starts_open else "start"
         self.buf = ""                       # text not yet given out
         self.thinking = ""
         self.content = ""
         self._thought_started = False       # leading whitespace of the thought is dropped
         self._answer_started = False        # leading whitespace of an answer after a thought is dropped
+        self._answer_end: tuple[str, ...] = ()   # the end tags of an answer that came with its header
+        self._separator = ""                # put before the next thought text (a second thought)
         self.finished = False
 
     @property
     def in_thought(self) -> bool:
         """Whether the output is inside the thought (or may still open one)."""
-        return self.state != "answer"
+        return self.state in ("start", "thinking", "between")
 
     def push(self, text: str) -> tuple[str, str]:
         if self.finished:
@@ -205,49 +266,85 @@ class ReasoningStreamParser:
         self.finished = True
         return self._run(final=True)
 
+    def _routes(self) -> list[tuple[str, str]]:
+        """(the text that leads there, the next state) from "start" or "between"."""
+        lead = self.fmt.message_start if self.state == "between" else ""
+        routes = [(lead + self.fmt.open_tag, "thinking")]
+        if self.fmt.answer_header:
+            routes.append((lead + self.fmt.answer_header, "answer"))
+        return routes
+
     def _run(self, final: bool) -> tuple[str, str]:
         thinking, content = [], []
         while True:
             state = self.state
-            if state == "start":
+            if state in ("start", "between"):
                 stripped = self.buf.lstrip(_WHITESPACE)
-                open_tag = self.fmt.open_tag
-                if stripped.startswith(open_tag):
-                    self.buf, self.state = stripped[len(open_tag):], "thinking"
+                routes = self._routes()
+                taken = next((route for route in routes if stripped.startswith(route[0])), None)
+                if taken is not None:
+                    self.buf, self.state = stripped[len(taken[0]):], taken[1]
+                    if taken[1] == "thinking":
+                        self._thought_started = False
+                        self._separator = "\n\n" if (self.thinking or any(thinking)) else ""
+                    else:
+                        self._answer_started, self._answer_end = False, self.fmt.answer_end
                     continue
-                if (not stripped or open_tag.startswith(stripped)) and not final:
-                    break                                   # whitespace or a beginning of the tag: wait
-                self.state, self._answer_started = "answer", True    # no thought: the text as it is
+                if not stripped or any(tag.startswith(stripped) for tag, _ in routes):
+                    if not final:
+                        break                               # whitespace or a beginning of a tag: wait
+                    if state == "between":                  # a header cut short (max_tokens): no answer text
+                        self.buf, self.state = "", "done"
+                        break
+                if state == "start":
+                    self.state, self._answer_started = "answer", True     # no thought: the text as it is
+                else:
+                    self.buf, self.state, self._answer_started = stripped, "answer", True
                 continue
             if state == "thinking":
                 if not self._thought_started:
                     self.buf = self.buf.lstrip(_WHITESPACE)
                     self._thought_started = bool(self.buf)
-                at = self.buf.find(self.fmt.close_tag)
+                close = self.fmt.close_tag
+                at = self.buf.find(close)
                 if at >= 0:
-                    thinking.append(self.buf[:at].rstrip(_WHITESPACE))
-                    self.buf, self.state = self.buf[at + len(self.fmt.close_tag):], "answer"
+                    self._think(thinking, self.buf[:at].rstrip(_WHITESPACE))
+                    self.buf = self.buf[at + len(close):]
+                    self.state = "between" if self.fmt.answer_header else "answer"
                     continue
                 if final:
-                    thinking.append(self.buf.rstrip(_WHITESPACE))
+                    self._think(thinking, self.buf.rstrip(_WHITESPACE))
                     self.buf = ""
                     break
-                keep = _partial_suffix(self.buf, self.fmt.close_tag)
-                body = self.buf[:len(self.buf) - keep]
-                settled = body.rstrip(_WHITESPACE)          # trailing whitespace waits: it may end the thought
-                thinking.append(settled)
+                keep = _partial_suffix(self.buf, close)
+                settled = self.buf[:len(self.buf) - keep].rstrip(_WHITESPACE)   # trailing whitespace waits
+                self._think(thinking, settled)
                 self.buf = self.buf[len(settled):]
+                break
+            if state == "done":                             # after the answer's end tag: nothing more
+                self.buf = ""
                 break
             if not self._answer_started:
                 self.buf = self.buf.lstrip(_WHITESPACE)
                 self._answer_started = bool(self.buf)
-            content.append(self.buf)
-            self.buf = ""
+            ends = [(self.buf.find(tag), tag) for tag in self._answer_end if tag in self.buf]
+            if ends:
+                content.append(self.buf[:min(ends)[0]])
+                self.buf, self.state = "", "done"
+                break
+            keep = 0 if final else max((_partial_suffix(self.buf, tag) for tag in self._answer_end), default=0)
+            content.append(self.buf[:len(self.buf) - keep])
+            self.buf = self.buf[len(self.buf) - keep:]
             break
         out = "".join(thinking), "".join(content)
         self.thinking += out[0]
         self.content += out[1]
         return out
+
+    def _think(self, pieces: list[str], text: str) -> None:
+        if text:
+            pieces.append(self._separator + text)
+            self._separator = ""
 
 
 def split_thought(text: str, fmt: ReasoningFormat) -> tuple[str, str]:
@@ -296,12 +393,14 @@ class ConstraintAfterThought:
     """Logits processor: the thought runs free, the grammar of ``constraint`` applies to what follows it.
 
     The thought is found in the generated token bytes as :class:`ReasoningStreamParser` finds it
-    in the text. When the output does not start inside a thought, the first token is either the
-    grammar's or one that opens the thought. Inside the thought, a token that would close it and
-    go on with text in the same token is not allowed (the grammar would not see that text);
-    whitespace after the close tag is dropped, as the parser drops it. Once the thought is closed
-    the grammar's processor runs over the answer tokens with the budget that is left, so JSON
-    cut by ``max_tokens`` is still closed in time (``constrain.JsonCloser``).
+    in the text. When the output does not start inside a thought, its first tokens either open
+    the thought or are the grammar's (with an answer header, as Harmony has: spell the header,
+    then the grammar's). Inside the thought, a token that would close it and go on with text in
+    the same token is not allowed (the grammar would not see that text); whitespace after the
+    close tag is dropped, as the parser drops it. With an answer header the thought is followed
+    by ``message_start`` and the header, spelled out (any tokenization of them). Once the answer
+    starts the grammar's processor runs over the answer tokens with the budget that is left, so
+    JSON cut by ``max_tokens`` is still closed in time (``constrain.JsonCloser``).
     """
 
     def __init__(self, fmt: ReasoningFormat, constraint, tokenizer, max_new_tokens: int | None = None):
@@ -311,7 +410,11 @@ class ConstraintAfterThought:
         self.max_new_tokens = max_new_tokens
         self.open_tag = fmt.open_tag.encode()
         self.close_tag = fmt.close_tag.encode()
-        self.state = "thinking" if fmt.starts_open else "start"
+        self.answer_header = fmt.answer_header.encode()                   # b"": the tag formats
+        self.header_after_thought = (fmt.message_start + fmt.answer_header).encode() if fmt.answer_header else b""
+        self.state = "thinking" if fmt.starts_open else "start"    # start -> thinking -> [header ->] answer
+        self.pending = b""                    # bytes of a tag being spelled ("start", "header")
+        self.pending_tokens = 0               # the tokens that wrote them
         self.thought = b""                    # bytes generated inside the thought
         self.n_seen = 0                       # generated tokens looked at
         self.answer_from: int | None = None   # index of the first answer token in the generated ones
@@ -323,32 +426,72 @@ class ConstraintAfterThought:
             self.grammar = self.constraint.make_processor(self.tokenizer, max_new_tokens=budget)
         return self.grammar
 
+    def _answer(self, first: int) -> None:
+        if first != self.answer_from:             # a grammar made for the first token goes on if that was the answer
+            self.grammar = None
+        self.state, self.answer_from = "answer", first
+
     def _see(self, generated: Sequence[int]) -> None:
         table = _token_table(self.tokenizer)
         while self.n_seen < len(generated) and self.state != "answer":
             piece = table[int(generated[self.n_seen])]
             self.n_seen += 1
             if self.state == "start":
-                if piece.startswith(self.open_tag):
-                    self.state, self.thought = "thinking", piece[len(self.open_tag):]
-                    self.grammar = None
-                else:
-                    self.state, self.answer_from = "answer", self.n_seen - 1
-            else:
+                data = self.pending + piece
+                if data.startswith(self.open_tag):
+                    self.state, self.thought, self.pending = "thinking", data[len(self.open_tag):], b""
+                    self.answer_from, self.grammar = None, None
+                elif self.answer_header and data == self.answer_header:
+                    self._answer(self.n_seen)
+                elif data and (self.open_tag.startswith(data) or self.answer_header.startswith(data)):
+                    self.pending, self.pending_tokens = data, self.pending_tokens + 1
+                else:                                   # not a tag after all: the answer began with it
+                    self._answer(self.n_seen - 1 - self.pending_tokens)
+            elif self.state == "thinking":
                 self.thought += piece
-            if self.state == "thinking" and self.close_tag in self.thought:
-                self.state, self.answer_from = "answer", self.n_seen
+                if self.close_tag in self.thought:
+                    if self.answer_header:
+                        self.state, self.pending = "header", b""
+                    else:
+                        self._answer(self.n_seen)
+            else:                                       # "header": message_start + answer header, spelled
+                data = self.pending + piece
+                if data == self.header_after_thought or not self.header_after_thought.startswith(data):
+                    self._answer(self.n_seen)             # (a token off the header can only come unmasked)
+                else:
+                    self.pending = data
+
+    def _spelling(self, tags: tuple[bytes, ...], open_ok: bool) -> np.ndarray:
+        """Ids of the tokens that go on spelling one of ``tags`` from ``self.pending`` (``open_ok``:
+        or complete the open tag with more text, which goes to the thought)."""
+        pending = self.pending
+
+        def select(piece: bytes) -> bool:
+            data = pending + piece
+            return bool(piece) and (any(tag.startswith(data) for tag in tags)
+                                    or (open_ok and data.startswith(self.open_tag)))
+        return _tag_tokens(self.tokenizer, ("spell", tags, open_ok, pending), select)
 
     def __call__(self, logits: np.ndarray, history: Sequence[int], n_prompt: int) -> np.ndarray:
         generated = history[n_prompt:]
         self._see(generated)
         if self.state == "answer":
             return self._grammar()(logits, history, n_prompt + self.answer_from)
-        if self.state == "start":                 # first token: the grammar's, or one opening the thought
-            self.answer_from = 0
-            out = self._grammar()(logits, history, n_prompt)
-            opening = _tag_tokens(self.tokenizer, ("open", self.open_tag), lambda p: p.startswith(self.open_tag))
-            out[opening] = logits[opening]
+        if self.state in ("start", "header"):
+            if self.state == "start" and not self.answer_header and not self.pending:
+                self.answer_from = 0             # first token: the grammar's, or one opening the thought
+                out = self._grammar()(logits, history, n_prompt)
+                opening = _tag_tokens(self.tokenizer, ("open", self.open_tag),
+                                      lambda p: bool(p) and (p.startswith(self.open_tag) or self.open_tag.startswith(p)))
+                out[opening] = logits[opening]
+                return out
+            if self.state == "start":
+                allowed = self._spelling((self.open_tag,) + ((self.answer_header,) if self.answer_header else ()),
+                                         open_ok=True)
+            else:
+                allowed = self._spelling((self.header_after_thought,), open_ok=False)
+            out = np.full_like(np.asarray(logits), -np.inf)
+            out[allowed] = np.asarray(logits)[allowed]
             return out
         out = np.array(logits, copy=True)         # inside the thought: free, but no text glued after the close tag
         out[_tag_tokens(self.tokenizer, ("close", self.close_tag, 0),
