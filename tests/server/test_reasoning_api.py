@@ -1,9 +1,11 @@
 """Reasoning models over HTTP, through the real ``openai`` and ``ollama`` clients.
 
 The tiny Qwen 3 and R1-distill models of ``tests/test_reasoning.py`` write a known script
-(``<think>`` THOUGHT ``</think>`` ANSWER), so every API must give the thought and the answer apart,
-streamed or not: OpenAI ``reasoning_content`` / ``reasoning`` and ``reasoning_tokens``, the
-Responses API's ``reasoning`` items, Ollama's ``thinking``.
+(``<think>`` THOUGHT ``</think>`` ANSWER), and the tiny gpt-oss of ``tests/test_reasoning_harmony.py``
+the same thought and answer in Harmony channels (``<|channel|>analysis<|message|>`` THOUGHT ``<|end|>``
+``<|start|>assistant<|channel|>final<|message|>`` ANSWER), so every API must give the thought and the
+answer apart, streamed or not: OpenAI ``reasoning_content`` / ``reasoning`` and ``reasoning_tokens``,
+the Responses API's ``reasoning`` items, Ollama's ``thinking``.
 """
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ import pytest
 
 from tests.server.conftest import RawHTTP, run_app
 from tests.test_reasoning import ANSWER, ANSWER_SCHEMA, THOUGHT, THOUGHT_1, write_thinking_model
+from tests.test_reasoning_harmony import SCRIPT, write_harmony_model
 
 QWEN3, R1, PLAIN = "tiny-qwen3-thinking:latest", "tiny-r1-distill:latest", "tiny-plain:latest"
+GPT_OSS = "tiny-gpt-oss:latest"
 USER = [{"role": "user", "content": "What is 2+2?"}]
 CITY_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 5}, "n": {"type": "integer"}},
                "required": ["city", "n"], "additionalProperties": False}
-REASONING_TOKENS = {QWEN3: 4, R1: 3}            # <think> (Qwen 3 writes it), the two thought tokens, </think>
+REASONING_TOKENS = {QWEN3: 4, R1: 3,            # <think> (Qwen 3 writes it), the two thought tokens, </think>
+                    GPT_OSS: 4}                 # <|message|> (the header's end), the two thought tokens, <|end|>
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +37,7 @@ def reasoning_server(tmp_path_factory):
     store = ModelStore(folder / "store")
     store.add_local(QWEN3, write_thinking_model(folder / "qwen3.gguf", "qwen3"))
     store.add_local(R1, write_thinking_model(folder / "r1.gguf", "r1"))
+    store.add_local(GPT_OSS, write_harmony_model(folder / "gpt-oss.gguf"))
     store.add_local(PLAIN, write_tiny_llama(folder / "plain.gguf"))
     engine = Engine(EngineSettings(n_slots=2, max_queue=16, keep_alive=600), store=store)
     running = run_app(engine, threads=4)
@@ -62,7 +68,7 @@ def extra(obj, name: str):
 # ----------------------------------------------------------------------------- /v1/chat/completions
 
 
-@pytest.mark.parametrize("model", [QWEN3, R1])
+@pytest.mark.parametrize("model", [QWEN3, R1, GPT_OSS])
 def test_openai_chat_thought_apart(openai_client, model):
     completion = openai_client.chat.completions.create(model=model, messages=USER, max_tokens=20)
     [choice] = completion.choices
@@ -71,7 +77,7 @@ def test_openai_chat_thought_apart(openai_client, model):
     assert completion.usage.completion_tokens_details.reasoning_tokens == REASONING_TOKENS[model]
 
 
-@pytest.mark.parametrize("model", [QWEN3, R1])
+@pytest.mark.parametrize("model", [QWEN3, R1, GPT_OSS])
 def test_openai_chat_stream_thought_in_its_own_delta(openai_client, model):
     stream = openai_client.chat.completions.create(model=model, messages=USER, max_tokens=20, stream=True,
                                                    stream_options={"include_usage": True})
@@ -105,7 +111,7 @@ def test_openai_thought_cut_by_max_tokens(openai_client):
     assert extra(choice.message, "reasoning_content") == THOUGHT_1
 
 
-@pytest.mark.parametrize("model", [QWEN3, R1])
+@pytest.mark.parametrize("model", [QWEN3, R1, GPT_OSS])
 @pytest.mark.parametrize("schema", [ANSWER_SCHEMA, CITY_SCHEMA])
 @pytest.mark.parametrize("stream", [False, True])
 def test_openai_json_schema_after_the_thought(openai_client, model, schema, stream):
@@ -201,13 +207,13 @@ def test_responses_reasoning_items_sent_back(openai_client):
 # ----------------------------------------------------------------------------- Ollama
 
 
-@pytest.mark.parametrize("model", [QWEN3, R1])
+@pytest.mark.parametrize("model", [QWEN3, R1, GPT_OSS])
 def test_ollama_show_lists_thinking(ollama_client, model):
     assert "thinking" in ollama_client.show(model).capabilities
     assert "thinking" not in ollama_client.show(PLAIN).capabilities
 
 
-@pytest.mark.parametrize("model", [QWEN3, R1])
+@pytest.mark.parametrize("model", [QWEN3, R1, GPT_OSS])
 @pytest.mark.parametrize("think", [None, True, "high"])
 def test_ollama_chat_thinking(ollama_client, model, think):
     response = ollama_client.chat(model=model, messages=USER, think=think, options={"num_predict": 20})
@@ -215,7 +221,7 @@ def test_ollama_chat_thinking(ollama_client, model, think):
     assert response.done_reason == "stop"
 
 
-@pytest.mark.parametrize("model", [QWEN3, R1])
+@pytest.mark.parametrize("model", [QWEN3, R1, GPT_OSS])
 def test_ollama_chat_stream_thinking_in_its_own_field(ollama_client, model):
     thought, content = [], []
     for part in ollama_client.chat(model=model, messages=USER, think=True, stream=True, options={"num_predict": 20}):
@@ -280,3 +286,65 @@ def test_cli_run_against_the_server_prints_the_thought(reasoning_server, monkeyp
     assert hidden.getvalue() == ANSWER + "\n"
     with pytest.raises(cli.CLIError, match="does not support thinking"):
         cli.stream_reply(cli.RemoteModel(PLAIN), USER, {"num_predict": 2}, io.StringIO(), think=True)
+
+
+# ----------------------------------------------------------------------------- gpt-oss (Harmony channels)
+
+
+@pytest.mark.parametrize("effort", ["none", "low", "high"])
+def test_gpt_oss_always_thinks_and_the_effort_reaches_its_prompt(openai_client, effort):
+    completion = openai_client.chat.completions.create(model=GPT_OSS, messages=USER, max_tokens=30,
+                                                       reasoning_effort=effort)
+    message = completion.choices[0].message
+    assert (extra(message, "reasoning_content"), message.content) == (THOUGHT, ANSWER)    # "none" cannot turn it off
+    assert completion.usage.completion_tokens == len(SCRIPT)
+    low = openai_client.chat.completions.create(model=GPT_OSS, messages=USER, max_tokens=1, reasoning_effort="low")
+    # "Reasoning: low|medium|high" in the system message, a token a character in the tiny vocabulary
+    extra_tokens = {"none": 3, "low": 0, "high": 1}[effort]             # "none": the template's default, medium
+    assert completion.usage.prompt_tokens - low.usage.prompt_tokens == extra_tokens
+
+
+def test_gpt_oss_thought_cut_by_max_tokens(openai_client):
+    [choice] = openai_client.chat.completions.create(model=GPT_OSS, messages=USER, max_tokens=4).choices
+    assert choice.finish_reason == "length" and not choice.message.content
+    assert extra(choice.message, "reasoning_content") == THOUGHT_1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gpt_oss_responses_reasoning_item(openai_client, stream):
+    kwargs = dict(model=GPT_OSS, input="What is 2+2?", max_output_tokens=30, reasoning={"effort": "high"})
+    if stream:
+        events = list(openai_client.responses.create(stream=True, **kwargs))
+        assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == THOUGHT
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == ANSWER
+        response = events[-1].response
+    else:
+        response = openai_client.responses.create(**kwargs)
+    reasoning_item, message = response.output
+    assert reasoning_item.type == "reasoning" and reasoning_item.content[0].text == THOUGHT
+    assert message.type == "message" and response.output_text == ANSWER
+    assert response.usage.output_tokens_details.reasoning_tokens == 4
+
+
+@pytest.mark.parametrize("think", [False, True, "low", "high"])
+def test_gpt_oss_ollama_think_levels(ollama_client, think):
+    response = ollama_client.chat(model=GPT_OSS, messages=USER, think=think, options={"num_predict": 30})
+    assert (response.message.thinking, response.message.content) == (THOUGHT, ANSWER)   # false is ignored, as Ollama
+    assert response.done_reason == "stop" and response.eval_count == len(SCRIPT)
+    medium = ollama_client.chat(model=GPT_OSS, messages=USER, options={"num_predict": 1})
+    level = think if isinstance(think, str) else "medium"
+    assert response.prompt_eval_count - medium.prompt_eval_count == len(level) - len("medium")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gpt_oss_ollama_format_schema_and_generate(ollama_client, stream):
+    parts = ollama_client.chat(model=GPT_OSS, messages=USER, think="low", format=CITY_SCHEMA, stream=stream,
+                               options={"num_predict": 60})
+    parts = list(parts) if stream else [parts]
+    assert "".join(p.message.thinking or "" for p in parts) == THOUGHT
+    jsonschema.validate(json.loads("".join(p.message.content for p in parts)), CITY_SCHEMA)
+    generated = ollama_client.generate(model=GPT_OSS, prompt="What is 2+2?", stream=stream, think="high",
+                                       options={"num_predict": 30})
+    generated = list(generated) if stream else [generated]
+    assert "".join(p.thinking or "" for p in generated) == THOUGHT
+    assert "".join(p.response for p in generated) == ANSWER
