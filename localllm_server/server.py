@@ -12,6 +12,10 @@ Load limits, each holding one client's misbehaviour to that client:
   bytes does its own thread wait for it to read.
 - Enough threads for every request the engine decodes or queues (``threads_for``): past its queue
   the engine answers 503 with ``Retry-After`` at once, instead of requests waiting unseen for a thread.
+
+Behind a reverse proxy: ``X-Forwarded-For``, ``-Proto``, ``-Host`` and ``-Port`` are honoured only from
+``settings.trusted_proxy`` (``LOCALLLM_TRUSTED_PROXY``; its last hop is the client address the app sees);
+from any other peer waitress removes them before the app runs.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ QUICK_ROUTE_THREADS = 8          # threads beyond the engine's slots and queue: 
 OUTBUF_HIGH_WATERMARK = 16 * 1024 * 1024   # bytes of unread response before a slow reader's own thread waits
 INBUF_OVERFLOW = 512 * 1024                # request bytes kept in memory; beyond, a temporary file
 FINAL_FLUSH_SECONDS = 5.0        # after the grace: time for the streams' final error events to go out
+TRUSTED_PROXY_HEADERS = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port")
 
 
 def threads_for(engine_settings) -> int:
@@ -38,6 +43,10 @@ def waitress_server(app, settings: Settings):
     from waitress.server import create_server
 
     threads = settings.threads or 16
+    proxy = {}
+    if settings.trusted_proxy:
+        proxy = dict(trusted_proxy=settings.trusted_proxy, trusted_proxy_count=1,
+                     trusted_proxy_headers=" ".join(TRUSTED_PROXY_HEADERS))
     # channel_request_lookahead keeps reading the socket during a request, so that a client
     # that goes away is noticed (environ["waitress.client_disconnected"]) and its generation stops.
     return create_server(app, host=settings.host, port=settings.port, threads=threads,
@@ -47,7 +56,7 @@ def waitress_server(app, settings: Settings):
                          cleanup_interval=max(1, min(30, int(settings.channel_timeout / 2))),
                          max_request_body_size=settings.max_body_bytes + max(settings.max_body_bytes, 1 << 20),
                          inbuf_overflow=INBUF_OVERFLOW,
-                         outbuf_high_watermark=OUTBUF_HIGH_WATERMARK)
+                         outbuf_high_watermark=OUTBUF_HIGH_WATERMARK, **proxy)
 
 
 def stop(server, thread=None, timeout: float = 30) -> None:
@@ -165,8 +174,12 @@ def serve(settings: Settings | None = None, engine=None) -> None:
     ``settings.shutdown_grace`` seconds (``LOCALLLM_SHUTDOWN_GRACE``), end the rest with an
     error event, return (a second signal ends them at once). See ``GracefulShutdown``.
     """
+    from .app import access_log, log_to_stderr
+
     settings = settings or Settings.from_env()
     own_engine = engine is None
+    if settings.access_log:
+        log_to_stderr(access_log)
     server, engine = make_server(settings, engine)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"localllm listening on http://{host}:{getattr(server, 'effective_port', settings.port)}", flush=True)

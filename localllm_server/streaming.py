@@ -6,6 +6,9 @@ cancels its generation (waitress closes the body iterator when a write to a
 closed connection fails). ``prime`` pulls the first item before the response
 starts, so that errors raised before any output (queue full, context too
 long, unknown model) still get their HTTP status instead of an in-band error.
+
+``UnbufferedStreams`` marks every SSE and NDJSON response ``X-Accel-Buffering: no``, so that a
+reverse proxy (nginx) passes each event on as it comes instead of collecting a buffer's worth.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import json
 from typing import Iterable, Iterator
 
 SSE_DONE = b"data: [DONE]\n\n"
+SSE_CONTENT_TYPE = "text/event-stream"
+NDJSON_CONTENT_TYPE = "application/x-ndjson"
 
 
 def sse_event(payload: dict | str) -> bytes:
@@ -71,3 +76,18 @@ class ClosingStream:
         close = getattr(self._chunks, "close", None)
         if close:
             close()
+
+
+def is_stream_content_type(content_type: str | None) -> bool:
+    """Whether a response's Content-Type is one of the streamed ones (parameters such as charset ignored)."""
+    media_type = (content_type or "").partition(";")[0].strip().lower()
+    return media_type in (SSE_CONTENT_TYPE, NDJSON_CONTENT_TYPE)
+
+
+class UnbufferedStreams:
+    """Falcon middleware: ``X-Accel-Buffering: no`` on every SSE and NDJSON response, whichever route made it,
+    so that nginx forwards each event at once even where ``proxy_buffering`` is on."""
+
+    def process_response(self, req, resp, resource, req_succeeded: bool) -> None:
+        if is_stream_content_type(resp.content_type):
+            resp.set_header("X-Accel-Buffering", "no")
