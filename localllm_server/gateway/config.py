@@ -1,0 +1,231 @@
+"""The gateway's configuration: a TOML file of upstreams, routes and the response cache.
+
+```toml
+[upstreams.hosted]                       # requests name its models "hosted/<model>"
+base_url = "https://api.example.com/v1"  # OpenAI-compatible: <base_url>/chat/completions ...
+api_key_env = "HOSTED_API_KEY"           # the key is read from this variable, never written here
+connect_timeout = 5                      # seconds (default 5)
+read_timeout = 120                       # seconds between two bytes of the answer (default 120)
+input_price_per_million = 0.40           # cost of 1M prompt tokens (default 0)
+output_price_per_million = 1.60          # cost of 1M completion tokens (default 0)
+models = { "fast" = "fast-2025-04-14" }  # name clients use -> the upstream's name (or a list: same names)
+
+[routes]
+cheap-then-smart = ["smollm2:135m", "hosted/fast"]      # tried in order
+
+[routes.strict-json]                     # the long form: fall back when a local answer breaks its schema
+members = ["smollm2:135m", "hosted/fast"]
+fallback_on_invalid_json = true
+
+[cache]
+enabled = true
+max_bytes = 16_000_000
+ttl_seconds = 600
+```
+
+Every mistake is a :class:`GatewayConfigError` naming the file, the key and what is wrong.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 120.0
+DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
+DEFAULT_CACHE_TTL = 600.0
+ENV_VARIABLE = "LOCALLLM_GATEWAY"
+
+
+class GatewayConfigError(ValueError):
+    """A gateway file that cannot be used: ``<file>: <key>: <what is wrong>``."""
+
+    def __init__(self, path: str, key: str, problem: str):
+        super().__init__(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
+        self.path, self.key, self.problem = path, key, problem
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """An OpenAI-compatible provider. ``api_key`` comes from ``api_key_env``; it is left out of ``repr``."""
+
+    name: str
+    base_url: str                               # without the trailing slash: ".../v1"
+    api_key_env: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    models: dict[str, str] = field(default_factory=dict)     # gateway name -> the upstream's model name
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    input_price_per_million: float = 0.0
+    output_price_per_million: float = 0.0
+
+    def upstream_model(self, model: str) -> str:
+        """The name the upstream knows ``model`` by (the mapping's, else the name itself)."""
+        return self.models.get(model, model)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_price_per_million
+                + completion_tokens * self.output_price_per_million) / 1e6
+
+
+@dataclass(frozen=True)
+class Route:
+    """An ordered fallback chain of members (local model names or ``upstream/model``)."""
+
+    name: str
+    members: tuple[str, ...]
+    fallback_on_invalid_json: bool = False
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    enabled: bool = False
+    max_bytes: int = DEFAULT_CACHE_BYTES
+    ttl_seconds: float = DEFAULT_CACHE_TTL
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    path: str = "<none>"
+    upstreams: dict[str, Upstream] = field(default_factory=dict)
+    routes: dict[str, Route] = field(default_factory=dict)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def secrets(self) -> list[str]:
+        """The upstream keys in use (for scrubbing them out of any text that leaves the server)."""
+        return [u.api_key for u in self.upstreams.values() if u.api_key]
+
+
+def load(path: str | os.PathLike, environ=None) -> GatewayConfig:
+    """Read and check the gateway file at ``path`` (keys from ``environ``, default ``os.environ``)."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except FileNotFoundError:
+        raise GatewayConfigError(path, "", "no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise GatewayConfigError(path, "", f"not valid TOML: {exc}") from None
+    return parse(data, path, os.environ if environ is None else environ)
+
+
+def load_from_env(environ=None) -> GatewayConfig | None:
+    """The file named by ``LOCALLLM_GATEWAY``, or None when the variable is unset or empty."""
+    environ = os.environ if environ is None else environ
+    path = environ.get(ENV_VARIABLE, "").strip()
+    return load(path, environ) if path else None
+
+
+def parse(data: dict, path: str = "<gateway>", environ=None) -> GatewayConfig:
+    """A GatewayConfig from the parsed TOML document ``data``."""
+    environ = os.environ if environ is None else environ
+    _only_keys(data, {"upstreams", "routes", "cache"}, path, "")
+    upstreams = {name: _upstream(name, value, path, environ)
+                 for name, value in _table(data, "upstreams", path, "upstreams").items()}
+    routes = {name: _route(name, value, path, upstreams)
+              for name, value in _table(data, "routes", path, "routes").items()}
+    for name in routes:
+        if name in upstreams:
+            raise GatewayConfigError(path, f"routes.{name}", f"'{name}' is also an upstream's name")
+        for member in routes[name].members:
+            if member in routes:
+                raise GatewayConfigError(path, f"routes.{name}", f"member '{member}' is a route: routes do not nest")
+    return GatewayConfig(path, upstreams, routes, _cache(_table(data, "cache", path, "cache"), path))
+
+
+def _table(data: dict, key: str, path: str, where: str) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise GatewayConfigError(path, where, f"must be a table, got {type(value).__name__}")
+    return value
+
+
+def _only_keys(table: dict, allowed: set[str], path: str, where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise GatewayConfigError(path, f"{where}.{key}" if where else key,
+                                     f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+
+
+def _number(table: dict, key: str, default: float, path: str, where: str, positive: bool) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise GatewayConfigError(path, f"{where}.{key}", f"must be a number, got {value!r}")
+    if (value <= 0) if positive else (value < 0):
+        raise GatewayConfigError(path, f"{where}.{key}", f"must be {'more than' if positive else 'at least'} 0, "
+                                                        f"got {value!r}")
+    return float(value)
+
+
+UPSTREAM_KEYS = {"base_url", "api_key_env", "models", "connect_timeout", "read_timeout",
+                 "input_price_per_million", "output_price_per_million"}
+
+
+def _upstream(name: str, table, path: str, environ) -> Upstream:
+    where = f"upstreams.{name}"
+    if not name or "/" in name:
+        raise GatewayConfigError(path, where, "an upstream name must be non-empty and without '/'")
+    if not isinstance(table, dict):
+        raise GatewayConfigError(path, where, f"must be a table, got {type(table).__name__}")
+    _only_keys(table, UPSTREAM_KEYS, path, where)
+    base_url = table.get("base_url")
+    if not isinstance(base_url, str) or urlsplit(base_url).scheme not in ("http", "https") \
+            or not urlsplit(base_url).hostname:
+        raise GatewayConfigError(path, f"{where}.base_url", f"must be an http:// or https:// URL, got {base_url!r}")
+    key_env = table.get("api_key_env")
+    api_key = None
+    if key_env is not None:
+        if not isinstance(key_env, str) or not key_env:
+            raise GatewayConfigError(path, f"{where}.api_key_env", "must be the name of an environment variable")
+        api_key = environ.get(key_env) or None
+        if api_key is None:
+            raise GatewayConfigError(path, f"{where}.api_key_env", f"the environment variable {key_env} is not set")
+    models = table.get("models", {})
+    if isinstance(models, list):
+        models = {m: m for m in models}
+    if not isinstance(models, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and v
+                                               for k, v in models.items()):
+        raise GatewayConfigError(path, f"{where}.models", "must map model names to the upstream's model names "
+                                                          "(strings), or list model names")
+    return Upstream(name, base_url.rstrip("/"), key_env, api_key, dict(models),
+                    _number(table, "connect_timeout", DEFAULT_CONNECT_TIMEOUT, path, where, positive=True),
+                    _number(table, "read_timeout", DEFAULT_READ_TIMEOUT, path, where, positive=True),
+                    _number(table, "input_price_per_million", 0.0, path, where, positive=False),
+                    _number(table, "output_price_per_million", 0.0, path, where, positive=False))
+
+
+def _route(name: str, value, path: str, upstreams: dict[str, Upstream]) -> Route:
+    where = f"routes.{name}"
+    invalid_json = False
+    if isinstance(value, dict):
+        _only_keys(value, {"members", "fallback_on_invalid_json"}, path, where)
+        invalid_json = value.get("fallback_on_invalid_json", False)
+        if not isinstance(invalid_json, bool):
+            raise GatewayConfigError(path, f"{where}.fallback_on_invalid_json", "must be true or false")
+        value = value.get("members")
+        where += ".members"
+    if not isinstance(value, list) or not value or not all(isinstance(m, str) and m for m in value):
+        raise GatewayConfigError(path, where, "must be a non-empty list of model names")
+    for member in value:
+        prefix, slash, model = member.partition("/")
+        if slash and prefix in upstreams and not model:
+            raise GatewayConfigError(path, where, f"'{member}' names no model of upstream '{prefix}'")
+        if member == name:
+            raise GatewayConfigError(path, where, "a route cannot be its own member")
+    return Route(name, tuple(value), invalid_json)
+
+
+def _cache(table: dict, path: str) -> CacheConfig:
+    _only_keys(table, {"enabled", "max_bytes", "ttl_seconds"}, path, "cache")
+    enabled = table.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise GatewayConfigError(path, "cache.enabled", "must be true or false")
+    max_bytes = table.get("max_bytes", DEFAULT_CACHE_BYTES)
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise GatewayConfigError(path, "cache.max_bytes", f"must be a whole number of bytes, at least 1, "
+                                                          f"got {max_bytes!r}")
+    return CacheConfig(enabled, max_bytes, _number(table, "ttl_seconds", DEFAULT_CACHE_TTL, path, "cache",
+                                                   positive=True))

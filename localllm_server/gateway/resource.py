@@ -1,0 +1,65 @@
+"""The one Falcon hook: POST /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/responses go
+through the gateway when one is configured.
+
+:class:`GatewayDispatch` stands in front of the route's local resource. It reads the body once (the local
+resource finds it on ``req.context``), lets :meth:`Gateway.run` pick and try the members, and calls the local
+resource for a local member. It only translates: the answer's ``model`` is the member that gave it, also in
+the ``X-Localllm-Model`` header (set before a stream's first event); ``X-Localllm-Cache: hit|miss`` when the
+request could be cached; tokens and cost per route and model go to ``/metrics``.
+"""
+from __future__ import annotations
+
+import falcon
+
+from ..streaming import ClosingStream
+from .routing import Gateway, LocalAnswer
+
+MODEL_HEADER = "X-Localllm-Model"
+CACHE_HEADER = "X-Localllm-Cache"
+
+
+class GatewayDispatch:
+    """POST ``/v1<path>`` through ``gateway``, with ``local`` (the route's own resource) for local members."""
+
+    def __init__(self, local, gateway: Gateway, path: str):
+        self.local = local
+        self.gateway = gateway
+        self.path = path                  # "/chat/completions", as appended to an upstream's base_url
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = self.local.body(req)
+        if not isinstance(body.get("model"), str):              # the local schema names the mistake
+            req.context.json_body = body
+            self.local.on_post(req, resp)
+            return
+
+        def call_local(model: str, sent: dict) -> LocalAnswer:
+            req.context.json_body = sent
+            self.local.on_post(req, resp)
+            if resp.stream is not None:
+                chunks, resp.stream = resp.stream, None
+                return LocalAnswer(chunks=chunks, close=getattr(chunks, "close", None))
+            media, resp.media = resp.media, None
+            return LocalAnswer(body=media)
+
+        answer = self.gateway.run(self.path, body, call_local, record=recorder(req))
+        resp.set_header(MODEL_HEADER, answer.model)
+        if answer.cache is not None:
+            resp.set_header(CACHE_HEADER, answer.cache)
+        resp.status = answer.status
+        resp.content_type = answer.content_type
+        if answer.stream is not None:
+            resp.set_header("Cache-Control", "no-cache")
+            resp.set_header("X-Accel-Buffering", "no")
+            resp.stream = ClosingStream(answer.stream, on_close=answer.close)
+        else:
+            resp.data = answer.body
+
+
+def recorder(req: falcon.Request):
+    """``record(route, model, prompt_tokens, completion_tokens, cost)`` into the app's metrics (if kept)."""
+    metrics = getattr(req.context, "metrics", None)
+    add_usage = getattr(metrics, "add_usage", None)
+    if add_usage is None:
+        return None
+    return add_usage

@@ -1,0 +1,387 @@
+"""Which model answers a request, and the fallback chain that gets an answer.
+
+A request's ``model`` names one of three things (:meth:`Gateway.resolve`):
+
+* a route of the config: its members, tried in order;
+* ``<upstream>/<model>`` where ``<upstream>`` is a configured upstream: that upstream, the model renamed through
+  its ``models`` mapping;
+* anything else: a local model of the store (served by the local resources, unchanged).
+
+:meth:`Gateway.run` tries the members in order and moves to the next one on: a connection error, a timeout,
+HTTP 429 or 5xx (:class:`~.upstream.UpstreamFailure`), a body that is not JSON, a local prompt longer than the
+model's context (``ContextLengthExceeded``), a local server busy or past its time, and, when the route opts in
+(``fallback_on_invalid_json``), a local answer that is not valid JSON for the request's ``response_format``.
+A stream is committed with its first event: from then on a failure is an error event that ends it, never a
+restart on another member. Every answer names the member that gave it in its ``model`` field.
+
+The answer's usage (prompt and completion tokens, cost from the upstream's prices) goes to ``record`` once
+the answer is complete. Deterministic requests are cached when the config enables it (:mod:`.cache`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+from ..errors import APIError, openai_body, to_api_error
+from . import upstream as upstream_calls
+from .cache import CachedAnswer, ResponseCache, is_deterministic, request_key
+from .config import GatewayConfig, Route, Upstream
+from .upstream import UpstreamFailure, UpstreamRejected, scrub
+
+STREAM_END_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
+USAGE_CHUNK_PATHS = ("/chat/completions", "/completions")     # streams that can end with a usage chunk
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model a request can go to: ``name`` as clients and answers see it."""
+
+    name: str
+    model: str                           # the local store name, or the upstream's own model name
+    upstream: Upstream | None = None     # None: a local model
+
+    @property
+    def is_local(self) -> bool:
+        return self.upstream is None
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return self.upstream.cost(prompt_tokens, completion_tokens) if self.upstream else 0.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request's ``model`` resolved to: ``label`` (the name asked for) and the members to try."""
+
+    label: str
+    members: tuple[Member, ...]
+    fallback_on_invalid_json: bool = False
+
+
+@dataclass
+class LocalAnswer:
+    """What the local resource answered: a JSON body, or the SSE byte chunks of a stream (one event each)."""
+
+    body: dict | None = None
+    chunks: Iterable[bytes] | None = None
+    close: Callable[[], None] | None = None
+
+
+@dataclass
+class Answer:
+    """The gateway's answer: a JSON body (``status``) or a stream of SSE bytes, and who gave it."""
+
+    model: str
+    body: bytes | None = None
+    stream: Iterator[bytes] | None = None
+    status: int = 200
+    content_type: str = "application/json"
+    cache: str | None = None             # "hit" | "miss" when the request could be cached, else None
+    close: Callable[[], None] | None = None
+
+
+# record(label, member name, prompt_tokens, completion_tokens, cost)
+Recorder = Callable[[str, str, int, int, float], None]
+LocalCall = Callable[[str, dict], LocalAnswer]
+
+
+def usage_of(payload: dict) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a response or stream event, if it carries a usage object."""
+    usage = payload.get("usage")
+    if not isinstance(usage, dict) and isinstance(payload.get("response"), dict):
+        usage = payload["response"].get("usage")             # Responses API: response.completed
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return prompt, completion
+
+
+def rename_model(payload: dict, name: str) -> bool:
+    """Set ``model`` (and a Responses API event's ``response.model``) to ``name``; whether anything changed."""
+    changed = False
+    for holder in (payload, payload.get("response")):
+        if isinstance(holder, dict) and "model" in holder and holder["model"] != name:
+            holder["model"] = name
+            changed = True
+    return changed
+
+
+class StreamRelay:
+    """Re-frames one stream's events as they pass: ``model`` renamed, usage read (and the usage chunk the
+    gateway asked for dropped when the client did not ask for it), the end of the stream noticed."""
+
+    def __init__(self, model: str, drop_usage_chunk: bool, named_events: bool):
+        self.model = model
+        self.drop_usage_chunk = drop_usage_chunk
+        self.named_events = named_events    # Responses API framing: `event:` lines, no [DONE]
+        self.usage: tuple[int, int] | None = None
+        self.finished = False               # [DONE] or a terminal Responses event seen
+        self.failed = False                 # an in-band error event passed
+        self.sequence = 0
+
+    def frame(self, lines: list[bytes]) -> bytes | None:
+        """The event to forward for the event made of ``lines`` (None: dropped)."""
+        out = []
+        for line in lines:
+            if line.startswith(b"data:"):
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    self.finished = True
+                else:
+                    line = self._data_line(payload, line)
+                    if line is None:
+                        return None
+            out.append(line)
+        return b"\n".join(out) + b"\n\n"
+
+    def _data_line(self, payload: bytes, line: bytes) -> bytes | None:
+        try:
+            event = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            return line
+        if not isinstance(event, dict):
+            return line
+        usage = usage_of(event)
+        if usage is not None:
+            self.usage = usage
+        if isinstance(event.get("sequence_number"), int):
+            self.sequence = event["sequence_number"] + 1
+        if event.get("type") in STREAM_END_TYPES:
+            self.finished = True
+        if "error" in event or event.get("type") == "error":
+            self.failed = True
+        changed = rename_model(event, self.model)
+        if self.drop_usage_chunk and "usage" in event:
+            if event.get("choices") == [] and event["usage"] is not None:
+                return None                             # the usage chunk the client did not ask for
+            del event["usage"]
+            changed = True
+        if not changed:
+            return line
+        return b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8")
+
+    def error_event(self, error: APIError) -> bytes:
+        """The in-band error that ends a stream already under way (then ``[DONE]`` outside the Responses API)."""
+        self.failed = True
+        if self.named_events:
+            event = {"type": "error", "sequence_number": self.sequence, "code": error.code,
+                     "message": error.message, "param": error.param}
+            return f"event: error\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode("utf-8")
+        return b"data: " + json.dumps(openai_body(error), ensure_ascii=False).encode("utf-8") + b"\n\ndata: [DONE]\n\n"
+
+
+def local_fallback_reason(exc: BaseException) -> str | None:
+    """Why a local member's error moves a route on (too long a prompt, busy, timed out), or None to raise it."""
+    error = to_api_error(exc)
+    if error.code == "context_length_exceeded" or error.status == 429 or error.status >= 500:
+        return error.message
+    return None
+
+
+def invalid_json_reason(body: dict, answer: dict) -> str | None:
+    """Why a chat answer's content does not satisfy the request's ``response_format`` (None: it does)."""
+    response_format = body.get("response_format")
+    if not isinstance(response_format, dict) or response_format.get("type") not in ("json_object", "json_schema"):
+        return None
+    for choice in answer.get("choices") or []:
+        content = (choice.get("message") or {}).get("content")
+        if not isinstance(content, str):
+            continue                                        # a tool call: no answer text to check
+        try:
+            value = json.loads(content)
+        except ValueError as exc:
+            return f"the answer is not valid JSON ({exc})"
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if response_format["type"] == "json_schema" and isinstance(schema, dict):
+            try:
+                import jsonschema
+            except ImportError:                             # without the validator, parsing is the check
+                continue
+            try:
+                jsonschema.validate(value, schema)
+            except jsonschema.ValidationError as exc:
+                return f"the answer does not match the schema: {exc.message}"
+        elif response_format["type"] == "json_object" and not isinstance(value, dict):
+            return "the answer is not a JSON object"
+    return None
+
+
+@dataclass
+class _Failure:
+    member: str
+    message: str
+    status: int
+    code: str | None
+    original: BaseException | None = field(default=None, repr=False)
+
+
+class Gateway:
+    """Routes and upstreams of one config, and the response cache."""
+
+    def __init__(self, config: GatewayConfig, clock=None):
+        self.config = config
+        cache = config.cache
+        self.cache = ResponseCache(cache.max_bytes, cache.ttl_seconds, **({"clock": clock} if clock else {})) \
+            if cache.enabled else None
+
+    # ---- names -----------------------------------------------------------------------------------------
+    def member(self, name: str) -> Member:
+        """``name`` as one member: ``<upstream>/<model>`` for a configured upstream, else a local model."""
+        prefix, slash, model = name.partition("/")
+        upstream = self.config.upstreams.get(prefix) if slash else None
+        if upstream is not None and model:
+            return Member(name, upstream.upstream_model(model), upstream)
+        return Member(name, name)
+
+    def resolve(self, name: str) -> Target:
+        route: Route | None = self.config.routes.get(name)
+        if route is not None:
+            return Target(name, tuple(self.member(m) for m in route.members), route.fallback_on_invalid_json)
+        return Target(name, (self.member(name),))
+
+    def listing(self) -> list[tuple[str, str]]:
+        """(name, owner) of every upstream model of the mappings and every route (owner: upstream or "route")."""
+        names = [(f"{upstream.name}/{model}", upstream.name)
+                 for upstream in self.config.upstreams.values() for model in upstream.models]
+        return names + [(route, "route") for route in self.config.routes]
+
+    def scrub(self, text: str) -> str:
+        return scrub(text, self.config.secrets())
+
+    # ---- answering ---------------------------------------------------------------------------------------
+    def run(self, path: str, body: dict, call_local: LocalCall, record: Recorder | None = None) -> Answer:
+        """Answer ``body`` (an OpenAI request to ``/v1<path>``, path "/chat/completions" ...) through its
+        target's members; an APIError when none could (the last member's status, every member's reason)."""
+        target = self.resolve(str(body.get("model", "")))
+        record = record or (lambda *args: None)
+        cacheable = self.cache is not None and is_deterministic(body)
+        if cacheable:
+            for member in target.members:
+                hit = self.cache.get(request_key(path, body, member.name))
+                if hit is not None:
+                    return Answer(hit.model, body=hit.body, cache="hit",
+                                  stream=iter(hit.events) if hit.events is not None else None,
+                                  content_type="application/json" if hit.events is None else "text/event-stream")
+        failures: list[_Failure] = []
+        for member in target.members:
+            try:
+                answer = self._answer(target, member, path, body, record,
+                                      self._storer(path, body, member) if cacheable else None)
+            except UpstreamFailure as exc:
+                failures.append(_Failure(member.name, exc.message, exc.status, exc.code, exc))
+                continue
+            except _LocalFailure as exc:
+                failures.append(_Failure(member.name, exc.reason, exc.error.status, exc.error.code, exc.original))
+                continue
+            answer.cache = "miss" if cacheable else None
+            return answer
+        raise self._all_failed(target, failures)
+
+    def _storer(self, path: str, body: dict, member: Member) -> Callable[[CachedAnswer], bool]:
+        key = request_key(path, body, member.name)
+        return lambda answer: self.cache.put(key, answer)
+
+    def _all_failed(self, target: Target, failures: list[_Failure]) -> BaseException:
+        last = failures[-1]
+        if len(failures) == 1:
+            if last.original is not None and not isinstance(last.original, (UpstreamFailure, _LocalFailure)):
+                return last.original                    # one local model: its own error, unchanged
+            return APIError(last.status, self.scrub(last.message), code=last.code)
+        reasons = "; ".join(f"{f.member}: {f.message}" for f in failures)
+        return APIError(last.status, self.scrub(f"every member of route '{target.label}' failed: {reasons}"),
+                        code=last.code)
+
+    def _answer(self, target: Target, member: Member, path: str, body: dict, record: Recorder,
+                store: Callable[[CachedAnswer], bool] | None) -> Answer:
+        stream = bool(body.get("stream"))
+        sent = dict(body, model=member.model)
+        drop_usage_chunk = False
+        if stream and path in USAGE_CHUNK_PATHS:                # ask for the usage, to count the tokens
+            options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+            drop_usage_chunk = not options.get("include_usage")
+            sent["stream_options"] = dict(options, include_usage=True)
+
+        def account(usage: tuple[int, int] | None) -> None:
+            prompt, completion = usage or (0, 0)
+            record(target.label, member.name, prompt, completion, member.cost(prompt, completion))
+
+        if member.is_local:
+            try:
+                local = call_local(member.model, sent)
+            except Exception as exc:
+                reason = local_fallback_reason(exc)
+                if reason is None:
+                    raise
+                raise _LocalFailure(reason, to_api_error(exc), exc) from None
+            if local.chunks is None:
+                if target.fallback_on_invalid_json:
+                    reason = invalid_json_reason(body, local.body)
+                    if reason is not None:
+                        raise _LocalFailure(reason, APIError(502, reason, code="invalid_json_answer"), None)
+                return self._json_answer(member, local.body, account, store)
+            relay = StreamRelay(member.name, drop_usage_chunk, named_events=path == "/responses")
+            events = ([line for line in chunk.split(b"\n") if line] for chunk in local.chunks)
+            return Answer(member.name, stream=self._relay(relay, events, None, account, store), close=local.close,
+                          content_type="text/event-stream")
+        try:
+            response = upstream_calls.post(member.upstream, path, sent, stream)
+        except UpstreamRejected as exc:              # the request itself is wrong: its answer, no fallback
+            return Answer(member.name, body=exc.body, status=exc.status,
+                          content_type=exc.content_type or "application/json")
+        if not stream:
+            return self._json_answer(member, response.json(), account, store)
+        relay = StreamRelay(member.name, drop_usage_chunk, named_events=path == "/responses")
+        events = response.events()
+        try:
+            first = next(e for e in (relay.frame(lines) for lines in events) if e is not None)
+        except StopIteration:
+            response.close()
+            raise UpstreamFailure(f"upstream '{member.upstream.name}' ended the stream before its first event")
+        except UpstreamFailure:
+            response.close()
+            raise
+        return Answer(member.name, stream=self._relay(relay, events, first, account, store), close=response.close,
+                      content_type="text/event-stream")
+
+    def _json_answer(self, member: Member, payload: dict, account, store) -> Answer:
+        rename_model(payload, member.name)
+        account(usage_of(payload))
+        raw = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        if store is not None and "error" not in payload:
+            store(CachedAnswer(member.name, body=raw))
+        return Answer(member.name, body=raw)
+
+    def _relay(self, relay: StreamRelay, events: Iterator[list[bytes]], first: bytes | None, account,
+               store) -> Iterator[bytes]:
+        """The committed stream: ``first`` (already framed), then every event as it arrives; a failure or an
+        end before the stream's own end is an error event. Usage is counted and the events cached at the end."""
+        sent: list[bytes] = []
+        try:
+            if first is not None:
+                sent.append(first)
+                yield first
+            try:
+                for lines in events:
+                    framed = relay.frame(lines)
+                    if framed is not None:
+                        sent.append(framed)
+                        yield framed
+                if not relay.finished:
+                    raise UpstreamFailure(f"the stream of '{relay.model}' ended before it finished")
+            except UpstreamFailure as exc:
+                yield relay.error_event(APIError(exc.status, self.scrub(exc.message), code=exc.code))
+        finally:
+            account(relay.usage)
+            if store is not None and relay.finished and not relay.failed:
+                store(CachedAnswer(relay.model, events=tuple(sent)))
+
+
+class _LocalFailure(Exception):
+    """A local member's error that moves the route on."""
+
+    def __init__(self, reason: str, error: APIError, original: BaseException | None):
+        super().__init__(reason)
+        self.reason, self.error, self.original = reason, error, original
