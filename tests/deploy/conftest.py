@@ -1,223 +1,22 @@
-"""Real processes for the deployment tests: ``localllm serve`` replicas, gunicorn, and nginx running the shipped
-``deploy/nginx/localllm.conf`` (its listen address and replica list filled in for loopback ports).
-
-nginx runs as its own binary with a prefix in a temporary folder (``-p``, ``-c``, ``-g``): every temp path and log
-in that folder, no pid file or log in /etc or /var, no root needed. Missing nginx: a skip, a failure in CI.
-"""
+"""Fixtures for the deployment tests: the nginx binary (missing: a skip, a failure in CI) and a model store shared
+by every server process. The processes themselves: ``cluster.py``."""
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import re
-import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-NGINX_DIR = REPO_ROOT / "deploy" / "nginx"
-SHIPPED_CONF = NGINX_DIR / "localllm.conf"
-SHIPPED_REPLICAS = NGINX_DIR / "localllm" / "replicas.conf"
-SHIPPED_LISTEN = "listen 127.0.0.1:8080;"       # the one line of the shipped config a test replaces
-SMOLLM2 = "smollm2:135m"
-MINILM = "all-minilm"
-WAIT = 120                                       # bound on any wait for a process (2 shared cores)
-TRUSTED_PROXY = "127.0.0.1"                      # the address nginx connects to the replicas from
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(condition, what: str, seconds: float = WAIT, every: float = 0.05):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {seconds:g} s waiting until {what}")
-
-
-def http_request(port: int, method: str, path: str, body=None, headers: dict | None = None,
-                 source: str | None = None, timeout: float = WAIT) -> tuple[int, dict, bytes]:
-    """One plain HTTP request to 127.0.0.1:``port`` (from the loopback address ``source`` when given):
-    (status, lower-cased headers, body)."""
-    headers = dict(headers or {})
-    if body is not None:
-        body = json.dumps(body).encode()
-        headers.setdefault("Content-Type", "application/json")
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
-                                            source_address=(source, 0) if source else None)
-    try:
-        connection.request(method, path, body=body, headers=headers)
-        response = connection.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        connection.close()
-
-
-def answers(port: int) -> bool:
-    try:
-        return http_request(port, "GET", "/", timeout=5)[0] == 200
-    except OSError:
-        return False
-
-
-def metric(port: int, name: str) -> int:
-    """A counter or gauge of the server on ``port`` (its /metrics), summed over its labels."""
-    _, _, body = http_request(port, "GET", "/metrics")
-    return sum(int(float(line.rsplit(" ", 1)[1])) for line in body.decode().splitlines()
-               if line.startswith(name + "{"))
-
-
-def active_requests(port: int) -> int:
-    """Generation requests decoding in the server on ``port``."""
-    return metric(port, "localllm_requests_active")
-
-
-class ServerProcess:
-    """A server subprocess on 127.0.0.1:``port`` serving the test store; its output in ``log_path``."""
-
-    def __init__(self, command: list[str], port: int, env: dict, log_path: Path):
-        self.command, self.port, self.env, self.log_path = command, port, env, log_path
-        self.process = None
-        self.start()
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(lambda: answers(self.port) or self.process.poll() is not None, f"{self.log_path.name} answers")
-        if self.process.poll() is not None:
-            raise RuntimeError(f"{self.command} exited with {self.process.returncode}:\n{self.log()}")
-        # the model loaded (its kernels read from the cache) before any test waits behind nginx
-        status, _, body = http_request(self.port, "POST", "/api/generate",
-                                       {"model": SMOLLM2, "prompt": "Hi", "stream": False,
-                                        "options": {"num_predict": 1}})
-        assert status == 200, body
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(WAIT)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(WAIT)
-
-
-def server_env(store_root: Path, port: int, name: str, **extra) -> dict:
-    env = dict(os.environ, LOCALLLM_MODELS=str(store_root), LOCALLLM_HOST=f"127.0.0.1:{port}",
-               LOCALLLM_NUM_PARALLEL="2", LOCALLLM_MAX_QUEUE="8", LOCALLLM_KEEP_ALIVE="600",
-               LOCALLLM_REPLICA_NAME=name, LOCALLLM_TRUSTED_PROXY=TRUSTED_PROXY, LOCALLLM_ACCESS_LOG="1",
-               NUMBA_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def start_replica(store_root: Path, log_dir: Path, name: str, **extra) -> ServerProcess:
-    """``localllm serve`` (waitress), as a user starts it."""
-    port = free_port()
-    return ServerProcess([sys.executable, "-m", "localllm.cli", "serve"], port,
-                         server_env(store_root, port, name, **extra), log_dir / f"{name}.log")
-
-
-def start_gunicorn(store_root: Path, log_dir: Path, name: str) -> ServerProcess:
-    """``gunicorn 'localllm_server.app:get_app()'``: one gthread worker (one engine), threads for the requests."""
-    port = free_port()
-    command = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
-               "--worker-class", "gthread", "--threads", "8", "--forwarded-allow-ips", TRUSTED_PROXY,
-               "localllm_server.app:get_app()"]
-    return ServerProcess(command, port, server_env(store_root, port, name), log_dir / f"{name}.log")
+from .cluster import SMOLLM2, find_nginx
 
 
 def nginx_binary() -> str:
-    binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
-                                            if os.access(p, os.X_OK)), None)
+    binary = find_nginx()
     if binary is None:
         message = "nginx is not installed (.ci/run installs it with apt-get)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
     return binary
-
-
-def replica_lines(ports: list[int]) -> str:
-    """The shipped replica list with its addresses replaced by ``ports`` (each line keeps the shipped parameters:
-    max_fails, fail_timeout)."""
-    shipped = [line.strip() for line in SHIPPED_REPLICAS.read_text().splitlines()
-               if line.strip().startswith("server ")]
-    parameters = shipped[0].split(None, 2)[2]            # "max_fails=1 fail_timeout=10s;"
-    assert all(line.split(None, 2)[2] == parameters for line in shipped)
-    return "".join(f"server 127.0.0.1:{port} {parameters}\n" for port in ports)
-
-
-class Nginx:
-    """nginx with the shipped ``localllm.conf`` in front of the servers on ``upstream_ports``."""
-
-    def __init__(self, binary: str, folder: Path, upstream_ports: list[int]):
-        self.binary, self.folder = binary, folder
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        for sub in ("logs", "temp", "localllm"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-        (folder / "localllm" / "replicas.conf").write_text(replica_lines(upstream_ports))
-        shipped = SHIPPED_CONF.read_text()
-        assert shipped.count(SHIPPED_LISTEN) == 1, f"{SHIPPED_CONF} no longer has the line {SHIPPED_LISTEN!r}"
-        (folder / "localllm.conf").write_text(shipped.replace(SHIPPED_LISTEN, f"listen 127.0.0.1:{self.port};"))
-        (folder / "nginx.conf").write_text(self.main_conf())
-        with open(folder / "logs" / "error.log", "ab") as errors:
-            self.process = subprocess.Popen(
-                [binary, "-p", str(folder), "-e", "stderr", "-c", str(folder / "nginx.conf"),
-                 "-g", f"daemon off; pid {folder / 'nginx.pid'}; error_log stderr;"],
-                stdout=subprocess.DEVNULL, stderr=errors)
-        wait_until(lambda: answers(self.port) or self.process.poll() is not None, "nginx answers")
-        if self.process.poll() is not None:
-            raise RuntimeError(f"nginx exited with {self.process.returncode}:\n{self.error_log()}")
-
-    def main_conf(self) -> str:
-        """The smallest main config around the shipped one: temp paths and the access log in the folder."""
-        temp = "\n".join(f"    {kind}_temp_path {self.folder / 'temp' / kind};"
-                         for kind in self.temp_path_kinds())
-        user = "user root;\n" if os.geteuid() == 0 else ""    # workers that can read a root-only temp folder
-        return (f"{user}worker_processes 1;\nevents {{ worker_connections 512; }}\n"
-                f"http {{\n{temp}\n    access_log {self.folder / 'logs' / 'access.log'};\n"
-                f"    include {self.folder / 'localllm.conf'};\n}}\n")
-
-    def temp_path_kinds(self) -> list[str]:
-        """The modules with a temp path built into this nginx (``nginx -V``): each needs its own folder here."""
-        built = subprocess.run([self.binary, "-V"], capture_output=True, text=True).stderr
-        kinds = [kind.replace("-", "_") for kind in re.findall(r"--http-([a-z-]+)-temp-path=", built)]
-        return [kind for kind in kinds if f"--without-http_{kind}_module" not in built] or ["client_body", "proxy"]
-
-    def error_log(self) -> str:
-        return (self.folder / "logs" / "error.log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)        # fast shutdown
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(WAIT)
 
 
 @pytest.fixture(scope="session")

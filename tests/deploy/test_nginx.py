@@ -6,12 +6,11 @@ count only from the trusted proxy. Waits are bounded; nothing asserts a speed.
 """
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
 
-from .conftest import (MINILM, SMOLLM2, WAIT, Nginx, active_requests, http_request, metric, start_gunicorn,
+from .cluster import (MINILM, SMOLLM2, WAIT, Nginx, active_requests, http_request, metric, start_gunicorn,
                        start_replica, wait_until)
 
 pytestmark = pytest.mark.real_model

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import SMOLLM2, WAIT, Nginx, http_request, start_replica
+from .cluster import SMOLLM2, WAIT, Nginx, http_request, start_replica
 
 pytestmark = pytest.mark.real_model
 
