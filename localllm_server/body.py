@@ -59,7 +59,11 @@ class Resource:
         self.max_body_bytes = getattr(settings, "max_body_bytes", DEFAULT_MAX_BODY_BYTES)
 
     def body(self, req) -> dict:
-        """The request's JSON object (:func:`read_json` under the server's size limit)."""
+        """The request's JSON object (:func:`read_json` under the server's size limit), or the one already read
+        for this request (``req.context.json_body``: the gateway reads the body before the local resource)."""
+        cached = getattr(req.context, "json_body", None)
+        if cached is not None:
+            return cached
         return read_json(req, self.max_body_bytes)
 
     @staticmethod

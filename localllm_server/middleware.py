@@ -11,7 +11,8 @@
   ``Access-Control-Allow-Origin`` and ``Vary: Origin``, and its preflight (``OPTIONS`` with
   ``Access-Control-Request-Method``) is answered 204 here, without the API key.
 - With ``settings.api_key`` set, every route but ``GET /``, ``HEAD /`` and ``/health``
-  needs ``Authorization: Bearer <key>`` (401 ``Invalid API key`` otherwise, with
+  needs ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` (what the Anthropic SDK sends)
+  (401 ``Invalid API key`` otherwise, with
   ``WWW-Authenticate: Bearer``). The key is compared in constant time (SHA-256 digests of the
   header's bytes and the key's, then ``hmac.compare_digest``), so neither its length nor a
   matching prefix shows in the time of a refusal.
@@ -78,6 +79,11 @@ class Metrics:
         self.response_count = defaultdict(int)
         self.prompt_tokens = defaultdict(int)       # route family -> tokens
         self.completion_tokens = defaultdict(int)
+        # the gateway's accounting, per (route or model asked for, model that answered)
+        self.gateway_requests = defaultdict(int)
+        self.gateway_prompt_tokens = defaultdict(int)
+        self.gateway_completion_tokens = defaultdict(int)
+        self.gateway_cost = defaultdict(float)      # in the currency of the config's prices
         self.in_flight = 0
 
     def started(self) -> None:
@@ -96,12 +102,25 @@ class Metrics:
             self.prompt_tokens[route] += prompt_tokens
             self.completion_tokens[route] += completion_tokens
 
+    def add_usage(self, route: str, model: str, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
+        """One gateway answer: ``route`` is the name the request asked for, ``model`` the member that answered."""
+        key = (route, model)
+        with self._lock:
+            self.gateway_requests[key] += 1
+            self.gateway_prompt_tokens[key] += prompt_tokens
+            self.gateway_completion_tokens[key] += completion_tokens
+            self.gateway_cost[key] += cost
+
     def snapshot(self) -> dict:
         """A consistent copy of every counter."""
         with self._lock:
             return {"requests": dict(self.requests), "response_seconds": dict(self.response_seconds),
                     "response_count": dict(self.response_count), "prompt_tokens": dict(self.prompt_tokens),
-                    "completion_tokens": dict(self.completion_tokens), "in_flight": self.in_flight}
+                    "completion_tokens": dict(self.completion_tokens), "in_flight": self.in_flight,
+                    "gateway_requests": dict(self.gateway_requests),
+                    "gateway_prompt_tokens": dict(self.gateway_prompt_tokens),
+                    "gateway_completion_tokens": dict(self.gateway_completion_tokens),
+                    "gateway_cost": dict(self.gateway_cost)}
 
 
 class RequestMiddleware:
@@ -135,14 +154,14 @@ class RequestMiddleware:
         req.context.request_timeout = request_timeout(req.get_header(TIMEOUT_HEADER))
 
     def _check_key(self, req: falcon.Request) -> None:
+        """The key as ``Authorization: Bearer <key>`` (OpenAI, Ollama) or ``x-api-key: <key>`` (Anthropic's SDK)."""
         header = req.get_header("Authorization") or ""
         scheme, _, token = header.strip().partition(" ")
-        try:
-            sent = token.strip().encode("latin-1")     # WSGI headers are latin-1 text of the bytes sent
-        except UnicodeEncodeError:
-            sent = b""
-        matches = hmac.compare_digest(_key_digest(sent), self._key_digest)   # constant time, any length
-        if not (scheme.lower() == "bearer" and sent and matches):
+        bearer = _header_bytes(token) if scheme.lower() == "bearer" else b""
+        api_key = _header_bytes(req.get_header("X-Api-Key") or "")
+        matches = [hmac.compare_digest(_key_digest(sent), self._key_digest)      # constant time, any length;
+                   for sent in (bearer, api_key)]                                # both compared, always
+        if not any(sent and match for sent, match in zip((bearer, api_key), matches)):
             raise APIError(401, "Invalid API key", code="invalid_api_key")
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
@@ -189,6 +208,14 @@ def request_timeout(header: str | None) -> float | None:
         raise APIError(400, f"{TIMEOUT_HEADER} must be a positive number of seconds, got {header!r}",
                        param=TIMEOUT_HEADER)
     return seconds
+
+
+def _header_bytes(value: str) -> bytes:
+    """A header's value as the bytes sent (WSGI headers are their latin-1 text), stripped; b"" if it cannot be."""
+    try:
+        return value.strip().encode("latin-1")
+    except UnicodeEncodeError:
+        return b""
 
 
 def middleware_for(settings, metrics: Metrics | None = None) -> list:

@@ -116,6 +116,17 @@ def render_metrics(metrics, engine) -> str:
            [(_labels(api=k), v) for k, v in prompt_tokens])
     family("localllm_completion_tokens_total", "counter", "tokens generated",
            [(_labels(api=k), v) for k, v in completion_tokens])
+    gateway = [("localllm_gateway_requests_total", "counter", "gateway answers", "gateway_requests"),
+               ("localllm_gateway_prompt_tokens_total", "counter", "gateway prompt tokens", "gateway_prompt_tokens"),
+               ("localllm_gateway_completion_tokens_total", "counter", "gateway completion tokens",
+                "gateway_completion_tokens"),
+               ("localllm_gateway_cost_total", "counter", "gateway cost from the configured prices per million tokens",
+                "gateway_cost")]
+    for name, kind, help_text, key in gateway:
+        values = sorted(snapshot.get(key, {}).items())
+        if values:
+            family(name, kind, help_text + " per route (the model asked for) and model (the one that answered)",
+                   [(_labels(route=r, model=m), f"{v:.6f}" if isinstance(v, float) else v) for (r, m), v in values])
     loaded = engine.loaded()
     family("localllm_models_loaded", "gauge", "models in memory", [("", len(loaded))])
     stats = sorted(engine.stats().items())

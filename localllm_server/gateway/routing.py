@@ -173,12 +173,16 @@ class StreamRelay:
         return b"data: " + json.dumps(openai_body(error), ensure_ascii=False).encode("utf-8") + b"\n\ndata: [DONE]\n\n"
 
 
+# The local errors that move a route on: the prompt is too long for the model, the engine is busy, past the
+# request's time or shutting down. Any other error (a bad parameter, an unknown model, a bug) is answered.
+LOCAL_FALLBACK_CODES = frozenset({"context_length_exceeded", "server_busy", "request_timeout",
+                                  "server_shutting_down"})
+
+
 def local_fallback_reason(exc: BaseException) -> str | None:
-    """Why a local member's error moves a route on (too long a prompt, busy, timed out), or None to raise it."""
+    """Why a local member's error moves a route on, or None when it is the answer."""
     error = to_api_error(exc)
-    if error.code == "context_length_exceeded" or error.status == 429 or error.status >= 500:
-        return error.message
-    return None
+    return error.message if error.code in LOCAL_FALLBACK_CODES else None
 
 
 def invalid_json_reason(body: dict, answer: dict) -> str | None:
@@ -268,7 +272,7 @@ class Gateway:
         failures: list[_Failure] = []
         for member in target.members:
             try:
-                answer = self._answer(target, member, path, body, record,
+                answer = self._answer(target, member, path, body, call_local, record,
                                       self._storer(path, body, member) if cacheable else None)
             except UpstreamFailure as exc:
                 failures.append(_Failure(member.name, exc.message, exc.status, exc.code, exc))
@@ -294,8 +298,8 @@ class Gateway:
         return APIError(last.status, self.scrub(f"every member of route '{target.label}' failed: {reasons}"),
                         code=last.code)
 
-    def _answer(self, target: Target, member: Member, path: str, body: dict, record: Recorder,
-                store: Callable[[CachedAnswer], bool] | None) -> Answer:
+    def _answer(self, target: Target, member: Member, path: str, body: dict, call_local: LocalCall,
+                record: Recorder, store: Callable[[CachedAnswer], bool] | None) -> Answer:
         stream = bool(body.get("stream"))
         sent = dict(body, model=member.model)
         drop_usage_chunk = False

@@ -16,8 +16,18 @@ _END = object()
 
 
 class TagsResource(Resource):
+    """Local models, then (with a gateway) its upstream models and routes: name and model only (no file)."""
+
     def on_get(self, req, resp):
-        resp.media = {"models": [responses.tag(entry) for entry in self.engine.store.list()]}
+        from ..gateway import gateway_for
+
+        models = [responses.tag(entry) for entry in self.engine.store.list()]
+        gateway = gateway_for(self.settings)
+        if gateway is not None:
+            models += [{"name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
+                        "digest": "", "details": {"family": owner, "format": "remote"}}
+                       for name, owner in gateway.listing()]
+        resp.media = {"models": models}
 
 
 class ShowResource(Resource):

@@ -17,7 +17,16 @@ ROUTES = [
 ]
 
 
-def register(app, engine, settings) -> None:
-    """Add the /v1 routes to ``app``, serving ``engine``."""
+# The POST routes a gateway stands in front of (path below /v1, as appended to an upstream's base_url).
+GATEWAY_PATHS = ("/chat/completions", "/completions", "/embeddings", "/responses")
+
+
+def register(app, engine, settings, gateway=None) -> None:
+    """Add the /v1 routes to ``app``, serving ``engine``; with ``gateway`` (a ``localllm_server.gateway.Gateway``)
+    its dispatch stands in front of the four POST routes and /v1/models lists its upstream models and routes."""
     for path, resource in ROUTES:
-        app.add_route(path, resource(engine, settings))
+        local = resource(engine, settings)
+        if gateway is not None and path.removeprefix("/v1") in GATEWAY_PATHS:
+            from ..gateway.resource import GatewayDispatch
+            local = GatewayDispatch(local, gateway, path.removeprefix("/v1"))
+        app.add_route(path, local)

@@ -8,8 +8,17 @@ from ..body import Resource
 
 
 class Models(Resource):
+    """Local models, then (with a gateway) the upstream models of its mappings and its routes."""
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = formatting.models_list(self.engine.store.list())
+        from ..gateway import gateway_for
+
+        listing = formatting.models_list(self.engine.store.list())
+        gateway = gateway_for(self.settings)
+        if gateway is not None:
+            listing["data"] += [{"id": name, "object": "model", "created": 0, "owned_by": owner}
+                                for name, owner in gateway.listing()]
+        resp.media = listing
 
 
 class Model(Resource):
