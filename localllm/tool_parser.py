@@ -12,6 +12,16 @@ Formats recognised (the text is what the detokenizer writes, special tokens incl
   ``name`` is one of them; otherwise it stays text.
 * Mistral: ``[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`` and the newer
   ``[TOOL_CALLS]name[ARGS]{...}``.
+* Harmony (gpt-oss): a message to a function, the recipient in the channel header or in the
+  role, then the arguments up to ``<|call|>`` (an end-of-generation token, so usually not in
+  the text)::
+
+      <|start|>assistant<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}<|call|>
+      <|start|>assistant to=functions.NAME<|channel|>commentary json<|message|>{...}<|call|>
+
+  (``<|start|>assistant`` is absent from a message the output starts with.) The header up to
+  ``<|message|>`` is dropped; a header that ends the message (``<|end|>``) or starts another
+  (``<|start|>``) before ``<|message|>`` is not a call, and stays text.
 
 ``arguments_json`` is the model's own text of the arguments value (so streamed fragments
 concatenate to exactly the non-streamed string); when a model writes the arguments as a
@@ -33,10 +43,17 @@ from typing import Iterable
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL_MARKER, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
 PYTHON_TAG = "<|python_tag|>"
-MARKERS = (HERMES_OPEN, MISTRAL_MARKER, PYTHON_TAG)
+HARMONY_RECIPIENT, HARMONY_MESSAGE, HARMONY_CALL = "to=functions.", "<|message|>", "<|call|>"
+# a Harmony call's beginning, longest first: the header before the recipient is part of the call
+HARMONY_MARKERS = ("<|start|>assistant<|channel|>commentary " + HARMONY_RECIPIENT,
+                   "<|channel|>commentary " + HARMONY_RECIPIENT, "<|start|>assistant " + HARMONY_RECIPIENT,
+                   HARMONY_RECIPIENT)
+HARMONY_HEADER_BREAKS = ("<|end|>", "<|start|>", "<|call|>", "<|return|>")
+MARKERS = (HERMES_OPEN, MISTRAL_MARKER, PYTHON_TAG) + HARMONY_MARKERS
 ARGUMENT_KEYS = ("arguments", "parameters")
 _WHITESPACE = " \t\r\n"
 _MISTRAL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_HARMONY_NAME = re.compile(r"[A-Za-z0-9_$\-]+")
 
 
 def new_call_id() -> str:
@@ -284,9 +301,9 @@ class ToolCallStreamParser:
                 self._end_call()
             except _Malformed:
                 self._content(self.buf[self.block_start:])
-        elif self.mode in ("hermes", "mistral", "mistral_name"):
+        elif self.mode in ("hermes", "mistral", "mistral_name", "harmony_header"):
             self._content(self.buf[self.block_start:])
-        elif self.mode == "mistral_args":
+        elif self.mode in ("mistral_args", "harmony_args"):
             self._emit_args(len(self.buf), final=True)
         elif self.mode in ("text", "start"):
             self._content(self.buf[self.pos:])
@@ -353,7 +370,8 @@ class ToolCallStreamParser:
             self._content(rest[:at])
             self.block_start = self.pos + at
             self.pos = self.block_start + len(marker)
-            self.mode = {HERMES_OPEN: "hermes", PYTHON_TAG: "bare_sep", MISTRAL_MARKER: "mistral"}[marker]
+            self.mode = {HERMES_OPEN: "hermes", PYTHON_TAG: "bare_sep", MISTRAL_MARKER: "mistral"}.get(
+                marker, "harmony_header")
             return
         keep = 0 if final else _partial_marker_length(rest)
         self._content(rest[:len(rest) - keep])
@@ -453,6 +471,44 @@ class ToolCallStreamParser:
         self._emit_args(end if end is not None else len(self.buf), final=end is not None)
         if end is not None:
             self.pos, self.mode, self._committed, self.args_scanner = end, "text", False, None
+
+    def _in_harmony_header(self, final: bool) -> None:
+        """After ``to=functions.``: the name, the rest of the header up to ``<|message|>``, then the arguments."""
+        rest = self.buf[self.pos:]
+        name = _HARMONY_NAME.match(rest)
+        at = rest.find(HARMONY_MESSAGE)
+        breaks = [rest.find(tag) for tag in HARMONY_HEADER_BREAKS if tag in rest]
+        if name is None and (rest or final):
+            raise _Malformed
+        if breaks and (at < 0 or min(breaks) < at):
+            raise _Malformed
+        if at < 0:
+            if final:
+                raise _Malformed
+            return
+        start = self._skip_space(self.pos + at + len(HARMONY_MESSAGE))
+        if start is None:
+            if final:
+                raise _Malformed
+            return
+        self.args_scanner = _ValueScanner(self.buf, start)
+        self.pos, self.mode = start, "harmony_args"
+        self._commit(name.group(), start)
+
+    def _in_harmony_args(self, final: bool) -> None:
+        end = self.args_scanner.scan(self.buf, final)
+        self._emit_args(end if end is not None else len(self.buf), final=end is not None)
+        if end is None:
+            return
+        self.pos, self.mode, self._committed, self.args_scanner = end, "harmony_call", False, None
+
+    def _in_harmony_call(self, final: bool) -> None:
+        """After a Harmony call's arguments: its ``<|call|>`` (if the text has it) is dropped."""
+        rest = self.buf[self.pos:]
+        if rest.startswith(HARMONY_CALL):
+            self.pos, self.mode = self.pos + len(HARMONY_CALL), "text"
+        elif final or not HARMONY_CALL.startswith(rest):
+            self.mode = "text"
 
     # ---------------------------------------------------------------- calls
     def _begin_call(self, mode: str, start: int) -> None:

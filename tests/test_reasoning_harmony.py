@@ -460,3 +460,47 @@ def test_earlier_thoughts_reach_the_template_as_it_expects(harmony_model):
     prompt = harmony_model.render_chat(done)
     assert "I should add." not in prompt and "Added." not in prompt          # dropped once a final answer follows
     assert "<|start|>assistant<|channel|>final<|message|>4<|end|>" in prompt
+
+
+# ----------------------------------------------------------------------------- tool calls in the commentary channel
+
+CALL_IN_CHANNEL = ('<|channel|>analysis<|message|>I should add.<|end|><|start|>assistant<|channel|>commentary '
+                   'to=functions.add <|constrain|>json<|message|>{"a": 2, "b": 2}')
+CALL_IN_ROLE = ('<|channel|>analysis<|message|>I should add.<|end|><|start|>assistant to=functions.add'
+                '<|channel|>commentary json<|message|>{"a": 2, "b": 2}<|call|>')
+
+
+@pytest.mark.parametrize("output", [CALL_IN_CHANNEL, CALL_IN_ROLE])
+def test_a_call_after_the_thought_is_parsed_into_tool_calls(output):
+    from localllm.tool_parser import ToolCallStreamParser, parse_tool_calls
+
+    thinking, content = split_thought(output, HARMONY)
+    assert thinking == "I should add."
+    text, [call] = parse_tool_calls(content, ["add"])
+    assert (text, call.name, json.loads(call.arguments_json)) == ("", "add", {"a": 2, "b": 2})
+    for size in (1, 2, 5):                                   # streamed: the same call, whatever the pieces
+        reasoning_parser, tool_parser, deltas = ReasoningStreamParser(HARMONY), ToolCallStreamParser(["add"]), []
+        for i in range(0, len(output), size):
+            deltas += tool_parser.push(reasoning_parser.push(output[i:i + size])[1])
+        deltas += tool_parser.push(reasoning_parser.finish()[1]) + tool_parser.finish()
+        assert [d for d in deltas if isinstance(d, str)] == []
+        assert [(c.name, c.arguments_json) for c in tool_parser.calls] == [("add", call.arguments_json)]
+
+
+@pytest.mark.parametrize("text", [
+    "I go to=functions.now, not a call",                          # no <|message|>: text
+    "to=functions.add<|end|><|start|>assistant<|channel|>final<|message|>{}",   # the header ended first
+    "to=functions. <|message|>{}",                                # no name
+])
+def test_what_is_not_a_harmony_call_stays_text(text):
+    from localllm.tool_parser import parse_tool_calls
+
+    assert parse_tool_calls(text, ["add"]) == (text, [])
+
+
+def test_a_call_at_the_start_of_the_output_and_text_around_it():
+    from localllm.tool_parser import parse_tool_calls
+
+    content, [call] = parse_tool_calls('Let me add.<|channel|>commentary to=functions.add <|constrain|>json'
+                                       '<|message|>{"a": 1, "b": 3}<|call|> Done.', ["add"])
+    assert (content, call.name, call.arguments_json) == ("Let me add. Done.", "add", '{"a": 1, "b": 3}')
