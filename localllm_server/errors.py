@@ -56,9 +56,27 @@ def ollama_body(error: APIError) -> dict:
     return {"error": error.message}
 
 
+# Anthropic's error types by status (its docs' list; 503 as Ollama maps it, beside Anthropic's own 529).
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
+ANTHROPIC_PATH = "/v1/messages"
+
+
+def anthropic_body(error: APIError) -> dict:
+    """Anthropic's envelope: ``{"type": "error", "error": {"type", "message"}}`` (also a stream's ``error`` event)."""
+    kind = ANTHROPIC_ERROR_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
 def body_for(path: str, error: APIError) -> dict:
-    """The error body shape the route family expects."""
-    return ollama_body(error) if path.startswith("/api/") else openai_body(error)
+    """The error body shape the route family expects: Ollama's under /api, Anthropic's under /v1/messages,
+    OpenAI's elsewhere."""
+    if path.startswith("/api/"):
+        return ollama_body(error)
+    if path.rstrip("/") == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
+        return anthropic_body(error)
+    return openai_body(error)
 
 
 def param_of(message: str) -> str | None:

@@ -12,7 +12,8 @@ descriptions.
 Every response is described: 200 with its media type and body (JSON; server-sent
 events under /v1, one JSON object per event; NDJSON under /api, documented as
 the array of its lines), and each error status with the error body of its route
-family (the OpenAI envelope outside /api, ``{"error": "..."}`` under /api).
+family (the OpenAI envelope outside /api, ``{"error": "..."}`` under /api, Anthropic's
+``{"type": "error", "error": {...}}`` under /v1/messages).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import re
 import falcon.inspect
 
 from . import schemas, schemas_responses
+from .anthropic_api import request as anthropic_request
+from .errors import ANTHROPIC_PATH
 from .ollama_api import parsing
 
 TITLE = "localllm"
@@ -37,10 +40,15 @@ OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error":
         "param": {"type": ["string", "null"], "description": "the request parameter at fault"},
         "code": {"type": ["string", "null"], "description": "e.g. model_not_found, context_length_exceeded"}}}}}
 OLLAMA_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"], "properties": {
+    "type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"], "properties": {
+        "type": {"enum": ["invalid_request_error", "authentication_error", "permission_error", "not_found_error",
+                          "request_too_large", "rate_limit_error", "api_error", "overloaded_error", "timeout_error"]},
+        "message": {"type": "string"}}}}}
 ERROR_REASONS = {
     400: "invalid request: bad JSON, a wrong type or value (the message names the parameter), a prompt longer "
          "than the context (code context_length_exceeded), or a feature the model lacks",
-    401: "an API key is configured and the request has no valid `Authorization: Bearer` key",
+    401: "an API key is configured and the request has no valid `Authorization: Bearer` or `x-api-key` key",
     403: "the request's Origin header names a web origin the server does not allow (LOCALLLM_ORIGINS)",
     404: "no model of that name in the store",
     413: "request body larger than the server's limit",
@@ -164,6 +172,51 @@ def sse_events(data_schema: dict, named: bool = False) -> dict:
                  "contentSchema": {"anyOf": [data_schema, OPENAI_ERROR if not named else RESPONSE_EVENT]}}
     data = json_data if named else {"anyOf": [{"const": "[DONE]"}, json_data]}
     return {"type": "object", "required": ["data"], "properties": {"data": data, "event": {"type": "string"}}}
+
+
+# --------------------------------------------------------------------------- Anthropic answers
+
+_ANTHROPIC_USAGE = {"type": "object", "required": ["input_tokens", "output_tokens"], "properties": {
+    "input_tokens": {"type": "integer", "minimum": 0, "description": "prompt tokens prefilled for this request"},
+    "output_tokens": {"type": "integer", "minimum": 0},
+    "cache_creation_input_tokens": {"type": "integer", "minimum": 0},
+    "cache_read_input_tokens": {"type": "integer", "minimum": 0,
+                                "description": "prompt tokens taken from the KV cache (input_tokens + these = the "
+                                               "prompt)"}}}
+_ANTHROPIC_BLOCK = {"anyOf": [
+    {"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"},
+                                                                    "text": {"type": "string"}}},
+    {"type": "object", "required": ["type", "thinking"], "properties": {
+        "type": {"const": "thinking"}, "thinking": {"type": "string"}, "signature": {"type": "string"}}},
+    {"type": "object", "required": ["type", "id", "name", "input"], "properties": {
+        "type": {"const": "tool_use"}, "id": {"type": "string"}, "name": {"type": "string"},
+        "input": {"type": "object"}}}]}
+_STOP_REASON = {"enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use", None]}
+ANTHROPIC_MESSAGE = {"type": "object", "required": ["id", "type", "role", "model", "content", "stop_reason",
+                                                    "stop_sequence", "usage"], "properties": {
+    "id": {"type": "string"}, "type": {"const": "message"}, "role": {"const": "assistant"},
+    "model": {"type": "string"}, "content": {"type": "array", "items": _ANTHROPIC_BLOCK},
+    "stop_reason": _STOP_REASON, "stop_sequence": {"type": ["string", "null"]}, "usage": _ANTHROPIC_USAGE}}
+ANTHROPIC_EVENT = {"type": "object", "required": ["type"], "properties": {
+    "type": {"enum": ["message_start", "ping", "content_block_start", "content_block_delta", "content_block_stop",
+                      "message_delta", "message_stop", "error"],
+             "description": "also the SSE event name; error (the error envelope) for an error after the stream "
+                            "began"},
+    "message": ANTHROPIC_MESSAGE, "index": {"type": "integer", "minimum": 0}, "content_block": _ANTHROPIC_BLOCK,
+    "delta": {"type": "object", "properties": {
+        "type": {"enum": ["text_delta", "thinking_delta", "input_json_delta"]}, "text": {"type": "string"},
+        "thinking": {"type": "string"}, "partial_json": {"type": "string"}, "stop_reason": _STOP_REASON,
+        "stop_sequence": {"type": ["string", "null"]}}},
+    "usage": _ANTHROPIC_USAGE, "error": ANTHROPIC_ERROR["properties"]["error"]}}
+ANTHROPIC_COUNT = {"type": "object", "required": ["input_tokens"], "properties": {
+    "input_tokens": {"type": "integer", "minimum": 0}}}
+
+
+def named_sse_events(event_schema: dict) -> dict:
+    """One server-sent event ``event: <type>`` whose ``data`` is JSON of ``event_schema`` (no ``[DONE]``)."""
+    return {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "string", "contentMediaType": JSON, "contentSchema": event_schema},
+        "event": {"type": "string"}}}
 
 
 # --------------------------------------------------------------------------- Ollama answers
@@ -321,6 +374,9 @@ OPENAI_BODIES = {
     ("POST", "/v1/responses"): ("Responses API (OpenAI; stateless)", schemas_responses.RESPONSES_FIELDS),
     ("POST", "/tokenize"): ("Text or a conversation -> token ids", schemas.TOKENIZE_FIELDS, schemas.TOKENIZE_RULES),
     ("POST", "/detokenize"): ("Token ids -> text", schemas.DETOKENIZE_FIELDS),
+    ("POST", "/v1/messages"): ("Messages (Anthropic)", anthropic_request.MESSAGES_FIELDS),
+    ("POST", "/v1/messages/count_tokens"): ("Count a message's prompt tokens (Anthropic)",
+                                            anthropic_request.COUNT_TOKENS_FIELDS),
 }
 SUMMARIES = {
     ("GET", "/"): "'localllm is running'",
@@ -347,6 +403,8 @@ SUCCESS = {
     ("POST", "/v1/completions"): {JSON: TEXT_COMPLETION, SSE: sse_events(TEXT_CHUNK)},
     ("POST", "/v1/embeddings"): {JSON: EMBEDDINGS},
     ("POST", "/v1/responses"): {JSON: RESPONSE_OBJECT, SSE: sse_events(RESPONSE_EVENT, named=True)},
+    ("POST", "/v1/messages"): {JSON: ANTHROPIC_MESSAGE, SSE: named_sse_events(ANTHROPIC_EVENT)},
+    ("POST", "/v1/messages/count_tokens"): {JSON: ANTHROPIC_COUNT},
     ("GET", "/v1/models"): {JSON: MODEL_LIST},
     ("GET", "/v1/models/{model}"): {JSON: MODEL_OBJECT},
     ("POST", "/api/chat"): {JSON: OLLAMA_CHAT_LINE, NDJSON: ndjson_lines(OLLAMA_CHAT_LINE)},
@@ -363,6 +421,7 @@ SUCCESS = {
     ("DELETE", "/api/delete"): None,
 }
 GENERATING = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/responses"),
+              ("POST", "/v1/messages"),
               ("POST", "/v1/embeddings"), ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/embed"),
               ("POST", "/api/embeddings")}
 PUBLIC = {("GET", "/"), ("HEAD", "/"), ("GET", "/health")}
@@ -397,7 +456,8 @@ def responses_of(method: str, path: str, has_body: bool) -> dict:
     if content:
         success["content"] = {media: {"schema": schema} for media, schema in content.items()}
     answers = {"200": success}
-    error = {"schema": OLLAMA_ERROR if path.startswith("/api/") else OPENAI_ERROR}
+    error = {"schema": OLLAMA_ERROR if path.startswith("/api/") else
+             ANTHROPIC_ERROR if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/") else OPENAI_ERROR}
     for status in error_statuses(method, path, has_body):
         answers[str(status)] = {"description": ERROR_REASONS[status], "content": {JSON: error}}
     return answers

@@ -1,0 +1,87 @@
+"""POST /v1/messages (a message, or its server-sent events) and POST /v1/messages/count_tokens.
+
+Parse (``request``) -> resolve the model (:func:`resolve_model`) -> the chat route's ``prepare``
+(template, tools, forced calls, thinking) -> the engine -> Anthropic's shapes (``formatting``).
+Streamed, every event is framed ``event: <type>\\ndata: <json>\\n\\n``; an error after the stream
+began is an ``error`` event carrying the Anthropic error envelope. An error before it began
+keeps its HTTP status (the first engine event is awaited before the answer starts).
+"""
+from __future__ import annotations
+
+import json
+from typing import Iterable, Iterator
+
+import falcon
+
+from .. import formatting as openai_formatting
+from .. import streaming
+from ..body import Resource
+from ..errors import anthropic_body, to_api_error
+from ..openai_api import chat, common
+from . import formatting
+from .request import parse_messages_request
+
+
+def resolve_model(engine, name: str):
+    """(store entry, loaded text model) for a request's ``model``: the one place the Anthropic routes turn a
+    name into a model (404 not_found_error if unknown, 400 if it only embeds)."""
+    return common.text_model(engine, name)
+
+
+def sse_event(event: dict) -> bytes:
+    """``event: <type>\\ndata: <json>\\n\\n``."""
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode("utf-8")
+
+
+def sse_body(events: Iterable[dict]) -> Iterator[bytes]:
+    """Frame ``events``; an exception after the first one becomes an ``error`` event (the status is sent)."""
+    try:
+        for event in events:
+            yield sse_event(event)
+    except Exception as exc:                  # the status line is gone: report the error in the stream
+        yield sse_event(anthropic_body(to_api_error(exc)))
+
+
+def _timeout(req: falcon.Request) -> dict:
+    """The request's own time limit (``X-Request-Timeout``) for ``Submission``, when the middleware read one."""
+    seconds = getattr(req.context, "request_timeout", None)
+    return {"timeout": seconds} if seconds is not None else {}
+
+
+class Messages(Resource):
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        request = parse_messages_request(self.body(req))
+        entry, model = resolve_model(self.engine, request.model)
+        prepared = chat.prepare(model, request.chat)
+        submission = common.Submission(self.engine, entry, [prepared.prompt_ids], prepared.params,
+                                       prepared.num_ctx, 1, on_finish=common.metrics_hook(req, "messages"),
+                                       **_timeout(req))
+        message_id = formatting.new_message_id()
+        events = submission.events(common.client_disconnected(req))
+        if request.chat.stream:
+            stream = formatting.MessageStream(message_id, request.model, request.stop_sequences, model.detokenize,
+                                              prepared.make_parser)
+            body = sse_body(stream.events(streaming.prime(events), submission.prompt_tokens))
+            resp.content_type = "text/event-stream"
+            resp.set_header("Cache-Control", "no-cache")
+            resp.set_header("X-Accel-Buffering", "no")
+            resp.stream = streaming.ClosingStream(body, on_close=submission.cancel)
+            return
+        collector = openai_formatting.Collector(1)
+        for index, event in events:
+            collector.add(index, event)
+        [choice] = collector.choices
+        content, has_calls = formatting.content_blocks("".join(choice.text), "".join(choice.thinking),
+                                                       prepared.make_parser)
+        stop = formatting.matched_stop_sequence(model.detokenize(choice.token_ids), request.stop_sequences) \
+            if choice.finish_reason == "stop" and request.stop_sequences else None
+        resp.media = formatting.message_object(
+            message_id, request.model, content, formatting.stop_reason(choice.finish_reason, has_calls, stop), stop,
+            formatting.usage(submission.prompt_tokens, collector.completion_tokens, collector.cached_tokens))
+
+
+class CountTokens(Resource):
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        request = parse_messages_request(self.body(req), count_only=True)
+        _, model = resolve_model(self.engine, request.model)
+        resp.media = {"input_tokens": len(chat.prepare(model, request.chat).prompt_ids)}

@@ -1,0 +1,248 @@
+"""/v1/messages and /v1/messages/count_tokens with the real Anthropic SDK against a real server (SmolLM2).
+
+Oracles: the greedy text equals what /v1/chat/completions gives for the same request (same template,
+same sampling), and its token count equals the usage there; the streamed events reassemble into the
+non-streamed message; a forced call validates against its input_schema with ``jsonschema``; stop
+reasons follow from what ended the output (a stop sequence the free answer contains, max_tokens);
+errors carry Anthropic's envelope and status.
+"""
+from __future__ import annotations
+
+import json
+
+import anthropic
+import jsonschema
+import pytest
+
+from .conftest import API_KEY, SMOLLM2
+
+WEATHER = {"name": "get_weather", "description": "Get the current weather for a location",
+           "input_schema": {"type": "object", "properties": {"location": {"type": "string"}},
+                            "required": ["location"]}}
+TIME = {"name": "get_time", "description": "Current time in a time zone",
+        "input_schema": {"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]}}
+QUESTION = "What is the capital of France?"
+SYSTEM = "You are a geography teacher. Answer in one sentence."
+MAX_TOKENS = 12
+GREEDY = {"extra_body": {"temperature": 0}}      # newer SDKs dropped the sampling arguments; the API keeps them
+
+
+@pytest.fixture(scope="module")
+def claude(server):
+    """The Anthropic SDK pointed at the server, as the README shows it."""
+    return anthropic.Anthropic(base_url=server, api_key="localllm", max_retries=0, timeout=300)
+
+
+def create(claude, **kwargs):
+    request = {"model": SMOLLM2, "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": QUESTION}],
+               **GREEDY, **kwargs}
+    return claude.messages.create(**request)
+
+
+def openai_chat(client, messages, **kwargs):
+    return client.chat.completions.create(model=SMOLLM2, messages=messages, temperature=0, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def answer(claude):
+    return create(claude, system=SYSTEM, max_tokens=40)
+
+
+@pytest.fixture(scope="module")
+def openai_answer(client):
+    return openai_chat(client, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}],
+                       max_tokens=40)
+
+
+def test_message_has_anthropic_shape(answer):
+    assert answer.id.startswith("msg_") and answer.type == "message" and answer.role == "assistant"
+    assert answer.model == SMOLLM2
+    [block] = answer.content
+    assert block.type == "text" and block.text
+    assert answer.stop_reason in ("end_turn", "max_tokens") and answer.stop_sequence is None
+    assert answer.usage.output_tokens > 0
+
+
+def test_text_and_usage_equal_the_chat_completion(answer, openai_answer):
+    """Same template (the system prompt rendered as the chat route renders it), same greedy sampling."""
+    choice = openai_answer.choices[0]
+    assert answer.content[0].text == choice.message.content
+    assert answer.usage.output_tokens == openai_answer.usage.completion_tokens
+    assert prompt_tokens(answer.usage) == openai_answer.usage.prompt_tokens
+    assert answer.stop_reason == {"stop": "end_turn", "length": "max_tokens"}[choice.finish_reason]
+
+
+def prompt_tokens(usage) -> int:
+    """The whole prompt: Anthropic's usage splits it into prefilled and cache-read tokens."""
+    return usage.input_tokens + usage.cache_read_input_tokens
+
+
+def test_system_prompt_is_the_first_message(claude, answer, smollm2):
+    def rendered(messages):
+        return len(smollm2.tokenize(smollm2.render_chat(messages, add_generation_prompt=True)))
+
+    user = {"role": "user", "content": QUESTION}
+    assert prompt_tokens(answer.usage) == rendered([{"role": "system", "content": SYSTEM}, user])
+    blocks = create(claude, max_tokens=1, system=[{"type": "text", "text": SYSTEM}])
+    assert prompt_tokens(blocks.usage) == prompt_tokens(answer.usage)
+    assert prompt_tokens(create(claude, max_tokens=1).usage) == rendered([user])     # the model's own system
+
+
+def test_max_tokens_stop(claude, client):
+    reply = create(claude, max_tokens=3)
+    assert reply.stop_reason == "max_tokens" and reply.usage.output_tokens == 3
+    same = openai_chat(client, [{"role": "user", "content": QUESTION}], max_tokens=3)
+    assert reply.content[0].text == same.choices[0].message.content
+
+
+def test_stop_sequence_ends_the_answer_and_is_named(claude, answer):
+    free = answer.content[0].text
+    word = free.split()[2]                       # a word the greedy answer writes, not at its start
+    reply = create(claude, system=SYSTEM, max_tokens=40, stop_sequences=["zzz-never", word])
+    assert reply.stop_reason == "stop_sequence" and reply.stop_sequence == word
+    assert reply.content[0].text == free[:free.index(word)]
+
+
+def test_stream_reassembles_into_the_message(claude, answer):
+    with claude.messages.stream(model=SMOLLM2, max_tokens=40, system=SYSTEM, **GREEDY,
+                                messages=[{"role": "user", "content": QUESTION}]) as stream:
+        pieces = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert "".join(pieces) == answer.content[0].text and len(pieces) > 1
+    assert final.content[0].text == answer.content[0].text
+    assert final.stop_reason == answer.stop_reason and final.usage.output_tokens == answer.usage.output_tokens
+    assert final.id.startswith("msg_")
+
+
+def sse_events(body: bytes) -> list[tuple[str, dict]]:
+    """``(event name, data)`` of each server-sent event."""
+    events = []
+    for frame in body.decode().split("\n\n"):
+        if frame.strip():
+            name, data = frame.split("\n")
+            assert name.startswith("event: ") and data.startswith("data: "), frame
+            events.append((name[len("event: "):], json.loads(data[len("data: "):])))
+    return events
+
+
+def test_stream_events_in_order(http):
+    answer = http.post("/v1/messages", {"model": SMOLLM2, "max_tokens": 3, "stream": True, "temperature": 0,
+                                        "messages": [{"role": "user", "content": QUESTION}]})
+    assert answer.status == 200 and answer.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(answer.body)
+    assert all(name == data["type"] for name, data in events)
+    kinds = [name for name, _ in events]
+    assert kinds[:3] == ["message_start", "ping", "content_block_start"]
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(kinds[3:-3]) == {"content_block_delta"}
+    start, delta = events[0][1]["message"], events[-2][1]
+    assert start["content"] == [] and start["stop_reason"] is None and start["usage"]["output_tokens"] == 0
+    assert events[2][1] == {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    assert delta["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
+    assert delta["usage"]["output_tokens"] == 3
+
+
+def test_forced_tool_gives_a_tool_use_block_matching_its_schema(claude):
+    reply = claude.messages.create(model=SMOLLM2, max_tokens=60, tools=[WEATHER, TIME], **GREEDY,
+                                   tool_choice={"type": "tool", "name": "get_time"},
+                                   messages=[{"role": "user", "content": "What is the weather in Tokyo?"}])
+    assert reply.stop_reason == "tool_use"
+    [call] = [block for block in reply.content if block.type == "tool_use"]
+    assert call.name == "get_time" and call.id
+    jsonschema.validate(call.input, TIME["input_schema"])
+
+
+def test_streamed_tool_use_equals_the_message(claude):
+    request = dict(model=SMOLLM2, max_tokens=60, tools=[WEATHER], tool_choice={"type": "any"}, **GREEDY,
+                   messages=[{"role": "user", "content": "What is the weather in Tokyo?"}])
+    whole = claude.messages.create(**request)
+    with claude.messages.stream(**request) as stream:
+        final = stream.get_final_message()
+    [whole_call] = [block for block in whole.content if block.type == "tool_use"]
+    [streamed_call] = [block for block in final.content if block.type == "tool_use"]
+    assert streamed_call.name == whole_call.name == "get_weather"
+    assert streamed_call.input == whole_call.input and isinstance(whole_call.input["location"], str)
+    assert final.stop_reason == "tool_use"
+
+
+def test_tool_result_round_trip_renders_as_the_chat_route_does(claude, client):
+    """The call and its result, sent back the Anthropic way, make the same prompt and answer as the OpenAI way."""
+    arguments = {"location": "Tokyo"}
+    reply = claude.messages.create(model=SMOLLM2, max_tokens=20, tools=[WEATHER], **GREEDY, messages=[
+        {"role": "user", "content": "What is the weather in Tokyo?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "get_weather",
+                                           "input": arguments}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "Sunny, 25 C"}]}])
+    same = openai_chat(client, [
+        {"role": "user", "content": "What is the weather in Tokyo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps(arguments)}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 25 C"}], max_tokens=20,
+        tools=[{"type": "function", "function": {"name": WEATHER["name"], "description": WEATHER["description"],
+                                                 "parameters": WEATHER["input_schema"]}}])
+    assert prompt_tokens(reply.usage) == same.usage.prompt_tokens
+    text = "".join(block.text for block in reply.content if block.type == "text")
+    assert text == (same.choices[0].message.content or "")
+
+
+def test_count_tokens_is_the_prompt(claude, answer):
+    counted = claude.messages.count_tokens(model=SMOLLM2, system=SYSTEM,
+                                           messages=[{"role": "user", "content": QUESTION}])
+    assert counted.input_tokens == prompt_tokens(answer.usage)
+
+
+def test_unknown_model_is_not_found_error(claude):
+    with pytest.raises(anthropic.NotFoundError) as raised:
+        claude.messages.create(model="no-such-model", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert raised.value.status_code == 404
+    assert raised.value.body["type"] == "error" and raised.value.body["error"]["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"model": SMOLLM2, "messages": [{"role": "user", "content": "hi"}]}, "max_tokens is required"),
+    ({"model": SMOLLM2, "max_tokens": 5, "messages": [{"role": "system", "content": "hi"}]},
+     "messages[0].role must be 'user' or 'assistant'"),
+    ({"model": SMOLLM2, "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}]},
+     "does not support images"),
+    ({"model": SMOLLM2, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+      "tools": [WEATHER], "tool_choice": {"type": "tool", "name": "get_time"}}, "get_time"),
+])
+def test_bad_requests_are_invalid_request_errors(http, body, fragment):
+    answer = http.post("/v1/messages", body)
+    assert answer.status == 400, answer.body
+    error = answer.json()
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert fragment in error["error"]["message"]
+
+
+def test_sdk_raises_bad_request_for_a_bad_role(claude):
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        claude.messages.create(model=SMOLLM2, max_tokens=5, messages=[{"role": "tool", "content": "hi"}])
+    assert raised.value.body["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_route_under_messages_has_the_anthropic_envelope(http):
+    answer = http.post("/v1/messages/batches", {})
+    assert answer.status == 404
+    assert answer.json()["error"]["type"] == "not_found_error"
+
+
+def test_x_api_key_authenticates(keyed_server):
+    keyed = anthropic.Anthropic(base_url=keyed_server, api_key=API_KEY, max_retries=0, timeout=300)
+    counted = keyed.messages.count_tokens(model=SMOLLM2, messages=[{"role": "user", "content": "hi"}])
+    assert counted.input_tokens > 0
+    wrong = anthropic.Anthropic(base_url=keyed_server, api_key=API_KEY + "x", max_retries=0, timeout=300)
+    with pytest.raises(anthropic.AuthenticationError) as raised:
+        wrong.messages.count_tokens(model=SMOLLM2, messages=[{"role": "user", "content": "hi"}])
+    assert raised.value.body["error"]["type"] == "authentication_error"
+
+
+def test_bearer_still_authenticates_and_a_wrong_x_api_key_does_not_spoil_it(keyed_http):
+    body = {"model": SMOLLM2, "messages": [{"role": "user", "content": "hi"}]}
+    path = "/v1/messages/count_tokens"
+    assert keyed_http.post(path, body, headers={"Authorization": f"Bearer {API_KEY}"}).status == 200
+    assert keyed_http.post(path, body, headers={"Authorization": f"Bearer {API_KEY}", "x-api-key": "wrong"}).status \
+        == 200
+    assert keyed_http.post(path, body, headers={"x-api-key": ""}).status == 401
+    assert keyed_http.post(path, body, headers={"Authorization": f"Basic {API_KEY}"}).status == 401
