@@ -84,10 +84,16 @@ def hf_image_processor(model):
 
 
 def save_hf_vision_folder(model, folder: Path) -> Path:
-    """The model and its image processor as a Hugging Face folder."""
+    """The model and its image processor as a Hugging Face folder; for Gemma 3 also the processor's
+    ``image_seq_length`` (the soft tokens per image, which llama.cpp's converter reads to size the pooling)."""
+    import json
+
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     hf_image_processor(model).save_pretrained(folder)
+    if model.config.model_type == "gemma3":
+        (folder / "processor_config.json").write_text(json.dumps(
+            {"image_seq_length": model.config.mm_tokens_per_image, "processor_class": "Gemma3Processor"}))
     return folder
 
 
@@ -225,3 +231,20 @@ def two_frame_gif(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     first.save(buffer, format="GIF", save_all=True, append_images=[second], duration=100, loop=0)
     return buffer.getvalue()
+
+
+def use_checkpoint_names(folder: Path) -> Path:
+    """Rename the tensors of a saved folder as the published checkpoints (and llama.cpp's converter) name them:
+    ``vision_tower.vision_model.*`` and ``language_model.*`` (transformers 5 saves ``vision_tower.*`` and
+    ``language_model.*`` without the inner ``vision_model``)."""
+    from safetensors.numpy import load_file, save_file
+
+    path = folder / "model.safetensors"
+    renamed = {}
+    for name, array in load_file(path).items():
+        name = name.removeprefix("model.")
+        if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+            name = "vision_tower.vision_model." + name.removeprefix("vision_tower.")
+        renamed[name] = array
+    save_file(renamed, path, metadata={"format": "pt"})
+    return folder
