@@ -19,8 +19,8 @@ caller's objects:
   the template would otherwise JSON-encode the string a second time.
 * The thought of an earlier assistant turn, given as ``thinking`` (Ollama) or ``reasoning``
   (vLLM, Ollama's /v1), is passed as ``reasoning_content`` (llama.cpp, DeepSeek), the name
-  reasoning templates read (Qwen 3 keeps it only after the last user turn); other templates
-  ignore it.
+  reasoning templates read (Qwen 3 keeps it only after the last user turn), and as
+  ``thinking`` (gpt-oss's template reads that one); other templates ignore it.
 
 ``DEFAULT_CHAT_TEMPLATE`` (ChatML) is used when the model has no template::
 
@@ -650,6 +650,8 @@ class ChatTemplate:
                             and message[key]), None)
             if thought is not None:
                 message["reasoning_content"] = thought
+        if message.get("reasoning_content") and not message.get("thinking"):
+            message["thinking"] = message["reasoning_content"]          # gpt-oss's template reads "thinking"
         return message
 
     def _prepare_parts(self, parts: list, index: int) -> str | list:

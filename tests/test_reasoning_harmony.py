@@ -451,6 +451,10 @@ def test_earlier_thoughts_reach_the_template_as_it_expects(harmony_model):
     call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
     turns = USER + [{"role": "assistant", "content": "", "thinking": "I should add.", "tool_calls": [call]},
                     {"role": "tool", "content": "4"}]
+    for key in ("reasoning_content", "reasoning"):                # the OpenAI clients' names reach it as "thinking"
+        renamed = [turns[0], {**{k: v for k, v in turns[1].items() if k != "thinking"}, key: "I should add."},
+                   turns[2]]
+        assert harmony_model.render_chat(renamed) == harmony_model.render_chat(turns)
     prompt = harmony_model.render_chat(turns)
     assert ("<|start|>assistant<|channel|>analysis<|message|>I should add.<|end|>"
             "<|start|>assistant to=functions.add<|channel|>commentary json<|message|>{\"a\": 2, \"b\": 2}<|call|>"
