@@ -42,12 +42,6 @@ def sse_body(events: Iterable[dict]) -> Iterator[bytes]:
         yield sse_event(anthropic_body(to_api_error(exc)))
 
 
-def _timeout(req: falcon.Request) -> dict:
-    """The request's own time limit (``X-Request-Timeout``) for ``Submission``, when the middleware read one."""
-    seconds = getattr(req.context, "request_timeout", None)
-    return {"timeout": seconds} if seconds is not None else {}
-
-
 class Messages(Resource):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = parse_messages_request(self.body(req))
@@ -55,14 +49,14 @@ class Messages(Resource):
         prepared = chat.prepare(model, request.chat)
         submission = common.Submission(self.engine, entry, [prepared.prompt_ids], prepared.params,
                                        prepared.num_ctx, 1, on_finish=common.metrics_hook(req, "messages"),
-                                       **_timeout(req))
+                                       timeout=req.context.request_timeout)
         message_id = formatting.new_message_id()
         events = submission.events(common.client_disconnected(req))
         if request.chat.stream:
             stream = formatting.MessageStream(message_id, request.model, request.stop_sequences, model.detokenize,
                                               prepared.make_parser)
             body = sse_body(stream.events(streaming.prime(events), submission.prompt_tokens))
-            resp.content_type = "text/event-stream"
+            resp.content_type = streaming.SSE_CONTENT_TYPE
             resp.set_header("Cache-Control", "no-cache")
             resp.set_header("X-Accel-Buffering", "no")
             resp.stream = streaming.ClosingStream(body, on_close=submission.cancel)

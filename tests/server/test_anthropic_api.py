@@ -246,3 +246,169 @@ def test_bearer_still_authenticates_and_a_wrong_x_api_key_does_not_spoil_it(keye
         == 200
     assert keyed_http.post(path, body, headers={"x-api-key": ""}).status == 401
     assert keyed_http.post(path, body, headers={"Authorization": f"Basic {API_KEY}"}).status == 401
+
+
+def test_an_error_after_the_stream_began_is_an_error_event(http):
+    """A request past its own time limit: a 504 before the first token, else an in-band ``error`` event; both in
+    Anthropic's envelope as timeout_error."""
+    answer = http.post("/v1/messages", {"model": SMOLLM2, "max_tokens": 4000, "stream": True, "temperature": 0,
+                                        "messages": [{"role": "user", "content": "Write a very long story."}]},
+                       headers={"X-Request-Timeout": "1"})
+    if answer.status == 504:
+        error = answer.json()
+    else:
+        assert answer.status == 200
+        events = sse_events(answer.body)
+        assert events[0][0] == "message_start" and "message_stop" not in [name for name, _ in events]
+        name, error = events[-1]
+        assert name == "error"
+    assert error["type"] == "error" and error["error"]["type"] == "timeout_error"
+
+
+# --------------------------------------------------------------------------- units: parsing and shaping
+
+def event(text="", thinking="", finish=None, token_ids=(), completion=0, cached=0):
+    from localllm.generate import GenerationEvent, Usage
+
+    usage = Usage(10, completion, cached) if finish else None
+    return 0, GenerationEvent(0, text, list(token_ids), None, finish, usage, thinking=thinking)
+
+
+def test_request_becomes_the_chat_request_it_means():
+    from localllm_server.anthropic_api.request import parse_messages_request
+
+    request = parse_messages_request({
+        "model": "m", "max_tokens": 2048, "system": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+        "stop_sequences": ["END"], "top_k": 3, "tools": [WEATHER, TIME], "tool_choice": {"type": "any"},
+        "thinking": {"type": "enabled", "budget_tokens": 1024}, "metadata": {"user_id": "u"},
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "hmm", "signature": "s"},
+                                              {"type": "text", "text": "Let me look."},
+                                              {"type": "tool_use", "id": "t1", "name": "get_weather",
+                                               "input": {"location": "Paris"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                          "content": [{"type": "text", "text": "sunny"}]},
+                                         {"type": "text", "text": "and tomorrow?"}]}]})
+    chat = request.chat
+    assert chat.messages == [
+        {"role": "system", "content": "a\nb"},
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Let me look."}], "reasoning_content": "hmm",
+         "tool_calls": [{"id": "t1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": '{"location": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "t1", "content": [{"type": "text", "text": "sunny"}]},
+        {"role": "user", "content": [{"type": "text", "text": "and tomorrow?"}]}]
+    assert chat.settings["max_tokens"] == 2048 and chat.settings["stop"] == ["END"] and chat.settings["top_k"] == 3
+    assert chat.tool_choice == "required" and chat.parallel_tool_calls is True
+    assert [tool["function"]["parameters"] for tool in chat.tools] == [WEATHER["input_schema"], TIME["input_schema"]]
+    assert chat.reasoning_effort is True and request.stop_sequences == ["END"]
+    named = parse_messages_request({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+                                    "tools": [WEATHER], "tool_choice": {"type": "tool", "name": "get_weather"},
+                                    "thinking": {"type": "disabled"},
+                                    "output_config": {"effort": "max"}}).chat
+    assert named.tool_choice == "get_weather" and named.parallel_tool_calls is False
+    assert named.reasoning_effort == "none"
+    effort = parse_messages_request({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+                                     "output_config": {"effort": "xhigh", "format": {
+                                         "type": "json_schema", "schema": {"type": "object"}}}}).chat
+    assert effort.reasoning_effort == "high"
+    assert effort.response_format["json_schema"]["schema"] == {"type": "object"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"max_tokens": 0}, "max_tokens must be >= 1"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 100}}, "thinking.budget_tokens must be an integer >= 1024"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 2000}, "max_tokens": 2000},
+     "thinking.budget_tokens must be below max_tokens"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "tool_result", "tool_use_id": "x"}]}]},
+     "messages[0].content[0].type must be one of 'text', 'tool_use'"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "x", "name": "f", "input": "{}"}]}]},
+     "messages[0].content[0].input must be an object"),
+    ({"messages": []}, "`messages` must not be empty"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "'web_search_20250305' is not supported"),
+    ({"tool_choice": {"type": "any"}}, "tool_choice 'any' needs at least one tool"),
+    ({"tools": [WEATHER], "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}},
+     "output_config.format json_schema cannot be combined with tools"),
+    ({"stop_sequences": "END"}, "stop_sequences must be a list of strings"),
+    ({"temperature": 1.5}, "temperature must be between 0 and 1"),
+])
+def test_bad_bodies_name_the_field(change, message):
+    from localllm_server.anthropic_api.request import parse_messages_request
+    from localllm_server.errors import APIError
+
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], **change}
+    with pytest.raises(APIError) as raised:
+        parse_messages_request(body)
+    assert raised.value.status == 400 and message in raised.value.message
+
+
+def test_matched_stop_sequence_is_the_first_to_complete():
+    from localllm_server.anthropic_api.formatting import matched_stop_sequence
+
+    assert matched_stop_sequence("one two three", ["three", "two"]) == "two"
+    assert matched_stop_sequence("abcd", ["bcd", "abcd"]) == "abcd"          # same end: the earliest start
+    assert matched_stop_sequence("abc", ["x"]) is None
+
+
+def test_stream_of_a_thought_then_text():
+    from localllm_server.anthropic_api.formatting import MessageStream
+
+    stream = MessageStream("msg_1", "m", ["!"], lambda ids: "Hi there!", None)
+    events = list(stream.events([event(thinking="Let me "), event(thinking="think."), event(text="Hi "),
+                                 event(text="there", finish="stop", token_ids=[1, 2, 3], completion=7, cached=4)],
+                                prompt_tokens=10))
+    kinds = [(e["type"], e.get("index"), (e.get("delta") or e.get("content_block") or {}).get("type"))
+             for e in events]
+    assert kinds == [("message_start", None, None), ("ping", None, None),
+                     ("content_block_start", 0, "thinking"), ("content_block_delta", 0, "thinking_delta"),
+                     ("content_block_delta", 0, "thinking_delta"), ("content_block_stop", 0, None),
+                     ("content_block_start", 1, "text"), ("content_block_delta", 1, "text_delta"),
+                     ("content_block_delta", 1, "text_delta"), ("content_block_stop", 1, None),
+                     ("message_delta", None, None), ("message_stop", None, None)]
+    assert events[-2]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "!"}
+    assert events[-2]["usage"] == {"input_tokens": 6, "output_tokens": 7, "cache_creation_input_tokens": 0,
+                                   "cache_read_input_tokens": 4}
+
+
+def test_stream_of_calls_matches_the_whole_message():
+    from localllm.tool_parser import ToolCallStreamParser
+    from localllm_server.anthropic_api.formatting import MessageStream, content_blocks
+
+    text = 'Sure.<tool_call>{"name": "get_weather", "arguments": {"location": "Paris"}}</tool_call>' \
+           '<tool_call>{"name": "get_time", "arguments": {"timezone": "CET"}}</tool_call>'
+    make_parser = lambda: ToolCallStreamParser(["get_weather", "get_time"])          # noqa: E731
+    stream = MessageStream("msg_1", "m", [], lambda ids: text, make_parser)
+    pieces = [text[i:i + 7] for i in range(0, len(text), 7)]
+    events = list(stream.events([event(text=p, finish="stop" if i == len(pieces) - 1 else None, completion=30)
+                                 for i, p in enumerate(pieces)], prompt_tokens=10))
+    blocks = {}
+    for e in events:
+        if e["type"] == "content_block_start":
+            blocks[e["index"]] = dict(e["content_block"], partial="")
+        elif e["type"] == "content_block_delta":
+            block, delta = blocks[e["index"]], e["delta"]
+            if delta["type"] == "text_delta":
+                block["text"] += delta["text"]
+            else:
+                block["partial"] += delta["partial_json"]
+    streamed = [{k: v for k, v in b.items() if k != "partial"} | ({"input": json.loads(b["partial"])}
+                                                                   if b["type"] == "tool_use" else {})
+                for _, b in sorted(blocks.items())]
+    whole, has_calls = content_blocks(text, "", make_parser)
+    assert has_calls and [b["type"] for b in whole] == ["text", "tool_use", "tool_use"]
+    assert [{k: v for k, v in b.items() if k != "id"} for b in streamed] == \
+        [{k: v for k, v in b.items() if k != "id"} for b in whole]
+    assert whole[1]["input"] == {"location": "Paris"} and whole[2]["name"] == "get_time"
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_empty_answer_is_one_empty_text_block_streamed_or_not():
+    from localllm_server.anthropic_api.formatting import MessageStream, content_blocks
+
+    events = list(MessageStream("msg_1", "m", [], lambda ids: "", None).events(
+        [event(finish="stop")], prompt_tokens=3))
+    assert [e["type"] for e in events][2:5] == ["content_block_start", "content_block_stop", "message_delta"]
+    assert events[2]["content_block"] == {"type": "text", "text": ""}
+    assert content_blocks("", "", None) == ([{"type": "text", "text": ""}], False)
+    assert events[-2]["delta"]["stop_reason"] == "end_turn"
