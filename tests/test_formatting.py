@@ -195,7 +195,7 @@ class FakeEngine:
     def load(self, entry, keep_alive=None):
         return FakeModel()
 
-    def submit(self, entry, ids, params, num_ctx=None, keep_alive=None):
+    def submit(self, entry, ids, params, num_ctx=None, keep_alive=None, timeout=None):
         if self.submit_error:
             raise self.submit_error
         return self.handle
