@@ -28,6 +28,19 @@ def resolve_model(engine, name: str):
     return common.text_model(engine, name)
 
 
+def fit_max_tokens(params, prompt_tokens: int, num_ctx: int) -> None:
+    """Cap ``max_tokens`` at the room the context window leaves after the prompt.
+
+    Anthropic clients must send ``max_tokens`` and size it for Claude (Claude Code asks for 32000), past the
+    window of a small local model; as in Ollama's Anthropic layer, the answer then stops where the window ends
+    (``stop_reason`` max_tokens) instead of the request being refused as the OpenAI routes refuse it. A prompt
+    that does not fit the window alone is still a 400 (never truncated).
+    """
+    room = num_ctx - prompt_tokens
+    if params.max_tokens is not None and room > 0:
+        params.max_tokens = min(params.max_tokens, room)
+
+
 def sse_event(event: dict) -> bytes:
     """``event: <type>\\ndata: <json>\\n\\n``."""
     return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode("utf-8")
@@ -47,6 +60,7 @@ class Messages(Resource):
         request = parse_messages_request(self.body(req))
         entry, model = resolve_model(self.engine, request.model)
         prepared = chat.prepare(model, request.chat)
+        fit_max_tokens(prepared.params, len(prepared.prompt_ids), prepared.num_ctx)
         submission = common.Submission(self.engine, entry, [prepared.prompt_ids], prepared.params,
                                        prepared.num_ctx, 1, on_finish=common.metrics_hook(req, "messages"),
                                        timeout=req.context.request_timeout)

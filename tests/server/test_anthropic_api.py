@@ -142,33 +142,36 @@ def test_stream_events_in_order(http):
     assert delta["usage"]["output_tokens"] == 3
 
 
-def test_forced_tool_gives_a_tool_use_block_matching_its_schema(claude):
-    reply = claude.messages.create(model=SMOLLM2, max_tokens=60, tools=[WEATHER, TIME], **GREEDY,
-                                   tool_choice={"type": "tool", "name": "get_time"},
-                                   messages=[{"role": "user", "content": "What is the weather in Tokyo?"}])
-    assert reply.stop_reason == "tool_use"
-    [call] = [block for block in reply.content if block.type == "tool_use"]
+FORCED = dict(model=SMOLLM2, max_tokens=60, tools=[WEATHER, TIME], tool_choice={"type": "tool", "name": "get_time"},
+              messages=[{"role": "user", "content": "What is the weather in Tokyo?"}], **GREEDY)
+
+
+@pytest.fixture(scope="module")
+def forced(claude):
+    return claude.messages.create(**FORCED)
+
+
+def test_forced_tool_gives_a_tool_use_block_matching_its_schema(forced):
+    assert forced.stop_reason == "tool_use"
+    [call] = [block for block in forced.content if block.type == "tool_use"]
     assert call.name == "get_time" and call.id
     jsonschema.validate(call.input, TIME["input_schema"])
 
 
-def test_streamed_tool_use_equals_the_message(claude):
-    request = dict(model=SMOLLM2, max_tokens=60, tools=[WEATHER], tool_choice={"type": "any"}, **GREEDY,
-                   messages=[{"role": "user", "content": "What is the weather in Tokyo?"}])
-    whole = claude.messages.create(**request)
-    with claude.messages.stream(**request) as stream:
+def test_streamed_tool_use_equals_the_message(claude, forced):
+    with claude.messages.stream(**FORCED) as stream:
+        kinds = [event.delta.type for event in stream if event.type == "content_block_delta"]
         final = stream.get_final_message()
-    [whole_call] = [block for block in whole.content if block.type == "tool_use"]
+    [whole_call] = [block for block in forced.content if block.type == "tool_use"]
     [streamed_call] = [block for block in final.content if block.type == "tool_use"]
-    assert streamed_call.name == whole_call.name == "get_weather"
-    assert streamed_call.input == whole_call.input and isinstance(whole_call.input["location"], str)
-    assert final.stop_reason == "tool_use"
+    assert (streamed_call.name, streamed_call.input) == (whole_call.name, whole_call.input)
+    assert final.stop_reason == "tool_use" and "input_json_delta" in kinds
 
 
 def test_tool_result_round_trip_renders_as_the_chat_route_does(claude, client):
     """The call and its result, sent back the Anthropic way, make the same prompt and answer as the OpenAI way."""
     arguments = {"location": "Tokyo"}
-    reply = claude.messages.create(model=SMOLLM2, max_tokens=20, tools=[WEATHER], **GREEDY, messages=[
+    reply = claude.messages.create(model=SMOLLM2, max_tokens=8, tools=[WEATHER], **GREEDY, messages=[
         {"role": "user", "content": "What is the weather in Tokyo?"},
         {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "get_weather",
                                            "input": arguments}]},
@@ -177,7 +180,7 @@ def test_tool_result_round_trip_renders_as_the_chat_route_does(claude, client):
         {"role": "user", "content": "What is the weather in Tokyo?"},
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
             "name": "get_weather", "arguments": json.dumps(arguments)}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 25 C"}], max_tokens=20,
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 25 C"}], max_tokens=8,
         tools=[{"type": "function", "function": {"name": WEATHER["name"], "description": WEATHER["description"],
                                                  "parameters": WEATHER["input_schema"]}}])
     assert prompt_tokens(reply.usage) == same.usage.prompt_tokens
@@ -412,3 +415,52 @@ def test_empty_answer_is_one_empty_text_block_streamed_or_not():
     assert events[2]["content_block"] == {"type": "text", "text": ""}
     assert content_blocks("", "", None) == ([{"type": "text", "text": ""}], False)
     assert events[-2]["delta"]["stop_reason"] == "end_turn"
+
+
+# --------------------------------------------------------------------------- a reasoning model (tiny Qwen 3)
+
+@pytest.fixture(scope="module")
+def thinking_claude(tmp_path_factory):
+    """The Anthropic SDK on a server of the tiny Qwen 3 that writes ``<think>`` THOUGHT ``</think>`` ANSWER."""
+    from localllm.engine import Engine, EngineSettings
+    from localllm.store import ModelStore
+    from tests.server.conftest import run_app
+    from tests.test_reasoning import write_thinking_model
+
+    folder = tmp_path_factory.mktemp("anthropic-thinking")
+    store = ModelStore(folder / "store")
+    store.add_local("tiny-qwen3:latest", write_thinking_model(folder / "qwen3.gguf", "qwen3"))
+    engine = Engine(EngineSettings(n_slots=2, max_queue=8, keep_alive=600), store=store)
+    running = run_app(engine, threads=4)
+    yield anthropic.Anthropic(base_url=running.url, api_key="localllm", max_retries=0, timeout=300)
+    running.close()
+    engine.close()
+
+
+def test_thinking_is_a_thinking_block_streamed_or_not(thinking_claude):
+    from tests.test_reasoning import ANSWER, THOUGHT
+
+    request = dict(model="tiny-qwen3:latest", max_tokens=2000, messages=[{"role": "user", "content": "2+2?"}],
+                   thinking={"type": "enabled", "budget_tokens": 1024})     # past the 1024-token window: capped
+    whole = thinking_claude.messages.create(**request)
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in whole.content] == \
+        [("thinking", THOUGHT), ("text", ANSWER)]
+    assert whole.stop_reason == "end_turn"
+    with thinking_claude.messages.stream(**request) as stream:
+        kinds = [event.delta.type for event in stream if event.type == "content_block_delta"]
+        final = stream.get_final_message()
+    assert final.content[0].thinking == THOUGHT and final.content[1].text == ANSWER
+    assert kinds[0] == "thinking_delta" and kinds[-1] == "text_delta"
+    off = thinking_claude.messages.create(**dict(request, thinking={"type": "disabled"}))
+    assert [(b.type, b.text) for b in off.content] == [("text", ANSWER)] and off.usage.output_tokens == 1
+
+
+def test_max_tokens_past_the_window_is_capped_but_a_prompt_past_it_is_refused(thinking_claude):
+    capped = thinking_claude.messages.create(model="tiny-qwen3:latest", max_tokens=100_000,
+                                             messages=[{"role": "user", "content": "2+2?"}])
+    assert capped.stop_reason == "end_turn"
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        thinking_claude.messages.create(model="tiny-qwen3:latest", max_tokens=10,
+                                        messages=[{"role": "user", "content": "two " * 2000}])
+    assert raised.value.body["error"]["type"] == "invalid_request_error"
+    assert "context window" in raised.value.body["error"]["message"]
