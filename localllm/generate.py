@@ -248,6 +248,8 @@ class Sequence:
             safe += self.stop_matcher.push(self.detokenizer.flush())[0] + self.stop_matcher.flush()
         state_before = self.reasoning.state if self.reasoning is not None else None
         thinking, safe = self._split(safe, final=self.finished)
+        if not self.finished and self.reasoning is not None and self.reasoning.state == "done":
+            self.finish_reason = "stop"         # the answer's end tag (Harmony's <|end|>): nothing more is kept
         if "thinking" in (state_before, self.reasoning and self.reasoning.state):
             self.reasoning_tokens += 1          # a token of the thought (its tags included)
         return GenerationEvent(self.index, safe, [token], [record] if record else None, self.finish_reason,

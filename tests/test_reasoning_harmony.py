@@ -508,3 +508,25 @@ def test_a_call_at_the_start_of_the_output_and_text_around_it():
     content, [call] = parse_tool_calls('Let me add.<|channel|>commentary to=functions.add <|constrain|>json'
                                        '<|message|>{"a": 1, "b": 3}<|call|> Done.', ["add"])
     assert (content, call.name, call.arguments_json) == ("Let me add. Done.", "add", '{"a": 1, "b": 3}')
+
+
+def test_an_answer_ended_by_end_stops_the_generation(harmony_model):
+    """gpt-oss may close its answer with <|end|> instead of <|return|>: generation stops there (finish "stop"),
+    it does not run on to max_tokens writing text nobody gets."""
+    from localllm.generate import GenerationParams, make_sequences, release
+    from localllm.reasoning import HARMONY
+    from localllm.sampling import SampledToken, SamplingParams
+
+    params = GenerationParams(SamplingParams(temperature=0), max_tokens=40, reasoning=HARMONY)
+    [seq] = make_sequences(harmony_model.tokenize("x"), params, harmony_model.tokenizer, harmony_model.cache, 1024)
+    try:
+        events = []
+        for text in SCRIPT + ["<|end|>", "<|start|>", "assistant"]:
+            if seq.finished:
+                break
+            events.append(seq.accept(SampledToken(token_id(text), 0.0, np.zeros(1))))
+    finally:
+        release(harmony_model.cache, [seq])
+    assert seq.finish_reason == "stop" and len(seq.generated) == len(SCRIPT) + 1     # stopped at the <|end|>
+    assert "".join(e.thinking for e in events) == THOUGHT and "".join(e.text for e in events) == ANSWER
+    assert events[-1].finish_reason == "stop"
