@@ -86,9 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    command("serve", cmd_serve,
-            "start the OpenAI- and Ollama-compatible server (LOCALLLM_HOST, default 127.0.0.1:11434); "
-            "SIGTERM lets in-flight requests finish for LOCALLLM_SHUTDOWN_GRACE seconds (default 10)")
+    serve = command("serve", cmd_serve,
+                    "start the OpenAI- and Ollama-compatible server (LOCALLLM_HOST, default 127.0.0.1:11434); "
+                    "SIGTERM lets in-flight requests finish for LOCALLLM_SHUTDOWN_GRACE seconds (default 10)")
+    serve.add_argument("--gateway", metavar="FILE",
+                       help="a gateway config (TOML: upstreams, routes, cache); default: LOCALLLM_GATEWAY")
+    usage = command("usage", cmd_usage, "tokens and cost per route and model, from the running server's /metrics")
+    usage.add_argument("--json", action="store_true", help="print the rows as JSON")
     run = command("run", cmd_run, "chat with a model (pulled first when missing)")
     run.add_argument("model")
     run.add_argument("prompt", nargs="*", help="a one-shot prompt; without it, an interactive chat")
@@ -447,12 +451,61 @@ def cmd_serve(args) -> int:
     from localllm_server.server import serve
 
     from .engine import EngineSettings
+    if getattr(args, "gateway", None):
+        os.environ["LOCALLLM_GATEWAY"] = args.gateway
     try:
         settings = Settings.from_env()
         EngineSettings()                          # its environment variables checked before binding
+        if module_exists("localllm_server.gateway"):
+            from localllm_server.gateway import load_from_env
+            load_from_env()                       # the gateway file checked before binding (GatewayConfigError)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     serve(settings)
+    return 0
+
+
+USAGE_METRICS = {"localllm_gateway_requests_total": "requests", "localllm_gateway_prompt_tokens_total": "prompt",
+                 "localllm_gateway_completion_tokens_total": "completion", "localllm_gateway_cost_total": "cost"}
+
+
+def usage_rows(metrics_text: str) -> list[dict]:
+    """The gateway's accounting in a /metrics text: one row per (route, model), sorted."""
+    import re
+
+    sample = re.compile(r'^(\w+)\{route="((?:[^"\\]|\\.)*)",model="((?:[^"\\]|\\.)*)"\} (\S+)$')
+
+    def unescape(label: str) -> str:                  # Prometheus label escapes: \\ \" \n
+        return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), label)
+
+    rows: dict[tuple[str, str], dict] = {}
+    for line in metrics_text.splitlines():
+        match = sample.match(line)
+        if match is None or match.group(1) not in USAGE_METRICS:
+            continue
+        name, route, model, value = match.groups()
+        key = (unescape(route), unescape(model))
+        row = rows.setdefault(key, {"route": key[0], "model": key[1], "requests": 0, "prompt": 0, "completion": 0,
+                                    "cost": 0.0})
+        row[USAGE_METRICS[name]] = float(value) if USAGE_METRICS[name] == "cost" else int(float(value))
+    return [rows[key] for key in sorted(rows)]
+
+
+def cmd_usage(args) -> int:
+    """Tokens and cost per route and model since the server started (its /metrics), with a total line."""
+    with _open("GET", "/metrics", None, timeout=30) as response:
+        rows = usage_rows(response.read().decode("utf-8"))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no gateway usage yet (the server counts it when started with a gateway config)")
+        return 0
+    total = {"route": "TOTAL", "model": "", **{key: sum(row[key] for row in rows)
+                                                for key in ("requests", "prompt", "completion", "cost")}}
+    table = [[row["route"], row["model"], str(row["requests"]), str(row["prompt"]), str(row["completion"]),
+              f"{row['cost']:.6f}"] for row in [*rows, total]]
+    print(format_table(("ROUTE", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "COST"), table))
     return 0
 
 

@@ -115,6 +115,8 @@ models = {{ "smol" = "{smollm2}" }}
 base_url = "http://127.0.0.1:{faulty}/v1"
 api_key_env = "GATEWAY_TEST_FAULT_KEY"
 read_timeout = {read_timeout}
+input_price_per_million = 100
+output_price_per_million = 500
 models = ["ok", "stall", "busy", "broken", "garbage", "cut", "reject"]
 
 [upstreams.closed]
@@ -422,3 +424,34 @@ def test_embeddings_and_responses_through_the_gateway(gw):
     assert events[0]["response"]["model"] == "real/smol"
     assert events[-1]["type"] == "response.incomplete"           # max_output_tokens reached
     assert events[-1]["response"]["model"] == "real/smol" and events[-1]["response"]["usage"]["output_tokens"] == 3
+
+
+# ---- the CLI ----------------------------------------------------------------------------------------
+
+def test_usage_command_prints_the_gateways_accounting(gateway, gw, monkeypatch, capsys):
+    from localllm import cli
+
+    gw.post("/v1/chat/completions", chat_body("garbage"))
+    monkeypatch.setenv("LOCALLLM_HOST", gateway)
+    assert cli.main(["usage", "--json"]) == 0
+    rows = {(row["route"], row["model"]): row for row in json.loads(capsys.readouterr().out)}
+    row = rows[("garbage", "faulty/ok")]
+    assert row["requests"] >= 1 and row["completion"] == 2 * row["requests"] and row["prompt"] == 3 * row["requests"]
+    assert row["cost"] == pytest.approx(row["requests"] * (3 * 100 + 2 * 500) / 1e6)
+    assert cli.main(["usage"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["ROUTE", "MODEL", "REQUESTS", "PROMPT", "TOKENS", "COMPLETION", "TOKENS", "COST"]
+    assert any(line.split()[:2] == ["garbage", "faulty/ok"] for line in table)
+    assert table[-1].startswith("TOTAL")
+
+
+def test_serve_refuses_a_bad_gateway_file_before_binding(tmp_path, monkeypatch, capsys):
+    from localllm import cli
+
+    monkeypatch.setenv("LOCALLLM_GATEWAY", "")
+    path = tmp_path / "gateway.toml"
+    path.write_text('[upstreams.hosted]\nbase_url = "https://api.example.com/v1"\napi_key_env = "UNSET_GW_KEY"\n')
+    monkeypatch.delenv("UNSET_GW_KEY", raising=False)
+    assert cli.main(["serve", "--gateway", str(path)]) == 1
+    assert f"{path}: upstreams.hosted.api_key_env: the environment variable UNSET_GW_KEY is not set" in \
+        capsys.readouterr().err
