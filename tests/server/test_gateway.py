@@ -25,6 +25,8 @@ STALL_SECONDS = 2.0
 REAL_PRICES = (1000.0, 2000.0)         # per million prompt / completion tokens
 
 OK_ANSWER = "fallback answer"
+HELD_RELEASED = threading.Event()
+HELD_SECONDS = 10.0
 
 
 def ok_completion(model: str) -> dict:
@@ -66,6 +68,19 @@ class FaultyUpstream(BaseHTTPRequestHandler):
         if model == "reject":
             return self.send(400, json.dumps({"error": {"message": f"bad request for {self.headers.get('Authorization')}",
                                                         "type": "invalid_request_error"}}).encode())
+        if model == "held":                   # the second chunk waits until the client has the first
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(chunk(model, {"role": "assistant", "content": "first"}))
+            self.wfile.flush()
+            released = HELD_RELEASED.wait(HELD_SECONDS)
+            self.wfile.write(chunk(model, {"content": "released" if released else "held back"}, "stop"))
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+            self.close_connection = True
+            return
         if model == "cut":
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -117,7 +132,7 @@ api_key_env = "GATEWAY_TEST_FAULT_KEY"
 read_timeout = {read_timeout}
 input_price_per_million = 100
 output_price_per_million = 500
-models = ["ok", "stall", "busy", "broken", "garbage", "cut", "reject"]
+models = ["ok", "stall", "busy", "broken", "garbage", "cut", "reject", "held"]
 
 [upstreams.closed]
 base_url = "http://127.0.0.1:{closed}/v1"
@@ -299,6 +314,25 @@ def test_a_stream_cut_after_its_first_chunk_ends_with_an_error_event_never_resta
     assert error["error"]["code"] == "upstream_failed" and "ended before it finished" in error["error"]["message"]
     assert done == "[DONE]"
     assert [seen["body"]["model"] for seen in FaultyUpstream.seen] == ["cut"]       # never sent to faulty/ok
+
+
+def test_a_stream_is_passed_on_event_by_event_not_buffered(gateway):
+    import http.client
+    from urllib.parse import urlsplit
+
+    HELD_RELEASED.clear()
+    url = urlsplit(gateway)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    connection.request("POST", "/v1/chat/completions", json.dumps(chat_body("faulty/held", stream=True)),
+                       {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.getheader("X-Localllm-Model") == "faulty/held"
+    first = response.readline()                        # arrives while the upstream still holds the rest
+    assert json.loads(first[5:])["choices"][0]["delta"]["content"] == "first"
+    HELD_RELEASED.set()
+    rest = sse_payloads(response.read())
+    connection.close()
+    assert rest[0]["choices"][0]["delta"]["content"] == "released" and rest[-1] == "[DONE]"
 
 
 def test_a_stream_from_the_real_upstream_is_passed_through_with_its_model_renamed(gw, greedy_text):
