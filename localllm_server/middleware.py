@@ -154,14 +154,14 @@ class RequestMiddleware:
         req.context.request_timeout = request_timeout(req.get_header(TIMEOUT_HEADER))
 
     def _check_key(self, req: falcon.Request) -> None:
-        """The key as ``Authorization: Bearer <key>`` (OpenAI, Ollama) or ``x-api-key: <key>`` (Anthropic's SDK)."""
+        """The key as ``Authorization: Bearer <key>`` (OpenAI, Ollama) or ``x-api-key: <key>`` (Anthropic's SDK);
+        one comparison per request: of the Bearer token when one is sent, else of ``x-api-key``."""
         header = req.get_header("Authorization") or ""
         scheme, _, token = header.strip().partition(" ")
         bearer = _header_bytes(token) if scheme.lower() == "bearer" else b""
-        api_key = _header_bytes(req.get_header("X-Api-Key") or "")
-        matches = [hmac.compare_digest(_key_digest(sent), self._key_digest)      # constant time, any length;
-                   for sent in (bearer, api_key)]                                # both compared, always
-        if not any(sent and match for sent, match in zip((bearer, api_key), matches)):
+        sent = bearer or _header_bytes(req.get_header("X-Api-Key") or "")          # a Bearer token first
+        matches = hmac.compare_digest(_key_digest(sent), self._key_digest)   # constant time, any length
+        if not (sent and matches):
             raise APIError(401, "Invalid API key", code="invalid_api_key")
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:

@@ -33,8 +33,8 @@ import json
 from dataclasses import dataclass, field
 
 from ..errors import bad_request
-from ..schemas import (MAX_STOP, MODEL, ChatRequest, Field, boolean, generation_settings, integer, make_field,
-                       number, parse_fields)
+from ..schemas import (MAX_STOP, MODEL, ChatRequest, Field, as_integer, boolean, generation_settings, integer,
+                       make_field, number, parse_fields)
 from ..schemas_tools import (PARAMETERS_SCHEMA, TOOL_NAME, NamedFunction, check_format_and_tools, check_tool_names,
                             parse_function, resolve_tool_choice)
 
@@ -222,8 +222,8 @@ def parse_system(value, param: str) -> str:
     """``system``: a string, or text blocks (joined with newlines)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
-                                       for b in value):
+    if isinstance(value, list) and all(isinstance(b, dict) and b.get("type") == "text"
+                                       and isinstance(b.get("text"), str) for b in value):
         return "\n".join(block["text"] for block in value)
     raise bad_request(f"{param} must be a string or a list of text blocks", param)
 
@@ -278,8 +278,8 @@ def parse_thinking(value, param: str):
     if kind == "adaptive":
         return None
     if kind == "enabled":
-        budget = value.get("budget_tokens")
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < MIN_THINKING_BUDGET:
+        budget = as_integer(value.get("budget_tokens"))
+        if budget is None or budget < MIN_THINKING_BUDGET:
             raise bad_request(f"{param}.budget_tokens must be an integer >= {MIN_THINKING_BUDGET}",
                               f"{param}.budget_tokens")
         return ThinkingBudget(budget)

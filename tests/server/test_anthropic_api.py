@@ -241,12 +241,14 @@ def test_x_api_key_authenticates(keyed_server):
     assert raised.value.body["error"]["type"] == "authentication_error"
 
 
-def test_bearer_still_authenticates_and_a_wrong_x_api_key_does_not_spoil_it(keyed_http):
+def test_bearer_still_authenticates_and_is_compared_first(keyed_http):
     body = {"model": SMOLLM2, "messages": [{"role": "user", "content": "hi"}]}
     path = "/v1/messages/count_tokens"
     assert keyed_http.post(path, body, headers={"Authorization": f"Bearer {API_KEY}"}).status == 200
     assert keyed_http.post(path, body, headers={"Authorization": f"Bearer {API_KEY}", "x-api-key": "wrong"}).status \
         == 200
+    assert keyed_http.post(path, body, headers={"Authorization": "Bearer wrong", "x-api-key": API_KEY}).status \
+        == 401                                                     # a Bearer token, when sent, is the one compared
     assert keyed_http.post(path, body, headers={"x-api-key": ""}).status == 401
     assert keyed_http.post(path, body, headers={"Authorization": f"Basic {API_KEY}"}).status == 401
 
