@@ -450,16 +450,40 @@ def error_statuses(method: str, path: str, has_body: bool) -> list[int]:
     return sorted(set(statuses))
 
 
+# The routes a gateway config (localllm_server.gateway) stands in front of: what they may answer besides.
+GATEWAY_ROUTES = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
+                  ("POST", "/v1/responses")}
+GATEWAY_REASONS = {
+    429: "with a gateway config: the upstream that was the last hope of the route is rate limited",
+    502: "with a gateway config: the upstream failed (connection refused or broken, HTTP 5xx, a body that is not "
+         "JSON), or every member of the route did (the message gives each member's reason)",
+    504: "the request ran past LOCALLLM_REQUEST_TIMEOUT, or (gateway) the upstream did not answer within its "
+         "timeouts",
+}
+GATEWAY_HEADERS = {
+    "X-Localllm-Model": {"description": "with a gateway config: the model that answered (a route's member; "
+                                        "set before a stream's first event)", "schema": {"type": "string"}},
+    "X-Localllm-Cache": {"description": "with a gateway config whose cache is on, for a request with temperature 0 "
+                                        "or a seed: whether the answer came from the cache",
+                         "schema": {"type": "string", "enum": ["hit", "miss"]}},
+}
+
+
 def responses_of(method: str, path: str, has_body: bool) -> dict:
     content = SUCCESS.get((method, path), {JSON: {}})
     success = {"description": "success"}
     if content:
         success["content"] = {media: {"schema": schema} for media, schema in content.items()}
+    gateway = (method, path) in GATEWAY_ROUTES
+    if gateway:
+        success["headers"] = GATEWAY_HEADERS
     answers = {"200": success}
     error = {"schema": OLLAMA_ERROR if path.startswith("/api/") else
              ANTHROPIC_ERROR if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/") else OPENAI_ERROR}
-    for status in error_statuses(method, path, has_body):
-        answers[str(status)] = {"description": ERROR_REASONS[status], "content": {JSON: error}}
+    statuses = error_statuses(method, path, has_body)
+    for status in sorted(set(statuses) | (set(GATEWAY_REASONS) if gateway else set())):
+        reason = GATEWAY_REASONS[status] if gateway and status in GATEWAY_REASONS else ERROR_REASONS[status]
+        answers[str(status)] = {"description": reason, "content": {JSON: error}}
     return answers
 
 
