@@ -34,11 +34,11 @@ def fit_max_tokens(params, prompt_tokens: int, num_ctx: int) -> None:
     Anthropic clients must send ``max_tokens`` and size it for Claude (Claude Code asks for 32000), past the
     window of a small local model; as in Ollama's Anthropic layer, the answer then stops where the window ends
     (``stop_reason`` max_tokens) instead of the request being refused as the OpenAI routes refuse it. A prompt
-    that does not fit the window alone is still a 400 (never truncated).
+    that does not fit the window alone is still a 400 (never truncated), which then names the prompt alone.
     """
     room = num_ctx - prompt_tokens
-    if params.max_tokens is not None and room > 0:
-        params.max_tokens = min(params.max_tokens, room)
+    if params.max_tokens is not None:
+        params.max_tokens = min(params.max_tokens, room) if room > 0 else None
 
 
 def sse_event(event: dict) -> bytes:

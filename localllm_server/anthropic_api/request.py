@@ -262,7 +262,7 @@ def parse_tool_choice(value, param: str) -> ToolChoice:
     disable_parallel = value.get("disable_parallel_tool_use") if isinstance(value, dict) else None
     if disable_parallel is not None and not isinstance(disable_parallel, bool):
         raise bad_request(f"{param}.disable_parallel_tool_use must be a boolean", param)
-    if kind in TOOL_CHOICES:
+    if isinstance(kind, str) and kind in TOOL_CHOICES:
         return ToolChoice(TOOL_CHOICES[kind], kind == "any" and not disable_parallel)
     if kind == "tool" and isinstance(value.get("name"), str) and TOOL_NAME.fullmatch(value["name"]):
         return ToolChoice(NamedFunction(value["name"]), False)
@@ -301,7 +301,7 @@ def parse_output_config(value, param: str) -> OutputConfig:
     if not isinstance(value, dict):
         raise bad_request(f"{param} must be an object", param)
     effort = value.get("effort")
-    if effort is not None and effort not in EFFORTS:
+    if effort is not None and not (isinstance(effort, str) and effort in EFFORTS):
         raise bad_request(f"{param}.effort must be one of {', '.join(repr(e) for e in EFFORTS)}", f"{param}.effort")
     spec = value.get("format")
     if spec is None:
