@@ -18,6 +18,8 @@ from localllm.arch.spec import UnsupportedModelFeature
 from localllm.formats.gguf import read_gguf
 from localllm.quants import ref as quants_ref
 from localllm.vision import ImageError, VisionEncoder, VisionModelError, load_image
+from localllm.vision.encoder import bidirectional_attention
+from localllm.vision.kernels import gelu_tanh, gelu_tanh_ref, softmax_rows, softmax_rows_ref
 from tests.tiny_vision import (encoded, exif_rotated_jpeg, gradient_image, hf_image_features, hf_image_processor,
                                hf_tiny_gemma3_vision, hf_tiny_llava, save_hf_vision_folder, two_frame_gif,
                                use_checkpoint_names, write_mmproj)
@@ -61,6 +63,40 @@ def test_embeddings_match_transformers(built, family, loader):
     assert got.dtype == np.float32 and got.shape == expected.shape == (encoder.n_image_tokens, encoder.n_embd_text)
     np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)
     assert np.abs(expected).max() > 0.5         # the comparison is not between two near-zero arrays
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_numpy_reference_path_matches_transformers(built, family):
+    encoder = VisionEncoder.from_mmproj(built[family]["mmproj"], fast=False)
+    pixels = np.random.default_rng(7).standard_normal((3, encoder.image_size, encoder.image_size)).astype(np.float32)
+    np.testing.assert_allclose(encoder.encode(pixels), hf_image_features(built[family]["model"], pixels),
+                               atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (17, 300), (64, 1029)])
+def test_kernels_match_their_numpy_twins(shape):
+    rng = np.random.default_rng(sum(shape))
+    scores = (rng.standard_normal(shape) * 20).astype(np.float32)
+    scores[0, 0] = 90.0                                  # exp() past float32's range before the max is taken
+    np.testing.assert_allclose(softmax_rows(scores.copy()), softmax_rows_ref(scores.copy()), atol=1e-6, rtol=1e-5)
+    x = (rng.standard_normal(shape) * 6).astype(np.float32)
+    x[0, 0] = -1e4                                       # the tanh form's exp would overflow
+    np.testing.assert_allclose(gelu_tanh(x.copy()), gelu_tanh_ref(x), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        softmax_rows(scores.astype(np.float64))
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        gelu_tanh(np.zeros((4, 6), np.float32)[:, ::2])
+
+
+def test_attention_chunks_change_nothing():
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((37, 24)).astype(np.float32) for _ in range(3))
+    whole = bidirectional_attention(q, k, v, n_heads=3, chunk=64)
+    np.testing.assert_allclose(bidirectional_attention(q, k, v, n_heads=3, chunk=10), whole, atol=1e-6)
+    scores = (q[:, :8] / np.sqrt(8)) @ k[:, :8].T                 # head 0, by the book
+    expected = np.exp(scores - scores.max(1, keepdims=True))
+    expected = expected / expected.sum(1, keepdims=True) @ v[:, :8]
+    np.testing.assert_allclose(whole[:, :8], expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -14,9 +14,11 @@ Two families, one ViT walked by ``VisionEncoder.encode``:
 
 Weights keep llama.cpp's mmproj names (``v.*``, ``mm.*``) whichever loader read them (``vision.loading``)
 and stay in the file's own types, memory-mapped: each is dequantized to float32 when its layer runs. The
-implementation is the numpy reference: the matmuls go through numpy's BLAS in float32, attention one head
-at a time (a head's scores for 4096 patches are 64 MB). Shapes: ``n`` positions (patches, plus the class
-token for CLIP), ``dim`` the tower's width, ``n_embd_text`` the language model's.
+implementation is numpy: the matmuls go through numpy's BLAS in float32, attention one head and 1024
+queries at a time into one reused score buffer. The measured hot spots beside BLAS have numba twins, used
+unless ``fast=False`` (which runs the numpy references): the softmax over the scores and GELU-tanh
+(``vision.kernels``), the LayerNorms (``ops.encoder.layer_norm``). Shapes: ``n`` positions (patches, plus
+the class token for CLIP), ``dim`` the tower's width, ``n_embd_text`` the language model's.
 """
 from __future__ import annotations
 
@@ -31,10 +33,12 @@ from ..ops import encoder as encoder_ops
 from ..ops import ref as ops_ref
 from ..quants import QTensor
 from ..quants import ref as quants_ref
+from .kernels import gelu_tanh, gelu_tanh_ref, softmax_rows, softmax_rows_ref
 
 PROJECTORS = ("gemma3", "llava")
 ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu", "silu")
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+ATTENTION_CHUNK = 1024          # queries whose scores are computed at once (a (1024, n) float32 buffer)
 
 
 @dataclass(frozen=True)
@@ -127,24 +131,25 @@ class VisionEncoder:
     """
 
     def __init__(self, config: VisionConfig, preprocessing: ImagePreprocessing, tensors: dict[str, QTensor],
-                 source: str = ""):
+                 source: str = "", fast: bool = True):
         config.check(source or "vision encoder")
+        self.fast = fast            # numba softmax and GELU-tanh (False: the numpy reference throughout)
         self.config = config
         self.preprocessing = preprocessing
         self.tensors = tensors
         self.source = source
 
     @classmethod
-    def from_mmproj(cls, path: str | Path) -> "VisionEncoder":
+    def from_mmproj(cls, path: str | Path, fast: bool = True) -> "VisionEncoder":
         """The encoder of a llama.cpp mmproj GGUF (``clip.projector_type`` gemma3 or mlp)."""
         from .loading import read_mmproj
-        return cls(*read_mmproj(path), source=str(path))
+        return cls(*read_mmproj(path), source=str(path), fast=fast)
 
     @classmethod
-    def from_hf(cls, folder: str | Path) -> "VisionEncoder":
+    def from_hf(cls, folder: str | Path, fast: bool = True) -> "VisionEncoder":
         """The encoder of a Hugging Face folder (config.json ``vision_config`` + safetensors)."""
         from .loading import read_hf_vision
-        return cls(*read_hf_vision(folder), source=str(folder))
+        return cls(*read_hf_vision(folder), source=str(folder), fast=fast)
 
     # ------------------------------------------------------------------ what the wiring reads
     @property
@@ -204,7 +209,7 @@ class VisionEncoder:
         for layer in range(c.n_layers):
             x = self._block(layer, x)
         if "v.post_ln.weight" in self.tensors:
-            x = ops_ref.layer_norm(x, self._w("v.post_ln.weight"), self._w("v.post_ln.bias", None), c.eps)
+            x = self._layer_norm(x, "v.post_ln")
         if c.projector == "gemma3":
             return self._gemma3_projector(x)
         return self._llava_projector(x)
@@ -236,8 +241,15 @@ class VisionEncoder:
             x = np.concatenate([self._w("v.class_embd").reshape(1, c.dim), x])     # (1 + n_patches, dim)
         x += self._w("v.position_embd.weight")
         if "v.pre_ln.weight" in self.tensors:
-            x = ops_ref.layer_norm(x, self._w("v.pre_ln.weight"), self._w("v.pre_ln.bias", None), c.eps)
+            x = self._layer_norm(x, "v.pre_ln")
         return x.astype(np.float32, copy=False)
+
+    def _layer_norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        """LayerNorm by ``<name>.weight`` and ``<name>.bias`` (optional): (n, dim) -> (n, dim)."""
+        weight, bias = self._w(f"{name}.weight"), self._w(f"{name}.bias", None)
+        if self.fast and bias is not None:
+            return encoder_ops.layer_norm(x, weight, bias, self.config.eps)
+        return ops_ref.layer_norm(x, weight, bias, self.config.eps)
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
         """x (n, n_in) @ W.T + b for ``<name>.weight`` (n_out, n_in) and ``<name>.bias`` (n_out,)."""
@@ -251,13 +263,14 @@ class VisionEncoder:
         """One pre-LayerNorm ViT block: x + attention(LN1(x)), then + MLP(LN2(.)). (n, dim) -> (n, dim)."""
         c = self.config
         blk = f"v.blk.{layer}"
-        h = ops_ref.layer_norm(x, self._w(f"{blk}.ln1.weight"), self._w(f"{blk}.ln1.bias", None), c.eps)
+        h = self._layer_norm(x, f"{blk}.ln1")
         q = self._linear(h, f"{blk}.attn_q")                          # (n, dim)
         k = self._linear(h, f"{blk}.attn_k")
         v = self._linear(h, f"{blk}.attn_v")
-        x = x + self._linear(bidirectional_attention(q, k, v, c.n_heads), f"{blk}.attn_out")
-        h = ops_ref.layer_norm(x, self._w(f"{blk}.ln2.weight"), self._w(f"{blk}.ln2.bias", None), c.eps)
-        h = activation(c.activation, self._linear(h, f"{blk}.ffn_up"))    # (n, hidden_dim)
+        softmax = softmax_rows if self.fast else softmax_rows_ref
+        x = x + self._linear(bidirectional_attention(q, k, v, c.n_heads, softmax), f"{blk}.attn_out")
+        h = self._layer_norm(x, f"{blk}.ln2")
+        h = activation(c.activation, self._linear(h, f"{blk}.ffn_up"), self.fast)    # (n, hidden_dim)
         return x + self._linear(h, f"{blk}.ffn_down")
 
     def _gemma3_projector(self, x: np.ndarray) -> np.ndarray:
@@ -272,7 +285,7 @@ class VisionEncoder:
     def _llava_projector(self, x: np.ndarray) -> np.ndarray:
         """(1 + n_patches, dim) -> the class token dropped -> mm.0 -> GELU -> mm.2: (n_image_tokens, n_embd_text)."""
         features = x if self.config.keep_class_token else x[1:]
-        h = activation(self.config.projector_activation, self._linear(features, "mm.0"))
+        h = activation(self.config.projector_activation, self._linear(features, "mm.0"), self.fast)
         return self._linear(h, "mm.2").astype(np.float32, copy=False)
 
 
@@ -291,31 +304,43 @@ def _center_crop(pixels: np.ndarray, crop: int) -> np.ndarray:
     return padded[top:top + crop, left:left + crop]
 
 
-def bidirectional_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads: int) -> np.ndarray:
-    """Every position attends to every position: q, k, v (n, dim) with the heads side by side -> (n, dim)."""
+def bidirectional_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads: int,
+                            softmax=softmax_rows_ref, chunk: int = ATTENTION_CHUNK) -> np.ndarray:
+    """Every position attends to every position: q, k, v (n, dim) with the heads side by side -> (n, dim).
+
+    One head at a time, ``chunk`` queries at a time, into one reused score buffer (``chunk``, n): a fresh
+    64 MB array per head costs more in page faults than its matmul. ``softmax`` works in place on rows
+    (``kernels.softmax_rows`` or its numpy twin).
+    """
     n, dim = q.shape
     head_dim = dim // n_heads
     scale = np.float32(1 / math.sqrt(head_dim))
     out = np.empty((n, dim), np.float32)
+    buffer = np.empty((min(chunk, n), n), np.float32)
     for head in range(n_heads):
         cols = slice(head * head_dim, (head + 1) * head_dim)
-        scores = (q[:, cols] * scale) @ k[:, cols].T                 # (n, n)
-        scores -= scores.max(axis=1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=1, keepdims=True)
-        out[:, cols] = scores @ v[:, cols]                            # (n, head_dim)
+        q_head = q[:, cols] * scale                                   # (n, head_dim)
+        k_head_t = np.ascontiguousarray(k[:, cols].T)                 # (head_dim, n)
+        v_head = np.ascontiguousarray(v[:, cols])                     # (n, head_dim)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            scores = buffer[:stop - start]                            # (queries, n)
+            np.matmul(q_head[start:stop], k_head_t, out=scores)
+            softmax(scores)
+            out[start:stop, cols] = scores @ v_head                   # (queries, head_dim)
     return out
 
 
-def activation(kind: str, x: np.ndarray) -> np.ndarray:
+def activation(kind: str, x: np.ndarray, fast: bool = False) -> np.ndarray:
     """The MLP activations: ``gelu_tanh`` (SigLIP), ``quick_gelu`` (CLIP: x * sigmoid(1.702 x)), ``gelu``
-    (exact, with erf: LLaVA's projector), ``silu``."""
+    (exact, with erf: LLaVA's projector), ``silu``. ``fast``: GELU-tanh by ``kernels.gelu_tanh`` (numba, in
+    place) instead of numpy; exact GELU always goes through ``ops.encoder.gelu`` (numpy has no vector erf)."""
     if kind == "gelu_tanh":
-        return ops_ref.gelu_tanh(x)
+        return gelu_tanh(np.ascontiguousarray(x, np.float32)) if fast else gelu_tanh_ref(x)
     if kind == "quick_gelu":
         return (x / (1.0 + np.exp(np.float32(-1.702) * x))).astype(np.float32)
     if kind == "gelu":
-        return encoder_ops.gelu(np.ascontiguousarray(x, np.float32), "gelu", threads=False)
+        return encoder_ops.gelu(np.ascontiguousarray(x, np.float32), "gelu", threads=fast)
     if kind == "silu":
         return ops_ref.silu(x).astype(np.float32)
     raise ValueError(f"unknown activation '{kind}' (expected one of {', '.join(ACTIVATIONS)})")
