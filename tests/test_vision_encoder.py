@@ -280,6 +280,9 @@ def test_load_image_refuses_bombs(monkeypatch):
     with pytest.raises(ImageError, match="6000000 pixels"):
         load_image(big, max_pixels=5_000_000)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4_000_000)     # Pillow only warns between 1x and 2x its limit
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ImageError, match="decompression bomb"):
+        load_image(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000_000)     # past 2x: Pillow's own error
     with pytest.raises(ImageError, match="decompression bomb"):
         load_image(big)
     with pytest.raises(ImageError, match="more than the 1000 allowed"):

@@ -3,7 +3,8 @@
 The bytes are untrusted. ``load_image`` accepts PNG, JPEG, WebP and GIF (its first frame) only, refuses a
 payload over ``max_bytes`` before decoding it, and refuses a decompression bomb from its header alone, before
 the pixels are decoded: Pillow's own limit (``PIL.Image.MAX_IMAGE_PIXELS``, which Pillow only warns about
-below twice the limit) is an error here, and so is our ``max_pixels``. The EXIF orientation is applied (a
+below twice the limit) is an error here, and so is our ``max_pixels`` (checked on the size in the header,
+without touching the process-wide warning filters, so that threads decoding at once do not race). The EXIF orientation is applied (a
 phone photo taken upright comes out upright) and the image is converted to RGB the way the Hugging Face
 image processors do it: transparency composited onto white. Every failure is an ``ImageError`` saying what
 was wrong. Fetching http(s) URLs is the caller's business (the server has its own limits for that).
@@ -15,7 +16,6 @@ import binascii
 import io
 import os
 import urllib.parse
-import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -60,22 +60,31 @@ def load_image(source, *, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 def _decode(data: bytes, max_pixels: int) -> Image.Image:
     """Encoded bytes -> an RGB image; the header is checked before any pixel is decoded."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = None
-        try:
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-            _check_pixels(image.size, max_pixels)
-            image.seek(0)                               # a GIF's (or animated WebP's) first frame
-            image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(f"the image is too large to decode safely (a decompression bomb?): {exc}") from None
-        except UnidentifiedImageError:
-            raise ImageError(f"cannot decode the image: not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file "
-                             f"(it starts with {data[:8]!r})") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:   # truncated or corrupt data, bad chunks
-            raise ImageError(f"cannot decode the {getattr(image, 'format', None) or 'image'} data: {exc}") from None
+    image = None
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)  # header only; may warn of a bomb, refused next
+        _check_bomb(image.size)
+        _check_pixels(image.size, max_pixels)
+        image.seek(0)                                   # a GIF's (or animated WebP's) first frame
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"the image is too large to decode safely (a decompression bomb?): {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot decode the image: not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file "
+                         f"(it starts with {data[:8]!r})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:   # truncated or corrupt data, bad chunks
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"cannot decode the {getattr(image, 'format', None) or 'image'} data: {exc}") from None
     return _upright_rgb(image)
+
+
+def _check_bomb(size: tuple[int, int]) -> None:
+    """Pillow's own limit as an error (Pillow only warns between ``MAX_IMAGE_PIXELS`` and twice that)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > limit:
+        raise ImageError(f"the image is {size[0]}x{size[1]} = {size[0] * size[1]} pixels, over Pillow's "
+                         f"decompression bomb limit of {limit}")
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:

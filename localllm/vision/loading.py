@@ -260,9 +260,11 @@ def read_hf_vision(folder: str | Path) -> tuple[VisionConfig, ImagePreprocessing
                   hidden_dim=count("intermediate_size"), n_heads=count("num_attention_heads"),
                   eps=float(eps), activation=HF_ACTIVATIONS[act], n_embd_text=count("hidden_size", text))
     if model_type == "gemma3":
-        tokens_per_side = math.isqrt(count("mm_tokens_per_image", hf, 256))
-        config = VisionConfig(projector="gemma3", n_layers=n_hidden_layers,
-                              pool=max(1, (image_size // patch_size) // max(tokens_per_side, 1)), **common)
+        n_tokens, side = count("mm_tokens_per_image", hf, 256), image_size // patch_size
+        tokens_per_side = math.isqrt(n_tokens)
+        if tokens_per_side ** 2 != n_tokens or not tokens_per_side or side % tokens_per_side:
+            raise fail(f"mm_tokens_per_image {n_tokens} is not a square dividing the {side}x{side} patch grid")
+        config = VisionConfig(projector="gemma3", n_layers=n_hidden_layers, pool=side // tokens_per_side, **common)
     else:
         feature_layer = hf.get("vision_feature_layer", -2)
         if not isinstance(feature_layer, int):
