@@ -158,6 +158,40 @@ def replica_lines(ports: list[int]) -> str:
     return "".join(f"server 127.0.0.1:{port} {parameters}\n" for port in ports)
 
 
+def prepare_prefix(binary: str, folder: Path, conf_text: str, replicas_text: str) -> Path:
+    """An nginx prefix in ``folder``: ``localllm.conf`` and ``localllm/replicas.conf`` as given, inside the smallest
+    main config (temp paths and the access log in the folder); returns the main config's path."""
+    for sub in ("logs", "temp", "localllm"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "localllm" / "replicas.conf").write_text(replicas_text)
+    (folder / "localllm.conf").write_text(conf_text)
+    temp = "\n".join(f"    {kind}_temp_path {folder / 'temp' / kind};" for kind in temp_path_kinds(binary))
+    user = "user root;\n" if os.geteuid() == 0 else ""    # workers that can read a root-only temp folder
+    main = folder / "nginx.conf"
+    main.write_text(f"{user}worker_processes 1;\nevents {{ worker_connections 512; }}\n"
+                    f"http {{\n{temp}\n    access_log {folder / 'logs' / 'access.log'};\n"
+                    f"    include {folder / 'localllm.conf'};\n}}\n")
+    return main
+
+
+def temp_path_kinds(binary: str) -> list[str]:
+    """The modules with a temp path built into this nginx (``nginx -V``): each needs its own folder here."""
+    built = subprocess.run([binary, "-V"], capture_output=True, text=True).stderr
+    kinds = [kind.replace("-", "_") for kind in re.findall(r"--http-([a-z-]+)-temp-path=", built)]
+    return [kind for kind in kinds if f"--without-http_{kind}_module" not in built] or ["client_body", "proxy"]
+
+
+def nginx_command(binary: str, folder: Path, main: Path, *extra: str) -> list[str]:
+    return [binary, "-p", str(folder), "-e", "stderr", "-c", str(main),
+            "-g", f"daemon off; pid {folder / 'nginx.pid'}; error_log stderr;", *extra]
+
+
+def check_shipped_config(binary: str, folder: Path) -> subprocess.CompletedProcess:
+    """``nginx -t`` on the shipped ``localllm.conf`` and ``localllm/replicas.conf`` exactly as they are."""
+    main = prepare_prefix(binary, folder, SHIPPED_CONF.read_text(), SHIPPED_REPLICAS.read_text())
+    return subprocess.run(nginx_command(binary, folder, main, "-t"), capture_output=True, text=True)
+
+
 class Nginx:
     """nginx with the shipped ``localllm.conf`` in front of the servers on ``upstream_ports``."""
 
@@ -165,36 +199,16 @@ class Nginx:
         self.binary, self.folder = binary, folder
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        for sub in ("logs", "temp", "localllm"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-        (folder / "localllm" / "replicas.conf").write_text(replica_lines(upstream_ports))
         shipped = SHIPPED_CONF.read_text()
         assert shipped.count(SHIPPED_LISTEN) == 1, f"{SHIPPED_CONF} no longer has the line {SHIPPED_LISTEN!r}"
-        (folder / "localllm.conf").write_text(shipped.replace(SHIPPED_LISTEN, f"listen 127.0.0.1:{self.port};"))
-        (folder / "nginx.conf").write_text(self.main_conf())
+        main = prepare_prefix(binary, folder, shipped.replace(SHIPPED_LISTEN, f"listen 127.0.0.1:{self.port};"),
+                              replica_lines(upstream_ports))
         with open(folder / "logs" / "error.log", "ab") as errors:
-            self.process = subprocess.Popen(
-                [binary, "-p", str(folder), "-e", "stderr", "-c", str(folder / "nginx.conf"),
-                 "-g", f"daemon off; pid {folder / 'nginx.pid'}; error_log stderr;"],
-                stdout=subprocess.DEVNULL, stderr=errors)
+            self.process = subprocess.Popen(nginx_command(binary, folder, main), stdout=subprocess.DEVNULL,
+                                            stderr=errors)
         wait_until(lambda: answers(self.port) or self.process.poll() is not None, "nginx answers")
         if self.process.poll() is not None:
             raise RuntimeError(f"nginx exited with {self.process.returncode}:\n{self.error_log()}")
-
-    def main_conf(self) -> str:
-        """The smallest main config around the shipped one: temp paths and the access log in the folder."""
-        temp = "\n".join(f"    {kind}_temp_path {self.folder / 'temp' / kind};"
-                         for kind in self.temp_path_kinds())
-        user = "user root;\n" if os.geteuid() == 0 else ""    # workers that can read a root-only temp folder
-        return (f"{user}worker_processes 1;\nevents {{ worker_connections 512; }}\n"
-                f"http {{\n{temp}\n    access_log {self.folder / 'logs' / 'access.log'};\n"
-                f"    include {self.folder / 'localllm.conf'};\n}}\n")
-
-    def temp_path_kinds(self) -> list[str]:
-        """The modules with a temp path built into this nginx (``nginx -V``): each needs its own folder here."""
-        built = subprocess.run([self.binary, "-V"], capture_output=True, text=True).stderr
-        kinds = [kind.replace("-", "_") for kind in re.findall(r"--http-([a-z-]+)-temp-path=", built)]
-        return [kind for kind in kinds if f"--without-http_{kind}_module" not in built] or ["client_body", "proxy"]
 
     def error_log(self) -> str:
         return (self.folder / "logs" / "error.log").read_text(errors="replace")

@@ -10,14 +10,20 @@ import uuid
 
 import pytest
 
-from .cluster import (MINILM, SMOLLM2, WAIT, Nginx, active_requests, http_request, metric, start_gunicorn,
-                       start_replica, wait_until)
+from .cluster import (MINILM, SMOLLM2, WAIT, Nginx, active_requests, check_shipped_config, http_request, metric,
+                       start_gunicorn, start_replica, wait_until)
 
 pytestmark = pytest.mark.real_model
 
 NO_END_OF_TEXT = {"0": -100, "2": -100}     # SmolLM2's end tokens banned: only max_tokens ends a completion
 COUNTING = "1, 2, 3, 4, 5,"                  # a raw prompt greedy SmolLM2 continues for long
 HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def test_the_shipped_files_as_they_are_pass_nginx_t(nginx_path, tmp_path):
+    checked = check_shipped_config(nginx_path, tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "syntax is ok" in checked.stderr and "test is successful" in checked.stderr
 
 
 @pytest.fixture(scope="module")
