@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from ..errors import bad_request
 from ..schemas import (MAX_STOP, MODEL, ChatRequest, Field, as_integer, boolean, generation_settings, integer,
                        make_field, number, parse_fields)
-from ..schemas_tools import (PARAMETERS_SCHEMA, TOOL_NAME, NamedFunction, check_format_and_tools, check_tool_names,
-                            parse_function, resolve_tool_choice)
+from ..schemas_tools import (PARAMETERS_SCHEMA, TOOL_NAME, NamedFunction, check_format_and_tools, parse_function,
+                            resolve_tool_choice)
 
 ROLES = ("user", "assistant")
 USER_BLOCKS = ("text", "image", "tool_result")
@@ -179,8 +179,8 @@ def _message(message, where: str) -> tuple[list[dict], int]:
         at = f"{where}.content[{index}]"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind not in allowed:
-            raise bad_request(f"{at}.type must be one of {', '.join(repr(k) for k in allowed)} in a {role} "
-                              f"message, got {kind!r}", "messages")
+            raise bad_request(f"{at}.type must be one of {', '.join(repr(k) for k in allowed)} in {role} "
+                              f"messages, got {kind!r}", "messages")
         if kind == "text":
             parts.append({"type": "text", "text": _string(block, "text", at)})
         elif kind == "image":
@@ -243,12 +243,17 @@ def parse_tools(value, param: str) -> list[dict]:
         if kind not in ("custom", None):
             raise bad_request(f"{where}.type {kind!r} is not supported (only custom tools, with an input_schema)",
                               param)
-        if not isinstance(tool.get("input_schema"), dict):
-            raise bad_request(f"{where}.input_schema must be a JSON schema object", param)
-        function = {"name": tool.get("name"), "description": tool.get("description"),
-                    "parameters": tool["input_schema"]}
+        schema = tool.get("input_schema")
+        kind = schema.get("type") if isinstance(schema, dict) else None
+        if kind != "object" and not (isinstance(kind, list) and "object" in kind):
+            raise bad_request(f"{where}.input_schema must be a JSON schema with \"type\": \"object\"", param)
+        function = {"name": tool.get("name"), "description": tool.get("description"), "parameters": schema}
         tools.append({"type": "function", "function": parse_function(function, param, where)})
-    return check_tool_names(tools, param)
+    names = [tool["function"]["name"] for tool in tools]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise bad_request(f"{param}[{index}].name '{name}' is defined twice", param)
+    return tools
 
 
 @dataclass(frozen=True)

@@ -327,7 +327,10 @@ def test_request_becomes_the_chat_request_it_means():
     ({"thinking": {"type": "enabled", "budget_tokens": 2000}, "max_tokens": 2000},
      "thinking.budget_tokens must be below max_tokens"),
     ({"messages": [{"role": "assistant", "content": [{"type": "tool_result", "tool_use_id": "x"}]}]},
-     "messages[0].content[0].type must be one of 'text', 'tool_use'"),
+     "messages[0].content[0].type must be one of 'text', 'tool_use', 'thinking', 'redacted_thinking' in assistant "
+     "messages, got 'tool_result'"),
+    ({"tools": [WEATHER, dict(TIME, name="get_weather")]}, "tools[1].name 'get_weather' is defined twice"),
+    ({"tools": [dict(WEATHER, input_schema={"type": "string"})]}, "tools[0].input_schema must be a JSON schema"),
     ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "x", "name": "f", "input": "{}"}]}]},
      "messages[0].content[0].input must be an object"),
     ({"messages": []}, "`messages` must not be empty"),
