@@ -160,6 +160,14 @@ class PromptCache:
         self.restored_tokens += len(state.tokens)
         return state
 
+    def lend(self, key: int, used: int) -> SavedState:
+        """Return an entry of which a prompt uses only the first ``used`` tokens: it stays (most recently used),
+        since the rest of it still serves the conversation it came from."""
+        self.entries.move_to_end(key)
+        self.restored += 1
+        self.restored_tokens += used
+        return self.entries[key]
+
     def _remove(self, key: int) -> None:
         self.nbytes -= self.entries.pop(key).nbytes
 
@@ -252,7 +260,11 @@ class KVCache:
             best = min(self._free, key=lambda slot: self.lengths[slot])
             self._free.remove(best)
             self._save(best)
-            self._restore(best, self.prompt_cache.take(saved_key))
+            state = self.prompt_cache.entries[saved_key]
+            if saved_usable < len(state.tokens):  # a shared prefix (a system prompt): the state stays for its owner
+                self._restore(best, self.prompt_cache.lend(saved_key, saved_usable))
+            else:                                 # the prompt goes on from the whole state: it moves into the slot
+                self._restore(best, self.prompt_cache.take(saved_key))
             return best
         self._free.remove(best)
         if best_usable < self.lengths[best]:

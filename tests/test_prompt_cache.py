@@ -108,6 +108,25 @@ def test_the_budget_is_never_exceeded_and_the_oldest_go_first(tiny_llama):
     assert len(small.prompt_cache) == 0 and small.prompt_cache.nbytes == 0
 
 
+def test_a_state_lent_for_its_shared_prefix_stays_for_its_own_conversation(tiny_llama):
+    """Two conversations with one system prompt over one slot: the second restores the first's state for the
+    shared prefix, and the first's state must still be in RAM for its next turn (it was taken out and lost)."""
+    model = tiny_llama
+    cache = KVCache(model.config.n_layers, 1, 512, model.config.n_kv_heads, model.config.head_dim, np.float16,
+                    model.config.layer_windows, model.max_batch_tokens, ram_budget=64 << 20)
+    system = prompt(30, 60)
+    first, second = system + prompt(31, 40), system + prompt(32, 40)
+    prefill(model, cache, first)
+    prefill(model, cache, prompt(33, 30))           # the slot goes elsewhere: first is saved
+    prefill(model, cache, second)                   # lent first's 60 shared tokens
+    assert cache.prompt_cache.restored_tokens == 60
+    assert any(list(state.tokens) == first for state in cache.prompt_cache.entries.values())
+    turn_two = first + prompt(34, 10)
+    logits = prefill(model, cache, turn_two)        # first comes back whole
+    assert cache.prompt_cache.restored_tokens == 60 + len(first)
+    np.testing.assert_array_equal(logits, fresh(model, turn_two))
+
+
 def test_a_prompt_extending_the_slot_saves_nothing(tiny_llama):
     cache = tiny_llama.new_cache(1, 512)
     first = prompt(20, 50)
