@@ -316,3 +316,19 @@ def test_llama_cpp_converter_layout(llama_cpp_source, built, tmp_path):
     image = gradient_image(70, 90)
     expected = hf_image_features(built["gemma3"]["model"], _pixels("gemma3", built, image))
     np.testing.assert_allclose(encoder.encode(encoder.preprocess(image)), expected, atol=1e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------- the benchmark's file
+def test_benchmark_writes_a_loadable_gemma3_mmproj(tmp_path):
+    """benchmarks/bench_vision.py's random file, in a small shape, is a Gemma 3 projector the encoder runs."""
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_vision
+
+    shape = dict(image_size=56, patch_size=14, dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_embd_text=24,
+                 pool=2, eps=1e-6)
+    encoder = VisionEncoder.from_mmproj(bench_vision.write_random_mmproj(tmp_path / "random.gguf", shape))
+    assert (encoder.projector, encoder.image_size, encoder.n_image_tokens, encoder.n_embd_text) == \
+        ("gemma3", 56, 4, 24)
+    embeddings = encoder.encode_image(bench_vision.bench_image(100))
+    assert embeddings.shape == (4, 24) and np.isfinite(embeddings).all() and embeddings.std() > 0.1
