@@ -191,6 +191,16 @@ def test_a_language_model_file_is_not_a_projector(tmp_path):
         VisionEncoder.from_mmproj(path)
 
 
+def test_hf_folder_width_of_the_text_model_from_the_projector(built, tmp_path):
+    """llava-1.5-7b-hf's text_config leaves hidden_size to its default: the projector's matrix says it."""
+    import shutil
+    folder = shutil.copytree(built["llava"]["folder"], tmp_path / "llava")
+    config = json.loads((folder / "config.json").read_text())
+    del config["text_config"]["hidden_size"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert VisionEncoder.from_hf(folder).n_embd_text == 40
+
+
 def test_hf_folder_without_vision(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(UnsupportedModelFeature, match="model_type 'llama'"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -237,9 +238,9 @@ def read_hf_vision(folder: str | Path) -> tuple[VisionConfig, ImagePreprocessing
     if model_type not in ("gemma3", "llava"):
         raise UnsupportedModelFeature(f"{folder}: model_type '{model_type}' has no supported vision encoder "
                                       "(supported: gemma3, llava)")
-    vision, text = hf.get("vision_config"), hf.get("text_config")
-    if not isinstance(vision, dict) or not isinstance(text, dict):
-        raise fail("config.json has no vision_config and text_config")
+    vision = hf.get("vision_config")
+    if not isinstance(vision, dict):
+        raise fail("config.json has no vision_config")
     if model_type == "llava" and vision.get("model_type", "clip_vision_model") != "clip_vision_model":
         raise UnsupportedModelFeature(f"{folder}: a LLaVA vision tower '{vision.get('model_type')}' is not "
                                       "supported (supported: clip_vision_model)")
@@ -256,9 +257,10 @@ def read_hf_vision(folder: str | Path) -> tuple[VisionConfig, ImagePreprocessing
     if act not in HF_ACTIVATIONS:
         raise UnsupportedModelFeature(f"{folder}: vision activation '{act}' is not supported")
     eps = vision.get("layer_norm_eps", 1e-6 if model_type == "gemma3" else 1e-5)
+    # n_embd_text is read from the projector's matrix below (text_config may leave hidden_size to its default)
     common = dict(image_size=image_size, patch_size=patch_size, dim=count("hidden_size"),
                   hidden_dim=count("intermediate_size"), n_heads=count("num_attention_heads"),
-                  eps=float(eps), activation=HF_ACTIVATIONS[act], n_embd_text=count("hidden_size", text))
+                  eps=float(eps), activation=HF_ACTIVATIONS[act], n_embd_text=1)
     if model_type == "gemma3":
         n_tokens, side = count("mm_tokens_per_image", hf, 256), image_size // patch_size
         tokens_per_side = math.isqrt(n_tokens)
@@ -281,6 +283,7 @@ def read_hf_vision(folder: str | Path) -> tuple[VisionConfig, ImagePreprocessing
         config = VisionConfig(projector="llava", n_layers=n_layers, keep_class_token=strategy == "full",
                               projector_activation=HF_ACTIVATIONS[projector_act], **common)
     tensors = _hf_tensors(folder, config, fail)
+    config = replace(config, n_embd_text=_n_embd_text(config.projector, tensors, fail))
     check_tensors(config, tensors, str(folder), fail, stored_layers=n_hidden_layers)
     return config, _hf_preprocessing(folder, config, fail), tensors
 
