@@ -48,6 +48,8 @@ MODEL_OPERATIONS = {
     ("POST", "/api/embed"): [EMBEDDING_MODEL],
     ("POST", "/api/embeddings"): [EMBEDDING_MODEL],
     ("POST", "/api/show"): [TEXT_MODEL, EMBEDDING_MODEL],
+    ("POST", "/v1/messages"): [TEXT_MODEL],
+    ("POST", "/v1/messages/count_tokens"): [TEXT_MODEL],
 }
 PATH_PARAMETERS = {("GET", "/v1/models/{model}"): [TEXT_MODEL, EMBEDDING_MODEL]}
 
