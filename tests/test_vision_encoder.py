@@ -118,7 +118,8 @@ def test_attributes(built):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_f16_file_is_close_to_f32(built, family):
-    pixels = np.random.default_rng(3).standard_normal((3, *[built[family]["model"].config.vision_config.image_size] * 2))
+    size = built[family]["model"].config.vision_config.image_size
+    pixels = np.random.default_rng(3).standard_normal((3, size, size))
     f32 = VisionEncoder.from_mmproj(built[family]["mmproj"]).encode(pixels.astype(np.float32))
     f16 = VisionEncoder.from_mmproj(built[family]["mmproj_f16"]).encode(pixels.astype(np.float32))
     assert np.abs(f16 - f32).max() < 2e-2 * np.abs(f32).max()
