@@ -6,8 +6,9 @@ the pixels are decoded: Pillow's own limit (``PIL.Image.MAX_IMAGE_PIXELS``, whic
 below twice the limit) is an error here, and so is our ``max_pixels`` (both checked on the size in the
 header, without touching the process-wide warning filters, so that threads decoding at once do not race).
 The EXIF orientation is applied (a phone photo taken upright comes out upright) and the image is converted
-to RGB the way the Hugging Face image processors do it: transparency composited onto white. Every failure is an ``ImageError`` saying what
-was wrong. Fetching http(s) URLs is the caller's business (the server has its own limits for that).
+to RGB the way the Hugging Face image processors do it: transparency composited onto white. Every failure
+is an ``ImageError`` saying what was wrong. Fetching http(s) URLs is the caller's business (the server has
+its own limits for that).
 """
 from __future__ import annotations
 
