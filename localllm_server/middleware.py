@@ -84,6 +84,7 @@ class Metrics:
         self.gateway_prompt_tokens = defaultdict(int)
         self.gateway_completion_tokens = defaultdict(int)
         self.gateway_cost = defaultdict(float)      # in the currency of the config's prices
+        self.gateway_cache_hits = defaultdict(int)  # answers replayed from the cache (no tokens, no cost)
         self.in_flight = 0
 
     def started(self) -> None:
@@ -111,6 +112,10 @@ class Metrics:
             self.gateway_completion_tokens[key] += completion_tokens
             self.gateway_cost[key] += cost
 
+    def add_cache_hit(self, route: str, model: str) -> None:
+        with self._lock:
+            self.gateway_cache_hits[(route, model)] += 1
+
     def snapshot(self) -> dict:
         """A consistent copy of every counter."""
         with self._lock:
@@ -120,7 +125,7 @@ class Metrics:
                     "gateway_requests": dict(self.gateway_requests),
                     "gateway_prompt_tokens": dict(self.gateway_prompt_tokens),
                     "gateway_completion_tokens": dict(self.gateway_completion_tokens),
-                    "gateway_cost": dict(self.gateway_cost)}
+                    "gateway_cost": dict(self.gateway_cost), "gateway_cache_hits": dict(self.gateway_cache_hits)}
 
 
 class RequestMiddleware:

@@ -120,6 +120,8 @@ def render_metrics(metrics, engine) -> str:
                ("localllm_gateway_prompt_tokens_total", "counter", "gateway prompt tokens", "gateway_prompt_tokens"),
                ("localllm_gateway_completion_tokens_total", "counter", "gateway completion tokens",
                 "gateway_completion_tokens"),
+               ("localllm_gateway_cache_hits_total", "counter", "gateway answers replayed from the cache",
+                "gateway_cache_hits"),
                ("localllm_gateway_cost_total", "counter", "gateway cost from the configured prices per million tokens",
                 "gateway_cost")]
     for name, kind, help_text, key in gateway:

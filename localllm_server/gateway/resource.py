@@ -5,7 +5,7 @@ through the gateway when one is configured.
 resource finds it on ``req.context``), lets :meth:`Gateway.run` pick and try the members, and calls the local
 resource for a local member. It only translates: the answer's ``model`` is the member that gave it, also in
 the ``X-Localllm-Model`` header (set before a stream's first event); ``X-Localllm-Cache: hit|miss`` when the
-request could be cached; tokens and cost per route and model go to ``/metrics``.
+request could be cached; tokens and cost per route and model, and cache hits, go to ``/metrics``.
 """
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ class GatewayDispatch:
             return LocalAnswer(body=media)
 
         answer = self.gateway.run(self.path, body, call_local, record=recorder(req))
+        metrics = getattr(req.context, "metrics", None)
+        if answer.cache == "hit" and hasattr(metrics, "add_cache_hit"):
+            metrics.add_cache_hit(body["model"], answer.model)
         resp.set_header(MODEL_HEADER, answer.model)
         if answer.cache is not None:
             resp.set_header(CACHE_HEADER, answer.cache)

@@ -401,6 +401,7 @@ def metric(gw, name: str, route: str, model: str) -> float:
 def test_deterministic_requests_are_cached_and_costed(gw):
     body = chat_body("real/smol", max_tokens=3, temperature=0, messages=[{"role": "user", "content": "Cache me"}])
     cost_before = metric(gw, "localllm_gateway_cost_total", "real/smol", "real/smol")
+    hits_before = metric(gw, "localllm_gateway_cache_hits_total", "real/smol", "real/smol")
     first = gw.post("/v1/chat/completions", body)
     second = gw.post("/v1/chat/completions", body)
     assert first.headers["x-localllm-cache"] == "miss" and second.headers["x-localllm-cache"] == "hit"
@@ -409,6 +410,7 @@ def test_deterministic_requests_are_cached_and_costed(gw):
     expected = (usage["prompt_tokens"] * REAL_PRICES[0] + usage["completion_tokens"] * REAL_PRICES[1]) / 1e6
     cost = metric(gw, "localllm_gateway_cost_total", "real/smol", "real/smol") - cost_before
     assert cost == pytest.approx(expected, abs=1e-5)          # the hit cost nothing
+    assert metric(gw, "localllm_gateway_cache_hits_total", "real/smol", "real/smol") == hits_before + 1
     other = gw.post("/v1/chat/completions", dict(body, max_tokens=2))
     assert other.headers["x-localllm-cache"] == "miss"
     sampled = gw.post("/v1/chat/completions", dict(body, temperature=0.8))
