@@ -41,7 +41,7 @@ import json
 import re
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -77,6 +77,8 @@ class Constraint:
 
     grammar: str
     kind: str
+    answer_header: str = ""   # reasoning formats with channels (Harmony): the header this output follows instead
+                              # of the format's answer header (a forced call is a commentary message, not final)
 
     def make_processor(self, tokenizer, max_new_tokens: int | None = None) -> "GrammarProcessor":
         """A fresh logits processor (own matcher state) for one sequence generated with ``tokenizer``.
@@ -135,11 +137,13 @@ def regex(pattern: str) -> Constraint:
     return _validated(LLMatcher.grammar_from_regex(pattern), "regex", f"regex {pattern!r}")
 
 
-def lark(grammar: str, kind: str = "lark") -> Constraint:
-    """Output that the Lark-style grammar accepts (llguidance's dialect: ``start`` rule, ``%json {...}``)."""
+def lark(grammar: str, kind: str = "lark", answer_header: str = "") -> Constraint:
+    """Output that the Lark-style grammar accepts (llguidance's dialect: ``start`` rule, ``%json {...}``,
+    special tokens as ``<|name|>``). ``answer_header``: see :class:`Constraint`."""
     if not isinstance(grammar, str):
         raise ValueError("lark grammar must be a string")
-    return _validated(LLMatcher.grammar_from_lark(grammar), kind, f"{kind} grammar")
+    constraint = _validated(LLMatcher.grammar_from_lark(grammar), kind, f"{kind} grammar")
+    return replace(constraint, answer_header=answer_header) if answer_header else constraint
 
 
 def schema_json_grammar_fragment(schema: dict) -> str:

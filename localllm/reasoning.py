@@ -410,8 +410,10 @@ class ConstraintAfterThought:
         self.max_new_tokens = max_new_tokens
         self.open_tag = fmt.open_tag.encode()
         self.close_tag = fmt.close_tag.encode()
-        self.answer_header = fmt.answer_header.encode()                   # b"": the tag formats
-        self.header_after_thought = (fmt.message_start + fmt.answer_header).encode() if fmt.answer_header else b""
+        # b"": the tag formats; a constraint may name its own header (a gpt-oss call goes to the commentary channel)
+        header = (getattr(constraint, "answer_header", "") or fmt.answer_header) if fmt.answer_header else ""
+        self.answer_header = header.encode()
+        self.header_after_thought = (fmt.message_start + header).encode() if header else b""
         self.state = "thinking" if fmt.starts_open else "start"    # start -> thinking -> [header ->] answer
         self.pending = b""                    # bytes of a tag being spelled ("start", "header")
         self.pending_tokens = 0               # the tokens that wrote them

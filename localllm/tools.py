@@ -44,7 +44,8 @@ __all__ = ["ChatPlan", "ToolCall", "ToolCallDelta", "ToolCallStreamParser", "app
            "tools_system_prompt", "validate_tools"]
 
 TOOL_CHOICES = ("none", "auto", "required")
-TOOL_STYLES = ("hermes", "llama", "mistral")
+TOOL_STYLES = ("hermes", "llama", "mistral", "harmony")
+HARMONY_CALL_HEADER = "<|channel|>commentary"   # gpt-oss: a call is a commentary message to functions.NAME
 _PROBE_TOOL = "localllm_probe_tool"
 
 DEFAULT_TOOLS_PROMPT = """# Tools
@@ -146,13 +147,16 @@ def template_supports_tools(template) -> bool:
 
 
 def tool_call_style(template) -> str:
-    """The call format the model was trained on, guessed from its template: "hermes", "llama" or "mistral".
+    """The call format the model was trained on, guessed from its template: "hermes", "llama", "mistral" or
+    "harmony" (gpt-oss's channels).
 
     Templates without tool support get "hermes" (the default block asks for it).
     """
     if not template_supports_tools(template):
         return "hermes"
     source = getattr(template, "source", "") or ""
+    if "<|channel|>" in source:
+        return "harmony"
     if "<tool_call>" in source:
         return "hermes"
     if "[TOOL_CALLS]" in source:
@@ -265,7 +269,9 @@ def tool_call_constraint(tools: list[dict], tool_choice: str, style: str = "herm
     """The grammar that forces a call for ``tool_choice`` "required" or a function name; None otherwise.
 
     style: the call format (:func:`tool_call_style`): "hermes" ``<tool_call>\\n{...}\\n</tool_call>``,
-        "llama" ``{"name", "parameters"}`` or "mistral" ``[TOOL_CALLS] [{...}]``.
+        "llama" ``{"name", "parameters"}``, "mistral" ``[TOOL_CALLS] [{...}]`` or "harmony"
+        ``<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{arguments}`` (gpt-oss; the
+        constraint's ``answer_header`` makes the reasoning gate spell the commentary header, not the final one).
     parallel_tool_calls: let a "required" grammar take several calls (Hermes: one block per
         line; Mistral: several array items). Off by default, unlike OpenAI's flag: forced
         small models tend to repeat the same call until the token budget runs out, so pass
@@ -284,6 +290,13 @@ def tool_call_constraint(tools: list[dict], tool_choice: str, style: str = "herm
     arguments_key = "parameters" if style == "llama" else "arguments"
     parallel_tool_calls = parallel_tool_calls and tool_choice == "required"
     schemas = [_call_schema(tool, arguments_key) for tool in chosen]
+    if style == "harmony":                      # the name in the header, the arguments alone as the message
+        rules = "start: " + " | ".join(f"call{i}" for i in range(len(chosen))) + "\n"
+        for i, (tool, schema) in enumerate(zip(chosen, schemas)):
+            recipient = json.dumps(f" to=functions.{tool['function']['name']} ")     # a quoted, escaped literal
+            rules += f'call{i}: {recipient} <|constrain|> "json" <|message|> args{i}\n'
+            rules += f"args{i}: " + constrain.schema_json_grammar_fragment(schema["properties"][arguments_key]) + "\n"
+        return constrain.lark(rules, kind="tool_call", answer_header=HARMONY_CALL_HEADER)
     body = constrain.schema_json_grammar_fragment(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
     if style == "hermes":
         rules = 'start: call ("\\n" call)*\n' if parallel_tool_calls else "start: call\n"

@@ -530,3 +530,32 @@ def test_an_answer_ended_by_end_stops_the_generation(harmony_model):
     assert seq.finish_reason == "stop" and len(seq.generated) == len(SCRIPT) + 1     # stopped at the <|end|>
     assert "".join(e.thinking for e in events) == THOUGHT and "".join(e.text for e in events) == ANSWER
     assert events[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "add"}}])
+def test_a_forced_call_is_a_commentary_message_after_the_thought(harmony_model, tool_choice):
+    """gpt-oss's own call format: after the thought, ``<|start|>assistant<|channel|>commentary to=functions.add
+    <|constrain|>json<|message|>{arguments}`` (special tokens, not their text spelled in bytes), then ``<|call|>``."""
+    from localllm.tools import tool_call_style
+
+    digit = {"type": "integer", "minimum": 0, "maximum": 9}    # (the random model writes digits forever otherwise)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": digit, "b": digit}, "required": ["a", "b"],
+        "additionalProperties": False}}},
+             {"type": "function", "function": {"name": 'say "hi"', "parameters": {"type": "object"}}}]
+    assert tool_call_style(harmony_model.template) == "harmony"
+    result = harmony_model.chat(USER, details=True, tools=tools, tool_choice=tool_choice, max_tokens=120,
+                                temperature=0)
+    [choice] = result.choices
+    assert choice.thinking == THOUGHT
+    [call] = choice.tool_calls
+    arguments = json.loads(call.arguments_json)
+    assert call.name == "add" or tool_choice == "required"
+    if call.name == "add":
+        assert set(arguments) == {"a", "b"} and all(isinstance(v, int) for v in arguments.values())
+    assert choice.finish_reason == "tool_calls"
+    ids = choice.token_ids
+    header = [token_id("<|start|>"), token_id("assistant"), token_id("<|channel|>")]
+    at = next(i for i in range(len(ids)) if ids[i:i + 3] == header)           # the message after the thought
+    assert token_id("<|constrain|>") in ids[at:] and token_id("<|message|>") in ids[at:]
+    assert token_id("final") not in ids[at:]                                  # not the final channel
