@@ -23,4 +23,11 @@ class Models(Resource):
 
 class Model(Resource):
     def on_get(self, req: falcon.Request, resp: falcon.Response, model: str) -> None:
+        from ..gateway import gateway_for
+
+        gateway = gateway_for(self.settings)
+        owner = dict(gateway.listing()).get(model) if gateway is not None else None
+        if owner is not None:                   # an upstream model of the gateway's mappings, or a route
+            resp.media = {"id": model, "object": "model", "created": 0, "owned_by": owner}
+            return
         resp.media = formatting.model_object(self.engine.store.get(model))

@@ -439,6 +439,10 @@ def test_models_listings_show_local_upstream_models_and_routes(gw):
     ids = {m["id"]: m["owned_by"] for m in gw.get("/v1/models").json()["data"]}
     assert ids[SMOLLM2] == "library" and ids["real/smol"] == "real" and ids["faulty/cut"] == "faulty"
     assert ids["strict-json"] == "route" and ids["local-first"] == "route"
+    assert gw.get("/v1/models/real/smol").json() == {"id": "real/smol", "object": "model", "created": 0,
+                                                      "owned_by": "real"}
+    assert gw.get("/v1/models/cut").json()["owned_by"] == "route"
+    assert gw.get(f"/v1/models/{SMOLLM2}").json()["owned_by"] == "library"
     names = {m["name"] for m in gw.get("/api/tags").json()["models"]}
     assert {SMOLLM2, "real/smol", "faulty/ok", "strict-json"} <= names
 
