@@ -327,6 +327,8 @@ class JsonCloser:
         self.candidates, self.candidate_bytes, self.token_lengths, self.expands, self.space_only = \
             _closing_tokens(tokenizer)
         self.eog = np.array(sorted(tokenizer.eog_ids), dtype=np.int64)
+        self.container_closers = self.candidates[[i for i, piece in enumerate(self.candidate_bytes)
+                                                  if b"}" in piece or b"]" in piece]]   # tokens ending an object/array
         self.state = _JsonNesting()
         self.plan_steps: int | None = None      # length of the last closing plan
         self.bitmask = np.zeros((tokenizer.vocab_size + 31) // 32, dtype=np.int32)
@@ -361,8 +363,11 @@ class JsonCloser:
         return narrowed
 
     def _without_expansions(self, allowed: np.ndarray) -> np.ndarray:
-        """``allowed`` minus tokens that write an unquoted ``,``, ``{`` or ``[`` (unless only whitespace would remain)."""
+        """``allowed`` minus tokens that write an unquoted ``,``, ``{`` or ``[`` (unless only whitespace would remain,
+        or the grammar cannot close the container here: a required member is still to come)."""
         kept = allowed & ~self.expands[int(self.state.in_string)]
+        if not self.state.in_string and not kept[self.container_closers].any():
+            return allowed
         return kept if (kept & ~self.space_only).any() else allowed
 
     def plan(self, matcher: LLMatcher, allowed: np.ndarray, limit: int) -> tuple[int, np.ndarray | None]:
@@ -399,6 +404,11 @@ class JsonCloser:
             after.feed(self.candidate_bytes[index])
             costs.append((after.cost(), len(self.candidate_bytes[index])))
         best = min(costs)
+        if best[0] >= state.cost():              # nothing closes from here: more digits only lengthen a number
+            structural = [(i, c) for i, c in zip(usable, costs) if not self.candidate_bytes[i].isdigit()]
+            if structural:                       # a step on (",", then a required key) ends it
+                best = min(c for _, c in structural)
+                return self.candidates[[i for i, c in structural if c[0] == best[0]]]
         return self.candidates[[i for i, c in zip(usable, costs) if c[0] == best[0]]]
 
 

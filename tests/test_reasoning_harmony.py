@@ -538,10 +538,9 @@ def test_a_forced_call_is_a_commentary_message_after_the_thought(harmony_model, 
     <|constrain|>json<|message|>{arguments}`` (special tokens, not their text spelled in bytes), then ``<|call|>``."""
     from localllm.tools import tool_call_style
 
-    digit = {"type": "integer", "minimum": 0, "maximum": 9}    # (the random model writes digits forever otherwise)
-    tools = [{"type": "function", "function": {"name": "add", "parameters": {
-        "type": "object", "properties": {"a": digit, "b": digit}, "required": ["a", "b"],
-        "additionalProperties": False}}},
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {     # (the random model writes digits
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},   # until the budget's
+        "required": ["a", "b"], "additionalProperties": False}}},                   # end: "b" must still come)
              {"type": "function", "function": {"name": 'say "hi"', "parameters": {"type": "object"}}}]
     assert tool_call_style(harmony_model.template) == "harmony"
     result = harmony_model.chat(USER, details=True, tools=tools, tool_choice=tool_choice, max_tokens=120,
