@@ -48,13 +48,17 @@ class Settings:
     trusted_proxy: str | None = None
     replica_name: str | None = None             # sent as X-Localllm-Replica on every response when set
     access_log: bool = False                    # one log line per request (logger "localllm_server.access")
+    # The gateway's TOML file (upstreams, routes, cache) or a loaded gateway.GatewayConfig; None: LOCALLLM_GATEWAY
+    # if set (localllm_server.gateway.gateway_for), else no gateway.
+    gateway: object = None
 
     @classmethod
     def from_env(cls) -> "Settings":
         """``LOCALLLM_HOST`` (host:port), ``LOCALLLM_API_KEY``, ``LOCALLLM_THREADS``,
         ``LOCALLLM_MAX_BODY_BYTES``, ``LOCALLLM_ORIGINS`` (comma-separated CORS origins),
         ``LOCALLLM_SHUTDOWN_GRACE`` (seconds), ``LOCALLLM_CHANNEL_TIMEOUT`` (seconds), ``LOCALLLM_TRUSTED_PROXY``
-        (an IP address or ``*``), ``LOCALLLM_REPLICA_NAME``, ``LOCALLLM_ACCESS_LOG`` (``1`` to log requests)."""
+        (an IP address or ``*``), ``LOCALLLM_REPLICA_NAME``, ``LOCALLLM_ACCESS_LOG`` (``1`` to log requests),
+        ``LOCALLLM_GATEWAY`` (the gateway's TOML file)."""
         from localllm.engine import env_number
 
         host, port = parse_host(os.environ.get("LOCALLLM_HOST", ""))
@@ -68,7 +72,8 @@ class Settings:
                        channel_timeout=env_number("LOCALLLM_CHANNEL_TIMEOUT", "120", float),
                        trusted_proxy=os.environ.get("LOCALLLM_TRUSTED_PROXY", "").strip() or None,
                        replica_name=os.environ.get("LOCALLLM_REPLICA_NAME", "").strip() or None,
-                       access_log=env_flag("LOCALLLM_ACCESS_LOG"))
+                       access_log=env_flag("LOCALLLM_ACCESS_LOG"),
+                       gateway=os.environ.get("LOCALLLM_GATEWAY", "").strip() or None)
         settings.check()
         return settings
 

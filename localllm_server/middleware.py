@@ -44,7 +44,9 @@ ALLOW_HEADERS = ", ".join((
     "Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "X-Request-Id", "OpenAI-Beta",
     "x-stainless-arch", "x-stainless-async", "x-stainless-custom-poll-interval", "x-stainless-helper-method",
     "x-stainless-lang", "x-stainless-os", "x-stainless-package-version", "x-stainless-poll-helper",
-    "x-stainless-retry-count", "x-stainless-runtime", "x-stainless-runtime-version", "x-stainless-timeout"))
+    "x-stainless-retry-count", "x-stainless-runtime", "x-stainless-runtime-version", "x-stainless-timeout",
+    "X-Request-Timeout", "X-Session-Id",                              # a request's own limit; replica affinity
+    "x-api-key", "anthropic-version", "anthropic-beta", "anthropic-dangerous-direct-browser-access"))   # Anthropic SDK
 PREFLIGHT_MAX_AGE = "43200"   # seconds a browser may cache a preflight answer (12 h)
 
 

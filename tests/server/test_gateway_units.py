@@ -211,3 +211,13 @@ def test_deterministic_answers_are_replayed_from_the_cache():
     assert calls == ["first:1"]
     gateway.run("/completions", body, call)                 # another route path: another key
     assert calls == ["first:1", "first:1"]
+
+
+def test_settings_from_env_name_the_gateway_file(monkeypatch, tmp_path):
+    """LOCALLLM_GATEWAY reaches Settings (serve reads it there), unset means no gateway."""
+    from localllm_server.app import Settings
+
+    monkeypatch.setenv("LOCALLLM_GATEWAY", str(tmp_path / "gateway.toml"))
+    assert Settings.from_env().gateway == str(tmp_path / "gateway.toml")
+    monkeypatch.delenv("LOCALLLM_GATEWAY")
+    assert Settings.from_env().gateway is None
