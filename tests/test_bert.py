@@ -170,11 +170,13 @@ def test_weights_from_hf_names(tiny_hf):
 def test_missing_or_misshapen_tensor_is_named(tiny_hf):
     config = bert.config_from_hf(tiny_hf.config)
     weights = bert.weights_from_hf(tiny_hf.tensors)
-    with pytest.raises(KeyError, match="blk.1.ffn_up.weight"):
+    from localllm.formats.errors import ModelFormatError
+
+    with pytest.raises(ModelFormatError, match="blk.1.ffn_up.weight"):
         bert.BertModel(config, {k: v for k, v in weights.items() if k != "blk.1.ffn_up.weight"})
     bad = dict(weights)
     bad["blk.0.attn_k.weight"] = QTensor.from_float("blk.0.attn_k.weight", np.zeros((32, 31), np.float32))
-    with pytest.raises(ValueError, match=r"blk.0.attn_k.weight.*\(32, 31\)"):
+    with pytest.raises(ModelFormatError, match=r"blk.0.attn_k.weight.*\(32, 31\)"):
         bert.BertModel(config, bad)
 
 

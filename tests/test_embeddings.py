@@ -402,3 +402,23 @@ def test_pooling_config_new_style(tmp_path):
         load_embedding_model(folder)
     shutil.rmtree(folder / "1_Pooling")
     assert load_embedding_model(folder).pooling == "mean"
+
+
+def test_hostile_bert_gguf_hyperparameters_are_format_errors(tmp_path):
+    """A BERT GGUF whose sizes are not positive integers, whose block count exceeds its tensors or whose config
+    disagrees with its tensor shapes is refused with localllm's format error before any kernel runs."""
+    from localllm.formats.errors import ModelFormatError
+    from localllm.formats.gguf import read_gguf
+    from localllm.models import bert
+
+    folder = write_tiny_bert(tmp_path / "hf", pooling="mean")
+    file = read_gguf(write_bert_gguf(folder, tmp_path / "tiny.gguf", "F32"))
+    good = dict(file.metadata)
+    for key, value in (("bert.embedding_length", 0), ("bert.block_count", 10**9), ("bert.attention.head_count", -1),
+                       ("bert.feed_forward_length", "wide"), ("bert.attention.layer_norm_epsilon", float("nan"))):
+        file.metadata = {**good, key: value}
+        with pytest.raises(ModelFormatError):
+            bert.BertModel(bert.config_from_gguf(file), dict(file.tensors))
+    file.metadata = {**good, "bert.feed_forward_length": good["bert.feed_forward_length"] * 2}  # shapes disagree
+    with pytest.raises(ModelFormatError, match="ffn_up"):
+        bert.BertModel(bert.config_from_gguf(file), dict(file.tensors))

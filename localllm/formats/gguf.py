@@ -298,7 +298,7 @@ _POSITIVE_INTS = ("context_length", "embedding_length", "block_count", "feed_for
                   "attention.value_length", "rope.dimension_count")
 _NON_NEGATIVE_INTS = ("vocab_size", "attention.sliding_window", "rope.scaling.original_context_length")
 _POSITIVE_FLOATS = ("rope.freq_base", "rope.freq_base_swa")
-_NON_NEGATIVE_FLOATS = ("attention.layer_norm_rms_epsilon", "rope.scaling.factor", "rope.scaling.attn_factor",
+_NON_NEGATIVE_FLOATS = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.scaling.factor", "rope.scaling.attn_factor",
                         "attn_logit_softcapping", "final_logit_softcapping")
 _STRINGS = ("rope.scaling.type",)
 

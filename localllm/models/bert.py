@@ -35,7 +35,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..formats.gguf import GGUFError, GGUFFile
+from ..formats.errors import ModelFormatError
+from ..formats.gguf import GGUFError, GGUFFile, check_hyperparameters
 from ..ops import encoder as encoder_ops
 from ..ops import get_backend
 from ..quants import QTensor
@@ -127,6 +128,7 @@ def config_from_gguf(gguf: GGUFFile) -> BertConfig:
             raise GGUFError(f"{gguf.path.name}: missing GGUF metadata key '{arch}.{name}'")
         return value
 
+    check_hyperparameters(gguf)              # sizes positive integers, block_count within the file's tensors
     if "token_embd.weight" not in gguf.tensors:
         raise GGUFError(f"{gguf.path.name}: missing tensor 'token_embd.weight'")
     token_types = gguf.tensors.get("token_types.weight")
@@ -264,10 +266,10 @@ class BertModel:
 
     def _tensor(self, name: str, shape: tuple[int, ...]) -> QTensor:
         if name not in self._weights:
-            raise KeyError(f"BERT weights: missing tensor '{name}'")
+            raise ModelFormatError(f"BERT weights: missing tensor '{name}'")
         t = self._weights[name]
-        if tuple(t.shape) != shape:
-            raise ValueError(f"BERT weights: tensor '{name}' has shape {tuple(t.shape)}, expected {shape}")
+        if tuple(t.shape) != shape:             # checked before any kernel reads it
+            raise ModelFormatError(f"BERT weights: tensor '{name}' has shape {tuple(t.shape)}, expected {shape}")
         self._used.add(name)
         return t
 
