@@ -7,7 +7,7 @@ Anthropic's shapes (``formatting``); errors take Anthropic's envelope (``errors.
 """
 from __future__ import annotations
 
-from .messages import CountTokens, Messages
+from .messages import CountTokens, GatewayCountTokens, GatewayMessages, Messages
 
 ROUTES = [
     ("/v1/messages", Messages),
@@ -16,6 +16,15 @@ ROUTES = [
 
 
 def register(app, engine, settings) -> None:
-    """Add the Anthropic routes to ``app``, serving ``engine``."""
-    for path, resource in ROUTES:
-        app.add_route(path, resource(engine, settings))
+    """Add the Anthropic routes to ``app``, serving ``engine``; with a gateway (``gateway_for(settings)``) a
+    request naming a route or ``<upstream>/<model>`` goes through it (``messages.GatewayMessages``)."""
+    from ..gateway import gateway_for
+    gateway = gateway_for(settings) if settings is not None else None
+    if gateway is None:
+        for path, resource in ROUTES:
+            app.add_route(path, resource(engine, settings))
+        return
+    from ..openai_api.chat import ChatCompletions
+    app.add_route("/v1/messages", GatewayMessages(Messages(engine, settings), ChatCompletions(engine, settings),
+                                                  gateway))
+    app.add_route("/v1/messages/count_tokens", GatewayCountTokens(engine, settings, gateway))

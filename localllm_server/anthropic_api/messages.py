@@ -16,9 +16,10 @@ import falcon
 from .. import formatting as openai_formatting
 from .. import streaming
 from ..body import Resource
-from ..errors import anthropic_body, to_api_error
+from ..errors import anthropic_body, bad_request, to_api_error
+from ..gateway.resource import GatewayDispatch, recorder
 from ..openai_api import chat, common
-from . import formatting
+from . import formatting, openai_bridge
 from .request import parse_messages_request
 
 
@@ -93,3 +94,57 @@ class CountTokens(Resource):
         request = parse_messages_request(self.body(req), count_only=True)
         _, model = resolve_model(self.engine, request.model)
         resp.media = {"input_tokens": len(chat.prepare(model, request.chat).prompt_ids)}
+
+
+# --------------------------------------------------------------------------- through the gateway
+
+class GatewayMessages(GatewayDispatch):
+    """POST /v1/messages with a gateway: a route or ``<upstream>/<model>`` goes through the gateway as a chat
+    completion (``openai_bridge``), its answer translated back; a local model takes :class:`Messages` as
+    without a gateway. ``chat_local`` is the local /v1/chat/completions resource (a route's local members)."""
+
+    def __init__(self, local: Messages, chat_local, gateway):
+        super().__init__(chat_local, gateway, "/chat/completions")
+        self.messages = local
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = self.messages.body(req)
+        if not self.gateway.handles(body.get("model")):
+            req.context.json_body = body
+            self.messages.on_post(req, resp)
+            return
+        request = parse_messages_request(body)
+        answer = self.gateway.run(self.path, openai_bridge.chat_body(body, request), self.local_caller(req, resp),
+                                  record=recorder(req))
+        if answer.stream is not None:
+            answer.stream = sse_body(openai_bridge.translate_stream(answer.stream, answer.model,
+                                                                    request.stop_sequences))
+            answer.content_type = streaming.SSE_CONTENT_TYPE
+        else:
+            payload = json.loads(answer.body) if answer.status < 400 else None
+            if isinstance(payload, dict) and "error" not in payload:
+                payload = openai_bridge.message_from_completion(payload, answer.model, request.stop_sequences)
+            else:
+                payload = openai_bridge.error_from_openai(answer.status, answer.body)
+            answer.body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self.respond(req, resp, body["model"], answer)
+
+
+class GatewayCountTokens(CountTokens):
+    """count_tokens with a gateway: a route counts with its first member when that one is local; an upstream
+    model (or a route starting with one) is a 400: only a local model's tokenizer is known here."""
+
+    def __init__(self, engine, settings, gateway):
+        super().__init__(engine, settings)
+        self.gateway = gateway
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = self.body(req)
+        if self.gateway.handles(body.get("model")):
+            first = self.gateway.resolve(body["model"]).members[0]
+            if not first.is_local:
+                raise bad_request(f"count_tokens cannot count for '{first.name}': it is an upstream model and only "
+                                  f"local models' tokenizers are known here", "model")
+            body = dict(body, model=first.model)
+        req.context.json_body = body
+        super().on_post(req, resp)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import falcon
 
 from ..streaming import ClosingStream
-from .routing import Gateway, LocalAnswer
+from .routing import Answer, Gateway, LocalAnswer
 
 MODEL_HEADER = "X-Localllm-Model"
 CACHE_HEADER = "X-Localllm-Cache"
@@ -32,7 +32,11 @@ class GatewayDispatch:
             req.context.json_body = body
             self.local.on_post(req, resp)
             return
+        answer = self.gateway.run(self.path, body, self.local_caller(req, resp), record=recorder(req))
+        self.respond(req, resp, body["model"], answer)
 
+    def local_caller(self, req: falcon.Request, resp: falcon.Response):
+        """``call_local(model, sent)``: the local resource on ``sent``, its answer taken off ``resp``."""
         def call_local(model: str, sent: dict) -> LocalAnswer:
             req.context.json_body = sent
             self.local.on_post(req, resp)
@@ -41,11 +45,14 @@ class GatewayDispatch:
                 return LocalAnswer(chunks=chunks, close=getattr(chunks, "close", None))
             media, resp.media = resp.media, None
             return LocalAnswer(body=media)
+        return call_local
 
-        answer = self.gateway.run(self.path, body, call_local, record=recorder(req))
+    @staticmethod
+    def respond(req: falcon.Request, resp: falcon.Response, asked: str, answer: Answer) -> None:
+        """``answer`` onto ``resp``: who answered (header), cache hit or miss, the body or the stream."""
         metrics = getattr(req.context, "metrics", None)
         if answer.cache == "hit" and hasattr(metrics, "add_cache_hit"):
-            metrics.add_cache_hit(body["model"], answer.model)
+            metrics.add_cache_hit(asked, answer.model)
         resp.set_header(MODEL_HEADER, answer.model)
         if answer.cache is not None:
             resp.set_header(CACHE_HEADER, answer.cache)

@@ -246,6 +246,10 @@ class Gateway:
             return Target(name, tuple(self.member(m) for m in route.members), route.fallback_on_invalid_json)
         return Target(name, (self.member(name),))
 
+    def handles(self, name) -> bool:
+        """Whether ``name`` is a route or ``<upstream>/<model>`` (else a local model the local routes serve)."""
+        return isinstance(name, str) and (name in self.config.routes or not self.member(name).is_local)
+
     def listing(self) -> list[tuple[str, str]]:
         """(name, owner) of every upstream model of the mappings and every route (owner: upstream or "route")."""
         names = [(f"{upstream.name}/{model}", upstream.name)
