@@ -7,7 +7,7 @@ Anthropic's shapes (``formatting``); errors take Anthropic's envelope (``errors.
 """
 from __future__ import annotations
 
-from .messages import CountTokens, GatewayCountTokens, GatewayMessages, Messages
+from .messages import CountTokens, FittedChatCompletions, GatewayCountTokens, GatewayMessages, Messages
 
 ROUTES = [
     ("/v1/messages", Messages),
@@ -24,7 +24,6 @@ def register(app, engine, settings) -> None:
         for path, resource in ROUTES:
             app.add_route(path, resource(engine, settings))
         return
-    from ..openai_api.chat import ChatCompletions
-    app.add_route("/v1/messages", GatewayMessages(Messages(engine, settings), ChatCompletions(engine, settings),
+    app.add_route("/v1/messages", GatewayMessages(Messages(engine, settings), FittedChatCompletions(engine, settings),
                                                   gateway))
     app.add_route("/v1/messages/count_tokens", GatewayCountTokens(engine, settings, gateway))

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import falcon
 
 from .. import formatting as openai_formatting
-from .. import streaming
+from .. import schemas, streaming
 from ..body import Resource
 from ..errors import anthropic_body, bad_request, to_api_error
 from ..gateway.resource import GatewayDispatch, recorder
@@ -128,6 +128,23 @@ class GatewayMessages(GatewayDispatch):
                 payload = openai_bridge.error_from_openai(answer.status, answer.body)
             answer.body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         self.respond(req, resp, body["model"], answer)
+
+
+class FittedChatCompletions(chat.ChatCompletions):
+    """The local /v1/chat/completions for a route's local members on /v1/messages: ``max_tokens`` capped at the
+    room the window leaves after the prompt first (:func:`fit_max_tokens`), as the local /v1/messages does,
+    so an Anthropic client's large ``max_tokens`` is not a context_length_exceeded that moves the route on."""
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = self.body(req)
+        if isinstance(body.get("max_tokens"), int):
+            _, model = resolve_model(self.engine, str(body.get("model")))
+            prepared = chat.prepare(model, schemas.parse_chat(body))        # the prompt, to measure it
+            room = prepared.num_ctx - len(prepared.prompt_ids)
+            if 0 < room < body["max_tokens"]:
+                body = dict(body, max_tokens=room)
+        req.context.json_body = body
+        super().on_post(req, resp)
 
 
 class GatewayCountTokens(CountTokens):

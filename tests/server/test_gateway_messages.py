@@ -160,6 +160,15 @@ def test_messages_are_cached_and_costed_per_route(gw):
     assert metric(gw, "localllm_gateway_completion_tokens_total", "to-real", "real/smol") == tokens_before + 3
 
 
+def test_a_large_max_tokens_is_fitted_to_a_local_members_window_not_a_fallback(gw):
+    body = {"model": "local-first", "max_tokens": 32000, "temperature": 0,      # Claude Code's max_tokens
+            "messages": [{"role": "user", "content": "Hi"}]}                    # a short answer (end_turn)
+    routed = gw.post("/v1/messages", body)
+    assert routed.status == 200 and routed.headers["x-localllm-model"] == SMOLLM2
+    local = gw.post("/v1/messages", dict(body, model=SMOLLM2)).json()
+    assert routed.json()["content"] == local["content"] and routed.json()["stop_reason"] == local["stop_reason"]
+
+
 def test_local_models_keep_the_local_path(gw):
     response = gw.post("/v1/messages", {"model": SMOLLM2, "max_tokens": 3, "messages": PROMPT})
     assert response.status == 200 and "x-localllm-model" not in response.headers
