@@ -15,8 +15,8 @@ import logging
 import pytest
 
 from .conftest import SMOLLM2, RawHTTP
-from .test_gateway import (FAULT_KEY, OK_ANSWER, REAL_KEY, FaultyUpstream, faulty_port, gateway,  # noqa: F401
-                           gw, metric, no_secret)
+from .test_gateway import (FAULT_KEY, HELD_RELEASED, OK_ANSWER, REAL_KEY, FaultyUpstream,  # noqa: F401
+                           faulty_port, gateway, gw, metric, no_secret)
 
 anthropic = pytest.importorskip("anthropic")
 jsonschema = pytest.importorskip("jsonschema")
@@ -127,6 +127,29 @@ def test_a_cut_upstream_stream_is_an_error_event_never_restarted(gw):
     assert events[-1][1]["error"]["type"] == "api_error" and "ended before it finished" in \
         events[-1][1]["error"]["message"]
     assert [seen["body"]["model"] for seen in FaultyUpstream.seen] == ["cut"]
+
+
+def test_a_stream_is_translated_event_by_event_not_buffered(gateway):
+    import http.client
+    from urllib.parse import urlsplit
+
+    HELD_RELEASED.clear()
+    url = urlsplit(gateway)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    connection.request("POST", "/v1/messages", json.dumps({"model": "faulty/held", "max_tokens": 5, "stream": True,
+                                                           "messages": PROMPT}), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.getheader("X-Localllm-Model") == "faulty/held"
+    line = ""
+    while '"text_delta"' not in line:                  # arrives while the upstream still holds the rest
+        line = response.readline().decode()
+        assert line, "the stream ended before its first text"
+    assert json.loads(line[5:])["delta"]["text"] == "first"
+    HELD_RELEASED.set()
+    rest = sse_events(response.read())
+    connection.close()
+    texts = [data["delta"]["text"] for kind, data in rest if kind == "content_block_delta"]
+    assert texts == ["released"] and rest[-1][0] == "message_stop"
 
 
 def test_the_sdk_raises_on_a_cut_stream(claude):
