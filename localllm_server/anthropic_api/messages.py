@@ -124,7 +124,8 @@ class GatewayMessages(GatewayDispatch):
             payload = json.loads(answer.body) if answer.status < 400 else None
             if isinstance(payload, dict) and "error" not in payload:
                 payload = openai_bridge.message_from_completion(payload, answer.model, request.stop_sequences)
-            else:
+            else:                                           # an error (an answer with an error body: a 502)
+                answer.status = answer.status if answer.status >= 400 else 502
                 payload = openai_bridge.error_from_openai(answer.status, answer.body)
             answer.body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         self.respond(req, resp, body["model"], answer)
