@@ -5,6 +5,9 @@ Parse (``request``) -> resolve the model (:func:`resolve_model`) -> the chat rou
 Streamed, every event is framed ``event: <type>\\ndata: <json>\\n\\n``; an error after the stream
 began is an ``error`` event carrying the Anthropic error envelope. An error before it began
 keeps its HTTP status (the first engine event is awaited before the answer starts).
+
+With a gateway, a ``model`` naming a route or ``<upstream>/<model>`` goes through it instead
+(:class:`GatewayMessages`): translated to a chat completion and back by ``openai_bridge``.
 """
 from __future__ import annotations
 

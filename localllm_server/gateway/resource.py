@@ -6,6 +6,7 @@ resource finds it on ``req.context``), lets :meth:`Gateway.run` pick and try the
 resource for a local member. It only translates: the answer's ``model`` is the member that gave it, also in
 the ``X-Localllm-Model`` header (set before a stream's first event); ``X-Localllm-Cache: hit|miss`` when the
 request could be cached; tokens and cost per route and model, and cache hits, go to ``/metrics``.
+``anthropic_api.messages.GatewayMessages`` reuses it for /v1/messages (translating around :meth:`Gateway.run`).
 """
 from __future__ import annotations
 
