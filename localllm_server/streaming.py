@@ -78,6 +78,14 @@ class ClosingStream:
             close()
 
 
+def respond_stream(resp, body: Iterable[bytes], on_close=None, content_type: str = SSE_CONTENT_TYPE) -> None:
+    """Send ``body`` (already framed) as a streamed, uncached response; ``on_close`` runs when the server closes
+    it. (``X-Accel-Buffering: no`` comes from ``UnbufferedStreams``, for every stream alike.)"""
+    resp.content_type = content_type
+    resp.set_header("Cache-Control", "no-cache")
+    resp.stream = ClosingStream(body, on_close=on_close)
+
+
 def is_stream_content_type(content_type: str | None) -> bool:
     """Whether a response's Content-Type is one of the streamed ones (parameters such as charset ignored)."""
     media_type = (content_type or "").partition(";")[0].strip().lower()

@@ -74,10 +74,7 @@ class Messages(Resource):
             stream = formatting.MessageStream(message_id, request.model, request.stop_sequences, model.detokenize,
                                               prepared.make_parser)
             body = sse_body(stream.events(streaming.prime(events), submission.prompt_tokens))
-            resp.content_type = streaming.SSE_CONTENT_TYPE
-            resp.set_header("Cache-Control", "no-cache")
-            resp.set_header("X-Accel-Buffering", "no")
-            resp.stream = streaming.ClosingStream(body, on_close=submission.cancel)
+            streaming.respond_stream(resp, body, submission.cancel)
             return
         collector = openai_formatting.Collector(1)
         for index, event in events:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import falcon
 
-from ..streaming import ClosingStream
+from ..streaming import respond_stream
 from .routing import Answer, Gateway, LocalAnswer
 
 MODEL_HEADER = "X-Localllm-Model"
@@ -58,12 +58,10 @@ class GatewayDispatch:
         if answer.cache is not None:
             resp.set_header(CACHE_HEADER, answer.cache)
         resp.status = answer.status
-        resp.content_type = answer.content_type
         if answer.stream is not None:
-            resp.set_header("Cache-Control", "no-cache")
-            resp.set_header("X-Accel-Buffering", "no")
-            resp.stream = ClosingStream(answer.stream, on_close=answer.close)
+            respond_stream(resp, answer.stream, answer.close, answer.content_type)
         else:
+            resp.content_type = answer.content_type
             resp.data = answer.body
 
 

@@ -86,10 +86,7 @@ class Submission:
 
 def respond_sse(resp: falcon.Response, chunks: Iterable[dict], on_close: Callable[[], None]) -> None:
     """Send ``chunks`` as a server-sent event stream; ``on_close`` runs when the server closes it."""
-    resp.content_type = "text/event-stream"
-    resp.set_header("Cache-Control", "no-cache")
-    resp.set_header("X-Accel-Buffering", "no")
-    resp.stream = streaming.ClosingStream(streaming.sse_body(chunks), on_close=on_close)
+    streaming.respond_stream(resp, streaming.sse_body(chunks), on_close)
 
 
 def metrics_hook(req: falcon.Request, route: str):

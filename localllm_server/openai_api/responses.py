@@ -57,10 +57,7 @@ class Responses(Resource):
         if request.chat.stream:
             stream = formatting.ResponseStream(header, fields, prepared.make_parser)
             body = named_sse_body(stream.events(streaming.prime(events), submission.prompt_tokens))
-            resp.content_type = "text/event-stream"
-            resp.set_header("Cache-Control", "no-cache")
-            resp.set_header("X-Accel-Buffering", "no")
-            resp.stream = streaming.ClosingStream(body, on_close=submission.cancel)
+            streaming.respond_stream(resp, body, submission.cancel)
             return
         collector = formatting.Collector(1)
         for index, event in events:
