@@ -43,14 +43,31 @@ def resolve(name_or_path, store=None):
     return entry.path, entry
 
 
-def load(name_or_path, *, num_ctx: int | None = None, backend: str = "auto", n_slots: int = 1, store=None):
+def load(name_or_path, *, num_ctx: int | None = None, backend: str = "auto", n_slots: int = 1, store=None,
+         projector=None):
     """Load a model by store name (``"smollm2:135m"``), store entry, ``.gguf`` path or HF folder.
 
     Returns a :class:`Model` for text generation, or an
     :class:`~localllm.embeddings.EmbeddingModel` for encoders (BERT family).
+    ``projector``: a vision encoder for the model (llama.cpp's ``mmproj`` GGUF or a Hugging Face
+    folder with a ``vision_config``), so that chats may hold images; a store model made from a
+    Modelfile with two ``FROM`` lines brings its own.
     """
     path, entry = resolve(name_or_path, store)
     name = entry.name if entry else str(name_or_path)
+    projector = projector or (getattr(entry, "projector", None) if entry else None)
+    model = _load(path, entry, name, num_ctx, backend, n_slots)
+    if projector is not None:
+        if not isinstance(model, Model):
+            raise TypeError(f"model '{name}' is an embedding model: a vision projector cannot be attached to it")
+        from .vision import VisionEncoder
+        projector = Path(projector)
+        model.attach_vision(VisionEncoder.from_hf(projector) if projector.is_dir()
+                            else VisionEncoder.from_mmproj(projector))
+    return model
+
+
+def _load(path: Path, entry, name: str, num_ctx, backend: str, n_slots: int):
     if path.is_dir():
         from .formats import hf_decoder
         if hf_decoder.is_encoder_config(hf_decoder.read_config(path)):
@@ -106,6 +123,7 @@ class Model:
         self.capabilities = ("completion",) + (("tools",) if "tools" in (template or "") else ()) + \
             (("insert",) if getattr(self.tokenizer, "fim_ids", None) else ()) + \
             (("thinking",) if thinking_support(template) is not None else ())
+        self.vision = None          # vision.prompt.ImageEmbedder once attach_vision gave the model an encoder
         self.system = entry.system if entry else None
         self.defaults: dict[str, Any] = dict(defaults or {})       # the folder's generation_config.json, then
         self.defaults.update(entry.parameters if entry and entry.parameters else {})   # the Modelfile's PARAMETERs
@@ -117,6 +135,46 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, n_ctx={self.n_ctx}, architecture={self.config.architecture!r})"
+
+    # -- vision ------------------------------------------------------------------------------------------
+    def attach_vision(self, encoder) -> None:
+        """Let chats hold images: ``encoder`` (a ``vision.VisionEncoder``) turns each into soft tokens."""
+        from .vision.loading import VisionModelError
+        from .vision.prompt import WRAPPING, ImageEmbedder
+        if encoder.n_embd_text != self.config.dim:
+            raise VisionModelError(f"the vision projector {encoder.source or ''} makes embeddings of width "
+                                   f"{encoder.n_embd_text}, but model '{self.name}' is {self.config.dim} wide: "
+                                   "they do not belong together", encoder.source or self.name)
+        for text in (WRAPPING[encoder.projector].before, WRAPPING[encoder.projector].after):
+            special = text.strip()
+            if special and len(self.tokenizer.encode(special, add_bos=False)) != 1:
+                raise VisionModelError(f"model '{self.name}' has no {special} token, which {encoder.projector} "
+                                       "images are wrapped in", encoder.source or self.name)
+        with self._lock:
+            self.vision = ImageEmbedder(encoder)
+            self.network.max_image_tokens = encoder.n_image_tokens
+            self.cache = None                              # its rings must hold a whole image: made anew
+            self.set_context(self.n_ctx, self.n_slots)
+        if "vision" not in self.capabilities:
+            self.capabilities = self.capabilities + ("vision",)
+
+    def images_in(self, messages: list[dict]) -> tuple[list[dict], dict]:
+        """(messages with each image replaced by a marker text part, {digest: embeddings}) for a chat.
+
+        Images come as content parts (``{"type": "image", "image": bytes | path | PIL image}``,
+        OpenAI's ``image_url`` with a ``data:`` URI, ``input_image``) or Ollama's ``images`` list on a
+        message. Pass the embeddings to ``tokenize(prompt, images=...)``. Raises ``NoVisionError`` for
+        a model without a vision encoder, ``ImageInputError`` naming the message and part of a bad image.
+        """
+        from .vision.prompt import NoVisionError, collect_images, has_images, place_markers
+        if not has_images(messages):
+            return messages, {}
+        if self.vision is None:
+            raise NoVisionError(f"model '{self.name}' has no vision: it cannot read images (load it with a "
+                                "vision projector, e.g. a Modelfile with a second FROM naming an mmproj file)")
+        messages, pending = collect_images(messages)
+        digests, table = self.vision.embed_all(pending)
+        return place_markers(messages, digests), table
 
     # -- context -----------------------------------------------------------------------------------------
     def set_context(self, num_ctx: int, n_slots: int | None = None) -> None:
@@ -138,12 +196,19 @@ class Model:
             self.set_context(num_ctx, max(self.n_slots, params.n))
 
     # -- text <-> tokens ---------------------------------------------------------------------------------
-    def tokenize(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool | None = None, parse_special: bool = True,
+                 images: dict | None = None) -> list[int]:
         """Token ids of ``text`` (BOS only if the model asks for it, special tokens parsed).
 
         A text that already starts with the BOS token (a chat template wrote it)
-        gets no second one.
+        gets no second one. ``images`` (from ``images_in``): the markers of those images in
+        ``text`` become their positions (a ``vision.prompt.PromptTokens``).
         """
+        if images:
+            from .vision.prompt import tokenize_with_images
+            return tokenize_with_images(text, images, self.vision.wrapping,
+                                        lambda piece, first: self.tokenize(piece, add_bos if first else False,
+                                                                           parse_special))
         bos = self.tokenizer.bos_token
         if add_bos is None and bos and parse_special and text.startswith(bos):
             add_bos = False
@@ -189,12 +254,16 @@ class Model:
         return params, int(num_ctx)
 
     def _prompt_ids(self, prompt) -> list[int]:
+        """Token ids of a prompt given as text or ids (a ``PromptTokens`` from ``tokenize(..., images=)`` keeps
+        its image positions, which are negative)."""
+        from .vision.prompt import PromptTokens
         if isinstance(prompt, str):
             return self.tokenize(prompt)
         ids = [int(t) for t in prompt]
-        if any(t < 0 or t >= self.config.vocab_size for t in ids):
+        images = isinstance(prompt, PromptTokens)
+        if any((t < 0 and not images) or t >= self.config.vocab_size for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
-        return ids
+        return prompt if images else ids
 
     # -- generation --------------------------------------------------------------------------------------
     def stream(self, prompt, details: bool = False, **settings) -> Iterator[str] | Iterator[GenerationEvent]:
@@ -243,6 +312,7 @@ class Model:
         """
         thinking = reasoning.thinking_request(self.template, think)
         constraint = settings.pop("constraint", None)
+        messages, images = self.images_in(messages)
         plan = None
         if tools:
             from .tools import prepare_chat
@@ -254,7 +324,7 @@ class Model:
         prompt, params_reasoning = thinking.finish(prompt)
         params, num_ctx = self.make_params(constraint=constraint, **settings)
         params.reasoning = params_reasoning
-        ids = self._prompt_ids(prompt)
+        ids = self.tokenize(prompt, images=images)
         if stream:
             return self._stream(ids, params, num_ctx, details)
         with self._lock:
@@ -268,9 +338,12 @@ class Model:
 
     def logits(self, ids) -> np.ndarray:
         """Raw next-token logits at every position of ``ids`` (vocab_size columns); uses a scratch cache."""
+        from .vision.prompt import image_rows
         ids = self._prompt_ids(ids)
+        images = image_rows(ids)                          # a prompt with images (tokenize(..., images=))
         cache = self.network.new_cache(1, len(ids))
-        return self.network.forward(np.array(ids), np.arange(len(ids)), np.zeros(len(ids), dtype=np.int64), cache)
+        return self.network.forward(np.array(ids), np.arange(len(ids)), np.zeros(len(ids), dtype=np.int64), cache,
+                                    images=images)
 
     def embed(self, texts, **_):
         raise TypeError(f"model '{self.name}' is a text-generation model and cannot embed; "

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence as Seq
 import numpy as np
 
 from .kv_cache import ContextLengthExceeded, KVCache
+from .models.decoder import ImageRows
 from .reasoning import ReasoningStreamParser, constraint_processor
 from .sampling import SampledToken, SamplingParams, TokenSampler, top_logprobs as best_logprobs
 from .stopping import StopStringMatcher
@@ -173,6 +174,9 @@ class Sequence:
         self.cancelled = False
         self.echo_sent = False
         self.request_sequences: list[Sequence] = [self]   # every choice of the same request (make_sequences)
+        # a prompt with images (vision.prompt.PromptTokens): digest -> embeddings its negative image ids read
+        self.images: dict[int, np.ndarray] = getattr(prompt, "images", {})
+        self.bidirectional_images = bool(getattr(prompt, "bidirectional", False))
 
     @property
     def finished(self) -> bool:
@@ -206,8 +210,25 @@ class Sequence:
         self.shifted_tokens += discard
 
     def describe_token(self, token_id: int, logprob: float | None) -> TokenLogprob:
+        if token_id < 0:                           # an image position (vision.prompt): no text, no probability
+            return TokenLogprob(token_id, "", b"", None)
         return TokenLogprob(token_id, self.tokenizer.token_text(token_id), self.tokenizer.token_bytes(token_id),
                             logprob)
+
+    def prefill_images(self, start: int, stop: int) -> list[tuple[int, np.ndarray, int]]:
+        """(position, embedding, last position it sees) of the image positions in [start, stop)."""
+        from .vision.prompt import image_positions
+        return image_positions(self.tokens, self.images, self.bidirectional_images, start, stop)
+
+    def whole_images(self, start: int, stop: int) -> int:
+        """``stop``, or later so that a prefill chunk [start, stop) does not cut an image whose positions see
+        each other (they must be computed in one batch)."""
+        if not self.bidirectional_images or stop >= self.n_prefill or self.tokens[stop - 1] >= 0:
+            return stop
+        from .vision.prompt import image_runs
+        for first, end in image_runs(self.tokens[:self.n_prefill], stop - 1):
+            return max(stop, end) if first <= stop - 1 else stop
+        return stop
 
     def logprob_record(self, sampled: SampledToken) -> TokenLogprob:
         record = self.describe_token(sampled.token_id, float(sampled.logprob))
@@ -222,7 +243,7 @@ class Sequence:
         records = None
         if self.params.logprobs:
             records = [self.describe_token(self.prompt[0], None)] + list(self.prompt_logprobs)
-        text = self.tokenizer.decode(self.prompt)
+        text = self.tokenizer.decode([t for t in self.prompt if t >= 0])        # images have no text
         self.text += text
         return GenerationEvent(self.index, text, list(self.prompt), records)
 
@@ -316,6 +337,7 @@ def step(model, cache: KVCache, sequences: list[Sequence],
     """
     events: list[tuple[Sequence, GenerationEvent | Exception]] = []
     tokens, positions, slots, logit_rows, owners = [], [], [], [], []
+    image_rows, image_vectors, image_until = [], [], []        # batch rows that are an image's soft tokens
     budget = prefill_chunk
     for seq in sequences:
         if seq.finished:
@@ -337,8 +359,13 @@ def step(model, cache: KVCache, sequences: list[Sequence],
             take = min(budget, seq.n_prefill - seq.n_computed) if budget > 0 else 0
             if take == 0:
                 continue
-            budget -= take
             start = seq.n_computed
+            if seq.images:
+                take = seq.whole_images(start, start + take) - start
+                for pos, vector, until in seq.prefill_images(start, start + take):
+                    image_rows.append(len(tokens) + pos - start); image_vectors.append(vector)
+                    image_until.append(until)
+            budget -= take
             wanted = range(start, start + take) if seq.want_prompt_logprobs else [start + take - 1]
             for pos in range(start, start + take):
                 tokens.append(seq.tokens[pos]); positions.append(pos); slots.append(seq.slot)
@@ -351,8 +378,14 @@ def step(model, cache: KVCache, sequences: list[Sequence],
             logit_rows.append(len(tokens) - 1); owners.append((seq, pos))
 
     if tokens:
+        images = None
+        if image_rows:
+            rows = np.array(image_rows, dtype=np.int64)
+            until = np.array(image_until, dtype=np.int64)
+            images = ImageRows(rows, np.stack(image_vectors).astype(np.float32),
+                               until if (until != np.array(positions)[rows]).any() else None)
         logits = model.forward(np.array(tokens), np.array(positions), np.array(slots), cache,
-                               logits_for=np.array(logit_rows))
+                               logits_for=np.array(logit_rows), images=images)
         for row, (seq, pos) in enumerate(owners):
             seq.n_computed = max(seq.n_computed, pos + 1)
             if pos + 1 < seq.n_prefill:         # a prompt position: only its logprob of the next prompt token
@@ -394,8 +427,10 @@ def step(model, cache: KVCache, sequences: list[Sequence],
 
 def _prompt_logprob(seq: Sequence, logits: np.ndarray, target_pos: int) -> TokenLogprob:
     from .sampling import log_softmax
-    logprobs = log_softmax(logits.astype(np.float64))
     token = seq.tokens[target_pos]
+    if token < 0:                               # an image position: nothing predicts it
+        return seq.describe_token(token, None)
+    logprobs = log_softmax(logits.astype(np.float64))
     record = seq.describe_token(token, float(logprobs[token]))
     if seq.params.top_logprobs:
         record.top = [seq.describe_token(i, lp) for i, lp in best_logprobs(logprobs, seq.params.top_logprobs)]
@@ -407,6 +442,7 @@ def make_sequences(prompt: list[int], params: GenerationParams, tokenizer, cache
                    reuse_prefix: bool = True) -> list[Sequence]:
     """Allocate slots and build the n sequences of one request (raises before any work if it cannot fit)."""
     params.validate()
+    _check_image_ids(prompt)
     max_new = plan_context(len(prompt), params.max_tokens, n_ctx, params.context_shift)
     want_prompt_logprobs = params.echo and params.logprobs
     sequences: list[Sequence] = []
@@ -431,6 +467,20 @@ def make_sequences(prompt: list[int], params: GenerationParams, tokenizer, cache
     for seq in sequences:
         seq.request_sequences = sequences
     return sequences
+
+
+def _check_image_ids(prompt) -> None:
+    """ValueError unless every negative id of the prompt names an image whose embeddings it carries."""
+    if not any(t < 0 for t in prompt):
+        return
+    from .vision.prompt import split_image_id
+    images = getattr(prompt, "images", {})
+    for t in prompt:
+        if t < 0:
+            digest, row = split_image_id(t)
+            if digest not in images or row >= images[digest].shape[0]:
+                raise ValueError(f"prompt token id {t} is an image position without its image's embeddings "
+                                 "(token ids must be >= 0; images come through vision.prompt)")
 
 
 def _take_slot(cache: KVCache, prompt: list[int], reuse: bool) -> tuple[int, int]:

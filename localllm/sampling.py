@@ -28,7 +28,9 @@ One step of one sequence (``TokenSampler.__call__``) runs this pipeline:
 
 Every processor has the signature ``processor(logits, history, n_prompt) -> logits``: ``logits``
 is ``(vocab_size,)`` or ``(n, vocab_size)`` float, ``history`` the prompt ids followed by the
-generated ids, ``n_prompt`` the number of prompt ids at its start. Processors never modify their
+generated ids, ``n_prompt`` the number of prompt ids at its start (a prompt with images holds a
+negative id at each image position, ``vision.prompt``: those are not tokens, and the repeat penalty
+skips them as llama.cpp's sampler never sees them). Processors never modify their
 input in place. Randomness comes only from the ``numpy.random.Generator`` each ``TokenSampler``
 owns (PCG64 seeded from ``SamplingParams.seed``); there is no global RNG, so a seed gives the
 same tokens in another process.
@@ -163,7 +165,8 @@ def make_repetition_penalty(penalty: float, last_n: int) -> LogitsProcessor:
 
     def repetition_penalty(logits: np.ndarray, history: Sequence[int], n_prompt: int) -> np.ndarray:
         window = history if last_n == -1 else history[max(len(history) - last_n, 0):]
-        ids = np.unique(_token_ids(window, logits.shape[-1], "history"))
+        window = np.asarray(window, dtype=np.int64).reshape(-1)
+        ids = np.unique(_token_ids(window[window >= 0], logits.shape[-1], "history"))   # not image positions
         out = np.array(logits, copy=True)
         seen = out[..., ids]
         wide = seen.astype(np.float64)                  # float32(5e-324) would be 0, float32(1e300) inf

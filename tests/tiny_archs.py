@@ -246,8 +246,9 @@ def add_tokenizer(writer: gguf.GGUFWriter, arch: TinyArch, vocabulary: dict | No
 
 
 def write_gguf(model, arch: TinyArch, path: str | Path, weight_type: str = "F32",
-               vocabulary: dict | None = None) -> Path:
-    """The transformers model as llama.cpp's converter writes it; ``weight_type`` applies to 2-D matrices."""
+               vocabulary: dict | None = None, tokenizer_keys=None) -> Path:
+    """The transformers model as llama.cpp's converter writes it; ``weight_type`` applies to 2-D matrices;
+    ``tokenizer_keys(writer)``, when given, writes the tokenizer keys in place of ``add_tokenizer``."""
     path = Path(path)
     c = model.config
     name = arch.gguf_arch
@@ -287,7 +288,10 @@ def write_gguf(model, arch: TinyArch, path: str | Path, weight_type: str = "F32"
         writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
         writer.add_final_logit_softcapping(c.final_logit_softcapping)
         writer.add_sliding_window(c.sliding_window)
-    add_tokenizer(writer, arch, vocabulary)
+    if tokenizer_keys is not None:
+        tokenizer_keys(writer)
+    else:
+        add_tokenizer(writer, arch, vocabulary)
 
     state = {key: tensor.detach().float().numpy() for key, tensor in model.state_dict().items()}
 

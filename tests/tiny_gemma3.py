@@ -46,8 +46,9 @@ GGUF_NAMES = {  # transformers' names in a layer -> llama.cpp's
 }
 
 
-def write_gemma3_gguf(model, path: str | Path, weight_type: str = "F32") -> Path:
-    """The transformers model as a GGUF ``gemma3`` file; ``weight_type`` applies to 2-D matrices."""
+def write_gemma3_gguf(model, path: str | Path, weight_type: str = "F32", add_tokenizer=add_byte_level_tokenizer) -> Path:
+    """The transformers model as a GGUF ``gemma3`` file; ``weight_type`` applies to 2-D matrices;
+    ``add_tokenizer(writer)`` writes the tokenizer keys (the byte-level vocabulary by default)."""
     path = Path(path)
     c = model.config
     writer = gguf.GGUFWriter(str(path), "gemma3")
@@ -65,7 +66,7 @@ def write_gemma3_gguf(model, path: str | Path, weight_type: str = "F32") -> Path
     writer.add_sliding_window(c.sliding_window)
     writer.add_uint32("gemma3.attention.sliding_window_pattern", 3)
     writer.add_float32("gemma3.rope.freq_base_swa", c.rope_parameters["sliding_attention"]["rope_theta"])
-    add_byte_level_tokenizer(writer)
+    add_tokenizer(writer)
     state = {name: tensor.detach().float().numpy() for name, tensor in model.state_dict().items()}
 
     def add(gguf_name: str, array: np.ndarray, norm: bool = False) -> None:

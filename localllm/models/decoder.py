@@ -7,6 +7,11 @@ Gemma 3 and the rest differ only in which steps of the block they switch on.
 The forward pass works on a flat batch of tokens, each with its position and
 the KV-cache slot of the sequence it belongs to: prefill of one prompt,
 decode of one sequence and decode of many sequences are the same call.
+
+Vision-language models put images into that batch as rows whose input is an
+embedding (an image's soft tokens, ``ImageRows``) instead of a token's; on
+Gemma 3 the rows of one image also see each other (bidirectional attention
+among them, as transformers and llama.cpp do), the rest of the prompt stays causal.
 """
 from __future__ import annotations
 
@@ -23,11 +28,44 @@ from ..formats.errors import ModelFormatError
 from ..formats.gguf import GGUFError, GGUFFile, check_hyperparameters
 from ..kv_cache import ContextLengthExceeded, KVCache
 from ..ops import get_backend
+from ..ops import ref as ops_ref
 from ..ops.ref import soft_cap
 from ..progress import slow_step
 from ..quants import QTensor
 
 MAX_BATCH_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class ImageRows:
+    """The rows of a batch whose input is an embedding rather than a token (an image's soft tokens).
+
+    rows: (m,) indices into the batch; vectors: (m, dim) float32, the language model's input there
+    (not scaled by ``embedding_scale``: transformers and llama.cpp scale token embeddings only).
+    visible_until: None (causal), or (m,) the position each of those rows sees up to (the last
+    position of its image: bidirectional attention among one image's rows).
+    """
+
+    rows: np.ndarray
+    vectors: np.ndarray
+    visible_until: np.ndarray | None = None
+
+    def check(self, n: int, dim: int) -> None:
+        if self.rows.ndim != 1 or self.vectors.shape != (self.rows.shape[0], dim):
+            raise ValueError(f"image rows: {self.rows.shape[0]} rows need vectors of shape "
+                             f"({self.rows.shape[0]}, {dim}), got {self.vectors.shape}")
+        if self.rows.size and (self.rows.min() < 0 or self.rows.max() >= n):
+            raise IndexError(f"image rows must lie in the batch's rows 0..{n - 1}")
+        if self.visible_until is not None and self.visible_until.shape != self.rows.shape:
+            raise ValueError("image rows: visible_until must have one entry per row")
+
+    def piece(self, start: int, stop: int) -> "ImageRows | None":
+        """The rows in batch rows [start, stop), renumbered from 0 (None when there are none)."""
+        keep = (self.rows >= start) & (self.rows < stop)
+        if not keep.any():
+            return None
+        until = None if self.visible_until is None else self.visible_until[keep]
+        return ImageRows(self.rows[keep] - start, self.vectors[keep], until)
 
 
 @dataclass
@@ -243,6 +281,7 @@ class DecoderModel:
         # tokens per pass through the layers: longer batches (prefill) go in pieces of this many, which
         # bounds the activations' memory (about 45 KB a token for SmolLM2) at no cost in speed
         self.max_batch_tokens = MAX_BATCH_TOKENS
+        self.max_image_tokens = 0   # the soft tokens of one image, when a vision encoder feeds this model
         self._step = None  # the one-launch forward pass for small batches (ops.decoder_step), made on first use
         self._step_checked = False
         self._paths_run: set[str] = set()  # "decode step" / "per-op layers": run once (their kernels compiled)
@@ -268,15 +307,19 @@ class DecoderModel:
         c = self.config
         if dtype is None:
             dtype = np.float32 if self.backend.name == "ref" else np.float16
+        # a batch piece may run past max_batch_tokens to the end of an image (see _piece_end): the rings hold that
         return KVCache(c.n_layers, n_slots, n_ctx, c.n_kv_heads, c.head_dim, dtype, c.layer_windows,
-                       self.max_batch_tokens)
+                       self.max_batch_tokens + self.max_image_tokens)
 
-    def forward(self, tokens, positions, slots, cache: KVCache, logits_for=None) -> np.ndarray:
+    def forward(self, tokens, positions, slots, cache: KVCache, logits_for=None,
+                images: ImageRows | None = None) -> np.ndarray:
         """Run a flat batch of tokens through the model, writing their K/V into ``cache``.
 
         tokens, positions, slots: (n,) ints. Every token's earlier positions in
         its slot must already be in the cache (or in this batch, before it).
         logits_for: indices into the batch whose logits to return (None: all).
+        images: rows whose input is an embedding (their ``tokens`` entries are ignored);
+        with ``visible_until`` all the positions each one sees must be in the cache or this batch.
         Returns logits (len(logits_for), vocab_size) float32.
         """
         c, ops = self.config, self.backend
@@ -284,22 +327,26 @@ class DecoderModel:
         positions = np.asarray(positions, dtype=np.int64)
         slots = np.asarray(slots, dtype=np.int64)
         n = tokens.shape[0]
+        if images is not None:
+            images.check(n, c.dim)
+            tokens = tokens.copy()
+            tokens[images.rows] = 0                      # any valid id: the embedding lookup is replaced
         if tokens.min(initial=0) < 0 or tokens.max(initial=0) >= c.vocab_size:
             raise ValueError(f"token ids must be in [0, {c.vocab_size})")
         if positions.shape == (n,) and positions.max(initial=-1) >= cache.n_ctx:
             raise ContextLengthExceeded(int(positions.max()) + 1, cache.n_ctx, "sequence")
         if n > self.max_batch_tokens:
-            return self._forward_in_chunks(tokens, positions, slots, cache, logits_for)
+            return self._forward_in_chunks(tokens, positions, slots, cache, logits_for, images)
 
-        step = self._one_launch_layers(n)
+        step = None if images is not None else self._one_launch_layers(n)
         path = "decode step" if step is not None else "per-op layers"
         if path in self._paths_run or self.backend.name != "fast":
-            return self._forward(tokens, positions, slots, cache, logits_for, step)
+            return self._forward(tokens, positions, slots, cache, logits_for, step, images)
         # numba compiles a path's kernels on its first call (a fresh install: tens of seconds) and loads them
         # from its cache after: a slow first call says what it is doing
         with slow_step(f"preparing the {path} kernels for {self._weight_types()} weights (compiled on the first "
                        "run, loaded from the kernel cache after)"):
-            logits = self._forward(tokens, positions, slots, cache, logits_for, step)
+            logits = self._forward(tokens, positions, slots, cache, logits_for, step, images)
         self._paths_run.add(path)
         return logits
 
@@ -308,16 +355,19 @@ class DecoderModel:
                                 for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up,
                                           layer.w_down)}))
 
-    def _forward(self, tokens, positions, slots, cache: KVCache, logits_for, step) -> np.ndarray:
+    def _forward(self, tokens, positions, slots, cache: KVCache, logits_for, step,
+                 images: ImageRows | None = None) -> np.ndarray:
         """``forward`` of a batch of at most max_batch_tokens tokens (``step``: the one-launch layers or None)."""
         c, ops = self.config, self.backend
         x = ops.embedding_rows(self.token_embd, tokens)                         # (n, dim)
         if c.embedding_scale != 1.0:
             x *= np.float32(c.embedding_scale)
+        if images is not None:
+            x[images.rows] = images.vectors                                      # an image's soft tokens
         if step is not None:  # decode: the layer loop as one parallel launch (same ops, same bits)
             step.run(x, positions, slots, cache)                                 # x updated in place
         else:
-            x = self._layers(x, positions, slots, cache)                         # (n, dim)
+            x = self._layers(x, positions, slots, cache, images)                 # (n, dim)
 
         if logits_for is not None:
             x = x[np.asarray(logits_for, dtype=np.int64)]
@@ -327,10 +377,12 @@ class DecoderModel:
             logits = soft_cap(logits, c.final_logit_softcap)
         return logits
 
-    def _layers(self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache: KVCache) -> np.ndarray:
+    def _layers(self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache: KVCache,
+                images: ImageRows | None = None) -> np.ndarray:
         """Every layer on the residual stream x (n, dim), one op at a time; returns the new x."""
         c, ops, block = self.config, self.backend, self.config.block
         n = x.shape[0]
+        seeing = images if images is not None and images.visible_until is not None else None
         for i, layer in enumerate(self.layers):
             # attention block (the norm and the gating are applied inside the matmul launches that consume them)
             q, k, v = ops.rms_norm_matmul_many((layer.wq, layer.wk, layer.wv), x,
@@ -348,6 +400,8 @@ class DecoderModel:
             # RoPE on q and k, k and v into the cache, causal (sliding-window) attention: one call
             attended = ops.attend(q, k, v, positions, slots, cache.k[i], cache.v[i], c.rope(i, cache.n_ctx), c.n_rot,
                                   c.rope_style, c.window(i), c.attention_softcap).reshape(n, c.q_dim)  # (n, q_dim)
+            if seeing is not None:   # an image's rows again, now seeing its later rows too (their K/V are written)
+                attended[seeing.rows] = self._image_attention(i, q, seeing, positions, slots, cache)
             if block.post_attn_norm:
                 x = x + ops.rms_norm(ops.matmul(layer.wo, attended), layer.post_attn_norm, c.norm_eps)
             else:
@@ -362,11 +416,24 @@ class DecoderModel:
                 x = ops.gated_matmul(layer.w_down, gate, up, block.activation, x)  # x + act(gate) * up @ w_down.T
         return x
 
-    def _forward_in_chunks(self, tokens, positions, slots, cache: KVCache, logits_for) -> np.ndarray:
+    def _image_attention(self, layer: int, q: np.ndarray, seeing: ImageRows, positions: np.ndarray,
+                         slots: np.ndarray, cache: KVCache) -> np.ndarray:
+        """The attention of image rows that see up to ``visible_until`` (numpy: a few hundred rows an image).
+        q (n, n_heads, head_dim) before RoPE -> (m, q_dim)."""
+        c = self.config
+        rows = seeing.rows
+        q_rows = ops_ref.rope(q[rows], positions[rows], c.rope(layer, cache.n_ctx), c.n_rot, c.rope_style)
+        out = ops_ref.attention(q_rows, cache.k[layer], cache.v[layer], slots[rows], positions[rows], c.window(layer),
+                                c.attention_softcap, visible_until=seeing.visible_until)
+        return out.reshape(rows.shape[0], c.q_dim)
+
+    def _forward_in_chunks(self, tokens, positions, slots, cache: KVCache, logits_for,
+                           images: ImageRows | None = None) -> np.ndarray:
         """``forward`` of a long batch as consecutive pieces of up to max_batch_tokens tokens (a token's
         earlier positions are then in the cache or earlier in its piece, as ``forward`` asks). The kernels
         give every token the same result in any batch, so the logits are those of one pass; the
-        activations' memory is that of one piece."""
+        activations' memory is that of one piece. An image whose rows see each other stays in one
+        piece (a longer one)."""
         n = tokens.shape[0]
         if positions.shape != (n,) or slots.shape != (n,):
             raise ValueError(f"forward: tokens, positions and slots must have one length, got {tokens.shape}, "
@@ -376,13 +443,20 @@ class DecoderModel:
             raise IndexError(f"logits_for: indices must lie in [0, {n}), got {wanted.tolist()}")
         wanted = wanted % n if wanted.size else wanted
         logits = np.empty((wanted.shape[0], self.config.vocab_size), dtype=np.float32)
-        for start in range(0, n, self.max_batch_tokens):
-            stop = min(start + self.max_batch_tokens, n)
+        start = 0
+        while start < n:
+            stop = _piece_end(start, min(start + self.max_batch_tokens, n), images, n)
             here = np.nonzero((wanted >= start) & (wanted < stop))[0]              # rows of logits from this piece
-            piece = self.forward(tokens[start:stop], positions[start:stop], slots[start:stop], cache,
-                                 logits_for=wanted[here] - start)
+            piece = self._forward_piece(tokens[start:stop], positions[start:stop], slots[start:stop], cache,
+                                        wanted[here] - start, None if images is None else images.piece(start, stop))
             logits[here] = piece
+            start = stop
         return logits
+
+    def _forward_piece(self, tokens, positions, slots, cache, logits_for, images) -> np.ndarray:
+        if tokens.shape[0] <= self.max_batch_tokens:
+            return self.forward(tokens, positions, slots, cache, logits_for=logits_for, images=images)
+        return self._forward(tokens, positions, slots, cache, logits_for, None, images)   # one whole image
 
     def _one_launch_layers(self, n: int):
         """``ops.decoder_step.DecoderLayersStep`` when it applies to a batch of n tokens (fast backend, AVX2
@@ -396,3 +470,14 @@ class DecoderModel:
         if self._step is not None and 0 < n <= self._step.max_tokens:
             return self._step
         return None
+
+
+def _piece_end(start: int, stop: int, images: ImageRows | None, n: int) -> int:
+    """Where a piece of a long batch that starts at ``start`` ends: ``stop``, or later so that the rows of an
+    image that see each other (same ``visible_until``) are not cut apart."""
+    if images is None or images.visible_until is None or stop >= n:
+        return stop
+    until = dict(zip(images.rows.tolist(), images.visible_until.tolist()))
+    while stop < n and stop - 1 in until and until.get(stop) == until[stop - 1]:
+        stop += 1
+    return stop

@@ -123,7 +123,8 @@ def soft_cap(scores: np.ndarray, cap: float) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
-              slots: np.ndarray, positions: np.ndarray, window: int = 0, softcap: float = 0.0) -> np.ndarray:
+              slots: np.ndarray, positions: np.ndarray, window: int = 0, softcap: float = 0.0,
+              visible_until: np.ndarray | None = None) -> np.ndarray:
     """Causal grouped-query attention over the KV cache.
 
     q (n, n_heads, head_dim); k_cache, v_cache (n_slots, n_kv_heads, ring, head_dim).
@@ -131,6 +132,8 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
     holds every position, a sliding-window layer's ring only the latest ones.
     Token i attends to positions ``key_range(positions[i], window)`` of slot
     slots[i] (its own K/V must already be written). Returns (n, n_heads, head_dim).
+    ``visible_until`` (n,): token i sees up to that position instead of its own (the later
+    positions of one image for Gemma 3's bidirectional image attention; their K/V written too).
     """
     n, n_heads, head_dim = q.shape
     n_kv_heads, ring = k_cache.shape[1], k_cache.shape[2]
@@ -139,6 +142,8 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
     out = np.empty_like(q, dtype=np.float32)
     for i in range(n):
         first, last = key_range(int(positions[i]), window)
+        if visible_until is not None:
+            last = max(last, int(visible_until[i]))
         rows = np.arange(first, last + 1) % ring                          # (L,) cache rows of those positions
         keys = k_cache[slots[i]][:, rows].astype(np.float32)              # (n_kv_heads, L, head_dim)
         values = v_cache[slots[i]][:, rows].astype(np.float32)            # (n_kv_heads, L, head_dim)
