@@ -51,11 +51,16 @@ def load(name_or_path, *, num_ctx: int | None = None, backend: str = "auto", n_s
     :class:`~localllm.embeddings.EmbeddingModel` for encoders (BERT family).
     ``projector``: a vision encoder for the model (llama.cpp's ``mmproj`` GGUF or a Hugging Face
     folder with a ``vision_config``), so that chats may hold images; a store model made from a
-    Modelfile with two ``FROM`` lines brings its own.
+    Modelfile with two ``FROM`` lines brings its own, and so does a Hugging Face vision-language
+    folder (Gemma 3, LLaVA): its language model is loaded with the vision encoder beside it.
     """
     path, entry = resolve(name_or_path, store)
     name = entry.name if entry else str(name_or_path)
     projector = projector or (getattr(entry, "projector", None) if entry else None)
+    if projector is None and path.is_dir():
+        from .formats import hf_decoder
+        if hf_decoder.is_vision_language_config(hf_decoder.read_config(path)):
+            projector = path
     model = _load(path, entry, name, num_ctx, backend, n_slots)
     if projector is not None:
         if not isinstance(model, Model):

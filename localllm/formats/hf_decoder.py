@@ -11,6 +11,14 @@ tensors, ready for ``models.decoder.DecoderModel``.
   copied to float32), as the converter adds it;
 * ``tokenizer.json`` / ``tokenizer_config.json`` (template, special tokens) through ``Tokenizer.from_hf_folder``,
   and sampling defaults from ``generation_config.json`` (``generation_defaults``).
+
+Vision-language folders (``Gemma3ForConditionalGeneration``, ``LlavaForConditionalGeneration``: a ``config.json``
+with ``text_config`` and ``vision_config``) are read as their language model: the hyperparameters come from
+``text_config`` (``text_config_of``), the weights from ``model.language_model.*`` + ``lm_head.*`` (transformers
+4.52 and later) or ``language_model.model.*`` + ``language_model.lm_head.*`` (older checkpoints), named as the
+stand-alone causal LM names them; the vision tower and projector (``[model.]vision_tower.*``,
+``[model.]multi_modal_projector.*``) are left to ``localllm.vision`` (``VisionEncoder.from_hf`` reads them from
+the same folder, and ``localllm.load`` attaches it).
 """
 from __future__ import annotations
 
@@ -37,6 +45,17 @@ HF_ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
 }
+# vision-language folders: the language model inside is described by "text_config"
+VISION_LANGUAGE_ARCHITECTURES = ("Gemma3ForConditionalGeneration", "LlavaForConditionalGeneration")
+# text_config "model_type" -> the causal LM class it stands for, when text_config names no "architectures"
+TEXT_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                    "gemma3_text": "Gemma3ForCausalLM"}
+# a vision-language folder's tensor name prefix -> the stand-alone causal LM's (None: the vision side's)
+VISION_LANGUAGE_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                            ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."),
+                            ("model.vision_tower.", None), ("vision_tower.", None),
+                            ("model.multi_modal_projector.", None), ("multi_modal_projector.", None))
 NORM_PLUS_ONE = ("gemma2", "gemma3")                # RMSNorm scales by (1 + weight)
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)        # buffers older checkpoints saved; recomputed from the config
 GENERATION_KEYS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float}  # generation_config.json
@@ -47,9 +66,10 @@ class HFDecoderFolder:
     """A Hugging Face decoder folder, read: its ModelConfig and its weights under GGUF names."""
 
     path: Path
-    hf_config: dict[str, Any]
+    hf_config: dict[str, Any]           # the language model's config.json keys (a VLM's text_config)
     config: ModelConfig
     tensors: dict[str, QTensor] = field(repr=False)
+    has_vision: bool = False            # a vision-language folder: its vision encoder is in it too
 
     @property
     def architecture(self) -> str:
@@ -74,8 +94,8 @@ class HFDecoderFolder:
 
 
 def supported_architectures() -> tuple[str, ...]:
-    """config.json ``architectures`` values localllm loads as decoders."""
-    return tuple(HF_ARCHITECTURES)
+    """config.json ``architectures`` values localllm loads as decoders (vision-language ones: their language model)."""
+    return (*HF_ARCHITECTURES, *VISION_LANGUAGE_ARCHITECTURES)
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
@@ -95,6 +115,46 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
+def is_vision_language_config(config: dict[str, Any]) -> bool:
+    """A vision-language folder (Gemma 3 or LLaVA with a ``vision_config``): a language model and its vision
+    encoder in one."""
+    return (any(name in VISION_LANGUAGE_ARCHITECTURES for name in config.get("architectures") or [])
+            and isinstance(config.get("vision_config"), dict))
+
+
+def text_config_of(config: dict[str, Any], where: str | Path = "config.json") -> dict[str, Any]:
+    """The language model's configuration: a vision-language folder's ``text_config`` (with the causal LM class its
+    ``model_type`` stands for, and the folder's ``tie_word_embeddings`` when it states none), else ``config``.
+    HFFolderError when a vision-language config has no ``text_config`` object."""
+    if not is_vision_language_config(config):
+        return config
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        raise HFFolderError(f"{where}: a {config['architectures'][0]} config needs a 'text_config' object", where)
+    text = dict(text)
+    if not text.get("architectures") and text.get("model_type") in TEXT_MODEL_TYPES:
+        text["architectures"] = [TEXT_MODEL_TYPES[text["model_type"]]]
+    if "tie_word_embeddings" not in text and "tie_word_embeddings" in config:
+        text["tie_word_embeddings"] = config["tie_word_embeddings"]
+    return text
+
+
+def language_model_tensors(hf_tensors: dict[str, QTensor]) -> dict[str, QTensor]:
+    """A vision-language folder's language-model tensors under the stand-alone causal LM's names
+    (``model.language_model.layers.0...`` / ``language_model.model.layers.0...`` -> ``model.layers.0...``); the
+    vision tower's and projector's are left out. A name of no known prefix is kept (the name map refuses it)."""
+    out: dict[str, QTensor] = {}
+    for name, tensor in hf_tensors.items():
+        for prefix, replacement in VISION_LANGUAGE_PREFIXES:
+            if name.startswith(prefix):
+                if replacement is not None:
+                    out[replacement + name[len(prefix):]] = tensor
+                break
+        else:
+            out[name] = tensor
+    return out
+
+
 def is_encoder_config(config: dict[str, Any]) -> bool:
     """An encoder (BERT family) folder, served by ``localllm.embeddings`` rather than the decoder."""
     return config.get("model_type") in HF_MODEL_TYPES
@@ -107,7 +167,7 @@ def architecture_of(config: dict[str, Any], where: str | Path = "config.json") -
         if name in HF_ARCHITECTURES:
             return HF_ARCHITECTURES[name]
     named = names[0] if names else f"model_type={config.get('model_type')!r}"
-    supported = (*HF_ARCHITECTURES, *(f"model_type={t}" for t in HF_MODEL_TYPES))
+    supported = (*supported_architectures(), *(f"model_type={t}" for t in HF_MODEL_TYPES))
     raise UnsupportedArchitecture(str(named), str(where), supported)
 
 
@@ -119,7 +179,9 @@ def read_hf_decoder(folder: str | Path) -> HFDecoderFolder:
     config or tensor it would have to ignore, HFFolderError for unreadable files.
     """
     folder = Path(folder)
-    hf_config = read_config(folder)
+    folder_config = read_config(folder)
+    has_vision = is_vision_language_config(folder_config)
+    hf_config = text_config_of(folder_config, folder / "config.json")
     architecture = architecture_of(hf_config, folder / "config.json")
     module = arch.lookup(architecture)
     if not (folder / "tokenizer.json").is_file():
@@ -127,9 +189,11 @@ def read_hf_decoder(folder: str | Path) -> HFDecoderFolder:
     hf_tensors: dict[str, QTensor] = {}
     for path in safetensors_files(folder):
         hf_tensors.update(read_safetensors(path))
+    if has_vision:
+        hf_tensors = language_model_tensors(hf_tensors)
     check_config_sizes(hf_config, len(hf_tensors), folder / "config.json")
     config = module.config_from_hf(hf_config)
-    return HFDecoderFolder(folder, hf_config, config, gguf_named_tensors(hf_tensors, config))
+    return HFDecoderFolder(folder, hf_config, config, gguf_named_tensors(hf_tensors, config), has_vision)
 
 
 # config.json sizes a decoder reads: positive integers when given (JSON numbers without a fraction)
