@@ -101,7 +101,7 @@ def fit_conversation(messages: list[dict], tools: Sequence[dict] | None, render:
     if not messages:
         raise ValueError("messages is empty: nothing to fit")
     limit, budget = prompt_limit(n_ctx, max_tokens, context_shift), prompt_budget(n_ctx, max_tokens, context_shift)
-    full_ids = list(render(list(messages), tools))
+    full_ids = _as_list(render(list(messages), tools))
     if len(full_ids) <= limit:
         return FittedConversation(list(messages), full_ids)
 
@@ -110,7 +110,7 @@ def fit_conversation(messages: list[dict], tools: Sequence[dict] | None, render:
 
     def ids_from(start: int) -> list[int]:
         if start not in rendered:
-            rendered[start] = list(render(kept_from(messages, start), tools))
+            rendered[start] = _as_list(render(kept_from(messages, start), tools))
         return rendered[start]
 
     # smallest start whose prompt is within the budget (prompt sizes shrink as starts grow)
@@ -160,6 +160,11 @@ def tool_block_start(messages: Sequence[dict], index: int) -> int:
     if caller >= 0 and messages[caller].get("role") == "assistant" and messages[caller].get("tool_calls"):
         return caller
     return index
+
+
+def _as_list(ids) -> list[int]:
+    """``ids`` as a list, kept as it is when it is one (a vision prompt's PromptTokens carries its images)."""
+    return ids if isinstance(ids, list) else list(ids)
 
 
 def fit_prompt_ids(ids: Sequence[int], n_ctx: int, max_tokens: int | None, num_keep: int = DEFAULT_NUM_KEEP,

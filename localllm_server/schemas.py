@@ -291,7 +291,7 @@ def _parse_content_part(part, param) -> tuple[dict, int]:
         image = part.get("image_url")
         url = image.get("url") if isinstance(image, dict) else image
         if not isinstance(url, str) or not url:
-            raise bad_request(f"{param}.image_url.url must be a string (a data: URL)", param)
+            raise bad_request(f"{param}.image_url.url must be a string (a data: URI or an http(s) URL)", param)
         return {"type": "image_url", "image_url": {"url": url}}, 1
     raise bad_request(f"{param}.type must be 'text' or 'image_url', got {kind!r}", param)
 
@@ -347,10 +347,12 @@ TEXT_PART_SCHEMA = {"type": "object", "required": ["type", "text"],
                     "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 IMAGE_PART_SCHEMA = {"type": "object", "required": ["type", "image_url"], "properties": {
     "type": {"const": "image_url"},
-    "image_url": {"anyOf": [{"type": "string", "minLength": 1, "description": "a data: URL"},
+    "image_url": {"anyOf": [{"type": "string", "minLength": 1, "description": "a data: URI or an http(s) URL"},
                             {"type": "object", "required": ["url"],
-                             "properties": {"url": {"type": "string", "minLength": 1}}}]}},
-    "description": "an image (refused with 400 by models without a vision encoder)"}
+                             "properties": {"url": {"type": "string", "minLength": 1},
+                                            "detail": {"enum": ["auto", "low", "high"]}}}]}},
+    "description": "an image: a data: URI (PNG, JPEG, WebP, GIF) or an http(s) URL the server fetches "
+                   "(a 400 on models without vision)"}
 CONTENT_SCHEMA = {"anyOf": [{"type": "string"},
                             {"type": "array", "items": {"anyOf": [TEXT_PART_SCHEMA, IMAGE_PART_SCHEMA]}}]}
 _OPTIONAL_STRING = {"type": ["string", "null"]}

@@ -5,7 +5,8 @@ system message; ``input`` (a string, or items) becomes the conversation:
 
 * messages ``{"role", "content"}`` with content a string or parts ``input_text`` /
   ``output_text`` (``refusal`` too) -> chat messages with text parts; ``input_image``
-  is counted (refused by text-only models), ``input_file`` / ``input_audio`` are refused;
+  (``image_url``: a data: URI or an http(s) URL) -> an image part (a 400 on models without
+  vision, ``localllm_server.images``), ``input_file`` / ``input_audio`` are refused;
 * ``function_call`` items ``{call_id, name, arguments}`` -> an assistant message's
   ``tool_calls`` (consecutive calls, and an assistant message just before them, share one);
 * ``function_call_output`` items ``{call_id, output}`` -> ``tool`` messages;
@@ -36,8 +37,10 @@ _TEXT_PART = {"type": "object", "required": ["type", "text"],
               "properties": {"type": {"enum": list(TEXT_PARTS)}, "text": {"type": "string"}}}
 _REFUSAL_PART = {"type": "object", "required": ["type", "refusal"],
                  "properties": {"type": {"const": "refusal"}, "refusal": {"type": "string"}}}
-_IMAGE_PART = {"type": "object", "required": ["type"], "properties": {"type": {"const": "input_image"}},
-               "description": "an image (refused with 400 by models without a vision encoder)"}
+_IMAGE_PART = {"type": "object", "required": ["type"], "properties": {
+    "type": {"const": "input_image"}, "image_url": {"type": "string", "minLength": 1},
+    "detail": {"enum": ["auto", "low", "high"]}},
+    "description": "an image: image_url a data: URI or an http(s) URL (a 400 on models without vision)"}
 _REASONING_PARTS = {"type": ["array", "null"], "items": {"type": "object", "required": ["text"],
                                                          "properties": {"text": {"type": "string"}}}}
 INPUT_ITEM_SCHEMA = {"anyOf": [
@@ -69,8 +72,9 @@ TEXT_SCHEMA = {"type": "object", "properties": {"format": {"anyOf": [
 
 # --------------------------------------------------------------------------- input
 
-def _text_of_part(part, param: str, role: str) -> dict | None:
-    """A content part -> a chat text part (None for an image, which is only counted)."""
+def _text_of_part(part, param: str, role: str) -> dict:
+    """A content part -> a chat part: text, or an image (``input_image``: its ``image_url``, a data: URI or an
+    http(s) URL; ``file_id`` needs a files API this server does not have)."""
     kind = part.get("type") if isinstance(part, dict) else None
     if kind in TEXT_PARTS or kind == "refusal":
         text = part.get("refusal" if kind == "refusal" else "text")
@@ -78,7 +82,13 @@ def _text_of_part(part, param: str, role: str) -> dict | None:
             raise bad_request(f"{param}.text must be a string", "input")
         return {"type": "text", "text": text}
     if kind == "input_image":
-        return None
+        url = part.get("image_url")
+        if part.get("file_id") is not None and url is None:
+            raise bad_request(f"{param}: input_image by file_id is not supported (no files API); send image_url "
+                              "(a data: URI or an http(s) URL)", "input")
+        if not isinstance(url, str) or not url:
+            raise bad_request(f"{param}.image_url must be a string (a data: URI or an http(s) URL)", "input")
+        return {"type": "image_url", "image_url": {"url": url}, "where": param}
     if kind in UNSUPPORTED_PARTS:
         raise bad_request(f"{param}: {kind} is not supported", "input")
     raise bad_request(f"{param}.type must be 'input_text', 'output_text' or 'input_image', got {kind!r}", "input")
@@ -94,8 +104,8 @@ def _message(item: dict, param: str) -> tuple[dict, int]:
     if not isinstance(content, list):
         raise bad_request(f"{param}.content must be a string or a list of content parts", "input")
     parts = [_text_of_part(part, f"{param}.content[{i}]", role) for i, part in enumerate(content)]
-    texts = [part for part in parts if part is not None]
-    return {"role": "system" if role == "developer" else role, "content": texts}, len(parts) - len(texts)
+    images = sum(1 for part in parts if part["type"] == "image_url")
+    return {"role": "system" if role == "developer" else role, "content": parts}, images
 
 
 def _string(item: dict, key: str, param: str) -> str:
@@ -111,7 +121,7 @@ def _call_output(item: dict, param: str) -> str:
         return output
     if isinstance(output, list):
         parts = [_text_of_part(part, f"{param}.output[{i}]", "tool") for i, part in enumerate(output)]
-        if any(part is None for part in parts):
+        if any(part["type"] != "text" for part in parts):
             raise bad_request(f"{param}.output: images in function call outputs are not supported", "input")
         return "\n".join(part["text"] for part in parts)
     raise bad_request(f"{param}.output must be a string or a list of input_text parts", "input")

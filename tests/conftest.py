@@ -100,3 +100,17 @@ def llama_cpp_source() -> Path:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_files(tmp_path_factory) -> dict:
+    """family ("gemma3", "llava") -> (transformers model, language-model GGUF, mmproj GGUF): the tiny random
+    vision-language models of tests/tiny_vlm.py, built once."""
+    from tests.tiny_vlm import hf_gemma3_vlm, hf_llava_vlm, write_vlm
+
+    root = tmp_path_factory.mktemp("vlm")
+    out = {}
+    for family, build in (("gemma3", hf_gemma3_vlm), ("llava", hf_llava_vlm)):
+        vlm = build(seed=3)
+        out[family] = (vlm, *write_vlm(vlm, root / family))
+    return out

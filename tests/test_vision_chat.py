@@ -2,33 +2,23 @@
 transformers (the oracle), written as a language-model GGUF + an mmproj GGUF, and run by localllm."""
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
 import numpy as np
 import pytest
-from PIL import Image
 
 import localllm
 from localllm.generate import GenerationParams, make_sequences, release, step
 from localllm.vision.loading import VisionModelError
 from localllm.vision.prompt import (ImageInputError, NoVisionError, PromptTokens, image_ids, image_runs,
                                     split_image_id)
-from tests.tiny_vision import gradient_image
-from tests.tiny_vlm import hf_gemma3_vlm, hf_llava_vlm, hf_vlm_logits, write_vlm
+from tests.tiny_vlm import hf_vlm_logits, picture, png_bytes
 
 FAMILIES = ("gemma3", "llava")
 
 
 @pytest.fixture(scope="module")
-def vlms(tmp_path_factory):
+def vlms(tiny_vlm_files):
     """family -> (transformers model, language-model GGUF, mmproj GGUF)."""
-    root = tmp_path_factory.mktemp("vlm")
-    out = {}
-    for family, build in (("gemma3", hf_gemma3_vlm), ("llava", hf_llava_vlm)):
-        vlm = build(seed=3)
-        out[family] = (vlm, *write_vlm(vlm, root / family))
-    return out
+    return tiny_vlm_files
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +32,6 @@ def loaded(vlms):
             cache[family, backend] = localllm.load(model_path, projector=mmproj, backend=backend, num_ctx=256)
         return cache[family, backend]
     return get
-
-
-def picture(seed: int, size=(50, 40)) -> Image.Image:
-    """A textured image that differs with ``seed``."""
-    rng = np.random.default_rng(seed)
-    base = np.asarray(gradient_image(*size), dtype=np.float32)
-    noise = rng.normal(0, 40, base.shape)
-    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
 
 
 def ask(image_part, text="What is it?"):

@@ -153,6 +153,28 @@ def _write_llama(text, path: Path, weight_type: str) -> None:
                tokenizer_keys=lambda writer: add_vlm_tokenizer(writer, "<|endoftext|>", "<|im_end|>", LLAVA_TEMPLATE))
 
 
+def picture(seed: int, size=(50, 40)):
+    """A textured RGB PIL image that differs with ``seed``."""
+    from PIL import Image
+    from tests.tiny_vision import gradient_image
+    rng = np.random.default_rng(seed)
+    base = np.asarray(gradient_image(*size), dtype=np.float32)
+    noise = rng.normal(0, 40, base.shape)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def png_bytes(image) -> bytes:
+    import io
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_uri(image) -> str:
+    import base64
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
 def hf_vlm_logits(vlm, ids: list[int], pixels: list[np.ndarray]) -> np.ndarray:
     """transformers' logits (n, vocab) for ``ids`` (image positions as negative ids, any) with ``pixels`` (one
     preprocessed (3, H, W) image per image, in order)."""
@@ -170,4 +192,4 @@ def hf_vlm_logits(vlm, ids: list[int], pixels: list[np.ndarray]) -> np.ndarray:
 
 
 __all__ = ["BOI", "EOI", "IMAGE", "GEMMA3_TEMPLATE", "LLAVA_TEMPLATE", "hf_gemma3_vlm", "hf_llava_vlm",
-           "hf_vlm_logits", "vocabulary", "write_vlm"]
+           "hf_vlm_logits", "data_uri", "picture", "png_bytes", "vocabulary", "write_vlm"]

@@ -181,7 +181,8 @@ def collect_images(messages: list[dict]) -> tuple[list[dict], list[PendingImage]
     """(messages with each image replaced by a placeholder text part, the images in prompt order).
 
     The placeholder parts are ``{"type": "text", "text": None, "image": index}``: ``place_markers`` fills
-    them once the images are encoded. The caller's objects are not modified.
+    them once the images are encoded. The caller's objects are not modified. An image part may name its
+    own place for errors (``"where": "input[2].content[0]"``: the server's other request shapes).
     """
     out: list[dict] = []
     images: list[PendingImage] = []
@@ -204,7 +205,7 @@ def collect_images(messages: list[dict]) -> tuple[list[dict], list[PendingImage]
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind in IMAGE_PART_TYPES:
-                    where = f"messages[{m}].content[{j}]"
+                    where = part.get("where") or f"messages[{m}].content[{j}]"
                     parts.append(_placeholder(len(images)))
                     images.append(PendingImage(_part_source(part, kind, where), where))
                 else:

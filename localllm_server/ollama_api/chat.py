@@ -19,9 +19,14 @@ conversation that fits is sent whole. ``truncate: false`` turns this off (a too-
 is a 400), and a newest message too long to fit with the system prompt and tools is a 400 either way.
 ``shift: true`` lets the answer go past the window by shifting it (``options.num_keep`` leading
 tokens kept, half of the rest dropped, as Ollama); then only the prompt must fit.
+
+A message's ``images`` (base64) go before its text, as Ollama places them, for models with a vision
+projector (a 400 naming the model otherwise, or naming ``messages[i].images[j]`` for one that cannot be
+decoded); the same image sent again with the next turn is not encoded again.
 """
 from __future__ import annotations
 
+from ..images import chat_images
 from . import parsing, responses
 from .base import Resource
 from .runner import Output, Run, context_settings, expire, load_only, require_text_model, respond
@@ -59,6 +64,7 @@ class ChatResource(Resource):
         thinking = parsing.thinking(model, think, name)
         extra = thinking.template_extra
         conversation = [dict(m) for m in entry.messages or []] + messages     # Modelfile MESSAGEs come first
+        conversation, images = chat_images(model, name, conversation, self.settings)    # 400: no vision, bad image
 
         def prompt_text(kept: list[dict], tools) -> tuple:
             """(the prompt text of ``kept`` messages, the thought parser's format)."""
@@ -67,7 +73,7 @@ class ChatResource(Resource):
             return thinking.finish(model.render_chat(kept, add_generation_prompt=True, **extra))
 
         def render(kept: list[dict], tools) -> list[int]:
-            return model.tokenize(prompt_text(kept, tools)[0])
+            return model.tokenize(prompt_text(kept, tools)[0], images=images)
 
         if truncate:
             fitted = fit_conversation(conversation, tools, render, num_ctx, params.max_tokens, shift)  # 400: too long

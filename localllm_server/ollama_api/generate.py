@@ -18,10 +18,17 @@ the ids actually run. A prompt that fits is sent whole; ``truncate: false`` turn
 too-long prompt is a 400), and a fill-in-the-middle (``suffix``) prompt is never cut.
 ``shift: true`` lets the answer go past the window by shifting it (``num_keep`` leading tokens
 kept, half of the rest dropped, as Ollama); then only the prompt must fit.
+
+``images`` (base64) go before the prompt in its user turn (before the raw prompt with ``raw``), for
+models with a vision projector; a 400 names the model otherwise. The final line's ``context`` holds
+the text tokens only (an image's positions are left out: send the image again to keep it).
 """
 from __future__ import annotations
 
+from localllm.vision.prompt import with_images_of
+
 from ..errors import APIError
+from ..images import chat_images
 from . import parsing, responses
 from .base import Resource
 from .runner import Output, Run, context_settings, expire, load_only, require_text_model, respond
@@ -44,7 +51,7 @@ class GenerateResource(Resource):
         context = parsing.token_ids(body, "context")
         think = parsing.think(body)
         truncate, shift, num_keep = context_settings(body)
-        parsing.images_absent(body.get("images"), "images", name)
+        images = parsing.images(body.get("images"), "images")
         entry = self.engine.store.get(name)
         require_text_model(entry, name, "generate")
 
@@ -62,20 +69,32 @@ class GenerateResource(Resource):
         prompt_ids = list(context or [])
         if any(not 0 <= t < model.config.vocab_size for t in prompt_ids):
             raise APIError(400, f"context token ids must be in [0, {model.config.vocab_size})", param="context")
+        if images and suffix:
+            raise APIError(400, "images cannot be combined with suffix (fill-in-the-middle)", param="images")
+        # the images go before the prompt, in the user turn (Ollama's place for them): the prompt becomes
+        # text parts, the images' markers first
+        [user], embeddings = chat_images(model, name, [{"role": "user", "content": prompt, "images": images}],
+                                         self.settings)
+        if embeddings:
+            prompt = user["content"]
         if suffix:
-            prompt_ids += fill_in_the_middle(model, name, prompt, suffix, add_bos=not prompt_ids)
+            new_ids = fill_in_the_middle(model, name, prompt, suffix, add_bos=not prompt_ids)
         elif raw or template is not None or not getattr(model, "has_chat_template", True):
+            if raw and embeddings:
+                prompt = "".join(part["text"] for part in prompt)
             text = prompt if raw else render(model, entry, prompt, system, template, suffix, with_history=not context)
-            prompt_ids += model.tokenize(text, add_bos=False if prompt_ids else None)
+            new_ids = model.tokenize(text, add_bos=False if prompt_ids else None, images=embeddings)
         else:
             thinking = parsing.thinking(model, think, name)
             text = render(model, entry, prompt, system, None, suffix, with_history=not context,
                           template_extra=thinking.template_extra)
             text, params.reasoning = thinking.finish(text)
-            prompt_ids += model.tokenize(text, add_bos=False if prompt_ids else None)
+            new_ids = model.tokenize(text, add_bos=False if prompt_ids else None, images=embeddings)
+        prompt_ids = with_images_of(prompt_ids + list(new_ids), new_ids)
         if truncate and not suffix:
-            prompt_ids, dropped = fit_prompt_ids(prompt_ids, num_ctx, params.max_tokens, num_keep,
-                                                 model.tokenizer.bos_id, context_shift=shift)
+            fitted, dropped = fit_prompt_ids(prompt_ids, num_ctx, params.max_tokens, num_keep,
+                                             model.tokenizer.bos_id, context_shift=shift)
+            prompt_ids = with_images_of(fitted, prompt_ids)
             run.truncated(dropped)
         events = run.submit(prompt_ids, params, num_ctx, timeout=req.context.request_timeout)
         respond(req, resp, run, events, stream, GenerateOutput(run, prompt_ids), "api_generate")
@@ -96,7 +115,8 @@ class GenerateOutput(Output):
 
     def end(self, text, event, token_ids, records, thinking: str = "") -> list[dict]:
         final = self._fields(text, records, thinking)
-        final.update(done_reason=event.finish_reason if event else "stop", context=self.prompt_ids + token_ids,
+        context = [t for t in self.prompt_ids if t >= 0] + token_ids     # an image's positions are not tokens
+        final.update(done_reason=event.finish_reason if event else "stop", context=context,
                      **self.run.metrics(event))
         return [final]
 
@@ -110,7 +130,8 @@ class GenerateOutput(Output):
 
 def render(model, entry, prompt: str, system: str | None, template: str | None, suffix: str | None,
            with_history: bool, template_extra: dict | None = None) -> str:
-    """The prompt text: system + the Modelfile's MESSAGEs + the prompt as a user turn, through a chat template."""
+    """The prompt text: system + the Modelfile's MESSAGEs + the prompt as a user turn, through a chat template.
+    ``prompt`` may be text parts (an image's marker, then the text) when images came with it."""
     from localllm.chat_template import ChatTemplate
 
     system = system if system is not None else model.system
@@ -118,6 +139,8 @@ def render(model, entry, prompt: str, system: str | None, template: str | None, 
     if with_history:
         messages += [dict(m) for m in entry.messages or []]
     messages.append({"role": "user", "content": prompt})
+    if not isinstance(prompt, str):
+        prompt = "".join(part["text"] for part in prompt)
     if template is None and not getattr(model, "has_chat_template", True):
         return f"{system}\n\n{prompt}" if system else prompt   # Ollama's default template: the prompt itself
     if template is None:

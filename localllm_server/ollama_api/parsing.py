@@ -130,13 +130,13 @@ def options(body: dict) -> dict[str, Any]:
         raise APIError(400, f"invalid options: {exc}", param="options") from None
 
 
-def images_absent(images, where: str, model: str) -> None:
-    """Refuse images: no model here has a vision encoder."""
-    if images is None or images == []:
-        return
-    if not isinstance(images, list):
+def images(value, where: str) -> list[str]:
+    """``images``: a list of base64-encoded images (decoded, and refused by models without vision, later)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(image, str) for image in value):
         raise APIError(400, f"{where} must be a list of base64-encoded images", param=where)
-    raise APIError(400, f"model '{model}' does not support images: it has no vision encoder", param=where)
+    return value
 
 
 def constraint(body: dict):
@@ -150,7 +150,7 @@ def constraint(body: dict):
 
 
 def messages(body: dict, model: str) -> list[dict]:
-    """Chat messages, checked: role, content (string), images (refused), tool_calls, tool_name, thinking."""
+    """Chat messages, checked: role, content (string), images (base64 strings), tool_calls, tool_name, thinking."""
     raw = body.get("messages")
     if raw is None:
         return []
@@ -169,8 +169,10 @@ def messages(body: dict, model: str) -> list[dict]:
             content = ""
         if not isinstance(content, str):
             raise APIError(400, f"{where}.content must be a string", param=f"{where}.content")
-        images_absent(message.get("images"), f"{where}.images", model)
         item = {"role": role, "content": content}
+        listed = images(message.get("images"), f"{where}.images")
+        if listed:
+            item["images"] = listed
         if message.get("tool_calls") is not None:
             calls = message["tool_calls"]
             if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):

@@ -34,6 +34,7 @@ import falcon
 from .. import formatting, schemas, streaming
 from ..body import Resource
 from ..errors import APIError
+from ..images import chat_images
 from . import common
 
 
@@ -43,12 +44,6 @@ def response_constraint(response_format: dict | None):
         return None
     from localllm import constrain
     return constrain.from_response_format(response_format)
-
-
-def check_supported(request: schemas.ChatRequest, model) -> None:
-    """400 for features this model cannot serve (never silently ignored)."""
-    if request.n_images and "vision" not in getattr(model, "capabilities", ()):
-        raise APIError(400, f"model '{request.model}' does not support images", param="messages")
 
 
 def uses_tools(request: schemas.ChatRequest) -> bool:
@@ -76,34 +71,37 @@ def thinking(model, effort: str | None):
         return reasoning.ThinkingRequest(None, None)
 
 
-def prepare(model, request: schemas.ChatRequest) -> Prepared:
+def prepare(model, request: schemas.ChatRequest, settings=None, param: str = "messages") -> Prepared:
     """Prompt, generation parameters and tool-call parsing of ``request`` on ``model``.
 
     With tools (or earlier calls and results) the library's ``tools.prepare_chat`` renders the
     prompt and builds the forced-call grammar; otherwise the plain chat template is used.
+    Images (``image_url`` parts: data: URIs, or http(s) URLs fetched under the server's limits,
+    ``settings``) go in as the model's soft tokens (``localllm_server.images``); ``param`` names the
+    request's field in errors.
     """
-    check_supported(request, model)
+    messages, images = chat_images(model, request.model, request.messages, settings, param)
     think = thinking(model, request.reasoning_effort)
     if not uses_tools(request):
         params, num_ctx = model.make_params(**request.settings,
                                             constraint=response_constraint(request.response_format))
         prompt, params.reasoning = think.finish(
-            model.render_chat(request.messages, add_generation_prompt=True, **think.template_extra))
-        return Prepared(model.tokenize(prompt), params, num_ctx, None)
+            model.render_chat(messages, add_generation_prompt=True, **think.template_extra))
+        return Prepared(model.tokenize(prompt, images=images), params, num_ctx, None)
     from localllm import constrain, tools as tooling
     choice = request.tool_choice
     if choice not in tooling.TOOL_CHOICES:                   # a function name
         choice = {"type": "function", "function": {"name": choice}}
     answer_format = response_constraint(request.response_format)     # tool_choice "none" only (schemas)
     try:
-        plan = tooling.prepare_chat(model, request.messages, tools=request.tools, tool_choice=choice,
+        plan = tooling.prepare_chat(model, messages, tools=request.tools, tool_choice=choice,
                                     parallel_tool_calls=request.parallel_tool_calls, constraint=answer_format,
                                     **think.template_extra)
     except constrain.UnsupportedSchema as exc:               # a tool's parameters: the field is `tools`
         raise APIError(400, str(exc), param="tools") from None
     params, num_ctx = model.make_params(**request.settings, constraint=plan.constraint)
     prompt, params.reasoning = think.finish(plan.prompt)
-    return Prepared(model.tokenize(prompt), params, num_ctx,
+    return Prepared(model.tokenize(prompt, images=images), params, num_ctx,
                     plan.stream_parser if plan.parses_tool_calls else None)
 
 
@@ -111,7 +109,7 @@ class ChatCompletions(Resource):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = schemas.parse_chat(self.body(req))
         entry, model = common.text_model(self.engine, request.model)
-        prepared = prepare(model, request)
+        prepared = prepare(model, request, self.settings)
         params = prepared.params
         submission = common.Submission(self.engine, entry, [prepared.prompt_ids], params, prepared.num_ctx,
                                        params.n, on_finish=common.metrics_hook(req, "chat"),

@@ -16,7 +16,7 @@ import falcon
 
 from .. import formatting, schemas, schemas_responses, streaming
 from ..body import Resource
-from ..errors import APIError, to_api_error
+from ..errors import to_api_error
 from . import chat, common
 
 
@@ -45,9 +45,7 @@ class Responses(Resource):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         request = schemas_responses.parse_responses(self.body(req))
         entry, model = common.text_model(self.engine, request.model)
-        if request.chat.n_images and "vision" not in getattr(model, "capabilities", ()):
-            raise APIError(400, f"model '{request.model}' does not support images", param="input")
-        prepared = chat.prepare(model, request.chat)
+        prepared = chat.prepare(model, request.chat, self.settings, param="input")
         submission = common.Submission(self.engine, entry, [prepared.prompt_ids], prepared.params,
                                        prepared.num_ctx, 1, on_finish=common.metrics_hook(req, "responses"),
                                        timeout=req.context.request_timeout)

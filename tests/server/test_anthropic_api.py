@@ -207,7 +207,7 @@ def test_unknown_model_is_not_found_error(claude):
      "messages[0].role must be 'user' or 'assistant'"),
     ({"model": SMOLLM2, "max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}]},
-     "does not support images"),
+     "has no vision"),
     ({"model": SMOLLM2, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
       "tools": [WEATHER], "tool_choice": {"type": "tool", "name": "get_time"}}, "get_time"),
 ])

@@ -81,7 +81,7 @@ CHAT_CASES = [
     (with_(CHAT, messages=[{"role": "user", "content": [
         {"type": "text", "text": "What is this?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]),
-     "messages", "model 'smollm2:135m' does not support images"),
+     "messages", "model 'smollm2:135m' has no vision: it cannot read images"),
     (with_(CHAT, model=MINILM), "model", None),
 ]
 

@@ -263,7 +263,7 @@ def test_ndjson_framing_and_final_line(server, golden_smollm2):
     ("chat", {"model": SMOL, "messages": "hi"}, 400, "messages must be a list"),
     ("chat", {"model": SMOL, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content must be a string"),
     ("chat", {"model": SMOL, "messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}, 400,
-     "model 'smollm2:135m' does not support images: it has no vision encoder"),
+     "model 'smollm2:135m' has no vision: it cannot read images"),
     ("chat", {"model": SMOL, "format": "xml", "messages": [{"role": "user", "content": "hi"}]}, 400,
      "format: format must be \"json\" or a JSON schema object"),
     ("generate", {"model": SMOL, "prompt": "x", "format": {"type": "object", "not": {"type": "null"}}}, 400,

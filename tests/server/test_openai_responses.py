@@ -152,7 +152,7 @@ BAD_REQUESTS = [
     ({**BASE, "input": [{"type": "item_reference", "id": "msg_1"}]}, "input", None),
     ({**BASE, "input": [{"type": "function_call", "name": "f"}]}, "input", "input[0].call_id must be a string"),
     ({**BASE, "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input", None),
-    ({**BASE, "input": [IMAGE]}, "input", "model 'smollm2:135m' does not support images"),
+    ({**BASE, "input": [IMAGE]}, "input", "model 'smollm2:135m' has no vision: it cannot read images"),
     ({**BASE, "max_output_tokens": 0}, "max_output_tokens", None),
     ({**BASE, "temperature": 3}, "temperature", None),
     ({**BASE, "tools": [{"type": "web_search"}]}, "tools", None),
