@@ -146,6 +146,16 @@ def test_the_same_image_again_reuses_cache_and_encoding(loaded):
     assert other.usage.cached_tokens == first_image_position   # the text before; another image never matches
 
 
+def test_an_image_given_as_a_path_bytes_or_pil_is_the_same(loaded, tmp_path):
+    model = loaded("llava")
+    image = picture(13)
+    path = tmp_path / "picture.png"
+    path.write_bytes(png_bytes(image))
+    prompts = [list(prompt_of(model, ask({"type": "image", "image": source})))
+               for source in (image, png_bytes(image), path, str(path))]
+    assert all(p == prompts[0] for p in prompts)
+
+
 def test_ollama_style_images_go_before_the_text(loaded):
     model = loaded("gemma3")
     image = png_bytes(picture(11))

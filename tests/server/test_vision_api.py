@@ -232,3 +232,15 @@ def test_ollama_bad_image_names_its_place(vision_server):
     answer = httpx.post(url + "/api/chat", json={"model": LLAVA, "stream": False, "messages": [
         {"role": "user", "content": "hi", "images": ["bm90IGFuIGltYWdl"]}]}, timeout=60)
     assert answer.status_code == 400 and answer.json()["error"].startswith("messages[0].images[0]: ")
+
+
+def test_anthropic_messages_with_an_image_block(vision_server):
+    from anthropic import Anthropic
+    url, copies = vision_server
+    image = picture(27)
+    client = Anthropic(base_url=url, api_key="x", max_retries=0)
+    answer = client.messages.create(model=GEMMA, max_tokens=6, extra_body={"temperature": 0}, messages=[{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": base64.b64encode(png_bytes(image)).decode()}},
+        {"type": "text", "text": QUESTION}]}])
+    assert answer.content[0].text == expected(copies, GEMMA, image)
