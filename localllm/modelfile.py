@@ -4,6 +4,7 @@ A Modelfile describes a model the way Ollama's do, one directive per line::
 
     # comments start with '#'
     FROM smollm2:135m                      # a store name, a .gguf file, or a Hugging Face folder
+    FROM ./mmproj-model-f16.gguf           # optional: a vision projector (see below)
     PARAMETER num_ctx 8192
     PARAMETER temperature 0.2
     PARAMETER stop "<|im_end|>"            # repeatable: the values make a list
@@ -27,6 +28,13 @@ syntax is refused with a message saying so.
 model's defaults on every route (a request overrides only what it sets). An unknown
 directive or parameter, a value of the wrong type, an unterminated quote or a missing
 ``FROM`` raise :class:`ModelfileError` naming the line.
+
+As in Ollama, a second ``FROM`` names the model's vision projector, in either order: the
+projector is the GGUF file whose ``general.architecture`` is ``clip`` (llama.cpp's mmproj
+files), or a Hugging Face vision-language folder (Gemma 3, LLaVA: a ``vision_config``)
+beside a model of another source. Two models or two projectors are a ModelfileError naming
+the second line; a projector whose embeddings do not fit the model is refused before
+anything is stored (``model_info.ProjectorMismatch``).
 """
 from __future__ import annotations
 
@@ -39,7 +47,7 @@ from typing import Any, Callable, Mapping
 
 __all__ = ["Modelfile", "ModelfileError", "PARAMETER_TYPES", "LIST_PARAMETERS", "parse_modelfile", "parse_parameter",
            "normalize_parameters", "check_template", "render_modelfile", "format_parameters", "is_path_reference",
-           "create_model", "modelfile_from_request", "validate"]
+           "create_model", "modelfile_from_request", "validate", "split_sources"]
 
 # PARAMETER name -> type of its value ("str" values of `stop` make a list)
 PARAMETER_TYPES: dict[str, type] = {
@@ -83,17 +91,27 @@ class Modelfile:
     messages: list[dict] = field(default_factory=list)
     license: str | None = None
     adapters: list[str] = field(default_factory=list)
+    # the second FROM: the vision projector. Parsing keeps the lines' order; split_sources (create_model) finds
+    # which of the two is the model and which the projector by their contents.
+    projector: str | None = None
+    from_line: int | None = field(default=None, compare=False, repr=False)        # where each FROM was written
+    projector_line: int | None = field(default=None, compare=False, repr=False)
 
     def create_request(self, name: str, base_dir: str | os.PathLike | None = None) -> dict:
         """The body of an Ollama ``POST /api/create`` that makes this model as ``name``.
 
         A ``FROM`` path is made absolute (relative paths start at ``base_dir``, the
-        Modelfile's folder), so a server on the same machine finds the file.
+        Modelfile's folder), so a server on the same machine finds the file. A second
+        ``FROM`` goes as ``projector`` (localllm's field beside ``from``: a path on the server).
         """
-        from_ = self.from_
-        if from_ is not None and is_path_reference(from_, base_dir):
-            from_ = str(_resolve_path(from_, base_dir).resolve())
-        body: dict[str, Any] = {"model": name, "from": from_}
+        def absolute(value: str | None) -> str | None:
+            if value is not None and is_path_reference(value, base_dir):
+                return str(_resolve_path(value, base_dir).resolve())
+            return value
+
+        body: dict[str, Any] = {"model": name, "from": absolute(self.from_)}
+        if self.projector is not None:
+            body["projector"] = absolute(self.projector)
         for key in ("template", "system", "license"):
             if getattr(self, key) is not None:
                 body[key] = getattr(self, key)
@@ -146,9 +164,13 @@ def parse_modelfile(text: str, require_from: bool = True) -> Modelfile:
         else:
             value, pos = _value(text, pos, line_no, f"{keyword} needs a value")
             if keyword == "FROM":
-                if modelfile.from_ is not None:
-                    raise ModelfileError("FROM appears twice", line_no)
-                modelfile.from_ = value.strip()
+                if modelfile.projector is not None:
+                    raise ModelfileError("a third FROM line: a Modelfile names one model and at most one vision "
+                                         "projector", line_no)
+                if modelfile.from_ is None:
+                    modelfile.from_, modelfile.from_line = value.strip(), line_no
+                else:
+                    modelfile.projector, modelfile.projector_line = value.strip(), line_no
             elif keyword == "TEMPLATE":
                 modelfile.template = check_template(value, line_no)
             elif keyword == "SYSTEM":
@@ -353,13 +375,17 @@ def _quoted_block(value: str) -> str:
 def render_modelfile(entry, from_: str | None = None) -> str:
     """A Modelfile that recreates the store model ``entry`` (``/api/show``, ``localllm show --modelfile``).
 
-    ``FROM`` names the model's own file in the store unless ``from_`` is given.
+    ``FROM`` names the model's own file in the store unless ``from_`` is given; a second
+    ``FROM`` its vision projector (unless the model's folder is its own, a vision-language one).
     ``parse_modelfile(render_modelfile(entry))`` gives back its parameters, template,
     system prompt, messages and license.
     """
     lines = ['# Modelfile generated by "localllm show"',
              "# To build a new Modelfile based on this, replace FROM with:",
              f"# FROM {entry.name}", "", f"FROM {from_ or entry.path}"]
+    projector = getattr(entry, "projector", None)
+    if projector is not None and projector != entry.path:
+        lines.append(f"FROM {projector}")
     if entry.template:
         lines.append(f"TEMPLATE {_quoted_block(entry.template)}")
     if entry.system:
@@ -414,31 +440,38 @@ def create_model(store, name: str, modelfile: Modelfile, *, base_dir: str | os.P
 
     emit = progress or (lambda event: None)
     canonical = canonical_name(name)
-    checked = validate(modelfile)
+    checked = split_sources(validate(modelfile), base_dir)
     if checked.adapters:
         raise ModelfileError("ADAPTER (LoRA adapters) is not supported")
+    projector = _resolve_path(checked.projector, base_dir) if checked.projector is not None else None
+    if projector is not None:
+        emit({"status": f"copying projector file {projector.name}"})
     if quantize is not None:
-        entry = _create_quantized(store, canonical, checked, quantize, base_dir, emit)
+        entry = _create_quantized(store, canonical, checked, quantize, base_dir, emit, projector)
     elif is_path_reference(checked.from_, base_dir):
         path = _resolve_path(checked.from_, base_dir)
         if not path.exists():
-            raise ModelfileError(f"FROM {checked.from_}: no such file or folder")
+            raise ModelfileError(f"FROM {checked.from_}: no such file or folder", checked.from_line)
         emit({"status": f"copying model file {path.name}"})
         entry = store.add_local(canonical, path, parameters=checked.parameters, template=checked.template,
-                                system=checked.system, messages=checked.messages, license=checked.license)
+                                system=checked.system, messages=checked.messages, license=checked.license,
+                                projector=projector)
     else:
         base = store.ensure(checked.from_, progress=emit)
         emit({"status": f"using existing layer {base.digest}"})
         entry = store.derive(canonical, base.name, parameters=checked.parameters, template=checked.template,
-                             system=checked.system, messages=checked.messages or None, license=checked.license)
+                             system=checked.system, messages=checked.messages or None, license=checked.license,
+                             projector=projector)
     emit({"status": "writing manifest"})
     emit({"status": "success"})
     return entry
 
 
 def _create_quantized(store, canonical: str, checked: Modelfile, quantize: str,
-                      base_dir: str | os.PathLike | None, emit: Progress):
-    """``create --quantize``: FROM a Hugging Face decoder folder -> a quantized GGUF file in the store."""
+                      base_dir: str | os.PathLike | None, emit: Progress, projector: Path | None = None):
+    """``create --quantize``: FROM a Hugging Face decoder folder -> a quantized GGUF file in the store. The language
+    model of a vision-language folder is converted; its vision encoder stays the folder's (stored as the
+    projector, unless another FROM names one)."""
     from .arch.spec import UnsupportedArchitecture, UnsupportedModelFeature
     from .formats.gguf_export import quantize_type, write_gguf
     from .formats.hf_decoder import read_hf_decoder
@@ -455,22 +488,29 @@ def _create_quantized(store, canonical: str, checked: Modelfile, quantize: str,
                              "(quantizing a GGUF file or a store model again is not supported)")
     try:
         folder = read_hf_decoder(path)               # architecture, config and tensors checked first
+        if projector is None and folder.has_vision:
+            projector = path
+            emit({"status": f"keeping the vision encoder of {path.name} as the projector"})
         emit({"status": f"converting {path.name} ({folder.architecture}) to {ggml_type}"})
         parameters = {**folder.generation_defaults, **checked.parameters}
         return store.add_written(canonical, f"{path.name}-{ggml_type}.gguf",
                                  lambda target: write_gguf(folder, target, ggml_type, name=path.name),
                                  parameters=parameters, template=checked.template, system=checked.system,
-                                 messages=checked.messages, license=checked.license)
+                                 messages=checked.messages, license=checked.license, projector=projector)
     except (UnsupportedArchitecture, UnsupportedModelFeature, HFFolderError) as exc:
         raise InvalidModelFile(f"{path}: {exc}") from exc
 
 
-def modelfile_from_request(body: Mapping[str, Any]) -> Modelfile:
+def modelfile_from_request(body: Mapping[str, Any], files: Mapping[str, Path] | None = None) -> Modelfile:
     """A :class:`Modelfile` from the fields of an Ollama ``/api/create`` body.
 
     ``from``, ``parameters``, ``template``, ``system``, ``messages``, ``license`` (a string
     or a list), ``adapters``; or a whole Modelfile as text in ``modelfile`` (older clients),
-    whose directives the other fields override. Checked by :func:`validate`.
+    whose directives the other fields override. The model and its vision projector may come
+    from ``from``, a second ``FROM`` of ``modelfile``, ``projector`` (localllm's: a path on the
+    server) and ``files`` (Ollama's: name -> the file on the server its digest names, resolved by
+    the caller): one model and at most one projector in all, told apart by ``split_sources``.
+    Checked by :func:`validate`.
     """
     text = body.get("modelfile")
     if text is not None:
@@ -487,8 +527,20 @@ def modelfile_from_request(body: Mapping[str, Any]) -> Modelfile:
     parameters = dict(base.parameters)
     parameters.update(normalize_parameters(body.get("parameters")))
     adapters = body.get("adapters")
+    projector = body.get("projector")
+    if projector is not None and (not isinstance(projector, str) or not projector.strip()):
+        raise ModelfileError("projector must be the path of a vision projector (an mmproj .gguf file or a Hugging "
+                             "Face folder) on the server")
+    from_ = (body.get("from"), None) if body.get("from") is not None else (base.from_, base.from_line)
+    sources = [(value, line) for value, line in (from_, (base.projector, base.projector_line), (projector, None),
+                                                 *((str(path), None) for path in (files or {}).values()))
+               if value is not None]
+    if len(sources) > 2:
+        raise ModelfileError(f"{len(sources)} model sources (from, the modelfile's FROM lines, projector, files): a "
+                             "model takes one model file and at most one vision projector")
+    (from_, from_line), (projector, projector_line) = (sources + [(None, None)] * 2)[:2]
     modelfile = Modelfile(
-        from_=body.get("from") if body.get("from") is not None else base.from_,
+        from_=from_, projector=projector, from_line=from_line, projector_line=projector_line,
         parameters=parameters,
         template=body.get("template", base.template),
         system=body.get("system", base.system),
@@ -507,12 +559,62 @@ def validate(modelfile: Modelfile) -> Modelfile:
         value = getattr(modelfile, key)
         if value is not None and not isinstance(value, str):
             raise ModelfileError(f"{key} must be a string")
+    projector = modelfile.projector
+    if projector is not None and (not isinstance(projector, str) or not projector.strip()):
+        raise ModelfileError("the second FROM (projector) must name a vision projector file or folder",
+                             modelfile.projector_line)
     if modelfile.template is not None:
         check_template(modelfile.template)
     return Modelfile(from_=from_.strip(), parameters=normalize_parameters(modelfile.parameters),
                      template=modelfile.template, system=modelfile.system,
                      messages=_check_messages(modelfile.messages), license=modelfile.license,
-                     adapters=list(modelfile.adapters or []))
+                     adapters=list(modelfile.adapters or []), projector=projector.strip() if projector else None,
+                     from_line=modelfile.from_line, projector_line=modelfile.projector_line)
+
+
+def split_sources(modelfile: Modelfile, base_dir: str | os.PathLike | None = None) -> Modelfile:
+    """``modelfile`` with ``from_`` naming the model and ``projector`` its vision projector, whichever order the
+    two FROM lines came in (relative paths start at ``base_dir``).
+
+    The projector is the GGUF file whose ``general.architecture`` is ``clip`` (an mmproj file), or, beside a
+    model of another kind, a Hugging Face vision-language folder (whose vision part is then used). A store
+    name is a model. Two models, two projectors, or a projector alone are a ModelfileError naming the line.
+    """
+    from dataclasses import replace
+
+    first = _source_kind(modelfile.from_, modelfile.from_line, base_dir)
+    if modelfile.projector is None:
+        if first == "projector":
+            raise ModelfileError(f"FROM {modelfile.from_} is a vision projector (mmproj), not a model: add a FROM "
+                                 "line naming the model it belongs to", modelfile.from_line)
+        return modelfile
+    second = _source_kind(modelfile.projector, modelfile.projector_line, base_dir)
+    swapped = replace(modelfile, from_=modelfile.projector, projector=modelfile.from_,
+                      from_line=modelfile.projector_line, projector_line=modelfile.from_line)
+    if first == second == "projector":
+        raise ModelfileError(f"two vision projectors: FROM {modelfile.from_} and FROM {modelfile.projector}; a "
+                             "Modelfile names one model and at most one projector", modelfile.projector_line)
+    if second == "projector" or (first, second) == ("model", "vision-model"):
+        return modelfile
+    if first == "projector" or (first, second) == ("vision-model", "model"):
+        return swapped
+    raise ModelfileError(f"two models: FROM {modelfile.from_} and FROM {modelfile.projector}; a second FROM may "
+                         "only name the model's vision projector (an mmproj .gguf file)", modelfile.projector_line)
+
+
+def _source_kind(value: str, line: int | None, base_dir: str | os.PathLike | None) -> str:
+    """What a FROM names: ``"projector"`` (an mmproj GGUF), ``"vision-model"`` (a Hugging Face vision-language
+    folder: a model with its projector), or ``"model"`` (any other file or folder, or a store name)."""
+    from .model_info import is_projector_file, is_vision_folder
+
+    if not is_path_reference(value, base_dir):
+        return "model"
+    path = _resolve_path(value, base_dir)
+    if not path.exists():
+        raise ModelfileError(f"FROM {value}: no such file or folder", line)
+    if path.is_dir():
+        return "vision-model" if is_vision_folder(path) else "model"
+    return "projector" if is_projector_file(path) else "model"
 
 
 def _check_messages(messages) -> list[dict]:

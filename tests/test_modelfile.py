@@ -74,7 +74,7 @@ def test_windows_line_endings():
     ("FROM x\nSYSTEM \"\"\"never closed\nstill open\n", 2, 'unterminated """'),
     ("FROM x\nSYSTEM \"open\n", 2, "unterminated \" quote"),
     ("FROM x\nMESSAGE robot hello\n", 2, "role 'robot'"),
-    ("FROM x\nFROM y\n", 2, "FROM appears twice"),
+    ("FROM x\nFROM y\nFROM z\n", 3, "a third FROM line"),
     ("FROM x\nSYSTEM \"a\" trailing\n", 2, "unexpected text"),
     ('FROM x\nTEMPLATE """{{ if .System }}{{ .System }}{{ end }}"""\n', 2, "Go template"),
     ('FROM x\n# c\nTEMPLATE """{% for m in messages %}"""\n', 3, "TEMPLATE"),
