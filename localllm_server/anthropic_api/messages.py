@@ -7,7 +7,9 @@ began is an ``error`` event carrying the Anthropic error envelope. An error befo
 keeps its HTTP status (the first engine event is awaited before the answer starts).
 
 With a gateway, a ``model`` naming a route or ``<upstream>/<model>`` goes through it instead
-(:class:`GatewayMessages`): translated to a chat completion and back by ``openai_bridge``.
+(:class:`GatewayMessages`): translated to a chat completion and back by ``openai_bridge``, except for an
+Anthropic-format upstream, which gets the body as it is and whose answer is passed back as it is (model
+renamed).
 """
 from __future__ import annotations
 
@@ -19,11 +21,15 @@ import falcon
 from .. import formatting as openai_formatting
 from .. import schemas, streaming
 from ..body import Resource
-from ..errors import anthropic_body, bad_request, to_api_error
+from ..errors import APIError, anthropic_body, bad_request, to_api_error
+from ..gateway import upstream as upstream_calls
 from ..gateway.resource import GatewayDispatch, recorder
 from ..openai_api import chat, common
 from . import formatting, openai_bridge
 from .request import parse_messages_request
+
+
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"      # below an Anthropic-format upstream's base_url
 
 
 def resolve_model(engine, name: str):
@@ -100,8 +106,9 @@ class CountTokens(Resource):
 
 class GatewayMessages(GatewayDispatch):
     """POST /v1/messages with a gateway: a route or ``<upstream>/<model>`` goes through the gateway as a chat
-    completion (``openai_bridge``), its answer translated back; a local model takes :class:`Messages` as
-    without a gateway. ``chat_local`` is the local /v1/chat/completions resource (a route's local members)."""
+    completion (``openai_bridge``), its answer translated back, but an Anthropic-format upstream gets the body
+    itself and its answer is passed back (``Answer.format`` "anthropic"); a local model takes :class:`Messages`
+    as without a gateway. ``chat_local`` is the local /v1/chat/completions resource (a route's local members)."""
 
     def __init__(self, local: Messages, chat_local, gateway):
         super().__init__(chat_local, gateway, "/chat/completions")
@@ -115,8 +122,11 @@ class GatewayMessages(GatewayDispatch):
             return
         request = parse_messages_request(body)
         answer = self.gateway.run(self.path, openai_bridge.chat_body(body, request), self.local_caller(req, resp),
-                                  record=recorder(req))
-        if answer.stream is not None:
+                                  record=recorder(req), native=body)
+        if answer.format == "anthropic":                    # an Anthropic upstream's own answer
+            if answer.stream is None and answer.status < 400 and json.loads(answer.body).get("type") == "error":
+                answer.status = 502                         # a 200 carrying an error
+        elif answer.stream is not None:
             answer.stream = sse_body(openai_bridge.translate_stream(answer.stream, answer.model,
                                                                     request.stop_sequences))
             answer.content_type = streaming.SSE_CONTENT_TYPE
@@ -149,8 +159,9 @@ class FittedChatCompletions(chat.ChatCompletions):
 
 
 class GatewayCountTokens(CountTokens):
-    """count_tokens with a gateway: a route counts with its first member when that one is local; an upstream
-    model (or a route starting with one) is a 400: only a local model's tokenizer is known here."""
+    """count_tokens with a gateway: a route counts with its first member. A local one counts here; an
+    Anthropic-format upstream is asked (its own /v1/messages/count_tokens, the body as sent, the model
+    renamed); an OpenAI-format upstream is a 400: it has no such endpoint and its tokenizer is not known here."""
 
     def __init__(self, engine, settings, gateway):
         super().__init__(engine, settings)
@@ -160,9 +171,22 @@ class GatewayCountTokens(CountTokens):
         body = self.body(req)
         if self.gateway.handles(body.get("model")):
             first = self.gateway.resolve(body["model"]).members[0]
+            if first.upstream is not None and first.upstream.is_anthropic:
+                parse_messages_request(body, count_only=True)             # a bad body: the same 400 as locally
+                self.ask_upstream(first, body, resp)
+                return
             if not first.is_local:
-                raise bad_request(f"count_tokens cannot count for '{first.name}': it is an upstream model and only "
-                                  f"local models' tokenizers are known here", "model")
+                raise bad_request(f"count_tokens cannot count for '{first.name}': it is an OpenAI-format upstream "
+                                  f"model and only local models' tokenizers are known here", "model")
             body = dict(body, model=first.model)
         req.context.json_body = body
         super().on_post(req, resp)
+
+    def ask_upstream(self, member, body: dict, resp: falcon.Response) -> None:
+        try:
+            answer = upstream_calls.post(member.upstream, COUNT_TOKENS_PATH, dict(body, model=member.model), False)
+            resp.media = answer.json()
+        except upstream_calls.UpstreamFailure as exc:
+            raise APIError(exc.status, self.gateway.scrub(exc.message), code=exc.code) from None
+        except upstream_calls.UpstreamRejected as exc:                  # its own answer (key scrubbed)
+            resp.status, resp.content_type, resp.data = exc.status, exc.content_type or falcon.MEDIA_JSON, exc.body

@@ -29,11 +29,13 @@ def request_key(path: str, body: dict, member: str) -> str:
 
 @dataclass(frozen=True)
 class CachedAnswer:
-    """What a hit replays: the member that answered, and the JSON body or the stream's events (raw bytes)."""
+    """What a hit replays: the member that answered, and the JSON body or the stream's events (raw bytes), in
+    ``format`` ("openai", or "anthropic": an Anthropic upstream's message passed through on /v1/messages)."""
 
     model: str
     body: bytes | None = None
     events: tuple[bytes, ...] | None = None
+    format: str = "openai"
 
     @property
     def size(self) -> int:

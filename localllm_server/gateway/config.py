@@ -10,6 +10,14 @@ input_price_per_million = 0.40           # cost of 1M prompt tokens (default 0)
 output_price_per_million = 1.60          # cost of 1M completion tokens (default 0)
 models = { "fast" = "fast-2025-04-14" }  # name clients use -> the upstream's name (or a list: same names)
 
+[upstreams.claude]                       # an Anthropic-compatible provider: <base_url>/v1/messages
+format = "anthropic"                     # "openai" (the default) or "anthropic"
+base_url = "https://api.anthropic.com"   # as the Anthropic SDK takes it (without /v1)
+api_key_env = "ANTHROPIC_API_KEY"        # sent as x-api-key
+anthropic_version = "2023-06-01"         # the anthropic-version header (this default)
+default_max_tokens = 4096                # max_tokens when a chat request sets none (Anthropic requires one)
+models = { "sonnet" = "claude-sonnet-4-5" }
+
 [routes]
 cheap-then-smart = ["smollm2:135m", "hosted/fast"]      # tried in order
 
@@ -21,6 +29,7 @@ fallback_on_invalid_json = true
 enabled = true
 max_bytes = 16_000_000
 ttl_seconds = 600
+
 ```
 
 Every mistake is a :class:`GatewayConfigError` naming the file, the key and what is wrong.
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -38,6 +48,9 @@ DEFAULT_READ_TIMEOUT = 120.0
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 DEFAULT_CACHE_TTL = 600.0
 ENV_VARIABLE = "LOCALLLM_GATEWAY"
+FORMATS = ("openai", "anthropic")
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
+DEFAULT_ANTHROPIC_MAX_TOKENS = 4096
 
 
 class GatewayConfigError(ValueError):
@@ -50,10 +63,12 @@ class GatewayConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Upstream:
-    """An OpenAI-compatible provider. ``api_key`` comes from ``api_key_env``; it is left out of ``repr``."""
+    """A provider speaking OpenAI's API (``format`` "openai": ``<base_url>/chat/completions`` ...) or Anthropic's
+    Messages API ("anthropic": ``<base_url>/v1/messages``). ``api_key`` comes from ``api_key_env``; it is left
+    out of ``repr``."""
 
     name: str
-    base_url: str                               # without the trailing slash: ".../v1"
+    base_url: str                               # without the trailing slash: ".../v1" (openai), "..." (anthropic)
     api_key_env: str | None = None
     api_key: str | None = field(default=None, repr=False)
     models: dict[str, str] = field(default_factory=dict)     # gateway name -> the upstream's model name
@@ -61,6 +76,13 @@ class Upstream:
     read_timeout: float = DEFAULT_READ_TIMEOUT
     input_price_per_million: float = 0.0
     output_price_per_million: float = 0.0
+    format: str = "openai"
+    anthropic_version: str = DEFAULT_ANTHROPIC_VERSION
+    default_max_tokens: int = DEFAULT_ANTHROPIC_MAX_TOKENS
+
+    @property
+    def is_anthropic(self) -> bool:
+        return self.format == "anthropic"
 
     def upstream_model(self, model: str) -> str:
         """The name the upstream knows ``model`` by (the mapping's, else the name itself)."""
@@ -161,7 +183,9 @@ def _number(table: dict, key: str, default: float, path: str, where: str, positi
 
 
 UPSTREAM_KEYS = {"base_url", "api_key_env", "models", "connect_timeout", "read_timeout",
-                 "input_price_per_million", "output_price_per_million"}
+                 "input_price_per_million", "output_price_per_million", "format", "anthropic_version",
+                 "default_max_tokens"}
+ANTHROPIC_ONLY_KEYS = ("anthropic_version", "default_max_tokens")
 
 
 def _upstream(name: str, table, path: str, environ) -> Upstream:
@@ -171,10 +195,30 @@ def _upstream(name: str, table, path: str, environ) -> Upstream:
     if not isinstance(table, dict):
         raise GatewayConfigError(path, where, f"must be a table, got {type(table).__name__}")
     _only_keys(table, UPSTREAM_KEYS, path, where)
+    kind = table.get("format", "openai")
+    if kind not in FORMATS:
+        raise GatewayConfigError(path, f"{where}.format", f"must be one of {', '.join(map(repr, FORMATS))}, "
+                                                          f"got {kind!r}")
+    if kind != "anthropic":
+        for key in ANTHROPIC_ONLY_KEYS:
+            if key in table:
+                raise GatewayConfigError(path, f"{where}.{key}", 'only for an upstream with format = "anthropic"')
     base_url = table.get("base_url")
     if not isinstance(base_url, str) or urlsplit(base_url).scheme not in ("http", "https") \
             or not urlsplit(base_url).hostname:
         raise GatewayConfigError(path, f"{where}.base_url", f"must be an http:// or https:// URL, got {base_url!r}")
+    if kind == "anthropic" and urlsplit(base_url).path.rstrip("/").endswith("/v1"):
+        raise GatewayConfigError(path, f"{where}.base_url", "an anthropic upstream's base_url is the one the "
+                                 "Anthropic SDK takes, without /v1 (the gateway posts to <base_url>/v1/messages), "
+                                 f"got {base_url!r}")
+    version = table.get("anthropic_version", DEFAULT_ANTHROPIC_VERSION)
+    if not isinstance(version, str) or not re.fullmatch(r"[\w.-]+", version):
+        raise GatewayConfigError(path, f"{where}.anthropic_version", f"must be a version string such as "
+                                                                      f"'{DEFAULT_ANTHROPIC_VERSION}', got {version!r}")
+    max_tokens = table.get("default_max_tokens", DEFAULT_ANTHROPIC_MAX_TOKENS)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise GatewayConfigError(path, f"{where}.default_max_tokens", f"must be a whole number, at least 1, "
+                                                                       f"got {max_tokens!r}")
     key_env = table.get("api_key_env")
     api_key = None
     if key_env is not None:
@@ -194,7 +238,8 @@ def _upstream(name: str, table, path: str, environ) -> Upstream:
                     _number(table, "connect_timeout", DEFAULT_CONNECT_TIMEOUT, path, where, positive=True),
                     _number(table, "read_timeout", DEFAULT_READ_TIMEOUT, path, where, positive=True),
                     _number(table, "input_price_per_million", 0.0, path, where, positive=False),
-                    _number(table, "output_price_per_million", 0.0, path, where, positive=False))
+                    _number(table, "output_price_per_million", 0.0, path, where, positive=False),
+                    kind, version, max_tokens)
 
 
 def _route(name: str, value, path: str, upstreams: dict[str, Upstream]) -> Route:
@@ -229,3 +274,4 @@ def _cache(table: dict, path: str) -> CacheConfig:
                                                           f"got {max_bytes!r}")
     return CacheConfig(enabled, max_bytes, _number(table, "ttl_seconds", DEFAULT_CACHE_TTL, path, "cache",
                                                    positive=True))
+

@@ -9,10 +9,19 @@ A request's ``model`` names one of three things (:meth:`Gateway.resolve`):
 
 :meth:`Gateway.run` tries the members in order and moves to the next one on: a connection error, a timeout,
 HTTP 429 or 5xx (:class:`~.upstream.UpstreamFailure`), a body that is not JSON, a local prompt longer than the
-model's context (``ContextLengthExceeded``), a local server busy or past its time, and, when the route opts in
-(``fallback_on_invalid_json``), a local answer that is not valid JSON for the request's ``response_format``.
-A stream is committed with its first event: from then on a failure is an error event that ends it, never a
-restart on another member. Every answer names the member that gave it in its ``model`` field.
+model's context (``ContextLengthExceeded``), a local server busy or past its time, an Anthropic-format upstream
+asked for what its API cannot do (embeddings, ``n`` > 1, logprobs ...), and, when the route opts in
+(``fallback_on_invalid_json``), a local answer that is not valid JSON for the request's JSON format (chat's
+``response_format``, the Responses API's ``text.format``). A stream is committed with its first event: from
+then on a failure is an error event that ends it, never a restart on another member. So that the JSON check
+can apply to a stream, a local member's stream is then buffered whole and checked before its first byte is
+sent (then replayed event by event); without the opt-in, streams pass through as they come. Every answer
+names the member that gave it in its ``model`` field.
+
+An Anthropic-format upstream (``format = "anthropic"``) answers chat completions through
+``anthropic_api.openai_bridge`` (the request, the message and its stream events translated), and a
+``/v1/messages`` request (``native``, the body as the client sent it) as it is, its answer in Anthropic's
+shapes (``Answer.format`` "anthropic").
 
 The answer's usage (prompt and completion tokens, cost from the upstream's prices) goes to ``record`` once
 the answer is complete. Deterministic requests are cached when the config enables it (:mod:`.cache`).
@@ -23,7 +32,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from ..errors import APIError, openai_body, to_api_error
+from ..anthropic_api import openai_bridge
+from ..errors import APIError, anthropic_body, openai_body, to_api_error
 from . import upstream as upstream_calls
 from .cache import CachedAnswer, ResponseCache, is_deterministic, request_key
 from .config import GatewayConfig, Route, Upstream
@@ -31,6 +41,7 @@ from .upstream import UpstreamFailure, UpstreamRejected, scrub
 
 STREAM_END_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
 USAGE_CHUNK_PATHS = ("/chat/completions", "/completions")     # streams that can end with a usage chunk
+ANTHROPIC_PATH = "/v1/messages"                                # below an Anthropic-format upstream's base_url
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,7 @@ class Answer:
     content_type: str = "application/json"
     cache: str | None = None             # "hit" | "miss" when the request could be cached, else None
     close: Callable[[], None] | None = None
+    format: str = "openai"               # "anthropic": an Anthropic upstream's answer to a /v1/messages request
 
 
 # record(label, member name, prompt_tokens, completion_tokens, cost)
@@ -173,6 +185,92 @@ class StreamRelay:
         return b"data: " + json.dumps(openai_body(error), ensure_ascii=False).encode("utf-8") + b"\n\ndata: [DONE]\n\n"
 
 
+class AnthropicUsage:
+    """The usage of an Anthropic message as its stream tells it (``message_start``, then ``message_delta``)."""
+
+    def __init__(self):
+        self.fields: dict = {}
+
+    def read(self, event: dict) -> None:
+        usage = (event.get("message") or {}).get("usage") if event.get("type") == "message_start" else \
+            event.get("usage") if event.get("type") == "message_delta" else None
+        if isinstance(usage, dict):
+            self.fields.update({key: value for key, value in usage.items() if isinstance(value, int)})
+
+    @property
+    def tokens(self) -> tuple[int, int] | None:
+        """(prompt, completion) tokens, the prompt counting the cache reads and writes; None before any usage."""
+        return usage_of({"usage": openai_bridge.chat_usage(self.fields)}) if self.fields else None
+
+    def read_chunk(self, chunk: bytes) -> None:
+        """Read the events of a chunk of SSE bytes (whole events)."""
+        for event in openai_bridge.sse_payloads([chunk]):
+            if isinstance(event, dict):
+                self.read(event)
+
+
+class AnthropicRelay:
+    """An Anthropic-format upstream's stream passed on as it comes: ``message.model`` renamed in
+    ``message_start``, the usage read from it and ``message_delta``, ``message_stop`` noticed."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.anthropic_usage = AnthropicUsage()
+        self.finished = False               # message_stop seen
+        self.failed = False                 # an error event passed
+
+    @property
+    def usage(self) -> tuple[int, int] | None:
+        return self.anthropic_usage.tokens
+
+    def frame(self, lines: list[bytes]) -> bytes:
+        out = []
+        for line in lines:
+            if line.startswith(b"data:"):
+                line = self._data_line(line)
+            out.append(line)
+        return b"\n".join(out) + b"\n\n"
+
+    def _data_line(self, line: bytes) -> bytes:
+        try:
+            event = json.loads(line[5:])
+        except (ValueError, UnicodeDecodeError):
+            return line
+        if not isinstance(event, dict):
+            return line
+        self.anthropic_usage.read(event)
+        kind = event.get("type")
+        if kind == "message_start" and isinstance(event.get("message"), dict) \
+                and event["message"].get("model") != self.model:
+            event["message"]["model"] = self.model
+            return b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8")
+        if kind == "message_stop":
+            self.finished = True
+        elif kind == "error":
+            self.failed = True
+        return line
+
+    def error_event(self, error: APIError) -> bytes:
+        """The ``error`` event that ends a stream already under way (Anthropic's envelope)."""
+        self.failed = True
+        return f"event: error\ndata: {json.dumps(anthropic_body(error), ensure_ascii=False)}\n\n".encode("utf-8")
+
+
+def chat_events_from_anthropic(events: Iterator[list[bytes]], translator) -> Iterator[list[bytes]]:
+    """An Anthropic stream's events (each its lines) -> chat-chunk events (``data: ...`` lines), as they come."""
+    for lines in events:
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            try:
+                event = json.loads(line[5:])
+            except (ValueError, UnicodeDecodeError):
+                event = {"type": "error", "error": {"message": "the upstream sent an event that is not JSON"}}
+            for payload in translator.feed(event) if isinstance(event, dict) else []:
+                data = b"[DONE]" if payload == "[DONE]" else json.dumps(payload, ensure_ascii=False).encode("utf-8")
+                yield [b"data: " + data]
+
+
 # The local errors that move a route on: the prompt is too long for the model, the engine is busy, past the
 # request's time or shutting down. Any other error (a bad parameter, an unknown model, a bug) is answered.
 LOCAL_FALLBACK_CODES = frozenset({"context_length_exceeded", "server_busy", "request_timeout",
@@ -185,32 +283,90 @@ def local_fallback_reason(exc: BaseException) -> str | None:
     return error.message if error.code in LOCAL_FALLBACK_CODES else None
 
 
-def invalid_json_reason(body: dict, answer: dict) -> str | None:
-    """Why a chat answer's content does not satisfy the request's ``response_format`` (None: it does)."""
-    response_format = body.get("response_format")
-    if not isinstance(response_format, dict) or response_format.get("type") not in ("json_object", "json_schema"):
+def json_format(path: str, body: dict) -> dict | None:
+    """The JSON format ``body`` asks its answer in: ``{"type": "json_object"}`` or ``{"type": "json_schema",
+    "schema"}`` (chat's ``response_format``; the Responses API's ``text.format``), else None."""
+    if path == "/responses":
+        text = body.get("text") if isinstance(body.get("text"), dict) else {}
+        spec = text.get("format") if isinstance(text.get("format"), dict) else {}
+        schema = spec.get("schema")
+    else:
+        spec = body.get("response_format") if isinstance(body.get("response_format"), dict) else {}
+        schema = (spec.get("json_schema") or {}).get("schema") if isinstance(spec.get("json_schema"), dict) else None
+    if spec.get("type") not in ("json_object", "json_schema"):
         return None
-    for choice in answer.get("choices") or []:
-        content = (choice.get("message") or {}).get("content")
-        if not isinstance(content, str):
-            continue                                        # a tool call: no answer text to check
+    return {"type": spec["type"], "schema": schema if isinstance(schema, dict) else None}
+
+
+def answer_texts(path: str, answer: dict) -> list[str]:
+    """The answer texts of a chat completion (per choice) or a Responses API response (per message item);
+    a choice that only calls tools has none."""
+    if path == "/responses":
+        return ["".join(str(part.get("text", "")) for part in item.get("content") or []
+                        if isinstance(part, dict) and part.get("type") == "output_text")
+                for item in answer.get("output") or [] if isinstance(item, dict) and item.get("type") == "message"]
+    return [content for choice in answer.get("choices") or []
+            if isinstance(content := (choice.get("message") or {}).get("content"), str)]
+
+
+def invalid_json_reason(body: dict, answer: dict, path: str = "/chat/completions") -> str | None:
+    """Why an answer's text does not satisfy the request's JSON format (None: it does, or none was asked)."""
+    spec = json_format(path, body)
+    if spec is None:
+        return None
+    for content in answer_texts(path, answer):
         try:
             value = json.loads(content)
         except ValueError as exc:
             return f"the answer is not valid JSON ({exc})"
-        schema = (response_format.get("json_schema") or {}).get("schema")
-        if response_format["type"] == "json_schema" and isinstance(schema, dict):
+        if spec["type"] == "json_schema" and spec["schema"] is not None:
             try:
                 import jsonschema
             except ImportError:                             # without the validator, parsing is the check
                 continue
             try:
-                jsonschema.validate(value, schema)
+                jsonschema.validate(value, spec["schema"])
             except jsonschema.ValidationError as exc:
                 return f"the answer does not match the schema: {exc.message}"
-        elif response_format["type"] == "json_object" and not isinstance(value, dict):
+        elif spec["type"] == "json_object" and not isinstance(value, dict):
             return "the answer is not a JSON object"
     return None
+
+
+def streamed_answer(path: str, chunks: list[bytes]) -> tuple[dict, str | None]:
+    """What a whole (buffered) local stream adds up to, shaped as its unstreamed answer for
+    :func:`answer_texts`, and the message of the in-band error it ended with, if any."""
+    if path == "/responses":
+        final: dict = {}
+        for event in openai_bridge.sse_payloads(chunks):
+            kind = event.get("type") if isinstance(event, dict) else None
+            if kind == "error":
+                return {}, str(event.get("message") or "the stream failed")
+            response = event.get("response") if isinstance(event, dict) else None
+            if kind == "response.failed":
+                return {}, str(((response or {}).get("error") or {}).get("message") or "the response failed")
+            if kind in STREAM_END_TYPES and isinstance(response, dict):
+                final = response
+        return final, None
+    texts: dict[int, list[str]] = {}
+    calls: set[int] = set()
+    for event in openai_bridge.sse_payloads(chunks):
+        if not isinstance(event, dict):
+            continue
+        if "error" in event:
+            error = event["error"]
+            return {}, str(error.get("message") if isinstance(error, dict) else error)
+        for choice in event.get("choices") or []:
+            index = choice.get("index", 0)
+            delta = choice.get("delta") or {}
+            texts.setdefault(index, [])
+            if delta.get("content"):
+                texts[index].append(delta["content"])
+            if delta.get("tool_calls"):
+                calls.add(index)
+    choices = [{"message": {"content": "".join(parts) if parts or index not in calls else None}}
+               for index, parts in sorted(texts.items())]
+    return {"choices": choices}, None
 
 
 @dataclass
@@ -260,24 +416,27 @@ class Gateway:
         return scrub(text, self.config.secrets())
 
     # ---- answering ---------------------------------------------------------------------------------------
-    def run(self, path: str, body: dict, call_local: LocalCall, record: Recorder | None = None) -> Answer:
+    def run(self, path: str, body: dict, call_local: LocalCall, record: Recorder | None = None,
+            native: dict | None = None) -> Answer:
         """Answer ``body`` (an OpenAI request to ``/v1<path>``, path "/chat/completions" ...) through its
-        target's members; an APIError when none could (the last member's status, every member's reason)."""
+        target's members; an APIError when none could (the last member's status, every member's reason).
+        ``native``: the /v1/messages body ``body`` was translated from, which an Anthropic-format upstream
+        gets as it is (its answer then in Anthropic's shapes: ``Answer.format``)."""
         target = self.resolve(str(body.get("model", "")))
         record = record or (lambda *args: None)
         cacheable = self.cache is not None and is_deterministic(body)
         if cacheable:
             for member in target.members:
-                hit = self.cache.get(request_key(path, body, member.name))
+                hit = self.cache.get(self._cache_key(path, body, native, member))
                 if hit is not None:
-                    return Answer(hit.model, body=hit.body, cache="hit",
+                    return Answer(hit.model, body=hit.body, cache="hit", format=hit.format,
                                   stream=iter(hit.events) if hit.events is not None else None,
                                   content_type="application/json" if hit.events is None else "text/event-stream")
         failures: list[_Failure] = []
         for member in target.members:
+            store = self._storer(self._cache_key(path, body, native, member)) if cacheable else None
             try:
-                answer = self._answer(target, member, path, body, call_local, record,
-                                      self._storer(path, body, member) if cacheable else None)
+                answer = self._answer(target, member, path, body, native, call_local, record, store)
             except UpstreamFailure as exc:
                 failures.append(_Failure(member.name, exc.message, exc.status, exc.code, exc))
                 continue
@@ -288,8 +447,15 @@ class Gateway:
             return answer
         raise self._all_failed(target, failures)
 
-    def _storer(self, path: str, body: dict, member: Member) -> Callable[[CachedAnswer], bool]:
-        key = request_key(path, body, member.name)
+    @staticmethod
+    def _cache_key(path: str, body: dict, native: dict | None, member: Member) -> str:
+        """An Anthropic upstream given the /v1/messages body as it is: keyed by that body (its answer is in
+        Anthropic's shapes, unlike the same chat request's through /v1/chat/completions)."""
+        if native is not None and member.upstream is not None and member.upstream.is_anthropic:
+            return request_key(ANTHROPIC_PATH, native, member.name)
+        return request_key(path, body, member.name)
+
+    def _storer(self, key: str) -> Callable[[CachedAnswer], bool]:
         return lambda answer: self.cache.put(key, answer)
 
     def _all_failed(self, target: Target, failures: list[_Failure]) -> BaseException:
@@ -302,8 +468,8 @@ class Gateway:
         return APIError(last.status, self.scrub(f"every member of route '{target.label}' failed: {reasons}"),
                         code=last.code)
 
-    def _answer(self, target: Target, member: Member, path: str, body: dict, call_local: LocalCall,
-                record: Recorder, store: Callable[[CachedAnswer], bool] | None) -> Answer:
+    def _answer(self, target: Target, member: Member, path: str, body: dict, native: dict | None,
+                call_local: LocalCall, record: Recorder, store: Callable[[CachedAnswer], bool] | None) -> Answer:
         stream = bool(body.get("stream"))
         sent = dict(body, model=member.model)
         drop_usage_chunk = False
@@ -317,23 +483,10 @@ class Gateway:
             record(target.label, member.name, prompt, completion, member.cost(prompt, completion))
 
         if member.is_local:
-            try:
-                local = call_local(member.model, sent)
-            except Exception as exc:
-                reason = local_fallback_reason(exc)
-                if reason is None:
-                    raise
-                raise _LocalFailure(reason, to_api_error(exc), exc) from None
-            if local.chunks is None:
-                if target.fallback_on_invalid_json:
-                    reason = invalid_json_reason(body, local.body)
-                    if reason is not None:
-                        raise _LocalFailure(reason, APIError(502, reason, code="invalid_json_answer"), None)
-                return self._json_answer(member, local.body, account, store)
-            relay = StreamRelay(member.name, drop_usage_chunk, named_events=path == "/responses")
-            events = ([line for line in chunk.split(b"\n") if line] for chunk in local.chunks)
-            return Answer(member.name, stream=self._relay(relay, events, None, account, store), close=local.close,
-                          content_type="text/event-stream")
+            return self._local_answer(target, member, path, body, sent, call_local, account, store,
+                                      drop_usage_chunk)
+        if member.upstream.is_anthropic:
+            return self._anthropic_answer(member, path, sent, native, account, store, drop_usage_chunk)
         try:
             response = upstream_calls.post(member.upstream, path, sent, stream)
         except UpstreamRejected as exc:              # the request itself is wrong: its answer, no fallback
@@ -342,7 +495,91 @@ class Gateway:
         if not stream:
             return self._json_answer(member, response.json(), account, store)
         relay = StreamRelay(member.name, drop_usage_chunk, named_events=path == "/responses")
-        events = response.events()
+        return self._upstream_stream(member, relay, response.events(), response, account, store)
+
+    def _local_answer(self, target: Target, member: Member, path: str, body: dict, sent: dict,
+                      call_local: LocalCall, account, store, drop_usage_chunk: bool) -> Answer:
+        try:
+            local = call_local(member.model, sent)
+        except Exception as exc:
+            reason = local_fallback_reason(exc)
+            if reason is None:
+                raise
+            raise _LocalFailure(reason, to_api_error(exc), exc) from None
+        check_json = target.fallback_on_invalid_json and json_format(path, body) is not None
+        if local.chunks is None:
+            if check_json:
+                self._check_json(invalid_json_reason(body, local.body, path))
+            return self._json_answer(member, local.body, account, store)
+        chunks, close = local.chunks, local.close
+        if check_json:                     # the whole stream, checked before its first byte is sent
+            chunks, close = self._checked_stream(path, body, local), None
+        relay = StreamRelay(member.name, drop_usage_chunk, named_events=path == "/responses")
+        events = ([line for line in chunk.split(b"\n") if line] for chunk in chunks)
+        return Answer(member.name, stream=self._relay(relay, events, None, account, store), close=close,
+                      content_type="text/event-stream")
+
+    def _checked_stream(self, path: str, body: dict, local: LocalAnswer) -> list[bytes]:
+        """A local stream read whole (the price of checking it: nothing is sent until it ends), returned when
+        its answer satisfies the request's JSON format, else a _LocalFailure that moves the route on."""
+        try:
+            chunks = list(local.chunks)
+        finally:
+            if local.close is not None:
+                local.close()
+        answer, error = streamed_answer(path, chunks)
+        self._check_json(f"the local stream failed: {error}" if error is not None
+                         else invalid_json_reason(body, answer, path))
+        return chunks
+
+    @staticmethod
+    def _check_json(reason: str | None) -> None:
+        if reason is not None:
+            raise _LocalFailure(reason, APIError(502, reason, code="invalid_json_answer"), None)
+
+    def _anthropic_answer(self, member: Member, path: str, sent: dict, native: dict | None, account, store,
+                          drop_usage_chunk: bool) -> Answer:
+        """An Anthropic-format upstream: ``native`` (a /v1/messages body) as it is, or a chat completion
+        translated (``openai_bridge``); anything else it cannot serve (an UpstreamFailure: the route moves on)."""
+        upstream = member.upstream
+        stream = bool(sent.get("stream"))
+        if native is not None:
+            request = dict(native, model=member.model)
+        elif path == "/chat/completions":
+            try:
+                request = openai_bridge.messages_request(sent, upstream.default_max_tokens)
+            except openai_bridge.Untranslatable as exc:
+                raise UpstreamFailure(f"upstream '{upstream.name}' (Anthropic's Messages API) cannot serve this "
+                                      f"request: {exc}", status=400, code="unsupported_by_upstream") from None
+        else:
+            raise UpstreamFailure(f"upstream '{upstream.name}' speaks Anthropic's Messages API: it answers "
+                                  f"/v1/chat/completions and /v1/messages, not /v1{path}", status=400,
+                                  code="unsupported_by_upstream")
+        try:
+            response = upstream_calls.post(upstream, ANTHROPIC_PATH, request, stream)
+        except UpstreamRejected as exc:              # the request itself is wrong: its answer, no fallback
+            if native is not None:
+                return Answer(member.name, body=exc.body, status=exc.status, format="anthropic",
+                              content_type=exc.content_type or "application/json")
+            return Answer(member.name, status=exc.status, body=json.dumps(
+                openai_bridge.error_from_anthropic(exc.body), ensure_ascii=False).encode("utf-8"))
+        if native is not None:
+            if not stream:
+                return self._json_answer(member, response.json(), account, store, anthropic=True)
+            return self._upstream_stream(member, AnthropicRelay(member.name), response.events(), response,
+                                         account, store, format="anthropic")
+        if not stream:
+            message = response.json()
+            completion = openai_bridge.error_from_anthropic(json.dumps(message).encode("utf-8")) \
+                if message.get("type") == "error" else openai_bridge.completion_from_message(message, member.name)
+            return self._json_answer(member, completion, account, store)
+        relay = StreamRelay(member.name, drop_usage_chunk, named_events=False)
+        events = chat_events_from_anthropic(response.events(), openai_bridge.ChunkTranslator(member.name))
+        return self._upstream_stream(member, relay, events, response, account, store)
+
+    def _upstream_stream(self, member: Member, relay, events: Iterator[list[bytes]], response, account, store,
+                         format: str = "openai") -> Answer:
+        """An upstream's stream, committed once its first event is framed (a failure before it moves on)."""
         try:
             first = next(e for e in (relay.frame(lines) for lines in events) if e is not None)
         except StopIteration:
@@ -351,19 +588,26 @@ class Gateway:
         except UpstreamFailure:
             response.close()
             raise
-        return Answer(member.name, stream=self._relay(relay, events, first, account, store), close=response.close,
-                      content_type="text/event-stream")
+        return Answer(member.name, stream=self._relay(relay, events, first, account, store, format),
+                      close=response.close, content_type="text/event-stream", format=format)
 
-    def _json_answer(self, member: Member, payload: dict, account, store) -> Answer:
-        rename_model(payload, member.name)
-        account(usage_of(payload))
+    def _json_answer(self, member: Member, payload: dict, account, store, anthropic: bool = False) -> Answer:
+        if anthropic:                                  # an Anthropic message, passed through
+            payload["model"] = member.name
+            account(usage_of({"usage": openai_bridge.chat_usage(payload.get("usage"))}))
+            failed = payload.get("type") == "error"
+        else:
+            rename_model(payload, member.name)
+            account(usage_of(payload))
+            failed = "error" in payload
         raw = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        if store is not None and "error" not in payload:
-            store(CachedAnswer(member.name, body=raw))
-        return Answer(member.name, body=raw)
+        format = "anthropic" if anthropic else "openai"
+        if store is not None and not failed:
+            store(CachedAnswer(member.name, body=raw, format=format))
+        return Answer(member.name, body=raw, format=format)
 
-    def _relay(self, relay: StreamRelay, events: Iterator[list[bytes]], first: bytes | None, account,
-               store) -> Iterator[bytes]:
+    def _relay(self, relay, events: Iterator[list[bytes]], first: bytes | None, account, store,
+               format: str = "openai") -> Iterator[bytes]:
         """The committed stream: ``first`` (already framed), then every event as it arrives; a failure or an
         end before the stream's own end is an error event. Usage is counted and the events cached at the end."""
         sent: list[bytes] = []
@@ -384,7 +628,7 @@ class Gateway:
         finally:
             account(relay.usage)
             if store is not None and relay.finished and not relay.failed:
-                store(CachedAnswer(relay.model, events=tuple(sent)))
+                store(CachedAnswer(relay.model, events=tuple(sent), format=format))
 
 
 class _LocalFailure(Exception):

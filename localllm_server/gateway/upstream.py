@@ -1,12 +1,14 @@
-"""Calls to an OpenAI-compatible upstream with the standard library (``http.client``), with timeouts.
+"""Calls to an upstream with the standard library (``http.client``), with timeouts.
 
 ``post(upstream, path, body)`` sends the request and returns the open :class:`UpstreamResponse` once its status
-line and headers arrived. What makes a route try its next member is an :class:`UpstreamFailure`: the connection
+line and headers arrived (``path``: "/chat/completions" ... for an OpenAI-format upstream, "/v1/messages" for an
+Anthropic-format one). What makes a route try its next member is an :class:`UpstreamFailure`: the connection
 refused or broken, no answer within the timeouts, HTTP 429 or 5xx, or a success whose body is not JSON. Any other
 status (400, 401, 404 ...) is the caller's mistake and is passed back as :class:`UpstreamRejected`.
 
-The API key goes only into the ``Authorization`` header; :func:`scrub` takes the keys out of any text (an
-upstream's error body, an exception message) before it is logged or answered.
+The API key goes only into the ``Authorization`` header (OpenAI format) or the ``x-api-key`` header, beside
+``anthropic-version`` (Anthropic format); :func:`scrub` takes the keys out of any text (an upstream's error body,
+an exception message) before it is logged or answered.
 """
 from __future__ import annotations
 
@@ -97,13 +99,17 @@ class UpstreamResponse:
 
 
 def post(upstream: Upstream, path: str, body: dict, stream: bool) -> UpstreamResponse:
-    """POST ``body`` to ``<base_url><path>`` (``path``: "/chat/completions", ...)."""
+    """POST ``body`` to ``<base_url><path>`` (``path``: "/chat/completions", "/v1/messages" ...)."""
     parts = urlsplit(upstream.base_url)
     connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     connection = connection_class(parts.hostname, parts.port, timeout=upstream.connect_timeout)
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if stream else "application/json",
                "User-Agent": "localllm-gateway"}
-    if upstream.api_key:
+    if upstream.is_anthropic:
+        headers["anthropic-version"] = upstream.anthropic_version
+        if upstream.api_key:
+            headers["x-api-key"] = upstream.api_key
+    elif upstream.api_key:
         headers["Authorization"] = f"Bearer {upstream.api_key}"
     payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
     try:

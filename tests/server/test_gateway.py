@@ -42,9 +42,20 @@ def chunk(model: str, delta: dict, finish_reason=None) -> bytes:
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 
+def anthropic_event(kind: str, **fields) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n".encode()
+
+
+def ok_message(model: str) -> dict:
+    return {"id": "msg_ok", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": OK_ANSWER}], "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": 3, "output_tokens": 2}}
+
+
 class FaultyUpstream(BaseHTTPRequestHandler):
     """Behaves as the request's model says: ``ok``, ``stall``, ``busy`` (429), ``broken`` (500, echoing the
-    Authorization header), ``garbage`` (200, not JSON), ``cut`` (a stream cut after its first chunk)."""
+    Authorization header), ``garbage`` (200, not JSON), ``cut`` (a stream cut after its first chunk).
+    On /v1/messages it speaks Anthropic's Messages API, with ``overloaded`` (529) besides."""
 
     protocol_version = "HTTP/1.1"
     seen: list[dict] = []
@@ -54,7 +65,11 @@ class FaultyUpstream(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.seen.append({"path": self.path, "body": body, "authorization": self.headers.get("Authorization")})
+        self.seen.append({"path": self.path, "body": body, "authorization": self.headers.get("Authorization"),
+                          "x-api-key": self.headers.get("x-api-key"),
+                          "anthropic-version": self.headers.get("anthropic-version")})
+        if self.path.startswith("/v1/messages"):
+            return self.anthropic(body)
         model = body["model"]
         if model == "stall":
             time.sleep(STALL_SECONDS)
@@ -99,6 +114,39 @@ class FaultyUpstream(BaseHTTPRequestHandler):
             return self.send(200, b"".join(events) + b"data: [DONE]\n\n", "text/event-stream")
         return self.send(200, json.dumps(ok_completion(model)).encode())
 
+    def anthropic(self, body: dict):
+        model = body["model"]
+        error = {"busy": (429, "rate_limit_error"), "broken": (500, "api_error"),
+                 "overloaded": (529, "overloaded_error"), "reject": (400, "invalid_request_error")}.get(model)
+        if error is not None:
+            status, kind = error
+            message = f"{kind} for {self.headers.get('x-api-key')}"             # echoes the key
+            return self.send(status, json.dumps({"type": "error", "error": {"type": kind, "message": message}})
+                             .encode())
+        if self.path == "/v1/messages/count_tokens":
+            return self.send(200, b'{"input_tokens": 3}')
+        if not body.get("stream"):
+            return self.send(200, json.dumps(ok_message(model)).encode())
+        start = anthropic_event("message_start", message=dict(ok_message(model), content=[], stop_reason=None,
+                                                              usage={"input_tokens": 3, "output_tokens": 0}))
+        events = [start, anthropic_event("ping"),
+                  anthropic_event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+                  anthropic_event("content_block_delta", index=0, delta={"type": "text_delta", "text": "first"})]
+        if model == "cut":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"".join(events))
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        events += [anthropic_event("content_block_stop", index=0),
+                   anthropic_event("message_delta", delta={"stop_reason": "end_turn", "stop_sequence": None},
+                                   usage={"output_tokens": 2}),
+                   anthropic_event("message_stop")]
+        return self.send(200, b"".join(events), "text/event-stream")
+
     def send(self, status: int, payload: bytes, content_type: str = "application/json"):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -138,6 +186,22 @@ models = ["ok", "stall", "busy", "broken", "garbage", "cut", "reject", "held"]
 base_url = "http://127.0.0.1:{closed}/v1"
 connect_timeout = 1
 
+[upstreams.claude]                     # the keyed localllm server, through its /v1/messages
+format = "anthropic"
+base_url = "{keyed}"
+api_key_env = "GATEWAY_TEST_CLAUDE_KEY"
+input_price_per_million = {price_in}
+output_price_per_million = {price_out}
+models = {{ "smol" = "{smollm2}" }}
+
+[upstreams.faulty-claude]
+format = "anthropic"
+base_url = "http://127.0.0.1:{faulty}"
+api_key_env = "GATEWAY_TEST_FAULT_KEY"
+anthropic_version = "2023-06-01"
+read_timeout = {read_timeout}
+models = ["ok", "busy", "broken", "overloaded", "cut", "reject"]
+
 [routes]
 refused = ["closed/any", "real/smol"]
 stalls = ["faulty/stall", "faulty/ok"]
@@ -148,9 +212,18 @@ cut = ["faulty/cut", "faulty/ok"]
 local-first = ["{smollm2}", "faulty/ok"]
 all-fail = ["faulty/busy", "faulty/broken"]
 to-real = ["faulty/broken", "real/smol"]
+to-claude = ["faulty-claude/busy", "faulty-claude/overloaded", "claude/smol"]
+claude-then-openai = ["faulty-claude/broken", "faulty/ok"]
+local-then-claude = ["{smollm2}", "faulty-claude/ok"]
+claude-cut = ["faulty-claude/cut", "faulty/ok"]
+claude-or-openai = ["faulty-claude/ok", "faulty/ok"]
 
 [routes.strict-json]
 members = ["{smollm2}", "faulty/ok"]
+fallback_on_invalid_json = true
+
+[routes.strict-json-real]
+members = ["{smollm2}", "real/smol"]
 fallback_on_invalid_json = true
 
 [cache]
@@ -161,17 +234,21 @@ ttl_seconds = 600
 
 
 @pytest.fixture(scope="module")
-def gateway(engine, server, faulty_port, tmp_path_factory):
-    """A gateway server (its own app on the session engine) and its RawHTTP; the keys in the environment."""
+def gateway(engine, server, keyed_server, faulty_port, tmp_path_factory):
+    """A gateway server (its own app on the session engine) and its RawHTTP; the keys in the environment.
+    The ``claude`` upstream is the session's keyed server (its key: conftest's API_KEY) as an Anthropic API."""
     from localllm_server.app import Settings, create_app
 
+    from .conftest import API_KEY
+
     path = tmp_path_factory.mktemp("gateway") / "gateway.toml"
-    path.write_text(GATEWAY_TOML.format(real=server, faulty=faulty_port, closed=free_port(), smollm2=SMOLLM2,
-                                        read_timeout=READ_TIMEOUT, price_in=REAL_PRICES[0],
+    path.write_text(GATEWAY_TOML.format(real=server, keyed=keyed_server, faulty=faulty_port, closed=free_port(),
+                                        smollm2=SMOLLM2, read_timeout=READ_TIMEOUT, price_in=REAL_PRICES[0],
                                         price_out=REAL_PRICES[1]))
     patch = pytest.MonkeyPatch()
     patch.setenv("GATEWAY_TEST_REAL_KEY", REAL_KEY)
     patch.setenv("GATEWAY_TEST_FAULT_KEY", FAULT_KEY)
+    patch.setenv("GATEWAY_TEST_CLAUDE_KEY", API_KEY)
     settings = Settings(threads=8)
     settings.gateway = str(path)
     running = RunningServer(create_app(engine, settings), settings)
@@ -265,6 +342,42 @@ def test_an_invalid_local_json_answer_moves_on_only_where_the_route_opts_in(gw):
     assert kept["model"] == SMOLLM2                    # local-first does not check the answer
     with pytest.raises(ValueError):
         json.loads(kept["choices"][0]["message"]["content"])
+
+
+def test_a_local_stream_is_checked_whole_before_it_is_sent_where_the_route_opts_in(gw):
+    cut_short = chat_body("strict-json", max_tokens=3, response_format=SCHEMA_FORMAT, stream=True)
+    moved = gw.post("/v1/chat/completions", cut_short)
+    assert moved.status == 200 and moved.headers["x-localllm-model"] == "faulty/ok"
+    assert {p["model"] for p in sse_payloads(moved.body)[:-1]} == {"faulty/ok"}    # no local byte was sent
+    whole = dict(cut_short, max_tokens=40, temperature=0)
+    checked = gw.post("/v1/chat/completions", whole)
+    unchecked = gw.post("/v1/chat/completions", dict(whole, model="local-first"))
+    assert checked.headers["x-localllm-model"] == unchecked.headers["x-localllm-model"] == SMOLLM2
+    checked_events, unchecked_events = sse_payloads(checked.body), sse_payloads(unchecked.body)
+    assert len(checked_events) == len(unchecked_events) > 3                 # replayed event by event
+
+    def text(events):
+        return "".join(c["delta"].get("content") or "" for e in events[:-1] for c in e["choices"])
+    assert text(checked_events) == text(unchecked_events)
+    point = json.loads(text(checked_events))
+    assert set(point) == {"x", "y"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_invalid_local_responses_answer_moves_on_where_the_route_opts_in(gw, stream):
+    text_format = {"format": {"type": "json_schema", "name": "point", "schema": SCHEMA_FORMAT["json_schema"]["schema"]}}
+    body = {"model": "strict-json-real", "input": "A point?", "max_output_tokens": 3, "text": text_format,
+            "stream": stream}
+    response = gw.post("/v1/responses", body)
+    assert response.status == 200, response.body
+    assert response.headers["x-localllm-model"] == "real/smol"        # the local answer was cut: not JSON
+    final = sse_payloads(response.body)[-1]["response"] if stream else response.json()
+    assert final["model"] == "real/smol"
+    whole = gw.post("/v1/responses", dict(body, max_output_tokens=40, temperature=0))
+    assert whole.headers["x-localllm-model"] == SMOLLM2
+    final = sse_payloads(whole.body)[-1]["response"] if stream else whole.json()
+    [message] = [item for item in final["output"] if item["type"] == "message"]
+    assert set(json.loads(message["content"][0]["text"])) == {"x", "y"}
 
 
 def test_when_every_member_fails_the_error_names_each_and_no_key(gw, caplog):

@@ -1,5 +1,6 @@
-"""The gateway package without HTTP: config checks, the cache, the stream relay, route resolution and the
-fallback decisions for local members (fake local resource)."""
+"""The gateway package without HTTP: config checks, the cache, the stream relays, route resolution, the
+fallback decisions for local members (fake local resource) and the JSON checks of their streams, and the
+chat <-> Anthropic Messages translation for Anthropic-format upstreams (``anthropic_api.openai_bridge``)."""
 from __future__ import annotations
 
 import json
@@ -42,6 +43,12 @@ def upstream(**extra) -> dict:
     ({"upstreams": {"a": upstream()}, "routes": {"a": ["m"]}}, "routes.a", "also an upstream"),
     ({"cache": {"max_bytes": 0}}, "cache.max_bytes", "at least 1"),
     ({"cache": {"enabled": 1}}, "cache.enabled", "true or false"),
+    ({"upstreams": {"a": upstream(format="gemini")}}, "upstreams.a.format", "'openai', 'anthropic'"),
+    ({"upstreams": {"a": upstream(format="anthropic")}}, "upstreams.a.base_url", "without /v1"),
+    ({"upstreams": {"a": upstream(default_max_tokens=10)}}, "upstreams.a.default_max_tokens",
+     'only for an upstream with format = "anthropic"'),
+    ({"upstreams": {"a": upstream(format="anthropic", base_url="http://h", default_max_tokens=0)}},
+     "upstreams.a.default_max_tokens", "at least 1"),
 ])
 def test_config_mistakes_name_the_file_and_key(document, key, problem):
     with pytest.raises(gateway_config.GatewayConfigError) as caught:
@@ -221,3 +228,189 @@ def test_settings_from_env_name_the_gateway_file(monkeypatch, tmp_path):
     assert Settings.from_env().gateway == str(tmp_path / "gateway.toml")
     monkeypatch.delenv("LOCALLLM_GATEWAY")
     assert Settings.from_env().gateway is None
+
+
+# ---- chat <-> Anthropic Messages, for Anthropic-format upstreams ----------------------------------------
+
+def test_chat_requests_become_messages_requests():
+    from localllm_server.anthropic_api.openai_bridge import messages_request
+
+    chat = {"model": "m", "messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "Rule one."}]},
+        {"role": "system", "content": "Rule two."},
+        {"role": "user", "content": "Two cities?"},
+        {"role": "assistant", "content": "", "reasoning_content": "thought",
+         "tool_calls": [{"id": "c1", "function": {"name": "w", "arguments": '{"city": "A"}'}},
+                        {"id": "c2", "function": {"name": "w", "arguments": "not json"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "sun"}]},
+        {"role": "tool", "tool_call_id": "c2", "content": "rain"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}],
+        "stop": ["a", "b"], "top_k": 3, "tool_choice": "required", "max_completion_tokens": 5000,
+        "max_tokens": 9, "reasoning_effort": "medium", "stream": True, "stream_options": {"include_usage": True},
+        "tools": [{"type": "function", "function": {"name": "w"}}], "frequency_penalty": 1, "logit_bias": {}}
+    out = messages_request(chat, default_max_tokens=100)
+    assert out == {
+        "model": "m", "max_tokens": 5000, "system": "Rule one.\nRule two.", "top_k": 3, "stop_sequences": ["a", "b"],
+        "tools": [{"name": "w", "input_schema": {"type": "object", "properties": {}}}],
+        "tool_choice": {"type": "any"}, "thinking": {"type": "enabled", "budget_tokens": 4096}, "stream": True,
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Two cities?"}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "c1", "name": "w", "input": {"city": "A"}},
+                                              {"type": "tool_use", "id": "c2", "name": "w", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c1", "content": "sun"},
+                                         {"type": "tool_result", "tool_use_id": "c2", "content": "rain"},
+                                         {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}]}
+    plain = messages_request({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                              "reasoning_effort": "high", "parallel_tool_calls": False}, default_max_tokens=1500)
+    assert plain["max_tokens"] == 1500 and plain["thinking"] == {"type": "enabled", "budget_tokens": 1499}
+    assert "tool_choice" not in plain                  # no tools: nothing to choose
+    short = messages_request({"model": "m", "messages": [], "max_tokens": 500, "reasoning_effort": "low"}, 100)
+    assert "thinking" not in short                     # no room for Anthropic's least budget (1024)
+
+
+@pytest.mark.parametrize("extra, problem", [
+    ({"n": 3}, "n > 1"), ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "logprobs"),
+    ({"response_format": {"type": "json_object"}}, "no JSON mode"),
+    ({"tools": [{"type": "web_search"}]}, "only function tools"),
+    ({"messages": [{"role": "function", "content": "x"}]}, "'function' message"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "'input_audio' part"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x"}}]}]},
+     "data: URL"),
+])
+def test_what_the_messages_api_cannot_take_is_untranslatable(extra, problem):
+    from localllm_server.anthropic_api.openai_bridge import Untranslatable, messages_request
+
+    with pytest.raises(Untranslatable, match=problem):
+        messages_request({"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}, 10)
+
+
+def test_messages_become_chat_completions():
+    from localllm_server.anthropic_api.openai_bridge import completion_from_message, error_from_anthropic
+
+    message = {"id": "msg_1", "type": "message", "model": "claude-x", "stop_reason": "tool_use", "content": [
+        {"type": "thinking", "thinking": "hmm", "signature": "s"}, {"type": "text", "text": "Let me check."},
+        {"type": "tool_use", "id": "toolu_1", "name": "w", "input": {"city": "Ö"}}],
+        "usage": {"input_tokens": 5, "cache_read_input_tokens": 10, "cache_creation_input_tokens": 2,
+                  "output_tokens": 7}}
+    completion = completion_from_message(message, "up/claude")
+    assert completion["id"] == "chatcmpl-msg_1" and completion["model"] == "up/claude"
+    assert completion["choices"][0] == {"index": 0, "logprobs": None, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": "Let me check.", "reasoning_content": "hmm", "tool_calls": [
+            {"id": "toolu_1", "type": "function", "function": {"name": "w", "arguments": '{"city": "Ö"}'}}]}}
+    assert completion["usage"] == {"prompt_tokens": 17, "completion_tokens": 7, "total_tokens": 24,
+                                   "prompt_tokens_details": {"cached_tokens": 10}}
+    for reason, finish in (("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"),
+                           ("refusal", "content_filter")):
+        answer = completion_from_message({"content": [{"type": "text", "text": "x"}], "stop_reason": reason}, "m")
+        assert answer["choices"][0]["finish_reason"] == finish
+    only_calls = completion_from_message({"content": [{"type": "tool_use", "id": "t", "name": "w", "input": {}}],
+                                          "stop_reason": "tool_use"}, "m")
+    assert only_calls["choices"][0]["message"]["content"] is None
+    assert error_from_anthropic(b'{"type": "error", "error": {"type": "permission_error", "message": "no"}}') == \
+        {"error": {"message": "no", "type": "permission_error", "param": None, "code": None}}
+    assert error_from_anthropic(b"<html>")["error"]["message"] == "<html>"
+
+
+def test_anthropic_stream_events_become_chat_chunks():
+    from localllm_server.anthropic_api.openai_bridge import ChunkTranslator
+
+    translator = ChunkTranslator("up/claude")
+    events = [
+        {"type": "message_start", "message": {"id": "msg_9", "usage": {"input_tokens": 4, "output_tokens": 1}}},
+        {"type": "ping"},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hm"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "s"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "Hi"}},
+        {"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "t1", "name": "w",
+                                                                      "input": {}}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": '{"a"'}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": ": 1}"}},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}},
+        {"type": "message_stop"}]
+    out = [payload for event in events for payload in translator.feed(event)]
+    assert out[-1] == "[DONE]"
+    chunks = out[:-1]
+    assert {c["id"] for c in chunks} == {"chatcmpl-msg_9"} and {c["model"] for c in chunks} == {"up/claude"}
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert deltas == [{"role": "assistant", "content": ""}, {"reasoning_content": "hm"}, {"content": "Hi"},
+                      {"tool_calls": [{"index": 0, "id": "t1", "type": "function",
+                                       "function": {"name": "w", "arguments": ""}}]},
+                      {"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]},
+                      {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}, {}]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == 4 \
+        and chunks[-1]["usage"]["completion_tokens"] == 9
+    failed = ChunkTranslator("m").feed({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})
+    assert failed == [{"error": {"message": "busy", "type": "overloaded_error", "param": None, "code": None}},
+                      "[DONE]"]
+
+
+def test_anthropic_relay_renames_reads_usage_and_notices_the_end():
+    from localllm_server.gateway.routing import AnthropicRelay
+
+    relay = AnthropicRelay("up/claude")
+    start = relay.frame([b"event: message_start", b'data: {"type": "message_start", "message": {"model": "c-9", '
+                                                   b'"usage": {"input_tokens": 4, "cache_read_input_tokens": 6}}}'])
+    assert start.startswith(b"event: message_start\ndata: ") and start.endswith(b"\n\n")
+    assert json.loads(start.split(b"data: ")[1])["message"]["model"] == "up/claude"
+    relay.frame([b"event: message_delta", b'data: {"type": "message_delta", "usage": {"output_tokens": 3}}'])
+    assert relay.usage == (10, 3) and not relay.finished
+    relay.frame([b"event: message_stop", b'data: {"type": "message_stop"}'])
+    assert relay.finished and not relay.failed
+    error = relay.error_event(APIError(504, "late"))
+    assert error.startswith(b"event: error\n") and relay.failed
+    assert json.loads(error.split(b"data: ")[1]) == {"type": "error", "error": {"type": "timeout_error",
+                                                                                "message": "late"}}
+
+
+# ---- JSON checks of streams and Responses answers -------------------------------------------------------
+
+def test_json_format_and_streamed_answers():
+    from localllm_server.gateway.routing import json_format, streamed_answer
+
+    schema = {"type": "object"}
+    assert json_format("/responses", {"text": {"format": {"type": "json_schema", "schema": schema}}}) == \
+        {"type": "json_schema", "schema": schema}
+    assert json_format("/responses", {"text": {"format": {"type": "text"}}}) is None
+    assert json_format("/chat/completions", {"response_format": {"type": "json_object"}}) == \
+        {"type": "json_object", "schema": None}
+    chunks = [b'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}\n\n',
+              b'data: {"choices": [{"index": 0, "delta": {"content": "{\\"x\\""}}, '
+              b'{"index": 1, "delta": {"tool_calls": [{"index": 0}]}}]}\n\n',
+              b'data: {"choices": [{"index": 0, "delta": {"content": ": 1}"}}]}\n\ndata: [DONE]\n\n']
+    assert streamed_answer("/chat/completions", chunks) == ({"choices": [
+        {"message": {"content": '{"x": 1}'}}, {"message": {"content": None}}]}, None)
+    broken = chunks[:1] + [b'data: {"error": {"message": "engine stopped"}}\n\ndata: [DONE]\n\n']
+    assert streamed_answer("/chat/completions", broken) == ({}, "engine stopped")
+    final = {"output": [{"type": "message", "content": [{"type": "output_text", "text": "{}"}]}]}
+    events = [b"event: response.created\ndata: {\"type\": \"response.created\", \"response\": {}}\n\n",
+              b"event: response.completed\ndata: " + json.dumps({"type": "response.completed",
+                                                                "response": final}).encode() + b"\n\n"]
+    assert streamed_answer("/responses", events) == (final, None)
+    failed = b'event: response.failed\ndata: {"type": "response.failed", "response": {"error": {"message": "x"}}}\n\n'
+    assert streamed_answer("/responses", [failed]) == ({}, "x")
+
+
+def test_a_local_stream_is_checked_whole_only_where_the_route_opts_in():
+    body = {"model": "r", "stream": True, "response_format": {"type": "json_object"}}
+    pulled = []
+
+    def stream(text: str):
+        for piece in (text[:3], text[3:]):
+            pulled.append(piece)
+            yield f'data: {{"choices": [{{"index": 0, "delta": {{"content": {json.dumps(piece)}}}}}]}}\n\n'.encode()
+        yield b"data: [DONE]\n\n"
+
+    def call(model: str, sent: dict) -> LocalAnswer:
+        return LocalAnswer(chunks=stream('{"ok": 1}' if model == "second:1" else "not json"))
+
+    answer = two_locals(fallback_on_invalid_json=True).run("/chat/completions", body, call)
+    assert answer.model == "second:1" and pulled == ["not", " json", '{"o', 'k": 1}']   # the first read whole
+    replayed = [json.loads(line[5:]) for line in b"".join(answer.stream).splitlines() if line.startswith(b"data: {")]
+    assert "".join(event["choices"][0]["delta"]["content"] for event in replayed) == '{"ok": 1}'
+    pulled.clear()
+    unchecked = two_locals().run("/chat/completions", body, call)
+    assert unchecked.model == "first:1" and pulled == []                   # passed on as it comes: not read yet
