@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "SIGTERM lets in-flight requests finish for LOCALLLM_SHUTDOWN_GRACE seconds (default 10)")
     serve.add_argument("--gateway", metavar="FILE",
                        help="a gateway config (TOML: upstreams, routes, cache); default: LOCALLLM_GATEWAY")
-    usage = command("usage", cmd_usage, "tokens and cost per route and model, from the running server's /metrics")
-    usage.add_argument("--json", action="store_true", help="print the rows as JSON")
+    usage = command("usage", cmd_usage, "tokens and cost per route and model, and the budgets' spend, from the "
+                                        "running server's /metrics")
+    usage.add_argument("--json", action="store_true", help='print {"routes": [...], "budgets": [...]} as JSON')
     run = command("run", cmd_run, "chat with a model (pulled first when missing)")
     run.add_argument("model")
     run.add_argument("prompt", nargs="*", help="a one-shot prompt; without it, an interactive chat")
@@ -467,45 +468,83 @@ def cmd_serve(args) -> int:
 
 USAGE_METRICS = {"localllm_gateway_requests_total": "requests", "localllm_gateway_prompt_tokens_total": "prompt",
                  "localllm_gateway_completion_tokens_total": "completion", "localllm_gateway_cost_total": "cost"}
+BUDGET_METRICS = {"localllm_gateway_budget_spent_tokens": "tokens", "localllm_gateway_budget_spent_cost": "cost",
+                  "localllm_gateway_budget_max_tokens": "max_tokens", "localllm_gateway_budget_max_cost": "max_cost",
+                  "localllm_gateway_budget_refused_total": "refused"}
+_LABEL = r'"((?:[^"\\]|\\.)*)"'
+
+
+def _unescape_label(label: str) -> str:
+    """A Prometheus label value with its escapes (\\\\ \\" \\n) undone."""
+    import re
+
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), label)
 
 
 def usage_rows(metrics_text: str) -> list[dict]:
     """The gateway's accounting in a /metrics text: one row per (route, model), sorted."""
     import re
 
-    sample = re.compile(r'^(\w+)\{route="((?:[^"\\]|\\.)*)",model="((?:[^"\\]|\\.)*)"\} (\S+)$')
-
-    def unescape(label: str) -> str:                  # Prometheus label escapes: \\ \" \n
-        return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), label)
-
+    sample = re.compile(rf"^(\w+)\{{route={_LABEL},model={_LABEL}\}} (\S+)$")
     rows: dict[tuple[str, str], dict] = {}
     for line in metrics_text.splitlines():
         match = sample.match(line)
         if match is None or match.group(1) not in USAGE_METRICS:
             continue
         name, route, model, value = match.groups()
-        key = (unescape(route), unescape(model))
+        key = (_unescape_label(route), _unescape_label(model))
         row = rows.setdefault(key, {"route": key[0], "model": key[1], "requests": 0, "prompt": 0, "completion": 0,
                                     "cost": 0.0})
         row[USAGE_METRICS[name]] = float(value) if USAGE_METRICS[name] == "cost" else int(float(value))
     return [rows[key] for key in sorted(rows)]
 
 
+def budget_rows(metrics_text: str) -> list[dict]:
+    """The gateway's budgets in a /metrics text, in the config's order: the tokens and cost spent in the current
+    period, the limits (None: not limited), the requests refused since the server started."""
+    import re
+
+    sample = re.compile(rf"^(\w+)\{{budget={_LABEL},period={_LABEL}\}} (\S+)$")
+    rows: dict[str, dict] = {}
+    for line in metrics_text.splitlines():
+        match = sample.match(line)
+        if match is None or match.group(1) not in BUDGET_METRICS:
+            continue
+        name, budget, period, value = match.groups()
+        budget = _unescape_label(budget)
+        row = rows.setdefault(budget, {"budget": budget, "period": _unescape_label(period), "tokens": 0,
+                                       "cost": 0.0, "max_tokens": None, "max_cost": None, "refused": 0})
+        field = BUDGET_METRICS[name]
+        row[field] = float(value) if field in ("cost", "max_cost") else int(float(value))
+    return list(rows.values())
+
+
 def cmd_usage(args) -> int:
-    """Tokens and cost per route and model since the server started (its /metrics), with a total line."""
+    """Tokens and cost per route and model since the server started (its /metrics), with a total line; then
+    each budget's spend in its current period against its limits."""
     with _open("GET", "/metrics", None, timeout=30) as response:
-        rows = usage_rows(response.read().decode("utf-8"))
+        text = response.read().decode("utf-8")
+    rows, budgets = usage_rows(text), budget_rows(text)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"routes": rows, "budgets": budgets}, indent=2))
         return 0
-    if not rows:
+    if not rows and not budgets:
         print("no gateway usage yet (the server counts it when started with a gateway config)")
         return 0
-    total = {"route": "TOTAL", "model": "", **{key: sum(row[key] for row in rows)
-                                                for key in ("requests", "prompt", "completion", "cost")}}
-    table = [[row["route"], row["model"], str(row["requests"]), str(row["prompt"]), str(row["completion"]),
-              f"{row['cost']:.6f}"] for row in [*rows, total]]
-    print(format_table(("ROUTE", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "COST"), table))
+    if rows:
+        total = {"route": "TOTAL", "model": "", **{key: sum(row[key] for row in rows)
+                                                    for key in ("requests", "prompt", "completion", "cost")}}
+        table = [[row["route"], row["model"], str(row["requests"]), str(row["prompt"]), str(row["completion"]),
+                  f"{row['cost']:.6f}"] for row in [*rows, total]]
+        print(format_table(("ROUTE", "MODEL", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "COST"), table))
+    if budgets:
+        def spent(value: str, limit: str | None) -> str:
+            return f"{value} of {limit}" if limit is not None else value
+        table = [[row["budget"], row["period"],
+                  spent(str(row["tokens"]), None if row["max_tokens"] is None else str(row["max_tokens"])),
+                  spent(f"{row['cost']:.6f}", None if row["max_cost"] is None else f"{row['max_cost']:g}"),
+                  str(row["refused"])] for row in budgets]
+        print(("\n" if rows else "") + format_table(("BUDGET", "PERIOD", "TOKENS", "COST", "REFUSED"), table))
     return 0
 
 

@@ -9,7 +9,7 @@ keeps its HTTP status (the first engine event is awaited before the answer start
 With a gateway, a ``model`` naming a route or ``<upstream>/<model>`` goes through it instead
 (:class:`GatewayMessages`): translated to a chat completion and back by ``openai_bridge``, except for an
 Anthropic-format upstream, which gets the body as it is and whose answer is passed back as it is (model
-renamed).
+renamed). The gateway's budgets apply to local models here too.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from .. import schemas, streaming
 from ..body import Resource
 from ..errors import APIError, anthropic_body, bad_request, to_api_error
 from ..gateway import upstream as upstream_calls
-from ..gateway.resource import GatewayDispatch, recorder
+from ..gateway.resource import Charge, GatewayDispatch, recorder
+from ..gateway.routing import AnthropicUsage
 from ..openai_api import chat, common
 from . import formatting, openai_bridge
 from .request import parse_messages_request
@@ -108,7 +109,8 @@ class GatewayMessages(GatewayDispatch):
     """POST /v1/messages with a gateway: a route or ``<upstream>/<model>`` goes through the gateway as a chat
     completion (``openai_bridge``), its answer translated back, but an Anthropic-format upstream gets the body
     itself and its answer is passed back (``Answer.format`` "anthropic"); a local model takes :class:`Messages`
-    as without a gateway. ``chat_local`` is the local /v1/chat/completions resource (a route's local members)."""
+    as without a gateway. ``chat_local`` is the local /v1/chat/completions resource (a route's local members).
+    The request's budget is checked first and charged with every answer (local ones too)."""
 
     def __init__(self, local: Messages, chat_local, gateway):
         super().__init__(chat_local, gateway, "/chat/completions")
@@ -116,13 +118,16 @@ class GatewayMessages(GatewayDispatch):
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = self.messages.body(req)
+        charge = self.admit(req, resp)
         if not self.gateway.handles(body.get("model")):
             req.context.json_body = body
             self.messages.on_post(req, resp)
+            if charge is not None:
+                charge_local_message(resp, charge)
             return
         request = parse_messages_request(body)
         answer = self.gateway.run(self.path, openai_bridge.chat_body(body, request), self.local_caller(req, resp),
-                                  record=recorder(req), native=body)
+                                  record=recorder(req, charge), native=body)
         if answer.format == "anthropic":                    # an Anthropic upstream's own answer
             if answer.stream is None and answer.status < 400 and json.loads(answer.body).get("type") == "error":
                 answer.status = 502                         # a 200 carrying an error
@@ -139,6 +144,24 @@ class GatewayMessages(GatewayDispatch):
                 payload = openai_bridge.error_from_openai(answer.status, answer.body)
             answer.body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         self.respond(req, resp, body["model"], answer)
+
+
+def charge_local_message(resp: falcon.Response, charge: Charge) -> None:
+    """Charge a local message's tokens to a budget: from its usage, or a stream's at its end (or close)."""
+    if resp.stream is None:
+        tokens = openai_bridge.chat_usage((resp.media or {}).get("usage"))
+        charge(tokens["total_tokens"], 0.0)
+        return
+    original, usage = resp.stream, AnthropicUsage()
+
+    def metered() -> Iterator[bytes]:
+        try:
+            for chunk in original:
+                usage.read_chunk(chunk)
+                yield chunk
+        finally:
+            charge(sum(usage.tokens or (0, 0)), 0.0)
+    resp.stream = streaming.ClosingStream(metered(), on_close=original.close)
 
 
 class FittedChatCompletions(chat.ChatCompletions):

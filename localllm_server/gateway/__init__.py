@@ -1,9 +1,11 @@
-"""The gateway: local models, OpenAI-compatible upstreams and fallback routes behind the one /v1 API.
+"""The gateway: local models, OpenAI- and Anthropic-compatible upstreams and fallback routes behind the one /v1 API.
 
 ``config`` reads the TOML file (``LOCALLLM_GATEWAY`` or ``localllm serve --gateway FILE``), ``upstream`` calls
-providers with the standard library, ``routing`` resolves a request's model and runs its fallback chain,
-``cache`` keeps answers to deterministic requests, ``resource`` is the one Falcon hook in front of the
-local /v1 resources. Without a config none of it is in the request path.
+providers with the standard library, ``routing`` resolves a request's model and runs its fallback chain
+(Anthropic-format upstreams through ``anthropic_api.openai_bridge``), ``cache`` keeps answers to deterministic
+requests, ``budgets`` limits what each API key may spend, ``resource`` is the one Falcon hook in front of the
+local /v1 resources. Without a config none of it is in the request path. ``Gateway.metrics_text()`` is the
+gateway's own part of ``/metrics`` (the budgets' spend).
 """
 from __future__ import annotations
 

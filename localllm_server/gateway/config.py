@@ -1,4 +1,4 @@
-"""The gateway's configuration: a TOML file of upstreams, routes and the response cache.
+"""The gateway's configuration: a TOML file of upstreams, routes, the response cache and budgets.
 
 ```toml
 [upstreams.hosted]                       # requests name its models "hosted/<model>"
@@ -30,12 +30,20 @@ enabled = true
 max_bytes = 16_000_000
 ttl_seconds = 600
 
+[budgets.team-a]                         # a spend limit for the clients sending one API key
+key_env = "TEAM_A_KEY"                   # the key (Bearer or x-api-key) is this variable's value; or
+                                         # key_sha256 = "<hex>" (the key's SHA-256), or other_keys = true
+                                         # (every request whose key is in no other budget, or that sends none)
+max_cost = 5.0                           # in the currency of the prices, per period
+max_tokens = 2_000_000                   # prompt + completion tokens, per period (one of the two at least)
+period = "day"                           # "hour", "day" or "month" (UTC; the default "day")
 ```
 
 Every mistake is a :class:`GatewayConfigError` naming the file, the key and what is wrong.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -51,6 +59,7 @@ ENV_VARIABLE = "LOCALLLM_GATEWAY"
 FORMATS = ("openai", "anthropic")
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_ANTHROPIC_MAX_TOKENS = 4096
+PERIODS = ("hour", "day", "month")
 
 
 class GatewayConfigError(ValueError):
@@ -110,11 +119,25 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """A spend limit per period for the requests sending one API key. The key itself is not kept: only its
+    SHA-256 (``key_digest``); ``other_keys``: the budget of every request whose key is in no other budget."""
+
+    name: str
+    key_digest: bytes | None = field(default=None, repr=False)
+    other_keys: bool = False
+    max_cost: float | None = None
+    max_tokens: int | None = None
+    period: str = "day"
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     path: str = "<none>"
     upstreams: dict[str, Upstream] = field(default_factory=dict)
     routes: dict[str, Route] = field(default_factory=dict)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    budgets: dict[str, BudgetConfig] = field(default_factory=dict)
 
     def secrets(self) -> list[str]:
         """The upstream keys in use (for scrubbing them out of any text that leaves the server)."""
@@ -144,7 +167,7 @@ def load_from_env(environ=None) -> GatewayConfig | None:
 def parse(data: dict, path: str = "<gateway>", environ=None) -> GatewayConfig:
     """A GatewayConfig from the parsed TOML document ``data``."""
     environ = os.environ if environ is None else environ
-    _only_keys(data, {"upstreams", "routes", "cache"}, path, "")
+    _only_keys(data, {"upstreams", "routes", "cache", "budgets"}, path, "")
     upstreams = {name: _upstream(name, value, path, environ)
                  for name, value in _table(data, "upstreams", path, "upstreams").items()}
     routes = {name: _route(name, value, path, upstreams)
@@ -155,7 +178,8 @@ def parse(data: dict, path: str = "<gateway>", environ=None) -> GatewayConfig:
         for member in routes[name].members:
             if member in routes:
                 raise GatewayConfigError(path, f"routes.{name}", f"member '{member}' is a route: routes do not nest")
-    return GatewayConfig(path, upstreams, routes, _cache(_table(data, "cache", path, "cache"), path))
+    budgets = _budgets(_table(data, "budgets", path, "budgets"), path, environ)
+    return GatewayConfig(path, upstreams, routes, _cache(_table(data, "cache", path, "cache"), path), budgets)
 
 
 def _table(data: dict, key: str, path: str, where: str) -> dict:
@@ -275,3 +299,70 @@ def _cache(table: dict, path: str) -> CacheConfig:
     return CacheConfig(enabled, max_bytes, _number(table, "ttl_seconds", DEFAULT_CACHE_TTL, path, "cache",
                                                    positive=True))
 
+
+BUDGET_KEYS = {"key_env", "key_sha256", "other_keys", "max_cost", "max_tokens", "period"}
+KEY_SOURCES = ("key_env", "key_sha256", "other_keys")
+
+
+def key_digest(key: str) -> bytes:
+    """The SHA-256 of an API key, as budgets hold it."""
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def _budgets(table: dict, path: str, environ) -> dict[str, BudgetConfig]:
+    budgets = {name: _budget(name, value, path, environ) for name, value in table.items()}
+    seen: dict[bytes, str] = {}
+    others = [name for name, budget in budgets.items() if budget.other_keys]
+    if len(others) > 1:
+        raise GatewayConfigError(path, f"budgets.{others[1]}.other_keys",
+                                 f"only one budget may take the other keys ('{others[0]}' does)")
+    for name, budget in budgets.items():
+        if budget.key_digest is not None:
+            if budget.key_digest in seen:               # the key itself is not named: budgets only
+                raise GatewayConfigError(path, f"budgets.{name}",
+                                         f"has the same key as budget '{seen[budget.key_digest]}'")
+            seen[budget.key_digest] = name
+    return budgets
+
+
+def _budget(name: str, table, path: str, environ) -> BudgetConfig:
+    where = f"budgets.{name}"
+    if not isinstance(table, dict):
+        raise GatewayConfigError(path, where, f"must be a table, got {type(table).__name__}")
+    _only_keys(table, BUDGET_KEYS, path, where)
+    given = [key for key in KEY_SOURCES if key in table]
+    if len(given) != 1:
+        raise GatewayConfigError(path, where, "needs exactly one of key_env (the variable holding the key), "
+                                              "key_sha256 (the key's SHA-256) or other_keys = true")
+    digest, other_keys = None, False
+    if given == ["key_env"]:
+        variable = table["key_env"]
+        if not isinstance(variable, str) or not variable:
+            raise GatewayConfigError(path, f"{where}.key_env", "must be the name of an environment variable")
+        key = environ.get(variable) or None
+        if key is None:
+            raise GatewayConfigError(path, f"{where}.key_env", f"the environment variable {variable} is not set")
+        digest = key_digest(key)
+    elif given == ["key_sha256"]:
+        value = table["key_sha256"]
+        if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise GatewayConfigError(path, f"{where}.key_sha256", "must be 64 hexadecimal digits (the SHA-256 of "
+                                                                   "the key: printf %s KEY | sha256sum)")
+        digest = bytes.fromhex(value)
+    else:
+        if table["other_keys"] is not True:
+            raise GatewayConfigError(path, f"{where}.other_keys", "must be true (or left out)")
+        other_keys = True
+    max_cost = _number(table, "max_cost", 0.0, path, where, positive=False) if "max_cost" in table else None
+    max_tokens = table.get("max_tokens")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < 0):
+        raise GatewayConfigError(path, f"{where}.max_tokens", f"must be a whole number of tokens, at least 0, "
+                                                               f"got {max_tokens!r}")
+    if max_cost is None and max_tokens is None:
+        raise GatewayConfigError(path, where, "needs max_cost or max_tokens (or both)")
+    period = table.get("period", "day")
+    if period not in PERIODS:
+        raise GatewayConfigError(path, f"{where}.period", f"must be one of {', '.join(map(repr, PERIODS))}, "
+                                                           f"got {period!r}")
+    return BudgetConfig(name, digest, other_keys, max_cost, max_tokens, period)

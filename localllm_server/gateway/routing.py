@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Iterator
 from ..anthropic_api import openai_bridge
 from ..errors import APIError, anthropic_body, openai_body, to_api_error
 from . import upstream as upstream_calls
+from .budgets import Budgets
 from .cache import CachedAnswer, ResponseCache, is_deterministic, request_key
 from .config import GatewayConfig, Route, Upstream
 from .upstream import UpstreamFailure, UpstreamRejected, scrub
@@ -379,13 +380,14 @@ class _Failure:
 
 
 class Gateway:
-    """Routes and upstreams of one config, and the response cache."""
+    """Routes and upstreams of one config, the response cache and the budgets."""
 
     def __init__(self, config: GatewayConfig, clock=None):
         self.config = config
         cache = config.cache
         self.cache = ResponseCache(cache.max_bytes, cache.ttl_seconds, **({"clock": clock} if clock else {})) \
             if cache.enabled else None
+        self.budgets = Budgets(config.budgets)
 
     # ---- names -----------------------------------------------------------------------------------------
     def member(self, name: str) -> Member:
@@ -414,6 +416,10 @@ class Gateway:
 
     def scrub(self, text: str) -> str:
         return scrub(text, self.config.secrets())
+
+    def metrics_text(self) -> str:
+        """The gateway's own lines for ``/metrics`` (the budgets' spend; empty without budgets)."""
+        return self.budgets.metrics_text()
 
     # ---- answering ---------------------------------------------------------------------------------------
     def run(self, path: str, body: dict, call_local: LocalCall, record: Recorder | None = None,

@@ -587,7 +587,9 @@ def test_usage_command_prints_the_gateways_accounting(gateway, gw, monkeypatch, 
     gw.post("/v1/chat/completions", chat_body("garbage"))
     monkeypatch.setenv("LOCALLLM_HOST", gateway)
     assert cli.main(["usage", "--json"]) == 0
-    rows = {(row["route"], row["model"]): row for row in json.loads(capsys.readouterr().out)}
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["budgets"] == []                                   # this gateway has none
+    rows = {(row["route"], row["model"]): row for row in printed["routes"]}
     row = rows[("garbage", "faulty/ok")]
     assert row["requests"] >= 1 and row["completion"] == 2 * row["requests"] and row["prompt"] == 3 * row["requests"]
     assert row["cost"] == pytest.approx(row["requests"] * (3 * 100 + 2 * 500) / 1e6)

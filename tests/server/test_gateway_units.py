@@ -1,8 +1,9 @@
 """The gateway package without HTTP: config checks, the cache, the stream relays, route resolution, the
-fallback decisions for local members (fake local resource) and the JSON checks of their streams, and the
-chat <-> Anthropic Messages translation for Anthropic-format upstreams (``anthropic_api.openai_bridge``)."""
+fallback decisions for local members (fake local resource) and the JSON checks of their streams, budgets, and
+the chat <-> Anthropic Messages translation for Anthropic-format upstreams (``anthropic_api.openai_bridge``)."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from localllm_server.gateway.cache import CachedAnswer, ResponseCache, is_determ
 from localllm_server.gateway.routing import Gateway, LocalAnswer, StreamRelay, invalid_json_reason, usage_of
 
 ENV = {"KEY_A": "sk-a-secret"}
+KEY_A_SHA256 = hashlib.sha256(ENV["KEY_A"].encode()).hexdigest()
 
 
 def parse(document: dict):
@@ -49,6 +51,19 @@ def upstream(**extra) -> dict:
      'only for an upstream with format = "anthropic"'),
     ({"upstreams": {"a": upstream(format="anthropic", base_url="http://h", default_max_tokens=0)}},
      "upstreams.a.default_max_tokens", "at least 1"),
+    ({"budgets": {"b": {"max_cost": 1}}}, "budgets.b", "exactly one of key_env"),
+    ({"budgets": {"b": {"key_env": "KEY_A", "other_keys": True, "max_cost": 1}}}, "budgets.b", "exactly one"),
+    ({"budgets": {"b": {"key_env": "UNSET_VAR", "max_cost": 1}}}, "budgets.b.key_env", "UNSET_VAR is not set"),
+    ({"budgets": {"b": {"key_sha256": "abc", "max_cost": 1}}}, "budgets.b.key_sha256", "64 hexadecimal"),
+    ({"budgets": {"b": {"key_env": "KEY_A"}}}, "budgets.b", "needs max_cost or max_tokens"),
+    ({"budgets": {"b": {"key_env": "KEY_A", "max_tokens": -1}}}, "budgets.b.max_tokens", "at least 0"),
+    ({"budgets": {"b": {"key_env": "KEY_A", "max_cost": 1, "period": "week"}}}, "budgets.b.period",
+     "'hour', 'day', 'month'"),
+    ({"budgets": {"b": {"other_keys": True, "max_cost": 1}, "c": {"other_keys": True, "max_cost": 1}}},
+     "budgets.c.other_keys", "only one budget"),
+    ({"budgets": {"b": {"key_env": "KEY_A", "max_cost": 1},
+                  "c": {"key_sha256": KEY_A_SHA256, "max_cost": 1}}},
+     "budgets.c", "the same key as budget 'b'"),
 ])
 def test_config_mistakes_name_the_file_and_key(document, key, problem):
     with pytest.raises(gateway_config.GatewayConfigError) as caught:
@@ -228,6 +243,66 @@ def test_settings_from_env_name_the_gateway_file(monkeypatch, tmp_path):
     assert Settings.from_env().gateway == str(tmp_path / "gateway.toml")
     monkeypatch.delenv("LOCALLLM_GATEWAY")
     assert Settings.from_env().gateway is None
+
+
+# ---- budgets ----------------------------------------------------------------------------------------
+
+def test_budget_periods_are_utc_calendar_hours_days_and_months():
+    from datetime import datetime, timezone
+
+    from localllm_server.gateway.budgets import period_bounds
+
+    def at(*parts) -> float:
+        return datetime(*parts, tzinfo=timezone.utc).timestamp()
+
+    assert period_bounds("hour", at(2026, 3, 1, 10, 59, 59)) == (at(2026, 3, 1, 10), at(2026, 3, 1, 11))
+    assert period_bounds("day", at(2026, 2, 28, 23, 0)) == (at(2026, 2, 28), at(2026, 3, 1))
+    assert period_bounds("month", at(2026, 12, 31, 23)) == (at(2026, 12, 1), at(2027, 1, 1))
+    assert period_bounds("month", at(2028, 2, 29)) == (at(2028, 2, 1), at(2028, 3, 1))
+
+
+def test_budgets_match_keys_refuse_when_spent_and_start_again_each_period():
+    from datetime import datetime, timezone
+
+    from localllm_server.gateway.budgets import Budgets, BudgetSpent
+
+    config = parse({"budgets": {"a": {"key_env": "KEY_A", "max_cost": 1.0, "max_tokens": 100, "period": "hour"},
+                                "hashed": {"key_sha256": hashlib.sha256(b"sk-b").hexdigest(), "max_tokens": 5}}})
+    now = [datetime(2026, 5, 1, 9, 30, tzinfo=timezone.utc).timestamp()]
+    budgets = Budgets(config.budgets, clock=lambda: now[0])
+    a, hashed = config.budgets["a"], config.budgets["hashed"]
+    assert budgets.match("sk-a-secret") is a and budgets.match("sk-b") is hashed
+    assert budgets.match("sk-other") is None and budgets.match(None) is None      # no other_keys budget
+    assert "sk-a-secret" not in repr(config)
+    budgets.check(a)
+    budgets.charge(a, 40, 0.6)
+    budgets.check(a)                                   # 0.6 of 1.0: still open
+    budgets.charge(a, 70, 0.6)                         # the request that crosses both limits was answered
+    with pytest.raises(BudgetSpent) as caught:
+        budgets.check(a)
+    assert caught.value.status == 429 and caught.value.code == caught.value.error_type == "insufficient_quota"
+    assert caught.value.message == ("budget 'a' is spent for this hour: 1.200000 of 1 in cost and 110 of 100 "
+                                    "tokens (it starts again at 2026-05-01T10:00:00Z)")
+    assert caught.value.retry_after == 30 * 60
+    now[0] += 30 * 60                                  # the next hour: spent from 0 again
+    budgets.check(a)
+    assert [(r["budget"], r["tokens"], r["cost"], r["refused"]) for r in budgets.snapshot()] == \
+        [("a", 0, 0.0, 1), ("hashed", 0, 0.0, 0)]
+
+
+def test_other_keys_budget_and_metrics_text():
+    from localllm_server.gateway.budgets import Budgets
+
+    config = parse({"budgets": {'quote"d': {"key_env": "KEY_A", "max_tokens": 10},
+                                "rest": {"other_keys": True, "max_cost": 0}}})
+    budgets = Budgets(config.budgets)
+    assert budgets.match("anything") is config.budgets["rest"] and budgets.match(None) is config.budgets["rest"]
+    budgets.charge(config.budgets['quote"d'], 7, 0.0)
+    lines = budgets.metrics_text().splitlines()
+    assert 'localllm_gateway_budget_spent_tokens{budget="quote\\"d",period="day"} 7' in lines
+    assert 'localllm_gateway_budget_max_cost{budget="rest",period="day"} 0.000000' in lines
+    assert not any(line.startswith('localllm_gateway_budget_max_cost{budget="quote') for line in lines)
+    assert Budgets({}).metrics_text() == "" and not Budgets({})
 
 
 # ---- chat <-> Anthropic Messages, for Anthropic-format upstreams ----------------------------------------
