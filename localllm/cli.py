@@ -164,7 +164,7 @@ def cmd_show(args) -> int:
         shown = {"modelfile": render_modelfile(entry), "parameters": format_parameters(entry.parameters),
                  "template": entry.chat_template or "", "system": entry.system or "",
                  "license": entry.license or "", "details": dict(entry.details, format=entry.format),
-                 "model_info": entry.model_info}
+                 "model_info": entry.model_info, "projector_info": entry.projector_info if entry.projector else {}}
     for field in ("modelfile", "parameters", "template", "system", "license"):
         if getattr(args, field):
             print(shown.get(field) or "", end="" if field == "modelfile" else "\n")
@@ -718,7 +718,10 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def describe_model(shown: dict) -> str:
-    """``localllm show NAME``: architecture, size and defaults in ollama's layout, from an /api/show object."""
+    """``localllm show NAME``: architecture, size, capabilities, vision projector and defaults in ollama's layout,
+    from an /api/show object."""
+    from .model_info import human_count
+
     details, info = shown.get("details") or {}, shown.get("model_info") or {}
     family = details.get("family", "")
     model_rows = [("architecture", family), ("parameters", details.get("parameter_size")),
@@ -726,6 +729,18 @@ def describe_model(shown: dict) -> str:
                   ("embedding length", info.get(f"{family}.embedding_length")),
                   ("quantization", details.get("quantization_level")), ("format", details.get("format"))]
     sections = [("Model", [f"{key.ljust(20)}{value}" for key, value in model_rows if value is not None])]
+    if shown.get("capabilities"):
+        sections.append(("Capabilities", list(shown["capabilities"])))
+    projector = shown.get("projector_info") or {}
+    if projector:
+        kind = projector.get("general.architecture", "clip")
+        count = projector.get("general.parameter_count")
+        projector_rows = [("architecture", kind),
+                          ("parameters", human_count(int(count)) if isinstance(count, (int, float)) else None),
+                          ("embedding length", projector.get(f"{kind}.vision.embedding_length")),
+                          ("dimensions", projector.get(f"{kind}.vision.projection_dim"))]
+        sections.append(("Projector", [f"{key.ljust(20)}{value}" for key, value in projector_rows
+                                       if value is not None]))
     for title, field, limit in (("Parameters", "parameters", None), ("System", "system", None),
                                 ("License", "license", 2)):
         if shown.get(field):

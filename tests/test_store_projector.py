@@ -12,8 +12,7 @@ import pytest
 
 import localllm
 from localllm.formats.hf_decoder import read_hf_decoder
-from tests.tiny_vision import gradient_image
-from tests.tiny_vlm import (GEMMA3_TEMPLATE, LLAVA_TEMPLATE, hf_gemma3_vlm, hf_llava_vlm, hf_vlm_logits, vocabulary,
+from tests.tiny_vlm import (GEMMA3_TEMPLATE, LLAVA_TEMPLATE, hf_gemma3_vlm, hf_vlm_logits, picture, vocabulary,
                             write_vlm)
 
 FAMILIES = ("gemma3", "llava")
@@ -78,21 +77,11 @@ def save_vlm_folder(vlm, folder: Path, naming: str = "saved") -> Path:
 
 
 @pytest.fixture(scope="module")
-def vlms(tmp_path_factory):
-    """family -> (transformers model, language-model GGUF, mmproj GGUF, Hugging Face folder)."""
-    root = tmp_path_factory.mktemp("vlm")
-    out = {}
-    for family, build in (("gemma3", hf_gemma3_vlm), ("llava", hf_llava_vlm)):
-        vlm = build(seed=5)
-        out[family] = (vlm, *write_vlm(vlm, root / family / "gguf"), save_vlm_folder(vlm, root / family / "hf"))
-    return out
-
-
-def picture(seed: int, size=(50, 40)):
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    base = np.asarray(gradient_image(*size), dtype=np.float32)
-    return Image.fromarray(np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8))
+def vlms(tiny_vlm_files, tmp_path_factory):
+    """family -> (transformers model, language-model GGUF, mmproj GGUF, Hugging Face folder of the same model)."""
+    root = tmp_path_factory.mktemp("vlm-hf")
+    return {family: (vlm, model_gguf, mmproj, save_vlm_folder(vlm, root / family))
+            for family, (vlm, model_gguf, mmproj) in tiny_vlm_files.items()}
 
 
 def ask(image, text="What is it?"):
@@ -184,7 +173,8 @@ def test_a_projector_is_a_layer_of_its_own(vlms, store):
     assert projector_layer == {"path": "mmproj.gguf", "digest": f"sha256:{sha256_of(mmproj)}",
                                "size": mmproj.stat().st_size, "mediaType": PROJECTOR}
     assert manifest["projector"]["format"] == "gguf" and manifest["projector"]["digest"] == projector_layer["digest"]
-    assert entry.path.name == f"sha256-{sha256_of(model_gguf)}" and entry.projector.name == f"sha256-{sha256_of(mmproj)}"
+    assert entry.path.name == f"sha256-{sha256_of(model_gguf)}"
+    assert entry.projector.name == f"sha256-{sha256_of(mmproj)}"
     assert entry.digest == model_layer["digest"]                    # the model's id is its model file's
     assert entry.size == model_gguf.stat().st_size + mmproj.stat().st_size
     info = entry.projector_info
@@ -312,7 +302,8 @@ def test_create_from_a_model_and_its_projector(vlms, store, family, order):
     text = "\n".join(lines if order == "model first" else lines[::-1]) + "\nPARAMETER temperature 0\n"
     events = []
     entry = create_model(store, "vlm", parse_modelfile(text), base_dir=model_gguf.parent, progress=events.append)
-    assert entry.projector.name == f"sha256-{sha256_of(mmproj)}" and entry.path.name == f"sha256-{sha256_of(model_gguf)}"
+    assert entry.projector.name == f"sha256-{sha256_of(mmproj)}"
+    assert entry.path.name == f"sha256-{sha256_of(model_gguf)}"
     assert {"status": "copying projector file mmproj.gguf"} in events and events[-1] == {"status": "success"}
     model = localllm.load("vlm", store=store, backend="ref", num_ctx=128)
     assert model.vision is not None and model.defaults["temperature"] == 0
@@ -429,3 +420,33 @@ def test_uploads_are_kept_only_under_their_digest(vlms, store):
     assert not uploaded.exists() and entry.path.exists()
     assert store.blob_file(digest) == entry.projector                          # now a model's blob
     assert store.save_upload(digest, io.BytesIO(b"not read")) == entry.projector
+
+
+# ---------------------------------------------------------------------------- the command line
+def test_cli_create_and_show_with_a_projector(vlms, tmp_path, monkeypatch, capsys):
+    import socket
+
+    from localllm import cli
+    with socket.socket() as s:                                 # no server: the in-process store
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("LOCALLLM_HOST", f"127.0.0.1:{s.getsockname()[1]}")
+    monkeypatch.setenv("LOCALLLM_MODELS", str(tmp_path / "models"))
+    from localllm.model_info import human_count
+    vlm, model_gguf, mmproj, _ = vlms["gemma3"]
+    n_vision = sum(p.numel() for name, p in vlm.named_parameters()
+                   if "vision_tower" in name or "multi_modal_projector" in name)
+    folder = tmp_path / "build"
+    folder.mkdir()
+    shutil.copy(model_gguf, folder / "gemma.gguf")
+    shutil.copy(mmproj, folder / "mmproj-gemma.gguf")
+    (folder / "Modelfile").write_text("FROM ./mmproj-gemma.gguf\nFROM ./gemma.gguf\nPARAMETER temperature 0\n")
+    assert cli.main(["create", "cli-vision", "-f", str(folder / "Modelfile")]) == 0
+    assert "copying projector file mmproj-gemma.gguf" in capsys.readouterr().err
+    assert cli.main(["show", "cli-vision"]) == 0
+    out = capsys.readouterr().out
+    projector = out[out.index("  Projector\n"):].split("\n\n")[0].splitlines()
+    assert [line.split() for line in projector[1:]] == [["architecture", "clip"],
+                                                        ["parameters", human_count(n_vision)],
+                                                        ["embedding", "length", "32"], ["dimensions", "40"]]
+    assert cli.main(["show", "cli-vision", "--modelfile"]) == 0
+    assert capsys.readouterr().out.count("\nFROM ") == 2

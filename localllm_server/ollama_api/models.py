@@ -1,4 +1,5 @@
-"""Model management: /api/tags, /api/show, /api/ps, /api/copy, DELETE /api/delete, /api/pull, /api/create."""
+"""Model management: /api/tags, /api/show, /api/ps, /api/copy, DELETE /api/delete, /api/pull, /api/create, and
+the uploads /api/create's ``files`` name (HEAD/POST /api/blobs/<digest>)."""
 from __future__ import annotations
 
 import queue
@@ -94,7 +95,13 @@ class PullResource(Resource):
 
 
 class CreateResource(Resource):
-    """Create a model from ``from`` (a store name or a .gguf/HF folder path) and Modelfile fields, or a ``modelfile``."""
+    """Create a model from ``from`` (a store name or a .gguf/HF folder path) and Modelfile fields, or a ``modelfile``.
+
+    Its vision projector comes from a second ``FROM`` of the ``modelfile``, from ``projector`` (localllm's field:
+    the path of an mmproj ``.gguf`` or a Hugging Face folder on the server), or from Ollama's ``files`` (file
+    name -> ``sha256:<hex>`` of a file uploaded to ``/api/blobs`` or already in the store): one model and at most
+    one projector in all, told apart by their contents. Uploads a create stored are removed from ``uploads/``.
+    """
 
     def on_post(self, req, resp):
         from localllm.modelfile import create_model, modelfile_from_request
@@ -104,23 +111,73 @@ class CreateResource(Resource):
         name = parsing.model_name(body)
         stream = parsing.flag(body, "stream", True)
         canonical_name(name)
-        if body.get("files"):
-            raise APIError(400, "files: uploaded files (blobs) are not supported; give `from` a model name or a "
-                                "path to a .gguf file or Hugging Face folder on the server", param="files")
+        files = self.uploaded_files(body.get("files"))
         quantize = body.get("quantize")
         if quantize is not None and not isinstance(quantize, str):
             raise APIError(400, "quantize: expected a string such as \"q8_0\"", param="quantize")
-        modelfile = modelfile_from_request(body)
+        modelfile = modelfile_from_request(body, files=files)
         events: list[dict] = []
         if body.get("modelfile") is not None:
             events.append({"status": "parsing modelfile"})
         create_model(self.engine.store, name, modelfile, progress=events.append, quantize=quantize or None)
+        self.engine.store.discard_uploads(files.values())
         unload_quietly(self.engine, name)
         if not stream:
             resp.media = events[-1]
             return
         resp.content_type = NDJSON
         resp.text = b"".join(ndjson_line(event) for event in events).decode("utf-8")
+
+    def uploaded_files(self, files) -> dict:
+        """Ollama's ``files`` (name -> digest) -> name -> the file on the server; 400 naming the bad entry."""
+        from localllm.store import DigestMismatch
+
+        if files is None:
+            return {}
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise APIError(400, "files must map file names to digests (\"sha256:<hex>\")", param="files")
+        resolved = {}
+        for file_name, digest in files.items():
+            if not file_name.lower().endswith(".gguf"):
+                raise APIError(400, f"files: {file_name!r} is not a .gguf file; files may hold a GGUF model and its "
+                                    "mmproj projector (a Hugging Face folder: give `from` its path on the server)",
+                               param="files")
+            try:
+                path = self.engine.store.blob_file(digest)
+            except DigestMismatch as exc:
+                raise APIError(400, f"files: {file_name}: {exc}", param="files") from None
+            if path is None:
+                raise APIError(400, f"files: {file_name} ({digest}) is not on the server; upload it first "
+                                    f"(POST /api/blobs/{digest})", param="files")
+            resolved[file_name] = path
+        return resolved
+
+
+class BlobsResource(Resource):
+    """Ollama's uploads for /api/create ``files``: ``HEAD /api/blobs/<digest>`` is 200 when the server has the file
+    (uploaded, or a stored model's) and 404 otherwise; ``POST /api/blobs/<digest>`` with the file as the body keeps
+    it (201) once its sha256 is the digest, else 400 and nothing is kept (``ModelStore.save_upload``)."""
+
+    def on_head(self, req, resp, digest):
+        resp.status = falcon.HTTP_200 if self._file(digest) is not None else falcon.HTTP_404
+
+    def on_post(self, req, resp, digest):
+        from localllm.store import DigestMismatch
+
+        self._file(digest)                              # a malformed digest is refused before the body is read
+        try:
+            self.engine.store.save_upload(digest, req.bounded_stream)
+        except DigestMismatch as exc:
+            raise APIError(400, str(exc), param="digest") from None
+        resp.status = falcon.HTTP_201
+
+    def _file(self, digest: str):
+        from localllm.store import DigestMismatch
+
+        try:
+            return self.engine.store.blob_file(digest)
+        except DigestMismatch as exc:
+            raise APIError(400, str(exc), param="digest") from None
 
 
 def unload_quietly(engine, name: str) -> None:

@@ -86,9 +86,13 @@ def digest_hex(entry) -> str:
 
 
 def details(entry) -> dict:
+    """Ollama's ``details``; ``families`` ends with ``"clip"`` for a model with a vision projector, as Ollama's do."""
     info = entry.details or {}
+    families = list(info.get("families") or [])
+    if getattr(entry, "projector", None) is not None and "clip" not in families:
+        families.append("clip")
     return {"parent_model": "", "format": info.get("format", entry.format), "family": info.get("family", ""),
-            "families": info.get("families") or [], "parameter_size": info.get("parameter_size", ""),
+            "families": families, "parameter_size": info.get("parameter_size", ""),
             "quantization_level": info.get("quantization_level", "")}
 
 
@@ -98,8 +102,9 @@ def architecture(entry) -> str:
 
 def capabilities(entry) -> list[str]:
     """``["embedding"]`` for encoders, else ``["completion"]`` plus ``"tools"`` when the template uses tools,
-    ``"insert"`` when the vocabulary has fill-in-the-middle tokens (``suffix``) and ``"thinking"`` when the
-    template has a thought block (``localllm.reasoning.thinking_support``), in Ollama's order."""
+    ``"insert"`` when the vocabulary has fill-in-the-middle tokens (``suffix``), ``"vision"`` when the model has
+    a vision projector (images in chats) and ``"thinking"`` when the template has a thought block
+    (``localllm.reasoning.thinking_support``), in Ollama's order."""
     from localllm.model_info import supports_insert
     from localllm.reasoning import thinking_support
 
@@ -110,6 +115,8 @@ def capabilities(entry) -> list[str]:
         found.append("tools")
     if supports_insert(entry.path, entry.format):
         found.append("insert")
+    if getattr(entry, "projector", None) is not None:
+        found.append("vision")
     if thinking_support(entry.chat_template) is not None:
         found.append("thinking")
     return found
@@ -140,8 +147,16 @@ def model_info(entry) -> dict:
     return info
 
 
+def projector_info(entry) -> dict:
+    """Ollama's ``projector_info``: the vision projector's metadata (``general.architecture`` ``clip``,
+    ``clip.projector_type``, ``clip.vision.*``, its parameter count); empty for a model without one."""
+    if getattr(entry, "projector", None) is None:
+        return {}
+    return dict(getattr(entry, "projector_info", None) or {})
+
+
 def show(entry) -> dict:
-    """The ``/api/show`` object; empty text fields are left out, as Ollama does."""
+    """The ``/api/show`` object; empty text fields are left out, as Ollama does (``projector_info`` too)."""
     from localllm.modelfile import format_parameters, render_modelfile
 
     body = {"modelfile": render_modelfile(entry), "parameters": format_parameters(entry.parameters or {}),
@@ -150,4 +165,6 @@ def show(entry) -> dict:
             "modified_at": rfc3339(entry.modified_at)}
     if entry.messages:
         body["messages"] = [dict(m) for m in entry.messages]
+    if projector_info(entry):
+        body["projector_info"] = projector_info(entry)
     return {key: value for key, value in body.items() if value != ""}
