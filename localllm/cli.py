@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "start the OpenAI- and Ollama-compatible server (LOCALLLM_HOST, default 127.0.0.1:11434); "
                     "SIGTERM lets in-flight requests finish for LOCALLLM_SHUTDOWN_GRACE seconds (default 10)")
     serve.add_argument("--gateway", metavar="FILE",
-                       help="a gateway config (TOML: upstreams, routes, cache); default: LOCALLLM_GATEWAY")
+                       help="a gateway config (TOML: upstreams incl. Anthropic-format ones, routes, cache, budgets "
+                            "per API key); default: LOCALLLM_GATEWAY")
     usage = command("usage", cmd_usage, "tokens and cost per route and model, and the budgets' spend, from the "
                                         "running server's /metrics")
     usage.add_argument("--json", action="store_true", help='print {"routes": [...], "budgets": [...]} as JSON')

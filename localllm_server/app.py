@@ -48,7 +48,7 @@ class Settings:
     trusted_proxy: str | None = None
     replica_name: str | None = None             # sent as X-Localllm-Replica on every response when set
     access_log: bool = False                    # one log line per request (logger "localllm_server.access")
-    # The gateway's TOML file (upstreams, routes, cache) or a loaded gateway.GatewayConfig; None: LOCALLLM_GATEWAY
+    # The gateway's TOML file (upstreams, routes, cache, budgets) or a loaded gateway.GatewayConfig; None: LOCALLLM_GATEWAY
     # if set (localllm_server.gateway.gateway_for), else no gateway.
     gateway: object = None
 

@@ -80,7 +80,9 @@ class Metrics(Resource):
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        resp.text = render_metrics(req.context.metrics, self.engine)
+        from .gateway import gateway_for
+        gateway = gateway_for(self.settings)
+        resp.text = render_metrics(req.context.metrics, self.engine) + (gateway.metrics_text() if gateway else "")
 
 
 def _labels(**labels) -> str:

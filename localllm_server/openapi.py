@@ -454,7 +454,8 @@ def error_statuses(method: str, path: str, has_body: bool) -> list[int]:
 GATEWAY_ROUTES = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
                   ("POST", "/v1/responses")}
 GATEWAY_REASONS = {
-    429: "with a gateway config: the upstream that was the last hope of the route is rate limited",
+    429: "with a gateway config: the upstream that was the last hope of the route is rate limited, or the API key's "
+         "budget is spent (code insufficient_quota, with Retry-After)",
     502: "with a gateway config: the upstream failed (connection refused or broken, HTTP 5xx, a body that is not "
          "JSON), or every member of the route did (the message gives each member's reason)",
     504: "the request ran past LOCALLLM_REQUEST_TIMEOUT, or (gateway) the upstream did not answer within its "

@@ -185,7 +185,5 @@ def test_the_spend_in_the_gateways_metrics_lines_and_localllm_usage(budget_gatew
         httpd.server_close()
 
 
-@pytest.mark.xfail(strict=True, reason="localllm_server/misc.py (not the gateway's file) does not yet append "
-                                       "Gateway.metrics_text() to /metrics: see the issue 21 hand-off")
 def test_the_spend_is_in_the_servers_metrics(bw):
     assert 'localllm_gateway_budget_spent_tokens{budget="team-b",period="hour"}' in bw.get("/metrics").body.decode()
