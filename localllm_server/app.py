@@ -36,6 +36,7 @@ class Settings:
     port: int = DEFAULT_PORT
     api_key: str | None = None                  # LOCALLLM_API_KEY: required as a Bearer token when set
     max_body_bytes: int = 32 * 1024 * 1024      # larger bodies get 413
+    max_upload_bytes: int = 64 * 1024 ** 3      # POST /api/blobs/<digest>: a model or projector file (Ollama's uploads)
     # waitress worker threads, one per request being answered (a stream holds its thread to the end).
     # None: enough for every request the engine decodes or queues (server.threads_for), so that the
     # requests beyond the engine's queue get their 503 at once instead of waiting unseen in waitress.
@@ -55,7 +56,7 @@ class Settings:
     @classmethod
     def from_env(cls) -> "Settings":
         """``LOCALLLM_HOST`` (host:port), ``LOCALLLM_API_KEY``, ``LOCALLLM_THREADS``,
-        ``LOCALLLM_MAX_BODY_BYTES``, ``LOCALLLM_ORIGINS`` (comma-separated CORS origins),
+        ``LOCALLLM_MAX_BODY_BYTES``, ``LOCALLLM_MAX_UPLOAD_BYTES`` (/api/blobs), ``LOCALLLM_ORIGINS`` (comma-separated CORS origins),
         ``LOCALLLM_SHUTDOWN_GRACE`` (seconds), ``LOCALLLM_CHANNEL_TIMEOUT`` (seconds), ``LOCALLLM_TRUSTED_PROXY``
         (an IP address or ``*``), ``LOCALLLM_REPLICA_NAME``, ``LOCALLLM_ACCESS_LOG`` (``1`` to log requests),
         ``LOCALLLM_GATEWAY`` (the gateway's TOML file)."""
@@ -67,6 +68,7 @@ class Settings:
         settings = cls(host=host, port=port, api_key=os.environ.get("LOCALLLM_API_KEY") or None,
                        threads=threads or None,
                        max_body_bytes=env_number("LOCALLLM_MAX_BODY_BYTES", str(32 * 1024 * 1024)),
+                       max_upload_bytes=env_number("LOCALLLM_MAX_UPLOAD_BYTES", str(64 * 1024 ** 3)),
                        cors_origins=origins,
                        shutdown_grace=env_number("LOCALLLM_SHUTDOWN_GRACE", "10", float),
                        channel_timeout=env_number("LOCALLLM_CHANNEL_TIMEOUT", "120", float),
@@ -81,6 +83,7 @@ class Settings:
         """A ValueError naming the setting (and its variable) that is out of range."""
         limits = [("threads", "LOCALLLM_THREADS", self.threads is None or self.threads >= 1, "at least 1"),
                   ("max_body_bytes", "LOCALLLM_MAX_BODY_BYTES", self.max_body_bytes >= 1, "at least 1"),
+                  ("max_upload_bytes", "LOCALLLM_MAX_UPLOAD_BYTES", self.max_upload_bytes >= 1, "at least 1"),
                   ("shutdown_grace", "LOCALLLM_SHUTDOWN_GRACE", self.shutdown_grace >= 0, "0 or more"),
                   ("channel_timeout", "LOCALLLM_CHANNEL_TIMEOUT", self.channel_timeout > 0, "more than 0")]
         for name, variable, ok, bound in limits:

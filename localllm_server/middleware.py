@@ -1,7 +1,8 @@
 """Middleware: request ids, body size limit, CORS, API key, and request metrics.
 
 - ``X-Request-Id``: echoed when the client sends one, else a fresh id; on every response.
-- Bodies declared larger than ``settings.max_body_bytes`` get 413 before they are read
+- Bodies declared larger than ``settings.max_body_bytes`` (``max_upload_bytes`` for Ollama's
+  /api/blobs uploads) get 413 before they are read
   (``body.read_json`` enforces the limit again for bodies without a Content-Length).
 - CORS, as Ollama does it: browsers may call from the origins of ``DEFAULT_ORIGINS`` (localhost,
   127.0.0.1 and 0.0.0.0 on any port; desktop-app and editor schemes) and from those added with
@@ -154,8 +155,9 @@ class RequestMiddleware:
                 resp.complete = True
                 return
         length = req.content_length
-        if length is not None and length > self.settings.max_body_bytes:
-            raise APIError(413, f"request body is larger than the limit of {self.settings.max_body_bytes} bytes")
+        limit = body_limit(self.settings, req.path)
+        if length is not None and length > limit:
+            raise APIError(413, f"request body is larger than the limit of {limit} bytes")
         if self._key_digest is not None and req.method != "OPTIONS" and req.path not in PUBLIC_PATHS:
             self._check_key(req)
         req.context.request_timeout = request_timeout(req.get_header(TIMEOUT_HEADER))
@@ -227,3 +229,14 @@ def _header_bytes(value: str) -> bytes:
 
 def middleware_for(settings, metrics: Metrics | None = None) -> list:
     return [RequestMiddleware(settings, metrics or Metrics())]
+
+
+UPLOAD_PREFIX = "/api/blobs/"        # Ollama's file uploads: model-sized bodies, streamed to disk
+
+
+def body_limit(settings, path: str) -> int:
+    """The largest body a request to ``path`` may have: ``max_upload_bytes`` for /api/blobs uploads,
+    ``max_body_bytes`` (JSON requests) elsewhere."""
+    if UPLOAD_PREFIX in path:                            # also under a path prefix (/llm/api/blobs/...)
+        return getattr(settings, "max_upload_bytes", settings.max_body_bytes)
+    return settings.max_body_bytes

@@ -361,7 +361,12 @@ OLLAMA_BODIES = {
         "messages": {"type": "array", "items": {"type": "object", "required": ["role"], "properties": {
             "role": {"enum": list(CREATE_MESSAGE_ROLES)}, "content": {"type": "string"}}}},
         "license": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-        "files": {"type": ["object", "null"], "maxProperties": 0, "description": "uploaded blobs: not supported"},
+        "files": {"type": ["object", "null"], "additionalProperties": {"type": "string",
+                                                                       "pattern": "^sha256:[0-9a-f]{64}$"},
+                  "description": "file name -> digest of a file uploaded with POST /api/blobs/<digest> (a .gguf "
+                                 "model, and an mmproj .gguf projector for a vision model)"},
+        "projector": {"type": "string", "description": "a vision projector on the server (mmproj .gguf or a Hugging "
+                                                       "Face folder): what a Modelfile's second FROM names"},
         "stream": _STREAM}), "allOf": [{"anyOf": [{"required": ["from"]}, {"required": ["modelfile"]}]}]}),
 }
 
@@ -389,7 +394,14 @@ SUMMARIES = {
     ("GET", "/api/tags"): "models in the store (Ollama)",
     ("GET", "/api/ps"): "loaded models (Ollama)",
     ("GET", "/api/version"): "server version (Ollama)",
+    ("HEAD", "/api/blobs/{digest}"): "does the server have this file (200) or not (404) (Ollama)",
+    ("POST", "/api/blobs/{digest}"): "upload a file for /api/create's files: 201 once its sha256 is the digest (Ollama)",
 }
+# (method, path) -> the status of its success when it is not 200
+SUCCESS_STATUS = {("POST", "/api/blobs/{digest}"): "201"}
+# (method, path) -> its request body when it is not JSON
+RAW_BODIES = {("POST", "/api/blobs/{digest}"): {"application/octet-stream": {"schema": {"type": "string",
+                                                                                         "format": "binary"}}}}
 # (method, path) -> {media type: body schema} of its 200 answer; None: no body
 SUCCESS = {
     ("GET", "/"): {TEXT: {"type": "string"}},
@@ -419,6 +431,8 @@ SUCCESS = {
     ("POST", "/api/create"): {JSON: STATUS_LINE, NDJSON: ndjson_lines(STATUS_LINE)},
     ("POST", "/api/copy"): None,
     ("DELETE", "/api/delete"): None,
+    ("HEAD", "/api/blobs/{digest}"): None,
+    ("POST", "/api/blobs/{digest}"): None,
 }
 GENERATING = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/responses"),
               ("POST", "/v1/messages"),
@@ -478,7 +492,7 @@ def responses_of(method: str, path: str, has_body: bool) -> dict:
     gateway = (method, path) in GATEWAY_ROUTES
     if gateway:
         success["headers"] = GATEWAY_HEADERS
-    answers = {"200": success}
+    answers = {SUCCESS_STATUS.get((method, path), "200"): success}
     error = {"schema": OLLAMA_ERROR if path.startswith("/api/") else
              ANTHROPIC_ERROR if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/") else OPENAI_ERROR}
     statuses = error_statuses(method, path, has_body)
@@ -499,9 +513,11 @@ def _operation(method: str, path: str) -> dict:
     else:
         summary, body = SUMMARIES.get((method, path), f"{method} {path}"), None
     operation: dict = {"summary": summary, "operationId": re.sub(r"\W+", "_", f"{method.lower()} {path}").strip("_"),
-                       "responses": responses_of(method, path, body is not None)}
+                       "responses": responses_of(method, path, body is not None or (method, path) in RAW_BODIES)}
     if parameters:
         operation["parameters"] = parameters
+    if (method, path) in RAW_BODIES:
+        operation["requestBody"] = {"required": True, "content": RAW_BODIES[(method, path)]}
     if body is not None:
         operation["requestBody"] = {"required": True, "content": {JSON: {"schema": body}}}
     if (method, path) not in PUBLIC:

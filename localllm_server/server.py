@@ -54,7 +54,9 @@ def waitress_server(app, settings: Settings):
                          connection_limit=threads + 100,
                          channel_timeout=settings.channel_timeout,
                          cleanup_interval=max(1, min(30, int(settings.channel_timeout / 2))),
-                         max_request_body_size=settings.max_body_bytes + max(settings.max_body_bytes, 1 << 20),
+                         # JSON routes check their own limit (middleware, body.read_json); uploads may be larger
+                         max_request_body_size=max(settings.max_body_bytes + max(settings.max_body_bytes, 1 << 20),
+                                                   getattr(settings, "max_upload_bytes", 0)),
                          inbuf_overflow=INBUF_OVERFLOW,
                          outbuf_high_watermark=OUTBUF_HIGH_WATERMARK, **proxy)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from .chat import ChatResource
 from .embed import EmbeddingsResource, EmbedResource
 from .generate import GenerateResource
-from .models import (CopyResource, CreateResource, DeleteResource, PsResource, PullResource, ShowResource,
-                     TagsResource)
+from .models import (BlobsResource, CopyResource, CreateResource, DeleteResource, PsResource, PullResource,
+                     ShowResource, TagsResource)
 from .version import VersionResource
 
 
@@ -28,4 +28,5 @@ def register(app, engine, settings) -> None:
     app.add_route("/api/delete", DeleteResource(engine, settings))
     app.add_route("/api/pull", PullResource(engine, settings))
     app.add_route("/api/create", CreateResource(engine, settings))
+    app.add_route("/api/blobs/{digest}", BlobsResource(engine, settings))
     app.add_route("/api/version", VersionResource())

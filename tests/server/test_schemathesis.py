@@ -35,9 +35,10 @@ def test_every_operation_documents_its_answers(document):
         for method, operation in methods.items():
             responses = operation["responses"]
             label = f"{method.upper()} {path}"
-            assert "200" in responses and "403" in responses, label
+            success = "201" if (method, path) == ("post", "/api/blobs/{digest}") else "200"
+            assert success in responses and "403" in responses, label
             for status, answer in responses.items():
-                if status == "200":
+                if status == success:
                     continue
                 schema = answer["content"]["application/json"]["schema"]
                 error = schema["properties"]["error"]
