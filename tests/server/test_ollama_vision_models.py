@@ -18,19 +18,16 @@ QUESTION = "What is it?"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """(base URL, its store) of a server over an empty store of its own. The /api/blobs route is added here
-    as well (re-adding a route replaces it, so this is harmless once ``ollama_api.register`` adds it)."""
+    """(base URL, its store) of a server over an empty store of its own."""
     from localllm.engine import Engine, EngineSettings
     from localllm.store import ModelStore
     from localllm_server.app import Settings, create_app
-    from localllm_server.ollama_api.models import BlobsResource
     from tests.server.conftest import RunningServer
 
     store = ModelStore(tmp_path_factory.mktemp("vision-models") / "store")
     engine = Engine(EngineSettings(n_slots=2, max_queue=8, keep_alive=600), store=store)
     settings = Settings(threads=8)
     app = create_app(engine, settings)
-    app.add_route("/api/blobs/{digest}", BlobsResource(engine, settings))
     running = RunningServer(app, settings)
     yield running.url, store
     running.close()
