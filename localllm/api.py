@@ -160,8 +160,9 @@ class Model:
             self.network.max_image_tokens = encoder.n_image_tokens
             self.cache = None                              # its rings must hold a whole image: made anew
             self.set_context(self.n_ctx, self.n_slots)
-        if "vision" not in self.capabilities:
-            self.capabilities = self.capabilities + ("vision",)
+        if "vision" not in self.capabilities:               # Ollama's order: ..., insert, vision, thinking
+            rest = tuple(c for c in self.capabilities if c != "thinking")
+            self.capabilities = rest + ("vision",) + (("thinking",) if "thinking" in self.capabilities else ())
 
     def images_in(self, messages: list[dict]) -> tuple[list[dict], dict]:
         """(messages with each image replaced by a marker text part, {digest: embeddings}) for a chat.
