@@ -233,13 +233,35 @@ def cmd_run(args) -> int:
         prompt = sys.stdin.read()
     if prompt:
         try:
-            stream_reply(model, [{"role": "user", "content": prompt}], {}, sys.stdout, think=args.think,
+            stream_reply(model, [user_message(prompt)], {}, sys.stdout, think=args.think,
                          hide_thinking=args.hide_thinking)
         except ValueError as exc:  # the library's precise messages (context exceeded, bad option, no thinking)
             raise CLIError(str(exc)) from None
         return 0
     ChatSession(model, think=args.think, hide_thinking=args.hide_thinking).loop()
     return 0
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+
+
+def user_message(text: str) -> dict:
+    """A user turn of ``run``: words of ``text`` that name image files (``./photo.jpg``, ``~/cat.png``; a space in
+    a name escaped as ``\\ ``) are sent as the message's images, as ``ollama run`` does, and left out of the text.
+    A model without vision then says so."""
+    import base64
+    import re
+
+    images, kept = [], []
+    for word in re.split(r"(?<!\\)\s+", text.strip()):
+        path = Path(word.replace("\\ ", " ").strip("'\"")).expanduser()
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            images.append(base64.b64encode(path.read_bytes()).decode())
+        else:
+            kept.append(word)
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": " ".join(kept), "images": images}
 
 
 def load_in_process(name: str):
@@ -396,7 +418,7 @@ class ChatSession:
             self.command(line)
             return
         history = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-        history.append({"role": "user", "content": line})
+        history.append(user_message(line))
         try:
             reply = stream_reply(self.model, history, self.options, self.out, think=self.think,
                                  hide_thinking=self.hide_thinking)

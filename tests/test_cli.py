@@ -256,3 +256,32 @@ def test_warmup_runs_both_paths_of_a_model(tiny_llama_path, capsys):
     assert main(["warmup", str(tiny_llama_path)]) == 0
     out = capsys.readouterr().out
     assert "ready (decode step " in out and ", prefill " in out
+
+
+def test_run_sends_image_paths_as_images(echo_model, tmp_path, capsys):
+    """As ``ollama run``: words naming image files become the message's images and leave its text."""
+    import base64
+    from tests.tiny_vlm import picture, png_bytes
+
+    image = tmp_path / "my photo.png"
+    image.write_bytes(png_bytes(picture(1)))
+    status, out, _ = run_cli(capsys, "run", "echo", "what is in", str(image).replace(" ", "\\ "), "and not.txt")
+    assert status == 0
+    [([message], _)] = echo_model.calls
+    assert message == {"role": "user", "content": "what is in and not.txt",
+                       "images": [base64.b64encode(image.read_bytes()).decode()]}
+
+
+def test_run_with_an_image_on_a_vision_model(models_root, tiny_vlm_files, tmp_path, capsys):
+    from tests.tiny_vlm import picture, png_bytes
+
+    _, model_path, mmproj = tiny_vlm_files["gemma3"]
+    ModelStore().add_local("vlm", model_path, projector=mmproj, parameters={"temperature": 0.0, "num_predict": 8})
+    image = tmp_path / "cat.png"
+    image.write_bytes(png_bytes(picture(2)))
+    status, out, err = run_cli(capsys, "run", "vlm", "Describe", str(image))
+    assert status == 0, err
+    expected = localllm.load(model_path, projector=mmproj).chat(
+        [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": "Describe"}]}],
+        temperature=0, max_tokens=8)
+    assert out == expected + "\n"
