@@ -254,7 +254,7 @@ def user_message(text: str) -> dict:
 
     images, kept = [], []
     for word in re.split(r"(?<!\\)\s+", text.strip()):
-        path = Path(word.replace("\\ ", " ").strip("'\"")).expanduser()
+        path = Path(word.replace("\\ ", " ").strip("'\"").rstrip("?!,;:)")).expanduser()   # "... ./cat.png?"
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
             images.append(base64.b64encode(path.read_bytes()).decode())
         else:

@@ -265,7 +265,7 @@ def test_run_sends_image_paths_as_images(echo_model, tmp_path, capsys):
 
     image = tmp_path / "my photo.png"
     image.write_bytes(png_bytes(picture(1)))
-    status, out, _ = run_cli(capsys, "run", "echo", "what is in", str(image).replace(" ", "\\ "), "and not.txt")
+    status, out, _ = run_cli(capsys, "run", "echo", "what is in", str(image).replace(" ", "\\ ") + "?", "and not.txt")
     assert status == 0
     [([message], _)] = echo_model.calls
     assert message == {"role": "user", "content": "what is in and not.txt",
