@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gateway", metavar="FILE",
                        help="a gateway config (TOML: upstreams incl. Anthropic-format ones, routes, cache, budgets "
                             "per API key); default: LOCALLLM_GATEWAY")
+    serve.add_argument("--ray", action="store_true",
+                       help="serve with Ray Serve: autoscaled replicas on the Ray cluster this machine belongs to "
+                            "(RAY_ADDRESS, `ray start`, else a new local one) behind a prefix-cache router "
+                            "(pip install 'localllm[ray]'; deploy/ray/serve_config.yaml for `serve run`)")
     usage = command("usage", cmd_usage, "tokens and cost per route and model, and the budgets' spend, from the "
                                         "running server's /metrics")
     usage.add_argument("--json", action="store_true", help='print {"routes": [...], "budgets": [...]} as JSON')
@@ -485,6 +489,12 @@ def cmd_serve(args) -> int:
             load_from_env()                       # the gateway file checked before binding (GatewayConfigError)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
+    if getattr(args, "ray", False):
+        if not module_exists("ray.serve"):
+            raise CLIError("--ray needs Ray Serve: pip install 'localllm[ray]'")
+        from localllm_server.ray_serve import serve_with_ray
+        serve_with_ray(settings)
+        return 0
     serve(settings)
     return 0
 
