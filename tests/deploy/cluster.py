@@ -227,3 +227,150 @@ def find_nginx() -> str | None:
     """The nginx binary on PATH or in the usual sbin folders (not on a user's PATH), or None."""
     return shutil.which("nginx") or next((path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
                                           if os.access(path, os.X_OK)), None)
+
+
+# ---- Ray Serve (tests/deploy/test_ray_serve.py) ----------------------------------------------------------------
+
+RAY_DIR = REPO_ROOT / "deploy" / "ray"
+SHIPPED_RAY_CONFIG = RAY_DIR / "serve_config.yaml"
+RAY_REPLICA_PREFIX = "SERVE_REPLICA::"           # Ray Serve's replica actors: SERVE_REPLICA::app#deployment#id
+
+
+class RayCluster:
+    """A one-node Ray cluster on 127.0.0.1 (``ray start --head --block``), with a Serve config deployed on it by
+    ``serve run --non-blocking``: ``config`` (the shipped one, adapted by the caller) is written to ``folder``, and
+    Serve's HTTP proxy listens on ``self.port``.
+
+    Ray turns a loopback ``--node-ip-address`` into the machine's address unless clustering is off:
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's local-only mode, its default on macOS and Windows) keeps every
+    process on 127.0.0.1; a process that joins needs that setting before it imports ray, so the pytest process
+    never joins: ``driver()`` runs a driver process for what only Ray's API does. Token authentication is on,
+    with a token made for this cluster and passed in ``RAY_AUTH_TOKEN`` (nothing is read from or written to
+    ~/.ray). Every port is a free one, the session folder a short one (Ray's socket paths must fit in 108 bytes).
+    ``stop()`` SIGTERMs ``ray start``, which stops the processes of its node (never ``ray stop``: that stops every
+    Ray on the machine)."""
+
+    def __init__(self, folder: Path, config: dict, num_cpus: int):
+        import secrets
+        import tempfile
+
+        import yaml
+
+        self.folder = folder
+        self.gcs_port, self.port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+        self.token = secrets.token_hex(32)
+        config = dict(config, http_options={**config.get("http_options", {}), "host": "127.0.0.1",
+                                            "port": self.port})
+        self.config_path = folder / "serve_config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                   "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}", f"--num-cpus={num_cpus}",
+                   "--include-dashboard=false", f"--dashboard-port={free_port()}",
+                   f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                   f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+        with open(folder / "ray-head.log", "ab") as log:
+            self.process = subprocess.Popen(command, env=self.ray_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: self._gcs_answers() or self.process.poll() is not None, "the Ray head answers")
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.process.returncode}:\n{self.log('ray-head.log')}")
+            deploy = subprocess.run([sys.executable, "-m", "ray.serve.scripts", "run", "--non-blocking",
+                                     f"--address={self.address}", str(self.config_path)],
+                                    env=self.ray_env(), capture_output=True, text=True, timeout=WAIT)
+            (folder / "serve-run.log").write_text(deploy.stdout + deploy.stderr)
+            if deploy.returncode != 0:
+                raise RuntimeError(f"serve run failed ({deploy.returncode}):\n{deploy.stdout}{deploy.stderr}")
+            self.driver("wait")                      # every replica of every application up (its models loaded)
+            wait_until(lambda: self._app_answers() or self.process.poll() is not None,
+                       "the Serve application answers", every=0.5)
+        except BaseException:
+            self.stop()
+            raise
+
+    def ray_env(self) -> dict:
+        return dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
+                    RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
+                    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2", PYTHONUNBUFFERED="1")
+
+    def _gcs_answers(self) -> bool:
+        import socket
+
+        try:
+            socket.create_connection(("127.0.0.1", self.gcs_port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def _app_answers(self) -> bool:
+        try:
+            return http_request(self.port, "GET", "/v1/models", timeout=10)[0] == 200
+        except OSError:
+            return False
+
+    def log(self, name: str) -> str:
+        path = self.folder / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def driver(self, *args: str) -> str:
+        """Run ``RAY_DRIVER`` with ``args`` in a process that joins the cluster as a Ray driver; its output."""
+        done = subprocess.run([sys.executable, "-c", RAY_DRIVER, self.address, *args], env=self.ray_env(),
+                              capture_output=True, text=True, timeout=WAIT)
+        if done.returncode != 0:
+            raise RuntimeError(f"Ray driver {args} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+    def replica_actors(self, deployment: str) -> dict[str, str]:
+        """{replica id: actor name} of a deployment's live replicas (the id a replica sends as X-Localllm-Replica)."""
+        names = json.loads(self.driver("list").splitlines()[-1])
+        return {name.rsplit("#", 1)[1]: name for name in names
+                if name.startswith(RAY_REPLICA_PREFIX) and f"#{deployment}#" in name}
+
+    def kill_replica(self, deployment: str, replica_id: str) -> None:
+        """Kill a replica's actor at once (as a crash would); Ray Serve starts another in its place."""
+        self.driver("kill", f"{RAY_REPLICA_PREFIX}", f"#{deployment}#{replica_id}")
+
+    def stop(self) -> None:
+        """Stop the node: ``ray start`` stops its processes on SIGTERM (Ray Serve's proxy drains for at most
+        ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S``), the replicas' worker processes with them."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(WAIT)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+# A Ray driver, run by RayCluster.driver: argv = address, then "wait" (until every Serve application runs; one
+# that fails to deploy: exit 1 with its message), "list" (the names of the actors Ray Serve made, as JSON) or
+# "kill <name start> <name end>" (the one actor so named).
+RAY_DRIVER = f"""
+import json, sys, time
+import ray
+address, action, *rest = sys.argv[1:]
+ray.init(address=address, namespace="serve", log_to_driver=False, logging_level="ERROR")
+if action == "wait":
+    from ray import serve
+    deadline = time.monotonic() + {WAIT}
+    while True:
+        applications = serve.status().applications
+        if applications and all(a.status == "RUNNING" for a in applications.values()):
+            break
+        failed = {{n: a.message for n, a in applications.items() if a.status == "DEPLOY_FAILED"}}
+        if failed or time.monotonic() > deadline:
+            sys.exit(f"Serve applications not running: {{failed or applications}}")
+        time.sleep(0.5)
+elif action == "list":
+    print(json.dumps([actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+                      if actor["namespace"] == "serve"]))
+elif action == "kill":
+    [name] = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+              if actor["namespace"] == "serve" and actor["name"].startswith(rest[0])
+              and actor["name"].endswith(rest[1])]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+ray.shutdown()
+"""
