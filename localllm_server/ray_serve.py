@@ -444,7 +444,7 @@ class LocalllmIngress:
         async for piece in request.stream():
             body += piece
             if len(body) > self.max_body_bytes:
-                return error_response(request.scope["path"], 413,
+                return error_response(route_path(request.scope), 413,
                                       f"the request body is larger than {self.max_body_bytes} bytes")
         forwarded = forwarded_request(request.scope, bytes(body))
         failure = None
@@ -468,19 +468,25 @@ class LocalllmIngress:
         return error_response(forwarded.path, 503, f"no replica could answer the request ({type(failure).__name__})")
 
 
+def route_path(scope: dict) -> str:
+    """The path below the application's route prefix (ASGI's ``root_path``), e.g. /v1/chat/completions."""
+    root_path, path = scope.get("root_path") or "", scope["path"]
+    if root_path and path.startswith(root_path):
+        return path[len(root_path):] or "/"
+    return path
+
+
 def forwarded_request(scope: dict, body: bytes) -> ForwardedRequest:
     """The ``ForwardedRequest`` for an ASGI request ``scope`` and its ``body``."""
     headers = tuple((name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in scope["headers"])
-    root_path = scope.get("root_path", "") or ""
-    path = scope["path"]
-    if root_path and path.startswith(root_path):
-        path = path[len(root_path):] or "/"
     session, blocks = routing_keys(dict(headers), body)
     client = scope.get("client") or ("", 0)
     server = scope.get("server") or ("127.0.0.1", 80)
-    return ForwardedRequest(method=scope["method"], path=path, query_string=scope.get("query_string", b"").decode(
-        "latin-1"), headers=headers, body=body, client=client[0], scheme=scope.get("scheme", "http"),
-        server=(server[0], int(server[1] or 80)), root_path=root_path, session=session, prompt_blocks=blocks)
+    return ForwardedRequest(method=scope["method"], path=route_path(scope),
+                            query_string=scope.get("query_string", b"").decode("latin-1"), headers=headers, body=body,
+                            client=client[0], scheme=scope.get("scheme", "http"),
+                            server=(server[0], int(server[1] or 80)), root_path=scope.get("root_path") or "",
+                            session=session, prompt_blocks=blocks)
 
 
 def streaming_response(head: ResponseHead, body, request_id: str | None):

@@ -120,6 +120,34 @@ def test_prefix_index_longest_prefix_eviction_and_forget():
         ray_serve.PrefixIndex(0)
 
 
+def test_the_request_a_replica_sees():
+    scope = {"method": "POST", "path": "/llm/v1/chat/completions", "root_path": "/llm", "query_string": b"a=1",
+             "headers": [(b"Content-Type", b"application/json"), (b"X-Forwarded-For", b"203.0.113.9"),
+                         (b"Accept", b"text/html"), (b"accept", b"*/*"), (b"X-Session-Id", b"s-1")],
+             "client": ("198.51.100.7", 50000), "server": ("127.0.0.1", 8000), "scheme": "http"}
+    forwarded = ray_serve.forwarded_request(scope, chat_body(LONG_QUESTION))
+    assert (forwarded.path, forwarded.root_path, forwarded.session) == ("/v1/chat/completions", "/llm", "s-1")
+    assert forwarded.prompt_blocks == ray_serve.routing_keys({}, chat_body(LONG_QUESTION))[1]
+    environ = ray_serve.wsgi_environ(forwarded, lambda: False)
+    assert (environ["SCRIPT_NAME"], environ["PATH_INFO"], environ["QUERY_STRING"]) == ("/llm", "/v1/chat/completions",
+                                                                                       "a=1")
+    assert environ["CONTENT_TYPE"] == "application/json" and environ["HTTP_ACCEPT"] == "text/html,*/*"
+    assert environ["REMOTE_ADDR"] == "198.51.100.7" and "HTTP_X_FORWARDED_FOR" not in environ
+    assert environ["wsgi.input"].read() == forwarded.body and environ["CONTENT_LENGTH"] == str(len(forwarded.body))
+
+
+def test_a_stream_cut_by_a_lost_replica_ends_in_its_own_framing():
+    import json
+
+    sse = ray_serve.stream_error("/v1/chat/completions", "text/event-stream; charset=utf-8", "gone")
+    event, done = sse.split(b"\n\n")[:2]
+    assert json.loads(event.removeprefix(b"data: "))["error"]["message"] == "gone" and done == b"data: [DONE]"
+    assert json.loads(ray_serve.stream_error("/api/chat", "application/x-ndjson", "gone")) == {"error": "gone"}
+    anthropic = ray_serve.stream_error("/v1/messages", "text/event-stream", "gone").decode()
+    assert anthropic.startswith("event: error\ndata: ") and '"overloaded_error"' in anthropic
+    assert ray_serve.stream_error("/v1/models", "application/json", "gone") == b""
+
+
 def test_replicas_are_sized_to_the_cluster():
     assert ray_serve.replica_cpus_and_slots([8.0, 8.0, 4.0], threads=8) == (8, 2)
     assert ray_serve.replica_cpus_and_slots([4.0], threads=16) == (4, 1)       # at most a whole node
