@@ -99,6 +99,24 @@ def test_attention_chunks_change_nothing():
     np.testing.assert_allclose(whole[:, :8], expected, atol=1e-5)
 
 
+def test_attention_heads_shared_among_threads_give_the_same_numbers():
+    from localllm.vision import blas
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((300, 96)).astype(np.float32) for _ in range(3))
+    alone = bidirectional_attention(q, k, v, n_heads=4, softmax=softmax_rows)
+    for workers in (2, 3, 8):
+        np.testing.assert_array_equal(bidirectional_attention(q, k, v, n_heads=4, softmax=softmax_rows,
+                                                              workers=workers), alone)
+    if blas.available():                       # numpy's OpenBLAS: one thread inside, its setting back after
+        _, get_threads = blas._openblas()
+        before = get_threads()
+        with blas.one_blas_thread():
+            with blas.one_blas_thread():
+                assert get_threads() == 1
+            assert get_threads() == 1
+        assert get_threads() == before
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_embeddings_depend_on_the_image(built, family):
     encoder = VisionEncoder.from_mmproj(built[family]["mmproj"])

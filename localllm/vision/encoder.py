@@ -134,6 +134,8 @@ class VisionEncoder:
                  source: str = "", fast: bool = True):
         config.check(source or "vision encoder")
         self.fast = fast            # numba softmax and GELU-tanh (False: the numpy reference throughout)
+        # attention heads shared among this many threads (one BLAS thread each), when the BLAS can be set so
+        self.attention_workers = _cores() if fast else 1
         self.config = config
         self.preprocessing = preprocessing
         self.tensors = tensors
@@ -268,7 +270,8 @@ class VisionEncoder:
         k = self._linear(h, f"{blk}.attn_k")
         v = self._linear(h, f"{blk}.attn_v")
         softmax = softmax_rows if self.fast else softmax_rows_ref
-        x = x + self._linear(bidirectional_attention(q, k, v, c.n_heads, softmax), f"{blk}.attn_out")
+        attended = bidirectional_attention(q, k, v, c.n_heads, softmax, workers=self.attention_workers)
+        x = x + self._linear(attended, f"{blk}.attn_out")
         h = self._layer_norm(x, f"{blk}.ln2")
         h = activation(c.activation, self._linear(h, f"{blk}.ffn_up"), self.fast)    # (n, hidden_dim)
         return x + self._linear(h, f"{blk}.ffn_down")
@@ -289,6 +292,15 @@ class VisionEncoder:
         return self._linear(h, "mm.2").astype(np.float32, copy=False)
 
 
+def _cores() -> int:
+    """The cores the attention's heads are shared among: numba's thread count (``NUMBA_NUM_THREADS``, the
+    machine's cores by default), or 1 when numpy's BLAS threads cannot be set (``blas.available``)."""
+    from numba import get_num_threads
+
+    from .blas import available
+    return get_num_threads() if available() else 1
+
+
 def _center_crop(pixels: np.ndarray, crop: int) -> np.ndarray:
     """The central ``crop`` x ``crop`` of (H, W, 3), zero-padded where the image is smaller (as transformers'
     ``center_crop``)."""
@@ -305,19 +317,39 @@ def _center_crop(pixels: np.ndarray, crop: int) -> np.ndarray:
 
 
 def bidirectional_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads: int,
-                            softmax=softmax_rows_ref, chunk: int = ATTENTION_CHUNK) -> np.ndarray:
+                            softmax=softmax_rows_ref, chunk: int = ATTENTION_CHUNK, workers: int = 1) -> np.ndarray:
     """Every position attends to every position: q, k, v (n, dim) with the heads side by side -> (n, dim).
 
     One head at a time, ``chunk`` queries at a time, into one reused score buffer (``chunk``, n): a fresh
     64 MB array per head costs more in page faults than its matmul. ``softmax`` works in place on rows
-    (``kernels.softmax_rows`` or its numpy twin).
+    (``kernels.softmax_rows`` or its numpy twin). ``workers`` > 1: the heads are shared among that many
+    threads, each with numpy's BLAS on one thread (``blas.one_blas_thread``); every head is computed as
+    it would be alone, so the result is the same.
     """
     n, dim = q.shape
     head_dim = dim // n_heads
-    scale = np.float32(1 / math.sqrt(head_dim))
     out = np.empty((n, dim), np.float32)
+    workers = max(1, min(workers, n_heads))
+    if workers == 1:
+        _attention_heads(q, k, v, range(n_heads), head_dim, softmax, chunk, out)
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .blas import one_blas_thread
+    shares = [range(first, n_heads, workers) for first in range(workers)]
+    with one_blas_thread(), ThreadPoolExecutor(workers) as pool:
+        for done in [pool.submit(_attention_heads, q, k, v, heads, head_dim, softmax, chunk, out)
+                     for heads in shares]:
+            done.result()
+    return out
+
+
+def _attention_heads(q, k, v, heads, head_dim: int, softmax, chunk: int, out: np.ndarray) -> None:
+    """``bidirectional_attention`` of the heads ``heads``, written into their columns of ``out``."""
+    n = q.shape[0]
+    scale = np.float32(1 / math.sqrt(head_dim))
     buffer = np.empty((min(chunk, n), n), np.float32)
-    for head in range(n_heads):
+    for head in heads:
         cols = slice(head * head_dim, (head + 1) * head_dim)
         q_head = q[:, cols] * scale                                   # (n, head_dim)
         k_head_t = np.ascontiguousarray(k[:, cols].T)                 # (head_dim, n)
@@ -328,7 +360,6 @@ def bidirectional_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_heads
             np.matmul(q_head[start:stop], k_head_t, out=scores)
             softmax(scores)
             out[start:stop, cols] = scores @ v_head                   # (queries, head_dim)
-    return out
 
 
 def activation(kind: str, x: np.ndarray, fast: bool = False) -> np.ndarray:

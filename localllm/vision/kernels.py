@@ -2,9 +2,10 @@
 
 - ``softmax_rows``: at 896 pixels a head's scores are (4096, 4096); numpy's softmax walks those 64 MB five
   times (max, subtract, exp, sum, divide). Here each row is done while it sits in cache, with
-  ``ops.kernels.fast_exp`` (vectorizable), on the calling thread: it runs between two BLAS calls, and
-  numba's worker threads beside BLAS's spinning ones made the whole attention slower (measured: 3.1-3.6
-  CPU s a layer against 2.4 serial, wall time alike).
+  ``ops.kernels.fast_exp`` (vectorizable), on the calling thread and without the GIL: the encoder shares
+  the heads among threads, one per core (``encoder.bidirectional_attention``), and each thread's softmax
+  runs beside the others' matmuls (numba's own worker threads beside BLAS's spinning ones made the
+  attention slower: 3.1-3.6 CPU s a layer against 2.4 serial).
 - ``gelu_tanh``: SigLIP's MLP activation over (4096, 4304) values a layer; numpy's takes six passes and a
   float32 ``tanh``. Here one pass, written as ``x * sigmoid(2u)`` (the same function as
   ``x/2 * (1 + tanh(u))``, u = sqrt(2/pi) (x + 0.044715 x^3)) so that it vectorizes with ``fast_exp``.
@@ -28,7 +29,7 @@ def softmax_rows_ref(scores: np.ndarray) -> np.ndarray:
     return scores
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def _softmax_rows_kernel(scores):
     n, m = scores.shape
     for i in range(n):
