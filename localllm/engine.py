@@ -140,7 +140,7 @@ class ModelWorker:
         self.pending: list[RequestHandle] = []
         self.active: list[RequestHandle] = []
         self.condition = threading.Condition()
-        self.keep_alive = settings.keep_alive
+        self.keep_alive = _keep_alive_seconds(settings.keep_alive)    # LOCALLLM_KEEP_ALIVE=-1: forever, as Ollama
         self.last_used = time.monotonic()
         self.stopped = False
         self.stop_error: BaseException | None = None
@@ -322,7 +322,7 @@ class Engine:
                     self.workers[key] = worker
                 else:
                     model.last_used = time.monotonic()
-                    model.keep_alive = self.settings.keep_alive if keep_alive is None else keep_alive
+                    model.keep_alive = _keep_alive_seconds(self.settings.keep_alive) if keep_alive is None else keep_alive
                     self.embedders[key] = model
         return model
 

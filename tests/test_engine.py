@@ -114,3 +114,14 @@ def test_negative_keep_alive_is_forever(engine, tiny_llama_path):
     engine.load(str(tiny_llama_path), keep_alive=-1)
     (row,) = engine.loaded()
     assert row["expires_at"] > time.time() + 250 * 365 * 86400
+
+
+def test_a_negative_default_keep_alive_is_forever_too(tiny_llama_path):
+    """LOCALLLM_KEEP_ALIVE=-1 (the engine's default) keeps models loaded, as a request's -1 does."""
+    engine = Engine(EngineSettings(n_slots=1, max_queue=2, keep_alive=-1, backend="ref"))
+    try:
+        engine.load(str(tiny_llama_path))
+        (row,) = engine.loaded()
+        assert row["expires_at"] > time.time() + 250 * 365 * 86400
+    finally:
+        engine.close()
