@@ -5,7 +5,9 @@ Load limits, each holding one client's misbehaviour to that client:
 - A request is read whole by waitress's event loop before a worker thread takes it, so a client
   that trickles its request holds a connection, never a thread; a connection with no byte either
   way for ``channel_timeout`` seconds is closed. Bodies beyond twice ``max_body_bytes`` (at least
-  1 MiB more) are refused by waitress as they arrive; the app answers 413 for the rest.
+  1 MiB more) are refused by waitress as they arrive (a declared length at once, from the headers);
+  the app answers 413 for the rest. Uploads to /api/blobs have their own limit, ``max_upload_bytes``
+  (``BodyLimitedChannel``: waitress's one limit, chosen by the request's path).
 - A streamed response holds its worker thread until the engine's last event is written to the
   connection's output buffer. The engine never waits for a reader: a slow reader's output waits
   in its own buffer (in memory, then a temporary file), and only past ``outbuf_high_watermark``
@@ -49,16 +51,51 @@ def waitress_server(app, settings: Settings):
                      trusted_proxy_headers=" ".join(TRUSTED_PROXY_HEADERS))
     # channel_request_lookahead keeps reading the socket during a request, so that a client
     # that goes away is noticed (environ["waitress.client_disconnected"]) and its generation stops.
-    return create_server(app, host=settings.host, port=settings.port, threads=threads,
-                         channel_request_lookahead=1, ident="localllm", clear_untrusted_proxy_headers=True,
-                         connection_limit=threads + 100,
-                         channel_timeout=settings.channel_timeout,
-                         cleanup_interval=max(1, min(30, int(settings.channel_timeout / 2))),
-                         # JSON routes check their own limit (middleware, body.read_json); uploads may be larger
-                         max_request_body_size=max(settings.max_body_bytes + max(settings.max_body_bytes, 1 << 20),
-                                                   getattr(settings, "max_upload_bytes", 0)),
-                         inbuf_overflow=INBUF_OVERFLOW,
-                         outbuf_high_watermark=OUTBUF_HIGH_WATERMARK, **proxy)
+    server = create_server(app, host=settings.host, port=settings.port, threads=threads,
+                           channel_request_lookahead=1, ident="localllm", clear_untrusted_proxy_headers=True,
+                           connection_limit=threads + 100,
+                           channel_timeout=settings.channel_timeout,
+                           cleanup_interval=max(1, min(30, int(settings.channel_timeout / 2))),
+                           max_request_body_size=json_body_limit(settings),
+                           inbuf_overflow=INBUF_OVERFLOW,
+                           outbuf_high_watermark=OUTBUF_HIGH_WATERMARK, **proxy)
+    server.channel_class = body_limited_channel(json_body_limit(settings),
+                                                getattr(settings, "max_upload_bytes", json_body_limit(settings)))
+    return server
+
+
+def json_body_limit(settings: Settings) -> int:
+    """What waitress refuses outright on every route but uploads: twice max_body_bytes, at least 1 MiB more
+    (the app's own 413 below that says which limit)."""
+    return settings.max_body_bytes + max(settings.max_body_bytes, 1 << 20)
+
+
+def body_limited_channel(json_limit: int, upload_limit: int):
+    """A waitress channel class whose request parser applies ``upload_limit`` to /api/blobs uploads and
+    ``json_limit`` to every other request (waitress has one ``max_request_body_size``; it is read, after
+    the headers, from the parser's ``adj``, which this parser replaces by one with the path's limit)."""
+    from waitress.channel import HTTPChannel
+    from waitress.parser import HTTPRequestParser
+
+    from .middleware import UPLOAD_PREFIX
+
+    class _Limit:
+        def __init__(self, adj, limit: int):
+            self._adj, self.max_request_body_size = adj, limit
+
+        def __getattr__(self, name):
+            return getattr(self._adj, name)
+
+    class BodyLimitedParser(HTTPRequestParser):
+        def parse_header(self, header_plus):
+            super().parse_header(header_plus)
+            limit = upload_limit if UPLOAD_PREFIX in (self.path or "") else json_limit
+            self.adj = _Limit(self.adj, limit)
+
+    class BodyLimitedChannel(HTTPChannel):
+        parser_class = BodyLimitedParser
+
+    return BodyLimitedChannel
 
 
 def stop(server, thread=None, timeout: float = 30) -> None:

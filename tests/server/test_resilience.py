@@ -428,6 +428,26 @@ def test_a_huge_declared_body_is_refused_before_it_is_sent(storm_engine):
         running.close()
 
 
+def test_uploads_have_their_own_body_limit(storm_engine):
+    """/api/blobs takes model-sized bodies (max_upload_bytes) while every other route keeps max_body_bytes."""
+    import hashlib
+    running = run_app(storm_engine, threads=2, max_body_bytes=4096, max_upload_bytes=8_000_000)
+    digest = "sha256:" + hashlib.sha256(b"something else").hexdigest()
+    try:
+        with socket.create_connection(("127.0.0.1", int(running.port)), timeout=30) as sock:
+            sock.sendall(f"POST /api/blobs/{digest} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         "Content-Length: 100000000\r\n\r\n".encode())   # past the upload limit: at once
+            assert Response(read_to_end(sock)).status == 413
+        body = bytes(3_000_000)                                       # past the JSON limit, within the upload one
+        with socket.create_connection(("127.0.0.1", int(running.port)), timeout=30) as sock:
+            sock.sendall(f"POST /api/blobs/{digest} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            answer = Response(read_to_end(sock))
+        assert answer.status == 400 and "sha256" in answer.json()["error"]          # read whole, then checked
+    finally:
+        running.close()
+
+
 # ---- graceful shutdown of `localllm serve` ------------------------------------------------------------------
 
 class ServeProcess:
