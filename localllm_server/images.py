@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 
-from localllm.vision.prompt import IMAGE_PART_TYPES, ImageInputError, NoVisionError, has_images
-
 from .errors import APIError
 from .image_fetch import ImageFetchError, ImageFetchSettings
 
@@ -34,6 +32,7 @@ def fetch_settings(settings) -> ImageFetchSettings:
 
 def fetch_urls(messages: list[dict], settings, param: str = "messages") -> list[dict]:
     """``messages`` with every http(s) image URL fetched into the bytes of a library image part."""
+    from localllm.vision.prompt import has_images     # (the server package imports no numpy until a request)
     if not has_images(messages):
         return messages
     out = []
@@ -63,6 +62,7 @@ def chat_images(model, name: str, messages: list[dict], settings=None,
     """(messages with image markers, {digest: embeddings}) of a chat on ``model`` (``name`` as the client
     called it): URLs fetched (``fetch_urls``) once the model is known to see, then decoded and encoded;
     or a 400 naming the model / the image's place."""
+    from localllm.vision.prompt import ImageInputError, NoVisionError, has_images
     if not has_images(messages):
         return messages, {}
     if getattr(model, "vision", None) is None:      # before fetching anything
@@ -80,6 +80,7 @@ def chat_images(model, name: str, messages: list[dict], settings=None,
 
 
 def _http_url(part) -> str | None:
+    from localllm.vision.prompt import IMAGE_PART_TYPES
     if not isinstance(part, dict) or part.get("type") not in IMAGE_PART_TYPES:
         return None
     url = part.get("image_url")
@@ -87,3 +88,9 @@ def _http_url(part) -> str | None:
     if isinstance(url, str) and url and url[:5].lower() != "data:":
         return url
     return None
+
+
+def tokenize(model, text: str, images: dict):
+    """The prompt's token ids: with the images' positions when it has images (``Model.tokenize(..., images=)``),
+    else as any text prompt."""
+    return model.tokenize(text, images=images) if images else model.tokenize(text)

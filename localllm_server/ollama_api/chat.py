@@ -26,7 +26,7 @@ decoded); the same image sent again with the next turn is not encoded again.
 """
 from __future__ import annotations
 
-from ..images import chat_images
+from ..images import chat_images, tokenize
 from . import parsing, responses
 from .base import Resource
 from .runner import Output, Run, context_settings, expire, load_only, require_text_model, respond
@@ -73,7 +73,7 @@ class ChatResource(Resource):
             return thinking.finish(model.render_chat(kept, add_generation_prompt=True, **extra))
 
         def render(kept: list[dict], tools) -> list[int]:
-            return model.tokenize(prompt_text(kept, tools)[0], images=images)
+            return tokenize(model, prompt_text(kept, tools)[0], images)
 
         if truncate:
             fitted = fit_conversation(conversation, tools, render, num_ctx, params.max_tokens, shift)  # 400: too long

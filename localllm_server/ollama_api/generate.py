@@ -25,8 +25,6 @@ the text tokens only (an image's positions are left out: send the image again to
 """
 from __future__ import annotations
 
-from localllm.vision.prompt import with_images_of
-
 from ..errors import APIError
 from ..images import chat_images
 from . import parsing, responses
@@ -36,6 +34,7 @@ from .runner import Output, Run, context_settings, expire, load_only, require_te
 class GenerateResource(Resource):
     def on_post(self, req, resp):
         from localllm.context_window import fit_prompt_ids
+        from localllm.vision.prompt import with_images_of
 
         body = self.body(req)
         name = parsing.model_name(body)
@@ -83,13 +82,15 @@ class GenerateResource(Resource):
             if raw and embeddings:
                 prompt = "".join(part["text"] for part in prompt)
             text = prompt if raw else render(model, entry, prompt, system, template, suffix, with_history=not context)
-            new_ids = model.tokenize(text, add_bos=False if prompt_ids else None, images=embeddings)
+            new_ids = (model.tokenize(text, add_bos=False if prompt_ids else None, images=embeddings) if embeddings
+                       else model.tokenize(text, add_bos=False if prompt_ids else None))
         else:
             thinking = parsing.thinking(model, think, name)
             text = render(model, entry, prompt, system, None, suffix, with_history=not context,
                           template_extra=thinking.template_extra)
             text, params.reasoning = thinking.finish(text)
-            new_ids = model.tokenize(text, add_bos=False if prompt_ids else None, images=embeddings)
+            new_ids = (model.tokenize(text, add_bos=False if prompt_ids else None, images=embeddings) if embeddings
+                       else model.tokenize(text, add_bos=False if prompt_ids else None))
         prompt_ids = with_images_of(prompt_ids + list(new_ids), new_ids)
         if truncate and not suffix:
             fitted, dropped = fit_prompt_ids(prompt_ids, num_ctx, params.max_tokens, num_keep,

@@ -34,7 +34,7 @@ import falcon
 from .. import formatting, schemas, streaming
 from ..body import Resource
 from ..errors import APIError
-from ..images import chat_images
+from ..images import chat_images, tokenize
 from . import common
 
 
@@ -87,7 +87,7 @@ def prepare(model, request: schemas.ChatRequest, settings=None, param: str = "me
                                             constraint=response_constraint(request.response_format))
         prompt, params.reasoning = think.finish(
             model.render_chat(messages, add_generation_prompt=True, **think.template_extra))
-        return Prepared(model.tokenize(prompt, images=images), params, num_ctx, None)
+        return Prepared(tokenize(model, prompt, images), params, num_ctx, None)
     from localllm import constrain, tools as tooling
     choice = request.tool_choice
     if choice not in tooling.TOOL_CHOICES:                   # a function name
@@ -101,7 +101,7 @@ def prepare(model, request: schemas.ChatRequest, settings=None, param: str = "me
         raise APIError(400, str(exc), param="tools") from None
     params, num_ctx = model.make_params(**request.settings, constraint=plan.constraint)
     prompt, params.reasoning = think.finish(plan.prompt)
-    return Prepared(model.tokenize(prompt, images=images), params, num_ctx,
+    return Prepared(tokenize(model, prompt, images), params, num_ctx,
                     plan.stream_parser if plan.parses_tool_calls else None)
 
 
