@@ -13,7 +13,8 @@ caller's objects:
 
 * ``content`` given as a list of parts (``[{"type": "text", "text": ...}]``) is kept as a
   list when the template renders typed parts itself, else the text parts are joined with
-  "\\n". Parts other than text raise ``ChatTemplateError`` (text-only models).
+  "\\n". Parts other than text raise ``ChatTemplateError``: a chat's images are turned into text
+  markers before it is rendered (``Model.images_in``, ``vision.prompt``).
 * ``content: None`` (assistant messages that only call tools) becomes "".
 * ``tool_calls[].function.arguments`` given as a JSON string is parsed into an object when
   the template would otherwise JSON-encode the string a second time.
