@@ -22,10 +22,9 @@ from tests.tiny_models import write_tiny_llama
 pytestmark = pytest.mark.skipif(not cpu_has_avx2(), reason="the one-launch layers use the AVX2 row tasks")
 
 
-# (types of the layer matrices, entry, dim, hidden_dim); "Q4_K_M" mixes like llama.cpp's file type: Q6_K for
+# (name, types of the layer matrices, dim, hidden_dim); "Q4_K_M" mixes like llama.cpp's file type: Q6_K for
 # attn_v and ffn_down, Q4_K for the rest; "gemma3" is a tiny Gemma 3 with the types of the real Q4_K_M file
-# (single-type Q4_0 and Q6_K files take the same program; their row tasks run in the gemma3 and Q4_K_M mixes,
-# and each further entry costs the suite a compile of the whole program)
+# (every model takes the same program, compiled once; each type's row ranges are compiled once for all models)
 MODELS = [("Q4_1", "Q4_1", 64, 96), ("Q4_K_M", "Q4_K_Q6_K", 256, 512),
           ("gemma3", "Q4_K_Q5_0_Q6_K_Q8_0", 256, 512), ("features", "Q4_1", 64, 96)]
 SECOND_TYPE_MATRICES = ("wv", "w_down")
@@ -65,8 +64,7 @@ def model(request, tmp_path_factory) -> LlamaModel:
     weight_type, entry, dim, hidden_dim = request.param
     if weight_type == "gemma3":
         model = tiny_gemma3_model(tmp_path_factory.mktemp("step"))
-        assert model._one_launch_layers(1) is not None
-        assert model._step.entry.__module__.endswith(f"decoder_layers_{entry}")
+        check_step(model, entry)
         return model
     k_quants = "_K" in weight_type
     path = write_tiny_llama(tmp_path_factory.mktemp("step") / f"tiny-{weight_type}.gguf", dim=dim,
@@ -80,9 +78,17 @@ def model(request, tmp_path_factory) -> LlamaModel:
             for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
                 ggml_type = "Q6_K" if weight_type == "Q6_K" or name in SECOND_TYPE_MATRICES else "Q4_K"
                 setattr(layer, name, random_weight(ggml_type, *getattr(layer, name).shape, seed=10 * i))
-    assert model._one_launch_layers(1) is not None
-    assert model._step.entry.__module__.endswith(f"decoder_layers_{entry}")
+    check_step(model, entry)
     return model
+
+
+def check_step(model, layer_types):
+    """The model takes the one-launch step, whose type slots hold its layer matrices' types (and its output
+    matrix's when there is room: then the head runs in the launch too)."""
+    assert model._one_launch_layers(1) is not None
+    assert model._weight_types().replace("/", "_") == layer_types
+    assert set(model._weight_types().split("/")) <= set(model._step.types)
+    assert model._step.has_head == (model.output.ggml_type in model._step.types)
 
 
 def forward(model, one_launch: bool, cache, tokens, positions, slots):

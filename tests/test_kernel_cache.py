@@ -41,5 +41,5 @@ def test_kernels_cache_under_the_hashed_directory():
     directory = kernel_cache.configure()
     assert directory.name == kernel_cache.sources_hash()
     assert numba.config.CACHE_DIR == str(directory)
-    for kernel in (kernels_avx2.matmul_Q4_1, portable.quantize_activations):
+    for kernel in (kernels_avx2.matmul_rows, kernels_avx2.rows_range_Q4_1, portable.quantize_activations):
         assert Path(kernel._cache._cache_path).is_relative_to(directory)

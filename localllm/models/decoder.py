@@ -284,7 +284,7 @@ class DecoderModel:
         self.max_image_tokens = 0   # the soft tokens of one image, when a vision encoder feeds this model
         self._step = None  # the one-launch forward pass for small batches (ops.decoder_step), made on first use
         self._step_checked = False
-        self._paths_run: set[str] = set()  # "decode step" / "per-op layers": run once (their kernels compiled)
+        self._paths_run: set[str] = set()  # "one-launch" / "per-op layers": run once (their kernels compiled)
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, backend: str = "auto") -> "DecoderModel":
@@ -339,7 +339,7 @@ class DecoderModel:
             return self._forward_in_chunks(tokens, positions, slots, cache, logits_for, images)
 
         step = None if images is not None else self._one_launch_layers(n)
-        path = "decode step" if step is not None else "per-op layers"
+        path = "one-launch" if step is not None else "per-op layers"
         if path in self._paths_run or self.backend.name != "fast":
             return self._forward(tokens, positions, slots, cache, logits_for, step, images)
         # numba compiles a path's kernels on its first call (a fresh install: tens of seconds) and loads them
@@ -364,15 +364,20 @@ class DecoderModel:
             x *= np.float32(c.embedding_scale)
         if images is not None:
             x[images.rows] = images.vectors                                      # an image's soft tokens
-        if step is not None:  # decode: the layer loop as one parallel launch (same ops, same bits)
-            step.run(x, positions, slots, cache)                                 # x updated in place
+        if step is not None:  # decode: the layer loop (and the head) as one parallel launch (same ops, same bits)
+            rows = np.arange(x.shape[0])
+            if logits_for is not None:
+                rows = rows[np.asarray(logits_for, dtype=np.int64)]              # numpy's checks and negative indices
+            logits = step.run(x, positions, slots, cache, rows)                  # x updated in place
+            x = x[rows]
         else:
             x = self._layers(x, positions, slots, cache, images)                 # (n, dim)
-
-        if logits_for is not None:
-            x = x[np.asarray(logits_for, dtype=np.int64)]
-        x = ops.rms_norm(x, self.output_norm, c.norm_eps)                        # (m, dim)
-        logits = ops.matmul(self.output, x)                                      # (m, vocab_size)
+            logits = None
+            if logits_for is not None:
+                x = x[np.asarray(logits_for, dtype=np.int64)]
+        if logits is None:
+            x = ops.rms_norm(x, self.output_norm, c.norm_eps)                    # (m, dim)
+            logits = ops.matmul(self.output, x)                                  # (m, vocab_size)
         if c.final_logit_softcap > 0:
             logits = soft_cap(logits, c.final_logit_softcap)
         return logits

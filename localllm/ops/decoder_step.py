@@ -1,4 +1,4 @@
-"""The layers of the decoder forward pass for a few tokens (decode) as one parallel launch.
+"""The layers of the decoder forward pass (and its output head) as one parallel launch.
 
 Through the per-op path (``DecoderModel._layers``), decoding one token takes
 five to nine parallel launches a layer, each paying the omp fork/join plus the
@@ -19,6 +19,10 @@ decoder::
     down        x += act(gate) * up @ w_down   or, with post_ffn_norm, o = ... @ w_down
     post-ffn    per token: x += rms_norm(o)                              (post_ffn_norm only)
 
+and after the last layer, when the batch wants logits and the output matrix's type has a slot::
+
+    head        logits = rms_norm(x[rows]) @ output     (the per-op path's ``rms_norm`` then ``matmul``)
+
 A phase's work items are claimed from an atomic counter; a worker goes on to
 the next phase once every item of this one is done (a second counter). No
 worker waits for another worker to arrive, only for claimed items to finish,
@@ -28,36 +32,37 @@ function for function (row tasks of ``quants.kernels_avx2``, ``_rms_norm_row``,
 ``_rope_write_row``, ``attend_chunk_item``, ``merge_pair``): results are bit for
 bit those of the per-op layer loop, its reference (``tests/test_decoder_step.py``).
 
-Weight types: a model's layer matrices use up to four ggml types (Gemma 3's
-Q4_K_M file: Q5_0, Q8_0, Q4_K and Q6_K); each matrix names the row task of its
-type by a slot number. The parallel entry that binds the slots to row tasks is
-generated for the model's set of types (``entry_for``) into the kernel cache
-and compiled there once, so numba compiles only the row tasks a model uses.
+Weight types: a model's layer matrices and its output matrix use up to four ggml
+types (Gemma 3's Q4_K_M file: Q5_0, Q8_0, Q4_K and Q6_K); each matrix names the row ranges of its
+type by a slot number, and the row ranges are first-class functions
+(``quants.kernels_avx2.row_function``): numba compiles the program once for every
+model, and only the row ranges of the types a model has. The workers are
+started by ``run_workers``, which calls ``worker_program`` through a function
+pointer too: the parallel launch compiles to a few lines instead of a copy of
+the whole program (numba links the code a function calls into its own and
+optimizes it again, once per parallel wrapper).
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange, typeof
+from numba.typed import List
+from numba.core.types.function_type import CompileResultWAP
 
 from ..quants.intrinsics import atomic_add, atomic_load, spin_pause
 from ..quants.portable import GATED_PROLOGUES, NO_PROLOGUE, RMS_NORM, prepare_activations_serial
 from . import ref
-from .attention_kernels import (_OK, KEY_CHUNK, _check_indices, _rope_write_row, attend_chunk_item, chunk_parts,
-                                merge_pair)
+from .attention_kernels import _OK, KEY_CHUNK, _check_indices, _rope_write_row, attend_chunk_item, merge_pair
 from .kernels import _rms_norm_row, _rope_table
 
 ROWS_PER_TASK = 8        # kernels_avx2.ROWS_PER_TASK (rows of one row task)
 MATRICES_PER_LAYER = 7   # wq, wk, wv, wo, w_gate, w_up, w_down: their order in ``weights``
 PHASES_PER_LAYER = 9     # Q/K/V, rope, chunks, merge, wo, post-attn, gate/up, down, post-ffn
-MAX_TYPE_SLOTS = 4       # ggml types among a model's layer matrices
+MAX_TYPE_SLOTS = 4       # ggml types among a model's layer matrices (and its output matrix)
 ITEMS_PER_WORKER = 12    # work items a matmul phase is cut into, per worker (fewer for small matrices)
 MIN_TASKS_PER_ITEM = 4   # ... but at least this many row tasks of ROWS_PER_TASK rows each
-MAX_TOKENS = 16          # larger batches (prefill) go through the per-op path
+MAX_TOKENS = 128         # DecoderModel.max_batch_tokens: decode, batched decode and prefill pieces alike
 
 # flags (an int64 array) describing the block: what the BlockSpec says, as numbers the program reads
 QK_NORM, POST_ATTN_NORM, POST_FFN_NORM, GATE_PROLOGUE, QUERY_SCALED, QKV_BIAS, N_FLAGS = 0, 1, 2, 3, 4, 5, 6
@@ -111,29 +116,15 @@ def _as_matrix(flat, n, cols):
     return flat[:n * cols].reshape((n, cols))
 
 
-@njit(inline="always")
-def _rows(rows0, rows1, rows2, rows3, slot, w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table,
-          accumulate):
-    """Row task of the type in ``slot`` on rows r.. of w."""
-    if slot == 0:
-        rows0(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
-    elif slot == 1:
-        rows1(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
-    elif slot == 2:
-        rows2(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
-    else:
-        rows3(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
-
-
 @njit
-def matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase, n_workers, weights, first, outs, x,
-                 prologue, norm_weight, eps, up, accumulate, scratch):
-    """outs[m] (+)= prologue(x) @ weights[first + m].T for m < len(outs) <= 3, rows claimed in items; a matrix's
-    rows go through the row task of its type (rows0..rows3, as ``type_slots`` says)."""
+def matmul_phase(rows, type_slots, counters, phase, n_workers, weights, first, count, outs, x, prologue, norm_weight,
+                 eps, up, accumulate, scratch):
+    """outs[m] (+)= prologue(x) @ weights[first + m].T for m < count <= 3 (outs: a 3-tuple, the entries past
+    count unused), rows claimed in items; a matrix's rows go through the row ranges of its type (rows[slot],
+    as ``type_slots`` says). One signature for every call: the four matmul phases share one compiled form."""
     n, cols = x.shape
     scratch_h, scratch_q, scratch_d, scratch_d16, scratch_d_t, scratch_d16_t, offset_table = scratch
     # the matrices taken out of the list once: every access to the list changes shared reference counts
-    count = len(outs)
     w0, w1, w2 = weights[first], weights[first + min(1, count - 1)], weights[first + min(2, count - 1)]
     slot0, slot1 = type_slots[first], type_slots[first + min(1, count - 1)]
     slot2 = type_slots[first + min(2, count - 1)]
@@ -153,16 +144,19 @@ def matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase, n_work
                                    xq, xd, xds16, xd_by_block, xds16_by_block)
         item = claim(counters, phase, n_items)
         while item >= 0:
-            for t in range(item * n_tasks // n_items, (item + 1) * n_tasks // n_items):
+            t, t_stop = item * n_tasks // n_items, (item + 1) * n_tasks // n_items
+            while t < t_stop:  # the item's tasks in each matrix: one call
                 m, r = _task_location(tasks0, tasks1, t)
                 if m == 0:
-                    w, slot = w0, slot0
+                    w, slot, tasks_before = w0, slot0, 0
                 elif m == 1:
-                    w, slot = w1, slot1
+                    w, slot, tasks_before = w1, slot1, tasks0
                 else:
-                    w, slot = w2, slot2
-                _rows(rows0, rows1, rows2, rows3, slot, w, r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m],
-                      offset_table, accumulate)
+                    w, slot, tasks_before = w2, slot2, tasks0 + tasks1
+                tasks_here = min(t_stop, tasks_before + _task_count(w.shape[0])) - t
+                rows[slot](w, r, min(r + tasks_here * ROWS_PER_TASK, w.shape[0]), xq, xd, xds16, xd_by_block,
+                           xds16_by_block, outs[m], offset_table, accumulate)
+                t += tasks_here
             finish(counters, phase)
             item = claim(counters, phase, n_items)
     wait_for_phase(counters, phase, n_items)
@@ -242,34 +236,16 @@ def post_norm_phase(counters, phase, x, out, norm_weight, eps, normed):
 # --------------------------------------------------------------------------- the pass
 
 @njit
-def shared_buffers(weights, x, positions, window_max, n_heads, n_kv_heads, head_dim, n_layers):
-    """What the workers share: the phase counters and the intermediate activations."""
+def worker_program(rows, args):
+    """One worker's run through every phase of every layer (x updated in place). rows: the row ranges of the
+    type slots; args: what ``DecoderLayersStep.run`` hands every worker (the model's arrays, the batch, the
+    caches, the buffers the workers share: one flat tuple, as numba's parallel launch passes tuples only one
+    level deep)."""
+    type_slots, weights, norms, head_norms, qkv_bias, flags, layer_windows, layer_cache, layer_rope, x, positions, \
+        slots, cos, sin, neox, k_full, v_full, k_ring, v_ring, n_heads, eps, query_scale, softcap, n_workers, \
+        head_rows, output_norm, logits, counters, q, k, v, attended, gate, up, out, normed, q_rotated, k_rotated, \
+        part_max, part_sum, part_out = args
     n, dim = x.shape
-    group = n_heads // n_kv_heads
-    hidden_dim = weights[4].shape[0]
-    counters = np.zeros(2 * n_layers * PHASES_PER_LAYER, dtype=np.int64)
-    q = np.empty((n, n_heads * head_dim), dtype=np.float32)
-    k = np.empty((n, n_kv_heads * head_dim), dtype=np.float32)
-    v = np.empty((n, n_kv_heads * head_dim), dtype=np.float32)
-    q_rotated = np.empty((n, n_heads, head_dim), dtype=np.float32)
-    k_rotated = np.empty((n, n_kv_heads, head_dim), dtype=np.float32)
-    attended = np.empty((n, n_heads * head_dim), dtype=np.float32)
-    gate = np.empty((n, hidden_dim), dtype=np.float32)
-    up = np.empty((n, hidden_dim), dtype=np.float32)
-    out = np.empty((n, dim), dtype=np.float32)       # wo / w_down products before their post-norms
-    normed = np.empty((n, dim), dtype=np.float32)
-    part_max, part_sum, part_out = chunk_parts(positions, window_max, n_kv_heads, group, head_dim)
-    return counters, q, k, v, attended, gate, up, out, normed, q_rotated, k_rotated, part_max, part_sum, part_out
-
-
-@njit
-def worker_program(rows0, rows1, rows2, rows3, type_slots, weights, norms, head_norms, qkv_bias, flags, layer_windows,
-                   layer_cache, layer_rope, x, positions, slots, cos, sin, neox, caches, n_heads, eps, query_scale,
-                   softcap, n_workers, shared):
-    """One worker's run through every phase of every layer (x updated in place)."""
-    counters, q, k, v, attended, gate, up, out, normed, q_rotated, k_rotated, part_max, part_sum, part_out = shared
-    n, dim = x.shape
-    k_full, v_full, k_ring, v_ring = caches
     n_kv_heads, head_dim = k_full.shape[2], k_full.shape[4]
     group = n_heads // n_kv_heads
     widest = max(dim, q.shape[1], gate.shape[1])
@@ -287,6 +263,10 @@ def worker_program(rows0, rows1, rows2, rows3, type_slots, weights, norms, head_
     run_out = np.empty((group, head_dim), dtype=np.float32)
     no_weight, no_up = np.empty(0, dtype=np.float32), np.empty((0, 0), dtype=np.float32)
     post_attn, post_ffn = flags[POST_ATTN_NORM] != 0, flags[POST_FFN_NORM] != 0
+    # the arguments that differ between the matmul phases as run-time values (numba would compile a form of
+    # matmul_phase for each constant otherwise)
+    rms_norm, no_prologue, gate_prologue = np.int64(RMS_NORM), np.int64(NO_PROLOGUE), flags[GATE_PROLOGUE]
+    one, two, three, write = np.int64(1), np.int64(2), np.int64(3), flags[QK_NORM] < 0
     for layer in range(norms.shape[0]):
         phase, first = layer * PHASES_PER_LAYER, layer * MATRICES_PER_LAYER
         attn_norm, post_attn_norm, ffn_norm, post_ffn_norm = norms[layer, 0], norms[layer, 1], norms[layer, 2], \
@@ -297,8 +277,8 @@ def worker_program(rows0, rows1, rows2, rows3, type_slots, weights, norms, head_
         else:
             k_cache, v_cache = k_ring[layer_cache[layer, 1]], v_ring[layer_cache[layer, 1]]
         # attention block
-        matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase, n_workers, weights, first, (q, k, v), x,
-                     RMS_NORM, attn_norm, eps, no_up, False, scratch)
+        matmul_phase(rows, type_slots, counters, phase, n_workers, weights, first, three, (q, k, v), x,
+                     rms_norm, attn_norm, eps, no_up, write, scratch)
         rope_phase(counters, phase + 1, q.reshape((n, n_heads, head_dim)), k.reshape((n, n_kv_heads, head_dim)),
                    v.reshape((n, n_kv_heads, head_dim)), positions, slots, cos[layer_rope[layer]],
                    sin[layer_rope[layer]], neox, k_cache, v_cache, q_rotated, k_rotated, head_norms[layer, 0],
@@ -307,75 +287,93 @@ def worker_program(rows0, rows1, rows2, rows3, type_slots, weights, norms, head_
                          v_cache, part_max, part_sum, part_out, attended.reshape((n, n_heads, head_dim)), scores,
                          run_max, run_sum, run_out)
         # without a post-norm the product is added into x as it is written, else it goes through ``out``
-        matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 4, n_workers, weights, first + 3,
-                     (out if post_attn else x,), attended, NO_PROLOGUE, no_weight, eps, no_up, not post_attn, scratch)
+        o = out if post_attn else x
+        matmul_phase(rows, type_slots, counters, phase + 4, n_workers, weights, first + 3, one, (o, o, o), attended,
+                     no_prologue, no_weight, eps, no_up, not post_attn, scratch)
         if post_attn:
             post_norm_phase(counters, phase + 5, x, out, post_attn_norm, eps, normed)
         # feed-forward block
-        matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 6, n_workers, weights, first + 4,
-                     (gate, up), x, RMS_NORM, ffn_norm, eps, no_up, False, scratch)
-        matmul_phase(rows0, rows1, rows2, rows3, type_slots, counters, phase + 7, n_workers, weights, first + 6,
-                     (out if post_ffn else x,), gate, flags[GATE_PROLOGUE], no_weight, eps, up, not post_ffn, scratch)
+        matmul_phase(rows, type_slots, counters, phase + 6, n_workers, weights, first + 4, two, (gate, up, up), x,
+                     rms_norm, ffn_norm, eps, no_up, write, scratch)
+        o = out if post_ffn else x
+        matmul_phase(rows, type_slots, counters, phase + 7, n_workers, weights, first + 6, one, (o, o, o), gate,
+                     gate_prologue, no_weight, eps, up, not post_ffn, scratch)
         if post_ffn:
             post_norm_phase(counters, phase + 8, x, out, post_ffn_norm, eps, normed)
-
-
-# --------------------------------------------------------------------------- the parallel entry, per set of types
-
-_ENTRY_SOURCE = '''"""Generated by localllm.ops.decoder_step for layer matrices of types {types}."""
-from numba import njit, prange
-
-from localllm.ops.decoder_step import shared_buffers, worker_program
-from localllm.quants import kernels_avx2
+    # the output head (x is final: every worker has passed the last phase's wait)
+    if head_rows.shape[0] > 0:
+        x_head = np.empty((head_rows.shape[0], dim), dtype=np.float32)   # this worker's copy of the rows wanted
+        for i in range(head_rows.shape[0]):
+            for d in range(dim):
+                x_head[i, d] = x[head_rows[i], d]
+        matmul_phase(rows, type_slots, counters, norms.shape[0] * PHASES_PER_LAYER, n_workers, weights,
+                     norms.shape[0] * MATRICES_PER_LAYER, one, (logits, logits, logits), x_head, rms_norm,
+                     output_norm, eps, no_up, write, scratch)
 
 
 @njit(parallel=True, cache=True)
-def decoder_layers(weights, type_slots, norms, head_norms, qkv_bias, flags, layer_windows, layer_cache, layer_rope, x,
-                   positions, slots, cos, sin, neox, k_full, v_full, k_ring, v_ring, n_heads, eps, query_scale,
-                   softcap, n_workers):
-    widest_window = 0 if layer_windows.min() == 0 else layer_windows.max()  # the most key chunks a token reads
-    shared = shared_buffers(weights, x, positions, widest_window, n_heads, k_full.shape[2], k_full.shape[4],
-                            norms.shape[0])
+def run_workers(worker, rows, args, n_workers):
+    """The parallel launch: ``worker(rows, args)`` on n_workers threads (worker: ``worker_program`` as a
+    first-class function, so that this launch does not take a copy of its code)."""
     for _ in prange(n_workers):
-        worker_program({rows}, type_slots, weights, norms, head_norms, qkv_bias, flags, layer_windows,
-                       layer_cache, layer_rope, x, positions, slots, cos, sin, neox, (k_full, v_full, k_ring, v_ring),
-                       n_heads, eps, query_scale, softcap, n_workers, shared)
-'''
-_entries: dict[tuple[str, ...], object] = {}
+        worker(rows, args)
 
 
-def entry_for(types: tuple[str, ...]):
-    """The compiled parallel entry for layer matrices of these ggml types (sorted, at most MAX_TYPE_SLOTS):
-    a module generated into the kernel cache (so numba caches it beside the other kernels) and imported."""
-    from ..kernel_cache import configure
-    from ..quants import kernels_avx2
-    if types in _entries:
-        return _entries[types]
-    if not 0 < len(types) <= MAX_TYPE_SLOTS or any(not hasattr(kernels_avx2, f"rows_{t}") for t in types):
-        raise ValueError(f"no one-launch row tasks for the types {types}")
-    slots = list(types) + [types[0]] * (MAX_TYPE_SLOTS - len(types))
-    source = _ENTRY_SOURCE.format(types=", ".join(types),
-                                  rows=", ".join(f"kernels_avx2.rows_{t}" for t in slots))
-    name = "decoder_layers_" + "_".join(types)
-    folder = configure() / "generated"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.py"
-    if not path.exists() or path.read_text() != source:
-        temporary = path.with_suffix(f".{id(source)}.tmp")
-        temporary.write_text(source)
-        temporary.replace(path)       # atomic: a concurrent process sees the old file or the new one
-    spec = importlib.util.spec_from_file_location(f"localllm_generated.{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    _entries[types] = module.decoder_layers
-    return module.decoder_layers
+_workers: dict = {}
+
+
+@njit(cache=True)
+def _weight_list(first):
+    """A numba typed List holding ``first`` (built by cached kernels: numba's own List methods compile anew in
+    every process)."""
+    weights = List()
+    weights.append(first)
+    return weights
+
+
+@njit(cache=True)
+def _append_weight(weights, w):
+    weights.append(w)
+
+
+def worker_function(rows, args) -> CompileResultWAP:
+    """``worker_program`` compiled for the types of (rows, args) (or loaded from the kernel cache), as a
+    first-class function for ``run_workers``."""
+    signature = (typeof(rows), typeof(args))
+    function = _workers.get(signature)
+    if function is None:
+        worker_program.compile(signature)
+        function = _workers[signature] = CompileResultWAP(worker_program.overloads[signature])
+    return function
+
+
+def shared_buffers(c, n: int, positions: np.ndarray, widest_window: int) -> tuple:
+    """What the workers share: the phase counters and the intermediate activations of n tokens (model config c),
+    and room for every (token, KV head, key chunk)'s attention parts (as ``attention_kernels.chunk_parts``)."""
+    group = c.n_heads // c.n_kv_heads
+    if widest_window > 0:
+        first = np.maximum(0, positions - widest_window + 1)
+        max_chunks = int((positions // KEY_CHUNK - first // KEY_CHUNK).max()) + 1
+    else:
+        max_chunks = int(positions.max()) // KEY_CHUNK + 1
+    empty = np.empty
+    return (np.zeros(2 * (c.n_layers * PHASES_PER_LAYER + 1), dtype=np.int64),   # counters (the head's last)
+            empty((n, c.q_dim), np.float32), empty((n, c.kv_dim), np.float32),  # q, k
+            empty((n, c.kv_dim), np.float32), empty((n, c.q_dim), np.float32),  # v, attended
+            empty((n, c.hidden_dim), np.float32), empty((n, c.hidden_dim), np.float32),  # gate, up
+            empty((n, c.dim), np.float32), empty((n, c.dim), np.float32),  # out (before a post-norm), normed
+            empty((n, c.n_heads, c.head_dim), np.float32),                  # q_rotated
+            empty((n, c.n_kv_heads, c.head_dim), np.float32),               # k_rotated
+            empty((n, c.n_kv_heads, max_chunks, group), np.float32),        # part_max
+            empty((n, c.n_kv_heads, max_chunks, group), np.float32),        # part_sum
+            empty((n, c.n_kv_heads, max_chunks, group, c.head_dim), np.float32))  # part_out
 
 
 # --------------------------------------------------------------------------- from Python
 
 class DecoderLayersStep:
-    """The layer loop of ``DecoderModel._layers`` for batches of up to MAX_TOKENS tokens, as one launch.
+    """The layer loop of ``DecoderModel._layers`` for batches of up to MAX_TOKENS tokens, as one launch, and the
+    output head (final norm and logits) when its matrix's type has a slot (``has_head``).
 
     ``for_model`` returns None where it does not apply: kernels other than AVX2, layer matrices
     of a type without an AVX2 row task (F32, F16, BF16) or of more than MAX_TYPE_SLOTS types, more than
@@ -384,17 +382,18 @@ class DecoderLayersStep:
 
     max_tokens = MAX_TOKENS
 
-    def __init__(self, model, types: tuple[str, ...], matrices: list):
-        from numba import typed, types as numba_types
-
+    def __init__(self, model, types: tuple[str, ...], matrices: list, head=None):
         from ..quants import kernels
         c, block = model.config, model.config.block
         self.config = c
-        self.entry = entry_for(types)
-        self.weights = typed.List.empty_list(numba_types.Array(numba_types.uint8, 2, "C", readonly=True))
-        for w in matrices:
-            self.weights.append(kernels._kernel_view(w))
-        self.type_slots = np.array([types.index(w.ggml_type) for w in matrices], dtype=np.int64)  # (7 n_layers,)
+        self.types = types
+        self.has_head = head is not None
+        matrices = matrices + ([head] if head is not None else [])
+        self._views = [kernels._kernel_view(w) for w in matrices]
+        self.rows = self.weights = None   # compiled kernels and numba lists: made by the first run (``_prepare``)
+        self.type_slots = np.array([types.index(w.ggml_type) for w in matrices], dtype=np.int64)  # (7 n_layers [+ 1],)
+        self.output_norm = np.ascontiguousarray(model.output_norm, dtype=np.float32)                 # (dim,)
+        self.vocab_size = head.shape[0] if head is not None else 0
         missing = np.zeros(c.dim, dtype=np.float32)
 
         no_head_norm = np.ones(c.head_dim, dtype=np.float32)
@@ -423,15 +422,18 @@ class DecoderLayersStep:
 
     @classmethod
     def for_model(cls, model) -> "DecoderLayersStep | None":
-        from ..quants import kernels
+        from ..quants import kernels, kernels_avx2
         if kernels.KERNELS != "avx2":
             return None
         matrices = [w for layer in model.layers for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate,
                                                           layer.w_up, layer.w_down)]
         types = tuple(sorted({w.ggml_type for w in matrices}))
-        from ..quants import kernels_avx2
-        if len(types) > MAX_TYPE_SLOTS or any(not hasattr(kernels_avx2, f"rows_{t}") for t in types):
+        if len(types) > MAX_TYPE_SLOTS or any(t not in kernels_avx2.ROWS_RANGES for t in types):
             return None
+        head = model.output
+        with_head = tuple(sorted(set(types) | {head.ggml_type}))
+        if len(with_head) <= MAX_TYPE_SLOTS and head.ggml_type in kernels_avx2.ROWS_RANGES:
+            return cls(model, with_head, matrices, head)
         return cls(model, types, matrices)
 
     def _layout(self, cache):
@@ -463,12 +465,27 @@ class DecoderLayersStep:
         cache._decoder_step_layout = layout = (layer_cache, k_full, v_full, k_ring, v_ring, distinct, layer_rope)
         return layout
 
-    def run(self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache) -> None:
+    def _prepare(self) -> None:
+        """The row ranges of each type slot (compiled, or loaded from the kernel cache) and the weights as a numba
+        typed list: on the first run, so that a caller's progress note covers their compile."""
+        from ..quants import kernels_avx2
+        slot_types = list(self.types) + [self.types[0]] * (MAX_TYPE_SLOTS - len(self.types))
+        self.rows = tuple(kernels_avx2.row_function(t) for t in slot_types)
+        weights = _weight_list(self._views[0])
+        for view in self._views[1:]:
+            _append_weight(weights, view)
+        self.weights = weights
+
+    def run(self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache,
+            head_rows: np.ndarray | None = None) -> np.ndarray | None:
         """Every layer on x (n, dim) float32 C-contiguous, in place (the residual stream); positions,
-        slots (n,) int64; K/V written into ``cache``."""
+        slots (n,) int64; K/V written into ``cache``. With ``has_head`` and head_rows (m,) int64 (rows of x):
+        returns their logits (m, vocab_size) before any final soft-cap; else None."""
         c = self.config
         if not (x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable and x.shape[1:] == (c.dim,)):
             raise ValueError(f"DecoderLayersStep.run: x must be a writeable C-contiguous float32 (n, {c.dim}) array")
+        if self.rows is None:
+            self._prepare()
         n_slots = cache.n_slots
         if _check_indices(slots, positions, n_slots, cache.n_ctx, 0) != _OK:
             ref.check_cache_indices("attend", slots, positions, n_slots, cache.n_ctx)
@@ -480,7 +497,22 @@ class DecoderLayersStep:
             tables = [_rope_table(positions, f, c.n_rot) for f in distinct]
             cos = np.stack([table[0] for table in tables])                        # (n_schemes, n, n_rot / 2)
             sin = np.stack([table[1] for table in tables])
-        self.entry(self.weights, self.type_slots, self.norms, self.head_norms, self.qkv_bias, self.flags,
-                   self.layer_windows, layer_cache, layer_rope, x, positions, slots, cos, sin, c.rope_style == "neox",
-                   k_full, v_full, k_ring, v_ring, c.n_heads, np.float32(c.norm_eps), self.query_scale, self.softcap,
-                   numba.get_num_threads())
+        if head_rows is None or not self.has_head:
+            head_rows = _NO_ROWS
+        else:
+            head_rows = np.ascontiguousarray(head_rows, dtype=np.int64)
+            if head_rows.size and (head_rows.min() < 0 or head_rows.max() >= x.shape[0]):
+                raise IndexError(f"DecoderLayersStep.run: head_rows must lie in 0:{x.shape[0]}")
+        logits = np.empty((head_rows.shape[0], self.vocab_size), dtype=np.float32)   # (m, vocab_size)
+        widest_window = 0 if self.layer_windows.min() == 0 else int(self.layer_windows.max())
+        n_workers = numba.get_num_threads()
+        args = (self.type_slots, self.weights, self.norms, self.head_norms, self.qkv_bias, self.flags,
+                self.layer_windows, layer_cache, layer_rope, x, positions, slots, cos, sin, c.rope_style == "neox",
+                k_full, v_full, k_ring, v_ring, c.n_heads, np.float32(c.norm_eps), self.query_scale, self.softcap,
+                n_workers, head_rows, self.output_norm, logits) + \
+            shared_buffers(c, x.shape[0], positions, widest_window)
+        run_workers(worker_function(self.rows, args), self.rows, args, n_workers)
+        return logits if self.has_head and head_rows is not _NO_ROWS else None
+
+
+_NO_ROWS = np.zeros(0, dtype=np.int64)

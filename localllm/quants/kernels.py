@@ -165,7 +165,8 @@ def _plan(ws: tuple, kernels: str | None):
 
 
 # Quantized kernels always get LAUNCH_WIDTH weights (Q, K, V at most), padded with empty
-# matrices: numba then compiles and loads one form per type instead of one per count.
+# matrices: numba then compiles and loads one form (``kernels_avx2.matmul_rows``, the type's row
+# ranges a function pointer) for every count and type.
 LAUNCH_WIDTH = 3
 
 
@@ -311,11 +312,10 @@ def embedding_rows(w: QTensor, token_ids) -> np.ndarray:
     ids = w.checked_token_ids(token_ids)
     flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
     out = np.empty((flat.shape[0], w.cols), dtype=np.float32)
-    code = portable.TYPE_CODES[w.ggml_type]
     if w.ggml_type in portable.FLOAT_MATMULS:
-        portable.embedding_float(code, view, flat, out)
+        portable.embedding_float(portable.TYPE_CODES[w.ggml_type], view, flat, out)
     else:
-        portable.embedding_quantized(code, view, flat, out)
+        portable.EMBEDDINGS[w.ggml_type](view, flat, out)
     return out.reshape(*ids.shape, w.cols)
 
 

@@ -23,8 +23,12 @@ Tasks run in up to ``TASK_GROUPS`` parallel groups of consecutive tasks.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core.errors import NumbaExperimentalFeatureWarning
+from numba.core.types.function_type import CompileResultWAP
 
 from .intrinsics import (add_f32x8, add_i32x8, bits_i16x16, bits_i32x8, dot_i16, even_odd_i16, fma_f32, fma_f32x8,
                          lane_f32, load_bits, load_f16, load_f16x8_strided, load_f32x8, load_i16x16, load_i8,
@@ -34,6 +38,11 @@ from .intrinsics import (add_f32x8, add_i32x8, bits_i16x16, bits_i32x8, dot_i16,
                          splat_f32x8, splat_i32x8, sum_halves_by8, sum_lanes_by8, sum_lanes_i32, to_f32x8, widen_high,
                          widen_high_signed, widen_low, widen_low_signed, zeros_f32x8)
 from .portable import BLOCK, count_tasks, k4_scale_min, prepare_activations, store, task_location
+
+# the row ranges are called through numba's first-class function pointers (an "experimental" feature it warns
+# about on every compile that uses one)
+warnings.filterwarnings("ignore", message="First-class function type feature is experimental",
+                        category=NumbaExperimentalFeatureWarning)
 
 ROWS_PER_TASK = 8   # weight rows per task: the eight lanes of the decode path
 TASK_GROUPS = 96    # parallel work items; each runs consecutive tasks with one scratch table
@@ -663,13 +672,100 @@ rows_Q5_K = make_rows_task(decode_Q5_K, signed=False, scaled=False, eight_rows=e
 rows_Q6_K = make_rows_task(decode_Q6_K, signed=False, scaled=True, eight_rows=eight_rows_Q6_K)
 
 
-# One parallel entry per type (module-level, so that each has its own cache entry):
-# ws a tuple of uint8 (rows_m, row_bytes) matrices, x float32 (n, cols), outs float32 (n, rows_m).
+# --------------------------------------------------------------------------- row ranges: one compiled function per type
+# rows_range_<TYPE>(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+# the row tasks of rows r_start..r_stop of w (r_start a multiple of ROWS_PER_TASK), out (n, rows) float32.
+# They are the only code that depends on the weight type. Every caller (``matmul_rows`` below, the one-launch
+# decode step of ``ops.decoder_step``) calls them through a function pointer (``row_function``), so that each is
+# compiled once, on its own, and only for the types a model has; the callers are compiled once for every type.
+
+
+@njit(cache=True)
+def rows_range_Q4_0(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+    for r in range(r_start, r_stop, ROWS_PER_TASK):
+        rows_Q4_0(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+
+
+@njit(cache=True)
+def rows_range_Q4_1(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+    for r in range(r_start, r_stop, ROWS_PER_TASK):
+        rows_Q4_1(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+
+
+@njit(cache=True)
+def rows_range_Q5_0(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+    for r in range(r_start, r_stop, ROWS_PER_TASK):
+        rows_Q5_0(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+
+
+@njit(cache=True)
+def rows_range_Q5_1(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+    for r in range(r_start, r_stop, ROWS_PER_TASK):
+        rows_Q5_1(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+
+
+@njit(cache=True)
+def rows_range_Q8_0(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+    for r in range(r_start, r_stop, ROWS_PER_TASK):
+        rows_Q8_0(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+
+
+@njit(cache=True)
+def rows_range_Q2_K(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+    for r in range(r_start, r_stop, ROWS_PER_TASK):
+        rows_Q2_K(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+
+
+@njit(cache=True)
+def rows_range_Q3_K(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+    for r in range(r_start, r_stop, ROWS_PER_TASK):
+        rows_Q3_K(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+
+
+@njit(cache=True)
+def rows_range_Q4_K(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+    for r in range(r_start, r_stop, ROWS_PER_TASK):
+        rows_Q4_K(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+
+
+@njit(cache=True)
+def rows_range_Q5_K(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+    for r in range(r_start, r_stop, ROWS_PER_TASK):
+        rows_Q5_K(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+
+
+@njit(cache=True)
+def rows_range_Q6_K(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+    for r in range(r_start, r_stop, ROWS_PER_TASK):
+        rows_Q6_K(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+
+
+ROWS_RANGES = {
+    "Q4_0": rows_range_Q4_0, "Q4_1": rows_range_Q4_1, "Q5_0": rows_range_Q5_0, "Q5_1": rows_range_Q5_1,
+    "Q8_0": rows_range_Q8_0, "Q2_K": rows_range_Q2_K, "Q3_K": rows_range_Q3_K, "Q4_K": rows_range_Q4_K,
+    "Q5_K": rows_range_Q5_K, "Q6_K": rows_range_Q6_K,
+}
+_MATRIX = types.Array(types.float32, 2, "C")
+ROWS_RANGE_SIGNATURE = types.void(types.Array(types.uint8, 2, "C", readonly=True), types.int64, types.int64,
+                                  types.Array(types.int16, 2, "C"), _MATRIX, _MATRIX, _MATRIX, _MATRIX, _MATRIX,
+                                  _MATRIX, types.boolean)
+_row_functions: dict[str, CompileResultWAP] = {}
+
+
+def row_function(ggml_type: str) -> CompileResultWAP:
+    """``rows_range_<ggml_type>`` as a first-class function (numba ``FunctionType(ROWS_RANGE_SIGNATURE)``):
+    compiled for that one signature (or loaded from the kernel cache) on first use."""
+    function = _row_functions.get(ggml_type)
+    if function is None:
+        kernel = ROWS_RANGES[ggml_type]
+        kernel.compile(ROWS_RANGE_SIGNATURE.args)
+        function = _row_functions[ggml_type] = CompileResultWAP(kernel.overloads[ROWS_RANGE_SIGNATURE.args])
+    return function
 
 
 @njit(cache=True)
 def launch_inputs(ws, x, prologue, norm_weight, eps, up):
-    """What every entry below hands its row tasks: the quantized activations of prologue(x), their scales and
+    """What ``matmul_rows`` hands its row ranges: the quantized activations of prologue(x), their scales and
     sums laid out by block (eight tokens side by side), the task and group counts, and one offset table per group."""
     xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
     xd_by_block = np.ascontiguousarray(xd.T)        # (n_blocks, n)
@@ -681,107 +777,35 @@ def launch_inputs(ws, x, prologue, norm_weight, eps, up):
 
 
 @njit(parallel=True, cache=True)
-def matmul_Q4_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+def matmul_rows(rows, ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+    """outs[m] (+)= prologue(x) @ ws[m].T for the matrices of the tuple ws (uint8 (rows_m, row_bytes)), all of the
+    type whose row ranges ``rows`` computes (a ``row_function``); x float32 (n, cols), outs float32 (n, rows_m).
+    The row tasks of all matrices, in order, are cut into up to TASK_GROUPS parallel groups of consecutive tasks."""
     xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
         launch_inputs(ws, x, prologue, norm_weight, eps, up)
     for g in prange(n_groups):
-        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
+        t, t_stop = g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups
+        while t < t_stop:  # the group's tasks in each matrix: one call
             m, r = task_location(ws, t, ROWS_PER_TASK)
-            rows_Q4_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
+            rows_m = ws[m].shape[0]
+            tasks_here = min(t_stop - t, (rows_m - r + ROWS_PER_TASK - 1) // ROWS_PER_TASK)
+            rows(ws[m], r, min(r + tasks_here * ROWS_PER_TASK, rows_m), xq, xd, xds16, xd_by_block, xds16_by_block,
+                 outs[m], offset_tables[g], accumulate)
+            t += tasks_here
 
 
-@njit(parallel=True, cache=True)
-def matmul_Q4_1(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
-        launch_inputs(ws, x, prologue, norm_weight, eps, up)
-    for g in prange(n_groups):
-        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
-            m, r = task_location(ws, t, ROWS_PER_TASK)
-            rows_Q4_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
+class TypeMatmul:
+    """The parallel matmul of one weight type, called as the ``quants.kernels`` launches call a kernel:
+    ``(ws, x, outs, prologue, norm_weight, eps, up, accumulate)`` -> ``matmul_rows`` with that type's row ranges."""
+
+    def __init__(self, ggml_type: str):
+        self.ggml_type = ggml_type
+        self.rows = None
+
+    def __call__(self, ws, x, outs, prologue, norm_weight, eps, up, accumulate):
+        if self.rows is None:
+            self.rows = row_function(self.ggml_type)
+        matmul_rows(self.rows, ws, x, outs, prologue, norm_weight, eps, up, accumulate)
 
 
-@njit(parallel=True, cache=True)
-def matmul_Q5_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
-        launch_inputs(ws, x, prologue, norm_weight, eps, up)
-    for g in prange(n_groups):
-        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
-            m, r = task_location(ws, t, ROWS_PER_TASK)
-            rows_Q5_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
-
-
-@njit(parallel=True, cache=True)
-def matmul_Q5_1(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
-        launch_inputs(ws, x, prologue, norm_weight, eps, up)
-    for g in prange(n_groups):
-        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
-            m, r = task_location(ws, t, ROWS_PER_TASK)
-            rows_Q5_1(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
-
-
-@njit(parallel=True, cache=True)
-def matmul_Q8_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
-        launch_inputs(ws, x, prologue, norm_weight, eps, up)
-    for g in prange(n_groups):
-        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
-            m, r = task_location(ws, t, ROWS_PER_TASK)
-            rows_Q8_0(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
-
-
-@njit(parallel=True, cache=True)
-def matmul_Q2_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
-        launch_inputs(ws, x, prologue, norm_weight, eps, up)
-    for g in prange(n_groups):
-        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
-            m, r = task_location(ws, t, ROWS_PER_TASK)
-            rows_Q2_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
-
-
-@njit(parallel=True, cache=True)
-def matmul_Q3_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
-        launch_inputs(ws, x, prologue, norm_weight, eps, up)
-    for g in prange(n_groups):
-        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
-            m, r = task_location(ws, t, ROWS_PER_TASK)
-            rows_Q3_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
-
-
-@njit(parallel=True, cache=True)
-def matmul_Q4_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
-        launch_inputs(ws, x, prologue, norm_weight, eps, up)
-    for g in prange(n_groups):
-        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
-            m, r = task_location(ws, t, ROWS_PER_TASK)
-            rows_Q4_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
-
-
-@njit(parallel=True, cache=True)
-def matmul_Q5_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
-        launch_inputs(ws, x, prologue, norm_weight, eps, up)
-    for g in prange(n_groups):
-        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
-            m, r = task_location(ws, t, ROWS_PER_TASK)
-            rows_Q5_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
-
-
-@njit(parallel=True, cache=True)
-def matmul_Q6_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
-        launch_inputs(ws, x, prologue, norm_weight, eps, up)
-    for g in prange(n_groups):
-        for t in range(g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups):
-            m, r = task_location(ws, t, ROWS_PER_TASK)
-            rows_Q6_K(ws[m], r, xq, xd, xds16, xd_by_block, xds16_by_block, outs[m], offset_tables[g], accumulate)
-
-
-MATMULS = {
-    "Q4_0": matmul_Q4_0, "Q4_1": matmul_Q4_1, "Q5_0": matmul_Q5_0, "Q5_1": matmul_Q5_1,
-    "Q8_0": matmul_Q8_0, "Q2_K": matmul_Q2_K, "Q3_K": matmul_Q3_K, "Q4_K": matmul_Q4_K,
-    "Q5_K": matmul_Q5_K, "Q6_K": matmul_Q6_K,
-}
+MATMULS = {ggml_type: TypeMatmul(ggml_type) for ggml_type in ROWS_RANGES}

@@ -541,39 +541,76 @@ TYPE_CODES = {name: code for code, name in enumerate(
     ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F32", "F16", "BF16"))}
 
 
-@njit(cache=True, inline="always")
-def _decode_any(code, w, r, b, q):
-    if code == 0:
-        return decode_Q4_0(w, r, b, q)
-    if code == 1:
-        return decode_Q4_1(w, r, b, q)
-    if code == 2:
-        return decode_Q5_0(w, r, b, q)
-    if code == 3:
-        return decode_Q5_1(w, r, b, q)
-    if code == 4:
-        return decode_Q8_0(w, r, b, q)
-    if code == 5:
-        return decode_Q2_K(w, r, b, q)
-    if code == 6:
-        return decode_Q3_K(w, r, b, q)
-    if code == 7:
-        return decode_Q4_K(w, r, b, q)
-    if code == 8:
-        return decode_Q5_K(w, r, b, q)
-    return decode_Q6_K(w, r, b, q)
-
-
-@njit(cache=True)
-def embedding_quantized(code, w, ids, out):
-    """out[i] = dequantized row ids[i] of w (a quantized type, by its TYPE_CODES code)."""
+@njit(inline="always")
+def _embedding_rows(decode, w, ids, out):
+    """out[i] = dequantized row ids[i] of w, block by block through ``decode`` (the type's decoder)."""
     q = np.empty(BLOCK, dtype=np.int32)
     for i in range(ids.shape[0]):
         for b in range(out.shape[1] // BLOCK):
-            d, scale0, scale1, offset0, offset1 = _decode_any(code, w, ids[i] * w.shape[1], b, q)
+            d, scale0, scale1, offset0, offset1 = decode(w, ids[i] * w.shape[1], b, q)
             for e in range(16):
                 out[i, b * BLOCK + e] = d * np.float32(scale0 * q[e]) + offset0
                 out[i, b * BLOCK + 16 + e] = d * np.float32(scale1 * q[16 + e]) + offset1
+
+
+# One function per type (module-level, so that each has its own cache entry and a model compiles only its own):
+# out[i] = dequantized row ids[i] of the quantized w (uint8 (rows, row_bytes)).
+
+@njit(cache=True)
+def embedding_Q4_0(w, ids, out):
+    _embedding_rows(decode_Q4_0, w, ids, out)
+
+
+@njit(cache=True)
+def embedding_Q4_1(w, ids, out):
+    _embedding_rows(decode_Q4_1, w, ids, out)
+
+
+@njit(cache=True)
+def embedding_Q5_0(w, ids, out):
+    _embedding_rows(decode_Q5_0, w, ids, out)
+
+
+@njit(cache=True)
+def embedding_Q5_1(w, ids, out):
+    _embedding_rows(decode_Q5_1, w, ids, out)
+
+
+@njit(cache=True)
+def embedding_Q8_0(w, ids, out):
+    _embedding_rows(decode_Q8_0, w, ids, out)
+
+
+@njit(cache=True)
+def embedding_Q2_K(w, ids, out):
+    _embedding_rows(decode_Q2_K, w, ids, out)
+
+
+@njit(cache=True)
+def embedding_Q3_K(w, ids, out):
+    _embedding_rows(decode_Q3_K, w, ids, out)
+
+
+@njit(cache=True)
+def embedding_Q4_K(w, ids, out):
+    _embedding_rows(decode_Q4_K, w, ids, out)
+
+
+@njit(cache=True)
+def embedding_Q5_K(w, ids, out):
+    _embedding_rows(decode_Q5_K, w, ids, out)
+
+
+@njit(cache=True)
+def embedding_Q6_K(w, ids, out):
+    _embedding_rows(decode_Q6_K, w, ids, out)
+
+
+EMBEDDINGS = {
+    "Q4_0": embedding_Q4_0, "Q4_1": embedding_Q4_1, "Q5_0": embedding_Q5_0, "Q5_1": embedding_Q5_1,
+    "Q8_0": embedding_Q8_0, "Q2_K": embedding_Q2_K, "Q3_K": embedding_Q3_K, "Q4_K": embedding_Q4_K,
+    "Q5_K": embedding_Q5_K, "Q6_K": embedding_Q6_K,
+}
 
 
 @njit(cache=True)
