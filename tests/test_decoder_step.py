@@ -175,6 +175,30 @@ def test_bad_slot_and_context_overflow_raise_like_the_per_op_path(model):
         forward(model, True, cache, [5], [-1], [0])
 
 
+def test_the_compiled_forms_take_the_arguments_of_a_run(model, monkeypatch):
+    """``argument_types`` (what a fresh install compiles before any batch, in two processes) are the types of
+    what a run hands the workers, for float16 and float32 caches."""
+    from localllm.ops import decoder_step
+    seen = []
+    real = decoder_step.launch_for
+
+    def recording(kind):
+        worker, launch = real(kind)
+
+        def launch_and_record(worker_function, rows, args, n_workers):
+            seen.append((kind, numba.typeof(rows), numba.typeof(args)))
+            launch(worker_function, rows, args, n_workers)
+        return worker, launch_and_record
+
+    monkeypatch.setattr(decoder_step, "launch_for", recording)
+    for dtype in (np.float16, np.float32):
+        forward(model, True, model.new_cache(1, 64, dtype=dtype), [3, 4], [0, 1], [0, 0])
+    assert [kind for kind, _, _ in seen] == ["f16", "f32"]
+    for kind, rows, args in seen:
+        assert (rows, args) == decoder_step.worker_types(kind)
+    assert "rows-" + model._step.types[0] in model._step.units("f16")
+
+
 def test_not_used_for_float_weights_or_too_many_types(tmp_path):
     from localllm.ops.decoder_step import DecoderLayersStep
     float_model = LlamaModel.from_gguf(read_gguf(write_tiny_llama(tmp_path / "f32.gguf")), backend="fast")

@@ -359,6 +359,8 @@ class DecoderModel:
                  images: ImageRows | None = None) -> np.ndarray:
         """``forward`` of a batch of at most max_batch_tokens tokens (``step``: the one-launch layers or None)."""
         c, ops = self.config, self.backend
+        if step is not None:
+            step.prepare(cache)                       # its kernels first: a fresh install compiles them in parallel
         x = ops.embedding_rows(self.token_embd, tokens)                         # (n, dim)
         if c.embedding_scale != 1.0:
             x *= np.float32(c.embedding_scale)

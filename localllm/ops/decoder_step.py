@@ -46,11 +46,12 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange, typeof
+from numba import njit, prange, types
 from numba.typed import List
 from numba.core.types.function_type import CompileResultWAP
 
 from ..quants.intrinsics import atomic_add, atomic_load, spin_pause
+from ..quants.kernels_avx2 import ROWS_RANGE_SIGNATURE, row_function
 from ..quants.portable import GATED_PROLOGUES, NO_PROLOGUE, RMS_NORM, prepare_activations_serial
 from . import ref
 from .attention_kernels import _OK, KEY_CHUNK, _check_indices, _rope_write_row, attend_chunk_item, merge_pair
@@ -235,7 +236,7 @@ def post_norm_phase(counters, phase, x, out, norm_weight, eps, normed):
 
 # --------------------------------------------------------------------------- the pass
 
-@njit
+@njit(cache=True)
 def worker_program(rows, args):
     """One worker's run through every phase of every layer (x updated in place). rows: the row ranges of the
     type slots; args: what ``DecoderLayersStep.run`` hands every worker (the model's arrays, the batch, the
@@ -319,9 +320,6 @@ def run_workers(worker, rows, args, n_workers):
         worker(rows, args)
 
 
-_workers: dict = {}
-
-
 @njit(cache=True)
 def _weight_list(first):
     """A numba typed List holding ``first`` (built by cached kernels: numba's own List methods compile anew in
@@ -336,15 +334,84 @@ def _append_weight(weights, w):
     weights.append(w)
 
 
-def worker_function(rows, args) -> CompileResultWAP:
-    """``worker_program`` compiled for the types of (rows, args) (or loaded from the kernel cache), as a
-    first-class function for ``run_workers``."""
-    signature = (typeof(rows), typeof(args))
-    function = _workers.get(signature)
-    if function is None:
+# --------------------------------------------------------------------------- the compiled forms, named
+
+# The numba types of what ``run`` hands the workers: explicit, so that every kernel of the launch can be compiled
+# (by this process or a helper, ``parallel_compile``) before a batch exists. A cache of float16 is passed as its
+# uint16 bits ("f16"), a float32 one as it is ("f32"). tests/test_decoder_step.py checks them against a real run.
+WEIGHT = types.Array(types.uint8, 2, "C", readonly=True)
+ROWS = types.UniTuple(types.FunctionType(ROWS_RANGE_SIGNATURE), MAX_TYPE_SLOTS)
+CACHE_KINDS = {"f16": types.uint16, "f32": types.float32}
+
+
+def _f32(ndim: int) -> types.Array:
+    return types.Array(types.float32, ndim, "C")
+
+
+def _i64(ndim: int) -> types.Array:
+    return types.Array(types.int64, ndim, "C")
+
+
+def argument_types(cache_kind: str) -> types.Tuple:
+    """The type of ``run``'s worker arguments (the tuple ``worker_program`` unpacks) for a cache of that kind."""
+    cache = types.Array(CACHE_KINDS[cache_kind], 5, "C")
+    return types.Tuple((
+        _i64(1), types.ListType(WEIGHT), _f32(3), _f32(3), _f32(2), _i64(1),   # type_slots .. flags
+        _i64(1), _i64(2), _i64(1), _f32(2), _i64(1), _i64(1),                  # layer_windows .. slots
+        _f32(3), _f32(3), types.boolean, cache, cache, cache, cache,            # cos, sin, neox, caches
+        types.int64, types.float32, types.float32, types.float32, types.int64,  # n_heads .. n_workers
+        _i64(1), _f32(1), _f32(2),                                              # head_rows, output_norm, logits
+        _i64(1), *(_f32(2),) * 8, _f32(3), _f32(3), _f32(4), _f32(4), _f32(5)))  # shared_buffers
+
+
+def worker_types(cache_kind: str) -> tuple:
+    return ROWS, argument_types(cache_kind)
+
+
+def run_workers_types(cache_kind: str) -> tuple:
+    worker = types.FunctionType(types.none(*worker_types(cache_kind)))
+    return worker, ROWS, argument_types(cache_kind), types.int64
+
+
+EMBEDDING_TYPES = (WEIGHT, _i64(1), _f32(2))
+_workers: dict[str, tuple] = {}   # cache kind -> (worker_program as a first-class function, run_workers' entry)
+
+
+def launch_for(cache_kind: str) -> tuple:
+    """(worker_program as a first-class function, the compiled ``run_workers`` entry) for a cache of that kind,
+    compiled or loaded from the kernel cache once per process. The entry is called directly (numba's dispatch
+    would work out the types of the forty arguments again at every step)."""
+    launch = _workers.get(cache_kind)
+    if launch is None:
+        signature = worker_types(cache_kind)
         worker_program.compile(signature)
-        function = _workers[signature] = CompileResultWAP(worker_program.overloads[signature])
-    return function
+        worker = CompileResultWAP(worker_program.overloads[signature])
+        signature = run_workers_types(cache_kind)
+        run_workers.compile(signature)
+        launch = _workers[cache_kind] = (worker, run_workers.overloads[signature].entry_point)
+    return launch
+
+
+def compile_unit(unit: str) -> None:
+    """Compile (or load from the kernel cache) one named form: ``worker_program-<kind>``, ``run_workers-<kind>``,
+    ``rows-<type>``, ``embedding-<type>``, ``lists`` or ``checks`` (see ``DecoderLayersStep.units``)."""
+    from ..quants import portable
+    kind, _, detail = unit.partition("-")
+    if kind == "worker_program":
+        worker_program.compile(worker_types(detail))
+    elif kind == "run_workers":
+        run_workers.compile(run_workers_types(detail))
+    elif kind == "rows":
+        row_function(detail)
+    elif kind == "embedding":
+        portable.EMBEDDINGS[detail].compile(EMBEDDING_TYPES)
+    elif kind == "lists":
+        _weight_list.compile((WEIGHT,))
+        _append_weight.compile((types.ListType(WEIGHT), WEIGHT))
+    elif kind == "checks":
+        _check_indices.compile((_i64(1), _i64(1), types.int64, types.int64, types.int64))
+    else:
+        raise ValueError(f"unknown compile unit '{unit}'")
 
 
 def shared_buffers(c, n: int, positions: np.ndarray, widest_window: int) -> tuple:
@@ -383,17 +450,20 @@ class DecoderLayersStep:
     max_tokens = MAX_TOKENS
 
     def __init__(self, model, types: tuple[str, ...], matrices: list, head=None):
-        from ..quants import kernels
+        from ..quants import kernels, kernels_avx2
         c, block = model.config, model.config.block
         self.config = c
         self.types = types
         self.has_head = head is not None
         matrices = matrices + ([head] if head is not None else [])
         self._views = [kernels._kernel_view(w) for w in matrices]
-        self.rows = self.weights = None   # compiled kernels and numba lists: made by the first run (``_prepare``)
+        self.rows = self.weights = None   # compiled kernels and numba lists: made by the first run (``prepare``)
+        self._prepared: set[str] = set()  # cache kinds whose compiled forms are loaded
         self.type_slots = np.array([types.index(w.ggml_type) for w in matrices], dtype=np.int64)  # (7 n_layers [+ 1],)
         self.output_norm = np.ascontiguousarray(model.output_norm, dtype=np.float32)                 # (dim,)
         self.vocab_size = head.shape[0] if head is not None else 0
+        self.embedding_type = model.token_embd.ggml_type if model.token_embd.ggml_type in kernels_avx2.ROWS_RANGES \
+            else None   # its lookup's compiled form is made with the launch's (quantized types only)
         missing = np.zeros(c.dim, dtype=np.float32)
 
         no_head_norm = np.ones(c.head_dim, dtype=np.float32)
@@ -465,12 +535,27 @@ class DecoderLayersStep:
         cache._decoder_step_layout = layout = (layer_cache, k_full, v_full, k_ring, v_ring, distinct, layer_rope)
         return layout
 
-    def _prepare(self) -> None:
-        """The row ranges of each type slot (compiled, or loaded from the kernel cache) and the weights as a numba
-        typed list: on the first run, so that a caller's progress note covers their compile."""
-        from ..quants import kernels_avx2
+    def units(self, cache_kind: str) -> list[str]:
+        """The compiled forms a forward pass through this step needs (``compile_unit`` names), longest first."""
+        return ([f"worker_program-{cache_kind}", f"run_workers-{cache_kind}"] + [f"rows-{t}" for t in self.types]
+                + ([f"embedding-{self.embedding_type}"] if self.embedding_type else []) + ["lists", "checks"])
+
+    def prepare(self, cache) -> None:
+        """Every compiled form a run with this cache needs (compiled on a fresh install, two processes sharing the
+        work, or loaded from the kernel cache; the embedding lookup's too), the row ranges of each type slot and
+        the weights as a numba typed list. The first run does it; ``DecoderModel`` calls it before its embedding
+        lookup, inside its progress note."""
+        cache_kind = "f16" if cache.groups[0][1].dtype == np.float16 else "f32"
+        if cache_kind in self._prepared:
+            return
+        from ..parallel_compile import compile_shared
+        compile_shared(self.units(cache_kind), compile_unit)
+        launch_for(cache_kind)
+        self._prepared.add(cache_kind)
+        if self.rows is not None:
+            return
         slot_types = list(self.types) + [self.types[0]] * (MAX_TYPE_SLOTS - len(self.types))
-        self.rows = tuple(kernels_avx2.row_function(t) for t in slot_types)
+        self.rows = tuple(row_function(t) for t in slot_types)
         weights = _weight_list(self._views[0])
         for view in self._views[1:]:
             _append_weight(weights, view)
@@ -484,12 +569,13 @@ class DecoderLayersStep:
         c = self.config
         if not (x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable and x.shape[1:] == (c.dim,)):
             raise ValueError(f"DecoderLayersStep.run: x must be a writeable C-contiguous float32 (n, {c.dim}) array")
-        if self.rows is None:
-            self._prepare()
+        positions, slots = np.ascontiguousarray(positions, np.int64), np.ascontiguousarray(slots, np.int64)
+        self.prepare(cache)
+        layer_cache, k_full, v_full, k_ring, v_ring, distinct, layer_rope = self._layout(cache)
+        cache_kind = "f16" if k_full.dtype == np.uint16 else "f32"
         n_slots = cache.n_slots
         if _check_indices(slots, positions, n_slots, cache.n_ctx, 0) != _OK:
             ref.check_cache_indices("attend", slots, positions, n_slots, cache.n_ctx)
-        layer_cache, k_full, v_full, k_ring, v_ring, distinct, layer_rope = self._layout(cache)
         if len(distinct) == 1:
             cos, sin = _rope_table(positions, distinct[0], c.n_rot)
             cos, sin = cos[None], sin[None]                                       # (1, n, n_rot / 2)
@@ -511,7 +597,8 @@ class DecoderLayersStep:
                 k_full, v_full, k_ring, v_ring, c.n_heads, np.float32(c.norm_eps), self.query_scale, self.softcap,
                 n_workers, head_rows, self.output_norm, logits) + \
             shared_buffers(c, x.shape[0], positions, widest_window)
-        run_workers(worker_function(self.rows, args), self.rows, args, n_workers)
+        worker, launch = launch_for(cache_kind)
+        launch(worker, self.rows, args, n_workers)
         return logits if self.has_head and head_rows is not _NO_ROWS else None
 
 

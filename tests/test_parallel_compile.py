@@ -1,0 +1,52 @@
+"""parallel_compile.compile_shared: a helper process takes units from the other end of the list; each unit is
+compiled once (this process or the helper), then this process loads every one; a second call, with every unit
+marked compiled, starts no helper."""
+import os
+import time
+import uuid
+from pathlib import Path
+
+from localllm import parallel_compile
+
+LOG = "LOCALLLM_TEST_COMPILE_LOG"
+
+
+def record_unit(unit: str) -> None:
+    """The test's 'compile': a line 'pid unit' in the log named by the environment (a helper inherits it)."""
+    time.sleep(0.3)
+    with open(os.environ[LOG], "a") as log:
+        log.write(f"{os.getpid()} {unit}\n")
+
+
+def lines(path: Path) -> list[tuple[int, str]]:
+    return [(int(pid), unit) for pid, unit in (line.split() for line in path.read_text().splitlines())]
+
+
+def test_units_are_shared_with_a_helper_then_loaded_here(tmp_path, monkeypatch):
+    log = tmp_path / "log"
+    log.touch()
+    monkeypatch.setenv(LOG, str(log))
+    units = [f"test-{uuid.uuid4().hex[:8]}-{i}" for i in range(8)]
+    parallel_compile.compile_shared(units, record_unit)
+    calls = lines(log)
+    here = [unit for pid, unit in calls if pid == os.getpid()]
+    helper = [unit for pid, unit in calls if pid != os.getpid()]
+    assert helper and set(helper) <= set(units[1:])     # the helper took some, never this process's first
+    assert len(helper) == len(set(helper))
+    for unit in units:                                   # compiled once, by one of the two; loaded here at the end
+        assert here.count(unit) + helper.count(unit) == 2 and here.count(unit) >= 1
+    assert here[-len(units):] == units
+
+    log.write_text("")
+    parallel_compile.compile_shared(units, record_unit)  # every unit marked: loaded here, no helper
+    assert lines(log) == [(os.getpid(), unit) for unit in units]
+
+
+def test_off_by_the_environment(tmp_path, monkeypatch):
+    log = tmp_path / "log"
+    log.touch()
+    monkeypatch.setenv(LOG, str(log))
+    monkeypatch.setenv("LOCALLLM_COMPILE_HELPER", "0")
+    units = [f"test-{uuid.uuid4().hex[:8]}-{i}" for i in range(3)]
+    parallel_compile.compile_shared(units, record_unit)
+    assert lines(log) == [(os.getpid(), unit) for unit in units]
