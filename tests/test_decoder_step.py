@@ -183,19 +183,19 @@ def test_the_compiled_forms_take_the_arguments_of_a_run(model, monkeypatch):
     real = decoder_step.launch_for
 
     def recording(kind):
-        worker, launch = real(kind)
+        worker, phases, launch = real(kind)
 
-        def launch_and_record(worker_function, rows, args, n_workers):
-            seen.append((kind, numba.typeof(rows), numba.typeof(args)))
-            launch(worker_function, rows, args, n_workers)
-        return worker, launch_and_record
+        def launch_and_record(worker_function, rows, phases, args, n_workers):
+            seen.append((kind, (numba.typeof(rows), numba.typeof(phases), numba.typeof(args))))
+            launch(worker_function, rows, phases, args, n_workers)
+        return worker, phases, launch_and_record
 
     monkeypatch.setattr(decoder_step, "launch_for", recording)
     for dtype in (np.float16, np.float32):
         forward(model, True, model.new_cache(1, 64, dtype=dtype), [3, 4], [0, 1], [0, 0])
-    assert [kind for kind, _, _ in seen] == ["f16", "f32"]
-    for kind, rows, args in seen:
-        assert (rows, args) == decoder_step.worker_types(kind)
+    assert [kind for kind, _ in seen] == ["f16", "f32"]
+    for kind, arguments in seen:
+        assert arguments == decoder_step.worker_types(kind)
     assert "rows-" + model._step.types[0] in model._step.units("f16")
 
 

@@ -242,7 +242,7 @@ def chunk_rows(position, window, ring, c):
 def _attention_by_pair(q, k_cache, v_cache, slots, positions, window, softcap, out):
     """One work item per (token, KV head): its chunks in order, merged as they come."""
     n, n_heads, head_dim = q.shape
-    n_kv_heads, ring = k_cache.shape[1], k_cache.shape[2]
+    n_kv_heads = k_cache.shape[1]
     group = n_heads // n_kv_heads
     scale = _ONE / np.sqrt(np.float32(head_dim))
     n_items = n * n_kv_heads
@@ -255,18 +255,27 @@ def _attention_by_pair(q, k_cache, v_cache, slots, positions, window, softcap, o
         run_sum = np.empty(group, dtype=np.float32)
         run_out = np.empty((group, head_dim), dtype=np.float32)
         for item in range(t, n_items, PARALLEL_TASKS):
-            i, g = item // n_kv_heads, item % n_kv_heads
-            keys, values = k_cache[slots[i], g], v_cache[slots[i], g]
-            run_max[:] = _LOWEST
-            run_sum[:] = 0.0
-            run_out[:, :] = 0.0
-            for c in range(chunk_count(positions[i], window)):
-                start, stop = chunk_rows(positions[i], window, ring, c)
-                _attend_chunk(q, i, g * group, keys, values, start, stop, scale, softcap, scores, chunk_max,
-                              chunk_sum, chunk_out)
-                for hh in range(group):
-                    _merge(run_max, run_sum, run_out, hh, chunk_max[hh], chunk_sum[hh], chunk_out[hh])
-            _finish(run_sum, run_out, out, i, g * group)
+            attend_pair(q, k_cache, v_cache, slots, positions, window, softcap, item // n_kv_heads, item % n_kv_heads,
+                        scale, scores, chunk_max, chunk_sum, chunk_out, run_max, run_sum, run_out, out)
+
+
+@njit(cache=True)
+def attend_pair(q, k_cache, v_cache, slots, positions, window, softcap, i, g, scale, scores, chunk_max, chunk_sum,
+                chunk_out, run_max, run_sum, run_out, out):
+    """Token i, KV head g: its key chunks in order, each merged into the running (max, sum, mix) as it comes,
+    into ``out[i]`` (scores, chunk_*, run_*: scratch)."""
+    group = scores.shape[0]
+    keys, values = k_cache[slots[i], g], v_cache[slots[i], g]
+    run_max[:] = _LOWEST
+    run_sum[:] = 0.0
+    run_out[:, :] = 0.0
+    for c in range(chunk_count(positions[i], window)):
+        start, stop = chunk_rows(positions[i], window, k_cache.shape[2], c)
+        _attend_chunk(q, i, g * group, keys, values, start, stop, scale, softcap, scores, chunk_max, chunk_sum,
+                      chunk_out)
+        for hh in range(group):
+            _merge(run_max, run_sum, run_out, hh, chunk_max[hh], chunk_sum[hh], chunk_out[hh])
+    _finish(run_sum, run_out, out, i, g * group)
 
 
 @njit(cache=True, parallel=True)

@@ -8,11 +8,12 @@ phases, layer by layer; which phases run is the architecture's BlockSpec
 (``arch/spec.py``), passed in as flags, so one program serves every registered
 decoder::
 
-    Q/K/V       rms_norm(x) @ [wq, wk, wv]        (each worker quantizes the activations itself)
+    Q/K/V       rms_norm(x) @ [wq, wk, wv]        (each worker quantizes the activations itself; from 16
+                                                   tokens on, the workers do it together, a token an item)
     rope        per token: [q/k/v bias, q/k head norms, query scale], RoPE on q and k, k and v into the cache
     chunks      attention over 128-key chunks (the layer's window and ring, [score soft-cap]), one
-                (token, KV head, chunk) an item
-    merge       the chunks merged in order, one (token, KV head) an item
+                (token, KV head, chunk) an item; from 8 (token, KV head) pairs on, a pair an item
+    merge       the chunks merged in order, one (token, KV head) an item (fewer than 8 pairs only)
     wo          x += attended @ wo   or, with post_attn_norm, o = attended @ wo
     post-attn   per token: x += rms_norm(o)                              (post_attn_norm only)
     gate/up     rms_norm(x) @ [w_gate, w_up]
@@ -29,8 +30,10 @@ worker waits for another worker to arrive, only for claimed items to finish,
 so the program is right with any number of workers actually running (one
 worker does everything if it is alone). The arithmetic is the per-op path's,
 function for function (row tasks of ``quants.kernels_avx2``, ``_rms_norm_row``,
-``_rope_write_row``, ``attend_chunk_item``, ``merge_pair``): results are bit for
-bit those of the per-op layer loop, its reference (``tests/test_decoder_step.py``).
+``_rope_write_row``, ``attend_chunk_item``, ``merge_pair``, ``attend_pair``): results are bit for
+bit those of the per-op layer loop, its reference (``tests/test_decoder_step.py``). Batches of
+up to 128 tokens (prefill pieces too) take this launch; the per-op path stays for what it cannot
+take (images, float weights, CPUs without AVX2).
 
 Weight types: a model's layer matrices and its output matrix use up to four ggml
 types (Gemma 3's Q4_K_M file: Q5_0, Q8_0, Q4_K and Q6_K); each matrix names the row ranges of its
@@ -40,7 +43,10 @@ model, and only the row ranges of the types a model has. The workers are
 started by ``run_workers``, which calls ``worker_program`` through a function
 pointer too: the parallel launch compiles to a few lines instead of a copy of
 the whole program (numba links the code a function calls into its own and
-optimizes it again, once per parallel wrapper).
+optimizes it again, once per parallel wrapper), and so does ``worker_program``
+with its phases. Each of these compiled forms has explicit types and a name
+(``compile_unit``), so that a fresh install compiles them in two processes at once
+(``localllm.parallel_compile``): about 16 s to a first answer on two cores instead of 90.
 """
 from __future__ import annotations
 
@@ -52,9 +58,11 @@ from numba.core.types.function_type import CompileResultWAP
 
 from ..quants.intrinsics import atomic_add, atomic_load, spin_pause
 from ..quants.kernels_avx2 import ROWS_RANGE_SIGNATURE, row_function
-from ..quants.portable import GATED_PROLOGUES, NO_PROLOGUE, RMS_NORM, prepare_activations_serial
+from ..quants.portable import (GATED_PROLOGUES, NO_PROLOGUE, RMS_NORM, prepare_activations_row,
+                               prepare_activations_serial)
 from . import ref
-from .attention_kernels import _OK, KEY_CHUNK, _check_indices, _rope_write_row, attend_chunk_item, merge_pair
+from .attention_kernels import (_OK, KEY_CHUNK, SPLIT_BELOW_PAIRS, _check_indices, _rope_write_row, attend_chunk_item,
+                                attend_pair, merge_pair)
 from .kernels import _rms_norm_row, _rope_table
 
 ROWS_PER_TASK = 8        # kernels_avx2.ROWS_PER_TASK (rows of one row task)
@@ -63,6 +71,7 @@ PHASES_PER_LAYER = 9     # Q/K/V, rope, chunks, merge, wo, post-attn, gate/up, d
 MAX_TYPE_SLOTS = 4       # ggml types among a model's layer matrices (and its output matrix)
 ITEMS_PER_WORKER = 12    # work items a matmul phase is cut into, per worker (fewer for small matrices)
 MIN_TASKS_PER_ITEM = 4   # ... but at least this many row tasks of ROWS_PER_TASK rows each
+SHARED_PREPARE_TOKENS = 16  # from this many tokens on, a matmul phase's activations are prepared by all workers
 MAX_TOKENS = 128         # DecoderModel.max_batch_tokens: decode, batched decode and prefill pieces alike
 
 # flags (an int64 array) describing the block: what the BlockSpec says, as numbers the program reads
@@ -117,15 +126,17 @@ def _as_matrix(flat, n, cols):
     return flat[:n * cols].reshape((n, cols))
 
 
-@njit
+@njit(cache=True)
 def matmul_phase(rows, type_slots, counters, phase, n_workers, weights, first, count, outs, x, prologue, norm_weight,
-                 eps, up, accumulate, scratch):
+                 eps, up, accumulate, scratch, shared_scratch):
     """outs[m] (+)= prologue(x) @ weights[first + m].T for m < count <= 3 (outs: a 3-tuple, the entries past
     count unused), rows claimed in items; a matrix's rows go through the row ranges of its type (rows[slot],
-    as ``type_slots`` says). One signature for every call: the four matmul phases share one compiled form."""
+    as ``type_slots`` says). One signature for every call: the four matmul phases share one compiled form.
+
+    The quantized activations: for a few tokens, each worker that takes items makes its own (in ``scratch``:
+    no wait); from SHARED_PREPARE_TOKENS tokens on, the workers make them together, a token an item, into
+    ``shared_scratch`` (its own counter, after the phases' ones), then take items. Same functions, same bits."""
     n, cols = x.shape
-    scratch_h, scratch_q, scratch_d, scratch_d16, scratch_d_t, scratch_d16_t, offset_table = scratch
-    # the matrices taken out of the list once: every access to the list changes shared reference counts
     w0, w1, w2 = weights[first], weights[first + min(1, count - 1)], weights[first + min(2, count - 1)]
     slot0, slot1 = type_slots[first], type_slots[first + min(1, count - 1)]
     slot2 = type_slots[first + min(2, count - 1)]
@@ -134,15 +145,30 @@ def matmul_phase(rows, type_slots, counters, phase, n_workers, weights, first, c
     tasks2 = _task_count(w2.shape[0]) if count > 2 else 0
     n_tasks = tasks0 + tasks1 + tasks2
     n_items = max(1, min(n_tasks // MIN_TASKS_PER_ITEM, ITEMS_PER_WORKER * n_workers))
-    if unclaimed(counters, phase, n_items):  # this worker quantizes the activations itself
-        n_blocks = cols // 32
-        xq = _as_matrix(scratch_q, n, cols)                       # (n, cols) int16
-        xd = _as_matrix(scratch_d, n, n_blocks)                   # (n, n_blocks)
-        xds16 = _as_matrix(scratch_d16, n, 2 * n_blocks)          # (n, 2 * n_blocks)
-        xd_by_block = _as_matrix(scratch_d_t, n_blocks, n)        # (n_blocks, n)
-        xds16_by_block = _as_matrix(scratch_d16_t, 2 * n_blocks, n)
-        prepare_activations_serial(x, prologue, norm_weight, eps, up, _as_matrix(scratch_h, n, cols),
-                                   xq, xd, xds16, xd_by_block, xds16_by_block)
+    together = n >= SHARED_PREPARE_TOKENS
+    scratch_h, scratch_q, scratch_d, scratch_d16, scratch_d_t, scratch_d16_t, _ = shared_scratch if together \
+        else scratch
+    offset_table = scratch[6]
+    n_blocks = cols // 32
+    h = _as_matrix(scratch_h, n, cols)                            # (n, cols) the prologue's output
+    xq = _as_matrix(scratch_q, n, cols)                           # (n, cols) int16
+    xd = _as_matrix(scratch_d, n, n_blocks)                       # (n, n_blocks)
+    xds16 = _as_matrix(scratch_d16, n, 2 * n_blocks)              # (n, 2 * n_blocks)
+    xd_by_block = _as_matrix(scratch_d_t, n_blocks, n)            # (n_blocks, n)
+    xds16_by_block = _as_matrix(scratch_d16_t, 2 * n_blocks, n)
+    if together:
+        prepare = phase + counters.shape[0] // 4
+        j = claim(counters, prepare, n)
+        while j >= 0:
+            prepare_activations_row(x, prologue, norm_weight, eps, up, h, xq, xd, xds16, xd_by_block, xds16_by_block,
+                                    j)
+            finish(counters, prepare)
+            j = claim(counters, prepare, n)
+        wait_for_phase(counters, prepare, n)
+    if unclaimed(counters, phase, n_items):
+        if not together:  # this worker quantizes the activations itself
+            prepare_activations_serial(x, prologue, norm_weight, eps, up, h, xq, xd, xds16, xd_by_block,
+                                       xds16_by_block)
         item = claim(counters, phase, n_items)
         while item >= 0:
             t, t_stop = item * n_tasks // n_items, (item + 1) * n_tasks // n_items
@@ -163,7 +189,7 @@ def matmul_phase(rows, type_slots, counters, phase, n_workers, weights, first, c
     wait_for_phase(counters, phase, n_items)
 
 
-@njit
+@njit(cache=True)
 def rope_phase(counters, phase, q, k, v, positions, slots, cos, sin, neox, k_cache, v_cache, q_rotated, k_rotated,
                q_norm, k_norm, qkv_bias, eps, flags, query_scale):
     """Per token: [q/k/v bias, RMSNorm over each head of q and k, the query scale], RoPE on q and k, k and v into
@@ -196,12 +222,27 @@ def rope_phase(counters, phase, q, k, v, positions, slots, cos, sin, neox, k_cac
     wait_for_phase(counters, phase, n)
 
 
-@njit
+@njit(cache=True)
 def attention_phases(counters, phase, q_rotated, positions, slots, window, softcap, k_cache, v_cache, part_max,
                      part_sum, part_out, attended, scores, run_max, run_sum, run_out):
-    """Attention by key chunk (phase), the chunks merged (phase + 1)."""
+    """Attention by key chunk (phase), the chunks merged (phase + 1); or, from SPLIT_BELOW_PAIRS (token, KV head)
+    pairs on, a pair an item, its chunks merged as they come (phase; the per-op path's choice, the same bits)."""
     n = q_rotated.shape[0]
     n_kv_heads = k_cache.shape[1]
+    if n * n_kv_heads >= SPLIT_BELOW_PAIRS:
+        group, head_dim = run_out.shape
+        chunk_max, chunk_sum = np.empty(group, dtype=np.float32), np.empty(group, dtype=np.float32)
+        chunk_out = np.empty((group, head_dim), dtype=np.float32)
+        scale = np.float32(1.0) / np.sqrt(np.float32(head_dim))
+        item = claim(counters, phase, n * n_kv_heads)
+        while item >= 0:
+            attend_pair(q_rotated, k_cache, v_cache, slots, positions, window, softcap, item // n_kv_heads,
+                        item % n_kv_heads, scale, scores, chunk_max, chunk_sum, chunk_out, run_max, run_sum, run_out,
+                        attended)
+            finish(counters, phase)
+            item = claim(counters, phase, n * n_kv_heads)
+        wait_for_phase(counters, phase, n * n_kv_heads)
+        return
     n_items = n * n_kv_heads * part_max.shape[2]
     item = claim(counters, phase, n_items)
     while item >= 0:
@@ -220,7 +261,7 @@ def attention_phases(counters, phase, q_rotated, positions, slots, window, softc
     wait_for_phase(counters, phase + 1, n * n_kv_heads)
 
 
-@njit
+@njit(cache=True)
 def post_norm_phase(counters, phase, x, out, norm_weight, eps, normed):
     """Per token: x += rms_norm(out) (the same float32 add as numpy's ``x + rms_norm(out)``)."""
     n, dim = x.shape
@@ -237,15 +278,18 @@ def post_norm_phase(counters, phase, x, out, norm_weight, eps, normed):
 # --------------------------------------------------------------------------- the pass
 
 @njit(cache=True)
-def worker_program(rows, args):
+def worker_program(rows, phases, args):
     """One worker's run through every phase of every layer (x updated in place). rows: the row ranges of the
-    type slots; args: what ``DecoderLayersStep.run`` hands every worker (the model's arrays, the batch, the
+    type slots; phases: matmul_phase, rope_phase, attention_phases and post_norm_phase as first-class functions
+    (each compiled on its own: a fresh install compiles them in two processes, and this program's own compile
+    does not take a copy of theirs); args: what ``DecoderLayersStep.run`` hands every worker (the model's arrays, the batch, the
     caches, the buffers the workers share: one flat tuple, as numba's parallel launch passes tuples only one
     level deep)."""
     type_slots, weights, norms, head_norms, qkv_bias, flags, layer_windows, layer_cache, layer_rope, x, positions, \
         slots, cos, sin, neox, k_full, v_full, k_ring, v_ring, n_heads, eps, query_scale, softcap, n_workers, \
         head_rows, output_norm, logits, counters, q, k, v, attended, gate, up, out, normed, q_rotated, k_rotated, \
-        part_max, part_sum, part_out = args
+        part_max, part_sum, part_out, shared_h, shared_q, shared_d, shared_d16, shared_d_t, shared_d16_t = args
+    matmul, rope, attention, post_norm = phases
     n, dim = x.shape
     n_kv_heads, head_dim = k_full.shape[2], k_full.shape[4]
     group = n_heads // n_kv_heads
@@ -258,6 +302,7 @@ def worker_program(rows, args):
                np.empty(n * widest // 32, dtype=np.float32),  # the same two by block
                np.empty(n * widest // 16, dtype=np.float32),
                np.empty((widest // 16, 8), dtype=np.float32))  # offset table of K-quant row tasks
+    shared_scratch = (shared_h, shared_q, shared_d, shared_d16, shared_d_t, shared_d16_t, scratch[6])
     scores = np.empty((group, KEY_CHUNK), dtype=np.float32)
     run_max = np.empty(group, dtype=np.float32)
     run_sum = np.empty(group, dtype=np.float32)
@@ -278,46 +323,46 @@ def worker_program(rows, args):
         else:
             k_cache, v_cache = k_ring[layer_cache[layer, 1]], v_ring[layer_cache[layer, 1]]
         # attention block
-        matmul_phase(rows, type_slots, counters, phase, n_workers, weights, first, three, (q, k, v), x,
-                     rms_norm, attn_norm, eps, no_up, write, scratch)
-        rope_phase(counters, phase + 1, q.reshape((n, n_heads, head_dim)), k.reshape((n, n_kv_heads, head_dim)),
+        matmul(rows, type_slots, counters, phase, n_workers, weights, first, three, (q, k, v), x,
+                     rms_norm, attn_norm, eps, no_up, write, scratch, shared_scratch)
+        rope(counters, phase + 1, q.reshape((n, n_heads, head_dim)), k.reshape((n, n_kv_heads, head_dim)),
                    v.reshape((n, n_kv_heads, head_dim)), positions, slots, cos[layer_rope[layer]],
                    sin[layer_rope[layer]], neox, k_cache, v_cache, q_rotated, k_rotated, head_norms[layer, 0],
                    head_norms[layer, 1], qkv_bias[layer], eps, flags, query_scale)
-        attention_phases(counters, phase + 2, q_rotated, positions, slots, layer_windows[layer], softcap, k_cache,
+        attention(counters, phase + 2, q_rotated, positions, slots, layer_windows[layer], softcap, k_cache,
                          v_cache, part_max, part_sum, part_out, attended.reshape((n, n_heads, head_dim)), scores,
                          run_max, run_sum, run_out)
         # without a post-norm the product is added into x as it is written, else it goes through ``out``
         o = out if post_attn else x
-        matmul_phase(rows, type_slots, counters, phase + 4, n_workers, weights, first + 3, one, (o, o, o), attended,
-                     no_prologue, no_weight, eps, no_up, not post_attn, scratch)
+        matmul(rows, type_slots, counters, phase + 4, n_workers, weights, first + 3, one, (o, o, o), attended,
+                     no_prologue, no_weight, eps, no_up, not post_attn, scratch, shared_scratch)
         if post_attn:
-            post_norm_phase(counters, phase + 5, x, out, post_attn_norm, eps, normed)
+            post_norm(counters, phase + 5, x, out, post_attn_norm, eps, normed)
         # feed-forward block
-        matmul_phase(rows, type_slots, counters, phase + 6, n_workers, weights, first + 4, two, (gate, up, up), x,
-                     rms_norm, ffn_norm, eps, no_up, write, scratch)
+        matmul(rows, type_slots, counters, phase + 6, n_workers, weights, first + 4, two, (gate, up, up), x,
+                     rms_norm, ffn_norm, eps, no_up, write, scratch, shared_scratch)
         o = out if post_ffn else x
-        matmul_phase(rows, type_slots, counters, phase + 7, n_workers, weights, first + 6, one, (o, o, o), gate,
-                     gate_prologue, no_weight, eps, up, not post_ffn, scratch)
+        matmul(rows, type_slots, counters, phase + 7, n_workers, weights, first + 6, one, (o, o, o), gate,
+                     gate_prologue, no_weight, eps, up, not post_ffn, scratch, shared_scratch)
         if post_ffn:
-            post_norm_phase(counters, phase + 8, x, out, post_ffn_norm, eps, normed)
+            post_norm(counters, phase + 8, x, out, post_ffn_norm, eps, normed)
     # the output head (x is final: every worker has passed the last phase's wait)
     if head_rows.shape[0] > 0:
         x_head = np.empty((head_rows.shape[0], dim), dtype=np.float32)   # this worker's copy of the rows wanted
         for i in range(head_rows.shape[0]):
             for d in range(dim):
                 x_head[i, d] = x[head_rows[i], d]
-        matmul_phase(rows, type_slots, counters, norms.shape[0] * PHASES_PER_LAYER, n_workers, weights,
+        matmul(rows, type_slots, counters, norms.shape[0] * PHASES_PER_LAYER, n_workers, weights,
                      norms.shape[0] * MATRICES_PER_LAYER, one, (logits, logits, logits), x_head, rms_norm,
-                     output_norm, eps, no_up, write, scratch)
+                     output_norm, eps, no_up, write, scratch, shared_scratch)
 
 
 @njit(parallel=True, cache=True)
-def run_workers(worker, rows, args, n_workers):
-    """The parallel launch: ``worker(rows, args)`` on n_workers threads (worker: ``worker_program`` as a
+def run_workers(worker, rows, phases, args, n_workers):
+    """The parallel launch: ``worker(rows, phases, args)`` on n_workers threads (worker: ``worker_program`` as a
     first-class function, so that this launch does not take a copy of its code)."""
     for _ in prange(n_workers):
-        worker(rows, args)
+        worker(rows, phases, args)
 
 
 @njit(cache=True)
@@ -361,34 +406,70 @@ def argument_types(cache_kind: str) -> types.Tuple:
         _f32(3), _f32(3), types.boolean, cache, cache, cache, cache,            # cos, sin, neox, caches
         types.int64, types.float32, types.float32, types.float32, types.int64,  # n_heads .. n_workers
         _i64(1), _f32(1), _f32(2),                                              # head_rows, output_norm, logits
-        _i64(1), *(_f32(2),) * 8, _f32(3), _f32(3), _f32(4), _f32(4), _f32(5)))  # shared_buffers
+        _i64(1), *(_f32(2),) * 8, _f32(3), _f32(3), _f32(4), _f32(4), _f32(5),  # shared_buffers
+        _f32(1), types.Array(types.int16, 1, "C"), _f32(1), _f32(1), _f32(1), _f32(1)))
+
+
+SCRATCH = types.Tuple((_f32(1), types.Array(types.int16, 1, "C"), _f32(1), _f32(1), _f32(1), _f32(1), _f32(2)))
+
+
+def phase_types(cache_kind: str) -> dict:
+    """The argument types of each phase function, as ``worker_program`` calls them."""
+    cache = types.Array(CACHE_KINDS[cache_kind], 4, "C")
+    i64, f32 = types.int64, types.float32
+    return {
+        "matmul_phase": (ROWS, _i64(1), _i64(1), i64, i64, types.ListType(WEIGHT), i64, i64,
+                         types.UniTuple(_f32(2), 3), _f32(2), i64, _f32(1), f32, _f32(2), types.boolean, SCRATCH,
+                         SCRATCH),
+        "rope_phase": (_i64(1), i64, _f32(3), _f32(3), _f32(3), _i64(1), _i64(1), _f32(2), _f32(2), types.boolean,
+                       cache, cache, _f32(3), _f32(3), _f32(1), _f32(1), _f32(1), f32, _i64(1), f32),
+        "attention_phases": (_i64(1), i64, _f32(3), _i64(1), _i64(1), i64, f32, cache, cache, _f32(4), _f32(4),
+                             _f32(5), _f32(3), _f32(2), _f32(1), _f32(1), _f32(2)),
+        "post_norm_phase": (_i64(1), i64, _f32(2), _f32(2), _f32(1), f32, _f32(2)),
+    }
+
+
+PHASE_FUNCTIONS = {"matmul_phase": matmul_phase, "rope_phase": rope_phase, "attention_phases": attention_phases,
+                   "post_norm_phase": post_norm_phase}
+PHASES_NEEDING_CACHE_KIND = ("rope_phase", "attention_phases")
+
+
+def phases_type(cache_kind: str) -> types.Tuple:
+    return types.Tuple(tuple(types.FunctionType(types.none(*arguments))
+                             for arguments in phase_types(cache_kind).values()))
 
 
 def worker_types(cache_kind: str) -> tuple:
-    return ROWS, argument_types(cache_kind)
+    return ROWS, phases_type(cache_kind), argument_types(cache_kind)
 
 
 def run_workers_types(cache_kind: str) -> tuple:
     worker = types.FunctionType(types.none(*worker_types(cache_kind)))
-    return worker, ROWS, argument_types(cache_kind), types.int64
+    return worker, ROWS, phases_type(cache_kind), argument_types(cache_kind), types.int64
 
 
 EMBEDDING_TYPES = (WEIGHT, _i64(1), _f32(2))
-_workers: dict[str, tuple] = {}   # cache kind -> (worker_program as a first-class function, run_workers' entry)
+_workers: dict[str, tuple] = {}   # cache kind -> (worker_program and the phases as first-class functions, the entry)
+
+
+def _first_class(dispatcher, arguments: tuple) -> CompileResultWAP:
+    """``dispatcher`` compiled for ``arguments`` (or loaded from the kernel cache) as a first-class function."""
+    dispatcher.compile(arguments)
+    return CompileResultWAP(dispatcher.overloads[arguments])
 
 
 def launch_for(cache_kind: str) -> tuple:
-    """(worker_program as a first-class function, the compiled ``run_workers`` entry) for a cache of that kind,
-    compiled or loaded from the kernel cache once per process. The entry is called directly (numba's dispatch
-    would work out the types of the forty arguments again at every step)."""
+    """(worker_program, the phases as first-class functions, the compiled ``run_workers`` entry) for a cache of
+    that kind, compiled or loaded from the kernel cache once per process. The entry is called directly (numba's
+    dispatch would work out the types of the forty arguments again at every step)."""
     launch = _workers.get(cache_kind)
     if launch is None:
-        signature = worker_types(cache_kind)
-        worker_program.compile(signature)
-        worker = CompileResultWAP(worker_program.overloads[signature])
+        phases = tuple(_first_class(PHASE_FUNCTIONS[name], arguments)
+                       for name, arguments in phase_types(cache_kind).items())
+        worker = _first_class(worker_program, worker_types(cache_kind))
         signature = run_workers_types(cache_kind)
         run_workers.compile(signature)
-        launch = _workers[cache_kind] = (worker, run_workers.overloads[signature].entry_point)
+        launch = _workers[cache_kind] = (worker, phases, run_workers.overloads[signature].entry_point)
     return launch
 
 
@@ -397,7 +478,9 @@ def compile_unit(unit: str) -> None:
     ``rows-<type>``, ``embedding-<type>``, ``lists`` or ``checks`` (see ``DecoderLayersStep.units``)."""
     from ..quants import portable
     kind, _, detail = unit.partition("-")
-    if kind == "worker_program":
+    if kind in PHASE_FUNCTIONS:
+        PHASE_FUNCTIONS[kind].compile(phase_types(detail or "f32")[kind])
+    elif kind == "worker_program":
         worker_program.compile(worker_types(detail))
     elif kind == "run_workers":
         run_workers.compile(run_workers_types(detail))
@@ -424,7 +507,9 @@ def shared_buffers(c, n: int, positions: np.ndarray, widest_window: int) -> tupl
     else:
         max_chunks = int(positions.max()) // KEY_CHUNK + 1
     empty = np.empty
-    return (np.zeros(2 * (c.n_layers * PHASES_PER_LAYER + 1), dtype=np.int64),   # counters (the head's last)
+    widest = n * max(c.dim, c.q_dim, c.hidden_dim)
+    # counters: two a phase (items claimed, items done), the head's last; then two a phase for shared preparing
+    return (np.zeros(4 * (c.n_layers * PHASES_PER_LAYER + 1), dtype=np.int64),
             empty((n, c.q_dim), np.float32), empty((n, c.kv_dim), np.float32),  # q, k
             empty((n, c.kv_dim), np.float32), empty((n, c.q_dim), np.float32),  # v, attended
             empty((n, c.hidden_dim), np.float32), empty((n, c.hidden_dim), np.float32),  # gate, up
@@ -433,7 +518,10 @@ def shared_buffers(c, n: int, positions: np.ndarray, widest_window: int) -> tupl
             empty((n, c.n_kv_heads, c.head_dim), np.float32),               # k_rotated
             empty((n, c.n_kv_heads, max_chunks, group), np.float32),        # part_max
             empty((n, c.n_kv_heads, max_chunks, group), np.float32),        # part_sum
-            empty((n, c.n_kv_heads, max_chunks, group, c.head_dim), np.float32))  # part_out
+            empty((n, c.n_kv_heads, max_chunks, group, c.head_dim), np.float32),  # part_out
+            # a matmul phase's activations when the workers prepare them together (see matmul_phase)
+            empty(widest, np.float32), empty(widest, np.int16), empty(widest // 32, np.float32),
+            empty(widest // 16, np.float32), empty(widest // 32, np.float32), empty(widest // 16, np.float32))
 
 
 # --------------------------------------------------------------------------- from Python
@@ -537,7 +625,9 @@ class DecoderLayersStep:
 
     def units(self, cache_kind: str) -> list[str]:
         """The compiled forms a forward pass through this step needs (``compile_unit`` names), longest first."""
-        return ([f"worker_program-{cache_kind}", f"run_workers-{cache_kind}"] + [f"rows-{t}" for t in self.types]
+        return ([f"attention_phases-{cache_kind}", "matmul_phase", f"worker_program-{cache_kind}",
+                 f"rope_phase-{cache_kind}", f"run_workers-{cache_kind}", "post_norm_phase"]
+                + [f"rows-{t}" for t in self.types]
                 + ([f"embedding-{self.embedding_type}"] if self.embedding_type else []) + ["lists", "checks"])
 
     def prepare(self, cache) -> None:
@@ -597,8 +687,8 @@ class DecoderLayersStep:
                 k_full, v_full, k_ring, v_ring, c.n_heads, np.float32(c.norm_eps), self.query_scale, self.softcap,
                 n_workers, head_rows, self.output_norm, logits) + \
             shared_buffers(c, x.shape[0], positions, widest_window)
-        worker, launch = launch_for(cache_kind)
-        launch(worker, self.rows, args, n_workers)
+        worker, phases, launch = launch_for(cache_kind)
+        launch(worker, self.rows, phases, args, n_workers)
         return logits if self.has_head and head_rows is not _NO_ROWS else None
 
 

@@ -67,6 +67,12 @@ def _rms_norm_serial(x, weight, eps, out):
         _rms_norm_row(x, weight, eps, out, i)
 
 
+@njit(cache=True)
+def _rms_norm_one(x, weight, eps, out, i):
+    """Row i alone (workers of one parallel region take a row each)."""
+    _rms_norm_row(x, weight, eps, out, i)
+
+
 @njit(cache=True, parallel=True)
 def _rms_norm_parallel(x, weight, eps, out):
     for i in prange(x.shape[0]):
@@ -102,6 +108,11 @@ def _swiglu_row(gate, up, out, i):
 def _swiglu_serial(gate, up, out):
     for i in range(gate.shape[0]):
         _swiglu_row(gate, up, out, i)
+
+
+@njit(cache=True, fastmath=_EXACT_DIVISION)
+def _swiglu_one(gate, up, out, i):
+    _swiglu_row(gate, up, out, i)
 
 
 @njit(cache=True, fastmath=_EXACT_DIVISION, parallel=True)
@@ -145,6 +156,11 @@ def _geglu_row(gate, up, out, i):
 def _geglu_serial(gate, up, out):
     for i in range(gate.shape[0]):
         _geglu_row(gate, up, out, i)
+
+
+@njit(cache=True, fastmath=_EXACT_DIVISION)
+def _geglu_one(gate, up, out, i):
+    _geglu_row(gate, up, out, i)
 
 
 @njit(cache=True, fastmath=_EXACT_DIVISION, parallel=True)

@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..ops.kernels import (PARALLEL_MIN_ROWS, _geglu_parallel, _geglu_serial, _rms_norm_parallel, _rms_norm_serial,
-                           _swiglu_parallel, _swiglu_serial)
+from ..ops.kernels import (PARALLEL_MIN_ROWS, _geglu_one, _geglu_parallel, _geglu_serial, _rms_norm_one,
+                           _rms_norm_parallel, _rms_norm_serial, _swiglu_one, _swiglu_parallel, _swiglu_serial)
 from .intrinsics import float32_from_bits, load_u8
 
 BLOCK = 32          # activation block: one float scale per 32 activations
@@ -149,6 +149,27 @@ def prepare_activations_serial(x, prologue, norm_weight, eps, up, h, xq, xd, xds
             xd_by_block[b, j] = xd[j, b]
         for b in range(xds16.shape[1]):
             xds16_by_block[b, j] = xds16[j, b]
+
+
+@njit(cache=True)
+def prepare_activations_row(x, prologue, norm_weight, eps, up, h, xq, xd, xds16, xd_by_block, xds16_by_block, j):
+    """Row j of ``prepare_activations_serial``'s results (workers of one parallel region take a row each): the
+    same row functions, the same bits."""
+    source = x
+    if prologue == RMS_NORM:
+        _rms_norm_one(x, norm_weight, eps, h, j)
+        source = h
+    elif prologue == SWIGLU:
+        _swiglu_one(x, up, h, j)
+        source = h
+    elif prologue == GEGLU:
+        _geglu_one(x, up, h, j)
+        source = h
+    _quantize_row(source, j, xq, xd, xds16)
+    for b in range(xd.shape[1]):
+        xd_by_block[b, j] = xd[j, b]
+    for b in range(xds16.shape[1]):
+        xds16_by_block[b, j] = xds16[j, b]
 
 
 @njit(cache=True, inline="always")
