@@ -13,9 +13,12 @@ For each model (store names or GGUF paths), in child processes with ``NUMBA_NUM_
   top-level compile), ``cache_save_s`` (writing the cache: numba's ``Cache.save_overload``),
   and the wall and CPU seconds of the whole run.
 * ``first_answer_s``: wall seconds of ``python -m localllm.cli run MODEL PROMPT`` from process start to
-  exit, in a fresh empty kernel cache (what a new user waits for), with its CPU seconds (user + sys
-  of the child: less noisy than wall time on a busy machine).
-* ``warm_run_s``: the same command again ``--warm-runs`` times with that cache filled (median, min), and,
+  the first byte of its answer on stdout, in a fresh empty kernel cache (what a new user waits for);
+  ``first_run``: its seconds to exit and CPU seconds (user + sys of the child and its compile helper:
+  less noisy than wall time on a busy machine). The model samples as its defaults say, so an answer's
+  length (and the time to exit) differs from run to run; the first byte does not wait for it.
+* ``warm_run_s``: the same command again ``--warm-runs`` times with that cache filled (medians of the
+  first byte and of the exit, each run's, and the answer's length), and,
   in one more child with the cache filled, ``warm_breakdown``: seconds to import ``localllm.cli``, to load
   the model (store + GGUF + tokenizer), to load its kernels from the cache (numba's ``Cache.load_overload``,
   summed) and to answer.
@@ -182,17 +185,23 @@ def child_env(cache: Path, avx2_only: bool) -> dict:
     return env
 
 
-def run_child(args: list[str], env: dict) -> tuple[float, float, str]:
-    """(wall seconds, CPU seconds of the child, stdout) of ``python args``."""
+def run_child(args: list[str], env: dict) -> tuple[float, float, str, float]:
+    """(wall seconds, CPU seconds of the child, stdout, seconds to its first byte of stdout) of ``python args``."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
+    with tempfile.TemporaryFile() as errors:
+        child = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=errors)
+        first = child.stdout.read(1)
+        first_byte = time.perf_counter() - started
+        out = first + child.stdout.read()
+        code = child.wait()
+        wall = time.perf_counter() - started
+        errors.seek(0)
+        if code:
+            raise RuntimeError(f"{' '.join(args)} failed ({code}): {errors.read().decode()[-2000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr[-2000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, done.stdout
+    return wall, cpu, out.decode("utf-8", errors="replace"), first_byte
 
 
 def measure_model(model: str, args) -> dict:
@@ -201,7 +210,7 @@ def measure_model(model: str, args) -> dict:
     try:
         if args.profile:
             cache = workdir / "profile"
-            _, _, out = run_child([__file__, "--child", "profile", "--model", model, "--prompt", args.prompt],
+            _, _, out, _ = run_child([__file__, "--child", "profile", "--model", model, "--prompt", args.prompt],
                                   child_env(cache, args.avx2_only))
             profile = json.loads(out.strip().splitlines()[-1])
             profile["kernels_compiled"] = len(profile["kernels"])
@@ -211,15 +220,18 @@ def measure_model(model: str, args) -> dict:
             cache = workdir / "run"
             env = child_env(cache, args.avx2_only)
             command = ["-m", "localllm.cli", "run", model, args.prompt]
-            wall, cpu, answer = run_child(command, env)
-            result["first_answer_s"], result["first_answer_cpu_s"] = round(wall, 2), round(cpu, 2)
-            result["answer"] = answer.strip()[:200]
-            warm = [run_child(command, env)[:2] for _ in range(args.warm_runs)]
-            walls = [w for w, _ in warm]
-            result["warm_run_s"] = {"median": round(statistics.median(walls), 2), "min": round(min(walls), 2),
-                                    "runs": [round(w, 2) for w in walls],
-                                    "cpu_median": round(statistics.median(c for _, c in warm), 2)}
-            _, _, out = run_child([__file__, "--child", "warm", "--model", model, "--prompt", args.prompt], env)
+            wall, cpu, answer, first_byte = run_child(command, env)
+            result["first_answer_s"] = round(first_byte, 2)
+            result["first_run"] = {"exit_s": round(wall, 2), "cpu_s": round(cpu, 2), "answer_chars": len(answer),
+                                   "answer": answer.strip()[:120]}
+            warm = [run_child(command, env) for _ in range(args.warm_runs)]
+            result["warm_run_s"] = {
+                "first_answer_median": round(statistics.median(w[3] for w in warm), 2),
+                "exit_median": round(statistics.median(w[0] for w in warm), 2),
+                "runs": [{"first_answer_s": round(w[3], 2), "exit_s": round(w[0], 2), "answer_chars": len(w[2])}
+                         for w in warm],
+                "cpu_median": round(statistics.median(w[1] for w in warm), 2)}
+            _, _, out, _ = run_child([__file__, "--child", "warm", "--model", model, "--prompt", args.prompt], env)
             result["warm_breakdown"] = json.loads(out.strip().splitlines()[-1])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

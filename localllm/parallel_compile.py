@@ -6,9 +6,8 @@ the embedding lookup): ``compile_shared`` starts a helper process that compiles 
 kernel cache while this process compiles the others, then loads the helper's from the cache.
 
 Both processes take *units* (names that one function, ``compile_unit(name)``, knows how to compile or
-load) from a shared list: this process from the front, the helper from the back, each claiming a unit
-by creating a file in a directory of their own (``O_EXCL``) before compiling it, so that no unit is
-compiled twice. At the end this process calls ``compile_unit`` on every unit: numba loads what the
+load) from one list, longest first, each the next one nobody has claimed (a claim is a file created with
+``O_EXCL`` in a directory of their own), so that no unit is compiled twice and the two finish close together. At the end this process calls ``compile_unit`` on every unit: numba loads what the
 helper compiled from the cache, and compiles anything the helper could not (a helper that failed or
 was killed costs time, never a result).
 
@@ -71,14 +70,14 @@ def _compile_claimed(units: Sequence[str], compile_unit: Callable[[str], None], 
 
 def compile_shared(units: Sequence[str], compile_unit: Callable[[str], None]) -> None:
     """``compile_unit(unit)`` for every unit (each compiles one kernel form, or loads it from the kernel cache),
-    the ones never compiled here shared with a helper process. Units first in the list are taken by this
-    process first: put the longest one first. ``compile_unit`` must be a module-level function (the helper
+    the ones never compiled here shared with a helper process. Both take them in list order: put the longest
+    first. ``compile_unit`` must be a module-level function (the helper
     imports it by name); unit names are file names."""
     folder = _marker_folder()
     missing = [unit for unit in units if not (folder / unit).exists()]
     if len(missing) > 1 and enabled():
         claims = Path(tempfile.mkdtemp(prefix="localllm-compile-"))
-        helper = _start_helper(compile_unit, claims, list(reversed(missing)))
+        helper = _start_helper(compile_unit, claims, missing)
         try:
             _compile_claimed(missing, compile_unit, claims)
             helper.wait(timeout=HELPER_TIMEOUT_S)

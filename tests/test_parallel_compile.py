@@ -1,4 +1,4 @@
-"""parallel_compile.compile_shared: a helper process takes units from the other end of the list; each unit is
+"""parallel_compile.compile_shared: a helper process takes units from the same list; each unit is
 compiled once (this process or the helper), then this process loads every one; a second call, with every unit
 marked compiled, starts no helper."""
 import os
@@ -31,7 +31,7 @@ def test_units_are_shared_with_a_helper_then_loaded_here(tmp_path, monkeypatch):
     calls = lines(log)
     here = [unit for pid, unit in calls if pid == os.getpid()]
     helper = [unit for pid, unit in calls if pid != os.getpid()]
-    assert helper and set(helper) <= set(units[1:])     # the helper took some, never this process's first
+    assert helper and set(helper) <= set(units[1:])     # the helper took some (it starts after this process)
     assert len(helper) == len(set(helper))
     for unit in units:                                   # compiled once, by one of the two; loaded here at the end
         assert here.count(unit) + helper.count(unit) == 2 and here.count(unit) >= 1
