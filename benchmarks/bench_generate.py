@@ -34,6 +34,11 @@ with ``NUMBA_CPU_FEATURES=`` empty (the name alone keeps the host's feature flag
 AVX-512 included) and a kernel cache of its own (``LOCALLLM_KERNEL_CACHE``,
 ``~/.cache/localllm/kernels-haswell``). The peers stay as built.
 
+Decode breakdown (localllm only, ``decode_breakdown_ms``): a decode token's milliseconds, the same token's weight
+matmuls alone (each group of matrices sharing an input in one per-op launch: an upper bound on their share),
+and the difference, a lower bound on the time spent outside the matmuls (attention, norms, RoPE, the KV write,
+the launch itself): for a 135M model that overhead decides the race.
+
 Startup (localllm only): ``first_compile_s`` is process start to first token
 with an empty numba cache (everything compiled), ``cached_start_s`` the same
 for a second process that finds the cache (numba ``cache=True``).
@@ -135,6 +140,32 @@ class LocalEngine:
         self.position += 1
         return int(logits[-1].argmax())
 
+    def matmuls_alone_s(self, rounds: int = 5) -> float:
+        """Seconds one decode token spends in its weight matmuls alone: every layer's QKV, output, gate/up and down
+        projections and the output head on one token's activations, one per-op launch per group of weights
+        sharing an input (as the per-op path groups them); the least of ``rounds``. An upper bound (each
+        launch pays a fork/join the one-launch step does not), so ``decode token - this`` is a lower bound
+        on what a token spends outside the matmuls (attention, norms, RoPE, the KV write, sampling input)."""
+        from localllm.quants import kernels
+        np = self.np
+        rng = np.random.default_rng(0)
+
+        def x_for(w):
+            return rng.standard_normal((1, w.shape[1])).astype(np.float32)
+
+        groups = []
+        for layer in self.model.layers:
+            groups += [(layer.wq, layer.wk, layer.wv), (layer.wo,), (layer.w_gate, layer.w_up), (layer.w_down,)]
+        groups.append((self.model.output,))
+        inputs = [x_for(group[0]) for group in groups]
+        best = float("inf")
+        for _ in range(rounds + 1):                      # the first round compiles or loads the kernels
+            t = time.perf_counter()
+            for group, x in zip(groups, inputs):
+                kernels.matmul_many(group, x)
+            best = min(best, time.perf_counter() - t)
+        return best
+
     def info(self) -> dict:
         import llvmlite.binding as llvm
         import numba
@@ -211,8 +242,13 @@ def run_worker(args) -> None:
             for _ in range(args.decode_tokens):
                 token = engine.decode(token)
             t2 = time.perf_counter()
-            print(json.dumps({"prefill_tok_s": args.prompt_tokens / (t1 - t0),
-                              "decode_tok_s": args.decode_tokens / (t2 - t1)}), flush=True)
+            result = {"prefill_tok_s": args.prompt_tokens / (t1 - t0), "decode_tok_s": args.decode_tokens / (t2 - t1)}
+            if engine.name == LOCAL:
+                token_ms = 1000 * (t2 - t1) / args.decode_tokens
+                matmul_ms = 1000 * engine.matmuls_alone_s()
+                result["decode_breakdown_ms"] = {"token": token_ms, "matmuls_alone": matmul_ms,
+                                                 "outside_matmuls_at_least": token_ms - matmul_ms}
+            print(json.dumps(result), flush=True)
         elif command == "quit":
             print(json.dumps({"peak_rss_mb": peak_rss_mb(), "warmup_peak_rss_mb": compile_peak_mb,
                               **engine.info()}), flush=True)
@@ -261,6 +297,9 @@ def summary(rounds: list[dict]) -> dict:
         out[f"{kind}_tok_s"] = round(statistics.median(r[f"{kind}_tok_s"] for r in rounds), 1)
         if f"{kind}_stddev" in rounds[0]:
             out[f"{kind}_stddev"] = round(statistics.median(r[f"{kind}_stddev"] for r in rounds), 2)
+    if "decode_breakdown_ms" in rounds[0]:  # localllm: where a decode token's time goes (medians, ms)
+        out["decode_breakdown_ms"] = {key: round(statistics.median(r["decode_breakdown_ms"][key] for r in rounds), 2)
+                                      for key in rounds[0]["decode_breakdown_ms"]}
     return out
 
 
@@ -348,7 +387,8 @@ def main() -> None:
             entry_result.update({"llama_bench": str(bench.path), "given_by": bench.source,
                                  "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rounds[name]), 1),
                                  **bench.info})
-        entry_result["rounds"] = [{key: round(value, 2 if key.endswith("stddev") else 1)
+        entry_result["rounds"] = [{key: ({k: round(v, 2) for k, v in value.items()} if isinstance(value, dict)
+                                         else round(value, 2 if key.endswith("stddev") else 1))
                                    for key, value in r.items()} for r in rounds[name]]
         result[name] = entry_result
     for name, worker in workers.items():

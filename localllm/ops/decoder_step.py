@@ -596,7 +596,7 @@ class DecoderLayersStep:
 
     def _layout(self, cache):
         """(layer_cache (n_layers, 2): each layer's group and index in it, k_full, v_full, k_ring, v_ring, the
-        RoPE schemes, each layer's scheme (n_layers,)) of a cache, worked out once per cache: its groups and
+        RoPE schemes, each layer's scheme (n_layers,), the most tokens one call may add) of a cache, worked out once per cache: its groups and
         context length never change."""
         layout = getattr(cache, "_decoder_step_layout", None)
         if layout is not None:
@@ -610,17 +610,21 @@ class DecoderLayersStep:
         for group, layers in ((0, full_layers), (1, ring_layers)):
             for index, layer in enumerate(layers):
                 layer_cache[layer] = group, index
+        ring_room = cache.n_ctx       # the most new tokens one call may write (every ring holds its window and them)
         for layer in range(c.n_layers):
             rows = cache.rows[layer]
-            if rows < cache.n_ctx and (rows % KEY_CHUNK or rows < self.layer_windows[layer] + self.max_tokens):
-                raise ValueError(f"DecoderLayersStep.run: layer {layer}'s ring of {rows} rows cannot hold its "
-                                 f"window and {self.max_tokens} new tokens")
+            if rows < cache.n_ctx:
+                if rows % KEY_CHUNK or rows <= self.layer_windows[layer]:
+                    raise ValueError(f"DecoderLayersStep.run: layer {layer}'s ring of {rows} rows does not suit "
+                                     f"its window of {self.layer_windows[layer]}")
+                ring_room = min(ring_room, rows - self.layer_windows[layer])
         if k_full.dtype == np.float16:
             k_full, v_full, k_ring, v_ring = (a.view(np.uint16) for a in (k_full, v_full, k_ring, v_ring))
         frequencies = [c.rope(i, cache.n_ctx) for i in range(c.n_layers)]       # RoPE of each layer
         distinct = list(dict.fromkeys(frequencies))                               # the schemes, in first use order
         layer_rope = np.array([distinct.index(f) for f in frequencies], dtype=np.int64)
-        cache._decoder_step_layout = layout = (layer_cache, k_full, v_full, k_ring, v_ring, distinct, layer_rope)
+        cache._decoder_step_layout = layout = (layer_cache, k_full, v_full, k_ring, v_ring, distinct, layer_rope,
+                                               ring_room)
         return layout
 
     def units(self, cache_kind: str) -> list[str]:
@@ -664,7 +668,10 @@ class DecoderLayersStep:
             raise ValueError(f"DecoderLayersStep.run: x must be a writeable C-contiguous float32 (n, {c.dim}) array")
         positions, slots = np.ascontiguousarray(positions, np.int64), np.ascontiguousarray(slots, np.int64)
         self.prepare(cache)
-        layer_cache, k_full, v_full, k_ring, v_ring, distinct, layer_rope = self._layout(cache)
+        layer_cache, k_full, v_full, k_ring, v_ring, distinct, layer_rope, ring_room = self._layout(cache)
+        if x.shape[0] > ring_room:
+            raise ValueError(f"DecoderLayersStep.run: {x.shape[0]} tokens in one call, but the cache's rings hold "
+                             f"their windows and {ring_room} new tokens only (KVCache max_batch_tokens)")
         cache_kind = "f16" if k_full.dtype == np.uint16 else "f32"
         n_slots = cache.n_slots
         if _check_indices(slots, positions, n_slots, cache.n_ctx, 0) != _OK:
