@@ -660,3 +660,70 @@ def shift_left_i32x8(typingctx, v, shift):
     def codegen(context, builder, sig, args):
         return builder.shl(args[0], _splat(builder, _as_lane(builder, args[1], _i32), I32x8.llvm_type))
     return i32x8(v, shift), codegen
+
+
+# --------------------------------------------------------------------------- stores and the interleaved weight strip
+
+def _vector_store(builder, context, array_type, array, offset, value):
+    pointer = builder.bitcast(_byte_pointer(context, builder, array_type, array, offset), value.type.as_pointer())
+    builder.store(value, pointer, align=1)
+
+
+@intrinsic
+def store_i16x16(typingctx, array, offset, v):
+    """Write the 32 bytes of ``v`` at byte ``offset`` of ``array`` (any dtype; C-contiguous)."""
+    def codegen(context, builder, sig, args):
+        _vector_store(builder, context, sig.args[0], args[0], args[1], args[2])
+        return context.get_dummy_value()
+    return types.none(array, offset, v), codegen
+
+
+@intrinsic
+def store_f32x8(typingctx, array, offset, v):
+    """Write the eight float32 lanes of ``v`` at byte ``offset`` of ``array`` (C-contiguous)."""
+    def codegen(context, builder, sig, args):
+        _vector_store(builder, context, sig.args[0], args[0], args[1], args[2])
+        return context.get_dummy_value()
+    return types.none(array, offset, v), codegen
+
+
+@intrinsic
+def splat_pair_i16(typingctx, array, offset):
+    """The two int16 values at byte ``offset`` (one 32-bit word) repeated in all eight 32-bit lanes
+    (``vpbroadcastd`` from memory): a pair of activations against the same pair of eight weight rows."""
+    def codegen(context, builder, sig, args):
+        word = _load(builder, _byte_pointer(context, builder, sig.args[0], *args), _i32)
+        return builder.bitcast(_splat(builder, word, I32x8.llvm_type), I16x16.llvm_type)
+    return i16x16(array, offset), codegen
+
+
+@intrinsic
+def transpose_pairs_i16x16(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
+    """An 8 x 8 transpose of 32-bit words: word k of result i = word i of ``a_k``. With ``a_k`` 16 int16 of
+    weight row k, result i holds the pair (2i, 2i + 1) of every row, row k in word k (unpack 32, unpack 64,
+    then 128-bit halves)."""
+    def codegen(context, builder, sig, args):
+        v8 = I32x8.llvm_type
+        mask = ir.VectorType(_i32, 8)
+        rows = [builder.bitcast(a, v8) for a in args]
+
+        def shuffle(x, y, lanes):
+            return builder.shuffle_vector(x, y, ir.Constant(mask, lanes))
+
+        # unpacklo/hi_epi32 of rows (0, 1), (2, 3), ...: [r0w0 r1w0 r0w1 r1w1 | r0w4 r1w4 r0w5 r1w5], ...
+        lo32 = [shuffle(rows[k], rows[k + 1], [0, 8, 1, 9, 4, 12, 5, 13]) for k in range(0, 8, 2)]
+        hi32 = [shuffle(rows[k], rows[k + 1], [2, 10, 3, 11, 6, 14, 7, 15]) for k in range(0, 8, 2)]
+        # unpacklo/hi_epi64 of those for row pairs (0-1, 2-3) and (4-5, 6-7): four rows' word w in one 128-bit half
+        quads = []
+        for low_half, high_half in ((lo32[0], lo32[1]), (lo32[2], lo32[3]), (hi32[0], hi32[1]), (hi32[2], hi32[3])):
+            quads.append((shuffle(low_half, high_half, [0, 1, 8, 9, 4, 5, 12, 13]),     # words 0 / 4 (or 2 / 6)
+                          shuffle(low_half, high_half, [2, 3, 10, 11, 6, 7, 14, 15])))  # words 1 / 5 (or 3 / 7)
+        # quads[0]: rows 0-3 (words 0|4, 1|5), quads[1]: rows 4-7 (same), quads[2]/[3]: words 2|6, 3|7
+        out = [None] * 8
+        for first, second, word in ((0, 1, 0), (2, 3, 2)):
+            for part in range(2):
+                x, y = quads[first][part], quads[second][part]
+                out[word + part] = shuffle(x, y, [0, 1, 2, 3, 8, 9, 10, 11])
+                out[word + part + 4] = shuffle(x, y, [4, 5, 6, 7, 12, 13, 14, 15])
+        return context.make_tuple(builder, sig.return_type, [builder.bitcast(v, I16x16.llvm_type) for v in out])
+    return types.UniTuple(i16x16, 8)(a0, a1, a2, a3, a4, a5, a6, a7), codegen

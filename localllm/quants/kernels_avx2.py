@@ -35,8 +35,9 @@ from .intrinsics import (add_f32x8, add_i32x8, bits_i16x16, bits_i32x8, dot_i16,
                          load_i8x32, load_nibbles, load_nibbles_i16, load_u32x8_strided, load_u8, mul_f32x8,
                          mul_i32x8, negate_f32x8, or_i16x16, or_i32x8, or_shifted, pack_f32x8, prefetch, scale_i16,
                          shift_left_i16x16, shift_left_i32x8, shift_right_and, signed_byte_i32x8,
-                         splat_f32x8, splat_i32x8, sum_halves_by8, sum_lanes_by8, sum_lanes_i32, to_f32x8, widen_high,
-                         widen_high_signed, widen_low, widen_low_signed, zeros_f32x8)
+                         splat_f32x8, splat_i32x8, splat_pair_i16, store_f32x8, store_i16x16, sum_halves_by8,
+                         sum_lanes_by8, sum_lanes_i32, to_f32x8, transpose_pairs_i16x16, widen_high, widen_high_signed,
+                         widen_low, widen_low_signed, zeros_f32x8)
 from .portable import BLOCK, count_tasks, k4_scale_min, prepare_activations, store, task_location
 
 # the row ranges are called through numba's first-class function pointers (an "experimental" feature it warns
@@ -44,8 +45,17 @@ from .portable import BLOCK, count_tasks, k4_scale_min, prepare_activations, sto
 warnings.filterwarnings("ignore", message="First-class function type feature is experimental",
                         category=NumbaExperimentalFeatureWarning)
 
-ROWS_PER_TASK = 8   # weight rows per task: the eight lanes of the decode path
+ROWS_PER_TASK = 8   # weight rows per task: the eight lanes of the decode path and of the prefill tile
 TASK_GROUPS = 96    # parallel work items; each runs consecutive tasks with one scratch table
+STRIP_ROWS_PER_BLOCK = 19  # scratch rows of eight float32 per 32-block: 2 offsets, 1 scale, 16 interleaved pairs
+TILE_MIN_TOKENS = 8        # from this many tokens on, a task's rows are interleaved into a strip (the tile path)
+TILE_TOKENS = 4            # tokens per pass over the strip: each strip vector load serves four
+
+
+def scratch_rows(cols: int) -> int:
+    """Rows (of eight float32) of the per-group scratch table a row task of a matrix with ``cols`` columns needs:
+    its offset table and its interleaved strip (``make_rows_task``)."""
+    return STRIP_ROWS_PER_BLOCK * (cols // BLOCK)
 
 _ZERO = np.float32(0.0)
 
@@ -578,6 +588,116 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
             acc = add_f32x8(acc, add_f32x8(low_sum, high_sum))
         return acc
 
+    @njit(inline="always")
+    def fill_strip(w, row, stride, n_blocks, strip):
+        """The eight weight rows from byte ``row`` (``stride`` apart), decoded once, into ``strip`` (float32
+        (STRIP_ROWS_PER_BLOCK * n_blocks, 8), 32 bytes a row; row i of the task in lane i of every row)::
+
+            strip[2b], strip[2b + 1]            (8,) float32   offset_0, offset_1 of block b (the offset table)
+            strip[2 nb + b]                     (8,) float32   d of block b
+            strip[3 nb + 16 b + k]              (8, 2) int16   elements 2k, 2k + 1 of block b (k < 16),
+                                                               as ``weights`` gives them (per-16 scales applied)
+
+        (nb = n_blocks): an 8 x 8 transpose of 32-bit pairs per 16-half of a block."""
+        for b in range(n_blocks):
+            low0, high0, d0, offset00, offset01 = weights(w, row, b)
+            low1, high1, d1, offset10, offset11 = weights(w, row + stride, b)
+            low2, high2, d2, offset20, offset21 = weights(w, row + 2 * stride, b)
+            low3, high3, d3, offset30, offset31 = weights(w, row + 3 * stride, b)
+            low4, high4, d4, offset40, offset41 = weights(w, row + 4 * stride, b)
+            low5, high5, d5, offset50, offset51 = weights(w, row + 5 * stride, b)
+            low6, high6, d6, offset60, offset61 = weights(w, row + 6 * stride, b)
+            low7, high7, d7, offset70, offset71 = weights(w, row + 7 * stride, b)
+            at = 32 * (3 * n_blocks + 16 * b)
+            p0, p1, p2, p3, p4, p5, p6, p7 = transpose_pairs_i16x16(low0, low1, low2, low3, low4, low5, low6, low7)
+            store_i16x16(strip, at, p0)
+            store_i16x16(strip, at + 32, p1)
+            store_i16x16(strip, at + 64, p2)
+            store_i16x16(strip, at + 96, p3)
+            store_i16x16(strip, at + 128, p4)
+            store_i16x16(strip, at + 160, p5)
+            store_i16x16(strip, at + 192, p6)
+            store_i16x16(strip, at + 224, p7)
+            p0, p1, p2, p3, p4, p5, p6, p7 = transpose_pairs_i16x16(high0, high1, high2, high3, high4, high5, high6,
+                                                                    high7)
+            store_i16x16(strip, at + 256, p0)
+            store_i16x16(strip, at + 288, p1)
+            store_i16x16(strip, at + 320, p2)
+            store_i16x16(strip, at + 352, p3)
+            store_i16x16(strip, at + 384, p4)
+            store_i16x16(strip, at + 416, p5)
+            store_i16x16(strip, at + 448, p6)
+            store_i16x16(strip, at + 480, p7)
+            store_f32x8(strip, 32 * (2 * n_blocks + b), pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7))
+            if offsets:
+                store_f32x8(strip, 32 * (2 * b), pack_f32x8(offset00, offset10, offset20, offset30, offset40,
+                                                            offset50, offset60, offset70))
+                store_f32x8(strip, 32 * (2 * b + 1), pack_f32x8(offset01, offset11, offset21, offset31, offset41,
+                                                                offset51, offset61, offset71))
+
+    @njit(inline="always")
+    def strip_dots(strip, at, xq, xo, row_bytes):
+        """The exact int32 dots of the eight strip rows' block (pairs from byte ``at``) with the activation blocks
+        of four tokens (byte ``xo`` of the first, ``row_bytes`` apart), row i in lane i: per pair k one strip load
+        for the four tokens, one broadcast activation pair and one ``vpmaddwd`` per token."""
+        s0, s1, s2, s3 = splat_i32x8(0), splat_i32x8(0), splat_i32x8(0), splat_i32x8(0)
+        for k in range(0, 16, 2):
+            v0, v1 = load_i16x16(strip, at + 32 * k), load_i16x16(strip, at + 32 * k + 32)
+            x = xo + 4 * k
+            s0 = add_i32x8(s0, dot_i16(v0, splat_pair_i16(xq, x), v1, splat_pair_i16(xq, x + 4)))
+            x += row_bytes
+            s1 = add_i32x8(s1, dot_i16(v0, splat_pair_i16(xq, x), v1, splat_pair_i16(xq, x + 4)))
+            x += row_bytes
+            s2 = add_i32x8(s2, dot_i16(v0, splat_pair_i16(xq, x), v1, splat_pair_i16(xq, x + 4)))
+            x += row_bytes
+            s3 = add_i32x8(s3, dot_i16(v0, splat_pair_i16(xq, x), v1, splat_pair_i16(xq, x + 4)))
+        return s0, s1, s2, s3
+
+    @njit(inline="always")
+    def store_lanes(out, j, r, acc, accumulate):
+        """out[j, r:r + 8] = acc, or out[j, r:r + 8] + acc (``store`` for eight consecutive rows)."""
+        at = 4 * (j * out.shape[1] + r)
+        if accumulate:
+            acc = add_f32x8(load_f32x8(out, at), acc)
+        store_f32x8(out, at, acc)
+
+    @njit(inline="always")
+    def tile_four_tokens(strip, n_blocks, xq, j, xd, xds16, out, r, accumulate):
+        """out[j:j + 4, r:r + 8] from the strip: the arithmetic of ``rows_task`` per (row, token), rows in the
+        lanes (d and offsets row vectors, the activation scales splats), so no horizontal sums. The offset chains
+        are a second pass over the blocks (registers: four dots and four accumulators in the first)."""
+        row_bytes = 2 * xq.shape[1]
+        acc0, acc1, acc2, acc3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
+        for b in range(n_blocks):
+            s0, s1, s2, s3 = strip_dots(strip, 32 * (3 * n_blocks + 16 * b), xq, j * row_bytes + b * 2 * BLOCK,
+                                        row_bytes)
+            d = load_f32x8(strip, 32 * (2 * n_blocks + b))
+            acc0 = fma_f32x8(mul_f32x8(to_f32x8(s0), splat_f32x8(xd[j, b])), d, acc0)
+            acc1 = fma_f32x8(mul_f32x8(to_f32x8(s1), splat_f32x8(xd[j + 1, b])), d, acc1)
+            acc2 = fma_f32x8(mul_f32x8(to_f32x8(s2), splat_f32x8(xd[j + 2, b])), d, acc2)
+            acc3 = fma_f32x8(mul_f32x8(to_f32x8(s3), splat_f32x8(xd[j + 3, b])), d, acc3)
+        if offsets:
+            low0, low1, low2, low3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
+            high0, high1, high2, high3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
+            for b in range(n_blocks):
+                offset0, offset1 = load_f32x8(strip, 32 * (2 * b)), load_f32x8(strip, 32 * (2 * b + 1))
+                low0 = fma_f32x8(offset0, splat_f32x8(xds16[j, 2 * b]), low0)
+                high0 = fma_f32x8(offset1, splat_f32x8(xds16[j, 2 * b + 1]), high0)
+                low1 = fma_f32x8(offset0, splat_f32x8(xds16[j + 1, 2 * b]), low1)
+                high1 = fma_f32x8(offset1, splat_f32x8(xds16[j + 1, 2 * b + 1]), high1)
+                low2 = fma_f32x8(offset0, splat_f32x8(xds16[j + 2, 2 * b]), low2)
+                high2 = fma_f32x8(offset1, splat_f32x8(xds16[j + 2, 2 * b + 1]), high2)
+                low3 = fma_f32x8(offset0, splat_f32x8(xds16[j + 3, 2 * b]), low3)
+                high3 = fma_f32x8(offset1, splat_f32x8(xds16[j + 3, 2 * b + 1]), high3)
+            acc0 = add_f32x8(acc0, add_f32x8(low0, high0))
+            acc1 = add_f32x8(acc1, add_f32x8(low1, high1))
+            acc2 = add_f32x8(acc2, add_f32x8(low2, high2))
+            acc3 = add_f32x8(acc3, add_f32x8(low3, high3))
+        store_lanes(out, j, r, acc0, accumulate)
+        store_lanes(out, j + 1, r, acc1, accumulate)
+        store_lanes(out, j + 2, r, acc2, accumulate)
+        store_lanes(out, j + 3, r, acc3, accumulate)
+
     @njit  # no fastmath: every path must round alike (batch-invariant)
     def rows_task(w, r_start, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
         n, cols = xq.shape
@@ -586,6 +706,11 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
         stride = w.shape[1]
         r_stop = min(r_start + ROWS_PER_TASK, w.shape[0])
         j = 0
+        if n >= TILE_MIN_TOKENS and r_stop - r_start == ROWS_PER_TASK:  # the tile: eight rows in the lanes
+            fill_strip(w, r_start * stride, stride, n_blocks, offset_table)
+            while j + TILE_TOKENS <= n:
+                tile_four_tokens(offset_table, n_blocks, xq, j, xd, xds16, out, r_start, accumulate)
+                j += TILE_TOKENS
         while j + 8 <= n:  # eight tokens in the lanes: each weight block decoded once for all eight
             r = r_start
             while r < r_stop:  # two weight rows at a time share every activation load (one if one is left)
@@ -772,7 +897,8 @@ def launch_inputs(ws, x, prologue, norm_weight, eps, up):
     xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
     n_groups = min(n_tasks, TASK_GROUPS)
-    offset_tables = np.empty((n_groups, xds16.shape[1], 8), dtype=np.float32)  # scratch: one table per group
+    # scratch: one offset table and strip per group (``scratch_rows``)
+    offset_tables = np.empty((n_groups, STRIP_ROWS_PER_BLOCK * (xq.shape[1] // BLOCK), 8), dtype=np.float32)
     return xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables
 
 
