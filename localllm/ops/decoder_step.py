@@ -58,7 +58,7 @@ from numba.typed import List
 from numba.core.types.function_type import CompileResultWAP
 
 from ..quants.intrinsics import atomic_add, atomic_load, spin_pause
-from ..quants.kernels_avx2 import ROWS_RANGE_SIGNATURE, STRIP_ROWS_PER_BLOCK, row_function
+from ..quants.kernels_avx2 import ROWS_RANGE_SIGNATURE, row_function, scratch_rows
 from ..quants.portable import (GATED_PROLOGUES, NO_PROLOGUE, RMS_NORM, prepare_activations_row,
                                prepare_activations_serial)
 from . import ref
@@ -303,7 +303,7 @@ def worker_program(rows, phases, args):
                np.empty(n * widest // 32, dtype=np.float32),  # the same two by block
                np.empty(n * widest // 16, dtype=np.float32),
                # the row tasks' offset table and interleaved weight strip (kernels_avx2.scratch_rows)
-               np.empty((STRIP_ROWS_PER_BLOCK * (widest // 32), 8), dtype=np.float32))
+               np.empty((scratch_rows(n, widest), 8), dtype=np.float32))
     shared_scratch = (shared_h, shared_q, shared_d, shared_d16, shared_d_t, shared_d16_t, scratch[6])
     scores = np.empty((group, KEY_CHUNK), dtype=np.float32)
     run_max = np.empty(group, dtype=np.float32)

@@ -52,10 +52,13 @@ TILE_MIN_TOKENS = 8        # from this many tokens on, a task's rows are interle
 TILE_TOKENS = 4            # tokens per pass over the strip: each strip vector load serves four
 
 
-def scratch_rows(cols: int) -> int:
-    """Rows (of eight float32) of the per-group scratch table a row task of a matrix with ``cols`` columns needs:
-    its offset table and its interleaved strip (``make_rows_task``)."""
-    return STRIP_ROWS_PER_BLOCK * (cols // BLOCK)
+@njit(cache=True)
+def scratch_rows(n, cols):
+    """Rows (of eight float32) of the per-group scratch table the row tasks of n tokens against a matrix with
+    ``cols`` columns need: the offset table, and from TILE_MIN_TOKENS tokens on the interleaved strip around it
+    (``make_rows_task``)."""
+    n_blocks = cols // BLOCK
+    return STRIP_ROWS_PER_BLOCK * n_blocks if n >= TILE_MIN_TOKENS else 2 * n_blocks
 
 _ZERO = np.float32(0.0)
 
@@ -898,7 +901,7 @@ def launch_inputs(ws, x, prologue, norm_weight, eps, up):
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
     n_groups = min(n_tasks, TASK_GROUPS)
     # scratch: one offset table and strip per group (``scratch_rows``)
-    offset_tables = np.empty((n_groups, STRIP_ROWS_PER_BLOCK * (xq.shape[1] // BLOCK), 8), dtype=np.float32)
+    offset_tables = np.empty((n_groups, scratch_rows(xq.shape[0], xq.shape[1]), 8), dtype=np.float32)
     return xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables
 
 
