@@ -8,11 +8,16 @@ has them, and dotted with the int16 activations by ``vpmaddwd``
 (``intrinsics.dot_i16``): an exact integer per block, turned into float once.
 
 The row kernel puts eight dot products in the lanes of one vector: eight
-tokens of a weight row in prefill and batched decode (every weight block is
-read and unpacked once for eight tokens), eight weight rows of one token in
-decode. Both do the same arithmetic per (row, token), and leftovers one at a
-time too: a token's result does not depend on the batch it came in (chunked
-prefill equals one-shot prefill bit for bit).
+weight rows of a token. From eight tokens on (prefill and batched decode) a
+task first decodes its eight rows once into a per-group scratch strip,
+interleaved so that one vector holds a pair of elements of all eight rows
+(``fill_strip``), then streams the tokens through it four at a time: per pair,
+one broadcast activation pair and one ``vpmaddwd`` per token, rows in the
+lanes, no horizontal sums (the int16 analogue of ik_llama.cpp's interleaved
+eight-row strips). In decode the eight rows are read side by side straight
+from the weights. Every path does the same arithmetic per (row, token), and
+leftovers one at a time too: a token's result does not depend on the batch it
+came in (chunked prefill equals one-shot prefill bit for bit).
 
 Decode reads eight weight rows side by side, which the hardware prefetcher
 follows poorly: each task prefetches the next task's rows (``intrinsics.prefetch``).
@@ -498,10 +503,14 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
             high = fma(offset_1, dx_b * sum(xq[16:32]), high)
         out = acc + (low + high)
 
-    The paths differ only in what the eight lanes of a vector hold: eight
-    tokens of one weight row (prefill: each weight block is decoded once for
-    eight tokens, two rows share every activation load) or eight weight rows
-    of one token (decode); leftovers go one at a time. For types whose block
+    The paths differ only in where the weights come from and what the lanes
+    hold. From TILE_MIN_TOKENS tokens on, a full task (eight rows) is decoded
+    once into its strip (``fill_strip``) and ``tile_four_tokens`` gives four
+    tokens x eight rows per pass, rows in the lanes; a partial task (< 8 rows)
+    puts eight tokens of one weight row in the lanes (each weight block decoded
+    once for eight tokens, two rows share every activation load); one token
+    (decode, leftover tokens) gets eight weight rows in the lanes straight from
+    the weights, and leftover rows go one at a time. For types whose block
     starts with its scale ``d`` as a plain half (``f16_scale_block_bytes`` = the
     block size), decode reads the eight rows' scales into one vector at once, and
     their offsets too: the half at byte ``f16_min_at`` of the block (Q4_1, Q5_1)
