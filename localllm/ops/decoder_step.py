@@ -57,7 +57,7 @@ from numba import njit, prange, types
 from numba.typed import List
 from numba.core.types.function_type import CompileResultWAP
 
-from ..quants.intrinsics import atomic_add, atomic_load, spin_pause
+from ..quants.intrinsics import atomic_add, atomic_load, borrowed, spin_pause
 from ..quants.kernels_avx2 import ROWS_RANGE_SIGNATURE, row_function, scratch_rows
 from ..quants.portable import (GATED_PROLOGUES, NO_PROLOGUE, RMS_NORM, prepare_activations_row,
                                prepare_activations_serial)
@@ -290,6 +290,23 @@ def worker_program(rows, phases, args):
         slots, cos, sin, neox, k_full, v_full, k_ring, v_ring, n_heads, eps, query_scale, softcap, n_workers, \
         head_rows, output_norm, logits, counters, q, k, v, attended, gate, up, out, normed, q_rotated, k_rotated, \
         part_max, part_sum, part_out, shared_h, shared_q, shared_d, shared_d16, shared_d_t, shared_d16_t = args
+    # the arrays every worker shares, borrowed (no reference counts: both workers would update the same ones, an
+    # atomic cache-line transfer per update; the caller, ``run``, holds them until the launch returns)
+    type_slots, norms, head_norms, qkv_bias, flags = borrowed(type_slots), borrowed(norms), borrowed(head_norms), \
+        borrowed(qkv_bias), borrowed(flags)
+    layer_windows, layer_cache, layer_rope, x = borrowed(layer_windows), borrowed(layer_cache), \
+        borrowed(layer_rope), borrowed(x)
+    positions, slots, cos, sin = borrowed(positions), borrowed(slots), borrowed(cos), borrowed(sin)
+    k_full, v_full, k_ring, v_ring = borrowed(k_full), borrowed(v_full), borrowed(k_ring), borrowed(v_ring)
+    head_rows, output_norm, logits, counters = borrowed(head_rows), borrowed(output_norm), borrowed(logits), \
+        borrowed(counters)
+    q, k, v, attended, gate, up = borrowed(q), borrowed(k), borrowed(v), borrowed(attended), borrowed(gate), \
+        borrowed(up)
+    out, normed, q_rotated, k_rotated = borrowed(out), borrowed(normed), borrowed(q_rotated), borrowed(k_rotated)
+    part_max, part_sum, part_out = borrowed(part_max), borrowed(part_sum), borrowed(part_out)
+    shared_h, shared_q, shared_d, shared_d16 = borrowed(shared_h), borrowed(shared_q), borrowed(shared_d), \
+        borrowed(shared_d16)
+    shared_d_t, shared_d16_t = borrowed(shared_d_t), borrowed(shared_d16_t)
     matmul, rope, attention, post_norm = phases
     n, dim = x.shape
     n_kv_heads, head_dim = k_full.shape[2], k_full.shape[4]
@@ -370,15 +387,15 @@ def run_workers(worker, rows, phases, args, n_workers):
 @njit(cache=True)
 def _weight_list(first):
     """A numba typed List holding ``first`` (built by cached kernels: numba's own List methods compile anew in
-    every process)."""
+    every process), borrowed (``intrinsics.borrowed``: the step keeps the arrays, ``_views``)."""
     weights = List()
-    weights.append(first)
+    weights.append(borrowed(first))
     return weights
 
 
 @njit(cache=True)
 def _append_weight(weights, w):
-    weights.append(w)
+    weights.append(borrowed(w))
 
 
 # --------------------------------------------------------------------------- the compiled forms, named
