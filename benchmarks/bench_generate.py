@@ -21,7 +21,9 @@ Engines, measured in the same run:
   given or not found is skipped and ``peers_skipped`` says why. A round is one
   ``llama-bench -m MODEL -t THREADS -p PROMPT -n DECODE -r REPETITIONS -o json``:
   its ``pp`` and ``tg`` tokens/s (``avg_ts``, ``stddev_ts``) and peak RSS.
-  llama-bench's ``tg`` decodes from an empty context, localllm's after the prompt.
+  llama-bench's ``tg`` decodes from an empty context (its first token at position 0), and so does
+  localllm's ``decode_tok_s`` (a one-token prompt, then one token at a time): like for like. localllm's
+  ``decode_after_prompt_tok_s`` decodes after the prompt instead (positions 512 on: attention reads more).
 * ``llama-cpp-python (Python binding)``, only with ``--with-python-binding``
   (``pip install -e .[bench]``): llama.cpp through its binding, whose per-token
   Python loop costs about half of llama.cpp's decode speed, so it is no anchor.
@@ -242,9 +244,15 @@ def run_worker(args) -> None:
             for _ in range(args.decode_tokens):
                 token = engine.decode(token)
             t2 = time.perf_counter()
-            result = {"prefill_tok_s": args.prompt_tokens / (t1 - t0), "decode_tok_s": args.decode_tokens / (t2 - t1)}
+            t3 = time.perf_counter()                       # as llama-bench's tg: from an empty context
+            token = engine.prefill(tokens[:1])
+            for _ in range(args.decode_tokens - 1):
+                token = engine.decode(token)
+            t4 = time.perf_counter()
+            result = {"prefill_tok_s": args.prompt_tokens / (t1 - t0), "decode_tok_s": args.decode_tokens / (t4 - t3),
+                      "decode_after_prompt_tok_s": args.decode_tokens / (t2 - t1)}
             if engine.name == LOCAL:
-                token_ms = 1000 * (t2 - t1) / args.decode_tokens
+                token_ms = 1000 * (t4 - t3) / args.decode_tokens
                 matmul_ms = 1000 * engine.matmuls_alone_s()
                 result["decode_breakdown_ms"] = {"token": token_ms, "matmuls_alone": matmul_ms,
                                                  "outside_matmuls_at_least": token_ms - matmul_ms}
@@ -297,6 +305,8 @@ def summary(rounds: list[dict]) -> dict:
         out[f"{kind}_tok_s"] = round(statistics.median(r[f"{kind}_tok_s"] for r in rounds), 1)
         if f"{kind}_stddev" in rounds[0]:
             out[f"{kind}_stddev"] = round(statistics.median(r[f"{kind}_stddev"] for r in rounds), 2)
+    if "decode_after_prompt_tok_s" in rounds[0]:
+        out["decode_after_prompt_tok_s"] = round(statistics.median(r["decode_after_prompt_tok_s"] for r in rounds), 1)
     if "decode_breakdown_ms" in rounds[0]:  # localllm: where a decode token's time goes (medians, ms)
         out["decode_breakdown_ms"] = {key: round(statistics.median(r["decode_breakdown_ms"][key] for r in rounds), 2)
                                       for key in rounds[0]["decode_breakdown_ms"]}
