@@ -149,14 +149,17 @@ def matmul_phase(rows, type_slots, counters, phase, n_workers, weights, first, c
     together = n >= SHARED_PREPARE_TOKENS
     scratch_h, scratch_q, scratch_d, scratch_d16, scratch_d_t, scratch_d16_t, _ = shared_scratch if together \
         else scratch
-    offset_table = scratch[6]
+    # views of the scratch buffers, borrowed (``intrinsics.borrowed``: the buffers outlive this phase), so that
+    # handing them to a row range per item costs no reference counting
+    offset_table = borrowed(scratch[6])
     n_blocks = cols // 32
-    h = _as_matrix(scratch_h, n, cols)                            # (n, cols) the prologue's output
-    xq = _as_matrix(scratch_q, n, cols)                           # (n, cols) int16
-    xd = _as_matrix(scratch_d, n, n_blocks)                       # (n, n_blocks)
-    xds16 = _as_matrix(scratch_d16, n, 2 * n_blocks)              # (n, 2 * n_blocks)
-    xd_by_block = _as_matrix(scratch_d_t, n_blocks, n)            # (n_blocks, n)
-    xds16_by_block = _as_matrix(scratch_d16_t, 2 * n_blocks, n)
+    h = borrowed(_as_matrix(scratch_h, n, cols))                  # (n, cols) the prologue's output
+    xq = borrowed(_as_matrix(scratch_q, n, cols))                 # (n, cols) int16
+    xd = borrowed(_as_matrix(scratch_d, n, n_blocks))             # (n, n_blocks)
+    xds16 = borrowed(_as_matrix(scratch_d16, n, 2 * n_blocks))    # (n, 2 * n_blocks)
+    xd_by_block = borrowed(_as_matrix(scratch_d_t, n_blocks, n))  # (n_blocks, n)
+    xds16_by_block = borrowed(_as_matrix(scratch_d16_t, 2 * n_blocks, n))
+    out0, out1, out2 = borrowed(outs[0]), borrowed(outs[1]), borrowed(outs[2])
     if together:
         prepare = phase + counters.shape[0] // 4
         j = claim(counters, prepare, n)
@@ -176,14 +179,14 @@ def matmul_phase(rows, type_slots, counters, phase, n_workers, weights, first, c
             while t < t_stop:  # the item's tasks in each matrix: one call
                 m, r = _task_location(tasks0, tasks1, t)
                 if m == 0:
-                    w, slot, tasks_before = w0, slot0, 0
+                    w, slot, tasks_before, o = w0, slot0, 0, out0
                 elif m == 1:
-                    w, slot, tasks_before = w1, slot1, tasks0
+                    w, slot, tasks_before, o = w1, slot1, tasks0, out1
                 else:
-                    w, slot, tasks_before = w2, slot2, tasks0 + tasks1
+                    w, slot, tasks_before, o = w2, slot2, tasks0 + tasks1, out2
                 tasks_here = min(t_stop, tasks_before + _task_count(w.shape[0])) - t
                 rows[slot](w, r, min(r + tasks_here * ROWS_PER_TASK, w.shape[0]), xq, xd, xds16, xd_by_block,
-                           xds16_by_block, outs[m], offset_table, accumulate)
+                           xds16_by_block, o, offset_table, accumulate)
                 t += tasks_here
             finish(counters, phase)
             item = claim(counters, phase, n_items)
