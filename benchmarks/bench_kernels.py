@@ -53,11 +53,6 @@ HOT_BYTES = 1 << 20            # the in-cache matrix
 HOT_COLS = 2048
 HOT_REPEATS = 20               # passes over it per call
 MIN_SECONDS = 0.15             # each measurement repeats its work for at least this long
-# byte offsets of the f16 scale fields in each block type (the rest stays random bytes)
-F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-              "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
-
-
 # --------------------------------------------------------------------------- worker (one source tree, one thread)
 
 def random_blocks(buffer, ggml_type: str, rows: int, cols: int, rng):
@@ -65,6 +60,7 @@ def random_blocks(buffer, ggml_type: str, rows: int, cols: int, rng):
     ``ggml_type`` whose f16 scales are sane (0.001..0.05): random bits elsewhere, as the kernels see them."""
     import numpy as np
     from localllm.quants import GGML_BLOCK_SIZES
+    from localllm.quants.synthetic import F16_FIELDS
     block_elems, block_bytes = GGML_BLOCK_SIZES[ggml_type]
     n_blocks = cols // block_elems
     w = buffer[:rows * n_blocks * block_bytes].reshape(rows, n_blocks, block_bytes)

@@ -4,7 +4,7 @@
         [--k-rows 640] [--k-cols 2048] [--tokens 128] [--repeats 30] [--rounds 3] [--avx2-only] [--threads 2]
 
 K types (256-element super-blocks) use the shape ``--k-rows`` x ``--k-cols`` (default Gemma 3 270M's
-ffn_down), the others ``--rows`` x ``--cols`` (default SmolLM2 135M's ffn_up). Random weights (random bytes with sane f16 scales, as tests/test_quants_kernels.py makes them). For each type
+ffn_down), the others ``--rows`` x ``--cols`` (default SmolLM2 135M's ffn_up). Random weights (random bytes with sane f16 scales: ``localllm.quants.synthetic``). For each type
 it prints the median and the best of ``--repeats`` calls per round (ms) and G multiply-adds/s of the best.
 Includes what every call does: the activations' quantization and the parallel launch. ``--avx2-only`` compiles
 as for an AVX2-only CPU (``NUMBA_CPU_NAME=haswell``, kernel cache of its own, as bench_generate.py
@@ -23,21 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workers import avx2_only_env  # noqa: E402  (benchmarks/workers.py)
-
-F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-              "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
-
-
-def random_weight(np, QTensor, block_sizes, ggml_type, rows, cols, seed=0):
-    rng = np.random.default_rng(seed)
-    block_elems, block_bytes = block_sizes[ggml_type]
-    n_blocks = cols // block_elems
-    raw = rng.integers(0, 256, (rows, n_blocks, block_bytes), dtype=np.uint8)
-    for offset in F16_FIELDS[ggml_type]:
-        scales = rng.uniform(0.001, 0.05, (rows, n_blocks)).astype(np.float16)
-        raw[:, :, offset:offset + 2] = scales.view(np.uint8).reshape(rows, n_blocks, 2)
-    return QTensor("w", ggml_type, (rows, cols), raw.reshape(rows, n_blocks * block_bytes))
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,12 +44,13 @@ def main() -> None:
 
     import numpy as np
     import localllm
-    from localllm.quants import GGML_BLOCK_SIZES, QTensor, kernels
+    from localllm.quants import GGML_BLOCK_SIZES, kernels
+    from localllm.quants.synthetic import random_weight
 
     load_start = os.getloadavg()
     shapes = {t: (args.k_rows, args.k_cols) if GGML_BLOCK_SIZES[t][0] == 256 else (args.rows, args.cols)
               for t in args.types.split(",")}
-    weights = {t: random_weight(np, QTensor, GGML_BLOCK_SIZES, t, *shape) for t, shape in shapes.items()}
+    weights = {t: random_weight(t, *shape) for t, shape in shapes.items()}
     xs = {t: np.random.default_rng(1).standard_normal((args.tokens, shape[1])).astype(np.float32)
           for t, shape in shapes.items()}
     for t, w in weights.items():

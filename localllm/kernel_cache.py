@@ -12,6 +12,9 @@ The directory is ``$NUMBA_CACHE_DIR/<hash>`` when ``NUMBA_CACHE_DIR`` is set,
 else ``$LOCALLLM_KERNEL_CACHE`` or ``~/.cache/localllm/kernels``, then ``/<hash>``.
 ``configure()`` must run before any kernel module is imported; the ``quants``
 and ``ops`` packages call it first thing.
+
+Several processes fill one cache (the compile helper of ``parallel_compile``, a server beside a notebook):
+``configure()`` also makes numba's cache writes take turns (``_serialize_cache_writes``).
 """
 from __future__ import annotations
 
@@ -49,5 +52,31 @@ def configure() -> Path:
 
         directory = cache_root() / sources_hash()
         numba.config.CACHE_DIR = str(directory)
+        _serialize_cache_writes()
         _configured = directory
     return _configured
+
+
+def _serialize_cache_writes() -> None:
+    """numba saves a cache entry as: read the function's index, add the entry (naming the first free data file),
+    write the index, write the data file. Two processes adding entries to one index at once (two signatures of
+    one kernel) can both pick the same data file name, and the index can end up naming the file the other
+    process wrote last: another signature's code, loaded for this one. Each save here holds an exclusive lock on
+    a file beside the index (``<index>.lock``; POSIX only, elsewhere numba's own saving stays)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    from numba.core import caching
+
+    save = caching.IndexDataCacheFile.save
+    if getattr(save, "takes_turns", False):
+        return
+
+    def save_in_turn(self, key, data):
+        with open(self._index_path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)        # released when the file closes
+            save(self, key, data)
+
+    save_in_turn.takes_turns = True
+    caching.IndexDataCacheFile.save = save_in_turn

@@ -34,10 +34,10 @@ HELPER_TIMEOUT_S = 900   # a helper still compiling after this long is stopped (
 
 
 def enabled() -> bool:
-    """``LOCALLLM_COMPILE_HELPER=1`` turns the helper on. Off by default: with it, a second model whose weight types
-    differ from the first's, loaded from the same kernel cache, computed wrong logits (smollm2:135m, then
-    gemma3:270m: all zero), a bug not found yet; one process compiling alone gives the right ones."""
-    return os.environ.get("LOCALLLM_COMPILE_HELPER", "0") == "1"
+    """On unless ``LOCALLLM_COMPILE_HELPER=0``. (It was off for a while: kernels compiled by two processes into one
+    cache could share a symbol name, and a process loading both kept one definition for both; the kernels a
+    factory makes now have names of their own, ``quants.portable.njit_named``.)"""
+    return os.environ.get("LOCALLLM_COMPILE_HELPER", "1") != "0"
 
 
 def _marker_folder() -> Path:

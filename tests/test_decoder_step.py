@@ -16,7 +16,7 @@ from localllm.kv_cache import ContextLengthExceeded
 from localllm.models.decoder import DecoderModel as LlamaModel
 from localllm.quants.intrinsics import atomic_add
 from localllm.quants.kernels import cpu_has_avx2
-from tests.test_quants_kernels import random_weight
+from localllm.quants.synthetic import random_weight
 from tests.tiny_models import write_tiny_llama
 
 pytestmark = pytest.mark.skipif(not cpu_has_avx2(), reason="the one-launch layers use the AVX2 row tasks")

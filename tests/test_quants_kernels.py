@@ -16,31 +16,11 @@ import pytest
 
 from localllm.quants import GGML_BLOCK_SIZES, QTensor, UnsupportedTensorType, kernels, portable
 from localllm.quants import ref as quants_ref
+from localllm.quants.synthetic import random_weight
 
 QUANTIZED = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 FLOATS = ["F32", "F16", "BF16"]
-# byte offsets of the f16 scale fields inside each block (the rest of a block is random bytes)
-F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-              "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 PATHS = list(kernels.AVAILABLE_KERNELS)
-
-
-def random_weight(ggml_type: str, rows: int, cols: int, seed: int = 0) -> QTensor:
-    rng = np.random.default_rng(seed)
-    if ggml_type == "F32":
-        return QTensor("w", "F32", (rows, cols), rng.standard_normal((rows, cols)).astype(np.float32))
-    if ggml_type == "F16":
-        return QTensor("w", "F16", (rows, cols), rng.standard_normal((rows, cols)).astype(np.float16))
-    if ggml_type == "BF16":
-        bits = (rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
-        return QTensor("w", "BF16", (rows, cols), bits.view(np.uint8).reshape(rows, 2 * cols))
-    block_elems, block_bytes = GGML_BLOCK_SIZES[ggml_type]
-    n_blocks = cols // block_elems
-    raw = rng.integers(0, 256, (rows, n_blocks, block_bytes), dtype=np.uint8)
-    for offset in F16_FIELDS[ggml_type]:
-        scales = rng.uniform(0.001, 0.05, (rows, n_blocks)).astype(np.float16)
-        raw[:, :, offset:offset + 2] = scales.view(np.uint8).reshape(rows, n_blocks, 2)
-    return QTensor("w", ggml_type, (rows, cols), raw.reshape(rows, n_blocks * block_bytes))
 
 
 def oracle_weights(w: QTensor) -> np.ndarray:

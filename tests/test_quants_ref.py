@@ -6,14 +6,10 @@ import numpy as np
 import pytest
 
 from localllm.quants import GGML_BLOCK_SIZES, SUPPORTED_TYPES, QTensor, UnsupportedTensorType
-from localllm.quants import ref
+from localllm.quants import ref, synthetic
+from localllm.quants.synthetic import F16_FIELDS
 
 QUANT_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
-# byte offsets of the f16 scale fields inside one block
-F16_FIELDS = {
-    "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-    "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
-}
 
 
 def f16_bytes(value: float) -> np.ndarray:
@@ -21,13 +17,9 @@ def f16_bytes(value: float) -> np.ndarray:
 
 
 def random_blocks(ggml_type: str, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
-    """Random quant bytes with finite random f16 scales, ``uint8 (n_blocks, block_bytes)``."""
-    block_bytes = GGML_BLOCK_SIZES[ggml_type][1]
-    blocks = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
-    for offset in F16_FIELDS[ggml_type]:
-        scale = rng.uniform(-2.0, 2.0, size=n_blocks).astype(np.float16)
-        blocks[:, offset:offset + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
-    return blocks
+    """Random quant bytes with finite random f16 scales (either sign), ``uint8 (n_blocks, block_bytes)``."""
+    blocks = np.empty((n_blocks, GGML_BLOCK_SIZES[ggml_type][1]), dtype=np.uint8)
+    return synthetic.random_blocks(blocks, ggml_type, rng, scale_range=(-2.0, 2.0))
 
 
 def random_qtensor(ggml_type: str, rows: int, cols: int, rng: np.random.Generator, name="w") -> QTensor:

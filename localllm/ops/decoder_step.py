@@ -46,7 +46,7 @@ the whole program (numba links the code a function calls into its own and
 optimizes it again, once per parallel wrapper), and so does ``worker_program``
 with its phases. Each of these compiled forms has explicit types and a name
 (``compile_unit``), so that a fresh install can compile them in two processes at once
-(``localllm.parallel_compile``, ``LOCALLLM_COMPILE_HELPER=1``): for SmolLM2 on two cores, a first answer 10 s after an empty kernel cache
+(``localllm.parallel_compile``): for SmolLM2 on two cores, a first answer 10 s after an empty kernel cache
 instead of 35 s (``benchmarks/bench_compile.py``).
 """
 from __future__ import annotations

@@ -43,7 +43,7 @@ from .intrinsics import (add_f32x8, add_i32x8, bits_i16x16, bits_i32x8, dot_i16,
                          splat_f32x8, splat_i32x8, splat_pair_i16, store_f32x8, store_i16x16, sum_halves_by8,
                          sum_lanes_by8, sum_lanes_i32, to_f32x8, transpose_pairs_i16x16, widen_high, widen_high_signed,
                          widen_low, widen_low_signed, zeros_f32x8)
-from .portable import BLOCK, count_tasks, k4_scale_min, prepare_activations, store, task_location
+from .portable import BLOCK, count_tasks, k4_scale_min, njit_named, prepare_activations, store, task_location
 
 # the row ranges are called through numba's first-class function pointers (an "experimental" feature it warns
 # about on every compile that uses one)
@@ -710,7 +710,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
         store_lanes(out, j + 2, r, acc2, accumulate)
         store_lanes(out, j + 3, r, acc3, accumulate)
 
-    @njit  # no fastmath: every path must round alike (batch-invariant)
+    @njit_named(f"rows_task_of_{decode.py_func.__name__}")  # no fastmath: every path must round alike
     def rows_task(w, r_start, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
         n, cols = xq.shape
         n_blocks = cols // BLOCK

@@ -353,11 +353,24 @@ def task_location(ws, t, rows_per_task):
     return 0, 0
 
 
+def njit_named(name: str, **options):
+    """``njit(**options)`` for a kernel a factory makes, compiled under ``name`` (its ``__name__`` and
+    ``__qualname__``). numba names a compiled function by module, qualified name and a counter of the process
+    that compiled it, and links what a kernel calls into the kernel's own code as one-definition symbols: two
+    closures of one factory, compiled by two processes into one kernel cache, could get one symbol name, and a
+    process loading both kept one definition for both (a type's rows computed by another type's decoder;
+    tests/test_kernel_cache_processes.py). Every closure that is not inlined needs a name of its own."""
+    def decorate(function):
+        function.__name__ = function.__qualname__ = name
+        return njit(**options)(function)
+    return decorate
+
+
 def make_rows_task(decode):
     """``rows_task(w, r_start, xq, xd, xds16, out)``: ``out[:, r] = x @ W[r]`` for
     ROWS_PER_TASK rows from ``r_start``, each weight block decoded once for all n."""
 
-    @njit  # no fastmath: each row's sum in a fixed order, whatever the batch
+    @njit_named(f"rows_task_of_{decode.py_func.__name__}")  # no fastmath: each row's sum in a fixed order
     def rows_task(w, r_start, xq, xd, xds16, out, accumulate):
         n = xq.shape[0]
         q = np.empty(BLOCK, dtype=np.int32)
@@ -513,7 +526,7 @@ def _row_BF16(w, r, buffer):
 def make_float_rows_task(decode_row):
     """Like ``make_rows_task`` for float weights: x stays float32, each row decoded once for all n."""
 
-    @njit(fastmath=True)
+    @njit_named(f"rows_task_of_{decode_row.py_func.__name__}", fastmath=True)
     def rows_task(w, r_start, x, out):
         n, cols = x.shape
         buffer = np.empty(cols, dtype=np.float32)
