@@ -108,6 +108,13 @@ def _as_lane(builder, value, lane_type):
     return value
 
 
+def _opaque(builder, value):
+    """``value``, through an empty inline-asm statement (same register in and out): no instruction, but LLVM can
+    no longer see how it was computed, so it cannot rewrite the operations that follow in terms of it."""
+    asm = ir.InlineAsm(ir.FunctionType(value.type, [value.type]), "", "=x,0")
+    return builder.call(asm, [value])
+
+
 def _const_vector(llvm_type, value):
     return ir.Constant(llvm_type, [value] * llvm_type.count)
 
@@ -446,11 +453,12 @@ def prefetch(typingctx, array, offset):
 @intrinsic
 def load_nibbles_i16(typingctx, array, offset):
     """16 bytes at ``offset`` -> (low nibbles, high nibbles) as two I16x16: each byte widened to 16 bits
-    once (``vpmovzxbw``), then masked and shifted in 16-bit lanes."""
+    once (``vpmovzxbw`` from memory), then masked and shifted in 16-bit lanes: three instructions. (LLVM would
+    narrow the mask and the shift to the bytes and widen each half: five; ``_opaque`` keeps the widened words.)"""
     def codegen(context, builder, sig, args):
         v16 = ir.VectorType(_i8, 16)
         packed = _load(builder, _byte_pointer(context, builder, sig.args[0], *args), v16)
-        words = builder.zext(packed, I16x16.llvm_type)
+        words = _opaque(builder, builder.zext(packed, I16x16.llvm_type))
         low = builder.and_(words, _const_vector(I16x16.llvm_type, 0x0F))
         high = builder.lshr(words, _const_vector(I16x16.llvm_type, 4))
         return context.make_tuple(builder, sig.return_type, (low, high))
@@ -685,25 +693,18 @@ def shift_left_i32x8(typingctx, v, shift):
 
 # --------------------------------------------------------------------------- stores and the interleaved weight strip
 
-def _vector_store(builder, context, array_type, array, offset, value):
-    pointer = builder.bitcast(_byte_pointer(context, builder, array_type, array, offset), value.type.as_pointer())
-    builder.store(value, pointer, align=1)
-
-
 @intrinsic
-def store_i16x16(typingctx, array, offset, v):
-    """Write the 32 bytes of ``v`` at byte ``offset`` of ``array`` (any dtype; C-contiguous)."""
-    def codegen(context, builder, sig, args):
-        _vector_store(builder, context, sig.args[0], args[0], args[1], args[2])
-        return context.get_dummy_value()
-    return types.none(array, offset, v), codegen
+def store_vector(typingctx, array, offset, v):
+    """Write the 32 bytes of ``v`` (any of the vector types) at byte ``offset`` of ``array`` (any dtype;
+    C-contiguous)."""
+    if not isinstance(v, _VectorType):
+        return None
 
-
-@intrinsic
-def store_f32x8(typingctx, array, offset, v):
-    """Write the eight float32 lanes of ``v`` at byte ``offset`` of ``array`` (C-contiguous)."""
     def codegen(context, builder, sig, args):
-        _vector_store(builder, context, sig.args[0], args[0], args[1], args[2])
+        array_value, start, value = args
+        pointer = builder.bitcast(_byte_pointer(context, builder, sig.args[0], array_value, start),
+                                  value.type.as_pointer())
+        builder.store(value, pointer, align=1)
         return context.get_dummy_value()
     return types.none(array, offset, v), codegen
 

@@ -40,7 +40,7 @@ from .intrinsics import (add_f32x8, add_i32x8, bits_i16x16, bits_i32x8, dot_i16,
                          load_i8x32, load_nibbles, load_nibbles_i16, load_u32x8_strided, load_u8, mul_f32x8,
                          mul_i32x8, negate_f32x8, or_i16x16, or_i32x8, or_shifted, pack_f32x8, prefetch, scale_i16,
                          shift_left_i16x16, shift_left_i32x8, shift_right_and, signed_byte_i32x8,
-                         splat_f32x8, splat_i32x8, splat_pair_i16, store_f32x8, store_i16x16, sum_halves_by8,
+                         splat_f32x8, splat_i32x8, splat_pair_i16, store_vector, sum_halves_by8,
                          sum_lanes_by8, sum_lanes_i32, to_f32x8, transpose_pairs_i16x16, widen_high, widen_high_signed,
                          widen_low, widen_low_signed, zeros_f32x8)
 from .portable import BLOCK, count_tasks, k4_scale_min, njit_named, prepare_activations, store, task_location
@@ -622,29 +622,29 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
             low7, high7, d7, offset70, offset71 = weights(w, row + 7 * stride, b)
             at = 32 * (3 * n_blocks + 16 * b)
             p0, p1, p2, p3, p4, p5, p6, p7 = transpose_pairs_i16x16(low0, low1, low2, low3, low4, low5, low6, low7)
-            store_i16x16(strip, at, p0)
-            store_i16x16(strip, at + 32, p1)
-            store_i16x16(strip, at + 64, p2)
-            store_i16x16(strip, at + 96, p3)
-            store_i16x16(strip, at + 128, p4)
-            store_i16x16(strip, at + 160, p5)
-            store_i16x16(strip, at + 192, p6)
-            store_i16x16(strip, at + 224, p7)
+            store_vector(strip, at, p0)
+            store_vector(strip, at + 32, p1)
+            store_vector(strip, at + 64, p2)
+            store_vector(strip, at + 96, p3)
+            store_vector(strip, at + 128, p4)
+            store_vector(strip, at + 160, p5)
+            store_vector(strip, at + 192, p6)
+            store_vector(strip, at + 224, p7)
             p0, p1, p2, p3, p4, p5, p6, p7 = transpose_pairs_i16x16(high0, high1, high2, high3, high4, high5, high6,
                                                                     high7)
-            store_i16x16(strip, at + 256, p0)
-            store_i16x16(strip, at + 288, p1)
-            store_i16x16(strip, at + 320, p2)
-            store_i16x16(strip, at + 352, p3)
-            store_i16x16(strip, at + 384, p4)
-            store_i16x16(strip, at + 416, p5)
-            store_i16x16(strip, at + 448, p6)
-            store_i16x16(strip, at + 480, p7)
-            store_f32x8(strip, 32 * (2 * n_blocks + b), pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7))
+            store_vector(strip, at + 256, p0)
+            store_vector(strip, at + 288, p1)
+            store_vector(strip, at + 320, p2)
+            store_vector(strip, at + 352, p3)
+            store_vector(strip, at + 384, p4)
+            store_vector(strip, at + 416, p5)
+            store_vector(strip, at + 448, p6)
+            store_vector(strip, at + 480, p7)
+            store_vector(strip, 32 * (2 * n_blocks + b), pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7))
             if offsets:
-                store_f32x8(strip, 32 * (2 * b), pack_f32x8(offset00, offset10, offset20, offset30, offset40,
+                store_vector(strip, 32 * (2 * b), pack_f32x8(offset00, offset10, offset20, offset30, offset40,
                                                             offset50, offset60, offset70))
-                store_f32x8(strip, 32 * (2 * b + 1), pack_f32x8(offset01, offset11, offset21, offset31, offset41,
+                store_vector(strip, 32 * (2 * b + 1), pack_f32x8(offset01, offset11, offset21, offset31, offset41,
                                                                 offset51, offset61, offset71))
 
     @njit(inline="always")
@@ -671,7 +671,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
         at = 4 * (j * out.shape[1] + r)
         if accumulate:
             acc = add_f32x8(load_f32x8(out, at), acc)
-        store_f32x8(out, at, acc)
+        store_vector(out, at, acc)
 
     @njit(inline="always")
     def tile_four_tokens(strip, n_blocks, xq, j, xd, xds16, out, r, accumulate):
