@@ -14,7 +14,6 @@ import sys
 import time
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from localllm.quants import kernels
