@@ -2,16 +2,19 @@
 
     python benchmarks/bench_serve.py [--model smollm2:135m] [--streams 1,4,8,16] [--new-tokens 128]
         [--prompt-words 75] [--threads 2] [--llama-server PATH] [--ik-llama-server PATH]
-        [--long-prompt-words 1200] [--rounds 1]
+        [--long-prompt-words 1200] [--avx2-only] [--llama-server-args ARGS] [--ik-llama-server-args ARGS]
 
 Servers (each started by this script on a free local port, one after the other):
 
 * ``localllm``: ``localllm serve`` with ``LOCALLLM_NUM_PARALLEL = N`` and
-  ``NUMBA_NUM_THREADS = --threads``;
+  ``NUMBA_NUM_THREADS = --threads`` (``--avx2-only``: compiled as for an AVX2-only CPU, as
+  bench_generate.py's ``--avx2-only``);
 * the native peers, llama.cpp's and ik_llama.cpp's own ``llama-server``
   (``--llama-server`` / ``LOCALLLM_LLAMA_SERVER``, ``--ik-llama-server`` /
   ``LOCALLLM_IK_LLAMA_SERVER``; not given or not found: skipped, with the reason),
-  run as ``llama-server -m GGUF -np N -c N*1024 -t THREADS``.
+  run as ``llama-server -m GGUF -np N -c N*1024 -t THREADS`` and the extra arguments given
+  (``--ik-llama-server-args "-fa off"``: ik_llama.cpp 0.1.5's server aborts on parallel slots with its
+  flash attention on, ``GGML_ASSERT(S > 0)`` in ``iqk_fa_templates.h``, SmolLM2 with 4 streams).
 
 For every N in ``--streams``: N clients at once, each streaming a distinct prompt of
 about ``--prompt-words`` words (~100 tokens) through ``POST /v1/completions``
@@ -31,10 +34,11 @@ import argparse
 import http.client
 import json
 import os
+import shlex
 import socket
-import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,6 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_generate import cpu_info  # noqa: E402
+from benchmarks.workers import avx2_only_env  # noqa: E402
 
 SERVER_PEERS = {"llama.cpp": ("llama_server", "LOCALLLM_LLAMA_SERVER"),
                 "ik_llama.cpp": ("ik_llama_server", "LOCALLLM_IK_LLAMA_SERVER")}
@@ -71,14 +76,20 @@ def percentile(values: list[float], share: float) -> float | None:
 class Server:
     def __init__(self, name: str, argv: list[str], env: dict, port: int):
         self.name, self.port = name, port
-        self.process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # the server's log goes to a file (a pipe nobody reads fills up and blocks a chatty server)
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.model_name = None
+
+    def log_tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-2000:]
 
     def wait_ready(self, timeout: float = 600.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.process.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"{self.name} exited: {self.log_tail()}")
             try:
                 connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
                 connection.request("GET", "/v1/models")
@@ -99,6 +110,8 @@ class Server:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
+        self.log.close()
 
 
 def stream_once(port: int, model: str, prompt: str, max_tokens: int, results: list, index: int,
@@ -109,22 +122,25 @@ def stream_once(port: int, model: str, prompt: str, max_tokens: int, results: li
     if start_barrier is not None:
         start_barrier.wait()
     started = time.perf_counter()
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-    response = connection.getresponse()
     arrivals, tokens, error = [], None, None
-    if response.status != 200:
-        error = f"HTTP {response.status}: {response.read()[:300]!r}"
-    else:
-        for raw in response:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[5:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"].get("completion_tokens")
-            if any(choice.get("text") for choice in chunk.get("choices") or []):
-                arrivals.append(time.perf_counter() - started)
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            error = f"HTTP {response.status}: {response.read()[:300]!r}"
+        else:
+            for raw in response:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"].get("completion_tokens")
+                if any(choice.get("text") for choice in chunk.get("choices") or []):
+                    arrivals.append(time.perf_counter() - started)
+    except (OSError, http.client.HTTPException, ValueError) as exc:   # counted as this stream's error
+        error = f"{type(exc).__name__}: {exc}"
     results[index] = {"arrivals": arrivals, "tokens": tokens if tokens is not None else len(arrivals),
                       "seconds": time.perf_counter() - started, "error": error}
 
@@ -164,6 +180,9 @@ def start_localllm(args, n: int) -> Server:
     port = free_port()
     env = dict(os.environ, LOCALLLM_HOST=f"127.0.0.1:{port}", LOCALLLM_NUM_PARALLEL=str(n),
                NUMBA_NUM_THREADS=str(args.threads))
+    if args.avx2_only:
+        env.pop("NUMBA_CACHE_DIR", None)        # it would win over LOCALLLM_KERNEL_CACHE
+        env.update(avx2_only_env())
     server = Server("localllm", [sys.executable, "-c", "import sys; from localllm.cli import main; "
                                  "sys.exit(main(['serve']))"], env, port)
     server.wait_ready()
@@ -174,7 +193,7 @@ def start_localllm(args, n: int) -> Server:
 def start_peer(name: str, binary: Path, gguf: Path, args, n: int) -> Server:
     port = free_port()
     argv = [str(binary), "-m", str(gguf), "-np", str(n), "-c", str(n * 1024), "-t", str(args.threads),
-            "--port", str(port), "--host", "127.0.0.1"]
+            "--port", str(port), "--host", "127.0.0.1", *shlex.split(getattr(args, SERVER_PEERS[name][0] + "_args"))]
     server = Server(name, argv, dict(os.environ), port)
     server.wait_ready()
     return server
@@ -190,6 +209,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--llama-server", dest="llama_server", metavar="PATH")
     parser.add_argument("--ik-llama-server", dest="ik_llama_server", metavar="PATH")
+    parser.add_argument("--llama-server-args", dest="llama_server_args", default="", metavar="ARGS")
+    parser.add_argument("--ik-llama-server-args", dest="ik_llama_server_args", default="", metavar="ARGS")
+    parser.add_argument("--avx2-only", action="store_true", help="localllm compiled as for an AVX2-only CPU")
     args = parser.parse_args()
     counts = [int(n) for n in args.streams.split(",")]
 
@@ -216,6 +238,8 @@ def main() -> None:
                 if n == max(counts):
                     busy = run_streams(server, n, args, long_prompt_at=1.0)
                     result["itl_p95_with_long_prompt_s"] = busy["itl_p95_s"]
+                if result["errors"]:
+                    result["server_log_tail"] = server.log_tail()[-800:]
                 figures.setdefault(name, []).append(result)
             finally:
                 server.stop()
@@ -236,7 +260,9 @@ def main() -> None:
             if single else None,
         }
     print(json.dumps({"benchmark": "serve", "model": args.model, "gguf": str(gguf), "cpu": cpu_info(),
-                      "threads": args.threads, "load_average_start": load_start,
+                      "threads": args.threads, "avx2_only": avx2_only_env() if args.avx2_only else False,
+                      "peer_args": {"llama.cpp": args.llama_server_args, "ik_llama.cpp": args.ik_llama_server_args},
+                      "load_average_start": load_start,
                       "load_average_end": os.getloadavg(), "peers_skipped": skipped, "results": figures,
                       "ratios": ratios}, indent=2))
 

@@ -8,7 +8,7 @@ has them, and dotted with the int16 activations by ``vpmaddwd``
 (``intrinsics.dot_i16``): an exact integer per block, turned into float once.
 
 The row kernel puts eight dot products in the lanes of one vector: eight
-weight rows of a token. From eight tokens on (prefill and batched decode) a
+weight rows of a token. From 16 tokens on (prefill, large batched decode) a
 task first decodes its eight rows once into a per-group scratch strip,
 interleaved so that one vector holds a pair of elements of all eight rows
 (``fill_strip``), then streams the tokens through it four at a time: per pair,
@@ -52,7 +52,8 @@ warnings.filterwarnings("ignore", message="First-class function type feature is 
 ROWS_PER_TASK = 8   # weight rows per task: the eight lanes of the decode path and of the prefill tile
 TASK_GROUPS = 96    # parallel work items; each runs consecutive tasks with one scratch table
 STRIP_ROWS_PER_BLOCK = 19  # scratch rows of eight float32 per 32-block: 2 offsets, 1 scale, 16 interleaved pairs
-TILE_MIN_TOKENS = 8        # from this many tokens on, a task's rows are interleaved into a strip (the tile path)
+TILE_MIN_TOKENS = 16       # from this many tokens on, a task's rows are interleaved into a strip (the tile path;
+                           # below, filling the strip costs more than it saves: 8 tokens 27 -> 22.5 ms a step)
 TILE_TOKENS = 4            # tokens per pass over the strip: each strip vector load serves four
 
 
@@ -101,8 +102,8 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
     The paths differ only in where the weights come from and what the lanes
     hold. From TILE_MIN_TOKENS tokens on, a full task (eight rows) is decoded
     once into its strip (``fill_strip``) and ``tile_four_tokens`` gives four
-    tokens x eight rows per pass, rows in the lanes; a partial task (< 8 rows)
-    puts eight tokens of one weight row in the lanes (each weight block decoded
+    tokens x eight rows per pass, rows in the lanes; fewer tokens, or a partial
+    task (< 8 rows), put eight tokens of one weight row in the lanes (each weight block decoded
     once for eight tokens, two rows share every activation load); one token
     (decode, leftover tokens) gets eight weight rows in the lanes straight from
     the weights, and leftover rows go one at a time. For types whose block
