@@ -78,6 +78,8 @@ def _hostile_body(api: str, field: str, value) -> dict:
     extra = {field: value}
     if field != "num_predict":
         extra["max_tokens" if api == "openai" else "num_predict"] = 12
+    else:   # unlimited: bounded by ten context windows (context shift); a small window and a fixed seed keep that
+        extra.update(num_ctx=256, seed=1)   # short and the same every run (sampled at random, it once ran minutes)
     return body(extra)
 
 
