@@ -226,6 +226,9 @@ def run_worker(args) -> None:
     tokens = prompt_ids(args.prompt_tokens, engine.vocab_size)
     if args.prime:  # every kernel a round uses, compiled into the cache (a full prompt: its parallel forms too)
         engine.decode(engine.prefill(tokens))
+        if engine.name == LOCAL:
+            engine.matmuls_alone_s()   # the decode breakdown's per-op kernels too (compiled in the measured
+                                       # worker, they left 70 MB of compiler memory in its peak RSS)
         print(json.dumps({"primed": True}), flush=True)
         return
     if args.startup:  # time to first token from process start
