@@ -524,7 +524,7 @@ def test_an_answer_ended_by_end_stops_the_generation(harmony_model):
         for text in SCRIPT + ["<|end|>", "<|start|>", "assistant"]:
             if seq.finished:
                 break
-            events.append(seq.accept(SampledToken(token_id(text), 0.0, np.zeros(1))))
+            events.append(seq.accept(SampledToken(token_id(text), np.zeros(token_id(text) + 1))))
     finally:
         release(harmony_model.cache, [seq])
     assert seq.finish_reason == "stop" and len(seq.generated) == len(SCRIPT) + 1     # stopped at the <|end|>
