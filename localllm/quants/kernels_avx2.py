@@ -69,6 +69,20 @@ def scratch_rows(n, cols):
 # --------------------------------------------------------------------------- row kernels
 
 @njit(inline="always")
+def store_eight(strip, at, vectors):
+    """The eight vectors of a transpose (``transpose_pairs_i16x16``) one after another from byte ``at``."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = vectors
+    store_vector(strip, at, v0)
+    store_vector(strip, at + 32, v1)
+    store_vector(strip, at + 64, v2)
+    store_vector(strip, at + 96, v3)
+    store_vector(strip, at + 128, v4)
+    store_vector(strip, at + 160, v5)
+    store_vector(strip, at + 192, v6)
+    store_vector(strip, at + 224, v7)
+
+
+@njit(inline="always")
 def _no_eight_rows(w, row, stride, xq, j, xd, xds16):
     return zeros_f32x8()
 
@@ -217,25 +231,9 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
             low6, high6, d6, offset60, offset61 = weights(w, row + 6 * stride, b)
             low7, high7, d7, offset70, offset71 = weights(w, row + 7 * stride, b)
             at = 32 * (3 * n_blocks + 16 * b)
-            p0, p1, p2, p3, p4, p5, p6, p7 = transpose_pairs_i16x16(low0, low1, low2, low3, low4, low5, low6, low7)
-            store_vector(strip, at, p0)
-            store_vector(strip, at + 32, p1)
-            store_vector(strip, at + 64, p2)
-            store_vector(strip, at + 96, p3)
-            store_vector(strip, at + 128, p4)
-            store_vector(strip, at + 160, p5)
-            store_vector(strip, at + 192, p6)
-            store_vector(strip, at + 224, p7)
-            p0, p1, p2, p3, p4, p5, p6, p7 = transpose_pairs_i16x16(high0, high1, high2, high3, high4, high5, high6,
-                                                                    high7)
-            store_vector(strip, at + 256, p0)
-            store_vector(strip, at + 288, p1)
-            store_vector(strip, at + 320, p2)
-            store_vector(strip, at + 352, p3)
-            store_vector(strip, at + 384, p4)
-            store_vector(strip, at + 416, p5)
-            store_vector(strip, at + 448, p6)
-            store_vector(strip, at + 480, p7)
+            store_eight(strip, at, transpose_pairs_i16x16(low0, low1, low2, low3, low4, low5, low6, low7))
+            store_eight(strip, at + 256, transpose_pairs_i16x16(high0, high1, high2, high3, high4, high5, high6,
+                                                                high7))
             store_vector(strip, 32 * (2 * n_blocks + b), pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7))
             if offsets:
                 store_vector(strip, 32 * (2 * b), pack_f32x8(offset00, offset10, offset20, offset30, offset40,
