@@ -449,5 +449,4 @@ class TokenSampler:
             raise ValueError(f"n_prompt must be between 0 and len(history) = {len(history)}, got {n_prompt}")
         for processor in self.processors:
             logits = processor(logits, history, n_prompt)
-        _check_logits(logits)
-        return SampledToken(self.sample(logits), logits)
+        return SampledToken(self.sample(logits), logits)   # every sampler checks the logits first
