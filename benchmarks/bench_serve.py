@@ -78,7 +78,10 @@ class Server:
         self.name, self.port = name, port
         # the server's log goes to a file (a pipe nobody reads fills up and blocks a chatty server)
         self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        # in a folder of its own: ik_llama.cpp's server writes llama.log into its working directory
+        self.folder = tempfile.TemporaryDirectory(prefix="bench-serve-")
+        self.process = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        cwd=self.folder.name)
         self.model_name = None
 
     def log_tail(self) -> str:
@@ -112,6 +115,7 @@ class Server:
             self.process.kill()
             self.process.wait()
         self.log.close()
+        self.folder.cleanup()
 
 
 def stream_once(port: int, model: str, prompt: str, max_tokens: int, results: list, index: int,
