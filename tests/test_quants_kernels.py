@@ -3,8 +3,8 @@
 Weights are random blocks (random bytes, with sane f16 scales) of every type;
 the float oracle is ``gguf.quants.dequantize`` followed by a float64 product.
 
-Tolerances: the kernels quantize each 32 activations to int16 with scale
-``dx = max|x| / 32767``, so each activation moves by at most ``dx / 2`` and an
+Tolerances: the kernels quantize each 16 activations to int8 with scale
+``dx = max|x| / 127``, so each activation moves by at most ``dx / 2`` and an
 output by at most ``sum_k |W[r, k]| * dx_k / 2`` (checked against the float
 oracle). Fed the already-quantized activations ``xq * dx``, the kernels are
 exact up to float32 rounding of the scale products (checked to 1e-5 of
@@ -31,14 +31,14 @@ def oracle_weights(w: QTensor) -> np.ndarray:
 
 
 def quantize_activations_numpy(x: np.ndarray):
-    """The int16-per-32 activation quantization, in numpy (twin of portable.quantize_activations)."""
+    """The int8-per-16 activation quantization, in numpy (twin of portable.quantize_activations)."""
     n, cols = x.shape
-    blocks = x.reshape(n, cols // 32, 32)
-    d = np.abs(blocks).max(axis=2) / np.float32(32767.0)                      # (n, cols/32)
+    blocks = x.reshape(n, cols // 16, 16)
+    d = np.abs(blocks).max(axis=2) / np.float32(127.0)                        # (n, cols/16)
     inverse = np.where(d > 0, np.float32(1.0) / np.where(d > 0, d, 1), 0).astype(np.float32)
-    xq = np.rint(blocks * inverse[:, :, None]).astype(np.int16)              # (n, cols/32, 32)
-    sums16 = xq.reshape(n, cols // 16, 16).sum(axis=2, dtype=np.int64)       # (n, cols/16)
-    xds16 = np.repeat(d, 2, axis=1) * sums16.astype(np.float32)
+    xq = np.rint(blocks * inverse[:, :, None]).astype(np.int8)               # (n, cols/16, 16)
+    sums16 = xq.sum(axis=2, dtype=np.int64)                                  # (n, cols/16)
+    xds16 = d * sums16.astype(np.float32)
     return xq.reshape(n, cols), d.astype(np.float32), xds16.astype(np.float32)
 
 
@@ -52,8 +52,8 @@ def test_quantize_activations_matches_numpy():
     np.testing.assert_array_equal(xq, eq)
     np.testing.assert_array_equal(xd, ed)
     np.testing.assert_allclose(xds16, eds16, rtol=1e-6)
-    assert xd[1, 1] == 0 and not xq[1, 32:64].any()
-    assert xq.dtype == np.int16 and np.abs(xq.astype(np.int64)).max() == 32767
+    assert xd[1, 2] == xd[1, 3] == 0 and not xq[1, 32:64].any()
+    assert xq.dtype == np.int8 and np.abs(xq.astype(np.int64)).max() == 127
 
 
 def test_f16_to_f32_every_half():
@@ -81,13 +81,13 @@ def test_quantized_matmul(path, ggml_type):
 
         # against the float oracle, within the activation-rounding bound
         xq, xd, _ = quantize_activations_numpy(x)
-        half_step = np.repeat(xd, 32, axis=1).astype(np.float64) / 2           # (n, cols)
+        half_step = np.repeat(xd, 16, axis=1).astype(np.float64) / 2           # (n, cols)
         bound = half_step @ np.abs(weights).T                                   # (n, rows)
         error = np.abs(got - x.astype(np.float64) @ weights.T)
         assert np.all(error <= 1.01 * bound + 1e-6), f"{ggml_type} rows={rows} n={n}"
 
         # on already-quantized activations: exact up to float32 rounding
-        x_exact = (xq.reshape(n, -1, 32) * xd[:, :, None]).reshape(n, cols)
+        x_exact = (xq.reshape(n, -1, 16) * xd[:, :, None]).reshape(n, cols)
         got_exact = kernels.matmul(w, x_exact, kernels=path)
         magnitude = np.abs(x_exact.astype(np.float64)) @ np.abs(weights).T
         np.testing.assert_array_less(np.abs(got_exact - x_exact.astype(np.float64) @ weights.T),

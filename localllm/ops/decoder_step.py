@@ -176,13 +176,13 @@ def matmul_phase(rows, type_slots, counters, phase, n_workers, weights, first, c
     # views of the scratch buffers, borrowed (``intrinsics.borrowed``: the buffers outlive this phase), so that
     # handing them to a row range per item costs no reference counting
     offset_table = borrowed(scratch[6])
-    n_blocks = cols // 32
+    n_halves = cols // 16
     h = borrowed(_as_matrix(scratch_h, n, cols))                  # (n, cols) the prologue's output
-    xq = borrowed(_as_matrix(scratch_q, n, cols))                 # (n, cols) int16
-    xd = borrowed(_as_matrix(scratch_d, n, n_blocks))             # (n, n_blocks)
-    xds16 = borrowed(_as_matrix(scratch_d16, n, 2 * n_blocks))    # (n, 2 * n_blocks)
-    xd_by_block = borrowed(_as_matrix(scratch_d_t, n_blocks, n))  # (n_blocks, n)
-    xds16_by_block = borrowed(_as_matrix(scratch_d16_t, 2 * n_blocks, n))
+    xq = borrowed(_as_matrix(scratch_q, n, cols))                 # (n, cols) int8
+    xd = borrowed(_as_matrix(scratch_d, n, n_halves))             # (n, cols / 16)
+    xds16 = borrowed(_as_matrix(scratch_d16, n, n_halves))        # (n, cols / 16)
+    xd_by_block = borrowed(_as_matrix(scratch_d_t, n_halves, n))  # (cols / 16, n)
+    xds16_by_block = borrowed(_as_matrix(scratch_d16_t, n_halves, n))
     out0, out1, out2 = borrowed(outs[0]), borrowed(outs[1]), borrowed(outs[2])
     if together:
         prepare = phase + counters.shape[0] // 4
@@ -343,10 +343,10 @@ def worker_program(rows, phases, args):
     widest = max(dim, q.shape[1], gate.shape[1])
     # this worker's scratch: the activations of a matmul phase and attention's partial results
     scratch = (np.empty(n * widest, dtype=np.float32),        # prologue output
-               np.empty(n * widest, dtype=np.int16),          # quantized activations
-               np.empty(n * widest // 32, dtype=np.float32),  # their scales
+               np.empty(n * widest, dtype=np.int8),           # quantized activations
+               np.empty(n * widest // 16, dtype=np.float32),  # their scales per 16
                np.empty(n * widest // 16, dtype=np.float32),  # scaled sums per 16
-               np.empty(n * widest // 32, dtype=np.float32),  # the same two by block
+               np.empty(n * widest // 16, dtype=np.float32),  # the same two by block
                np.empty(n * widest // 16, dtype=np.float32),
                # the row tasks' offset table and interleaved weight strip (kernels_avx2.scratch_rows)
                np.empty((scratch_rows(n, widest), 8), dtype=np.float32))
@@ -455,10 +455,10 @@ def argument_types(cache_kind: str) -> types.Tuple:
         types.int64, types.float32, types.float32, types.float32, types.int64,  # n_heads .. n_workers
         _i64(1), _f32(1), _f32(2),                                              # head_rows, output_norm, logits
         _i64(1), *(_f32(2),) * 8, _f32(3), _f32(3), _f32(4), _f32(4), _f32(5),  # shared_buffers
-        _f32(1), types.Array(types.int16, 1, "C"), _f32(1), _f32(1), _f32(1), _f32(1)))
+        _f32(1), types.Array(types.int8, 1, "C"), _f32(1), _f32(1), _f32(1), _f32(1)))
 
 
-SCRATCH = types.Tuple((_f32(1), types.Array(types.int16, 1, "C"), _f32(1), _f32(1), _f32(1), _f32(1), _f32(2)))
+SCRATCH = types.Tuple((_f32(1), types.Array(types.int8, 1, "C"), _f32(1), _f32(1), _f32(1), _f32(1), _f32(2)))
 
 
 def phase_types(cache_kind: str) -> dict:
@@ -568,8 +568,8 @@ def shared_buffers(c, n: int, positions: np.ndarray, widest_window: int) -> tupl
             empty((n, c.n_kv_heads, max_chunks, group), np.float32),        # part_sum
             empty((n, c.n_kv_heads, max_chunks, group, c.head_dim), np.float32),  # part_out
             # a matmul phase's activations when the workers prepare them together (see matmul_phase)
-            empty(widest, np.float32), empty(widest, np.int16), empty(widest // 32, np.float32),
-            empty(widest // 16, np.float32), empty(widest // 32, np.float32), empty(widest // 16, np.float32))
+            empty(widest, np.float32), empty(widest, np.int8), empty(widest // 16, np.float32),
+            empty(widest // 16, np.float32), empty(widest // 16, np.float32), empty(widest // 16, np.float32))
 
 
 # --------------------------------------------------------------------------- from Python

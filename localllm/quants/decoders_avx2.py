@@ -3,19 +3,18 @@ scales, and for the K types the eight-row decode forms of one token (``eight_row
 
 ``decode_<TYPE>(w, row, b)`` (``row`` the flat byte offset of the weight row) returns the block's integers (one
 ``I8x32``; the ``_wide`` forms two ``I16x16`` halves) and ``(scale_0, scale_1, d, offset_0, offset_1)``, as
-``quants.portable``'s decoders do; the row kernels of ``kernels_avx2`` dot them with the int16 activations.
+``quants.portable``'s decoders do; the row kernels of ``kernels_avx2`` dot them with the int8 activations.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from .intrinsics import (add_f32x8, add_i32x8, bits_i16x16, bits_i32x8, dot_i16, even_odd_i16, fma_f32x8, load_bits,
-                         load_f16, load_f16x8_strided, load_i16x16, load_i8, load_i8x32, load_nibbles,
-                         load_nibbles_i16, load_u32x8_strided, load_u8, mul_f32x8, mul_i32x8, negate_f32x8, or_i16x16,
-                         or_i32x8, or_shifted, prefetch, shift_left_i16x16, shift_left_i32x8, shift_right_and,
-                         signed_byte_i32x8, splat_f32x8, splat_i32x8, sum_halves_by8, sum_lanes_by8, to_f32x8,
-                         zeros_f32x8)
+from .intrinsics import (add_f32x8, add_i32x8, bits_i32x8, dot_pairs_i16, dot_u8_i8, fma_f32x8, halves_i16x16,
+                         load_bits, load_f16, load_f16x8_strided, load_i8, load_i8x32, load_nibbles,
+                         load_u32x8_strided, load_u8, mul_f32x8, mul_i32x8, negate_f32x8, or_i32x8, or_shifted,
+                         prefetch, shift_left_i32x8, shift_right_and, signed_byte_i32x8, splat_f32x8, splat_i32x8,
+                         sum_halves_by8, to_f32x8, zeros_f32x8)
 from .portable import BLOCK, k4_scale_min
 
 _ZERO = np.float32(0.0)
@@ -36,24 +35,6 @@ def decode_Q4_1(w, row, b):
     o = row + b * 20
     m = load_f16(w, o + 2)
     return load_nibbles(w, o + 4), 1, 1, load_f16(w, o), m, m
-
-
-@njit(cache=True)
-def decode_Q4_0_wide(w, row, b):
-    """``decode_Q4_0`` with the nibbles already widened to two I16x16 halves."""
-    o = row + b * 18
-    d = load_f16(w, o)
-    low, high = load_nibbles_i16(w, o + 2)
-    return low, high, 1, 1, d, np.float32(-8.0) * d, np.float32(-8.0) * d
-
-
-@njit(cache=True)
-def decode_Q4_1_wide(w, row, b):
-    """``decode_Q4_1`` with the nibbles already widened to two I16x16 halves."""
-    o = row + b * 20
-    m = load_f16(w, o + 2)
-    low, high = load_nibbles_i16(w, o + 4)
-    return low, high, 1, 1, load_f16(w, o), m, m
 
 
 @njit(cache=True)
@@ -81,10 +62,24 @@ def decode_Q8_0(w, row, b):
 # --------------------------------------------------------------------------- decoders (K super-blocks)
 # The 32-block b lies in super-block b // 8 (at byte o) as its sub-block s = b % 8.
 
+@njit(inline="always")
+def q2_k_quants(w, o, s):
+    """The 32 two-bit quants (0..3) of sub-block s of the Q2_K super-block at byte o."""
+    return shift_right_and(load_i8x32(w, o + 16 + 32 * (s >> 2)), 2 * (s & 3), 3)
+
+
+@njit(inline="always")
+def q3_k_quants(w, o, s):
+    """The 32 three-bit quants (q + 4, 0..7) of sub-block s of the Q3_K super-block at byte o: two bits from qs,
+    bit 2 = bit s of the hmask bytes."""
+    low = shift_right_and(load_i8x32(w, o + 32 + 32 * (s >> 2)), 2 * (s & 3), 3)
+    return or_shifted(low, shift_right_and(load_i8x32(w, o), s, 1), 2)
+
+
 @njit(cache=True)
 def decode_Q2_K(w, row, b):
     o, s = row + (b >> 3) * 84, b & 7
-    q = shift_right_and(load_i8x32(w, o + 16 + 32 * (s >> 2)), 2 * (s & 3), 3)
+    q = q2_k_quants(w, o, s)
     packed0, packed1 = load_u8(w, o + 2 * s), load_u8(w, o + 2 * s + 1)
     dmin = load_f16(w, o + 82)
     return (q, packed0 & 0x0F, packed1 & 0x0F, load_f16(w, o + 80),
@@ -102,11 +97,9 @@ def _q3_k_scale(w, o, i):
 @njit(cache=True)
 def decode_Q3_K(w, row, b):
     o, s = row + (b >> 3) * 110, b & 7
-    low = shift_right_and(load_i8x32(w, o + 32 + 32 * (s >> 2)), 2 * (s & 3), 3)
-    high = shift_right_and(load_i8x32(w, o), s, 1)
     scale0, scale1 = _q3_k_scale(w, o, 2 * s), _q3_k_scale(w, o, 2 * s + 1)
     d = load_f16(w, o + 108)
-    return (or_shifted(low, high, 2), scale0, scale1, d,
+    return (q3_k_quants(w, o, s), scale0, scale1, d,
             np.float32(-4 * scale0) * d, np.float32(-4 * scale1) * d)
 
 
@@ -161,79 +154,27 @@ def decode_Q6_K(w, row, b):
 # --------------------------------------------------------------------------- eight weight rows of one token
 # Decode of a K type reads eight rows' super-blocks side by side, as ``make_rows_task``'s
 # loop does, with the same arithmetic per (row, token), operation for operation, so that every
-# path gives the same bits. What differs is how the numbers are found:
-#
-# * the scale fields of a super-block are unpacked for the eight rows at once (one 32-bit lane
-#   per row, four packed bytes in it) once per super-block, not per row and 32-block, and the
-#   offsets (-dmin * min, -32 * scale * d, ...) come from them too (no offset table);
-# * the quants are unpacked in 16-bit lanes straight from the packed bytes: 32 bytes loaded as 16
-#   words give the fields of the even bytes (a mask) and of the odd bytes (a shift), and the
-#   activations are reordered once per block to match (``even_odd_i16``): ``vpmaddwd`` sums the
-#   same products in another order, the same exact integer, with no byte-to-word widening.
+# path gives the same bits. What differs is how the numbers are found: the scale fields of a
+# super-block are unpacked for the eight rows at once (one 32-bit lane per row, four packed
+# bytes in it) once per super-block, not per row and 32-block, and the offsets (-dmin * min,
+# -32 * scale * d, ...) come from them too (no offset table).
 
-@njit(inline="always")
-def q4_k_even_odd(w, o, s):
-    """Sub-block s of the Q4_K super-block at byte o: (its quants at even positions, at odd positions), 0..15."""
-    v = load_i16x16(w, o + 16 + 32 * (s >> 1))
-    shift = 4 * (s & 1)
-    return bits_i16x16(v, shift, 0x0F), bits_i16x16(v, shift + 8, 0x0F)
-
-
-@njit(inline="always")
-def _moved_bits(v, right, mask):
-    """``(v >> right) & mask`` on 16-bit lanes, a negative ``right`` shifting left (a constant once inlined)."""
-    if right >= 0:
-        return bits_i16x16(v, right, mask)
-    return bits_i16x16(shift_left_i16x16(v, -right), 0, mask)
-
-
-@njit(inline="always")
-def _split_bytes(q):
-    """16 words of two small quants each -> (the low bytes, the high bytes) as 16-bit lanes."""
-    return bits_i16x16(q, 0, 0xFF), bits_i16x16(q, 8, 0xFF)
-
-
-@njit(inline="always")
-def q5_k_even_odd(w, o, s):
-    """Sub-block s of the Q5_K super-block at byte o: (even, odd) quants 0..31, bit 4 = bit s of the qh bytes
-    (both bytes of a word assembled at once, then split)."""
-    v, high = load_i16x16(w, o + 48 + 32 * (s >> 1)), load_i16x16(w, o + 16)
-    return _split_bytes(or_i16x16(bits_i16x16(v, 4 * (s & 1), 0x0F0F), _moved_bits(high, s - 4, 0x1010)))
-
-
-@njit(inline="always")
-def q6_k_even_odd(w, o, s):
-    """32-sub-block s of the Q6_K super-block at byte o: (even, odd) quants + 32, 0..63: four bits from ql, bits
-    4-5 from bits 2k, 2k + 1 of the qh bytes (k = s % 4)."""
-    half, k = s >> 2, s & 3
-    v, high = load_i16x16(w, o + 64 * half + 32 * (k & 1)), load_i16x16(w, o + 128 + 32 * half)
-    return _split_bytes(or_i16x16(bits_i16x16(v, 4 * (k >> 1), 0x0F0F), _moved_bits(high, 2 * k - 4, 0x3030)))
-
-
-def make_eight_row_dots(even_odd):
-    """``dots(w, o, stride, s, x_even, x_odd)``: the eight rows' (from byte o, ``stride`` apart) products of
-    sub-block s with the activation block (reordered by ``even_odd_i16``) as int32x8 vectors, one per row,
-    whose lanes 0-3 hold the first 16 elements' products and lanes 4-7 the last 16's."""
+def make_eight_row_dots(quants):
+    """``dots(w, o, stride, s, x)`` -> (low, high): the exact dots of sub-block s of the eight rows (from byte o,
+    ``stride`` apart) with the activation block x, their first 16-half in lane r for row r, and their second."""
 
     @njit(inline="always")
-    def row_dot(w, o, s, x_even, x_odd):
-        even, odd = even_odd(w, o, s)
-        return dot_i16(even, x_even, odd, x_odd)
+    def row_dot(w, o, s, x):
+        return dot_pairs_i16(dot_u8_i8(quants(w, o, s), x), halves_i16x16(1, 1))
 
     @njit(inline="always")
-    def eight_row_dots(w, o, stride, s, x_even, x_odd):
-        return (row_dot(w, o, s, x_even, x_odd), row_dot(w, o + stride, s, x_even, x_odd),
-                row_dot(w, o + 2 * stride, s, x_even, x_odd), row_dot(w, o + 3 * stride, s, x_even, x_odd),
-                row_dot(w, o + 4 * stride, s, x_even, x_odd), row_dot(w, o + 5 * stride, s, x_even, x_odd),
-                row_dot(w, o + 6 * stride, s, x_even, x_odd), row_dot(w, o + 7 * stride, s, x_even, x_odd))
+    def eight_row_dots(w, o, stride, s, x):
+        return sum_halves_by8(row_dot(w, o, s, x), row_dot(w, o + stride, s, x), row_dot(w, o + 2 * stride, s, x),
+                              row_dot(w, o + 3 * stride, s, x), row_dot(w, o + 4 * stride, s, x),
+                              row_dot(w, o + 5 * stride, s, x), row_dot(w, o + 6 * stride, s, x),
+                              row_dot(w, o + 7 * stride, s, x))
 
     return eight_row_dots
-
-
-@njit(inline="always")
-def _activation_block(xq, xo):
-    """The int16 activation block at byte xo as (even elements, odd elements)."""
-    return even_odd_i16(load_i16x16(xq, xo), load_i16x16(xq, xo + 32))
 
 
 @njit(inline="always")
@@ -244,30 +185,37 @@ def _prefetch_share(w, at, share):
         prefetch(w, at + line)
 
 
-def make_eight_rows_k4(even_odd, block_bytes):
+@njit(inline="always")
+def scaled_halves(low, high, x_low_scale, x_high_scale):
+    """float(low) * dx_0 + float(high) * dx_1 (one multiply, one FMA) for int32 vectors of a block's two
+    16-halves: what every path multiplies a block's d by (``kernels_avx2.make_rows_task``)."""
+    return fma_f32x8(to_f32x8(high), x_high_scale, mul_f32x8(to_f32x8(low), x_low_scale))
+
+
+def make_eight_rows_k4(quants, block_bytes):
     """``eight_rows(w, row, stride, xq, j, xd, xds16)`` for Q4_K / Q5_K: float32 lanes = the dots of the
     rows from byte ``row`` (``stride`` apart) with token j. Per super-block: the eight rows' d and dmin, and
     their six-bit scales and mins from the 12 packed bytes (bytes 0-3: scales 0-3, and in bits 6-7 bits 4-5
     of scales 4-7; bytes 4-7: the same for the mins; bytes 8-11: bits 0-3 of scales 4-7, and in bits 4-7
     those of mins 4-7), four bytes a lane."""
-    dots = make_eight_row_dots(even_odd)
+    dots = make_eight_row_dots(quants)
 
     @njit(inline="always")
     def sub_block(w, o, stride, s, i, xq, j, xd, xds16, d, minus_dmin, packed_scales, packed_mins, sums):
         """Sub-block s of super-block i (at byte o of the first row): the sums (acc, low, high) go on."""
         acc, low_sum, high_sum = sums
         b = 8 * i + s
-        x_even, x_odd = _activation_block(xq, j * 2 * xq.shape[1] + b * 2 * BLOCK)
-        dot = sum_lanes_by8(*dots(w, o, stride, s, x_even, x_odd))
+        low, high = dots(w, o, stride, s, load_i8x32(xq, j * xq.shape[1] + b * BLOCK))
         scale = to_f32x8(bits_i32x8(packed_scales, 8 * (s & 3), 0xFF))
         offset = mul_f32x8(minus_dmin, to_f32x8(bits_i32x8(packed_mins, 8 * (s & 3), 0xFF)))
-        return (fma_f32x8(mul_f32x8(to_f32x8(dot), splat_f32x8(xd[j, b])), mul_f32x8(d, scale), acc),
+        return (fma_f32x8(scaled_halves(low, high, splat_f32x8(xd[j, 2 * b]), splat_f32x8(xd[j, 2 * b + 1])),
+                          mul_f32x8(d, scale), acc),
                 fma_f32x8(offset, splat_f32x8(xds16[j, 2 * b]), low_sum),
                 fma_f32x8(offset, splat_f32x8(xds16[j, 2 * b + 1]), high_sum))
 
     @njit(inline="always")
     def eight_rows(w, row, stride, xq, j, xd, xds16):
-        n_super = xd.shape[1] // 8
+        n_super = xq.shape[1] // 256
         share = 8 * stride // n_super
         sums = (zeros_f32x8(), zeros_f32x8(), zeros_f32x8())      # (acc, low, high) of make_rows_task
         for i in range(n_super):
@@ -293,20 +241,6 @@ def make_eight_rows_k4(even_odd, block_bytes):
         return add_f32x8(acc, add_f32x8(low_sum, high_sum))
 
     return eight_rows
-
-
-@njit(inline="always")
-def q2_k_even_odd(w, o, s):
-    """Sub-block s of the Q2_K super-block at byte o: (even, odd) two-bit quants 0..3."""
-    return _split_bytes(bits_i16x16(load_i16x16(w, o + 16 + 32 * (s >> 2)), 2 * (s & 3), 0x0303))
-
-
-@njit(inline="always")
-def q3_k_even_odd(w, o, s):
-    """Sub-block s of the Q3_K super-block at byte o: (even, odd) quants + 4, 0..7: two bits from qs, bit 2 = bit
-    s of the hmask bytes."""
-    v, high = load_i16x16(w, o + 32 + 32 * (s >> 2)), load_i16x16(w, o)
-    return _split_bytes(or_i16x16(bits_i16x16(v, 2 * (s & 3), 0x0303), _moved_bits(high, s - 2, 0x0404)))
 
 
 @njit(inline="always")
@@ -369,30 +303,30 @@ def q6_k_scales(packed, s):
     return scale0, scale1, mul_i32x8(scale0, minus_32), mul_i32x8(scale1, minus_32)
 
 
-def make_eight_rows_scaled(even_odd, block_bytes, fields, scales):
+def make_eight_rows_scaled(quants, block_bytes, fields, scales):
     """``eight_rows`` (see ``make_eight_rows_k4``) for the K types with a scale per 16 weights (Q2_K, Q3_K,
     Q6_K): per super-block, ``fields(w, o, stride)`` -> (d, offset scale, packed scale bytes) of the eight rows;
     per sub-block, ``scales(packed, s)`` -> (scale0, scale1, offset0, offset1) int32 vectors, so that
     ``offset_h = offset_scale * float(offset_h)``. The two 16-halves' dots are scaled in int32 (the same integer
-    as scaling the quants first, as ``make_rows_task`` does)."""
-    dots = make_eight_row_dots(even_odd)
+    as ``vpmaddwd`` by the scales gives in ``make_rows_task``)."""
+    dots = make_eight_row_dots(quants)
 
     @njit(inline="always")
     def sub_block(w, o, stride, s, i, xq, j, xd, xds16, d, offset_scale, packed, sums):
         """Sub-block s of super-block i (at byte o of the first row): the sums (acc, low, high) go on."""
         acc, low_sum, high_sum = sums
         b = 8 * i + s
-        x_even, x_odd = _activation_block(xq, j * 2 * xq.shape[1] + b * 2 * BLOCK)
-        low_dots, high_dots = sum_halves_by8(*dots(w, o, stride, s, x_even, x_odd))
+        low, high = dots(w, o, stride, s, load_i8x32(xq, j * xq.shape[1] + b * BLOCK))
         scale0, scale1, offset0, offset1 = scales(packed, s)
-        dot = add_i32x8(mul_i32x8(low_dots, scale0), mul_i32x8(high_dots, scale1))
-        return (fma_f32x8(mul_f32x8(to_f32x8(dot), splat_f32x8(xd[j, b])), d, acc),
+        halves = scaled_halves(mul_i32x8(low, scale0), mul_i32x8(high, scale1), splat_f32x8(xd[j, 2 * b]),
+                                splat_f32x8(xd[j, 2 * b + 1]))
+        return (fma_f32x8(halves, d, acc),
                 fma_f32x8(mul_f32x8(offset_scale, to_f32x8(offset0)), splat_f32x8(xds16[j, 2 * b]), low_sum),
                 fma_f32x8(mul_f32x8(offset_scale, to_f32x8(offset1)), splat_f32x8(xds16[j, 2 * b + 1]), high_sum))
 
     @njit(inline="always")
     def eight_rows(w, row, stride, xq, j, xd, xds16):
-        n_super = xd.shape[1] // 8
+        n_super = xq.shape[1] // 256
         share = 8 * stride // n_super
         sums = (zeros_f32x8(), zeros_f32x8(), zeros_f32x8())      # (acc, low, high) of make_rows_task
         for i in range(n_super):
@@ -414,10 +348,8 @@ def make_eight_rows_scaled(even_odd, block_bytes, fields, scales):
     return eight_rows
 
 
-eight_rows_Q2_K = make_eight_rows_scaled(q2_k_even_odd, 84, q2_k_fields, q2_k_scales)
-eight_rows_Q3_K = make_eight_rows_scaled(q3_k_even_odd, 110, q3_k_fields, q3_k_scales)
-eight_rows_Q6_K = make_eight_rows_scaled(q6_k_even_odd, 210, q6_k_fields, q6_k_scales)
-
-
-eight_rows_Q4_K = make_eight_rows_k4(q4_k_even_odd, 144)
-eight_rows_Q5_K = make_eight_rows_k4(q5_k_even_odd, 176)
+eight_rows_Q2_K = make_eight_rows_scaled(q2_k_quants, 84, q2_k_fields, q2_k_scales)
+eight_rows_Q3_K = make_eight_rows_scaled(q3_k_quants, 110, q3_k_fields, q3_k_scales)
+eight_rows_Q6_K = make_eight_rows_scaled(q6_k_quants, 210, q6_k_fields, q6_k_scales)
+eight_rows_Q4_K = make_eight_rows_k4(q4_k_quants, 144)
+eight_rows_Q5_K = make_eight_rows_k4(q5_k_quants, 176)

@@ -1,26 +1,26 @@
 """SIMD values for numba: 256-bit vector types and the few instructions the kernels need.
 
 numba has no vector type, and LLVM does not find the integer dot-product
-instructions (``vpmaddwd``) in plain loops over 32-element blocks. This module gives numba four value types that live in
-one AVX register each::
+instructions (``vpmaddubsw``, ``vpmaddwd``) in plain loops over 32-element blocks. This module gives numba four
+value types that live in one AVX register each::
 
-    I8x32   32 x int8   (quantized weights, unpacked to one byte each)
-    I16x16  16 x int16  (weights widened to 16 bits, int16 activations)
+    I8x32   32 x int8   (quantized weights, unpacked to one byte each; int8 activations)
+    I16x16  16 x int16  (pair sums of byte products; per-16 scales)
     I32x8    8 x int32  (integer dot products)
     F32x8    8 x float32 (accumulators)
 
 and ``numba.extending.intrinsic`` functions over them that emit LLVM IR: loads
-at a byte offset of an array, nibble and bit unpacking, widening bytes to
-16-bit lanes, the AVX2 integer dot product (``llvm.x86.avx2.pmadd.wd`` =
-``vpmaddwd``) and a fused multiply-add into float accumulators; and the
-atomics that let the workers of one parallel region share work
-(``atomic_add``, ``atomic_load``, ``spin_pause``; used by ``ops.decoder_step``).
+at a byte offset of an array, nibble and bit unpacking, the AVX2 integer dot
+products (``dot_u8_i8`` = ``vpmaddubsw``, ``dot_pairs_i16`` = ``vpmaddwd``) and
+fused multiply-adds into float accumulators; and the atomics that let the
+workers of one parallel region share work (``atomic_add``, ``atomic_load``,
+``spin_pause``; used by ``ops.decoder_step``).
 
-Only ``dot_i16``, ``sum_lanes_by8``, ``sum_halves_by8`` and ``spin_pause`` use x86 instructions; everything
+The dot products, ``sign_i8``, ``sum_halves_by8`` and ``spin_pause`` use x86 instructions; everything
 else is generic LLVM IR that any target compiles (the portable kernels use ``load_u8`` and ``float32_from_bits``).
 Importing this module is safe anywhere: intrinsics are compiled only when a
-kernel that calls them is, and ``quants.kernels`` compiles the ``dot_i16`` users
-only on CPUs with AVX2.
+kernel that calls them is, and ``quants.kernels`` compiles their users only on
+CPUs with AVX2.
 
 Byte offsets are flat: ``offset`` counts bytes from the start of the array's
 data, so arrays passed here must be C-contiguous (the callers make sure).
@@ -108,13 +108,6 @@ def _as_lane(builder, value, lane_type):
     return value
 
 
-def _opaque(builder, value):
-    """``value``, through an empty inline-asm statement (same register in and out): no instruction, but LLVM can
-    no longer see how it was computed, so it cannot rewrite the operations that follow in terms of it."""
-    asm = ir.InlineAsm(ir.FunctionType(value.type, [value.type]), "", "=x,0")
-    return builder.call(asm, [value])
-
-
 def _const_vector(llvm_type, value):
     return ir.Constant(llvm_type, [value] * llvm_type.count)
 
@@ -196,71 +189,10 @@ def or_shifted(typingctx, low, high, shift):
 
 # --------------------------------------------------------------------------- 16-bit lanes
 
-def _widen(builder, v, high, signed):
-    half = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, 16), list(range(16 * high, 16 * high + 16))))
-    return (builder.sext if signed else builder.zext)(half, I16x16.llvm_type)
-
-
-@intrinsic
-def widen_low(typingctx, v):
-    """Bytes 0..15 of v, zero-extended to 16 bits (``vpmovzxbw``)."""
-    def codegen(context, builder, sig, args):
-        return _widen(builder, args[0], 0, False)
-    return i16x16(v), codegen
-
-
-@intrinsic
-def widen_high(typingctx, v):
-    """Bytes 16..31 of v, zero-extended to 16 bits."""
-    def codegen(context, builder, sig, args):
-        return _widen(builder, args[0], 1, False)
-    return i16x16(v), codegen
-
-
-@intrinsic
-def widen_low_signed(typingctx, v):
-    """Bytes 0..15 of v, sign-extended to 16 bits (``vpmovsxbw``)."""
-    def codegen(context, builder, sig, args):
-        return _widen(builder, args[0], 0, True)
-    return i16x16(v), codegen
-
-
-@intrinsic
-def widen_high_signed(typingctx, v):
-    """Bytes 16..31 of v, sign-extended to 16 bits."""
-    def codegen(context, builder, sig, args):
-        return _widen(builder, args[0], 1, True)
-    return i16x16(v), codegen
-
-
 @intrinsic
 def load_i16x16(typingctx, array, offset):
     """16 int16 values at byte ``offset``."""
     return i16x16(array, offset), _vector_load(I16x16)
-
-
-@intrinsic
-def scale_i16(typingctx, v, scale):
-    """``v * scale`` lane-wise in 16 bits (``vpmullw``); the caller keeps products in range."""
-    def codegen(context, builder, sig, args):
-        return builder.mul(args[0], _splat(builder, _as_lane(builder, args[1], _i16), I16x16.llvm_type))
-    return i16x16(v, scale), codegen
-
-
-# --------------------------------------------------------------------------- dot product (x86)
-
-@intrinsic
-def dot_i16(typingctx, low_weights, low_x, high_weights, high_x):
-    """Integer dot of 32 int16 weights with 32 int16 activations, as 8 int32 partial sums.
-
-    ``vpmaddwd`` multiplies lanes and adds adjacent pairs into int32 (exact:
-    |w| <= 8064 and |x| <= 32767 keep every sum below 2^31); the two halves are added.
-    """
-    def codegen(context, builder, sig, args):
-        low = _call(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type, [args[0], args[1]])
-        high = _call(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type, [args[2], args[3]])
-        return builder.add(low, high)
-    return i32x8(low_weights, low_x, high_weights, high_x), codegen
 
 
 # --------------------------------------------------------------------------- float accumulators
@@ -270,16 +202,6 @@ def zeros_f32x8(typingctx):
     def codegen(context, builder, sig, args):
         return _const_vector(F32x8.llvm_type, 0.0)
     return f32x8(), codegen
-
-
-@intrinsic
-def fma_int(typingctx, products, scale, accumulator):
-    """``accumulator + float(products) * scale`` lane-wise (scale a float32 scalar)."""
-    def codegen(context, builder, sig, args):
-        as_float = builder.sitofp(args[0], F32x8.llvm_type)
-        scale_v = _splat(builder, args[1], F32x8.llvm_type)
-        return _call(builder, "llvm.fma.v8f32", F32x8.llvm_type, [as_float, scale_v, args[2]])
-    return f32x8(products, types.float32, accumulator), codegen
 
 
 @intrinsic
@@ -327,43 +249,7 @@ def float32_from_bits(typingctx, bits):
     return types.float32(bits), codegen
 
 
-# --------------------------------------------------------------------------- eight sums in one vector
-
-@intrinsic
-def sum_lanes_by8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
-    """Lane l of the result = the sum of the eight lanes of ``a_l`` (int32, exact).
-
-    Two rounds of ``vphaddd`` (pairwise sums within 128-bit halves) leave each
-    vector's two half-sums in the two halves; one cross-half add finishes: the
-    transposed sums that let one vector carry eight dot products.
-    """
-    def codegen(context, builder, sig, args):
-        def hadd(x, y):
-            return _call(builder, "llvm.x86.avx2.phadd.d", I32x8.llvm_type, [x, y])
-
-        # [a0 lo, a1 lo, a2 lo, a3 lo | a0 hi, a1 hi, a2 hi, a3 hi] and the same for a4..a7
-        q0123 = hadd(hadd(args[0], args[1]), hadd(args[2], args[3]))
-        q4567 = hadd(hadd(args[4], args[5]), hadd(args[6], args[7]))
-        mask = ir.VectorType(_i32, 8)
-        low = builder.shuffle_vector(q0123, q4567, ir.Constant(mask, [0, 1, 2, 3, 8, 9, 10, 11]))
-        high = builder.shuffle_vector(q0123, q4567, ir.Constant(mask, [4, 5, 6, 7, 12, 13, 14, 15]))
-        return builder.add(low, high)
-    return i32x8(a0, a1, a2, a3, a4, a5, a6, a7), codegen
-
-
-@intrinsic
-def sum_lanes_i32(typingctx, v):
-    """The sum of the eight int32 lanes (exact) as int64."""
-    def codegen(context, builder, sig, args):
-        value = args[0]
-        for width in (4, 2, 1):
-            low = builder.shuffle_vector(value, value, ir.Constant(ir.VectorType(_i32, width), list(range(width))))
-            high = builder.shuffle_vector(value, value,
-                                          ir.Constant(ir.VectorType(_i32, width), list(range(width, 2 * width))))
-            value = builder.add(low, high)
-        return builder.sext(builder.extract_element(value, ir.Constant(_i32, 0)), _i64)
-    return types.int64(v), codegen
-
+# --------------------------------------------------------------------------- integer lanes to float
 
 @intrinsic
 def to_f32x8(typingctx, v):
@@ -448,21 +334,6 @@ def prefetch(typingctx, array, offset):
               [pointer, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
         return context.get_dummy_value()
     return types.none(array, offset), codegen
-
-
-@intrinsic
-def load_nibbles_i16(typingctx, array, offset):
-    """16 bytes at ``offset`` -> (low nibbles, high nibbles) as two I16x16: each byte widened to 16 bits
-    once (``vpmovzxbw`` from memory), then masked and shifted in 16-bit lanes: three instructions. (LLVM would
-    narrow the mask and the shift to the bytes and widen each half: five; ``_opaque`` keeps the widened words.)"""
-    def codegen(context, builder, sig, args):
-        v16 = ir.VectorType(_i8, 16)
-        packed = _load(builder, _byte_pointer(context, builder, sig.args[0], *args), v16)
-        words = _opaque(builder, builder.zext(packed, I16x16.llvm_type))
-        low = builder.and_(words, _const_vector(I16x16.llvm_type, 0x0F))
-        high = builder.lshr(words, _const_vector(I16x16.llvm_type, 4))
-        return context.make_tuple(builder, sig.return_type, (low, high))
-    return types.UniTuple(i16x16, 2)(array, offset), codegen
 
 
 @intrinsic
@@ -623,53 +494,13 @@ def negate_f32x8(typingctx, v):
     return f32x8(v), codegen
 
 
-
-# --------------------------------------------------------------------------- 16-bit lanes of packed weight bytes
-
-@intrinsic
-def bits_i16x16(typingctx, v, shift, mask):
-    """``(v >> shift) & mask`` lane-wise on unsigned 16-bit lanes (shift 0..15): with 32 weight bytes loaded as
-    16 words, the field of the even bytes (``shift`` < 8) or of the odd ones (``shift`` >= 8), one per lane."""
-    def codegen(context, builder, sig, args):
-        v16 = I16x16.llvm_type
-        shift_v = _splat(builder, _as_lane(builder, args[1], _i16), v16)
-        mask_v = _splat(builder, _as_lane(builder, args[2], _i16), v16)
-        return builder.and_(builder.lshr(args[0], shift_v), mask_v)
-    return i16x16(v, shift, mask), codegen
-
-
-@intrinsic
-def shift_left_i16x16(typingctx, v, shift):
-    """``v << shift`` lane-wise on 16-bit lanes (shift 0..15)."""
-    def codegen(context, builder, sig, args):
-        return builder.shl(args[0], _splat(builder, _as_lane(builder, args[1], _i16), I16x16.llvm_type))
-    return i16x16(v, shift), codegen
-
-
-@intrinsic
-def or_i16x16(typingctx, a, b):
-    """Lane-wise bitwise or of two int16 vectors."""
-    def codegen(context, builder, sig, args):
-        return builder.or_(args[0], args[1])
-    return i16x16(a, b), codegen
-
-
-@intrinsic
-def even_odd_i16(typingctx, low, high):
-    """A block of 32 int16 values (elements 0..15 in ``low``, 16..31 in ``high``) as (its even elements 0, 2, ..,
-    30; its odd elements 1, 3, .., 31): the order of weights unpacked as (even bytes, odd bytes) of 16 words."""
-    def codegen(context, builder, sig, args):
-        mask = ir.VectorType(_i32, 16)
-        even = builder.shuffle_vector(args[0], args[1], ir.Constant(mask, list(range(0, 32, 2))))
-        odd = builder.shuffle_vector(args[0], args[1], ir.Constant(mask, list(range(1, 32, 2))))
-        return context.make_tuple(builder, sig.return_type, (even, odd))
-    return types.UniTuple(i16x16, 2)(low, high), codegen
-
-
 @intrinsic
 def sum_halves_by8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
-    """``sum_lanes_by8`` in two parts: (lane l = the sum of lanes 0-3 of ``a_l``, lane l = the sum of lanes 4-7):
-    with even/odd weights, ``vpmaddwd`` lanes 0-3 hold a block's first 16 elements and lanes 4-7 its last 16."""
+    """(lane l = the sum of lanes 0-3 of ``a_l``, lane l = the sum of lanes 4-7), int32, exact: after
+    ``dot_u8_i8`` and ``dot_pairs_i16``, lanes 0-3 hold a block's first 16 elements and lanes 4-7 its last 16.
+
+    Two rounds of ``vphaddd`` (pairwise sums within 128-bit halves) leave each vector's two half-sums in the two
+    halves; two cross-half shuffles gather them: eight rows' (or tokens') dot products in one vector."""
     def codegen(context, builder, sig, args):
         def hadd(x, y):
             return _call(builder, "llvm.x86.avx2.phadd.d", I32x8.llvm_type, [x, y])
@@ -710,20 +541,10 @@ def store_vector(typingctx, array, offset, v):
 
 
 @intrinsic
-def splat_pair_i16(typingctx, array, offset):
-    """The two int16 values at byte ``offset`` (one 32-bit word) repeated in all eight 32-bit lanes
-    (``vpbroadcastd`` from memory): a pair of activations against the same pair of eight weight rows."""
-    def codegen(context, builder, sig, args):
-        word = _load(builder, _byte_pointer(context, builder, sig.args[0], *args), _i32)
-        return builder.bitcast(_splat(builder, word, I32x8.llvm_type), I16x16.llvm_type)
-    return i16x16(array, offset), codegen
-
-
-@intrinsic
-def transpose_pairs_i16x16(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
-    """An 8 x 8 transpose of 32-bit words: word k of result i = word i of ``a_k``. With ``a_k`` 16 int16 of
-    weight row k, result i holds the pair (2i, 2i + 1) of every row, row k in word k (unpack 32, unpack 64,
-    then 128-bit halves)."""
+def transpose_words(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
+    """An 8 x 8 transpose of 32-bit words (vectors of any one type): word k of result i = word i of ``a_k``.
+    With ``a_k`` the 32 int8 quants of a block of weight row k, result i holds elements 4i..4i + 3 of every row,
+    row k in word k (unpack 32, unpack 64, then 128-bit halves)."""
     def codegen(context, builder, sig, args):
         v8 = I32x8.llvm_type
         mask = ir.VectorType(_i32, 8)
@@ -747,5 +568,105 @@ def transpose_pairs_i16x16(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
                 x, y = quads[first][part], quads[second][part]
                 out[word + part] = shuffle(x, y, [0, 1, 2, 3, 8, 9, 10, 11])
                 out[word + part + 4] = shuffle(x, y, [4, 5, 6, 7, 12, 13, 14, 15])
-        return context.make_tuple(builder, sig.return_type, [builder.bitcast(v, I16x16.llvm_type) for v in out])
-    return types.UniTuple(i16x16, 8)(a0, a1, a2, a3, a4, a5, a6, a7), codegen
+        return context.make_tuple(builder, sig.return_type, [builder.bitcast(v, a0.llvm_type) for v in out])
+    if not isinstance(a0, _VectorType) or any(a != a0 for a in (a1, a2, a3, a4, a5, a6, a7)):
+        return None
+    return types.UniTuple(a0, 8)(a0, a1, a2, a3, a4, a5, a6, a7), codegen
+
+
+# --------------------------------------------------------------------------- int8 activations
+
+@intrinsic
+def dot_u8_i8(typingctx, weights, x):
+    """``vpmaddubsw``: lane i (int16) = w[2i] x[2i] + w[2i + 1] x[2i + 1], unsigned weight bytes times signed
+    activation bytes. Exact when |x| <= 127 and the weights are at most 128 (2 * 128 * 127 < 2^15): lanes 0-7
+    hold the products of elements 0..15, lanes 8-15 those of 16..31."""
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", I16x16.llvm_type, list(args))
+    return i16x16(weights, x), codegen
+
+
+@intrinsic
+def dot_pairs_i16(typingctx, v, scales):
+    """``vpmaddwd``: lane i (int32) = v[2i] scales[2i] + v[2i + 1] scales[2i + 1] (exact)."""
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", I32x8.llvm_type, list(args))
+    return i32x8(v, scales), codegen
+
+
+@intrinsic
+def add_i16x16(typingctx, a, b):
+    """Lane-wise int16 sum (the caller keeps it in range)."""
+    def codegen(context, builder, sig, args):
+        return builder.add(*args)
+    return i16x16(a, b), codegen
+
+
+@intrinsic
+def halves_i16x16(typingctx, first, second):
+    """Lanes 0-7 = ``first``, lanes 8-15 = ``second`` (the per-16 scales of a block against ``dot_u8_i8``)."""
+    def codegen(context, builder, sig, args):
+        v8 = ir.VectorType(_i16, 8)
+        low = _splat(builder, _as_lane(builder, args[0], _i16), v8)
+        high = _splat(builder, _as_lane(builder, args[1], _i16), v8)
+        return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_i32, 16), list(range(16))))
+    return i16x16(first, second), codegen
+
+
+@intrinsic
+def pairs_i16x16(typingctx, v0, v1, v2, v3, v4, v5, v6, v7):
+    """Both int16 of 32-bit word k = ``v_k``: eight rows' scales against the eight rows' words of a strip."""
+    def codegen(context, builder, sig, args):
+        vector = ir.Constant(I16x16.llvm_type, ir.Undefined)
+        for k, value in enumerate(args):
+            lane = _as_lane(builder, value, _i16)
+            vector = builder.insert_element(vector, lane, ir.Constant(_i32, 2 * k))
+            vector = builder.insert_element(vector, lane, ir.Constant(_i32, 2 * k + 1))
+        return vector
+    return i16x16(v0, v1, v2, v3, v4, v5, v6, v7), codegen
+
+
+@intrinsic
+def splat_quad_i8(typingctx, array, offset):
+    """The four bytes at byte ``offset`` (one 32-bit word) repeated in all eight 32-bit lanes (``vpbroadcastd``
+    from memory): four activations against the same four elements of eight weight rows."""
+    def codegen(context, builder, sig, args):
+        word = _load(builder, _byte_pointer(context, builder, sig.args[0], *args), _i32)
+        return builder.bitcast(_splat(builder, word, I32x8.llvm_type), I8x32.llvm_type)
+    return i8x32(array, offset), codegen
+
+
+@intrinsic
+def abs_i8(typingctx, v):
+    """Lane-wise |v| of signed bytes as unsigned bytes (-128 -> 128; ``vpabsb``)."""
+    def codegen(context, builder, sig, args):
+        negative = builder.icmp_signed("<", args[0], _const_vector(I8x32.llvm_type, 0))
+        return builder.select(negative, builder.neg(args[0]), args[0])
+    return i8x32(v), codegen
+
+
+@intrinsic
+def sign_i8(typingctx, x, signs):
+    """``vpsignb``: x negated where ``signs`` < 0, zero where it is 0, else x (with ``abs_i8`` of the weights:
+    signed weights against ``dot_u8_i8``)."""
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.x86.avx2.psign.b", I8x32.llvm_type, list(args))
+    return i8x32(x, signs), codegen
+
+
+@intrinsic
+def sum_halves_i32(typingctx, v):
+    """(sum of int32 lanes 0-3, sum of lanes 4-7) as int64: a block's two 16-halves after ``dot_pairs_i16``."""
+    def codegen(context, builder, sig, args):
+        parts = []
+        for start in (0, 4):
+            value = builder.shuffle_vector(args[0], args[0], ir.Constant(ir.VectorType(_i32, 4),
+                                                                         list(range(start, start + 4))))
+            for width in (2, 1):
+                low = builder.shuffle_vector(value, value, ir.Constant(ir.VectorType(_i32, width), list(range(width))))
+                high = builder.shuffle_vector(value, value, ir.Constant(ir.VectorType(_i32, width),
+                                                                        list(range(width, 2 * width))))
+                value = builder.add(low, high)
+            parts.append(builder.sext(builder.extract_element(value, ir.Constant(_i32, 0)), _i64))
+        return context.make_tuple(builder, sig.return_type, parts)
+    return types.UniTuple(types.int64, 2)(v), codegen

@@ -2,28 +2,29 @@
 
 Same form as ``quants.portable`` (read its docstring): a decoder (``decoders_avx2``) turns the
 32-element block ``b`` of a weight row into 32 small integers (one ``I8x32``
-register) and ``(scale_0, scale_1, d, offset_0, offset_1)``. The integers are
-widened to two int16 halves, multiplied by their per-16 scales where the type
-has them, and dotted with the int16 activations by ``vpmaddwd``
-(``intrinsics.dot_i16``): an exact integer per block, turned into float once.
+register, unsigned but for Q8_0) and ``(scale_0, scale_1, d, offset_0, offset_1)``.
+``vpmaddubsw`` multiplies them with the int8 activations and adds pairs into 16 bits
+(``intrinsics.dot_u8_i8``; a signed type's weights go in as |q| against the activations
+with q's sign), and ``vpmaddwd`` by the per-16 scales (ones for types without them) adds
+pairs into 32 bits: an exact integer per 16-half of a block, turned into float once and
+scaled by that half's activation scale.
 
 The row kernel puts eight dot products in the lanes of one vector: eight
 weight rows of a token. From 16 tokens on (prefill, large batched decode) a
 task first decodes its eight rows once into a per-group scratch strip,
-interleaved so that one vector holds a pair of elements of all eight rows
-(``fill_strip``), then streams the tokens through it four at a time: per pair,
-one broadcast activation pair and one ``vpmaddwd`` per token, rows in the
-lanes, no horizontal sums (the int16 analogue of ik_llama.cpp's interleaved
-eight-row strips). In decode the eight rows are read side by side straight
-from the weights. Every path does the same arithmetic per (row, token), and
-leftovers one at a time too: a token's result does not depend on the batch it
-came in (chunked prefill equals one-shot prefill bit for bit).
+interleaved so that one vector holds four consecutive elements of all eight rows
+(``fill_strip``), then streams the tokens through it four at a time: per four
+elements, one broadcast activation word and one ``vpmaddubsw`` per token, rows in
+the lanes, no horizontal sums (ik_llama.cpp's interleaved eight-row strips). In
+decode the eight rows are read side by side straight from the weights. Every path
+does the same arithmetic per (row, token), and leftovers one at a time too: a
+token's result does not depend on the batch it came in (chunked prefill equals
+one-shot prefill bit for bit).
 
 Decode reads eight weight rows side by side, which the hardware prefetcher
 follows poorly: each task prefetches the next task's rows (``intrinsics.prefetch``).
 K types have an eight-row decode form of their own (``eight_rows_<TYPE>``):
-scale fields unpacked for eight rows at once, quants unpacked in 16-bit lanes
-straight from the packed bytes, the same arithmetic.
+scale fields unpacked for eight rows at once, the same arithmetic.
 Tasks run in up to ``TASK_GROUPS`` parallel groups of consecutive tasks.
 """
 from __future__ import annotations
@@ -35,13 +36,13 @@ from numba import njit, prange, types
 from numba.core.errors import NumbaExperimentalFeatureWarning
 from numba.core.types.function_type import CompileResultWAP
 
-from .intrinsics import (add_f32x8, add_i32x8, dot_i16, fma_f32, fma_f32x8, lane_f32, load_f16x8_strided, load_f32x8,
-                         load_i16x16, mul_f32x8, pack_f32x8, prefetch, scale_i16, splat_f32x8, splat_i32x8,
-                         splat_pair_i16, store_vector, sum_lanes_by8, sum_lanes_i32, to_f32x8, transpose_pairs_i16x16,
-                         widen_high, widen_high_signed, widen_low, widen_low_signed, zeros_f32x8)
-from .decoders_avx2 import (decode_Q2_K, decode_Q3_K, decode_Q4_0_wide, decode_Q4_1_wide, decode_Q4_K, decode_Q5_0,
-                            decode_Q5_1, decode_Q5_K, decode_Q6_K, decode_Q8_0, eight_rows_Q2_K, eight_rows_Q3_K,
-                            eight_rows_Q4_K, eight_rows_Q5_K, eight_rows_Q6_K)
+from .intrinsics import (abs_i8, add_f32x8, add_i16x16, add_i32x8, dot_pairs_i16, dot_u8_i8, fma_f32, fma_f32x8,
+                         halves_i16x16, lane_f32, load_f16x8_strided, load_f32x8, load_i8x32, load_i16x16, mul_f32x8, pack_f32x8,
+                         pairs_i16x16, prefetch, sign_i8, splat_f32x8, splat_quad_i8, store_vector, sum_halves_by8,
+                         sum_halves_i32, transpose_words, zeros_f32x8)
+from .decoders_avx2 import (decode_Q2_K, decode_Q3_K, decode_Q4_0, decode_Q4_1, decode_Q4_K, decode_Q5_0, decode_Q5_1,
+                            decode_Q5_K, decode_Q6_K, decode_Q8_0, eight_rows_Q2_K, eight_rows_Q3_K, eight_rows_Q4_K,
+                            eight_rows_Q5_K, eight_rows_Q6_K, scaled_halves)
 from .portable import BLOCK, count_tasks, njit_named, prepare_activations, store, task_location
 
 # the row ranges are called through numba's first-class function pointers (an "experimental" feature it warns
@@ -51,10 +52,14 @@ warnings.filterwarnings("ignore", message="First-class function type feature is 
 
 ROWS_PER_TASK = 8   # weight rows per task: the eight lanes of the decode path and of the prefill tile
 TASK_GROUPS = 96    # parallel work items; each runs consecutive tasks with one scratch table
-STRIP_ROWS_PER_BLOCK = 19  # scratch rows of eight float32 per 32-block: 2 offsets, 1 scale, 16 interleaved pairs
+# scratch rows of eight float32 (32 bytes) per 32-block: 2 offsets, 1 scale, 8 interleaved quads of quants,
+# 8 more for a signed type (the quants' signs), 2 for a type with per-16 scales (its scales as int16 pairs)
+STRIP_ROWS_PER_BLOCK = 21
+STRIP_QUANTS = 3           # where a block's quants start in its share of the strip (after offsets and scale)
 TILE_MIN_TOKENS = 16       # from this many tokens on, a task's rows are interleaved into a strip (the tile path;
-                           # below, filling the strip costs more than it saves: 8 tokens 27 -> 22.5 ms a step)
+                           # below, filling the strip costs more than it saves)
 TILE_TOKENS = 4            # tokens per pass over the strip: each strip vector load serves four
+ACTIVATION_LIMIT = 127     # |xq|: with weights of at most 128, a vpmaddubsw pair stays below 2^15
 
 
 @njit(cache=True)
@@ -70,7 +75,7 @@ def scratch_rows(n, cols):
 
 @njit(inline="always")
 def store_eight(strip, at, vectors):
-    """The eight vectors of a transpose (``transpose_pairs_i16x16``) one after another from byte ``at``."""
+    """The eight vectors of a transpose (``transpose_words``) one after another from byte ``at``."""
     v0, v1, v2, v3, v4, v5, v6, v7 = vectors
     store_vector(strip, at, v0)
     store_vector(strip, at + 32, v1)
@@ -87,30 +92,23 @@ def _no_eight_rows(w, row, stride, xq, j, xd, xds16):
     return zeros_f32x8()
 
 
-@njit(inline="always")
-def two_row_dots(low0, high0, low1, high1, xq, xo):
-    """Exact int32x8 partial dots of two weight blocks with the activation block at byte ``xo`` (loaded once)."""
-    x_low, x_high = load_i16x16(xq, xo), load_i16x16(xq, xo + 32)
-    return dot_i16(low0, x_low, high0, x_high), dot_i16(low1, x_low, high1, x_high)
-
-
-def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offsets: bool = True,
+def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: bool = True,
                    f16_scale_block_bytes: int = 0, f16_min_at: int = 0, offset_per_scale: float = 0.0,
                    eight_rows=None):
     """``rows_task(w, r_start, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table)``:
     ``out[:, r] = x @ W[r]`` for ROWS_PER_TASK weight rows from ``r_start``.
 
-    Each weight block is widened to two int16 halves (sign-extended when
-    ``signed``, multiplied by its per-16 scales when ``scaled``; ``wide``
-    decoders widen themselves) and dotted with the int16 activations by
-    ``vpmaddwd``. Every (row, token) result is the same arithmetic on every
-    path, so it does not depend on the batch::
+    Each weight block (quants at most ``max_quant``; signed ones when
+    ``signed``, their scales per 16 when ``scaled``) is dotted with the int8
+    activations, an exact integer per 16-half (``block_dots``). Every
+    (row, token) result is the same arithmetic on every path, so it does not
+    depend on the batch::
 
         acc = low = high = 0                                    # three chains: no FMA waits on another
         for each block b:
-            acc = fma(float(s_b) * dx_b, d_b, acc)             # s_b: the exact integer dot of the block
-            low = fma(offset_0, dx_b * sum(xq[0:16]), low)     # only for types with offsets
-            high = fma(offset_1, dx_b * sum(xq[16:32]), high)
+            acc = fma(float(s_b0) * dx_b0 + float(s_b1) * dx_b1, d_b, acc)   # s_bh: the exact dot of half h
+            low = fma(offset_0, dx_b0 * sum(xq[0:16]), low)     # only for types with offsets
+            high = fma(offset_1, dx_b1 * sum(xq[16:32]), high)
         out = acc + (low + high)
 
     The paths differ only in where the weights come from and what the lanes
@@ -128,40 +126,38 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
     (K types: ``eight_rows(w, row, stride, xq, j, xd, xds16)`` -> the eight lanes)
     decode that way; the others decode the offsets of a task's rows once into a table.
     """
-
-    @njit(inline="always")
-    def widened_weights(w, row, b):
-        q, scale0, scale1, d, offset0, offset1 = decode(w, row, b)
-        low = widen_low_signed(q) if signed else widen_low(q)
-        high = widen_high_signed(q) if signed else widen_high(q)
-        if scaled:
-            low, high = scale_i16(low, scale0), scale_i16(high, scale1)
-        return low, high, d, offset0, offset1
-
-    @njit(inline="always")
-    def wide_weights(w, row, b):  # the decoder widens itself
-        low, high, _, _, d, offset0, offset1 = decode(w, row, b)
-        return low, high, d, offset0, offset1
-
-    weights = wide_weights if wide else widened_weights
+    # how many vpmaddubsw results (each lane at most 2 * max_quant * 127) an int16 lane holds before vpmaddwd
+    terms = min(4, 32767 // (2 * max_quant * ACTIVATION_LIMIT))
     has_eight_rows = eight_rows is not None
     if not has_eight_rows:
         eight_rows = _no_eight_rows
     vector_offsets = bool(f16_scale_block_bytes and (f16_min_at or offset_per_scale))
 
     @njit(inline="always")
+    def products(q, x):
+        """vpmaddubsw of a weight vector with an activation vector (q's signs moved onto x when signed)."""
+        if signed:
+            return dot_u8_i8(abs_i8(q), sign_i8(x, q))
+        return dot_u8_i8(q, x)
+
+    @njit(inline="always")
+    def block_dots(q, scale0, scale1, x):
+        """The int32x8 dots of one weight block with one activation block: lanes 0-3 sum to the first 16-half's
+        exact integer (times scale_0), lanes 4-7 to the second's."""
+        return dot_pairs_i16(products(q, x), halves_i16x16(scale0, scale1) if scaled else halves_i16x16(1, 1))
+
+    @njit(inline="always")
     def decoded_eight_rows(w, row, stride, xq, j, xd, xds16, offset_table, fill_table):
         """Float32 lanes = the dots of the eight rows from byte ``row`` with token j, each block of each row
         through the decoder; the offsets of types without a vector form are first put into ``offset_table``
         (when ``fill_table``: once per task)."""
-        n_blocks = xd.shape[1]
-        row_bytes = 2 * xq.shape[1]  # int16 activations
+        n_blocks = xq.shape[1] // BLOCK
         if offsets and not vector_offsets and fill_table:  # offsets side by side, once per task
             # (a task has ROWS_PER_TASK == 8 rows: one table)
             for lane in range(8):
                 for b in range(n_blocks):
-                    _, _, _, offset_table[2 * b, lane], offset_table[2 * b + 1, lane] = \
-                        weights(w, row + lane * stride, b)
+                    _, _, _, _, offset_table[2 * b, lane], offset_table[2 * b + 1, lane] = \
+                        decode(w, row + lane * stride, b)
         acc, low_sum, high_sum = zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
         # eight rows read side by side defeat the hardware prefetcher: fetch the next
         # eight rows (this thread's next task) ahead, a share of them per block
@@ -170,31 +166,30 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
             ahead = row + 8 * stride + b * share
             for line in range(0, share + 63, 64):
                 prefetch(w, ahead + line)
-            xo = j * row_bytes + b * 2 * BLOCK
-            x_low, x_high = load_i16x16(xq, xo), load_i16x16(xq, xo + 32)
-            low, high, d0, _, _ = weights(w, row, b)
-            s0 = dot_i16(low, x_low, high, x_high)
-            low, high, d1, _, _ = weights(w, row + stride, b)
-            s1 = dot_i16(low, x_low, high, x_high)
-            low, high, d2, _, _ = weights(w, row + 2 * stride, b)
-            s2 = dot_i16(low, x_low, high, x_high)
-            low, high, d3, _, _ = weights(w, row + 3 * stride, b)
-            s3 = dot_i16(low, x_low, high, x_high)
-            low, high, d4, _, _ = weights(w, row + 4 * stride, b)
-            s4 = dot_i16(low, x_low, high, x_high)
-            low, high, d5, _, _ = weights(w, row + 5 * stride, b)
-            s5 = dot_i16(low, x_low, high, x_high)
-            low, high, d6, _, _ = weights(w, row + 6 * stride, b)
-            s6 = dot_i16(low, x_low, high, x_high)
-            low, high, d7, _, _ = weights(w, row + 7 * stride, b)
-            s7 = dot_i16(low, x_low, high, x_high)
-            scaled_sums = mul_f32x8(to_f32x8(sum_lanes_by8(s0, s1, s2, s3, s4, s5, s6, s7)),
-                                    splat_f32x8(xd[j, b]))
+            x = load_i8x32(xq, j * xq.shape[1] + b * BLOCK)
+            q, scale0, scale1, d0, _, _ = decode(w, row, b)
+            s0 = block_dots(q, scale0, scale1, x)
+            q, scale0, scale1, d1, _, _ = decode(w, row + stride, b)
+            s1 = block_dots(q, scale0, scale1, x)
+            q, scale0, scale1, d2, _, _ = decode(w, row + 2 * stride, b)
+            s2 = block_dots(q, scale0, scale1, x)
+            q, scale0, scale1, d3, _, _ = decode(w, row + 3 * stride, b)
+            s3 = block_dots(q, scale0, scale1, x)
+            q, scale0, scale1, d4, _, _ = decode(w, row + 4 * stride, b)
+            s4 = block_dots(q, scale0, scale1, x)
+            q, scale0, scale1, d5, _, _ = decode(w, row + 5 * stride, b)
+            s5 = block_dots(q, scale0, scale1, x)
+            q, scale0, scale1, d6, _, _ = decode(w, row + 6 * stride, b)
+            s6 = block_dots(q, scale0, scale1, x)
+            q, scale0, scale1, d7, _, _ = decode(w, row + 7 * stride, b)
+            s7 = block_dots(q, scale0, scale1, x)
+            low, high = sum_halves_by8(s0, s1, s2, s3, s4, s5, s6, s7)
             if f16_scale_block_bytes:
                 row_scales = load_f16x8_strided(w, row + b * f16_scale_block_bytes, stride)
             else:
                 row_scales = pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7)
-            acc = fma_f32x8(scaled_sums, row_scales, acc)
+            acc = fma_f32x8(scaled_halves(low, high, splat_f32x8(xd[j, 2 * b]), splat_f32x8(xd[j, 2 * b + 1])),
+                            row_scales, acc)
             if offsets:
                 if f16_min_at:
                     offset0 = offset1 = load_f16x8_strided(
@@ -217,23 +212,33 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
 
             strip[2b], strip[2b + 1]            (8,) float32   offset_0, offset_1 of block b (the offset table)
             strip[2 nb + b]                     (8,) float32   d of block b
-            strip[3 nb + 16 b + k]              (8, 2) int16   elements 2k, 2k + 1 of block b (k < 16),
-                                                               as ``weights`` gives them (per-16 scales applied)
+            strip[3 nb + 18 b + k]              (8, 4) uint8   elements 4k..4k + 3 of block b (k < 8): the quants,
+                                                               |q| for a signed type
+            strip[3 nb + 18 b + 8 + k]          (8, 4) int8    a signed type's q (its signs)
+            strip[3 nb + 18 b + 16 + h]         (8, 2) int16   a scaled type's scale_h, twice
 
-        (nb = n_blocks): an 8 x 8 transpose of 32-bit pairs per 16-half of a block."""
+        (nb = n_blocks): an 8 x 8 transpose of 32-bit words per block."""
         for b in range(n_blocks):
-            low0, high0, d0, offset00, offset01 = weights(w, row, b)
-            low1, high1, d1, offset10, offset11 = weights(w, row + stride, b)
-            low2, high2, d2, offset20, offset21 = weights(w, row + 2 * stride, b)
-            low3, high3, d3, offset30, offset31 = weights(w, row + 3 * stride, b)
-            low4, high4, d4, offset40, offset41 = weights(w, row + 4 * stride, b)
-            low5, high5, d5, offset50, offset51 = weights(w, row + 5 * stride, b)
-            low6, high6, d6, offset60, offset61 = weights(w, row + 6 * stride, b)
-            low7, high7, d7, offset70, offset71 = weights(w, row + 7 * stride, b)
-            at = 32 * (3 * n_blocks + 16 * b)
-            store_eight(strip, at, transpose_pairs_i16x16(low0, low1, low2, low3, low4, low5, low6, low7))
-            store_eight(strip, at + 256, transpose_pairs_i16x16(high0, high1, high2, high3, high4, high5, high6,
-                                                                high7))
+            q0, scale00, scale01, d0, offset00, offset01 = decode(w, row, b)
+            q1, scale10, scale11, d1, offset10, offset11 = decode(w, row + stride, b)
+            q2, scale20, scale21, d2, offset20, offset21 = decode(w, row + 2 * stride, b)
+            q3, scale30, scale31, d3, offset30, offset31 = decode(w, row + 3 * stride, b)
+            q4, scale40, scale41, d4, offset40, offset41 = decode(w, row + 4 * stride, b)
+            q5, scale50, scale51, d5, offset50, offset51 = decode(w, row + 5 * stride, b)
+            q6, scale60, scale61, d6, offset60, offset61 = decode(w, row + 6 * stride, b)
+            q7, scale70, scale71, d7, offset70, offset71 = decode(w, row + 7 * stride, b)
+            at = 32 * (3 * n_blocks + (STRIP_ROWS_PER_BLOCK - STRIP_QUANTS) * b)
+            if signed:
+                store_eight(strip, at, transpose_words(abs_i8(q0), abs_i8(q1), abs_i8(q2), abs_i8(q3), abs_i8(q4),
+                                                       abs_i8(q5), abs_i8(q6), abs_i8(q7)))
+                store_eight(strip, at + 256, transpose_words(q0, q1, q2, q3, q4, q5, q6, q7))
+            else:
+                store_eight(strip, at, transpose_words(q0, q1, q2, q3, q4, q5, q6, q7))
+            if scaled:
+                store_vector(strip, at + 512, pairs_i16x16(scale00, scale10, scale20, scale30, scale40, scale50,
+                                                           scale60, scale70))
+                store_vector(strip, at + 544, pairs_i16x16(scale01, scale11, scale21, scale31, scale41, scale51,
+                                                           scale61, scale71))
             store_vector(strip, 32 * (2 * n_blocks + b), pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7))
             if offsets:
                 store_vector(strip, 32 * (2 * b), pack_f32x8(offset00, offset10, offset20, offset30, offset40,
@@ -242,22 +247,24 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
                                                                 offset51, offset61, offset71))
 
     @njit(inline="always")
-    def strip_dots(strip, at, xq, xo, row_bytes):
-        """The exact int32 dots of the eight strip rows' block (pairs from byte ``at``) with the activation blocks
-        of four tokens (byte ``xo`` of the first, ``row_bytes`` apart), row i in lane i: per pair k one strip load
-        for the four tokens, one broadcast activation pair and one ``vpmaddwd`` per token."""
-        s0, s1, s2, s3 = splat_i32x8(0), splat_i32x8(0), splat_i32x8(0), splat_i32x8(0)
-        for k in range(0, 16, 2):
-            v0, v1 = load_i16x16(strip, at + 32 * k), load_i16x16(strip, at + 32 * k + 32)
-            x = xo + 4 * k
-            s0 = add_i32x8(s0, dot_i16(v0, splat_pair_i16(xq, x), v1, splat_pair_i16(xq, x + 4)))
-            x += row_bytes
-            s1 = add_i32x8(s1, dot_i16(v0, splat_pair_i16(xq, x), v1, splat_pair_i16(xq, x + 4)))
-            x += row_bytes
-            s2 = add_i32x8(s2, dot_i16(v0, splat_pair_i16(xq, x), v1, splat_pair_i16(xq, x + 4)))
-            x += row_bytes
-            s3 = add_i32x8(s3, dot_i16(v0, splat_pair_i16(xq, x), v1, splat_pair_i16(xq, x + 4)))
-        return s0, s1, s2, s3
+    def strip_products(strip, at, k, xq, x):
+        """vpmaddubsw of strip quad k (from byte ``at``) with the broadcast activation word at byte x."""
+        if signed:
+            return dot_u8_i8(load_i8x32(strip, at + 32 * k), sign_i8(splat_quad_i8(xq, x), load_i8x32(strip, at + 256 + 32 * k)))
+        return dot_u8_i8(load_i8x32(strip, at + 32 * k), splat_quad_i8(xq, x))
+
+    @njit(inline="always")
+    def half_dot(strip, at, k, xq, x, scales):
+        """The exact int32 dots of the eight strip rows' 16-half made of quads k..k + 3 (rows in the lanes) with
+        the activations from byte x: the products summed in 16 bits ``terms`` at a time, then by ``scales``."""
+        p0, p1 = strip_products(strip, at, k, xq, x), strip_products(strip, at, k + 1, xq, x + 4)
+        p2, p3 = strip_products(strip, at, k + 2, xq, x + 8), strip_products(strip, at, k + 3, xq, x + 12)
+        if terms >= 4:
+            return dot_pairs_i16(add_i16x16(add_i16x16(p0, p1), add_i16x16(p2, p3)), scales)
+        if terms >= 2:
+            return add_i32x8(dot_pairs_i16(add_i16x16(p0, p1), scales), dot_pairs_i16(add_i16x16(p2, p3), scales))
+        return add_i32x8(add_i32x8(dot_pairs_i16(p0, scales), dot_pairs_i16(p1, scales)),
+                         add_i32x8(dot_pairs_i16(p2, scales), dot_pairs_i16(p3, scales)))
 
     @njit(inline="always")
     def store_lanes(out, j, r, acc, accumulate):
@@ -268,20 +275,36 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
         store_vector(out, at, acc)
 
     @njit(inline="always")
+    def strip_scales(strip, at, h):
+        """What half h's vpmaddubsw pairs are multiplied by in ``half_dot``: a scaled type's row scales, else ones."""
+        if scaled:
+            return load_i16x16(strip, at + 512 + 32 * h)
+        return halves_i16x16(1, 1)
+
+    @njit(inline="always")
+    def tile_token(strip, at, xq, x, scales0, scales1, d, x_scales, jb, acc):
+        """One token's step of ``tile_four_tokens`` for block b: acc + (its two halves' dots, scaled) * d."""
+        return fma_f32x8(scaled_halves(half_dot(strip, at, 0, xq, x, scales0),
+                                       half_dot(strip, at, 4, xq, x + 16, scales1),
+                                       splat_f32x8(x_scales[jb]), splat_f32x8(x_scales[jb + 1])), d, acc)
+
+    @njit(inline="always")
     def tile_four_tokens(strip, n_blocks, xq, j, xd, xds16, out, r, accumulate):
         """out[j:j + 4, r:r + 8] from the strip: the arithmetic of ``rows_task`` per (row, token), rows in the
         lanes (d and offsets row vectors, the activation scales splats), so no horizontal sums. The offset chains
-        are a second pass over the blocks (registers: four dots and four accumulators in the first)."""
-        row_bytes = 2 * xq.shape[1]
+        are a second pass over the blocks (registers: the strip's quads and four accumulators in the first)."""
+        cols = xq.shape[1]
         acc0, acc1, acc2, acc3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
+        x_scales0, x_scales1, x_scales2, x_scales3 = xd[j], xd[j + 1], xd[j + 2], xd[j + 3]
         for b in range(n_blocks):
-            s0, s1, s2, s3 = strip_dots(strip, 32 * (3 * n_blocks + 16 * b), xq, j * row_bytes + b * 2 * BLOCK,
-                                        row_bytes)
+            at = 32 * (3 * n_blocks + (STRIP_ROWS_PER_BLOCK - STRIP_QUANTS) * b)
+            scales0, scales1 = strip_scales(strip, at, 0), strip_scales(strip, at, 1)
             d = load_f32x8(strip, 32 * (2 * n_blocks + b))
-            acc0 = fma_f32x8(mul_f32x8(to_f32x8(s0), splat_f32x8(xd[j, b])), d, acc0)
-            acc1 = fma_f32x8(mul_f32x8(to_f32x8(s1), splat_f32x8(xd[j + 1, b])), d, acc1)
-            acc2 = fma_f32x8(mul_f32x8(to_f32x8(s2), splat_f32x8(xd[j + 2, b])), d, acc2)
-            acc3 = fma_f32x8(mul_f32x8(to_f32x8(s3), splat_f32x8(xd[j + 3, b])), d, acc3)
+            x = j * cols + b * BLOCK
+            acc0 = tile_token(strip, at, xq, x, scales0, scales1, d, x_scales0, 2 * b, acc0)
+            acc1 = tile_token(strip, at, xq, x + cols, scales0, scales1, d, x_scales1, 2 * b, acc1)
+            acc2 = tile_token(strip, at, xq, x + 2 * cols, scales0, scales1, d, x_scales2, 2 * b, acc2)
+            acc3 = tile_token(strip, at, xq, x + 3 * cols, scales0, scales1, d, x_scales3, 2 * b, acc3)
         if offsets:
             low0, low1, low2, low3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
             high0, high1, high2, high3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
@@ -304,11 +327,23 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
         store_lanes(out, j + 2, r, acc2, accumulate)
         store_lanes(out, j + 3, r, acc3, accumulate)
 
+    @njit(inline="always")
+    def eight_token_dots(q, scale0, scale1, xq, x, cols):
+        """(low, high) int32x8: lane t = the exact dot of the weight block with token t's block at byte
+        x + t * cols (of eight tokens), first and second 16-half."""
+        return sum_halves_by8(block_dots(q, scale0, scale1, load_i8x32(xq, x)),
+                              block_dots(q, scale0, scale1, load_i8x32(xq, x + cols)),
+                              block_dots(q, scale0, scale1, load_i8x32(xq, x + 2 * cols)),
+                              block_dots(q, scale0, scale1, load_i8x32(xq, x + 3 * cols)),
+                              block_dots(q, scale0, scale1, load_i8x32(xq, x + 4 * cols)),
+                              block_dots(q, scale0, scale1, load_i8x32(xq, x + 5 * cols)),
+                              block_dots(q, scale0, scale1, load_i8x32(xq, x + 6 * cols)),
+                              block_dots(q, scale0, scale1, load_i8x32(xq, x + 7 * cols)))
+
     @njit_named(f"rows_task_of_{decode.py_func.__name__}")  # no fastmath: every path must round alike
     def rows_task(w, r_start, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
         n, cols = xq.shape
         n_blocks = cols // BLOCK
-        row_bytes = 2 * cols  # int16 activations
         stride = w.shape[1]
         r_stop = min(r_start + ROWS_PER_TASK, w.shape[0])
         j = 0
@@ -319,27 +354,20 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
                 j += TILE_TOKENS
         while j + 8 <= n:  # eight tokens in the lanes: each weight block decoded once for all eight
             r = r_start
-            while r < r_stop:  # two weight rows at a time share every activation load (one if one is left)
+            while r < r_stop:  # two weight rows at a time (one if one is left)
                 second = min(r + 1, r_stop - 1)
                 acc0, acc1 = zeros_f32x8(), zeros_f32x8()
                 low_sum0, high_sum0, low_sum1, high_sum1 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
                 for b in range(n_blocks):
-                    low0, high0, d0, offset00, offset01 = weights(w, r * stride, b)
-                    low1, high1, d1, offset10, offset11 = weights(w, second * stride, b)
-                    xo = j * row_bytes + b * 2 * BLOCK
-                    s00, s10 = two_row_dots(low0, high0, low1, high1, xq, xo)
-                    s01, s11 = two_row_dots(low0, high0, low1, high1, xq, xo + row_bytes)
-                    s02, s12 = two_row_dots(low0, high0, low1, high1, xq, xo + 2 * row_bytes)
-                    s03, s13 = two_row_dots(low0, high0, low1, high1, xq, xo + 3 * row_bytes)
-                    s04, s14 = two_row_dots(low0, high0, low1, high1, xq, xo + 4 * row_bytes)
-                    s05, s15 = two_row_dots(low0, high0, low1, high1, xq, xo + 5 * row_bytes)
-                    s06, s16 = two_row_dots(low0, high0, low1, high1, xq, xo + 6 * row_bytes)
-                    s07, s17 = two_row_dots(low0, high0, low1, high1, xq, xo + 7 * row_bytes)
-                    x_scales = load_f32x8(xd_by_block, 4 * (b * n + j))
-                    acc0 = fma_f32x8(mul_f32x8(to_f32x8(sum_lanes_by8(s00, s01, s02, s03, s04, s05, s06, s07)),
-                                               x_scales), splat_f32x8(d0), acc0)
-                    acc1 = fma_f32x8(mul_f32x8(to_f32x8(sum_lanes_by8(s10, s11, s12, s13, s14, s15, s16, s17)),
-                                               x_scales), splat_f32x8(d1), acc1)
+                    q0, scale00, scale01, d0, offset00, offset01 = decode(w, r * stride, b)
+                    q1, scale10, scale11, d1, offset10, offset11 = decode(w, second * stride, b)
+                    x = j * cols + b * BLOCK
+                    x_low = load_f32x8(xd_by_block, 4 * (2 * b * n + j))
+                    x_high = load_f32x8(xd_by_block, 4 * ((2 * b + 1) * n + j))
+                    low, high = eight_token_dots(q0, scale00, scale01, xq, x, cols)
+                    acc0 = fma_f32x8(scaled_halves(low, high, x_low, x_high), splat_f32x8(d0), acc0)
+                    low, high = eight_token_dots(q1, scale10, scale11, xq, x, cols)
+                    acc1 = fma_f32x8(scaled_halves(low, high, x_low, x_high), splat_f32x8(d1), acc1)
                     if offsets:
                         x_sums0 = load_f32x8(xds16_by_block, 4 * (2 * b * n + j))
                         x_sums1 = load_f32x8(xds16_by_block, 4 * ((2 * b + 1) * n + j))
@@ -371,10 +399,10 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
             while r < r_stop:
                 total = low_total = high_total = np.float32(0.0)
                 for b in range(n_blocks):
-                    xo = j * row_bytes + b * 2 * BLOCK
-                    low, high, d, offset0, offset1 = weights(w, r * stride, b)
-                    s = sum_lanes_i32(dot_i16(low, load_i16x16(xq, xo), high, load_i16x16(xq, xo + 32)))
-                    total = fma_f32(np.float32(s) * xd[j, b], d, total)
+                    q, scale0, scale1, d, offset0, offset1 = decode(w, r * stride, b)
+                    low, high = sum_halves_i32(block_dots(q, scale0, scale1, load_i8x32(xq, j * cols + b * BLOCK)))
+                    halves = fma_f32(np.float32(high), xd[j, 2 * b + 1], np.float32(low) * xd[j, 2 * b])
+                    total = fma_f32(halves, d, total)
                     if offsets:
                         low_total = fma_f32(offset0, xds16[j, 2 * b], low_total)
                         high_total = fma_f32(offset1, xds16[j, 2 * b + 1], high_total)
@@ -387,20 +415,21 @@ def make_rows_task(decode, signed: bool, scaled: bool, wide: bool = False, offse
     return rows_task
 
 
-rows_Q4_0 = make_rows_task(decode_Q4_0_wide, signed=False, scaled=False, wide=True,
-                            f16_scale_block_bytes=18, offset_per_scale=-8.0)
-rows_Q4_1 = make_rows_task(decode_Q4_1_wide, signed=False, scaled=False, wide=True,
-                            f16_scale_block_bytes=20, f16_min_at=2)
-rows_Q5_0 = make_rows_task(decode_Q5_0, signed=False, scaled=False, f16_scale_block_bytes=22,
+rows_Q4_0 = make_rows_task(decode_Q4_0, signed=False, scaled=False, max_quant=15, f16_scale_block_bytes=18,
+                            offset_per_scale=-8.0)
+rows_Q4_1 = make_rows_task(decode_Q4_1, signed=False, scaled=False, max_quant=15, f16_scale_block_bytes=20,
+                            f16_min_at=2)
+rows_Q5_0 = make_rows_task(decode_Q5_0, signed=False, scaled=False, max_quant=31, f16_scale_block_bytes=22,
                             offset_per_scale=-16.0)
-rows_Q5_1 = make_rows_task(decode_Q5_1, signed=False, scaled=False, f16_scale_block_bytes=24, f16_min_at=2)
-rows_Q8_0 = make_rows_task(decode_Q8_0, signed=True, scaled=False, offsets=False,
+rows_Q5_1 = make_rows_task(decode_Q5_1, signed=False, scaled=False, max_quant=31, f16_scale_block_bytes=24,
+                            f16_min_at=2)
+rows_Q8_0 = make_rows_task(decode_Q8_0, signed=True, scaled=False, max_quant=128, offsets=False,
                             f16_scale_block_bytes=34)
-rows_Q2_K = make_rows_task(decode_Q2_K, signed=False, scaled=True, eight_rows=eight_rows_Q2_K)
-rows_Q3_K = make_rows_task(decode_Q3_K, signed=False, scaled=True, eight_rows=eight_rows_Q3_K)
-rows_Q4_K = make_rows_task(decode_Q4_K, signed=False, scaled=False, eight_rows=eight_rows_Q4_K)
-rows_Q5_K = make_rows_task(decode_Q5_K, signed=False, scaled=False, eight_rows=eight_rows_Q5_K)
-rows_Q6_K = make_rows_task(decode_Q6_K, signed=False, scaled=True, eight_rows=eight_rows_Q6_K)
+rows_Q2_K = make_rows_task(decode_Q2_K, signed=False, scaled=True, max_quant=3, eight_rows=eight_rows_Q2_K)
+rows_Q3_K = make_rows_task(decode_Q3_K, signed=False, scaled=True, max_quant=7, eight_rows=eight_rows_Q3_K)
+rows_Q4_K = make_rows_task(decode_Q4_K, signed=False, scaled=False, max_quant=15, eight_rows=eight_rows_Q4_K)
+rows_Q5_K = make_rows_task(decode_Q5_K, signed=False, scaled=False, max_quant=31, eight_rows=eight_rows_Q5_K)
+rows_Q6_K = make_rows_task(decode_Q6_K, signed=False, scaled=True, max_quant=63, eight_rows=eight_rows_Q6_K)
 
 
 # --------------------------------------------------------------------------- row ranges: one compiled function per type
@@ -478,7 +507,7 @@ ROWS_RANGES = {
 }
 _MATRIX = types.Array(types.float32, 2, "C")
 ROWS_RANGE_SIGNATURE = types.void(types.Array(types.uint8, 2, "C", readonly=True), types.int64, types.int64,
-                                  types.Array(types.int16, 2, "C"), _MATRIX, _MATRIX, _MATRIX, _MATRIX, _MATRIX,
+                                  types.Array(types.int8, 2, "C"), _MATRIX, _MATRIX, _MATRIX, _MATRIX, _MATRIX,
                                   _MATRIX, types.boolean)
 _row_functions: dict[str, CompileResultWAP] = {}
 
