@@ -248,24 +248,46 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
                                                                 offset51, offset61, offset71))
 
     @njit(inline="always")
-    def strip_products(strip, at, k, xq, x):
-        """vpmaddubsw of strip quad k (from byte ``at``) with the broadcast activation word at byte x."""
+    def quad_products(strip, at, k, xq, x, cols):
+        """vpmaddubsw of strip quad k (from byte ``at``; loaded once) with the broadcast activation words of four
+        tokens (at byte x of the first, ``cols`` apart)."""
+        q = load_i8x32(strip, at + 32 * k)
         if signed:
-            return dot_u8_i8(load_i8x32(strip, at + 32 * k), sign_i8(splat_quad_i8(xq, x), load_i8x32(strip, at + 256 + 32 * k)))
-        return dot_u8_i8(load_i8x32(strip, at + 32 * k), splat_quad_i8(xq, x))
+            signs = load_i8x32(strip, at + 256 + 32 * k)
+            return (dot_u8_i8(q, sign_i8(splat_quad_i8(xq, x), signs)),
+                    dot_u8_i8(q, sign_i8(splat_quad_i8(xq, x + cols), signs)),
+                    dot_u8_i8(q, sign_i8(splat_quad_i8(xq, x + 2 * cols), signs)),
+                    dot_u8_i8(q, sign_i8(splat_quad_i8(xq, x + 3 * cols), signs)))
+        return (dot_u8_i8(q, splat_quad_i8(xq, x)), dot_u8_i8(q, splat_quad_i8(xq, x + cols)),
+                dot_u8_i8(q, splat_quad_i8(xq, x + 2 * cols)), dot_u8_i8(q, splat_quad_i8(xq, x + 3 * cols)))
 
     @njit(inline="always")
-    def half_dot(strip, at, k, xq, x, scales):
+    def summed(a, b):
+        """Token-wise int16 sums of two quads' products (``terms`` allows it)."""
+        return (add_i16x16(a[0], b[0]), add_i16x16(a[1], b[1]), add_i16x16(a[2], b[2]), add_i16x16(a[3], b[3]))
+
+    @njit(inline="always")
+    def widened(p, scales):
+        """Token-wise vpmaddwd of int16 pair sums by ``scales``: int32 dots."""
+        return (dot_pairs_i16(p[0], scales), dot_pairs_i16(p[1], scales), dot_pairs_i16(p[2], scales),
+                dot_pairs_i16(p[3], scales))
+
+    @njit(inline="always")
+    def added(a, b):
+        return add_i32x8(a[0], b[0]), add_i32x8(a[1], b[1]), add_i32x8(a[2], b[2]), add_i32x8(a[3], b[3])
+
+    @njit(inline="always")
+    def half_dots(strip, at, k, xq, x, cols, scales):
         """The exact int32 dots of the eight strip rows' 16-half made of quads k..k + 3 (rows in the lanes) with
-        the activations from byte x: the products summed in 16 bits ``terms`` at a time, then by ``scales``."""
-        p0, p1 = strip_products(strip, at, k, xq, x), strip_products(strip, at, k + 1, xq, x + 4)
-        p2, p3 = strip_products(strip, at, k + 2, xq, x + 8), strip_products(strip, at, k + 3, xq, x + 12)
+        four tokens' activations (byte x of the first): the products summed in 16 bits ``terms`` at a time, then
+        by ``scales``."""
+        p0, p1 = quad_products(strip, at, k, xq, x, cols), quad_products(strip, at, k + 1, xq, x + 4, cols)
+        p2, p3 = quad_products(strip, at, k + 2, xq, x + 8, cols), quad_products(strip, at, k + 3, xq, x + 12, cols)
         if terms >= 4:
-            return dot_pairs_i16(add_i16x16(add_i16x16(p0, p1), add_i16x16(p2, p3)), scales)
+            return widened(summed(summed(p0, p1), summed(p2, p3)), scales)
         if terms >= 2:
-            return add_i32x8(dot_pairs_i16(add_i16x16(p0, p1), scales), dot_pairs_i16(add_i16x16(p2, p3), scales))
-        return add_i32x8(add_i32x8(dot_pairs_i16(p0, scales), dot_pairs_i16(p1, scales)),
-                         add_i32x8(dot_pairs_i16(p2, scales), dot_pairs_i16(p3, scales)))
+            return added(widened(summed(p0, p1), scales), widened(summed(p2, p3), scales))
+        return added(added(widened(p0, scales), widened(p1, scales)), added(widened(p2, scales), widened(p3, scales)))
 
     @njit(inline="always")
     def store_lanes(out, j, r, acc, accumulate):
@@ -283,29 +305,26 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
         return halves_i16x16(1, 1)
 
     @njit(inline="always")
-    def tile_token(strip, at, xq, x, scales0, scales1, d, x_scales, jb, acc):
-        """One token's step of ``tile_four_tokens`` for block b: acc + (its two halves' dots, scaled) * d."""
-        return fma_f32x8(scaled_halves(half_dot(strip, at, 0, xq, x, scales0),
-                                       half_dot(strip, at, 4, xq, x + 16, scales1),
-                                       splat_f32x8(x_scales[jb]), splat_f32x8(x_scales[jb + 1])), d, acc)
-
-    @njit(inline="always")
     def tile_four_tokens(strip, n_blocks, xq, j, xd, xds16, out, r, accumulate):
         """out[j:j + 4, r:r + 8] from the strip: the arithmetic of ``rows_task`` per (row, token), rows in the
         lanes (d and offsets row vectors, the activation scales splats), so no horizontal sums. The offset chains
-        are a second pass over the blocks (registers: the strip's quads and four accumulators in the first)."""
+        are a second pass over the blocks (registers: four tokens' dots and accumulators in the first)."""
         cols = xq.shape[1]
         acc0, acc1, acc2, acc3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
-        x_scales0, x_scales1, x_scales2, x_scales3 = xd[j], xd[j + 1], xd[j + 2], xd[j + 3]
         for b in range(n_blocks):
             at = 32 * (3 * n_blocks + (STRIP_ROWS_PER_BLOCK - STRIP_QUANTS) * b)
-            scales0, scales1 = strip_scales(strip, at, 0), strip_scales(strip, at, 1)
-            d = load_f32x8(strip, 32 * (2 * n_blocks + b))
             x = j * cols + b * BLOCK
-            acc0 = tile_token(strip, at, xq, x, scales0, scales1, d, x_scales0, 2 * b, acc0)
-            acc1 = tile_token(strip, at, xq, x + cols, scales0, scales1, d, x_scales1, 2 * b, acc1)
-            acc2 = tile_token(strip, at, xq, x + 2 * cols, scales0, scales1, d, x_scales2, 2 * b, acc2)
-            acc3 = tile_token(strip, at, xq, x + 3 * cols, scales0, scales1, d, x_scales3, 2 * b, acc3)
+            low0, low1, low2, low3 = half_dots(strip, at, 0, xq, x, cols, strip_scales(strip, at, 0))
+            high0, high1, high2, high3 = half_dots(strip, at, 4, xq, x + 16, cols, strip_scales(strip, at, 1))
+            d = load_f32x8(strip, 32 * (2 * n_blocks + b))
+            acc0 = fma_f32x8(scaled_halves(low0, high0, splat_f32x8(xd[j, 2 * b]), splat_f32x8(xd[j, 2 * b + 1])),
+                             d, acc0)
+            acc1 = fma_f32x8(scaled_halves(low1, high1, splat_f32x8(xd[j + 1, 2 * b]),
+                                           splat_f32x8(xd[j + 1, 2 * b + 1])), d, acc1)
+            acc2 = fma_f32x8(scaled_halves(low2, high2, splat_f32x8(xd[j + 2, 2 * b]),
+                                           splat_f32x8(xd[j + 2, 2 * b + 1])), d, acc2)
+            acc3 = fma_f32x8(scaled_halves(low3, high3, splat_f32x8(xd[j + 3, 2 * b]),
+                                           splat_f32x8(xd[j + 3, 2 * b + 1])), d, acc3)
         if offsets:
             low0, low1, low2, low3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
             high0, high1, high2, high3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
