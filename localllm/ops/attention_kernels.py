@@ -29,7 +29,8 @@ from numba import njit, prange
 from ..kv_cache import KEY_CHUNK  # the ring rows of the cache are counted in these chunks
 from . import ref
 from .kernels import PARALLEL_MIN_ROWS, _as_float32, _as_int64, _rope_row, _rope_table, fast_exp
-from .vector import fma8, horizontal_sum, load1, load8, splat8, store1, store8, sum_lanes8, zeros_f32x8
+from .vector import (fma8, horizontal_sum, load1, load8, splat8, store1, store8, store_halves4, sum_lanes8,
+                     zeros_f32x8)
 
 PARALLEL_TASKS = 64       # parallel tasks; task t takes work items t, t + 64, ... (balances causal prefill)
 SPLIT_BELOW_PAIRS = 8     # fewer (token, KV head) pairs than this: split their keys across threads
@@ -44,10 +45,33 @@ _OK, _BAD_SLOT, _NEGATIVE_POSITION, _POSITION_PAST_CONTEXT = 0, 1, 2, 3
 
 @njit(cache=True)
 def _chunk_scores(q, i, h0, keys, start, count, scores):
-    """scores[hh, l] = q[i, h0 + hh] . keys[start + l] for l < count (keys (n_ctx, head_dim))."""
+    """scores[hh, l] = q[i, h0 + hh] . keys[start + l] for l < count (keys (n_ctx, head_dim)).
+
+    Heads go in pairs where they can, four keys at a time: each key is loaded (and a float16 one widened) once
+    for both. Every score is the same sum either way (one 8-lane accumulator over the dims, its lanes added as
+    ``sum_lanes8`` adds them), so pairing does not change a result.
+    """
     group, head_dim = scores.shape[0], q.shape[2]
     body = head_dim - head_dim % 8
-    for hh in range(group):
+    paired = group - group % 2
+    for hh in range(0, paired, 2):
+        query, query_next, row, row_next = q[i, h0 + hh], q[i, h0 + hh + 1], scores[hh], scores[hh + 1]
+        l = 0
+        while l + 4 <= count:  # four keys x two heads, finished together by sum_lanes8
+            at = (start + l) * head_dim
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = zeros_f32x8()
+            for d in range(0, body, 8):
+                x, y = load8(query, d), load8(query_next, d)
+                k0, k1 = load8(keys, at + d), load8(keys, at + head_dim + d)
+                k2, k3 = load8(keys, at + 2 * head_dim + d), load8(keys, at + 3 * head_dim + d)
+                a0, a1, a2, a3 = fma8(x, k0, a0), fma8(x, k1, a1), fma8(x, k2, a2), fma8(x, k3, a3)
+                b0, b1, b2, b3 = fma8(y, k0, b0), fma8(y, k1, b1), fma8(y, k2, b2), fma8(y, k3, b3)
+            store_halves4(scores, hh * scores.shape[1] + l, (hh + 1) * scores.shape[1] + l,
+                          sum_lanes8(a0, a1, a2, a3, b0, b1, b2, b3))
+            l += 4
+        _scores_rest(query, keys, start, l, count, row)
+        _scores_rest(query_next, keys, start, l, count, row_next)
+    for hh in range(paired, group):
         query, row = q[i, h0 + hh], scores[hh]
         l = 0
         while l + 8 <= count:  # eight keys at a time, finished together by sum_lanes8
@@ -65,19 +89,29 @@ def _chunk_scores(q, i, h0, keys, start, count, scores):
                 a7 = fma8(x, load8(keys, at + 7 * head_dim + d), a7)
             store8(row, l, sum_lanes8(a0, a1, a2, a3, a4, a5, a6, a7))
             l += 8
-        while l < count:
-            at = (start + l) * head_dim
-            a0 = zeros_f32x8()
-            for d in range(0, body, 8):
-                a0 = fma8(load8(query, d), load8(keys, at + d), a0)
-            row[l] = horizontal_sum(a0)
-            l += 1
-        for l in range(count if body < head_dim else 0):  # head_dim not a multiple of 8: the last dims
+        _scores_rest(query, keys, start, l, count, row)
+    for hh in range(group if body < head_dim else 0):  # head_dim not a multiple of 8: the last dims
+        query, row = q[i, h0 + hh], scores[hh]
+        for l in range(count):
             at = (start + l) * head_dim
             tail = np.float32(0.0)
             for d in range(body, head_dim):
                 tail += query[d] * load1(keys, at + d)
             row[l] += tail
+
+
+@njit(cache=True, inline="always")
+def _scores_rest(query, keys, start, l, count, row):
+    """row[l:count] of ``_chunk_scores``, one key at a time (the dims that are a multiple of 8)."""
+    head_dim = query.shape[0]
+    body = head_dim - head_dim % 8
+    while l < count:
+        at = (start + l) * head_dim
+        a0 = zeros_f32x8()
+        for d in range(0, body, 8):
+            a0 = fma8(load8(query, d), load8(keys, at + d), a0)
+        row[l] = horizontal_sum(a0)
+        l += 1
 
 
 @njit(cache=True)  # no fastmath, no libm: every kernel that calls it rounds alike (the step = the per-op path)

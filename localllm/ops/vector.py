@@ -110,6 +110,23 @@ def store1(typingctx, array, index, value):
 
 
 @intrinsic
+def store_halves4(typingctx, array, low_index, high_index, value):
+    """array.flat[low_index:low_index + 4] = lanes 0-3 of value, array.flat[high_index:high_index + 4] = lanes 4-7
+    (float32 arrays)."""
+    if not (isinstance(array, types.Array) and array.dtype == types.float32) or value != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        array_value, low, high, vector = args
+        v4 = ir.VectorType(_f32, 4)
+        for index, lanes in ((low, [0, 1, 2, 3]), (high, [4, 5, 6, 7])):
+            part = builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_i32, 4), lanes))
+            builder.store(part, _element_pointer(context, builder, sig.args[0], array_value, index, v4), align=4)
+        return context.get_dummy_value()
+    return types.none(array, low_index, high_index, value), codegen
+
+
+@intrinsic
 def splat8(typingctx, x):
     """8 lanes equal to the float32 ``x``."""
     def codegen(context, builder, sig, args):
