@@ -148,6 +148,12 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
         return dot_pairs_i16(products(q, x), halves_i16x16(scale0, scale1) if scaled else halves_i16x16(1, 1))
 
     @njit(inline="always")
+    def row_block_dots(w, row, b, x):
+        """(``block_dots`` of block b of the weight row at byte ``row`` with the activation block x, its d)."""
+        q, scale0, scale1, d, _, _ = decode(w, row, b)
+        return block_dots(q, scale0, scale1, x), d
+
+    @njit(inline="always")
     def decoded_eight_rows(w, row, stride, xq, j, xd, xds16, offset_table, fill_table):
         """Float32 lanes = the dots of the eight rows from byte ``row`` with token j, each block of each row
         through the decoder; the offsets of types without a vector form are first put into ``offset_table``
@@ -168,22 +174,14 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
             for line in range(0, share + 63, 64):
                 prefetch(w, ahead + line)
             x = load_i8x32(xq, j * xq.shape[1] + b * BLOCK)
-            q, scale0, scale1, d0, _, _ = decode(w, row, b)
-            s0 = block_dots(q, scale0, scale1, x)
-            q, scale0, scale1, d1, _, _ = decode(w, row + stride, b)
-            s1 = block_dots(q, scale0, scale1, x)
-            q, scale0, scale1, d2, _, _ = decode(w, row + 2 * stride, b)
-            s2 = block_dots(q, scale0, scale1, x)
-            q, scale0, scale1, d3, _, _ = decode(w, row + 3 * stride, b)
-            s3 = block_dots(q, scale0, scale1, x)
-            q, scale0, scale1, d4, _, _ = decode(w, row + 4 * stride, b)
-            s4 = block_dots(q, scale0, scale1, x)
-            q, scale0, scale1, d5, _, _ = decode(w, row + 5 * stride, b)
-            s5 = block_dots(q, scale0, scale1, x)
-            q, scale0, scale1, d6, _, _ = decode(w, row + 6 * stride, b)
-            s6 = block_dots(q, scale0, scale1, x)
-            q, scale0, scale1, d7, _, _ = decode(w, row + 7 * stride, b)
-            s7 = block_dots(q, scale0, scale1, x)
+            s0, d0 = row_block_dots(w, row, b, x)
+            s1, d1 = row_block_dots(w, row + stride, b, x)
+            s2, d2 = row_block_dots(w, row + 2 * stride, b, x)
+            s3, d3 = row_block_dots(w, row + 3 * stride, b, x)
+            s4, d4 = row_block_dots(w, row + 4 * stride, b, x)
+            s5, d5 = row_block_dots(w, row + 5 * stride, b, x)
+            s6, d6 = row_block_dots(w, row + 6 * stride, b, x)
+            s7, d7 = row_block_dots(w, row + 7 * stride, b, x)
             low, high = sum_halves_by8(s0, s1, s2, s3, s4, s5, s6, s7)
             if f16_scale_block_bytes:
                 row_scales = load_f16x8_strided(w, row + b * f16_scale_block_bytes, stride)
