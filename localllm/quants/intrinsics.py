@@ -464,7 +464,7 @@ def or_i32x8(typingctx, a, b):
 
 @intrinsic
 def add_i32x8(typingctx, a, b):
-    """Lane-wise int32 sum (wraps like the integer sums of ``dot_i16``)."""
+    """Lane-wise int32 sum (wraps; the integer dot products stay far below it)."""
     def codegen(context, builder, sig, args):
         return builder.add(args[0], args[1])
     return i32x8(a, b), codegen
