@@ -56,8 +56,10 @@ TASK_GROUPS = 96    # parallel work items; each runs consecutive tasks with one 
 # 8 more for a signed type (the quants' signs), 2 for a type with per-16 scales (its scales as int16 pairs)
 STRIP_ROWS_PER_BLOCK = 21
 STRIP_QUANTS = 3           # where a block's quants start in its share of the strip (after offsets and scale)
-TILE_MIN_TOKENS = 4        # from this many tokens on, a task's rows are interleaved into a strip (the tile path;
-                           # below, filling the strip costs more than it saves)
+TILE_MIN_TOKENS = 16       # from this many tokens on, a task's rows are interleaved into a strip (the tile path).
+                           # Below, the paths that stream the weights straight (with prefetch) win in a real model:
+                           # an 8-sequence SmolLM2 step 21.8-24.0 ms with the strip from 4 tokens, 19.9-21.4 from 16,
+                           # though with the weights hot in cache the strip wins from 4 tokens on
 TILE_TOKENS = 4            # tokens per pass over the strip: each strip vector load serves four
 ACTIVATION_LIMIT = 127     # |xq|: with weights of at most 128, a vpmaddubsw pair stays below 2^15
 
@@ -112,7 +114,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
         out = acc + (low + high)
 
     The paths differ only in where the weights come from and what the lanes
-    hold. From TILE_MIN_TOKENS tokens on (twice that for K types), a full task (eight rows) is decoded
+    hold. From TILE_MIN_TOKENS tokens on, a full task (eight rows) is decoded
     once into its strip (``fill_strip``) and ``tile_four_tokens`` gives four
     tokens x eight rows per pass, rows in the lanes; fewer tokens, or a partial
     task (< 8 rows), put eight tokens of one weight row in the lanes (each weight block decoded
@@ -129,7 +131,6 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
     # how many vpmaddubsw results (each lane at most 2 * max_quant * 127) an int16 lane holds before vpmaddwd
     terms = min(4, 32767 // (2 * max_quant * ACTIVATION_LIMIT))
     has_eight_rows = eight_rows is not None
-    tile_min_tokens = 2 * TILE_MIN_TOKENS if has_eight_rows else TILE_MIN_TOKENS
     if not has_eight_rows:
         eight_rows = _no_eight_rows
     vector_offsets = bool(f16_scale_block_bytes and (f16_min_at or offset_per_scale))
@@ -365,7 +366,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
         stride = w.shape[1]
         r_stop = min(r_start + ROWS_PER_TASK, w.shape[0])
         j = 0
-        if n >= tile_min_tokens and r_stop - r_start == ROWS_PER_TASK:  # the tile: eight rows in the lanes
+        if n >= TILE_MIN_TOKENS and r_stop - r_start == ROWS_PER_TASK:  # the tile: eight rows in the lanes
             fill_strip(w, r_start * stride, stride, n_blocks, offset_table)
             while j + TILE_TOKENS <= n:
                 tile_four_tokens(offset_table, n_blocks, xq, j, xd, xds16, out, r_start, accumulate)
