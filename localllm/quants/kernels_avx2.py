@@ -52,10 +52,12 @@ warnings.filterwarnings("ignore", message="First-class function type feature is 
 
 ROWS_PER_TASK = 8   # weight rows per task: the eight lanes of the decode path and of the prefill tile
 TASK_GROUPS = 96    # parallel work items; each runs consecutive tasks with one scratch table
-# scratch rows of eight float32 (32 bytes) per 32-block: 2 offsets, 1 scale, 8 interleaved quads of quants,
-# 8 more for a signed type (the quants' signs), 2 for a type with per-16 scales (its scales as int16 pairs)
-STRIP_ROWS_PER_BLOCK = 21
-STRIP_QUANTS = 3           # where a block's quants start in its share of the strip (after offsets and scale)
+# The strip (``fill_strip``), in rows of eight float32 (32 bytes) per 32-block: 2 offsets and 1 scale, then the
+# block's quant area of QUANT_ROWS: 8 interleaved quads of quants, 8 more for a signed type (the quants' signs,
+# from byte SIGNS_AT of the area), 2 for a type with per-16 scales (its scales as int16 pairs, from SCALES_AT)
+QUANT_ROWS = 18
+SIGNS_AT, SCALES_AT = 32 * 8, 32 * 16
+STRIP_ROWS_PER_BLOCK = 3 + QUANT_ROWS
 TILE_MIN_TOKENS = 16       # from this many tokens on, a task's rows are interleaved into a strip (the tile path).
                            # Below, the paths that stream the weights straight (with prefetch) win in a real model:
                            # an 8-sequence SmolLM2 step 21.8-24.0 ms with the strip from 4 tokens, 19.9-21.4 from 16,
@@ -87,6 +89,12 @@ def store_eight(strip, at, vectors):
     store_vector(strip, at + 160, v5)
     store_vector(strip, at + 192, v6)
     store_vector(strip, at + 224, v7)
+
+
+@njit(inline="always")
+def quant_area(n_blocks, b):
+    """Byte offset of block b's quant area in a strip of n_blocks blocks (after all blocks' offsets and scales)."""
+    return 32 * (3 * n_blocks + QUANT_ROWS * b)
 
 
 @njit(inline="always")
@@ -213,11 +221,11 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
             strip[2b], strip[2b + 1]            (8,) float32   offset_0, offset_1 of block b (the offset table)
             strip[2 nb + b]                     (8,) float32   d of block b
             strip[3 nb + 18 b + k]              (8, 4) uint8   elements 4k..4k + 3 of block b (k < 8): the quants,
-                                                               |q| for a signed type
-            strip[3 nb + 18 b + 8 + k]          (8, 4) int8    a signed type's q (its signs)
-            strip[3 nb + 18 b + 16 + h]         (8, 2) int16   a scaled type's scale_h, twice
+                                                               |q| for a signed type (``quant_area``)
+            strip[3 nb + 18 b + 8 + k]          (8, 4) int8    a signed type's q (its signs; SIGNS_AT)
+            strip[3 nb + 18 b + 16 + h]         (8, 2) int16   a scaled type's scale_h, twice (SCALES_AT)
 
-        (nb = n_blocks): an 8 x 8 transpose of 32-bit words per block."""
+        (nb = n_blocks, 18 = QUANT_ROWS): an 8 x 8 transpose of 32-bit words per block."""
         for b in range(n_blocks):
             q0, scale00, scale01, d0, offset00, offset01 = decode(w, row, b)
             q1, scale10, scale11, d1, offset10, offset11 = decode(w, row + stride, b)
@@ -227,17 +235,17 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
             q5, scale50, scale51, d5, offset50, offset51 = decode(w, row + 5 * stride, b)
             q6, scale60, scale61, d6, offset60, offset61 = decode(w, row + 6 * stride, b)
             q7, scale70, scale71, d7, offset70, offset71 = decode(w, row + 7 * stride, b)
-            at = 32 * (3 * n_blocks + (STRIP_ROWS_PER_BLOCK - STRIP_QUANTS) * b)
+            at = quant_area(n_blocks, b)
             if signed:
                 store_eight(strip, at, transpose_words(abs_i8(q0), abs_i8(q1), abs_i8(q2), abs_i8(q3), abs_i8(q4),
                                                        abs_i8(q5), abs_i8(q6), abs_i8(q7)))
-                store_eight(strip, at + 256, transpose_words(q0, q1, q2, q3, q4, q5, q6, q7))
+                store_eight(strip, at + SIGNS_AT, transpose_words(q0, q1, q2, q3, q4, q5, q6, q7))
             else:
                 store_eight(strip, at, transpose_words(q0, q1, q2, q3, q4, q5, q6, q7))
             if scaled:
-                store_vector(strip, at + 512, pairs_i16x16(scale00, scale10, scale20, scale30, scale40, scale50,
+                store_vector(strip, at + SCALES_AT, pairs_i16x16(scale00, scale10, scale20, scale30, scale40, scale50,
                                                            scale60, scale70))
-                store_vector(strip, at + 544, pairs_i16x16(scale01, scale11, scale21, scale31, scale41, scale51,
+                store_vector(strip, at + SCALES_AT + 32, pairs_i16x16(scale01, scale11, scale21, scale31, scale41, scale51,
                                                            scale61, scale71))
             store_vector(strip, 32 * (2 * n_blocks + b), pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7))
             if offsets:
@@ -252,7 +260,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
         tokens (at byte x of the first, ``cols`` apart)."""
         q = load_i8x32(strip, at + 32 * k)
         if signed:
-            signs = load_i8x32(strip, at + 256 + 32 * k)
+            signs = load_i8x32(strip, at + SIGNS_AT + 32 * k)
             return (dot_u8_i8(q, sign_i8(splat_quad_i8(xq, x), signs)),
                     dot_u8_i8(q, sign_i8(splat_quad_i8(xq, x + cols), signs)),
                     dot_u8_i8(q, sign_i8(splat_quad_i8(xq, x + 2 * cols), signs)),
@@ -298,9 +306,9 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
 
     @njit(inline="always")
     def strip_scales(strip, at, h):
-        """What half h's vpmaddubsw pairs are multiplied by in ``half_dot``: a scaled type's row scales, else ones."""
+        """What half h's vpmaddubsw pairs are multiplied by in ``half_dots``: a scaled type's row scales, else ones."""
         if scaled:
-            return load_i16x16(strip, at + 512 + 32 * h)
+            return load_i16x16(strip, at + SCALES_AT + 32 * h)
         return halves_i16x16(1, 1)
 
     @njit(inline="always")
@@ -311,7 +319,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
         cols = xq.shape[1]
         acc0, acc1, acc2, acc3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
         for b in range(n_blocks):
-            at = 32 * (3 * n_blocks + (STRIP_ROWS_PER_BLOCK - STRIP_QUANTS) * b)
+            at = quant_area(n_blocks, b)
             x = j * cols + b * BLOCK
             low0, low1, low2, low3 = half_dots(strip, at, 0, xq, x, cols, strip_scales(strip, at, 0))
             high0, high1, high2, high3 = half_dots(strip, at, 4, xq, x + 16, cols, strip_scales(strip, at, 1))
