@@ -52,5 +52,10 @@ def llama_cpp_top1(case) -> np.ndarray:
     return np.array(case["llamacpp"]["top10_ids"])[:, 0]
 
 
+def widest_llama_cpp_miss(cases) -> float:
+    """llama.cpp's largest ``miss_margins`` over the cases: how far from a tie its own top-1 misses go."""
+    return max(miss_margins(case, llama_cpp_top1(case)).max(initial=0) for case in cases)
+
+
 def rms(values: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(values))))

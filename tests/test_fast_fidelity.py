@@ -10,7 +10,7 @@ import pytest
 from localllm.models.decoder import DecoderModel as LlamaModel
 from localllm.quants import kernels
 
-from tests.golden_fidelity import llama_cpp_top1, logit_errors, miss_margins, rms
+from tests.golden_fidelity import logit_errors, miss_margins, rms, widest_llama_cpp_miss
 
 pytestmark = pytest.mark.real_model
 
@@ -52,7 +52,7 @@ def test_top1_misses_are_near_ties(fast_logits, golden_smollm2):
     """Where the fast path's top-1 is not the float model's, the float model ranks it within llama.cpp's largest
     such margin (a near tie broken the other way, as llama.cpp breaks some)."""
     ours = [miss_margins(case, logits.argmax(axis=1)) for case, logits in zip(golden_smollm2, fast_logits)]
-    widest = max(miss_margins(case, llama_cpp_top1(case)).max(initial=0) for case in golden_smollm2)
+    widest = widest_llama_cpp_miss(golden_smollm2)
     for case, our_misses in zip(golden_smollm2, ours):
         assert (our_misses <= widest).all(), f"{case['name']}: a top-1 miss {our_misses.max():.3f} from a tie"
 

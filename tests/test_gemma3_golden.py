@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from localllm.models.decoder import DecoderModel
-from tests.golden_fidelity import llama_cpp_top1, logit_errors, miss_margins, rms
+from tests.golden_fidelity import float_reference, logit_errors, miss_margins, rms, widest_llama_cpp_miss
 
 pytestmark = pytest.mark.real_model
 PIECE = 128  # teacher-forced positions per forward call (a piece of 262,144-wide logits is 128 MB)
@@ -89,7 +89,7 @@ def test_reference_path_on_the_float_model(ref_model, golden_gemma3):
 
 def test_fast_path_at_least_as_close_as_llama_cpp(fast_model, golden_gemma3):
     cases = golden_gemma3["cases"]
-    widest_llama_cpp_miss = max(miss_margins(case, llama_cpp_top1(case)).max(initial=0) for case in cases)
+    widest = widest_llama_cpp_miss(cases)
     ours, theirs = [], []
     for case in cases:
         ids, _, at_float_ids = teacher_forced(fast_model, case)
@@ -98,7 +98,7 @@ def test_fast_path_at_least_as_close_as_llama_cpp(fast_model, golden_gemma3):
         ours.append(errors[0])
         theirs.append(errors[1])
         misses = miss_margins(case, ids[:, 0])
-        assert (misses <= widest_llama_cpp_miss).all(), f"{case['name']}: a top-1 miss {misses.max():.3f} from a tie"
+        assert (misses <= widest).all(), f"{case['name']}: a top-1 miss {misses.max():.3f} from a tie"
         agreement = np.mean(ids[:, 0] == np.array(case["transformers"]["top10_ids"])[:, 0])
         assert agreement >= case["llamacpp_top1_agreement_with_float"], f"{case['name']}: top-1 {agreement:.4f}"
     assert rms(np.concatenate(ours)) <= rms(np.concatenate(theirs))
@@ -110,11 +110,11 @@ def test_greedy_continuations(fast_model, golden_gemma3):
     its choice (8-bit activations break near ties either way; here llama.cpp's own greedy and teacher-forced runs
     break one of them differently)."""
     cases = golden_gemma3["cases"]
-    widest_llama_cpp_miss = max(miss_margins(case, llama_cpp_top1(case)).max(initial=0) for case in cases)
+    widest = widest_llama_cpp_miss(cases)
     for case in cases:
         prompt, n = case["prompt_tokens"], len(case["prompt_tokens"])
         ours = greedy(fast_model, prompt, case["max_tokens"])
-        float_ids, float_logits = (np.array(case["transformers"][key]) for key in ("top10_ids", "top10_logits"))
+        float_ids, float_logits = float_reference(case)
         llama_cpp = case["llamacpp"]["greedy_tokens"]
         same_as_float = next((i for i, t in enumerate(llama_cpp) if float_ids[n - 1 + i, 0] != t), len(llama_cpp))
         left = next((i for i in range(min(same_as_float, len(ours))) if ours[i] != llama_cpp[i]), None)
@@ -125,7 +125,7 @@ def test_greedy_continuations(fast_model, golden_gemma3):
         ranked = np.nonzero(float_ids[position] == ours[left])[0]
         assert ranked.size, f"{case['name']}: token {left} outside the float model's top 10"
         margin = float_logits[position, 0] - float_logits[position, ranked[0]]
-        assert margin <= widest_llama_cpp_miss, f"{case['name']}: token {left} is {margin:.3f} below the float top-1"
+        assert margin <= widest, f"{case['name']}: token {left} is {margin:.3f} below the float top-1"
 
 
 def test_second_chat_turn_prefills_only_its_new_tokens(gemma3_gguf_path):
