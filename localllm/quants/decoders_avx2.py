@@ -11,10 +11,10 @@ import numpy as np
 from numba import njit
 
 from .intrinsics import (add_f32x8, add_i32x8, bits_i32x8, dot_pairs_i16, dot_u8_i8, fma_f32x8, halves_i16x16,
-                         load_bits, load_f16, load_f16x8_strided, load_i8, load_i8x32, load_nibbles,
-                         load_u32x8_strided, load_u8, mul_f32x8, mul_i32x8, negate_f32x8, or_i32x8, or_shifted,
-                         prefetch, shift_left_i32x8, shift_right_and, signed_byte_i32x8, splat_f32x8, splat_i32x8,
-                         sum_halves_by8, to_f32x8, zeros_f32x8)
+                         load_bits, load_f16, load_f16_pairs_x8_strided, load_f16x8_strided, load_i8, load_i8x32,
+                         load_nibbles, load_u32x8_strided, load_u8, mul_f32x8, mul_i32x8, negate_f32x8, or_i32x8,
+                         or_shifted, prefetch, shift_left_i32x8, shift_right_and, signed_byte_i32x8, splat_f32x8,
+                         splat_i32x8, sum_halves_by8, to_f32x8, zeros_f32x8)
 from .portable import BLOCK, k4_scale_min
 
 _ZERO = np.float32(0.0)
@@ -216,13 +216,13 @@ def make_eight_rows_k4(quants, block_bytes):
     @njit(inline="always")
     def eight_rows(w, row, stride, xq, j, xd, xds16):
         n_super = xq.shape[1] // 256
-        share = 8 * stride // n_super
+        share = 8 * block_bytes  # a constant: the prefetch loop unrolls
         sums = (zeros_f32x8(), zeros_f32x8(), zeros_f32x8())      # (acc, low, high) of make_rows_task
         for i in range(n_super):
             o = row + i * block_bytes
             _prefetch_share(w, row + 8 * stride + i * share, share)
-            d = load_f16x8_strided(w, o, stride)
-            minus_dmin = negate_f32x8(load_f16x8_strided(w, o + 2, stride))
+            d, dmin = load_f16_pairs_x8_strided(w, o, stride)
+            minus_dmin = negate_f32x8(dmin)
             packed0, packed1 = load_u32x8_strided(w, o + 4, stride), load_u32x8_strided(w, o + 8, stride)
             packed2 = load_u32x8_strided(w, o + 12, stride)
             scales_low, mins_low = bits_i32x8(packed0, 0, 0x3F3F3F3F), bits_i32x8(packed1, 0, 0x3F3F3F3F)
@@ -248,7 +248,8 @@ def q2_k_fields(w, o, stride):
     """Per super-block of eight Q2_K rows: (d, -dmin, the 16 scale bytes as four vectors of four a lane)."""
     packed = (load_u32x8_strided(w, o, stride), load_u32x8_strided(w, o + 4, stride),
               load_u32x8_strided(w, o + 8, stride), load_u32x8_strided(w, o + 12, stride))
-    return load_f16x8_strided(w, o + 80, stride), negate_f32x8(load_f16x8_strided(w, o + 82, stride)), packed
+    d, dmin = load_f16_pairs_x8_strided(w, o + 80, stride)
+    return d, negate_f32x8(dmin), packed
 
 
 @njit(inline="always")
@@ -327,7 +328,7 @@ def make_eight_rows_scaled(quants, block_bytes, fields, scales):
     @njit(inline="always")
     def eight_rows(w, row, stride, xq, j, xd, xds16):
         n_super = xq.shape[1] // 256
-        share = 8 * stride // n_super
+        share = 8 * block_bytes  # a constant: the prefetch loop unrolls
         sums = (zeros_f32x8(), zeros_f32x8(), zeros_f32x8())      # (acc, low, high) of make_rows_task
         for i in range(n_super):
             o = row + i * block_bytes

@@ -133,9 +133,11 @@ def load_nibbles(typingctx, array, offset):
     def codegen(context, builder, sig, args):
         v16 = ir.VectorType(_i8, 16)
         packed = _load(builder, _byte_pointer(context, builder, sig.args[0], *args), v16)
-        low = builder.and_(packed, _const_vector(v16, 0x0F))
-        high = builder.lshr(packed, _const_vector(v16, 4))
-        return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_i32, 32), list(range(32))))
+        # both 128-bit halves hold the 16 bytes (vbroadcasti128); the high half's words shift by 4 (vpsrlvd)
+        twice = builder.shuffle_vector(packed, packed, ir.Constant(ir.VectorType(_i32, 32), list(range(16)) * 2))
+        v8 = I32x8.llvm_type
+        shifted = builder.lshr(builder.bitcast(twice, v8), ir.Constant(v8, [0, 0, 0, 0, 4, 4, 4, 4]))
+        return builder.and_(builder.bitcast(shifted, I8x32.llvm_type), _const_vector(I8x32.llvm_type, 0x0F))
     return i8x32(array, offset), codegen
 
 
@@ -350,6 +352,33 @@ def load_f16x8_strided(typingctx, array, offset, stride):
             halves = builder.insert_element(halves, bits, ir.Constant(_i32, lane))
         return builder.fpext(builder.bitcast(halves, ir.VectorType(ir.HalfType(), 8)), F32x8.llvm_type)
     return f32x8(array, types.int64, types.int64), codegen
+
+
+@intrinsic
+def load_f16_pairs_x8_strided(typingctx, array, offset, stride):
+    """The eight pairs of IEEE halves at bytes ``offset + k * stride`` (k = 0..7; a pair = 4 bytes) as two float32
+    vectors (first halves, second halves), lane k from pair k: eight 32-bit loads into one vector, two
+    conversions (``vcvtph2ps``) and two shuffles. (Q4_1's d and m, read together; or the d of a block that
+    starts with it, its second half unused.) The pairs are loaded in lane order 0 1 4 5 2 3 6 7, so that after
+    the conversions one in-lane shuffle (``vshufps``) per result puts them in order."""
+    def codegen(context, builder, sig, args):
+        array_value, start, step = args
+        v8i = ir.VectorType(_i32, 8)
+        words = ir.Constant(v8i, ir.Undefined)
+        for lane, k in enumerate((0, 1, 4, 5, 2, 3, 6, 7)):
+            at = builder.add(start, builder.mul(step, ir.Constant(step.type, k)))
+            bits = _load(builder, _byte_pointer(context, builder, sig.args[0], array_value, at), _i32)
+            words = builder.insert_element(words, bits, ir.Constant(_i32, lane))
+        halves = builder.bitcast(words, ir.VectorType(ir.HalfType(), 16))
+        mask8 = ir.VectorType(_i32, 8)
+        low = builder.fpext(builder.shuffle_vector(halves, halves, ir.Constant(mask8, list(range(8)))),
+                            F32x8.llvm_type)     # pairs 0 1 4 5: d0 m0 d1 m1 | d4 m4 d5 m5
+        high = builder.fpext(builder.shuffle_vector(halves, halves, ir.Constant(mask8, list(range(8, 16)))),
+                             F32x8.llvm_type)    # pairs 2 3 6 7: d2 m2 d3 m3 | d6 m6 d7 m7
+        first = builder.shuffle_vector(low, high, ir.Constant(mask8, [0, 2, 8, 10, 4, 6, 12, 14]))
+        second = builder.shuffle_vector(low, high, ir.Constant(mask8, [1, 3, 9, 11, 5, 7, 13, 15]))
+        return context.make_tuple(builder, sig.return_type, (first, second))
+    return types.UniTuple(f32x8, 2)(array, types.int64, types.int64), codegen
 
 
 # --------------------------------------------------------------------------- atomics (one parallel region, shared work)

@@ -37,9 +37,9 @@ from numba.core.errors import NumbaExperimentalFeatureWarning
 from numba.core.types.function_type import CompileResultWAP
 
 from .intrinsics import (abs_i8, add_f32x8, add_i16x16, add_i32x8, dot_pairs_i16, dot_u8_i8, fma_f32, fma_f32x8,
-                         halves_i16x16, lane_f32, load_f16x8_strided, load_f32x8, load_i8x32, load_i16x16, mul_f32x8, pack_f32x8,
-                         pairs_i16x16, prefetch, sign_i8, splat_f32x8, splat_quad_i8, store_vector, sum_halves_by8,
-                         sum_halves_i32, transpose_words, zeros_f32x8)
+                         halves_i16x16, lane_f32, load_f16_pairs_x8_strided, load_f16x8_strided, load_f32x8, load_i8x32,
+                         load_i16x16, mul_f32x8, pack_f32x8, pairs_i16x16, prefetch, sign_i8, splat_f32x8,
+                         splat_quad_i8, store_vector, sum_halves_by8, sum_halves_i32, transpose_words, zeros_f32x8)
 from .decoders_avx2 import (decode_Q2_K, decode_Q3_K, decode_Q4_0, decode_Q4_1, decode_Q4_K, decode_Q5_0, decode_Q5_1,
                             decode_Q5_K, decode_Q6_K, decode_Q8_0, eight_rows_Q2_K, eight_rows_Q3_K, eight_rows_Q4_K,
                             eight_rows_Q5_K, eight_rows_Q6_K, scaled_halves)
@@ -142,6 +142,9 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
     if not has_eight_rows:
         eight_rows = _no_eight_rows
     vector_offsets = bool(f16_scale_block_bytes and (f16_min_at or offset_per_scale))
+    assert f16_min_at in (0, 2)  # m, if any, is the half after d: one 32-bit load per row reads both
+    # the bytes of the next task's rows that one block's step fetches ahead (8 rows of a block each)
+    prefetch_share = 8 * f16_scale_block_bytes
 
     @njit(inline="always")
     def products(q, x):
@@ -177,10 +180,9 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
         acc, low_sum, high_sum = zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
         # eight rows read side by side defeat the hardware prefetcher: fetch the next
         # eight rows (this thread's next task) ahead, a share of them per block
-        share = 8 * stride // n_blocks
         for b in range(n_blocks):
-            ahead = row + 8 * stride + b * share
-            for line in range(0, share + 63, 64):
+            ahead = row + 8 * stride + b * prefetch_share
+            for line in range(0, prefetch_share + 63, 64):  # a constant count: no loop left
                 prefetch(w, ahead + line)
             x = load_i8x32(xq, j * xq.shape[1] + b * BLOCK)
             s0, d0 = row_block_dots(w, row, b, x)
@@ -192,16 +194,17 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
             s6, d6 = row_block_dots(w, row + 6 * stride, b, x)
             s7, d7 = row_block_dots(w, row + 7 * stride, b, x)
             low, high = sum_halves_by8(s0, s1, s2, s3, s4, s5, s6, s7)
-            if f16_scale_block_bytes:
-                row_scales = load_f16x8_strided(w, row + b * f16_scale_block_bytes, stride)
+            if f16_min_at:  # d and m (the half after it), one load per row
+                row_scales, row_mins = load_f16_pairs_x8_strided(w, row + b * f16_scale_block_bytes, stride)
+            elif f16_scale_block_bytes:
+                row_scales = row_mins = load_f16x8_strided(w, row + b * f16_scale_block_bytes, stride)
             else:
-                row_scales = pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7)
+                row_scales = row_mins = pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7)
             acc = fma_f32x8(scaled_halves(low, high, splat_f32x8(xd[j, 2 * b]), splat_f32x8(xd[j, 2 * b + 1])),
                             row_scales, acc)
             if offsets:
                 if f16_min_at:
-                    offset0 = offset1 = load_f16x8_strided(
-                        w, row + b * f16_scale_block_bytes + f16_min_at, stride)
+                    offset0 = offset1 = row_mins
                 elif offset_per_scale:
                     offset0 = offset1 = mul_f32x8(splat_f32x8(np.float32(offset_per_scale)), row_scales)
                 else:
