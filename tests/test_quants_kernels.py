@@ -110,9 +110,10 @@ def test_float_matmul(path, ggml_type):
 @pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
                                        "F16"])
 def test_results_do_not_depend_on_the_batch(path, ggml_type):
-    """A token's output is bit-identical alone, in a prefill tile (from 16 tokens on: four tokens against a
-    task's eight interleaved rows), among eight tokens in one vector (8 to 15 tokens, and the partial task) or among
-    the leftovers (19 weight rows: two full tasks and three leftover rows; two K super-blocks)."""
+    """A token's output is bit-identical alone, in a prefill tile (from TILE_MIN_TOKENS == 8 tokens on: four
+    tokens against a task's eight interleaved rows), among eight tokens in one vector (the partial task, from 8
+    tokens on) or among the leftovers (19 weight rows: two full tasks and three leftover rows; two K
+    super-blocks)."""
     w = random_weight(ggml_type, 19, 512)
     x = np.random.default_rng(4).standard_normal((23, 512)).astype(np.float32)
     together = kernels.matmul(w, x, kernels=path)                # the tile for 20 tokens, 3 leftovers

@@ -58,10 +58,10 @@ TASK_GROUPS = 96    # parallel work items; each runs consecutive tasks with one 
 QUANT_ROWS = 18
 SIGNS_AT, SCALES_AT = 32 * 8, 32 * 16
 STRIP_ROWS_PER_BLOCK = 3 + QUANT_ROWS
-TILE_MIN_TOKENS = 16       # from this many tokens on, a task's rows are interleaved into a strip (the tile path).
-                           # Below, the paths that stream the weights straight (with prefetch) win in a real model:
-                           # an 8-sequence SmolLM2 step 21.8-24.0 ms with the strip from 4 tokens, 19.9-21.4 from 16,
-                           # though with the weights hot in cache the strip wins from 4 tokens on
+TILE_MIN_TOKENS = 8        # from this many tokens on, a task's rows are interleaved into a strip (the tile path).
+                           # With the strip fill prefetching the next task's rows, an 8-sequence SmolLM2 step takes
+                           # 18.9-19.7 ms this way against 21.8-25.6 ms from 16 tokens (the eight-token path);
+                           # at 4 sequences neither wins, so the strip starts at 8
 TILE_TOKENS = 4            # tokens per pass over the strip: each strip vector load serves four
 ACTIVATION_LIMIT = 127     # |xq|: with weights of at most 128, a vpmaddubsw pair stays below 2^15
 
@@ -124,9 +124,9 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
     The paths differ only in where the weights come from and what the lanes
     hold. From TILE_MIN_TOKENS tokens on, a full task (eight rows) is decoded
     once into its strip (``fill_strip``) and ``tile_four_tokens`` gives four
-    tokens x eight rows per pass, rows in the lanes; fewer tokens, or a partial
-    task (< 8 rows), put eight tokens of one weight row in the lanes (each weight block decoded
-    once for eight tokens, two rows share every activation load); one token
+    tokens x eight rows per pass, rows in the lanes; a partial task (< 8 rows),
+    or a full one below TILE_MIN_TOKENS tokens, puts eight tokens of one weight row in the lanes (each weight
+    block decoded once for eight tokens, two rows share every activation load); one token
     (decode, leftover tokens) gets eight weight rows in the lanes straight from
     the weights, and leftover rows go one at a time. For types whose block
     starts with its scale ``d`` as a plain half (``f16_scale_block_bytes`` = the
@@ -229,7 +229,12 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
             strip[3 nb + 18 b + 16 + h]         (8, 2) int16   a scaled type's scale_h, twice (SCALES_AT)
 
         (nb = n_blocks, 18 = QUANT_ROWS): an 8 x 8 transpose of 32-bit words per block."""
+        # the next task's rows fetched ahead, as in ``decoded_eight_rows`` (a K type's share: its super-block)
+        share = prefetch_share if prefetch_share else 8 * stride // n_blocks
         for b in range(n_blocks):
+            ahead = row + 8 * stride + b * share
+            for line in range(0, share + 63, 64):
+                prefetch(w, ahead + line)
             q0, scale00, scale01, d0, offset00, offset01 = decode(w, row, b)
             q1, scale10, scale11, d1, offset10, offset11 = decode(w, row + stride, b)
             q2, scale20, scale21, d2, offset20, offset21 = decode(w, row + 2 * stride, b)
