@@ -95,27 +95,31 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 # No reciprocal approximations ("arcp", "afn"): the vectorized and the scalar loop must agree bit for bit.
 _EXACT_DIVISION = {"nnan", "ninf", "nsz", "contract"}
+# numba's default error model checks every float division for a zero divisor (to raise ZeroDivisionError): that
+# branch kept the gated activations' loops scalar (3.4 ns an element, a twelfth of a SmolLM2 prefill). Their
+# divisor, 1 + exp(.), is at least 1; with numpy's error model the loops vectorize (same bits).
+_GATED = dict(cache=True, fastmath=_EXACT_DIVISION, error_model="numpy")
 
 
-@njit(cache=True, fastmath=_EXACT_DIVISION, inline="always")
+@njit(**_GATED, inline="always")
 def _swiglu_row(gate, up, out, i):
     for k in range(gate.shape[1]):
         g = gate[i, k]
         out[i, k] = g / (_ONE + fast_exp(-g)) * up[i, k]
 
 
-@njit(cache=True, fastmath=_EXACT_DIVISION)
+@njit(**_GATED)
 def _swiglu_serial(gate, up, out):
     for i in range(gate.shape[0]):
         _swiglu_row(gate, up, out, i)
 
 
-@njit(cache=True, fastmath=_EXACT_DIVISION)
+@njit(**_GATED)
 def _swiglu_one(gate, up, out, i):
     _swiglu_row(gate, up, out, i)
 
 
-@njit(cache=True, fastmath=_EXACT_DIVISION, parallel=True)
+@njit(**_GATED, parallel=True)
 def _swiglu_parallel(gate, up, out):
     for i in prange(gate.shape[0]):
         _swiglu_row(gate, up, out, i)
@@ -143,7 +147,7 @@ _GELU_TWICE_SQRT_2_OVER_PI = np.float32(2.0 * 0.7978845608028654)
 _GELU_CUBIC = np.float32(0.044715)
 
 
-@njit(cache=True, fastmath=_EXACT_DIVISION, inline="always")
+@njit(**_GATED, inline="always")
 def _geglu_row(gate, up, out, i):
     # gelu_tanh(g) = g/2 (1 + tanh(u)) = g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3)
     for k in range(gate.shape[1]):
@@ -152,18 +156,18 @@ def _geglu_row(gate, up, out, i):
         out[i, k] = g / (_ONE + fast_exp(-twice_u)) * up[i, k]
 
 
-@njit(cache=True, fastmath=_EXACT_DIVISION)
+@njit(**_GATED)
 def _geglu_serial(gate, up, out):
     for i in range(gate.shape[0]):
         _geglu_row(gate, up, out, i)
 
 
-@njit(cache=True, fastmath=_EXACT_DIVISION)
+@njit(**_GATED)
 def _geglu_one(gate, up, out, i):
     _geglu_row(gate, up, out, i)
 
 
-@njit(cache=True, fastmath=_EXACT_DIVISION, parallel=True)
+@njit(**_GATED, parallel=True)
 def _geglu_parallel(gate, up, out):
     for i in prange(gate.shape[0]):
         _geglu_row(gate, up, out, i)
