@@ -96,10 +96,10 @@ class KernelWorker:
         self.kernels_avx2 = kernels_avx2
 
         @njit
-        def decode_rows(rows, w, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, repeats):
+        def decode_rows(rows, w, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, repeats):
             for _ in range(repeats):  # repeated inside: the Python call costs a few us
                 for r in range(0, w.shape[0], 8):
-                    rows(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, False)
+                    rows(w, r, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, False)
 
         @njit
         def read_all(words):
@@ -114,8 +114,8 @@ class KernelWorker:
         self.activations = {}
         for cols in (HOT_COLS, 640):
             x = self.rng.standard_normal((1, cols)).astype(np.float32)
-            xq, xd, xds16 = portable.quantize_activations(x)
-            self.activations[cols] = (xq, xd, xds16, np.ascontiguousarray(xd.T), np.ascontiguousarray(xds16.T),
+            xq, xd, xsums = portable.quantize_activations(x)
+            self.activations[cols] = (xq, xd, xsums, np.ascontiguousarray(xd.T), np.ascontiguousarray(xsums.T),
                                       np.empty((cols // 16, 8), dtype=np.float32), np.empty((1, 0), np.float32))
         self.hot = {}
         for t in types:
@@ -133,10 +133,10 @@ class KernelWorker:
         return cols // block_elems * block_bytes
 
     def _rows(self, ggml_type: str, w, cols: int, repeats: int = 1) -> None:
-        xq, xd, xds16, xd_by_block, xds16_by_block, offset_table, _ = self.activations[cols]
+        xq, xd, xsums, xd_by_block, xsums_by_block, offset_table, _ = self.activations[cols]
         out = self.np.empty((1, w.shape[0]), dtype=self.np.float32)
-        self.decode_rows(getattr(self.kernels_avx2, f"rows_{ggml_type}"), w, xq, xd, xds16, xd_by_block,
-                         xds16_by_block, out, offset_table, repeats)
+        self.decode_rows(getattr(self.kernels_avx2, f"rows_{ggml_type}"), w, xq, xd, xsums, xd_by_block,
+                         xsums_by_block, out, offset_table, repeats)
 
     def _load_model(self, path: str):
         import numpy as np

@@ -99,8 +99,11 @@ def test_fast_path_at_least_as_close_as_llama_cpp(fast_model, golden_gemma3):
         theirs.append(errors[1])
         misses = miss_margins(case, ids[:, 0])
         assert (misses <= widest).all(), f"{case['name']}: a top-1 miss {misses.max():.3f} from a tie"
-        agreement = np.mean(ids[:, 0] == np.array(case["transformers"]["top10_ids"])[:, 0])
-        assert agreement >= case["llamacpp_top1_agreement_with_float"], f"{case['name']}: top-1 {agreement:.4f}"
+        # in positions: the golden file gives llama.cpp's share rounded to 4 digits (g_code: 66/67 as 0.9851)
+        float_top1 = np.array(case["transformers"]["top10_ids"])[:, 0]
+        matches = int(np.sum(ids[:, 0] == float_top1))
+        llama_cpp_matches = round(case["llamacpp_top1_agreement_with_float"] * len(float_top1))
+        assert matches >= llama_cpp_matches, f"{case['name']}: top-1 {matches} of {len(float_top1)}"
     assert rms(np.concatenate(ours)) <= rms(np.concatenate(theirs))
 
 

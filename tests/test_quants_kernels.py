@@ -31,15 +31,18 @@ def oracle_weights(w: QTensor) -> np.ndarray:
 
 
 def quantize_activations_numpy(x: np.ndarray):
-    """The int8-per-16 activation quantization, in numpy (twin of portable.quantize_activations)."""
+    """The int8-per-16 activation quantization, in numpy (twin of portable.quantize_activations): xq, the scales
+    d per 16 and the scaled sums (d_0 * sum of a block's first 16 xq, then that plus d_1 * the second 16's)."""
     n, cols = x.shape
     blocks = x.reshape(n, cols // 16, 16)
     d = np.abs(blocks).max(axis=2) / np.float32(127.0)                        # (n, cols/16)
     inverse = np.where(d > 0, np.float32(1.0) / np.where(d > 0, d, 1), 0).astype(np.float32)
     xq = np.rint(blocks * inverse[:, :, None]).astype(np.int8)               # (n, cols/16, 16)
     sums16 = xq.sum(axis=2, dtype=np.int64)                                  # (n, cols/16)
-    xds16 = d * sums16.astype(np.float32)
-    return xq.reshape(n, cols), d.astype(np.float32), xds16.astype(np.float32)
+    scaled = (d * sums16.astype(np.float32)).astype(np.float32)             # (n, cols/16) d_h * sum of half h
+    xsums = scaled.copy()
+    xsums[:, 1::2] = scaled[:, 0::2] + scaled[:, 1::2]                        # the odd entries: the whole block
+    return xq.reshape(n, cols), d.astype(np.float32), xsums
 
 
 def test_quantize_activations_matches_numpy():
@@ -47,11 +50,11 @@ def test_quantize_activations_matches_numpy():
     x = rng.standard_normal((5, 96)).astype(np.float32) * np.float32(3.0)
     x[1, 32:64] = 0.0          # an all-zero block: scale 0, no division by zero
     x[2, 0] = 1000.0           # one outlier dominating its block
-    xq, xd, xds16 = portable.quantize_activations(x)
-    eq, ed, eds16 = quantize_activations_numpy(x)
+    xq, xd, xsums = portable.quantize_activations(x)
+    eq, ed, esums = quantize_activations_numpy(x)
     np.testing.assert_array_equal(xq, eq)
     np.testing.assert_array_equal(xd, ed)
-    np.testing.assert_allclose(xds16, eds16, rtol=1e-6)
+    np.testing.assert_allclose(xsums, esums, rtol=1e-6)
     assert xd[1, 2] == xd[1, 3] == 0 and not xq[1, 32:64].any()
     assert xq.dtype == np.int8 and np.abs(xq.astype(np.int64)).max() == 127
 

@@ -171,7 +171,7 @@ def matmul_phase(rows, type_slots, counters, phase, n_workers, weights, first, c
     n_tasks = tasks0 + tasks1 + tasks2
     n_items = max(1, min(n_tasks // MIN_TASKS_PER_ITEM, ITEMS_PER_WORKER * n_workers))
     together = n >= SHARED_PREPARE_TOKENS
-    scratch_h, scratch_q, scratch_d, scratch_d16, scratch_d_t, scratch_d16_t, _ = shared_scratch if together \
+    scratch_h, scratch_q, scratch_d, scratch_sums, scratch_d_t, scratch_sums_t, _ = shared_scratch if together \
         else scratch
     # views of the scratch buffers, borrowed (``intrinsics.borrowed``: the buffers outlive this phase), so that
     # handing them to a row range per item costs no reference counting
@@ -180,23 +180,23 @@ def matmul_phase(rows, type_slots, counters, phase, n_workers, weights, first, c
     h = borrowed(_as_matrix(scratch_h, n, cols))                  # (n, cols) the prologue's output
     xq = borrowed(_as_matrix(scratch_q, n, cols))                 # (n, cols) int8
     xd = borrowed(_as_matrix(scratch_d, n, n_halves))             # (n, cols / 16)
-    xds16 = borrowed(_as_matrix(scratch_d16, n, n_halves))        # (n, cols / 16)
+    xsums = borrowed(_as_matrix(scratch_sums, n, n_halves))        # (n, cols / 16)
     xd_by_block = borrowed(_as_matrix(scratch_d_t, n_halves, n))  # (cols / 16, n)
-    xds16_by_block = borrowed(_as_matrix(scratch_d16_t, n_halves, n))
+    xsums_by_block = borrowed(_as_matrix(scratch_sums_t, n_halves, n))
     out0, out1, out2 = borrowed(outs[0]), borrowed(outs[1]), borrowed(outs[2])
     if together:
         prepare = phase + counters.shape[0] // 4
         j = claim(counters, prepare, n)
         while j >= 0:
-            prepare_activations_row(x, prologue, norm_weight, eps, up, h, xq, xd, xds16, xd_by_block, xds16_by_block,
+            prepare_activations_row(x, prologue, norm_weight, eps, up, h, xq, xd, xsums, xd_by_block, xsums_by_block,
                                     j)
             finish(counters, prepare)
             j = claim(counters, prepare, n)
         wait_for_phase(counters, prepare, n)
     if unclaimed(counters, phase, n_items):
         if not together:  # this worker quantizes the activations itself
-            prepare_activations_serial(x, prologue, norm_weight, eps, up, h, xq, xd, xds16, xd_by_block,
-                                       xds16_by_block)
+            prepare_activations_serial(x, prologue, norm_weight, eps, up, h, xq, xd, xsums, xd_by_block,
+                                       xsums_by_block)
         done = 0
         first, stop = claim_run(counters, phase, n_items, n_workers)
         while first >= 0:
@@ -210,8 +210,8 @@ def matmul_phase(rows, type_slots, counters, phase, n_workers, weights, first, c
                 else:
                     w, slot, tasks_before, o = w2, slot2, tasks0 + tasks1, out2
                 tasks_here = min(t_stop, tasks_before + _task_count(w.shape[0])) - t
-                rows[slot](w, r, min(r + tasks_here * ROWS_PER_TASK, w.shape[0]), xq, xd, xds16, xd_by_block,
-                           xds16_by_block, o, offset_table, accumulate)
+                rows[slot](w, r, min(r + tasks_here * ROWS_PER_TASK, w.shape[0]), xq, xd, xsums, xd_by_block,
+                           xsums_by_block, o, offset_table, accumulate)
                 t += tasks_here
             done += stop - first
             first, stop = claim_run(counters, phase, n_items, n_workers)
@@ -318,7 +318,7 @@ def worker_program(rows, phases, args):
     type_slots, weights, norms, head_norms, qkv_bias, flags, layer_windows, layer_cache, layer_rope, x, positions, \
         slots, cos, sin, neox, k_full, v_full, k_ring, v_ring, n_heads, eps, query_scale, softcap, n_workers, \
         head_rows, output_norm, logits, counters, q, k, v, attended, gate, up, out, normed, q_rotated, k_rotated, \
-        part_max, part_sum, part_out, shared_h, shared_q, shared_d, shared_d16, shared_d_t, shared_d16_t = args
+        part_max, part_sum, part_out, shared_h, shared_q, shared_d, shared_sums, shared_d_t, shared_sums_t = args
     # the arrays every worker shares, borrowed (no reference counts: both workers would update the same ones, an
     # atomic cache-line transfer per update; the caller, ``run``, holds them until the launch returns)
     type_slots, norms, head_norms, qkv_bias, flags = borrowed(type_slots), borrowed(norms), borrowed(head_norms), \
@@ -333,9 +333,9 @@ def worker_program(rows, phases, args):
         borrowed(up)
     out, normed, q_rotated, k_rotated = borrowed(out), borrowed(normed), borrowed(q_rotated), borrowed(k_rotated)
     part_max, part_sum, part_out = borrowed(part_max), borrowed(part_sum), borrowed(part_out)
-    shared_h, shared_q, shared_d, shared_d16 = borrowed(shared_h), borrowed(shared_q), borrowed(shared_d), \
-        borrowed(shared_d16)
-    shared_d_t, shared_d16_t = borrowed(shared_d_t), borrowed(shared_d16_t)
+    shared_h, shared_q, shared_d, shared_sums = borrowed(shared_h), borrowed(shared_q), borrowed(shared_d), \
+        borrowed(shared_sums)
+    shared_d_t, shared_sums_t = borrowed(shared_d_t), borrowed(shared_sums_t)
     matmul, rope, attention, post_norm = phases
     n, dim = x.shape
     n_kv_heads, head_dim = k_full.shape[2], k_full.shape[4]
@@ -345,12 +345,12 @@ def worker_program(rows, phases, args):
     scratch = (np.empty(n * widest, dtype=np.float32),        # prologue output
                np.empty(n * widest, dtype=np.int8),           # quantized activations
                np.empty(n * widest // 16, dtype=np.float32),  # their scales per 16
-               np.empty(n * widest // 16, dtype=np.float32),  # scaled sums per 16
+               np.empty(n * widest // 16, dtype=np.float32),  # scaled sums (half, block; portable._quantize_row)
                np.empty(n * widest // 16, dtype=np.float32),  # the same two by block
                np.empty(n * widest // 16, dtype=np.float32),
                # the row tasks' offset table and interleaved weight strip (kernels_avx2.scratch_rows)
                np.empty((scratch_rows(n, widest), 8), dtype=np.float32))
-    shared_scratch = (shared_h, shared_q, shared_d, shared_d16, shared_d_t, shared_d16_t, scratch[6])
+    shared_scratch = (shared_h, shared_q, shared_d, shared_sums, shared_d_t, shared_sums_t, scratch[6])
     scores = np.empty((group, KEY_CHUNK), dtype=np.float32)
     run_max = np.empty(group, dtype=np.float32)
     run_sum = np.empty(group, dtype=np.float32)

@@ -193,7 +193,7 @@ def scaled_halves(low, high, x_low_scale, x_high_scale):
 
 
 def make_eight_rows_k4(quants, block_bytes):
-    """``eight_rows(w, row, stride, xq, j, xd, xds16)`` for Q4_K / Q5_K: float32 lanes = the dots of the
+    """``eight_rows(w, row, stride, xq, j, xd, xsums)`` for Q4_K / Q5_K: float32 lanes = the dots of the
     rows from byte ``row`` (``stride`` apart) with token j. Per super-block: the eight rows' d and dmin, and
     their six-bit scales and mins from the 12 packed bytes (bytes 0-3: scales 0-3, and in bits 6-7 bits 4-5
     of scales 4-7; bytes 4-7: the same for the mins; bytes 8-11: bits 0-3 of scales 4-7, and in bits 4-7
@@ -201,20 +201,21 @@ def make_eight_rows_k4(quants, block_bytes):
     dots = make_eight_row_dots(quants)
 
     @njit(inline="always")
-    def sub_block(w, o, stride, s, i, xq, j, xd, xds16, d, minus_dmin, packed_scales, packed_mins, sums):
+    def sub_block(w, o, stride, s, i, xq, j, xd, xsums, d, minus_dmin, packed_scales, packed_mins, sums):
         """Sub-block s of super-block i (at byte o of the first row): the sums (acc, low, high) go on."""
         acc, low_sum, high_sum = sums
         b = 8 * i + s
         low, high = dots(w, o, stride, s, load_i8x32(xq, j * xq.shape[1] + b * BLOCK))
         scale = to_f32x8(bits_i32x8(packed_scales, 8 * (s & 3), 0xFF))
         offset = mul_f32x8(minus_dmin, to_f32x8(bits_i32x8(packed_mins, 8 * (s & 3), 0xFF)))
+        # one offset for the sub-block: by the block's activation sum (xsums[2b + 1]), the low chain unused
         return (fma_f32x8(scaled_halves(low, high, splat_f32x8(xd[j, 2 * b]), splat_f32x8(xd[j, 2 * b + 1])),
                           mul_f32x8(d, scale), acc),
-                fma_f32x8(offset, splat_f32x8(xds16[j, 2 * b]), low_sum),
-                fma_f32x8(offset, splat_f32x8(xds16[j, 2 * b + 1]), high_sum))
+                low_sum,
+                fma_f32x8(offset, splat_f32x8(xsums[j, 2 * b + 1]), high_sum))
 
     @njit(inline="always")
-    def eight_rows(w, row, stride, xq, j, xd, xds16):
+    def eight_rows(w, row, stride, xq, j, xd, xsums):
         n_super = xq.shape[1] // 256
         share = 8 * block_bytes  # a constant: the prefetch loop unrolls
         sums = (zeros_f32x8(), zeros_f32x8(), zeros_f32x8())      # (acc, low, high) of make_rows_task
@@ -229,16 +230,16 @@ def make_eight_rows_k4(quants, block_bytes):
             scales_high = or_i32x8(bits_i32x8(packed2, 0, 0x0F0F0F0F), bits_i32x8(packed0, 2, 0x30303030))
             mins_high = or_i32x8(bits_i32x8(packed2, 4, 0x0F0F0F0F), bits_i32x8(packed1, 2, 0x30303030))
             # the eight sub-blocks written out, so that their shifts are constants
-            sums = sub_block(w, o, stride, 0, i, xq, j, xd, xds16, d, minus_dmin, scales_low, mins_low, sums)
-            sums = sub_block(w, o, stride, 1, i, xq, j, xd, xds16, d, minus_dmin, scales_low, mins_low, sums)
-            sums = sub_block(w, o, stride, 2, i, xq, j, xd, xds16, d, minus_dmin, scales_low, mins_low, sums)
-            sums = sub_block(w, o, stride, 3, i, xq, j, xd, xds16, d, minus_dmin, scales_low, mins_low, sums)
-            sums = sub_block(w, o, stride, 4, i, xq, j, xd, xds16, d, minus_dmin, scales_high, mins_high, sums)
-            sums = sub_block(w, o, stride, 5, i, xq, j, xd, xds16, d, minus_dmin, scales_high, mins_high, sums)
-            sums = sub_block(w, o, stride, 6, i, xq, j, xd, xds16, d, minus_dmin, scales_high, mins_high, sums)
-            sums = sub_block(w, o, stride, 7, i, xq, j, xd, xds16, d, minus_dmin, scales_high, mins_high, sums)
+            sums = sub_block(w, o, stride, 0, i, xq, j, xd, xsums, d, minus_dmin, scales_low, mins_low, sums)
+            sums = sub_block(w, o, stride, 1, i, xq, j, xd, xsums, d, minus_dmin, scales_low, mins_low, sums)
+            sums = sub_block(w, o, stride, 2, i, xq, j, xd, xsums, d, minus_dmin, scales_low, mins_low, sums)
+            sums = sub_block(w, o, stride, 3, i, xq, j, xd, xsums, d, minus_dmin, scales_low, mins_low, sums)
+            sums = sub_block(w, o, stride, 4, i, xq, j, xd, xsums, d, minus_dmin, scales_high, mins_high, sums)
+            sums = sub_block(w, o, stride, 5, i, xq, j, xd, xsums, d, minus_dmin, scales_high, mins_high, sums)
+            sums = sub_block(w, o, stride, 6, i, xq, j, xd, xsums, d, minus_dmin, scales_high, mins_high, sums)
+            sums = sub_block(w, o, stride, 7, i, xq, j, xd, xsums, d, minus_dmin, scales_high, mins_high, sums)
         acc, low_sum, high_sum = sums
-        return add_f32x8(acc, add_f32x8(low_sum, high_sum))
+        return add_f32x8(acc, high_sum)   # as make_rows_task's add_offsets for one offset a block
 
     return eight_rows
 
@@ -313,7 +314,7 @@ def make_eight_rows_scaled(quants, block_bytes, fields, scales):
     dots = make_eight_row_dots(quants)
 
     @njit(inline="always")
-    def sub_block(w, o, stride, s, i, xq, j, xd, xds16, d, offset_scale, packed, sums):
+    def sub_block(w, o, stride, s, i, xq, j, xd, xsums, d, offset_scale, packed, sums):
         """Sub-block s of super-block i (at byte o of the first row): the sums (acc, low, high) go on."""
         acc, low_sum, high_sum = sums
         b = 8 * i + s
@@ -321,12 +322,15 @@ def make_eight_rows_scaled(quants, block_bytes, fields, scales):
         scale0, scale1, offset0, offset1 = scales(packed, s)
         halves = scaled_halves(mul_i32x8(low, scale0), mul_i32x8(high, scale1), splat_f32x8(xd[j, 2 * b]),
                                 splat_f32x8(xd[j, 2 * b + 1]))
+        offset_low = mul_f32x8(offset_scale, to_f32x8(offset0))
+        offset_high = mul_f32x8(offset_scale, to_f32x8(offset1))
+        # (offset_0 - offset_1) by the first half's activation sum, offset_1 by the block's (xsums[2b + 1])
         return (fma_f32x8(halves, d, acc),
-                fma_f32x8(mul_f32x8(offset_scale, to_f32x8(offset0)), splat_f32x8(xds16[j, 2 * b]), low_sum),
-                fma_f32x8(mul_f32x8(offset_scale, to_f32x8(offset1)), splat_f32x8(xds16[j, 2 * b + 1]), high_sum))
+                fma_f32x8(add_f32x8(offset_low, negate_f32x8(offset_high)), splat_f32x8(xsums[j, 2 * b]), low_sum),
+                fma_f32x8(offset_high, splat_f32x8(xsums[j, 2 * b + 1]), high_sum))
 
     @njit(inline="always")
-    def eight_rows(w, row, stride, xq, j, xd, xds16):
+    def eight_rows(w, row, stride, xq, j, xd, xsums):
         n_super = xq.shape[1] // 256
         share = 8 * block_bytes  # a constant: the prefetch loop unrolls
         sums = (zeros_f32x8(), zeros_f32x8(), zeros_f32x8())      # (acc, low, high) of make_rows_task
@@ -335,14 +339,14 @@ def make_eight_rows_scaled(quants, block_bytes, fields, scales):
             _prefetch_share(w, row + 8 * stride + i * share, share)
             d, offset_scale, packed = fields(w, o, stride)
             # the eight sub-blocks written out, so that their shifts are constants
-            sums = sub_block(w, o, stride, 0, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
-            sums = sub_block(w, o, stride, 1, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
-            sums = sub_block(w, o, stride, 2, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
-            sums = sub_block(w, o, stride, 3, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
-            sums = sub_block(w, o, stride, 4, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
-            sums = sub_block(w, o, stride, 5, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
-            sums = sub_block(w, o, stride, 6, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
-            sums = sub_block(w, o, stride, 7, i, xq, j, xd, xds16, d, offset_scale, packed, sums)
+            sums = sub_block(w, o, stride, 0, i, xq, j, xd, xsums, d, offset_scale, packed, sums)
+            sums = sub_block(w, o, stride, 1, i, xq, j, xd, xsums, d, offset_scale, packed, sums)
+            sums = sub_block(w, o, stride, 2, i, xq, j, xd, xsums, d, offset_scale, packed, sums)
+            sums = sub_block(w, o, stride, 3, i, xq, j, xd, xsums, d, offset_scale, packed, sums)
+            sums = sub_block(w, o, stride, 4, i, xq, j, xd, xsums, d, offset_scale, packed, sums)
+            sums = sub_block(w, o, stride, 5, i, xq, j, xd, xsums, d, offset_scale, packed, sums)
+            sums = sub_block(w, o, stride, 6, i, xq, j, xd, xsums, d, offset_scale, packed, sums)
+            sums = sub_block(w, o, stride, 7, i, xq, j, xd, xsums, d, offset_scale, packed, sums)
         acc, low_sum, high_sum = sums
         return add_f32x8(acc, add_f32x8(low_sum, high_sum))
 

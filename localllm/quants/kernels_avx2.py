@@ -98,14 +98,14 @@ def quant_area(n_blocks, b):
 
 
 @njit(inline="always")
-def _no_eight_rows(w, row, stride, xq, j, xd, xds16):
+def _no_eight_rows(w, row, stride, xq, j, xd, xsums):
     return zeros_f32x8()
 
 
 def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: bool = True,
                    f16_scale_block_bytes: int = 0, f16_min_at: int = 0, offset_per_scale: float = 0.0,
                    eight_rows=None):
-    """``rows_task(w, r_start, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table)``:
+    """``rows_task(w, r_start, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table)``:
     ``out[:, r] = x @ W[r]`` for ROWS_PER_TASK weight rows from ``r_start``.
 
     Each weight block (quants at most ``max_quant``; signed ones when
@@ -117,9 +117,9 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
         acc = low = high = 0                                    # three chains: no FMA waits on another
         for each block b:
             acc = fma(float(s_b0) * dx_b0 + float(s_b1) * dx_b1, d_b, acc)   # s_bh: the exact dot of half h
-            low = fma(offset_0, dx_b0 * sum(xq[0:16]), low)     # only for types with offsets
-            high = fma(offset_1, dx_b1 * sum(xq[16:32]), high)
-        out = acc + (low + high)
+            high = fma(offset_1, xsums[2b + 1], high)           # only for types with offsets (xsums[2b + 1]:
+            low = fma(offset_0 - offset_1, xsums[2b], low)      # the block's), low only where they differ (scaled)
+        out = acc + (low + high)                                # (out = acc + high where they do not)
 
     The paths differ only in where the weights come from and what the lanes
     hold. From TILE_MIN_TOKENS tokens on, a full task (eight rows) is decoded
@@ -133,7 +133,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
     block size), decode reads the eight rows' scales into one vector at once, and
     their offsets too: the half at byte ``f16_min_at`` of the block (Q4_1, Q5_1)
     or ``offset_per_scale * d`` (Q4_0, Q5_0). Types with an ``eight_rows`` form
-    (K types: ``eight_rows(w, row, stride, xq, j, xd, xds16)`` -> the eight lanes)
+    (K types: ``eight_rows(w, row, stride, xq, j, xd, xsums)`` -> the eight lanes)
     decode that way; the others decode the offsets of a task's rows once into a table.
     """
     # how many vpmaddubsw results (each lane at most 2 * max_quant * 127) an int16 lane holds before vpmaddwd
@@ -142,9 +142,20 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
     if not has_eight_rows:
         eight_rows = _no_eight_rows
     vector_offsets = bool(f16_scale_block_bytes and (f16_min_at or offset_per_scale))
+    split_offsets = offsets and scaled  # a scale per 16: an offset per 16 too (else one per block)
     assert f16_min_at in (0, 2)  # m, if any, is the half after d: one 32-bit load per row reads both
     # the bytes of the next task's rows that one block's step fetches ahead (8 rows of a block each)
     prefetch_share = 8 * f16_scale_block_bytes
+
+    @njit(inline="always")
+    def add_offsets(acc, low, high):
+        """The dot lanes plus the offset chains: ``acc + (low + high)``, or ``acc + high`` where a block has one
+        offset (the low chain, of offset_0 - offset_1, is then zero and not computed)."""
+        if not offsets:
+            return acc
+        if split_offsets:
+            return add_f32x8(acc, add_f32x8(low, high))
+        return add_f32x8(acc, high)
 
     @njit(inline="always")
     def products(q, x):
@@ -166,7 +177,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
         return block_dots(q, scale0, scale1, x), d
 
     @njit(inline="always")
-    def decoded_eight_rows(w, row, stride, xq, j, xd, xds16, offset_table, fill_table):
+    def decoded_eight_rows(w, row, stride, xq, j, xd, xsums, offset_table, fill_table):
         """Float32 lanes = the dots of the eight rows from byte ``row`` with token j, each block of each row
         through the decoder; the offsets of types without a vector form are first put into ``offset_table``
         (when ``fill_table``: once per task)."""
@@ -175,8 +186,8 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
             # (a task has ROWS_PER_TASK == 8 rows: one table)
             for lane in range(8):
                 for b in range(n_blocks):
-                    _, _, _, _, offset_table[2 * b, lane], offset_table[2 * b + 1, lane] = \
-                        decode(w, row + lane * stride, b)
+                    _, _, _, _, offset0, offset1 = decode(w, row + lane * stride, b)
+                    offset_table[2 * b, lane], offset_table[2 * b + 1, lane] = offset0 - offset1, offset1
         acc, low_sum, high_sum = zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
         # eight rows read side by side defeat the hardware prefetcher: fetch the next
         # eight rows (this thread's next task) ahead, a share of them per block
@@ -204,24 +215,24 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
                             row_scales, acc)
             if offsets:
                 if f16_min_at:
-                    offset0 = offset1 = row_mins
+                    offset1 = row_mins
                 elif offset_per_scale:
-                    offset0 = offset1 = mul_f32x8(splat_f32x8(np.float32(offset_per_scale)), row_scales)
+                    offset1 = mul_f32x8(splat_f32x8(np.float32(offset_per_scale)), row_scales)
                 else:
-                    offset0 = load_f32x8(offset_table, 4 * 8 * (2 * b))
                     offset1 = load_f32x8(offset_table, 4 * 8 * (2 * b + 1))
-                low_sum = fma_f32x8(offset0, splat_f32x8(xds16[j, 2 * b]), low_sum)
-                high_sum = fma_f32x8(offset1, splat_f32x8(xds16[j, 2 * b + 1]), high_sum)
-        if offsets:
-            acc = add_f32x8(acc, add_f32x8(low_sum, high_sum))
-        return acc
+                    if split_offsets:
+                        low_sum = fma_f32x8(load_f32x8(offset_table, 4 * 8 * (2 * b)), splat_f32x8(xsums[j, 2 * b]),
+                                            low_sum)
+                high_sum = fma_f32x8(offset1, splat_f32x8(xsums[j, 2 * b + 1]), high_sum)
+        return add_offsets(acc, low_sum, high_sum)
 
     @njit(inline="always")
     def fill_strip(w, row, stride, n_blocks, strip):
         """The eight weight rows from byte ``row`` (``stride`` apart), decoded once, into ``strip`` (float32
         (STRIP_ROWS_PER_BLOCK * n_blocks, 8), 32 bytes a row; row i of the task in lane i of every row)::
 
-            strip[2b], strip[2b + 1]            (8,) float32   offset_0, offset_1 of block b (the offset table)
+            strip[2b], strip[2b + 1]            (8,) float32   offset_0 - offset_1, offset_1 of block b (the offset
+                                                               table; the first only where they differ)
             strip[2 nb + b]                     (8,) float32   d of block b
             strip[3 nb + 18 b + k]              (8, 4) uint8   elements 4k..4k + 3 of block b (k < 8): the quants,
                                                                |q| for a signed type (``quant_area``)
@@ -256,9 +267,12 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
                 store_vector(strip, at + SCALES_AT + 32, pairs_i16x16(scale01, scale11, scale21, scale31, scale41, scale51,
                                                            scale61, scale71))
             store_vector(strip, 32 * (2 * n_blocks + b), pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7))
+            if offsets and split_offsets:
+                store_vector(strip, 32 * (2 * b), pack_f32x8(offset00 - offset01, offset10 - offset11,
+                                                            offset20 - offset21, offset30 - offset31,
+                                                            offset40 - offset41, offset50 - offset51,
+                                                            offset60 - offset61, offset70 - offset71))
             if offsets:
-                store_vector(strip, 32 * (2 * b), pack_f32x8(offset00, offset10, offset20, offset30, offset40,
-                                                            offset50, offset60, offset70))
                 store_vector(strip, 32 * (2 * b + 1), pack_f32x8(offset01, offset11, offset21, offset31, offset41,
                                                                 offset51, offset61, offset71))
 
@@ -320,7 +334,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
         return halves_i16x16(1, 1)
 
     @njit(inline="always")
-    def tile_four_tokens(strip, n_blocks, xq, j, xd, xds16, out, r, accumulate):
+    def tile_four_tokens(strip, n_blocks, xq, j, xd, xsums, out, r, accumulate):
         """out[j:j + 4, r:r + 8] from the strip: the arithmetic of ``rows_task`` per (row, token), rows in the
         lanes (d and offsets row vectors, the activation scales splats), so no horizontal sums. The offset chains
         are a second pass over the blocks (registers: four tokens' dots and accumulators in the first)."""
@@ -344,19 +358,19 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
             low0, low1, low2, low3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
             high0, high1, high2, high3 = zeros_f32x8(), zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
             for b in range(n_blocks):
-                offset0, offset1 = load_f32x8(strip, 32 * (2 * b)), load_f32x8(strip, 32 * (2 * b + 1))
-                low0 = fma_f32x8(offset0, splat_f32x8(xds16[j, 2 * b]), low0)
-                high0 = fma_f32x8(offset1, splat_f32x8(xds16[j, 2 * b + 1]), high0)
-                low1 = fma_f32x8(offset0, splat_f32x8(xds16[j + 1, 2 * b]), low1)
-                high1 = fma_f32x8(offset1, splat_f32x8(xds16[j + 1, 2 * b + 1]), high1)
-                low2 = fma_f32x8(offset0, splat_f32x8(xds16[j + 2, 2 * b]), low2)
-                high2 = fma_f32x8(offset1, splat_f32x8(xds16[j + 2, 2 * b + 1]), high2)
-                low3 = fma_f32x8(offset0, splat_f32x8(xds16[j + 3, 2 * b]), low3)
-                high3 = fma_f32x8(offset1, splat_f32x8(xds16[j + 3, 2 * b + 1]), high3)
-            acc0 = add_f32x8(acc0, add_f32x8(low0, high0))
-            acc1 = add_f32x8(acc1, add_f32x8(low1, high1))
-            acc2 = add_f32x8(acc2, add_f32x8(low2, high2))
-            acc3 = add_f32x8(acc3, add_f32x8(low3, high3))
+                offset1 = load_f32x8(strip, 32 * (2 * b + 1))
+                high0 = fma_f32x8(offset1, splat_f32x8(xsums[j, 2 * b + 1]), high0)
+                high1 = fma_f32x8(offset1, splat_f32x8(xsums[j + 1, 2 * b + 1]), high1)
+                high2 = fma_f32x8(offset1, splat_f32x8(xsums[j + 2, 2 * b + 1]), high2)
+                high3 = fma_f32x8(offset1, splat_f32x8(xsums[j + 3, 2 * b + 1]), high3)
+                if split_offsets:
+                    offset_difference = load_f32x8(strip, 32 * (2 * b))
+                    low0 = fma_f32x8(offset_difference, splat_f32x8(xsums[j, 2 * b]), low0)
+                    low1 = fma_f32x8(offset_difference, splat_f32x8(xsums[j + 1, 2 * b]), low1)
+                    low2 = fma_f32x8(offset_difference, splat_f32x8(xsums[j + 2, 2 * b]), low2)
+                    low3 = fma_f32x8(offset_difference, splat_f32x8(xsums[j + 3, 2 * b]), low3)
+            acc0, acc1 = add_offsets(acc0, low0, high0), add_offsets(acc1, low1, high1)
+            acc2, acc3 = add_offsets(acc2, low2, high2), add_offsets(acc3, low3, high3)
         store_lanes(out, j, r, acc0, accumulate)
         store_lanes(out, j + 1, r, acc1, accumulate)
         store_lanes(out, j + 2, r, acc2, accumulate)
@@ -376,7 +390,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
                               block_dots(q, scale0, scale1, load_i8x32(xq, x + 7 * cols)))
 
     @njit_named(f"rows_task_of_{decode.py_func.__name__}")  # no fastmath: every path must round alike
-    def rows_task(w, r_start, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+    def rows_task(w, r_start, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate):
         n, cols = xq.shape
         n_blocks = cols // BLOCK
         stride = w.shape[1]
@@ -385,7 +399,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
         if n >= TILE_MIN_TOKENS and r_stop - r_start == ROWS_PER_TASK:  # the tile: eight rows in the lanes
             fill_strip(w, r_start * stride, stride, n_blocks, offset_table)
             while j + TILE_TOKENS <= n:
-                tile_four_tokens(offset_table, n_blocks, xq, j, xd, xds16, out, r_start, accumulate)
+                tile_four_tokens(offset_table, n_blocks, xq, j, xd, xsums, out, r_start, accumulate)
                 j += TILE_TOKENS
         while j + 8 <= n:  # eight tokens in the lanes: each weight block decoded once for all eight
             r = r_start
@@ -404,15 +418,14 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
                     low, high = eight_token_dots(q1, scale10, scale11, xq, x, cols)
                     acc1 = fma_f32x8(scaled_halves(low, high, x_low, x_high), splat_f32x8(d1), acc1)
                     if offsets:
-                        x_sums0 = load_f32x8(xds16_by_block, 4 * (2 * b * n + j))
-                        x_sums1 = load_f32x8(xds16_by_block, 4 * ((2 * b + 1) * n + j))
-                        low_sum0 = fma_f32x8(splat_f32x8(offset00), x_sums0, low_sum0)
-                        high_sum0 = fma_f32x8(splat_f32x8(offset01), x_sums1, high_sum0)
-                        low_sum1 = fma_f32x8(splat_f32x8(offset10), x_sums0, low_sum1)
-                        high_sum1 = fma_f32x8(splat_f32x8(offset11), x_sums1, high_sum1)
-                if offsets:
-                    acc0 = add_f32x8(acc0, add_f32x8(low_sum0, high_sum0))
-                    acc1 = add_f32x8(acc1, add_f32x8(low_sum1, high_sum1))
+                        x_block_sums = load_f32x8(xsums_by_block, 4 * ((2 * b + 1) * n + j))
+                        high_sum0 = fma_f32x8(splat_f32x8(offset01), x_block_sums, high_sum0)
+                        high_sum1 = fma_f32x8(splat_f32x8(offset11), x_block_sums, high_sum1)
+                        if split_offsets:
+                            x_low_sums = load_f32x8(xsums_by_block, 4 * (2 * b * n + j))
+                            low_sum0 = fma_f32x8(splat_f32x8(offset00 - offset01), x_low_sums, low_sum0)
+                            low_sum1 = fma_f32x8(splat_f32x8(offset10 - offset11), x_low_sums, low_sum1)
+                acc0, acc1 = add_offsets(acc0, low_sum0, high_sum0), add_offsets(acc1, low_sum1, high_sum1)
                 for lane in range(8):
                     store(out, j + lane, r, lane_f32(acc0, lane), accumulate)
                     if second != r:
@@ -425,9 +438,9 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
             while r + 8 <= r_stop:
                 row = r * stride
                 if has_eight_rows:  # the type's own eight-row form (K types)
-                    acc = eight_rows(w, row, stride, xq, j, xd, xds16)
+                    acc = eight_rows(w, row, stride, xq, j, xd, xsums)
                 else:
-                    acc = decoded_eight_rows(w, row, stride, xq, j, xd, xds16, offset_table, j == first_single)
+                    acc = decoded_eight_rows(w, row, stride, xq, j, xd, xsums, offset_table, j == first_single)
                 for lane in range(8):
                     store(out, j, r + lane, lane_f32(acc, lane), accumulate)
                 r += 8
@@ -439,10 +452,11 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
                     halves = fma_f32(np.float32(high), xd[j, 2 * b + 1], np.float32(low) * xd[j, 2 * b])
                     total = fma_f32(halves, d, total)
                     if offsets:
-                        low_total = fma_f32(offset0, xds16[j, 2 * b], low_total)
-                        high_total = fma_f32(offset1, xds16[j, 2 * b + 1], high_total)
-                if offsets:
-                    total = total + (low_total + high_total)
+                        high_total = fma_f32(offset1, xsums[j, 2 * b + 1], high_total)
+                        if split_offsets:
+                            low_total = fma_f32(offset0 - offset1, xsums[j, 2 * b], low_total)
+                if offsets:  # as ``add_offsets``
+                    total = total + (low_total + high_total) if split_offsets else total + high_total
                 store(out, j, r, total, accumulate)
                 r += 1
             j += 1
@@ -468,7 +482,7 @@ rows_Q6_K = make_rows_task(decode_Q6_K, signed=False, scaled=True, max_quant=63,
 
 
 # --------------------------------------------------------------------------- row ranges: one compiled function per type
-# rows_range_<TYPE>(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+# rows_range_<TYPE>(w, r_start, r_stop, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate):
 # the row tasks of rows r_start..r_stop of w (r_start a multiple of ROWS_PER_TASK), out (n, rows) float32.
 # They are the only code that depends on the weight type. Every caller (``matmul_rows`` below, the one-launch
 # decode step of ``ops.decoder_step``) calls them through a function pointer (``row_function``), so that each is
@@ -476,63 +490,63 @@ rows_Q6_K = make_rows_task(decode_Q6_K, signed=False, scaled=True, max_quant=63,
 
 
 @njit(cache=True)
-def rows_range_Q4_0(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+def rows_range_Q4_0(w, r_start, r_stop, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate):
     for r in range(r_start, r_stop, ROWS_PER_TASK):
-        rows_Q4_0(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+        rows_Q4_0(w, r, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate)
 
 
 @njit(cache=True)
-def rows_range_Q4_1(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+def rows_range_Q4_1(w, r_start, r_stop, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate):
     for r in range(r_start, r_stop, ROWS_PER_TASK):
-        rows_Q4_1(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+        rows_Q4_1(w, r, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate)
 
 
 @njit(cache=True)
-def rows_range_Q5_0(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+def rows_range_Q5_0(w, r_start, r_stop, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate):
     for r in range(r_start, r_stop, ROWS_PER_TASK):
-        rows_Q5_0(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+        rows_Q5_0(w, r, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate)
 
 
 @njit(cache=True)
-def rows_range_Q5_1(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+def rows_range_Q5_1(w, r_start, r_stop, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate):
     for r in range(r_start, r_stop, ROWS_PER_TASK):
-        rows_Q5_1(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+        rows_Q5_1(w, r, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate)
 
 
 @njit(cache=True)
-def rows_range_Q8_0(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+def rows_range_Q8_0(w, r_start, r_stop, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate):
     for r in range(r_start, r_stop, ROWS_PER_TASK):
-        rows_Q8_0(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+        rows_Q8_0(w, r, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate)
 
 
 @njit(cache=True)
-def rows_range_Q2_K(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+def rows_range_Q2_K(w, r_start, r_stop, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate):
     for r in range(r_start, r_stop, ROWS_PER_TASK):
-        rows_Q2_K(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+        rows_Q2_K(w, r, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate)
 
 
 @njit(cache=True)
-def rows_range_Q3_K(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+def rows_range_Q3_K(w, r_start, r_stop, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate):
     for r in range(r_start, r_stop, ROWS_PER_TASK):
-        rows_Q3_K(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+        rows_Q3_K(w, r, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate)
 
 
 @njit(cache=True)
-def rows_range_Q4_K(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+def rows_range_Q4_K(w, r_start, r_stop, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate):
     for r in range(r_start, r_stop, ROWS_PER_TASK):
-        rows_Q4_K(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+        rows_Q4_K(w, r, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate)
 
 
 @njit(cache=True)
-def rows_range_Q5_K(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+def rows_range_Q5_K(w, r_start, r_stop, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate):
     for r in range(r_start, r_stop, ROWS_PER_TASK):
-        rows_Q5_K(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+        rows_Q5_K(w, r, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate)
 
 
 @njit(cache=True)
-def rows_range_Q6_K(w, r_start, r_stop, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate):
+def rows_range_Q6_K(w, r_start, r_stop, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate):
     for r in range(r_start, r_stop, ROWS_PER_TASK):
-        rows_Q6_K(w, r, xq, xd, xds16, xd_by_block, xds16_by_block, out, offset_table, accumulate)
+        rows_Q6_K(w, r, xq, xd, xsums, xd_by_block, xsums_by_block, out, offset_table, accumulate)
 
 
 ROWS_RANGES = {
@@ -562,14 +576,14 @@ def row_function(ggml_type: str) -> CompileResultWAP:
 def launch_inputs(ws, x, prologue, norm_weight, eps, up):
     """What ``matmul_rows`` hands its row ranges: the quantized activations of prologue(x), their scales and
     sums laid out by block (eight tokens side by side), the task and group counts, and one offset table per group."""
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
+    xq, xd, xsums = prepare_activations(x, prologue, norm_weight, eps, up)
     xd_by_block = np.ascontiguousarray(xd.T)        # (n_blocks, n)
-    xds16_by_block = np.ascontiguousarray(xds16.T)  # (2 * n_blocks, n)
+    xsums_by_block = np.ascontiguousarray(xsums.T)  # (2 * n_blocks, n)
     n_tasks = count_tasks(ws, ROWS_PER_TASK)
     n_groups = min(n_tasks, TASK_GROUPS)
     # scratch: one offset table and strip per group (``scratch_rows``)
     offset_tables = np.empty((n_groups, scratch_rows(xq.shape[0], xq.shape[1]), 8), dtype=np.float32)
-    return xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables
+    return xq, xd, xsums, xd_by_block, xsums_by_block, n_tasks, n_groups, offset_tables
 
 
 @njit(parallel=True, cache=True)
@@ -577,7 +591,7 @@ def matmul_rows(rows, ws, x, outs, prologue, norm_weight, eps, up, accumulate):
     """outs[m] (+)= prologue(x) @ ws[m].T for the matrices of the tuple ws (uint8 (rows_m, row_bytes)), all of the
     type whose row ranges ``rows`` computes (a ``row_function``); x float32 (n, cols), outs float32 (n, rows_m).
     The row tasks of all matrices, in order, are cut into up to TASK_GROUPS parallel groups of consecutive tasks."""
-    xq, xd, xds16, xd_by_block, xds16_by_block, n_tasks, n_groups, offset_tables = \
+    xq, xd, xsums, xd_by_block, xsums_by_block, n_tasks, n_groups, offset_tables = \
         launch_inputs(ws, x, prologue, norm_weight, eps, up)
     for g in prange(n_groups):
         t, t_stop = g * n_tasks // n_groups, (g + 1) * n_tasks // n_groups
@@ -585,7 +599,7 @@ def matmul_rows(rows, ws, x, outs, prologue, norm_weight, eps, up, accumulate):
             m, r = task_location(ws, t, ROWS_PER_TASK)
             rows_m = ws[m].shape[0]
             tasks_here = min(t_stop - t, (rows_m - r + ROWS_PER_TASK - 1) // ROWS_PER_TASK)
-            rows(ws[m], r, min(r + tasks_here * ROWS_PER_TASK, rows_m), xq, xd, xds16, xd_by_block, xds16_by_block,
+            rows(ws[m], r, min(r + tasks_here * ROWS_PER_TASK, rows_m), xq, xd, xsums, xd_by_block, xsums_by_block,
                  outs[m], offset_tables[g], accumulate)
             t += tasks_here
 

@@ -16,8 +16,11 @@ the block's share of a dot product is::
     d * (dx_0 * scale_0 * sum_{e<16} q[e] xq[e] + dx_1 * scale_1 * sum_{e>=16} q[e] xq[e])
         + offset_0 * dx_0 * sum_{e<16} xq[e] + offset_1 * dx_1 * sum_{e>=16} xq[e]
 
-The integer sums are exact; the last two terms use ``xds16`` (``dx_h`` times the
-sum of each 16 quantized activations), computed once per call.
+The integer sums are exact. The offset terms use ``xsums``, computed once per call:
+``xsums[2b] = dx_0 * sum_{e<16} xq[e]`` and ``xsums[2b + 1]`` = that plus
+``dx_1 * sum_{e>=16} xq[e]``, the whole block's. So a type whose two offsets are equal
+(32-element sub-blocks) needs one product, ``offset * xsums[2b + 1]``; the others take
+``(offset_0 - offset_1) * xsums[2b] + offset_1 * xsums[2b + 1]``.
 """
 from __future__ import annotations
 
@@ -74,8 +77,9 @@ def _group_maxima(x, j, maxima):
 
 
 @njit(cache=True, inline="always")
-def _quantize_row(x, j, xq, xd, xds16):
-    """Row j of x -> int8 xq (round half to even), scales xd per 16 and xd * the sum of each 16 xq."""
+def _quantize_row(x, j, xq, xd, xsums):
+    """Row j of x -> int8 xq (round half to even), scales xd per 16 and the scaled sums: xsums[j, 2b] = xd * the
+    sum of block b's first 16 xq, xsums[j, 2b + 1] = that plus the same of its second 16 (the block's)."""
     _group_maxima(x, j, xd)  # each group's max |x| in xd first, then its scale
     for g in range(x.shape[1] // HALF):
         start = g * HALF
@@ -87,23 +91,23 @@ def _quantize_row(x, j, xq, xd, xds16):
             v = np.int32(np.rint(x[j, e] * inverse))  # int32: AVX2 converts float vectors to int32, not int64
             xq[j, e] = v
             total += v
-        xds16[j, g] = d * np.float32(total)
+        xsums[j, g] = d * np.float32(total) if g % 2 == 0 else xsums[j, g - 1] + d * np.float32(total)
 
 
 @njit(cache=True, parallel=True)
 def quantize_activations(x):
-    """x float32 (n, cols), cols % 32 == 0 -> (xq int8 (n, cols), xd (n, cols/16), xds16 (n, cols/16))."""
+    """x float32 (n, cols), cols % 32 == 0 -> (xq int8 (n, cols), xd (n, cols/16), xsums (n, cols/16))."""
     n, cols = x.shape
     xq = np.empty((n, cols), dtype=np.int8)
     xd = np.empty((n, cols // HALF), dtype=np.float32)
-    xds16 = np.empty((n, cols // 16), dtype=np.float32)
+    xsums = np.empty((n, cols // 16), dtype=np.float32)
     if n >= 16:
         for j in prange(n):
-            _quantize_row(x, j, xq, xd, xds16)
+            _quantize_row(x, j, xq, xd, xsums)
     else:
         for j in range(n):
-            _quantize_row(x, j, xq, xd, xds16)
-    return xq, xd, xds16
+            _quantize_row(x, j, xq, xd, xsums)
+    return xq, xd, xsums
 
 
 # Prologues: what the activations are before quantization (one compiled form for all of them).
@@ -138,10 +142,10 @@ def prepare_activations(x, prologue, norm_weight, eps, up):
 
 
 @njit(cache=True)
-def prepare_activations_serial(x, prologue, norm_weight, eps, up, h, xq, xd, xds16, xd_by_block, xds16_by_block):
+def prepare_activations_serial(x, prologue, norm_weight, eps, up, h, xq, xd, xsums, xd_by_block, xsums_by_block):
     """``prepare_activations`` on one thread into given arrays (for work inside a parallel region):
-    h (n, cols) holds the prologue's output; xq, xd, xds16 as ``quantize_activations`` returns them and
-    xd_by_block, xds16_by_block their transposes. Same functions, same bits."""
+    h (n, cols) holds the prologue's output; xq, xd, xsums as ``quantize_activations`` returns them and
+    xd_by_block, xsums_by_block their transposes. Same functions, same bits."""
     source = x
     if prologue == RMS_NORM:
         _rms_norm_serial(x, norm_weight, eps, h)
@@ -153,16 +157,16 @@ def prepare_activations_serial(x, prologue, norm_weight, eps, up, h, xq, xd, xds
         _geglu_serial(x, up, h)
         source = h
     for j in range(x.shape[0]):
-        _quantize_row(source, j, xq, xd, xds16)
+        _quantize_row(source, j, xq, xd, xsums)
     for j in range(x.shape[0]):
         for b in range(xd.shape[1]):
             xd_by_block[b, j] = xd[j, b]
-        for b in range(xds16.shape[1]):
-            xds16_by_block[b, j] = xds16[j, b]
+        for b in range(xsums.shape[1]):
+            xsums_by_block[b, j] = xsums[j, b]
 
 
 @njit(cache=True)
-def prepare_activations_row(x, prologue, norm_weight, eps, up, h, xq, xd, xds16, xd_by_block, xds16_by_block, j):
+def prepare_activations_row(x, prologue, norm_weight, eps, up, h, xq, xd, xsums, xd_by_block, xsums_by_block, j):
     """Row j of ``prepare_activations_serial``'s results (workers of one parallel region take a row each): the
     same row functions, the same bits."""
     source = x
@@ -175,11 +179,11 @@ def prepare_activations_row(x, prologue, norm_weight, eps, up, h, xq, xd, xds16,
     elif prologue == GEGLU:
         _geglu_one(x, up, h, j)
         source = h
-    _quantize_row(source, j, xq, xd, xds16)
+    _quantize_row(source, j, xq, xd, xsums)
     for b in range(xd.shape[1]):
         xd_by_block[b, j] = xd[j, b]
-    for b in range(xds16.shape[1]):
-        xds16_by_block[b, j] = xds16[j, b]
+    for b in range(xsums.shape[1]):
+        xsums_by_block[b, j] = xsums[j, b]
 
 
 @njit(cache=True, inline="always")
@@ -377,11 +381,11 @@ def njit_named(name: str, **options):
 
 
 def make_rows_task(decode):
-    """``rows_task(w, r_start, xq, xd, xds16, out)``: ``out[:, r] = x @ W[r]`` for
+    """``rows_task(w, r_start, xq, xd, xsums, out)``: ``out[:, r] = x @ W[r]`` for
     ROWS_PER_TASK rows from ``r_start``, each weight block decoded once for all n."""
 
     @njit_named(f"rows_task_of_{decode.py_func.__name__}")  # no fastmath: each row's sum in a fixed order
-    def rows_task(w, r_start, xq, xd, xds16, out, accumulate):
+    def rows_task(w, r_start, xq, xd, xsums, out, accumulate):
         n = xq.shape[0]
         q = np.empty(BLOCK, dtype=np.int32)
         acc = np.empty(n, dtype=np.float32)
@@ -398,7 +402,7 @@ def make_rows_task(decode):
                         dot1 += np.int64(q[e + 16]) * xq[j, start + 16 + e]
                     acc[j] += d * (np.float32(scale0 * dot0) * xd[j, 2 * b]
                                    + np.float32(scale1 * dot1) * xd[j, 2 * b + 1]) \
-                        + offset0 * xds16[j, 2 * b] + offset1 * xds16[j, 2 * b + 1]
+                        + (offset0 - offset1) * xsums[j, 2 * b] + offset1 * xsums[j, 2 * b + 1]
             for j in range(n):
                 store(out, j, r, acc[j], accumulate)
 
@@ -423,82 +427,82 @@ _rows_Q6_K = make_rows_task(decode_Q6_K)
 
 @njit(parallel=True, cache=True)
 def matmul_Q4_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
+    xq, xd, xsums = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q4_0(ws[m], r, xq, xd, xds16, outs[m], accumulate)
+        _rows_Q4_0(ws[m], r, xq, xd, xsums, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q4_1(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
+    xq, xd, xsums = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q4_1(ws[m], r, xq, xd, xds16, outs[m], accumulate)
+        _rows_Q4_1(ws[m], r, xq, xd, xsums, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
+    xq, xd, xsums = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q5_0(ws[m], r, xq, xd, xds16, outs[m], accumulate)
+        _rows_Q5_0(ws[m], r, xq, xd, xsums, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_1(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
+    xq, xd, xsums = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q5_1(ws[m], r, xq, xd, xds16, outs[m], accumulate)
+        _rows_Q5_1(ws[m], r, xq, xd, xsums, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q8_0(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
+    xq, xd, xsums = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q8_0(ws[m], r, xq, xd, xds16, outs[m], accumulate)
+        _rows_Q8_0(ws[m], r, xq, xd, xsums, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q2_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
+    xq, xd, xsums = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q2_K(ws[m], r, xq, xd, xds16, outs[m], accumulate)
+        _rows_Q2_K(ws[m], r, xq, xd, xsums, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q3_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
+    xq, xd, xsums = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q3_K(ws[m], r, xq, xd, xds16, outs[m], accumulate)
+        _rows_Q3_K(ws[m], r, xq, xd, xsums, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q4_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
+    xq, xd, xsums = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q4_K(ws[m], r, xq, xd, xds16, outs[m], accumulate)
+        _rows_Q4_K(ws[m], r, xq, xd, xsums, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q5_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
+    xq, xd, xsums = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q5_K(ws[m], r, xq, xd, xds16, outs[m], accumulate)
+        _rows_Q5_K(ws[m], r, xq, xd, xsums, outs[m], accumulate)
 
 
 @njit(parallel=True, cache=True)
 def matmul_Q6_K(ws, x, outs, prologue, norm_weight, eps, up, accumulate):
-    xq, xd, xds16 = prepare_activations(x, prologue, norm_weight, eps, up)
+    xq, xd, xsums = prepare_activations(x, prologue, norm_weight, eps, up)
     for t in prange(count_tasks(ws, ROWS_PER_TASK)):
         m, r = task_location(ws, t, ROWS_PER_TASK)
-        _rows_Q6_K(ws[m], r, xq, xd, xds16, outs[m], accumulate)
+        _rows_Q6_K(ws[m], r, xq, xd, xsums, outs[m], accumulate)
 
 
 MATMULS = {
