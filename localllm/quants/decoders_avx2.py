@@ -178,7 +178,7 @@ def make_eight_row_dots(quants):
 
 
 @njit(inline="always")
-def _prefetch_share(w, at, share):
+def prefetch_ahead(w, at, share):
     """Eight rows read side by side defeat the hardware prefetcher: ``share`` bytes from ``at`` (of the next
     task's rows) are fetched ahead."""
     for line in range(0, share + 63, 64):
@@ -202,26 +202,25 @@ def make_eight_rows_k4(quants, block_bytes):
 
     @njit(inline="always")
     def sub_block(w, o, stride, s, i, xq, j, xd, xsums, d, minus_dmin, packed_scales, packed_mins, sums):
-        """Sub-block s of super-block i (at byte o of the first row): the sums (acc, low, high) go on."""
-        acc, low_sum, high_sum = sums
+        """Sub-block s of super-block i (at byte o of the first row): the sums (acc, offsets) go on; one offset
+        for the sub-block, by the block's activation sum (xsums[2b + 1]): make_rows_task's high chain."""
+        acc, offsets = sums
         b = 8 * i + s
         low, high = dots(w, o, stride, s, load_i8x32(xq, j * xq.shape[1] + b * BLOCK))
         scale = to_f32x8(bits_i32x8(packed_scales, 8 * (s & 3), 0xFF))
         offset = mul_f32x8(minus_dmin, to_f32x8(bits_i32x8(packed_mins, 8 * (s & 3), 0xFF)))
-        # one offset for the sub-block: by the block's activation sum (xsums[2b + 1]), the low chain unused
         return (fma_f32x8(scaled_halves(low, high, splat_f32x8(xd[j, 2 * b]), splat_f32x8(xd[j, 2 * b + 1])),
                           mul_f32x8(d, scale), acc),
-                low_sum,
-                fma_f32x8(offset, splat_f32x8(xsums[j, 2 * b + 1]), high_sum))
+                fma_f32x8(offset, splat_f32x8(xsums[j, 2 * b + 1]), offsets))
 
     @njit(inline="always")
     def eight_rows(w, row, stride, xq, j, xd, xsums):
         n_super = xq.shape[1] // 256
         share = 8 * block_bytes  # a constant: the prefetch loop unrolls
-        sums = (zeros_f32x8(), zeros_f32x8(), zeros_f32x8())      # (acc, low, high) of make_rows_task
+        sums = (zeros_f32x8(), zeros_f32x8())      # (acc, offsets): make_rows_task's acc and high chain
         for i in range(n_super):
             o = row + i * block_bytes
-            _prefetch_share(w, row + 8 * stride + i * share, share)
+            prefetch_ahead(w, row + 8 * stride + i * share, share)
             d, dmin = load_f16_pairs_x8_strided(w, o, stride)
             minus_dmin = negate_f32x8(dmin)
             packed0, packed1 = load_u32x8_strided(w, o + 4, stride), load_u32x8_strided(w, o + 8, stride)
@@ -238,8 +237,8 @@ def make_eight_rows_k4(quants, block_bytes):
             sums = sub_block(w, o, stride, 5, i, xq, j, xd, xsums, d, minus_dmin, scales_high, mins_high, sums)
             sums = sub_block(w, o, stride, 6, i, xq, j, xd, xsums, d, minus_dmin, scales_high, mins_high, sums)
             sums = sub_block(w, o, stride, 7, i, xq, j, xd, xsums, d, minus_dmin, scales_high, mins_high, sums)
-        acc, low_sum, high_sum = sums
-        return add_f32x8(acc, high_sum)   # as make_rows_task's add_offsets for one offset a block
+        acc, offsets = sums
+        return add_f32x8(acc, offsets)   # as make_rows_task's add_offsets for one offset a block
 
     return eight_rows
 
@@ -336,7 +335,7 @@ def make_eight_rows_scaled(quants, block_bytes, fields, scales):
         sums = (zeros_f32x8(), zeros_f32x8(), zeros_f32x8())      # (acc, low, high) of make_rows_task
         for i in range(n_super):
             o = row + i * block_bytes
-            _prefetch_share(w, row + 8 * stride + i * share, share)
+            prefetch_ahead(w, row + 8 * stride + i * share, share)
             d, offset_scale, packed = fields(w, o, stride)
             # the eight sub-blocks written out, so that their shifts are constants
             sums = sub_block(w, o, stride, 0, i, xq, j, xd, xsums, d, offset_scale, packed, sums)

@@ -358,8 +358,8 @@ def load_f16x8_strided(typingctx, array, offset, stride):
 def load_f16_pairs_x8_strided(typingctx, array, offset, stride):
     """The eight pairs of IEEE halves at bytes ``offset + k * stride`` (k = 0..7; a pair = 4 bytes) as two float32
     vectors (first halves, second halves), lane k from pair k: eight 32-bit loads into one vector, two
-    conversions (``vcvtph2ps``) and two shuffles. (Q4_1's d and m, read together; or the d of a block that
-    starts with it, its second half unused.) The pairs are loaded in lane order 0 1 4 5 2 3 6 7, so that after
+    conversions (``vcvtph2ps``) and two shuffles (Q4_1's and Q5_1's d and m, the K types' d and dmin, read
+    together). The pairs are loaded in lane order 0 1 4 5 2 3 6 7, so that after
     the conversions one in-lane shuffle (``vshufps``) per result puts them in order."""
     def codegen(context, builder, sig, args):
         array_value, start, step = args

@@ -22,7 +22,7 @@ token's result does not depend on the batch it came in (chunked prefill equals
 one-shot prefill bit for bit).
 
 Decode reads eight weight rows side by side, which the hardware prefetcher
-follows poorly: each task prefetches the next task's rows (``intrinsics.prefetch``).
+follows poorly: each task prefetches the next task's rows (``decoders_avx2.prefetch_ahead``).
 K types have an eight-row decode form of their own (``eight_rows_<TYPE>``):
 scale fields unpacked for eight rows at once, the same arithmetic.
 Tasks run in up to ``TASK_GROUPS`` parallel groups of consecutive tasks.
@@ -38,11 +38,11 @@ from numba.core.types.function_type import CompileResultWAP
 
 from .intrinsics import (abs_i8, add_f32x8, add_i16x16, add_i32x8, dot_pairs_i16, dot_u8_i8, fma_f32, fma_f32x8,
                          halves_i16x16, lane_f32, load_f16_pairs_x8_strided, load_f16x8_strided, load_f32x8, load_i8x32,
-                         load_i16x16, mul_f32x8, pack_f32x8, pairs_i16x16, prefetch, sign_i8, splat_f32x8,
+                         load_i16x16, mul_f32x8, pack_f32x8, pairs_i16x16, sign_i8, splat_f32x8,
                          splat_quad_i8, store_vector, sum_halves_by8, sum_halves_i32, transpose_words, zeros_f32x8)
 from .decoders_avx2 import (decode_Q2_K, decode_Q3_K, decode_Q4_0, decode_Q4_1, decode_Q4_K, decode_Q5_0, decode_Q5_1,
                             decode_Q5_K, decode_Q6_K, decode_Q8_0, eight_rows_Q2_K, eight_rows_Q3_K, eight_rows_Q4_K,
-                            eight_rows_Q5_K, eight_rows_Q6_K, scaled_halves)
+                            eight_rows_Q5_K, eight_rows_Q6_K, prefetch_ahead, scaled_halves)
 from .portable import BLOCK, count_tasks, njit_named, prepare_activations, store, task_location
 
 # the row ranges are called through numba's first-class function pointers (an "experimental" feature it warns
@@ -189,12 +189,8 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
                     _, _, _, _, offset0, offset1 = decode(w, row + lane * stride, b)
                     offset_table[2 * b, lane], offset_table[2 * b + 1, lane] = offset0 - offset1, offset1
         acc, low_sum, high_sum = zeros_f32x8(), zeros_f32x8(), zeros_f32x8()
-        # eight rows read side by side defeat the hardware prefetcher: fetch the next
-        # eight rows (this thread's next task) ahead, a share of them per block
-        for b in range(n_blocks):
-            ahead = row + 8 * stride + b * prefetch_share
-            for line in range(0, prefetch_share + 63, 64):  # a constant count: no loop left
-                prefetch(w, ahead + line)
+        for b in range(n_blocks):  # the next eight rows (this thread's next task) fetched ahead, a share a block
+            prefetch_ahead(w, row + 8 * stride + b * prefetch_share, prefetch_share)  # a constant: unrolled
             x = load_i8x32(xq, j * xq.shape[1] + b * BLOCK)
             s0, d0 = row_block_dots(w, row, b, x)
             s1, d1 = row_block_dots(w, row + stride, b, x)
@@ -243,9 +239,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
         # the next task's rows fetched ahead, as in ``decoded_eight_rows`` (a K type's share: its super-block)
         share = prefetch_share if prefetch_share else 8 * stride // n_blocks
         for b in range(n_blocks):
-            ahead = row + 8 * stride + b * share
-            for line in range(0, share + 63, 64):
-                prefetch(w, ahead + line)
+            prefetch_ahead(w, row + 8 * stride + b * share, share)
             q0, scale00, scale01, d0, offset00, offset01 = decode(w, row, b)
             q1, scale10, scale11, d1, offset10, offset11 = decode(w, row + stride, b)
             q2, scale20, scale21, d2, offset20, offset21 = decode(w, row + 2 * stride, b)
@@ -267,7 +261,7 @@ def make_rows_task(decode, signed: bool, scaled: bool, max_quant: int, offsets: 
                 store_vector(strip, at + SCALES_AT + 32, pairs_i16x16(scale01, scale11, scale21, scale31, scale41, scale51,
                                                            scale61, scale71))
             store_vector(strip, 32 * (2 * n_blocks + b), pack_f32x8(d0, d1, d2, d3, d4, d5, d6, d7))
-            if offsets and split_offsets:
+            if split_offsets:
                 store_vector(strip, 32 * (2 * b), pack_f32x8(offset00 - offset01, offset10 - offset11,
                                                             offset20 - offset21, offset30 - offset31,
                                                             offset40 - offset41, offset50 - offset51,
