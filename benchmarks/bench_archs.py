@@ -429,9 +429,10 @@ class LocalRunner:
 
     def __init__(self, path: str, prompt_tokens: int, decode_tokens: int):
         from localllm.formats.gguf import read_gguf
+        from localllm.formats.resident import resident_by_default
         from localllm.models.decoder import DecoderModel
 
-        self.model = DecoderModel.from_gguf(read_gguf(path), backend="fast")
+        self.model = DecoderModel.from_gguf(read_gguf(path, resident=resident_by_default()), backend="fast")
         self.prompt_tokens, self.decode_tokens = prompt_tokens, decode_tokens
         self.n_ctx = max(prompt_tokens, SHORT_PROMPT + decode_tokens) + 16
         self.prompt = prompt_ids(prompt_tokens, self.model.config.vocab_size)

@@ -120,10 +120,11 @@ class LocalEngine:
     def __init__(self, model_path: str, n_ctx: int):
         import numpy as np
         from localllm.formats.gguf import read_gguf
+        from localllm.formats.resident import resident_by_default
         from localllm.models.decoder import DecoderModel
 
         self.np = np
-        self.model = DecoderModel.from_gguf(read_gguf(model_path), backend="fast")
+        self.model = DecoderModel.from_gguf(read_gguf(model_path, resident=resident_by_default()), backend="fast")
         self.n_ctx = n_ctx
         self.vocab_size = self.model.config.vocab_size
         self.cache = None

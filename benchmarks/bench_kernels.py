@@ -141,8 +141,9 @@ class KernelWorker:
     def _load_model(self, path: str):
         import numpy as np
         from localllm.formats.gguf import read_gguf
+        from localllm.formats.resident import resident_by_default
         from localllm.models.decoder import DecoderModel
-        model = DecoderModel.from_gguf(read_gguf(path), backend="fast")
+        model = DecoderModel.from_gguf(read_gguf(path, resident=resident_by_default()), backend="fast")
         self.layer_weights = sum(w.rows * w.cols for layer in model.layers
                                  for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up,
                                            layer.w_down))

@@ -15,6 +15,7 @@ import numpy as np
 
 from .chat_template import ChatTemplate, ChatTemplateError, MissingChatTemplate
 from .formats.gguf import read_gguf
+from .formats.resident import resident_by_default
 from .generate import GenerationEvent, GenerationParams, GenerationResult, generate, stream_generate
 from . import arch, reasoning
 from .sampling import SamplingParams
@@ -83,7 +84,7 @@ def _load(path: Path, entry, name: str, num_ctx, backend: str, n_slots: int):
         network = DecoderModel(folder.config, folder.tensors, backend=backend, source=str(path))
         return Model(name, path, folder.metadata, network, entry=entry, num_ctx=num_ctx, n_slots=n_slots,
                      tokenizer=folder.tokenizer, defaults=folder.generation_defaults)
-    gguf_file = read_gguf(path)
+    gguf_file = read_gguf(path, resident=resident_by_default())   # weights in huge pages where the kernel has them
     if gguf_file.architecture in arch.ENCODER_ARCHITECTURES:
         from .embeddings import load_embedding_model
         return load_embedding_model(path, name=name, backend=backend)

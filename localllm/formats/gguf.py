@@ -32,6 +32,7 @@ import numpy as np
 
 from ..quants import GGML_BLOCK_SIZES, QTensor, UnsupportedTensorType
 from .errors import ModelFormatError
+from .resident import read_spans
 
 # ggml_type enum value -> name (ggml.h), for every type a GGUF file may hold.
 GGML_TYPE_NAMES = {
@@ -163,8 +164,9 @@ class _HeaderParser:
         raise self.corrupt(f"array '{key}' has unknown GGUF item type {item_type}")
 
 
-def read_gguf(path: str | Path) -> GGUFFile:
-    """Open a GGUF file: plain-Python metadata and zero-copy tensors.
+def read_gguf(path: str | Path, resident: bool = False) -> GGUFFile:
+    """Open a GGUF file: plain-Python metadata and zero-copy tensors (``resident``: the tensors' bytes read
+    into memory in huge pages instead, ``formats.resident``; what inference loads use where they help).
 
     Raises :class:`GGUFError` for unreadable files (wrong magic, truncated, counts or lengths past the end,
     unknown value or tensor types, tensors outside the data section, misaligned or overlapping) and
@@ -213,7 +215,11 @@ def read_gguf(path: str | Path) -> GGUFFile:
     for info in infos:
         if info.type_name not in GGML_BLOCK_SIZES:
             raise UnsupportedTensorType(info.type_name, info.name)
-    tensors = {info.name: _tensor_view(mapping, info, spans[info.name]) for info in infos}
+    if resident:
+        data = dict(zip(names, read_spans(path, [spans[name] for name in names])))
+        tensors = {info.name: _tensor_view(data[info.name], info) for info in infos}
+    else:
+        tensors = {info.name: _tensor_view(mapping[slice(*spans[info.name])], info) for info in infos}
     return GGUFFile(path, metadata, tensors)
 
 
@@ -271,17 +277,16 @@ def _tensor_spans(infos: list[_TensorInfo], data_start: int, alignment: int, fil
     return spans
 
 
-def _tensor_view(mapping: np.memmap, info: _TensorInfo, span: tuple[int, int]) -> QTensor:
-    """The QTensor over a checked byte range (float data not aligned to its elements is copied)."""
+def _tensor_view(raw: np.ndarray, info: _TensorInfo) -> QTensor:
+    """The QTensor over a tensor's checked bytes (float data not aligned to its elements is copied)."""
     block_elems, block_bytes = GGML_BLOCK_SIZES[info.type_name]
     shape = tuple(int(d) for d in reversed(info.dims))  # ggml order (ne0 first) -> numpy order
     cols = shape[-1]
     rows = math.prod(shape[:-1])
     row_bytes = cols // block_elems * block_bytes
-    raw = mapping[span[0]:span[1]]
     if info.type_name in ("F32", "F16"):
         dtype = np.dtype(np.float32 if info.type_name == "F32" else np.float16)
-        if span[0] % dtype.itemsize:
+        if raw.ctypes.data % dtype.itemsize:
             raw = np.array(raw)     # a fresh (aligned) copy: kernels read floats at their natural alignment
         data = raw.view(dtype)
         data = data.reshape(shape if len(shape) == 1 else (rows, cols))
