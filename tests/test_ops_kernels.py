@@ -61,6 +61,21 @@ def test_rope(style, n, rope_dim):
                                ref.rope(x, other, 500.0, rope_dim, style), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("positions", [[0], [5], [1023], [1024], [70_000], [3, 4, 5, 6], [1020, 1021, 1022, 1023, 1024],
+                                       list(range(300)), [2047, 9, 4096]])
+def test_rope_table_rows_are_ref_rope_angles_bit_for_bit(positions):
+    """Decode reads a position's cos and sin from a table of ROPE_BLOCK positions worked out together: the same
+    bits as the position worked out alone (and as any batch that holds it)."""
+    positions = np.array(positions, dtype=np.int64)
+    for theta in (10000.0, ref.RopeFrequencies(500000.0, tuple(np.linspace(1.0, 8.0, 32)), 1.25)):
+        cos, sin = kernels._rope_table(positions, theta, 64)
+        want_cos, want_sin = ref.rope_angles(positions, theta, 64)
+        assert cos.tobytes() == want_cos.tobytes() and sin.tobytes() == want_sin.tobytes()
+        for i, position in enumerate(positions[:4]):
+            alone_cos, alone_sin = ref.rope_angles(np.array([position]), theta, 64)
+            assert cos[i].tobytes() == alone_cos[0].tobytes() and sin[i].tobytes() == alone_sin[0].tobytes()
+
+
 def test_rope_rejects_bad_arguments():
     x = np.zeros((2, 3, 8), dtype=np.float32)
     with pytest.raises(ValueError, match="style"):

@@ -55,6 +55,8 @@ instead of 35 s (``benchmarks/bench_compile.py``).
 """
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 from numba import njit, prange, types
@@ -545,15 +547,18 @@ def compile_unit(unit: str) -> None:
         raise ValueError(f"unknown compile unit '{unit}'")
 
 
-def shared_buffers(c, n: int, positions: np.ndarray, widest_window: int) -> tuple:
+def most_key_chunks(positions: np.ndarray, widest_window: int) -> int:
+    """The most key chunks a token of the batch attends to (``attention_kernels.chunk_count``)."""
+    if widest_window > 0:
+        first = np.maximum(0, positions - widest_window + 1)
+        return int((positions // KEY_CHUNK - first // KEY_CHUNK).max()) + 1
+    return int(positions.max()) // KEY_CHUNK + 1
+
+
+def shared_buffers(c, n: int, max_chunks: int) -> tuple:
     """What the workers share: the phase counters and the intermediate activations of n tokens (model config c),
     and room for every (token, KV head, key chunk)'s attention parts (as ``attention_kernels.chunk_parts``)."""
     group = c.n_heads // c.n_kv_heads
-    if widest_window > 0:
-        first = np.maximum(0, positions - widest_window + 1)
-        max_chunks = int((positions // KEY_CHUNK - first // KEY_CHUNK).max()) + 1
-    else:
-        max_chunks = int(positions.max()) // KEY_CHUNK + 1
     empty = np.empty
     widest = n * max(c.dim, c.q_dim, c.hidden_dim)
     # counters: two a phase (items claimed, items done), the head's last; then two a phase for shared preparing
@@ -624,6 +629,9 @@ class DecoderLayersStep:
         self.flags[QKV_BIAS] = block.qkv_bias
         self.query_scale = np.float32(model.query_scale if model.query_scale is not None else 1.0)
         self.layer_windows = np.array([c.window(i) for i in range(c.n_layers)], dtype=np.int64)
+        self.widest_window = 0 if self.layer_windows.min() == 0 else int(self.layer_windows.max())
+        self._buffers: dict = {}          # (tokens, key chunks) -> the shared buffers of the last run, when free
+        self._buffers_lock = threading.Lock()
         self.softcap = np.float32(c.attention_softcap)
 
     @classmethod
@@ -738,15 +746,24 @@ class DecoderLayersStep:
             if head_rows.size and (head_rows.min() < 0 or head_rows.max() >= x.shape[0]):
                 raise IndexError(f"DecoderLayersStep.run: head_rows must lie in 0:{x.shape[0]}")
         logits = np.empty((head_rows.shape[0], self.vocab_size), dtype=np.float32)   # (m, vocab_size)
-        widest_window = 0 if self.layer_windows.min() == 0 else int(self.layer_windows.max())
         n_workers = numba.get_num_threads()
+        # the shared buffers of the last run's shape are reused (a decode step asks for the same ones each
+        # time), unless another thread's run holds them: only their counters must start at zero
+        key = (x.shape[0], most_key_chunks(positions, self.widest_window))
+        with self._buffers_lock:
+            buffers = self._buffers.pop(key, None)
+        if buffers is None:
+            buffers = shared_buffers(c, *key)
+        else:
+            buffers[0].fill(0)
         args = (self.type_slots, self.weights, self.norms, self.head_norms, self.qkv_bias, self.flags,
                 self.layer_windows, layer_cache, layer_rope, x, positions, slots, cos, sin, c.rope_style == "neox",
                 k_full, v_full, k_ring, v_ring, c.n_heads, np.float32(c.norm_eps), self.query_scale, self.softcap,
-                n_workers, head_rows, self.output_norm, logits) + \
-            shared_buffers(c, x.shape[0], positions, widest_window)
+                n_workers, head_rows, self.output_norm, logits) + buffers
         worker, phases, launch = launch_for(cache_kind)
         launch(worker, self.rows, phases, args, n_workers)
+        with self._buffers_lock:
+            self._buffers = {key: buffers}
         return logits if self.has_head and head_rows is not _NO_ROWS else None
 
 

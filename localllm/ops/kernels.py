@@ -217,12 +217,31 @@ def _rope_parallel(x, cos, sin, neox, out):
 
 
 _angle_cache: dict = {}
+ROPE_BLOCK = 1024          # positions a block of the decode table holds
+ROPE_TABLE_ROWS = 256      # calls of at most this many tokens read the block table
+_angle_blocks: dict = {}   # (frequencies, rope_dim, block) -> (cos, sin), each (ROPE_BLOCK, rope_dim / 2)
 
 
 def _rope_table(positions: np.ndarray, theta: "float | ref.RopeFrequencies",
                 rope_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """``ref.rope_angles`` for these positions, remembered: every layer of a forward pass asks again."""
-    key = (ref.rope_frequencies(theta), int(rope_dim), positions.tobytes())
+    """``ref.rope_angles`` for these positions, remembered: every layer of a forward pass asks again, and a
+    decode step asks for one new position: those rows come from tables of ROPE_BLOCK positions, each worked
+    out once by ``ref.rope_angles`` (numpy's cos and sin go element by element: the same values)."""
+    frequencies = ref.rope_frequencies(theta)
+    if 0 < positions.shape[0] <= ROPE_TABLE_ROWS:
+        first = int(positions.min())
+        block = first // ROPE_BLOCK
+        if first >= 0 and int(positions.max()) < (block + 1) * ROPE_BLOCK:
+            key = (frequencies, int(rope_dim), block)
+            table = _angle_blocks.get(key)
+            if table is None:
+                if len(_angle_blocks) >= 16:
+                    _angle_blocks.clear()
+                rows = np.arange(block * ROPE_BLOCK, (block + 1) * ROPE_BLOCK, dtype=np.int64)
+                table = _angle_blocks[key] = ref.rope_angles(rows, frequencies, rope_dim)
+            rows = positions - block * ROPE_BLOCK
+            return table[0][rows], table[1][rows]
+    key = (frequencies, int(rope_dim), positions.tobytes())
     table = _angle_cache.get(key)
     if table is None:
         if len(_angle_cache) >= 8:
