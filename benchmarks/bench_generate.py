@@ -36,10 +36,12 @@ with ``NUMBA_CPU_FEATURES=`` empty (the name alone keeps the host's feature flag
 AVX-512 included) and a kernel cache of its own (``LOCALLLM_KERNEL_CACHE``,
 ``~/.cache/localllm/kernels-haswell``). The peers stay as built.
 
-Decode breakdown (localllm only, ``decode_breakdown_ms``): a decode token's milliseconds, the same token's weight
-matmuls alone (each group of matrices sharing an input in one per-op launch: an upper bound on their share),
-and the difference, a lower bound on the time spent outside the matmuls (attention, norms, RoPE, the KV write,
-the launch itself): for a 135M model that overhead decides the race.
+Decode breakdown (localllm only, ``decode_breakdown_ms``): the same decode from an empty context again, with the
+one-launch step's phase timers on (the CPU's time-stamp counter read around every phase inside the launch,
+``DecoderLayersStep.phase_seconds``): a token's milliseconds, its matmul phases (each with its activations'
+preparation and its wait for the other worker), attention, RoPE and the KV write, the post-norms, and what is
+left: ``outside_the_launch`` (Python between tokens, the parallel launch and join) and ``outside_the_matmuls``
+(all but the matmul phases). For a 135M model that overhead decides the race.
 
 Startup (localllm only): ``first_compile_s`` is process start to first token
 with an empty numba cache (everything compiled), ``cached_start_s`` the same
@@ -143,31 +145,18 @@ class LocalEngine:
         self.position += 1
         return int(logits[-1].argmax())
 
-    def matmuls_alone_s(self, rounds: int = 5) -> float:
-        """Seconds one decode token spends in its weight matmuls alone: every layer's QKV, output, gate/up and down
-        projections and the output head on one token's activations, one per-op launch per group of weights
-        sharing an input (as the per-op path groups them); the least of ``rounds``. An upper bound (each
-        launch pays a fork/join the one-launch step does not), so ``decode token - this`` is a lower bound
-        on what a token spends outside the matmuls (attention, norms, RoPE, the KV write, sampling input)."""
-        from localllm.quants import kernels
-        np = self.np
-        rng = np.random.default_rng(0)
-
-        def x_for(w):
-            return rng.standard_normal((1, w.shape[1])).astype(np.float32)
-
-        groups = []
-        for layer in self.model.layers:
-            groups += [(layer.wq, layer.wk, layer.wv), (layer.wo,), (layer.w_gate, layer.w_up), (layer.w_down,)]
-        groups.append((self.model.output,))
-        inputs = [x_for(group[0]) for group in groups]
-        best = float("inf")
-        for _ in range(rounds + 1):                      # the first round compiles or loads the kernels
-            t = time.perf_counter()
-            for group, x in zip(groups, inputs):
-                kernels.matmul_many(group, x)
-            best = min(best, time.perf_counter() - t)
-        return best
+    def timed_decode(self, token: int, count: int) -> tuple[int, dict]:
+        """``count`` decode steps from ``token`` with the one-launch step's phase timers on: (the last token,
+        the step's ``phase_seconds``), or {} where the one-launch step does not run."""
+        step = self.model._one_launch_layers(1)
+        if step is None:
+            for _ in range(count):
+                token = self.decode(token)
+            return token, {}
+        step.start_timing()
+        for _ in range(count):
+            token = self.decode(token)
+        return token, step.phase_seconds()
 
     def info(self) -> dict:
         import llvmlite.binding as llvm
@@ -228,8 +217,7 @@ def run_worker(args) -> None:
     if args.prime:  # every kernel a round uses, compiled into the cache (a full prompt: its parallel forms too)
         engine.decode(engine.prefill(tokens))
         if engine.name == LOCAL:
-            engine.matmuls_alone_s()   # the decode breakdown's per-op kernels too (compiled in the measured
-                                       # worker, they left 70 MB of compiler memory in its peak RSS)
+            engine.timed_decode(engine.prefill(tokens[:1]), 2)
         print(json.dumps({"primed": True}), flush=True)
         return
     if args.startup:  # time to first token from process start
@@ -238,7 +226,7 @@ def run_worker(args) -> None:
         return
     engine.decode(engine.prefill(tokens[:16]))  # warm up (compile or load caches)
     if engine.name == LOCAL:
-        engine.matmuls_alone_s()   # the decode breakdown's own kernels, loaded before the peak is reset
+        engine.timed_decode(engine.prefill(tokens[:1]), 2)   # the breakdown's timers, loaded before the peak reset
     compile_peak_mb = peak_rss_mb()
     reset_peak_rss()  # the peak reported is that of inference, not of a first-run compile
     for command in sys.stdin:
@@ -257,11 +245,13 @@ def run_worker(args) -> None:
             t4 = time.perf_counter()
             result = {"prefill_tok_s": args.prompt_tokens / (t1 - t0), "decode_tok_s": args.decode_tokens / (t4 - t3),
                       "decode_after_prompt_tok_s": args.decode_tokens / (t2 - t1)}
-            if engine.name == LOCAL:
-                token_ms = 1000 * (t4 - t3) / args.decode_tokens
-                matmul_ms = 1000 * engine.matmuls_alone_s()
-                result["decode_breakdown_ms"] = {"token": token_ms, "matmuls_alone": matmul_ms,
-                                                 "outside_matmuls_at_least": token_ms - matmul_ms}
+            if engine.name == LOCAL:   # the same decode again, timed inside the launch
+                token = engine.prefill(tokens[:1])
+                t5 = time.perf_counter()
+                token, phases = engine.timed_decode(token, args.decode_tokens - 1)
+                token_s = (time.perf_counter() - t5) / (args.decode_tokens - 1)
+                if phases:
+                    result["decode_breakdown_ms"] = decode_breakdown(token_s, phases)
             print(json.dumps(result), flush=True)
         elif command == "quit":
             print(json.dumps({"peak_rss_mb": peak_rss_mb(), "warmup_peak_rss_mb": compile_peak_mb,
@@ -298,6 +288,24 @@ def startup_times(args) -> dict:
         first = Worker("localllm", args, env, startup=True).ask()["start_to_first_token_s"]
         second = Worker("localllm", args, env, startup=True).ask()["start_to_first_token_s"]
     return {"first_compile_s": round(first, 2), "cached_start_s": round(second, 2)}
+
+
+MATMUL_PHASES = ("qkv_matmul", "output_matmul", "gate_up_matmul", "down_matmul", "head_matmul")
+
+
+def decode_breakdown(token_s: float, phases: dict) -> dict:
+    """Where a decode token's milliseconds go, from the one-launch step's phase timers (``phase_seconds``): the
+    token (wall), its matmul phases (each with its activations' preparation and its wait for the other
+    worker), attention, RoPE with the KV write, the post-norms, the launch's whole program, and the rest:
+    ``outside_the_launch`` (Python, the parallel launch and join) and ``outside_the_matmuls`` (everything
+    but the matmul phases)."""
+    matmuls = sum(phases[name] for name in MATMUL_PHASES)
+    return {"token": 1000 * token_s, "matmul_phases": 1000 * matmuls,
+            **{name: 1000 * phases[name] for name in MATMUL_PHASES},
+            "attention": 1000 * phases["attention"], "rope_and_kv_write": 1000 * phases["rope"],
+            "post_norms": 1000 * phases["post_norms"], "in_the_launch": 1000 * phases["worker_total"],
+            "outside_the_launch": 1000 * (token_s - phases["worker_total"]),
+            "outside_the_matmuls": 1000 * (token_s - matmuls)}
 
 
 def rounded(value):

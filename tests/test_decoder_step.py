@@ -164,6 +164,32 @@ def test_one_worker(model):
         numba.set_num_threads(threads)
 
 
+def test_phase_timers_add_up_each_kind_of_phase(model):
+    """``start_timing`` / ``phase_seconds``: every phase kind the model has takes time, the parts fit in the
+    workers' whole program, and that fits in the wall time of the runs; timing changes no bit."""
+    from localllm.ops.decoder_step import PHASE_TIME_NAMES
+    caches = fresh_pair(model)
+    step = model._one_launch_layers(1)
+    with pytest.raises(RuntimeError, match="start_timing"):
+        type(step).for_model(model).phase_seconds()
+    step.start_timing()
+    import time
+    started = time.perf_counter()
+    for i in range(3):
+        assert_same(model, caches, [40 + i], [150 + i], [0])
+    wall = time.perf_counter() - started
+    seconds = step.phase_seconds()
+    assert seconds["runs"] == 3 and set(seconds) == {"runs", *PHASE_TIME_NAMES}
+    has_post_norms = model.config.block.post_attn_norm or model.config.block.post_ffn_norm
+    absent = {"post_norms"} if not has_post_norms else set()
+    absent |= {"head_matmul"} if not step.has_head else set()   # the head runs in the launch if its type has a slot
+    for name in PHASE_TIME_NAMES:
+        assert (seconds[name] > 0) == (name not in absent), name
+    parts = sum(seconds[name] for name in PHASE_TIME_NAMES if name != "worker_total")
+    assert parts <= seconds["worker_total"] * 1.0001
+    assert seconds["worker_total"] * seconds["runs"] < wall
+
+
 def test_bad_slot_and_context_overflow_raise_like_the_per_op_path(model):
     cache = model.new_cache(1, 160)
     forward(model, False, cache, np.arange(10) + 3, np.arange(10), np.zeros(10, dtype=np.int64))

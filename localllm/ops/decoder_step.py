@@ -56,6 +56,8 @@ instead of 35 s (``benchmarks/bench_compile.py``).
 from __future__ import annotations
 
 import threading
+import time
+from functools import lru_cache
 
 import numba
 import numpy as np
@@ -63,7 +65,7 @@ from numba import njit, prange, types
 from numba.typed import List
 from numba.core.types.function_type import CompileResultWAP
 
-from ..quants.intrinsics import atomic_add, atomic_load, borrowed, spin_pause
+from ..quants.intrinsics import atomic_add, atomic_load, borrowed, cycles, spin_pause
 from ..quants.kernels_avx2 import ROWS_RANGE_SIGNATURE, row_function, scratch_rows
 from ..quants.portable import (GATED_PROLOGUES, NO_PROLOGUE, RMS_NORM, prepare_activations_row,
                                prepare_activations_serial)
@@ -80,6 +82,14 @@ ITEMS_PER_WORKER = 12    # work items a matmul phase is cut into, per worker (fe
 MIN_TASKS_PER_ITEM = 4   # ... but at least this many row tasks of ROWS_PER_TASK rows each
 SHARED_PREPARE_TOKENS = 16  # from this many tokens on, a matmul phase's activations are prepared by all workers
 MAX_TOKENS = 128         # DecoderModel.max_batch_tokens: decode, batched decode and prefill pieces alike
+
+# the time each worker spends in each kind of phase (time-stamp counter cycles, a row of TIMING_SLOTS per worker;
+# a matmul phase's time includes its activations' preparation and its wait for the other workers)
+QKV_TIME, ROPE_TIME, ATTENTION_TIME, OUTPUT_TIME, GATE_UP_TIME, DOWN_TIME, POST_NORM_TIME, HEAD_TIME, WORKER_TIME = \
+    range(9)
+TIMING_SLOTS = 16        # a worker's row: 128 bytes, its own cache lines
+PHASE_TIME_NAMES = ("qkv_matmul", "rope", "attention", "output_matmul", "gate_up_matmul", "down_matmul",
+                    "post_norms", "head_matmul", "worker_total")
 
 # flags (an int64 array) describing the block: what the BlockSpec says, as numbers the program reads
 QK_NORM, POST_ATTN_NORM, POST_FFN_NORM, GATE_PROLOGUE, QUERY_SCALED, QKV_BIAS, N_FLAGS = 0, 1, 2, 3, 4, 5, 6
@@ -307,6 +317,28 @@ def post_norm_phase(counters, phase, x, out, norm_weight, eps, normed):
     wait_for_phase(counters, phase, n)
 
 
+@njit(inline="always")
+def lap(timings, slot, since):
+    """timings[slot] += the cycles since ``since``; returns now (the start of the next lap)."""
+    now = cycles()
+    timings[slot] += now - since
+    return now
+
+
+@njit(cache=True)
+def read_cycles():
+    return cycles()
+
+
+@lru_cache(maxsize=1)
+def cycles_per_second() -> float:
+    """The time-stamp counter's rate, measured once (against ``time.perf_counter`` over 50 ms)."""
+    read_cycles()
+    start, started = read_cycles(), time.perf_counter()
+    time.sleep(0.05)
+    return (read_cycles() - start) / (time.perf_counter() - started)
+
+
 # --------------------------------------------------------------------------- the pass
 
 @njit(cache=True)
@@ -320,7 +352,8 @@ def worker_program(rows, phases, args):
     type_slots, weights, norms, head_norms, qkv_bias, flags, layer_windows, layer_cache, layer_rope, x, positions, \
         slots, cos, sin, neox, k_full, v_full, k_ring, v_ring, n_heads, eps, query_scale, softcap, n_workers, \
         head_rows, output_norm, logits, counters, q, k, v, attended, gate, up, out, normed, q_rotated, k_rotated, \
-        part_max, part_sum, part_out, shared_h, shared_q, shared_d, shared_sums, shared_d_t, shared_sums_t = args
+        part_max, part_sum, part_out, shared_h, shared_q, shared_d, shared_sums, shared_d_t, shared_sums_t, \
+        timings = args
     # the arrays every worker shares, borrowed (no reference counts: both workers would update the same ones, an
     # atomic cache-line transfer per update; the caller, ``run``, holds them until the launch returns)
     type_slots, norms, head_norms, qkv_bias, flags = borrowed(type_slots), borrowed(norms), borrowed(head_norms), \
@@ -338,6 +371,10 @@ def worker_program(rows, phases, args):
     shared_h, shared_q, shared_d, shared_sums = borrowed(shared_h), borrowed(shared_q), borrowed(shared_d), \
         borrowed(shared_sums)
     shared_d_t, shared_sums_t = borrowed(shared_d_t), borrowed(shared_sums_t)
+    timings = borrowed(timings)
+    started = cycles()
+    # this worker's row of the timings: a ticket (the launch runs n_workers workers)
+    row = min(atomic_add(timings, n_workers * TIMING_SLOTS, 1), n_workers - 1) * TIMING_SLOTS
     matmul, rope, attention, post_norm = phases
     n, dim = x.shape
     n_kv_heads, head_dim = k_full.shape[2], k_full.shape[4]
@@ -373,31 +410,41 @@ def worker_program(rows, phases, args):
         else:
             k_cache, v_cache = k_ring[layer_cache[layer, 1]], v_ring[layer_cache[layer, 1]]
         # attention block
+        t = cycles()
         matmul(rows, type_slots, counters, phase, n_workers, weights, first, three, (q, k, v), x,
                      rms_norm, attn_norm, eps, no_up, write, scratch, shared_scratch)
+        t = lap(timings, row + QKV_TIME, t)
         rope(counters, phase + 1, q.reshape((n, n_heads, head_dim)), k.reshape((n, n_kv_heads, head_dim)),
                    v.reshape((n, n_kv_heads, head_dim)), positions, slots, cos[layer_rope[layer]],
                    sin[layer_rope[layer]], neox, k_cache, v_cache, q_rotated, k_rotated, head_norms[layer, 0],
                    head_norms[layer, 1], qkv_bias[layer], eps, flags, query_scale)
+        t = lap(timings, row + ROPE_TIME, t)
         attention(counters, phase + 2, q_rotated, positions, slots, layer_windows[layer], softcap, k_cache,
                          v_cache, part_max, part_sum, part_out, attended.reshape((n, n_heads, head_dim)), scores,
                          run_max, run_sum, run_out)
+        t = lap(timings, row + ATTENTION_TIME, t)
         # without a post-norm the product is added into x as it is written, else it goes through ``out``
         o = out if post_attn else x
         matmul(rows, type_slots, counters, phase + 4, n_workers, weights, first + 3, one, (o, o, o), attended,
                      no_prologue, no_weight, eps, no_up, not post_attn, scratch, shared_scratch)
+        t = lap(timings, row + OUTPUT_TIME, t)
         if post_attn:
             post_norm(counters, phase + 5, x, out, post_attn_norm, eps, normed)
+            t = lap(timings, row + POST_NORM_TIME, t)
         # feed-forward block
         matmul(rows, type_slots, counters, phase + 6, n_workers, weights, first + 4, two, (gate, up, up), x,
                      rms_norm, ffn_norm, eps, no_up, write, scratch, shared_scratch)
+        t = lap(timings, row + GATE_UP_TIME, t)
         o = out if post_ffn else x
         matmul(rows, type_slots, counters, phase + 7, n_workers, weights, first + 6, one, (o, o, o), gate,
                      gate_prologue, no_weight, eps, up, not post_ffn, scratch, shared_scratch)
+        t = lap(timings, row + DOWN_TIME, t)
         if post_ffn:
             post_norm(counters, phase + 8, x, out, post_ffn_norm, eps, normed)
+            t = lap(timings, row + POST_NORM_TIME, t)
     # the output head (x is final: every worker has passed the last phase's wait)
     if head_rows.shape[0] > 0:
+        t = cycles()
         x_head = np.empty((head_rows.shape[0], dim), dtype=np.float32)   # this worker's copy of the rows wanted
         for i in range(head_rows.shape[0]):
             for d in range(dim):
@@ -405,6 +452,8 @@ def worker_program(rows, phases, args):
         matmul(rows, type_slots, counters, norms.shape[0] * PHASES_PER_LAYER, n_workers, weights,
                      norms.shape[0] * MATRICES_PER_LAYER, one, (logits, logits, logits), x_head, rms_norm,
                      output_norm, eps, no_up, write, scratch, shared_scratch)
+        lap(timings, row + HEAD_TIME, t)
+    lap(timings, row + WORKER_TIME, started)
 
 
 @njit(parallel=True, cache=True)
@@ -457,7 +506,7 @@ def argument_types(cache_kind: str) -> types.Tuple:
         types.int64, types.float32, types.float32, types.float32, types.int64,  # n_heads .. n_workers
         _i64(1), _f32(1), _f32(2),                                              # head_rows, output_norm, logits
         _i64(1), *(_f32(2),) * 8, _f32(3), _f32(3), _f32(4), _f32(4), _f32(5),  # shared_buffers
-        _f32(1), types.Array(types.int8, 1, "C"), _f32(1), _f32(1), _f32(1), _f32(1)))
+        _f32(1), types.Array(types.int8, 1, "C"), _f32(1), _f32(1), _f32(1), _f32(1), _i64(1)))
 
 
 SCRATCH = types.Tuple((_f32(1), types.Array(types.int8, 1, "C"), _f32(1), _f32(1), _f32(1), _f32(1), _f32(2)))
@@ -555,7 +604,7 @@ def most_key_chunks(positions: np.ndarray, widest_window: int) -> int:
     return int(positions.max()) // KEY_CHUNK + 1
 
 
-def shared_buffers(c, n: int, max_chunks: int) -> tuple:
+def shared_buffers(c, n: int, max_chunks: int, n_workers: int) -> tuple:
     """What the workers share: the phase counters and the intermediate activations of n tokens (model config c),
     and room for every (token, KV head, key chunk)'s attention parts (as ``attention_kernels.chunk_parts``)."""
     group = c.n_heads // c.n_kv_heads
@@ -574,7 +623,8 @@ def shared_buffers(c, n: int, max_chunks: int) -> tuple:
             empty((n, c.n_kv_heads, max_chunks, group, c.head_dim), np.float32),  # part_out
             # a matmul phase's activations when the workers prepare them together (see matmul_phase)
             empty(widest, np.float32), empty(widest, np.int8), empty(widest // 16, np.float32),
-            empty(widest // 16, np.float32), empty(widest // 16, np.float32), empty(widest // 16, np.float32))
+            empty(widest // 16, np.float32), empty(widest // 16, np.float32), empty(widest // 16, np.float32),
+            np.zeros((n_workers + 1) * TIMING_SLOTS, np.int64))                # timings (and the workers' tickets)
 
 
 # --------------------------------------------------------------------------- from Python
@@ -632,6 +682,7 @@ class DecoderLayersStep:
         self.widest_window = 0 if self.layer_windows.min() == 0 else int(self.layer_windows.max())
         self._buffers: dict = {}          # (tokens, key chunks) -> the shared buffers of the last run, when free
         self._buffers_lock = threading.Lock()
+        self._timings, self._timed_runs = None, 0   # phase cycles summed over the workers (``start_timing``)
         self.softcap = np.float32(c.attention_softcap)
 
     @classmethod
@@ -714,6 +765,21 @@ class DecoderLayersStep:
             _append_weight(weights, view)
         self.weights = weights
 
+    def start_timing(self) -> None:
+        """From now on, add up the time the workers spend in each kind of phase (``phase_seconds``)."""
+        self._timings, self._timed_runs = np.zeros(TIMING_SLOTS, dtype=np.int64), 0
+
+    def phase_seconds(self) -> dict:
+        """Since ``start_timing``: {'runs': launches, then per PHASE_TIME_NAMES: seconds a run, the workers'
+        average}. A matmul phase's time includes its activations' preparation and its wait for the others;
+        ``worker_total`` is the whole program (a run's wall time less it: Python and the launch)."""
+        if self._timings is None:
+            raise RuntimeError("DecoderLayersStep.phase_seconds: call start_timing first")
+        runs = max(self._timed_runs, 1)
+        scale = 1.0 / (runs * numba.get_num_threads() * cycles_per_second())
+        return {"runs": self._timed_runs,
+                **{name: float(self._timings[slot]) * scale for slot, name in enumerate(PHASE_TIME_NAMES)}}
+
     def run(self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache,
             head_rows: np.ndarray | None = None) -> np.ndarray | None:
         """Every layer on x (n, dim) float32 C-contiguous, in place (the residual stream); positions,
@@ -749,19 +815,23 @@ class DecoderLayersStep:
         n_workers = numba.get_num_threads()
         # the shared buffers of the last run's shape are reused (a decode step asks for the same ones each
         # time), unless another thread's run holds them: only their counters must start at zero
-        key = (x.shape[0], most_key_chunks(positions, self.widest_window))
+        key = (x.shape[0], most_key_chunks(positions, self.widest_window), n_workers)
         with self._buffers_lock:
             buffers = self._buffers.pop(key, None)
         if buffers is None:
             buffers = shared_buffers(c, *key)
         else:
             buffers[0].fill(0)
+            buffers[-1].fill(0)
         args = (self.type_slots, self.weights, self.norms, self.head_norms, self.qkv_bias, self.flags,
                 self.layer_windows, layer_cache, layer_rope, x, positions, slots, cos, sin, c.rope_style == "neox",
                 k_full, v_full, k_ring, v_ring, c.n_heads, np.float32(c.norm_eps), self.query_scale, self.softcap,
                 n_workers, head_rows, self.output_norm, logits) + buffers
         worker, phases, launch = launch_for(cache_kind)
         launch(worker, self.rows, phases, args, n_workers)
+        if self._timings is not None:
+            self._timings += buffers[-1][:n_workers * TIMING_SLOTS].reshape(n_workers, TIMING_SLOTS).sum(axis=0)
+            self._timed_runs += 1
         with self._buffers_lock:
             self._buffers = {key: buffers}
         return logits if self.has_head and head_rows is not _NO_ROWS else None

@@ -699,3 +699,11 @@ def sum_halves_i32(typingctx, v):
             parts.append(builder.sext(builder.extract_element(value, ir.Constant(_i32, 0)), _i64))
         return context.make_tuple(builder, sig.return_type, parts)
     return types.UniTuple(types.int64, 2)(v), codegen
+
+
+@intrinsic
+def cycles(typingctx):
+    """The CPU's time-stamp counter (``llvm.readcyclecounter``: rdtsc, a constant rate on current x86 CPUs)."""
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.readcyclecounter", ir.IntType(64), [])
+    return types.int64(), codegen
