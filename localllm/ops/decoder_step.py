@@ -117,10 +117,12 @@ def finish(counters, phase):
 @njit(inline="always")
 def claim_run(counters, phase, n_items, n_workers):
     """The next run of unclaimed items of ``phase``: (first, stop), or (-1, -1) when all are taken. Guided: a run
-    is a share of what is left (1 / (2 n_workers)), so a worker's first runs are long and contiguous (its rows
+    is a share of what is left (1 / n_workers), so a worker's first runs are long and contiguous (its rows
     stream through the prefetchers as one range) and the last ones single items (the workers finish together),
-    with a few claims a phase instead of one an item."""
-    size = max(1, (n_items - atomic_load(counters, 2 * phase)) // (2 * n_workers))
+    with a few claims a phase instead of one an item. Every run starts cold (its first rows are not fetched
+    ahead): with two workers and a share of 1 / (2 n_workers), a decode token made 1,400 row calls and spent
+    10% more in the row kernels than with 1 / n_workers (600 calls)."""
+    size = max(1, (n_items - atomic_load(counters, 2 * phase)) // n_workers)
     first = atomic_add(counters, 2 * phase, size)
     if first >= n_items:
         return -1, -1
