@@ -66,6 +66,7 @@ from numba.typed import List
 from numba.core.types.function_type import CompileResultWAP
 
 from ..quants.intrinsics import atomic_add, atomic_load, borrowed, cycles, spin_pause
+from ..quants.decoders_avx2 import prefetch_ahead
 from ..quants.kernels_avx2 import ROWS_RANGE_SIGNATURE, row_function, scratch_rows
 from ..quants.portable import (GATED_PROLOGUES, NO_PROLOGUE, RMS_NORM, prepare_activations_row,
                                prepare_activations_serial)
@@ -80,6 +81,7 @@ PHASES_PER_LAYER = 9     # Q/K/V, rope, chunks, merge, wo, post-attn, gate/up, d
 MAX_TYPE_SLOTS = 4       # ggml types among a model's layer matrices (and its output matrix)
 ITEMS_PER_WORKER = 12    # work items a matmul phase is cut into, per worker (fewer for small matrices)
 MIN_TASKS_PER_ITEM = 4   # ... but at least this many row tasks of ROWS_PER_TASK rows each
+FIRST_ROWS_AHEAD = 8     # rows of its first run a worker fetches before preparing a matmul phase's activations
 SHARED_PREPARE_TOKENS = 16  # from this many tokens on, a matmul phase's activations are prepared by all workers
 MAX_TOKENS = 128         # DecoderModel.max_batch_tokens: decode, batched decode and prefill pieces alike
 
@@ -102,11 +104,6 @@ def claim(counters, phase, n_items):
     """The next unclaimed item of ``phase``, or -1 when all are taken."""
     item = atomic_add(counters, 2 * phase, 1)
     return item if item < n_items else -1
-
-
-@njit(inline="always")
-def unclaimed(counters, phase, n_items):
-    return atomic_load(counters, 2 * phase) < n_items
 
 
 @njit(inline="always")
@@ -207,12 +204,17 @@ def matmul_phase(rows, type_slots, counters, phase, n_workers, weights, first, c
             finish(counters, prepare)
             j = claim(counters, prepare, n)
         wait_for_phase(counters, prepare, n)
-    if unclaimed(counters, phase, n_items):
+    first, stop = claim_run(counters, phase, n_items, n_workers)
+    if first >= 0:
+        # the run's first rows are fetched while the activations are prepared (a run starts cold: the row
+        # kernels fetch each task's successor, not their first task)
+        m, r = _task_location(tasks0, tasks1, first * n_tasks // n_items)
+        w = w0 if m == 0 else (w1 if m == 1 else w2)
+        prefetch_ahead(w, r * w.shape[1], min(FIRST_ROWS_AHEAD, w.shape[0] - r) * w.shape[1])
         if not together:  # this worker quantizes the activations itself
             prepare_activations_serial(x, prologue, norm_weight, eps, up, h, xq, xd, xsums, xd_by_block,
                                        xsums_by_block)
         done = 0
-        first, stop = claim_run(counters, phase, n_items, n_workers)
         while first >= 0:
             t, t_stop = first * n_tasks // n_items, stop * n_tasks // n_items
             while t < t_stop:  # the run's tasks in each matrix: one call
