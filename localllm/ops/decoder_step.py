@@ -241,43 +241,48 @@ def matmul_phase(rows, type_slots, counters, phase, n_workers, weights, first, c
 
 
 @njit(cache=True)
-def rope_phase(counters, phase, q, k, v, positions, slots, cos, sin, neox, k_cache, v_cache, q_rotated, k_rotated,
-               q_norm, k_norm, qkv_bias, eps, flags, query_scale):
+def rope_phase(counters, phase, n_workers, q, k, v, positions, slots, cos, sin, neox, k_cache, v_cache, q_rotated,
+               k_rotated, q_norm, k_norm, qkv_bias, eps, flags, query_scale):
     """Per token: [q/k/v bias, RMSNorm over each head of q and k, the query scale], RoPE on q and k, k and v into
-    the cache. qkv_bias (q_dim + 2 kv_dim,): the biases of q, k and v one after the other."""
+    the cache. qkv_bias (q_dim + 2 kv_dim,): the biases of q, k and v one after the other. Tokens are claimed
+    in runs (``claim_run``): a token's work is a fraction of a microsecond, about what a contended claim costs."""
     n, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
     q_heads, k_heads = q.reshape((n * n_heads, head_dim)), k.reshape((n * n_kv_heads, head_dim))
     v_heads = v.reshape((n * n_kv_heads, head_dim))
-    item = claim(counters, phase, n)
-    while item >= 0:
-        if flags[QKV_BIAS]:  # the same float32 adds as ``q + q_bias``
-            for j in range(q_dim):
-                q_heads[item * n_heads + j // head_dim, j % head_dim] += qkv_bias[j]
-            for j in range(kv_dim):
-                k_heads[item * n_kv_heads + j // head_dim, j % head_dim] += qkv_bias[q_dim + j]
-                v_heads[item * n_kv_heads + j // head_dim, j % head_dim] += qkv_bias[q_dim + kv_dim + j]
-        if flags[QK_NORM]:  # in place: _rms_norm_row reads a row's sum of squares before writing it
-            for h in range(item * n_heads, (item + 1) * n_heads):
-                _rms_norm_row(q_heads, q_norm, eps, q_heads, h)
-            for h in range(item * n_kv_heads, (item + 1) * n_kv_heads):
-                _rms_norm_row(k_heads, k_norm, eps, k_heads, h)
-        if flags[QUERY_SCALED]:
-            for h in range(n_heads):
-                for d in range(head_dim):
-                    q[item, h, d] = q[item, h, d] * query_scale
-        _rope_write_row(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, q_rotated, k_rotated, item)
-        finish(counters, phase)
-        item = claim(counters, phase, n)
+    done = 0
+    first, stop = claim_run(counters, phase, n, n_workers)
+    while first >= 0:
+        for item in range(first, stop):
+            if flags[QKV_BIAS]:  # the same float32 adds as ``q + q_bias``
+                for j in range(q_dim):
+                    q_heads[item * n_heads + j // head_dim, j % head_dim] += qkv_bias[j]
+                for j in range(kv_dim):
+                    k_heads[item * n_kv_heads + j // head_dim, j % head_dim] += qkv_bias[q_dim + j]
+                    v_heads[item * n_kv_heads + j // head_dim, j % head_dim] += qkv_bias[q_dim + kv_dim + j]
+            if flags[QK_NORM]:  # in place: _rms_norm_row reads a row's sum of squares before writing it
+                for h in range(item * n_heads, (item + 1) * n_heads):
+                    _rms_norm_row(q_heads, q_norm, eps, q_heads, h)
+                for h in range(item * n_kv_heads, (item + 1) * n_kv_heads):
+                    _rms_norm_row(k_heads, k_norm, eps, k_heads, h)
+            if flags[QUERY_SCALED]:
+                for h in range(n_heads):
+                    for d in range(head_dim):
+                        q[item, h, d] = q[item, h, d] * query_scale
+            _rope_write_row(q, k, v, cos, sin, neox, slots, positions, k_cache, v_cache, q_rotated, k_rotated, item)
+        done += stop - first
+        first, stop = claim_run(counters, phase, n, n_workers)
+    finish_many(counters, phase, done)
     wait_for_phase(counters, phase, n)
 
 
 @njit(cache=True)
-def attention_phases(counters, phase, q_rotated, positions, slots, window, softcap, k_cache, v_cache, part_max,
-                     part_sum, part_out, attended, scores, run_max, run_sum, run_out):
+def attention_phases(counters, phase, n_workers, q_rotated, positions, slots, window, softcap, k_cache, v_cache,
+                     part_max, part_sum, part_out, attended, scores, run_max, run_sum, run_out):
     """Attention by key chunk (phase), the chunks merged (phase + 1); or, from SPLIT_BELOW_PAIRS (token, KV head)
-    pairs on, a pair an item, its chunks merged as they come (phase; the per-op path's choice, the same bits)."""
+    pairs on, a pair an item, its chunks merged as they come (phase; the per-op path's choice, the same bits).
+    Items are claimed in runs (``claim_run``)."""
     n = q_rotated.shape[0]
     n_kv_heads = k_cache.shape[1]
     if n * n_kv_heads >= SPLIT_BELOW_PAIRS:
@@ -285,14 +290,18 @@ def attention_phases(counters, phase, q_rotated, positions, slots, window, softc
         chunk_max, chunk_sum = np.empty(group, dtype=np.float32), np.empty(group, dtype=np.float32)
         chunk_out = np.empty((group, head_dim), dtype=np.float32)
         scale = np.float32(1.0) / np.sqrt(np.float32(head_dim))
-        item = claim(counters, phase, n * n_kv_heads)
-        while item >= 0:
-            attend_pair(q_rotated, k_cache, v_cache, slots, positions, window, softcap, item // n_kv_heads,
-                        item % n_kv_heads, scale, scores, chunk_max, chunk_sum, chunk_out, run_max, run_sum, run_out,
-                        attended)
-            finish(counters, phase)
-            item = claim(counters, phase, n * n_kv_heads)
-        wait_for_phase(counters, phase, n * n_kv_heads)
+        n_items = n * n_kv_heads
+        done = 0
+        first, stop = claim_run(counters, phase, n_items, n_workers)
+        while first >= 0:
+            for item in range(first, stop):
+                attend_pair(q_rotated, k_cache, v_cache, slots, positions, window, softcap, item // n_kv_heads,
+                            item % n_kv_heads, scale, scores, chunk_max, chunk_sum, chunk_out, run_max, run_sum,
+                            run_out, attended)
+            done += stop - first
+            first, stop = claim_run(counters, phase, n_items, n_workers)
+        finish_many(counters, phase, done)
+        wait_for_phase(counters, phase, n_items)
         return
     n_items = n * n_kv_heads * part_max.shape[2]
     item = claim(counters, phase, n_items)
@@ -313,16 +322,20 @@ def attention_phases(counters, phase, q_rotated, positions, slots, window, softc
 
 
 @njit(cache=True)
-def post_norm_phase(counters, phase, x, out, norm_weight, eps, normed):
-    """Per token: x += rms_norm(out) (the same float32 add as numpy's ``x + rms_norm(out)``)."""
+def post_norm_phase(counters, phase, n_workers, x, out, norm_weight, eps, normed):
+    """Per token: x += rms_norm(out) (the same float32 add as numpy's ``x + rms_norm(out)``); tokens claimed in
+    runs."""
     n, dim = x.shape
-    item = claim(counters, phase, n)
-    while item >= 0:
-        _rms_norm_row(out, norm_weight, eps, normed, item)
-        for d in range(dim):
-            x[item, d] = x[item, d] + normed[item, d]
-        finish(counters, phase)
-        item = claim(counters, phase, n)
+    done = 0
+    first, stop = claim_run(counters, phase, n, n_workers)
+    while first >= 0:
+        for item in range(first, stop):
+            _rms_norm_row(out, norm_weight, eps, normed, item)
+            for d in range(dim):
+                x[item, d] = x[item, d] + normed[item, d]
+        done += stop - first
+        first, stop = claim_run(counters, phase, n, n_workers)
+    finish_many(counters, phase, done)
     wait_for_phase(counters, phase, n)
 
 
@@ -423,12 +436,12 @@ def worker_program(rows, phases, args):
         matmul(rows, type_slots, counters, phase, n_workers, weights, first, three, (q, k, v), x,
                      rms_norm, attn_norm, eps, no_up, write, scratch, shared_scratch)
         t = lap(timings, row + QKV_TIME, t)
-        rope(counters, phase + 1, q.reshape((n, n_heads, head_dim)), k.reshape((n, n_kv_heads, head_dim)),
+        rope(counters, phase + 1, n_workers, q.reshape((n, n_heads, head_dim)), k.reshape((n, n_kv_heads, head_dim)),
                    v.reshape((n, n_kv_heads, head_dim)), positions, slots, cos[layer_rope[layer]],
                    sin[layer_rope[layer]], neox, k_cache, v_cache, q_rotated, k_rotated, head_norms[layer, 0],
                    head_norms[layer, 1], qkv_bias[layer], eps, flags, query_scale)
         t = lap(timings, row + ROPE_TIME, t)
-        attention(counters, phase + 2, q_rotated, positions, slots, layer_windows[layer], softcap, k_cache,
+        attention(counters, phase + 2, n_workers, q_rotated, positions, slots, layer_windows[layer], softcap, k_cache,
                          v_cache, part_max, part_sum, part_out, attended.reshape((n, n_heads, head_dim)), scores,
                          run_max, run_sum, run_out)
         t = lap(timings, row + ATTENTION_TIME, t)
@@ -438,7 +451,7 @@ def worker_program(rows, phases, args):
                      no_prologue, no_weight, eps, no_up, not post_attn, scratch, shared_scratch)
         t = lap(timings, row + OUTPUT_TIME, t)
         if post_attn:
-            post_norm(counters, phase + 5, x, out, post_attn_norm, eps, normed)
+            post_norm(counters, phase + 5, n_workers, x, out, post_attn_norm, eps, normed)
             t = lap(timings, row + POST_NORM_TIME, t)
         # feed-forward block
         matmul(rows, type_slots, counters, phase + 6, n_workers, weights, first + 4, two, (gate, up, up), x,
@@ -449,7 +462,7 @@ def worker_program(rows, phases, args):
                      gate_prologue, no_weight, eps, up, not post_ffn, scratch, shared_scratch)
         t = lap(timings, row + DOWN_TIME, t)
         if post_ffn:
-            post_norm(counters, phase + 8, x, out, post_ffn_norm, eps, normed)
+            post_norm(counters, phase + 8, n_workers, x, out, post_ffn_norm, eps, normed)
             t = lap(timings, row + POST_NORM_TIME, t)
     # the output head (x is final: every worker has passed the last phase's wait)
     if head_rows.shape[0] > 0:
@@ -529,11 +542,11 @@ def phase_types(cache_kind: str) -> dict:
         "matmul_phase": (ROWS, _i64(1), _i64(1), i64, i64, types.ListType(WEIGHT), i64, i64,
                          types.UniTuple(_f32(2), 3), _f32(2), i64, _f32(1), f32, _f32(2), types.boolean, SCRATCH,
                          SCRATCH),
-        "rope_phase": (_i64(1), i64, _f32(3), _f32(3), _f32(3), _i64(1), _i64(1), _f32(2), _f32(2), types.boolean,
+        "rope_phase": (_i64(1), i64, i64, _f32(3), _f32(3), _f32(3), _i64(1), _i64(1), _f32(2), _f32(2), types.boolean,
                        cache, cache, _f32(3), _f32(3), _f32(1), _f32(1), _f32(1), f32, _i64(1), f32),
-        "attention_phases": (_i64(1), i64, _f32(3), _i64(1), _i64(1), i64, f32, cache, cache, _f32(4), _f32(4),
+        "attention_phases": (_i64(1), i64, i64, _f32(3), _i64(1), _i64(1), i64, f32, cache, cache, _f32(4), _f32(4),
                              _f32(5), _f32(3), _f32(2), _f32(1), _f32(1), _f32(2)),
-        "post_norm_phase": (_i64(1), i64, _f32(2), _f32(2), _f32(1), f32, _f32(2)),
+        "post_norm_phase": (_i64(1), i64, i64, _f32(2), _f32(2), _f32(1), f32, _f32(2)),
     }
 
 
