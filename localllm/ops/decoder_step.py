@@ -80,7 +80,7 @@ MATRICES_PER_LAYER = 7   # wq, wk, wv, wo, w_gate, w_up, w_down: their order in 
 PHASES_PER_LAYER = 9     # Q/K/V, rope, chunks, merge, wo, post-attn, gate/up, down, post-ffn
 MAX_TYPE_SLOTS = 4       # ggml types among a model's layer matrices (and its output matrix)
 ITEMS_PER_WORKER = 12    # work items a matmul phase is cut into, per worker (fewer for small matrices) ...
-ITEM_BYTES = 1 << 19     # ... or more, of at most this many bytes of weights each
+ITEM_BYTES = 1 << 19     # ... or more, of at most this many bytes of weights a token each
 MIN_TASKS_PER_ITEM = 4   # ... but at least this many row tasks of ROWS_PER_TASK rows each
 FIRST_ROWS_AHEAD = 8     # rows of its first run a worker fetches before preparing a matmul phase's activations
 SHARED_PREPARE_TOKENS = 16  # from this many tokens on, a matmul phase's activations are prepared by all workers
@@ -181,11 +181,12 @@ def matmul_phase(rows, type_slots, counters, phase, n_workers, weights, first, c
     tasks1 = _task_count(w1.shape[0]) if count > 1 else 0
     tasks2 = _task_count(w2.shape[0]) if count > 2 else 0
     n_tasks = tasks0 + tasks1 + tasks2
-    # items of at most ITEM_BYTES of weights (an output head of 180 MB: the last item, which one worker does
-    # while the other waits, is no longer 7.5 MB)
+    # items of at most ITEM_BYTES of weights per token: the last item is done by one worker while the others
+    # wait (Gemma 3's 180 MB output head came in 7.5 MB items; a 128-token prefill piece's gate/up matrices in
+    # items of 120 us)
     phase_bytes = ROWS_PER_TASK * (tasks0 * w0.shape[1] + tasks1 * w1.shape[1] + tasks2 * w2.shape[1])
     n_items = max(1, min(n_tasks // MIN_TASKS_PER_ITEM,
-                         max(ITEMS_PER_WORKER * n_workers, phase_bytes // ITEM_BYTES)))
+                         max(ITEMS_PER_WORKER * n_workers, phase_bytes * n // ITEM_BYTES)))
     together = n >= SHARED_PREPARE_TOKENS
     scratch_h, scratch_q, scratch_d, scratch_sums, scratch_d_t, scratch_sums_t, _ = shared_scratch if together \
         else scratch
