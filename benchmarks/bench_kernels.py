@@ -141,9 +141,13 @@ class KernelWorker:
     def _load_model(self, path: str):
         import numpy as np
         from localllm.formats.gguf import read_gguf
-        from localllm.formats.resident import resident_by_default
         from localllm.models.decoder import DecoderModel
-        model = DecoderModel.from_gguf(read_gguf(path, resident=resident_by_default()), backend="fast")
+        try:   # the weights as localllm.load reads them (a --baseline before formats/resident.py maps them)
+            from localllm.formats.resident import resident_by_default
+            gguf = read_gguf(path, resident=resident_by_default())
+        except ImportError:
+            gguf = read_gguf(path)
+        model = DecoderModel.from_gguf(gguf, backend="fast")
         self.layer_weights = sum(w.rows * w.cols for layer in model.layers
                                  for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up,
                                            layer.w_down))
