@@ -52,6 +52,7 @@ def test_read_spans_starts_on_a_huge_page_and_reads_each_span(tmp_path):
     np.testing.assert_array_equal(second, payload[3_000:3_007])
     assert empty.size == 0
     assert resident.read_spans(path, []) == []
+    np.testing.assert_array_equal(resident.read_spans(str(path), [(0, 10)])[0], payload[:10])  # a str path too
 
 
 def test_a_file_shorter_than_its_spans_is_a_clear_error(tmp_path):

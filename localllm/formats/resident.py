@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import numpy as np
 HUGE_PAGE = 2 << 20
 TENSOR_ALIGNMENT = 64              # each tensor's first byte: a cache line (float data at natural alignment too)
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+READERS = 2                        # threads reading the weights in
 
 
 def huge_pages_available() -> bool:
@@ -48,6 +50,7 @@ def resident_by_default() -> bool:
 def read_spans(path: Path, spans: list[tuple[int, int]]) -> list[np.ndarray]:
     """The bytes [start, end) of ``path`` for each span, as read-only uint8 arrays in one anonymous mapping
     in huge pages (each span from a 64-byte boundary). The mapping lives as long as any of the arrays."""
+    path = Path(path)
     offsets, size = [], 0
     for start, end in spans:
         offsets.append(size)
@@ -61,10 +64,24 @@ def read_spans(path: Path, spans: list[tuple[int, int]]) -> list[np.ndarray]:
     arena = np.frombuffer(mapping, dtype=np.uint8)
     base = -arena.ctypes.data % HUGE_PAGE
     arena = arena[base:base + size]
-    views = []
+    views = [arena[offset:offset + end - start] for (start, end), offset in zip(spans, offsets)]
+    # READERS threads, each a share of the spans: the copy and the kernel's zeroing of the new pages take
+    # longer than reading the file from the page cache, and readinto lets go of the GIL
+    shares = [[] for _ in range(min(READERS, len(spans)))]
+    for i, (span, view) in enumerate(zip(spans, views)):
+        shares[i * len(shares) // len(spans)].append((span, view))
+    with ThreadPoolExecutor(len(shares)) as pool:
+        for done in [pool.submit(_read_into, path, share) for share in shares]:
+            done.result()                    # the first error, if any
+    for view in views:
+        view.flags.writeable = False
+    return views
+
+
+def _read_into(path: Path, share: list) -> None:
+    """Each ((start, end), view) of ``share``: the file's bytes [start, end) into the view."""
     with open(path, "rb") as file:
-        for (start, end), offset in zip(spans, offsets):
-            view = arena[offset:offset + end - start]
+        for (start, end), view in share:
             file.seek(start)
             done = 0
             while done < view.size:          # readinto may return less than asked (signals, pipes)
@@ -73,6 +90,3 @@ def read_spans(path: Path, spans: list[tuple[int, int]]) -> list[np.ndarray]:
                     raise EOFError(f"{path.name} ended at byte {start + done}, inside a tensor's data "
                                    f"(bytes {start}..{end})")
                 done += got
-            view.flags.writeable = False
-            views.append(view)
-    return views
