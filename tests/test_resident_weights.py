@@ -92,3 +92,17 @@ def test_load_reads_the_weights_in_unless_told_to_map_them(tiny_llama_path, monk
     model = localllm.load(tiny_llama_path)
     weight = model.network.layers[0].wq.data
     assert isinstance(weight.base, np.memmap) is (use_mmap == "1")
+
+
+def test_no_room_for_the_copy_leaves_the_weights_mapped(tiny_llama_path, monkeypatch):
+    """An anonymous mapping refused (overcommit off, a cgroup's limit): a warning, and the file mapping instead."""
+    from localllm.formats import gguf as gguf_format
+
+    def refuse(path, spans):   # what mmap.mmap raises in read_spans then
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(gguf_format, "read_spans", refuse)
+    with pytest.warns(ResourceWarning, match="stay mapped from the file.*Cannot allocate memory"):
+        loaded = read_gguf(tiny_llama_path, resident=True)
+    mapped = read_gguf(tiny_llama_path)
+    for name, tensor in loaded.tensors.items():
+        assert isinstance(tensor.data.base, np.memmap) and tensor.data.tobytes() == mapped.tensors[name].data.tobytes()

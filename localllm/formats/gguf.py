@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,8 +216,14 @@ def read_gguf(path: str | Path, resident: bool = False) -> GGUFFile:
     for info in infos:
         if info.type_name not in GGML_BLOCK_SIZES:
             raise UnsupportedTensorType(info.type_name, info.name)
+    data = None
     if resident:
-        data = dict(zip(names, read_spans(path, [spans[name] for name in names])))
+        try:
+            data = dict(zip(names, read_spans(path, [spans[name] for name in names])))
+        except (OSError, MemoryError) as exc:   # no room for an anonymous copy (overcommit off, a cgroup limit)
+            warnings.warn(f"{path.name}: the weights stay mapped from the file (reading them into memory failed: "
+                          f"{exc})", ResourceWarning, stacklevel=2)
+    if data is not None:
         tensors = {info.name: _tensor_view(data[info.name], info) for info in infos}
     else:
         tensors = {info.name: _tensor_view(mapping[slice(*spans[info.name])], info) for info in infos}
