@@ -4,6 +4,7 @@ four weight types) and for the other blocks' features (Qwen 2's q/k/v biases, Ge
 Llama 3 / LongRoPE frequency factors and cos/sin scale, NEOX RoPE)."""
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numba
@@ -173,12 +174,14 @@ def test_phase_timers_add_up_each_kind_of_phase(model):
     with pytest.raises(RuntimeError, match="start_timing"):
         type(step).for_model(model).phase_seconds()
     step.start_timing()
-    import time
     started = time.perf_counter()
     for i in range(3):
         assert_same(model, caches, [40 + i], [150 + i], [0])
     wall = time.perf_counter() - started
     seconds = step.phase_seconds()
+    assert step.stop_timing() == seconds
+    with pytest.raises(RuntimeError, match="start_timing"):
+        step.phase_seconds()
     assert seconds["runs"] == 3 and set(seconds) == {"runs", *PHASE_TIME_NAMES}
     has_post_norms = model.config.block.post_attn_norm or model.config.block.post_ffn_norm
     absent = {"post_norms"} if not has_post_norms else set()

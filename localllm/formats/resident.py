@@ -65,11 +65,12 @@ def read_spans(path: Path, spans: list[tuple[int, int]]) -> list[np.ndarray]:
     base = -arena.ctypes.data % HUGE_PAGE
     arena = arena[base:base + size]
     views = [arena[offset:offset + end - start] for (start, end), offset in zip(spans, offsets)]
-    # READERS threads, each a share of the spans: the copy and the kernel's zeroing of the new pages take
-    # longer than reading the file from the page cache, and readinto lets go of the GIL
+    # READERS threads, each about an equal share of the bytes: the copy and the kernel's zeroing of the new
+    # pages take longer than reading the file from the page cache, and readinto lets go of the GIL
     shares = [[] for _ in range(min(READERS, len(spans)))]
-    for i, (span, view) in enumerate(zip(spans, views)):
-        shares[i * len(shares) // len(spans)].append((span, view))
+    for span, view, offset in zip(spans, views, offsets):
+        shares[min(offset * len(shares) // size, len(shares) - 1)].append((span, view))
+    shares = [share for share in shares if share]
     with ThreadPoolExecutor(len(shares)) as pool:
         for done in [pool.submit(_read_into, path, share) for share in shares]:
             done.result()                    # the first error, if any

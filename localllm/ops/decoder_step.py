@@ -369,9 +369,9 @@ def worker_program(rows, phases, args):
     """One worker's run through every phase of every layer (x updated in place). rows: the row ranges of the
     type slots; phases: matmul_phase, rope_phase, attention_phases and post_norm_phase as first-class functions
     (each compiled on its own: a fresh install compiles them in two processes, and this program's own compile
-    does not take a copy of theirs); args: what ``DecoderLayersStep.run`` hands every worker (the model's arrays, the batch, the
-    caches, the buffers the workers share: one flat tuple, as numba's parallel launch passes tuples only one
-    level deep)."""
+    does not take a copy of theirs); args: what ``DecoderLayersStep.run`` hands every worker (the model's arrays,
+    the batch, the caches, the buffers the workers share: one flat tuple, as numba's parallel launch passes tuples
+    only one level deep)."""
     type_slots, weights, norms, head_norms, qkv_bias, flags, layer_windows, layer_cache, layer_rope, x, positions, \
         slots, cos, sin, neox, k_full, v_full, k_ring, v_ring, n_heads, eps, query_scale, softcap, n_workers, \
         head_rows, output_norm, logits, counters, q, k, v, attended, gate, up, out, normed, q_rotated, k_rotated, \
@@ -703,9 +703,9 @@ class DecoderLayersStep:
         self.query_scale = np.float32(model.query_scale if model.query_scale is not None else 1.0)
         self.layer_windows = np.array([c.window(i) for i in range(c.n_layers)], dtype=np.int64)
         self.widest_window = 0 if self.layer_windows.min() == 0 else int(self.layer_windows.max())
-        self._buffers: dict = {}          # (tokens, key chunks) -> the shared buffers of the last run, when free
+        self._free_buffers = None         # (tokens, key chunks, workers), the last run's shared buffers; None: in use
         self._buffers_lock = threading.Lock()
-        self._timings, self._timed_runs = None, 0   # phase cycles summed over the workers (``start_timing``)
+        self._timings, self._timed_runs = None, 0   # phase cycles, the workers' average, summed (``start_timing``)
         self.softcap = np.float32(c.attention_softcap)
 
     @classmethod
@@ -726,8 +726,8 @@ class DecoderLayersStep:
 
     def _layout(self, cache):
         """(layer_cache (n_layers, 2): each layer's group and index in it, k_full, v_full, k_ring, v_ring, the
-        RoPE schemes, each layer's scheme (n_layers,), the most tokens one call may add) of a cache, worked out once per cache: its groups and
-        context length never change."""
+        RoPE schemes, each layer's scheme (n_layers,), the most tokens one call may add) of a cache, worked out
+        once per cache: its groups and context length never change."""
         layout = getattr(cache, "_decoder_step_layout", None)
         if layout is not None:
             return layout
@@ -790,7 +790,7 @@ class DecoderLayersStep:
 
     def start_timing(self) -> None:
         """From now on, add up the time the workers spend in each kind of phase (``phase_seconds``)."""
-        self._timings, self._timed_runs = np.zeros(TIMING_SLOTS, dtype=np.int64), 0
+        self._timings, self._timed_runs = np.zeros(TIMING_SLOTS), 0
 
     def phase_seconds(self) -> dict:
         """Since ``start_timing``: {'runs': launches, then per PHASE_TIME_NAMES: seconds a run, the workers'
@@ -798,10 +798,15 @@ class DecoderLayersStep:
         ``worker_total`` is the whole program (a run's wall time less it: Python and the launch)."""
         if self._timings is None:
             raise RuntimeError("DecoderLayersStep.phase_seconds: call start_timing first")
-        runs = max(self._timed_runs, 1)
-        scale = 1.0 / (runs * numba.get_num_threads() * cycles_per_second())
+        scale = 1.0 / (max(self._timed_runs, 1) * cycles_per_second())
         return {"runs": self._timed_runs,
                 **{name: float(self._timings[slot]) * scale for slot, name in enumerate(PHASE_TIME_NAMES)}}
+
+    def stop_timing(self) -> dict:
+        """``phase_seconds``, and the accounting off again (runs after it cost no Python for the timings)."""
+        seconds = self.phase_seconds()
+        self._timings, self._timed_runs = None, 0
+        return seconds
 
     def run(self, x: np.ndarray, positions: np.ndarray, slots: np.ndarray, cache,
             head_rows: np.ndarray | None = None) -> np.ndarray | None:
@@ -840,12 +845,13 @@ class DecoderLayersStep:
         # time), unless another thread's run holds them: only their counters must start at zero
         key = (x.shape[0], most_key_chunks(positions, self.widest_window), n_workers)
         with self._buffers_lock:
-            buffers = self._buffers.pop(key, None)
-        if buffers is None:
-            buffers = shared_buffers(c, *key)
-        else:
+            free, self._free_buffers = self._free_buffers, None
+        if free is not None and free[0] == key:
+            buffers = free[1]
             buffers[0].fill(0)
             buffers[-1].fill(0)
+        else:
+            buffers = shared_buffers(c, *key)
         args = (self.type_slots, self.weights, self.norms, self.head_norms, self.qkv_bias, self.flags,
                 self.layer_windows, layer_cache, layer_rope, x, positions, slots, cos, sin, c.rope_style == "neox",
                 k_full, v_full, k_ring, v_ring, c.n_heads, np.float32(c.norm_eps), self.query_scale, self.softcap,
@@ -853,10 +859,10 @@ class DecoderLayersStep:
         worker, phases, launch = launch_for(cache_kind)
         launch(worker, self.rows, phases, args, n_workers)
         if self._timings is not None:
-            self._timings += buffers[-1][:n_workers * TIMING_SLOTS].reshape(n_workers, TIMING_SLOTS).sum(axis=0)
+            self._timings += buffers[-1][:n_workers * TIMING_SLOTS].reshape(n_workers, TIMING_SLOTS).mean(axis=0)
             self._timed_runs += 1
         with self._buffers_lock:
-            self._buffers = {key: buffers}
+            self._free_buffers = (key, buffers)
         return logits if self.has_head and head_rows is not _NO_ROWS else None
 
 
